@@ -1,0 +1,41 @@
+"""torchkit: communication-efficient training with error feedback.
+
+Compressors (:class:`TopK`, :class:`RandK`, :class:`ScaledSign`, :class:`Identity`), error-feedback
+methods (:class:`EF14`, :class:`EF21`, :class:`EF21W`, :class:`EF21SGDM`, :class:`EControl`) and three
+front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit.ddp` and
+:func:`torchkit.sim.simulate`.
+"""
+from __future__ import annotations
+
+from . import comm, ops, sim, theory
+from .compress import Identity, RandK, ScaledSign, TopK
+from .feedback import EF14, EF21, EF21W, EF21SGDM, EControl
+from .optim import CompressedOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TopK",
+    "RandK",
+    "ScaledSign",
+    "Identity",
+    "EF14",
+    "EF21",
+    "EF21W",
+    "EF21SGDM",
+    "EControl",
+    "CompressedOptimizer",
+    "theory",
+    "sim",
+    "ops",
+    "comm",
+    "ddp",
+]
+
+
+def __getattr__(name: str):
+    if name == "ddp":  # imported on first use: it pulls in torch.distributed hook machinery
+        import importlib
+
+        return importlib.import_module(".ddp", __name__)
+    raise AttributeError(f"module 'torchkit' has no attribute {name!r}")

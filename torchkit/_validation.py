@@ -1,0 +1,70 @@
+"""Argument checks shared by every layer, so errors read the same everywhere."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "check_int",
+    "check_ratio",
+    "check_unit_interval",
+    "check_weights",
+    "resolve_k",
+    "check_dense_float",
+]
+
+
+def check_int(name: str, value: object, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_ratio(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not (0.0 < float(value) <= 1.0) or math.isnan(value):
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not (0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def check_weights(name: str, weights: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+    w = [float(x) for x in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    if not w:
+        raise ValueError(f"{name} must not be empty")
+    if any(not math.isfinite(x) or x <= 0 for x in w):
+        raise ValueError(f"{name} must be positive and finite, got {w}")
+    if abs(sum(w) - 1.0) > 1e-6:
+        raise ValueError(f"{name} must sum to 1, got sum {sum(w)!r}")
+    return tuple(w)
+
+
+def resolve_k(k: int | None, ratio: float | None, d: int) -> int:
+    """Number of kept entries for a vector of length ``d``: ``k`` or ``ceil(ratio * d)``."""
+    if k is not None:
+        if k > d:
+            raise ValueError(f"k must be <= d, got k={k} for d={d}")
+        return k
+    assert ratio is not None
+    return max(1, min(d, math.ceil(ratio * d - 1e-9)))
+
+
+def check_dense_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_sparse or t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")

@@ -1,0 +1,364 @@
+"""Compressors and the messages they produce.
+
+Every compressor works on a ``[d]`` vector or a ``[rows, d]`` batch (one independent vector per row)
+and knows its contraction factor ``alpha`` (``E||C(x) - x||^2 <= (1 - alpha) ||x||^2``), the values it
+sends in the papers' convention (32 bits per value, indices free) and its exact wire size.
+"""
+from __future__ import annotations
+
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._validation import check_int, check_ratio, resolve_k
+
+__all__ = [
+    "Compressor",
+    "TopK",
+    "RandK",
+    "ScaledSign",
+    "Identity",
+    "Message",
+    "SparseMessage",
+    "DenseMessage",
+    "SignMessage",
+]
+
+_VALUE_BITS = 32  # the EF21 papers count 32 bits per sent value and nothing for indices
+
+
+# ----------------------------------------------------------------------------------------------- messages
+@dataclass
+class SparseMessage:
+    """``rows`` sparse vectors of length ``numel``: k values and k indices each (indices unique per row)."""
+
+    values: Tensor  # [rows, k]
+    indices: Tensor  # [rows, k], int32 while numel < 2**31
+    numel: int
+
+    @property
+    def rows(self) -> int:
+        return self.values.shape[0]
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        out = self.values.new_zeros(self.rows, self.numel, dtype=dtype or self.values.dtype)
+        return out.scatter_(1, self.indices.long(), self.values.to(out.dtype))
+
+    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+        return ops.accumulate_(out, self.values, self.indices, scale)
+
+    def wire_bytes(self) -> int:
+        """Bytes one row puts on the wire."""
+        return self.values.shape[1] * (self.values.element_size() + self.indices.element_size())
+
+    def value_bits(self) -> int:
+        return self.values.shape[1] * _VALUE_BITS
+
+    def is_finite(self) -> Tensor:
+        return torch.isfinite(self.values).all()
+
+
+@dataclass
+class DenseMessage:
+    values: Tensor  # [rows, numel]
+
+    @property
+    def rows(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return self.values.shape[1]
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.values.to(dtype or self.values.dtype)
+
+    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+        scales = _scale_list(scale, self.rows)
+        for w in range(self.rows):
+            out.add_(self.values[w].to(out.dtype) * scales[w])
+        return out
+
+    def wire_bytes(self) -> int:
+        return self.numel * self.values.element_size()
+
+    def value_bits(self) -> int:
+        return self.numel * _VALUE_BITS
+
+    def is_finite(self) -> Tensor:
+        return torch.isfinite(self.values).all()
+
+
+@dataclass
+class SignMessage:
+    """Scaled sign: one bit per entry (packed, sign(0) := +1) and one fp32 scale per segment."""
+
+    bits: Tensor  # [rows, nbytes] uint8, each segment padded to whole bytes
+    scales: Tensor  # [rows, n_segments] float32
+    segments: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.bits.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.segments)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or torch.float32
+        parts, byte0 = [], 0
+        for s, n in enumerate(self.segments):
+            nb = (n + 7) // 8
+            signs = _unpack_bits(self.bits[:, byte0 : byte0 + nb], n).to(dtype) * 2 - 1
+            parts.append(signs * self.scales[:, s : s + 1].to(dtype))
+            byte0 += nb
+        return torch.cat(parts, dim=1)
+
+    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+        return DenseMessage(self.to_dense(out.dtype)).add_to_(out, scale)
+
+    def wire_bytes(self) -> int:
+        return self.bits.shape[1] + 4 * len(self.segments)
+
+    def value_bits(self) -> int:
+        return self.numel + _VALUE_BITS * len(self.segments)
+
+    def is_finite(self) -> Tensor:
+        return torch.isfinite(self.scales).all()
+
+
+Message = SparseMessage | DenseMessage | SignMessage
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _pack_bits(mask: Tensor) -> Tensor:
+    rows, n = mask.shape
+    pad = (-n) % 8
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).view(rows, -1, 8)
+    return (m * _BIT_WEIGHTS.to(m.device)).sum(dim=2, dtype=torch.uint8)
+
+
+def _unpack_bits(bits: Tensor, n: int) -> Tensor:
+    w = _BIT_WEIGHTS.to(bits.device)
+    return (bits.unsqueeze(-1) & w).ne(0).reshape(bits.shape[0], -1)[:, :n]
+
+
+def _scale_list(scale: float | Tensor, n: int) -> list[float]:
+    from .ops._reference import _scales
+
+    return _scales(scale, n)
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x if x.dim() == 2 else x.unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------- compressors
+class Compressor:
+    """Base class. Subclasses implement :meth:`compress` and the accounting methods."""
+
+    #: ``True`` for unbiased compressors Q; error feedback then uses ``Q/(omega+1)`` (:meth:`contractive`).
+    unbiased: bool = False
+
+    def alpha(self, d: int) -> float:
+        raise NotImplementedError
+
+    def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> Message:
+        raise NotImplementedError
+
+    def contractive(self) -> Compressor:
+        """The contractive form used by error feedback (itself for biased compressors)."""
+        return self
+
+    def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
+        raise NotImplementedError
+
+    def value_bits(self, d: int) -> int:
+        raise NotImplementedError
+
+
+class _Sparsifier(Compressor):
+    def __init__(self, k: int | None, ratio: float | None):
+        if (k is None) == (ratio is None):
+            raise ValueError(f"give exactly one of k and ratio, got k={k!r}, ratio={ratio!r}")
+        self.k = None if k is None else check_int("k", k)
+        self.ratio = None if ratio is None else check_ratio("ratio", ratio)
+
+    def k_for(self, d: int) -> int:
+        """Values kept for a vector of length ``d`` (``k`` capped at... never: k > d raises)."""
+        return resolve_k(self.k, self.ratio, d)
+
+    def alpha(self, d: int) -> float:
+        return self.k_for(d) / d
+
+    def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
+        itemsize = torch.empty((), dtype=value_dtype).element_size()
+        return self.k_for(d) * (itemsize + ops.index_dtype(d).itemsize)
+
+    def value_bits(self, d: int) -> int:
+        return self.k_for(d) * _VALUE_BITS
+
+    def _arg(self) -> str:
+        return f"k={self.k}" if self.k is not None else f"ratio={self.ratio}"
+
+
+class TopK(_Sparsifier):
+    """Keep the k entries of largest magnitude in each row; ``alpha = k/d`` exactly.
+
+    Args:
+        k: entries kept per vector (1 <= k <= d).
+        ratio: alternatively the kept fraction in (0, 1]; ``k = ceil(ratio * d)``.
+        approx: let the fused kernels skip the exact resolve inside the threshold bin (still exactly k
+            entries; error feedback keeps whatever is not sent).
+    """
+
+    def __init__(self, k: int | None = None, *, ratio: float | None = None, approx: bool = False):
+        super().__init__(k, ratio)
+        self.approx = bool(approx)
+
+    def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
+        x2 = _rows(x)
+        values, indices = ops.topk(x2, self.k_for(x2.shape[1]))
+        return SparseMessage(values, indices, x2.shape[1])
+
+    def __repr__(self) -> str:
+        return f"TopK({self._arg()}{', approx=True' if self.approx else ''})"
+
+
+class RandK(_Sparsifier):
+    """Keep k uniformly random coordinates per row; with ``unbiased=True`` scale them by d/k.
+
+    The coordinates are drawn from a generator seeded with ``(seed, worker, step)``, so every front
+    end (and a resumed run) draws the same ones. Unbiased: ``omega = d/k - 1``; error feedback uses the
+    contractive form ``Q/(omega+1)``, i.e. the unscaled kept coordinates, with ``alpha = k/d``.
+    """
+
+    def __init__(self, k: int | None = None, *, ratio: float | None = None, seed: int = 0, unbiased: bool = True):
+        super().__init__(k, ratio)
+        self.seed = check_int("seed", seed, low=0)
+        self.unbiased = bool(unbiased)
+
+    def omega(self, d: int) -> float:
+        return d / self.k_for(d) - 1.0
+
+    def contractive(self) -> RandK:
+        if not self.unbiased:
+            return self
+        return RandK(self.k, ratio=self.ratio, seed=self.seed, unbiased=False)
+
+    def indices(self, d: int, rows: int, *, worker: int, step: int) -> Tensor:
+        k = self.k_for(d)
+        out = torch.empty(rows, k, dtype=torch.int64)
+        for r in range(rows):
+            g = torch.Generator().manual_seed(hash((self.seed, worker + r, step)) & 0x7FFF_FFFF_FFFF_FFFF)
+            out[r] = torch.randperm(d, generator=g)[:k]
+        return out
+
+    def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
+        x2 = _rows(x)
+        d = x2.shape[1]
+        idx = self.indices(d, x2.shape[0], worker=worker, step=step).to(x2.device)
+        values = x2.gather(1, idx)
+        if self.unbiased:
+            values = values * (d / self.k_for(d))
+        return SparseMessage(values, idx.to(ops.index_dtype(d)), d)
+
+    def __repr__(self) -> str:
+        return f"RandK({self._arg()}, seed={self.seed}, unbiased={self.unbiased})"
+
+
+class ScaledSign(Compressor):
+    r""":math:`C(x) = (\|x\|_1/d)\,\mathrm{sign}(x)`; one bit per entry plus one fp32 scale.
+
+    ``||C(x) - x||^2 = ||x||^2 - ||x||_1^2/d``, so ``alpha(x) = ||x||_1^2/(d ||x||^2) >= 1/d``;
+    :meth:`alpha` returns that worst case. ``sign(0)`` is taken as +1 (the identity above still holds).
+    """
+
+    def alpha(self, d: int) -> float:
+        return 1.0 / d
+
+    def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SignMessage:
+        x2 = _rows(x)
+        scale = x2.abs().sum(dim=1, keepdim=True, dtype=torch.float64) / x2.shape[1]
+        return SignMessage(_pack_bits(x2 >= 0), scale.to(torch.float32), (x2.shape[1],))
+
+    def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
+        return (d + 7) // 8 + 4
+
+    def value_bits(self, d: int) -> int:
+        return d + _VALUE_BITS
+
+    def __repr__(self) -> str:
+        return "ScaledSign()"
+
+
+class Identity(Compressor):
+    """No compression: every method reduces to (stochastic) gradient descent."""
+
+    def alpha(self, d: int) -> float:
+        return 1.0
+
+    def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> DenseMessage:
+        return DenseMessage(_rows(x).clone())
+
+    def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
+        return d * torch.empty((), dtype=value_dtype).element_size()
+
+    def value_bits(self, d: int) -> int:
+        return d * _VALUE_BITS
+
+    def __repr__(self) -> str:
+        return "Identity()"
+
+
+def compress_segments(comp: Compressor, x: Tensor, segments: Sequence[int], *, worker: int, step: int) -> Message:
+    """Compress each segment of the last dim on its own (per-tensor granularity) into one message."""
+    if len(segments) == 1:
+        return comp.compress(x, worker=worker, step=step)
+    x2 = _rows(x)
+    msgs, off = [], 0
+    for n in segments:
+        msgs.append(comp.compress(x2[:, off : off + n], worker=worker, step=step))
+        off += n
+    return concat_messages(msgs, segments)
+
+
+def concat_messages(msgs: list[Message], segments: Sequence[int]) -> Message:
+    first = msgs[0]
+    d = sum(segments)
+    if isinstance(first, SparseMessage):
+        offs = [0]
+        for n in segments[:-1]:
+            offs.append(offs[-1] + n)
+        idt = ops.index_dtype(d)
+        idx = torch.cat([m.indices.to(idt) + o for m, o in zip(msgs, offs)], dim=1)
+        return SparseMessage(torch.cat([m.values for m in msgs], dim=1), idx, d)
+    if isinstance(first, DenseMessage):
+        return DenseMessage(torch.cat([m.values for m in msgs], dim=1))
+    bits = torch.cat([m.bits for m in msgs], dim=1)
+    scales = torch.cat([m.scales for m in msgs], dim=1)
+    return SignMessage(bits, scales, tuple(s for m in msgs for s in m.segments))
+
+
+def segment_value_bits(comp: Compressor, segments: Sequence[int]) -> int:
+    return sum(comp.value_bits(n) for n in segments)
+
+
+def segment_wire_bytes(comp: Compressor, segments: Sequence[int], value_dtype=torch.float32) -> int:
+    d = sum(segments)
+    if isinstance(comp, _Sparsifier):  # indices are global offsets, so their width follows the whole d
+        itemsize = torch.empty((), dtype=value_dtype).element_size()
+        return sum(comp.k_for(n) for n in segments) * (itemsize + ops.index_dtype(d).itemsize)
+    return sum(comp.wire_bytes(n, value_dtype) for n in segments)
+
+
+def k_total(comp: Compressor, segments: Sequence[int]) -> int:
+    return sum(comp.k_for(n) for n in segments) if isinstance(comp, _Sparsifier) else sum(segments)
+
+

@@ -1,0 +1,407 @@
+r"""Error-feedback methods as configurations.
+
+A feedback object holds no per-worker state: the front end (optimizer, DDP hook, simulator) allocates
+it with :meth:`Feedback.init_state` and passes it to :meth:`Feedback.worker_step`, so one object serves
+all three front ends and they follow the same trajectory. The notation is that of
+``shared/docs/algorithms.md``; everything is in "g-space" (the server applies ``x <- x - lr * estimate``).
+
+A round, for worker i with gradient :math:`g_i` (see :func:`torchkit.comm.run_round`):
+
+1. ``msg_i = worker_step(state_i, g_i, step)`` (updates the worker state in place),
+2. ``agg = sum_i a_i decode(msg_i)`` with aggregation weights :math:`a_i` (``1/n``, or ``w_i`` for EF21-W),
+3. ``estimate = agg`` (EF14) or ``estimate += agg`` (the EF21 family keeps the server shift
+   :math:`g = \sum_i a_i g_i`).
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._validation import check_unit_interval, check_weights
+from .compress import (
+    Compressor,
+    DenseMessage,
+    Message,
+    SparseMessage,
+    TopK,
+    compress_segments,
+    concat_messages,
+    k_total,
+    segment_value_bits,
+    segment_wire_bytes,
+)
+
+__all__ = ["Feedback", "EF14", "EF21", "EF21W", "EF21SGDM", "EControl"]
+
+Granularity = Literal["global", "tensor"]
+Init = Literal["full", "compressed", "zero"]
+
+_granularity_doc = """granularity: ``"global"`` compresses the whole vector the front end hands over (a parameter
+            group, a DDP bucket, the simulator's x) with one top-k; ``"tensor"`` compresses each parameter
+            tensor on its own (k_l = ceil(ratio * d_l)), which makes the result independent of how
+            parameters are grouped or bucketed."""
+
+
+class Feedback:
+    """Base class of the error-feedback methods."""
+
+    #: names of the per-worker state vectors, all of the vector's length, fp32 (fp64 for fp64 inputs)
+    state_names: tuple[str, ...] = ()
+    #: True when the server keeps a running estimate (the EF21 family) rather than a fresh average
+    server_state: bool = True
+    #: True when step 0 sends the full gradient (the shift starts at the first gradient)
+    full_first_round: bool = True
+
+    def __init__(self, compressor: Compressor, *, granularity: Granularity = "global"):
+        if not isinstance(compressor, Compressor):
+            raise TypeError(f"compressor must be a torchkit Compressor, got {type(compressor).__name__}")
+        if granularity not in ("global", "tensor"):
+            raise ValueError(f"granularity must be 'global' or 'tensor', got {granularity!r}")
+        if granularity == "tensor" and getattr(compressor, "k", None) is not None:
+            raise ValueError("granularity='tensor' needs a compressor given by ratio (k_l = ceil(ratio * d_l)), not k")
+        self.compressor = compressor.contractive()
+        self.granularity = granularity
+
+    # ----------------------------------------------------------------------------------------- state
+    @staticmethod
+    def state_dtype(like: torch.dtype) -> torch.dtype:
+        return torch.float64 if like == torch.float64 else torch.float32
+
+    def init_state(self, numel: int, *, rows: int | None = None, dtype=torch.float32, device=None) -> dict[str, Tensor]:
+        shape = (numel,) if rows is None else (rows, numel)
+        dt = self.state_dtype(dtype)
+        return {name: torch.zeros(shape, dtype=dt, device=device) for name in self.state_names}
+
+    def input_scale(self, worker: int, n_workers: int) -> float:
+        """Factor applied to worker ``worker``'s gradient before the method sees it (EF21-W: 1/(n w_i))."""
+        return 1.0
+
+    def aggregation_weights(self, n_workers: int) -> list[float]:
+        return [1.0 / n_workers] * n_workers
+
+    def segments_for(self, sizes: Sequence[int]) -> tuple[int, ...]:
+        total = sum(sizes)
+        return tuple(sizes) if self.granularity == "tensor" else (total,)
+
+    # -------------------------------------------------------------------------------------- accounting
+    def sends_in_round(self, step: int) -> str:
+        """'dense', 'none' or 'compressed': what one worker sends in round ``step``."""
+        return "dense" if step == 0 and self.full_first_round else "compressed"
+
+    def value_bits(self, segments: Sequence[int], step: int) -> int:
+        kind = self.sends_in_round(step)
+        if kind == "none":
+            return 0
+        if kind == "dense":
+            return 32 * sum(segments)
+        return segment_value_bits(self.compressor, segments)
+
+    def wire_bytes(self, segments: Sequence[int], step: int, value_dtype=torch.float32) -> int:
+        kind = self.sends_in_round(step)
+        if kind == "none":
+            return 0
+        if kind == "dense":
+            return sum(segments) * torch.empty((), dtype=value_dtype).element_size()
+        return segment_wire_bytes(self.compressor, segments, value_dtype)
+
+    # ------------------------------------------------------------------------------------------- step
+    def worker_step(
+        self,
+        state: dict[str, Tensor],
+        grad: Tensor,
+        step: int,
+        *,
+        worker: int = 0,
+        n_workers: int = 1,
+        segments: Sequence[int] | None = None,
+        sanitize: bool = False,
+    ) -> Message | None:
+        """One worker's round: returns the message (rows = state rows) and updates ``state`` in place.
+
+        ``grad`` has the state's layout (``[d]`` or ``[rows, d]``, rows = consecutive workers starting at
+        ``worker``). With ``sanitize=True`` non-finite gradient entries are replaced by the value that
+        carries no new information (the method's "neutral" gradient), so the state stays finite.
+        """
+        first = next(iter(state.values())) if state else None
+        d = grad.shape[-1]
+        segments = tuple(segments) if segments is not None else (d,)
+        if sum(segments) != d:
+            raise ValueError(f"segments {segments} do not add up to the vector length {d}")
+        g = self._scaled_input(grad, worker, n_workers, first.dtype if first is not None else torch.float32)
+        if sanitize:
+            g = torch.where(torch.isfinite(g), g, self._neutral(state, step, g))
+        return self._step(state, g, step, worker, segments)
+
+    def _scaled_input(self, grad: Tensor, worker: int, n: int, dtype: torch.dtype) -> Tensor:
+        rows = grad.shape[0] if grad.dim() == 2 else 1
+        scales = [self.input_scale(worker + r, n) for r in range(rows)]
+        if all(s == 1.0 for s in scales):
+            return grad
+        s = torch.tensor(scales, dtype=dtype, device=grad.device)
+        return grad.to(dtype) * (s if grad.dim() == 1 else s[:, None])
+
+    def _neutral(self, state, step, g) -> Tensor:
+        return torch.zeros((), dtype=g.dtype, device=g.device)
+
+    def _step(self, state, g, step, worker, segments) -> Message | None:
+        raise NotImplementedError
+
+    # helpers shared by the subclasses ----------------------------------------------------------------
+    def _fused(self, state_vec: Tensor, segments) -> bool:
+        """The fused ops apply to TopK on 1-D state, or on a [rows, d] batch with one segment."""
+        return isinstance(self.compressor, TopK) and (state_vec.dim() == 1 or len(segments) == 1)
+
+    def _fused_segments(self, fn, tensors: list[Tensor], segments, extra=()) -> SparseMessage:
+        """Run a fused op on every segment (views of 1-D contiguous buffers) and join the messages."""
+        comp: TopK = self.compressor  # type: ignore[assignment]
+        if len(segments) == 1:
+            v, i = fn(*tensors, comp.k_for(segments[0]), *extra, approx=comp.approx)
+            return _as_rows(v, i, tensors[0].shape[-1])
+        msgs, off = [], 0
+        for n in segments:
+            views = [t[off : off + n] for t in tensors]
+            v, i = fn(*views, comp.k_for(n), *extra, approx=comp.approx)
+            msgs.append(_as_rows(v, i, n))
+            off += n
+        return concat_messages(msgs, segments)  # type: ignore[return-value]
+
+    def _compress(self, x: Tensor, segments, worker: int, step: int) -> Message:
+        return compress_segments(self.compressor, x, segments, worker=worker, step=step)
+
+    def _first_round(self, state: dict[str, Tensor], g: Tensor, shift: str) -> DenseMessage:
+        state[shift].copy_(g)
+        return DenseMessage(_rows(state[shift]).clone())
+
+    def k_sent(self, segments: Sequence[int]) -> int:
+        return k_total(self.compressor, segments)
+
+    def __repr__(self) -> str:
+        extra = "" if self.granularity == "global" else ", granularity='tensor'"
+        return f"{type(self).__name__}({self.compressor!r}{self._repr_extra()}{extra})"
+
+    def _repr_extra(self) -> str:
+        return ""
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t if t.dim() == 2 else t.unsqueeze(0)
+
+
+def _as_rows(values: Tensor, indices: Tensor, numel: int) -> SparseMessage:
+    return SparseMessage(_rows(values), _rows(indices), numel)
+
+
+def _dense_of(msg: Message, like: Tensor) -> Tensor:
+    dense = msg.to_dense(like.dtype)
+    return dense if like.dim() == 2 else dense[0]
+
+
+class EF14(Feedback):
+    r"""Classic error feedback (Seide et al. 2014; Stich et al. 2018), g-space form.
+
+    .. math::
+        u_i = C(e_i + g_i), \qquad e_i \leftarrow e_i + g_i - u_i, \qquad \text{estimate} = \textstyle\sum_i a_i u_i
+
+    ``e_i`` starts at zero and step 0 is an ordinary compressed round. With a constant step size this
+    is the x-space EF of the papers with ``e`` rescaled by the step size, and the virtual iterate
+    ``x - lr * mean_i e_i`` follows plain gradient descent exactly.
+
+    Args:
+        compressor: a contractive compressor (an unbiased one is used as ``Q/(omega+1)``).
+        {granularity}
+    """
+
+    state_names = ("error",)
+    server_state = False
+    full_first_round = False
+
+    def _step(self, state, g, step, worker, segments):
+        e = state["error"]
+        if self._fused(e, segments):
+            return self._fused_segments(ops.ef14_step_, [g, e], segments)
+        e.add_(g.to(e.dtype))
+        msg = self._compress(e, segments, worker, step)
+        e.sub_(_dense_of(msg, e))
+        return msg
+
+
+class EF21(Feedback):
+    r"""EF21 (Richtárik, Sokolov, Fatkhullin, NeurIPS 2021; arXiv:2106.05203).
+
+    .. math::
+        c_i = C(g_i - h_i), \qquad h_i \leftarrow h_i + c_i, \qquad h \leftarrow h + \textstyle\sum_i a_i c_i
+
+    and the server steps along :math:`h = \sum_i a_i h_i`.
+
+    Args:
+        compressor: a contractive compressor (an unbiased one is used as ``Q/(omega+1)``).
+        init: the shift at step 0. ``"full"`` (default, as the authors' code): :math:`h_i^0 = g_i^0`, step 0
+            sends the dense gradient. ``"compressed"`` (the poster): :math:`h_i^0 = C(g_i^0)`, an ordinary
+            compressed round from zero. ``"zero"`` (FL_PyTorch): :math:`h_i^0 = 0`, so step 0 sends
+            nothing and the estimate is zero (the first update does not move).
+        {granularity}
+    """
+
+    state_names = ("shift",)
+
+    def __init__(self, compressor: Compressor, init: Init = "full", *, granularity: Granularity = "global"):
+        super().__init__(compressor, granularity=granularity)
+        if init not in ("full", "compressed", "zero"):
+            raise ValueError(f"init must be 'full', 'compressed' or 'zero', got {init!r}")
+        self.init = init
+        self.full_first_round = init == "full"
+
+    def sends_in_round(self, step: int) -> str:
+        if step == 0 and self.init == "zero":
+            return "none"
+        return super().sends_in_round(step)
+
+    def _neutral(self, state, step, g):
+        return state["shift"].to(g.dtype) if step > 0 else super()._neutral(state, step, g)
+
+    def _step(self, state, g, step, worker, segments):
+        h = state["shift"]
+        if step == 0 and self.init == "full":
+            return self._first_round(state, g, "shift")
+        if step == 0 and self.init == "zero":
+            return None
+        if self._fused(h, segments):
+            return self._fused_segments(ops.ef21_step_, [g, h], segments)
+        msg = self._compress(g.to(h.dtype) - h, segments, worker, step)
+        h.add_(_dense_of(msg, h))
+        return msg
+
+    def _repr_extra(self) -> str:
+        return "" if self.init == "full" else f", init={self.init!r}"
+
+
+class EF21W(EF21):
+    r"""EF21-W, weighted EF21 ("Error Feedback Reloaded", ICLR 2024; arXiv:2402.10774).
+
+    .. math::
+        c_i = C\big(g_i/(n w_i) - h_i\big), \qquad h_i \leftarrow h_i + c_i, \qquad h \leftarrow h + \textstyle\sum_i w_i c_i
+
+    With a positively homogeneous compressor (TopK, scaled sign) :math:`n w_i h_i` follows EF21 exactly,
+    so the two methods coincide; the paper's gain is the larger step size
+    (:func:`torchkit.theory.ef21_stepsize` with ``weighted=True``). Use :meth:`from_smoothness` for the
+    paper's weights :math:`w_i = L_i / \sum_j L_j`.
+
+    .. note:: The algorithm box is reconstructed from the paper's abstract and reviews (algorithms.md §3).
+
+    Args:
+        compressor: a contractive compressor.
+        weights: one positive weight per worker, summing to 1.
+        init: as for :class:`EF21`.
+        {granularity}
+    """
+
+    def __init__(self, compressor, weights, init: Init = "full", *, granularity: Granularity = "global"):
+        super().__init__(compressor, init, granularity=granularity)
+        self.weights = check_weights("weights", weights)
+
+    @classmethod
+    def from_smoothness(cls, compressor, smoothness: Sequence[float], **kw) -> EF21W:
+        total = float(sum(smoothness))
+        return cls(compressor, [float(L) / total for L in smoothness], **kw)
+
+    def _check_n(self, n: int) -> None:
+        if n != len(self.weights):
+            raise ValueError(f"EF21W has {len(self.weights)} weights but the run has {n} workers")
+
+    def input_scale(self, worker: int, n_workers: int) -> float:
+        self._check_n(n_workers)
+        return 1.0 / (n_workers * self.weights[worker])
+
+    def aggregation_weights(self, n_workers: int) -> list[float]:
+        self._check_n(n_workers)
+        return list(self.weights)
+
+    def _repr_extra(self) -> str:
+        return f", weights={list(self.weights)}" + super()._repr_extra()
+
+
+class EF21SGDM(Feedback):
+    r"""EF21-SGDM (Fatkhullin, Tyurin, Richtárik, NeurIPS 2023; arXiv:2305.15155): momentum before compression.
+
+    .. math::
+        v_i \leftarrow (1-\eta) v_i + \eta g_i, \qquad c_i = C(v_i - h_i), \qquad h_i \leftarrow h_i + c_i
+
+    Step 0 sets :math:`v_i = h_i = g_i^0` and sends it dense (as the authors' code). ``eta=1`` is EF21.
+
+    Args:
+        compressor: a contractive compressor.
+        eta: momentum weight of the fresh gradient, in [0, 1].
+        {granularity}
+    """
+
+    state_names = ("momentum", "shift")
+
+    def __init__(self, compressor: Compressor, eta: float = 0.1, *, granularity: Granularity = "global"):
+        super().__init__(compressor, granularity=granularity)
+        self.eta = check_unit_interval("eta", eta)
+
+    def _neutral(self, state, step, g):
+        return state["momentum"].to(g.dtype) if step > 0 else super()._neutral(state, step, g)
+
+    def _step(self, state, g, step, worker, segments):
+        v, h = state["momentum"], state["shift"]
+        if step == 0:
+            v.copy_(g)
+            return self._first_round(state, g, "shift")
+        v.mul_(1.0 - self.eta).add_(g.to(v.dtype), alpha=self.eta)
+        if self._fused(h, segments):
+            return self._fused_segments(ops.ef21_step_, [v, h], segments)
+        msg = self._compress(v - h, segments, worker, step)
+        h.add_(_dense_of(msg, h))
+        return msg
+
+    def _repr_extra(self) -> str:
+        return f", eta={self.eta}"
+
+
+class EControl(Feedback):
+    r"""EControl (Gao, Islamov, Stich, ICLR 2024; arXiv:2311.05645).
+
+    .. math::
+        \Delta_i = C(\eta e_i + g_i - h_i), \quad e_i \leftarrow e_i + g_i - h_i - \Delta_i, \quad
+        h_i \leftarrow h_i + \Delta_i, \quad h \leftarrow h + \textstyle\sum_i a_i \Delta_i
+
+    Step 0 sets :math:`h_i = g_i^0` (sent dense) and :math:`e_i = 0`. ``eta=0`` is EF21 exactly.
+
+    Args:
+        compressor: a contractive compressor.
+        eta: strength of the error feedback, in [0, 1] (theory: alpha/400; the papers tune 0.1).
+        {granularity}
+    """
+
+    state_names = ("error", "shift")
+
+    def __init__(self, compressor: Compressor, eta: float = 0.1, *, granularity: Granularity = "global"):
+        super().__init__(compressor, granularity=granularity)
+        self.eta = check_unit_interval("eta", eta)
+
+    def _neutral(self, state, step, g):
+        return state["shift"].to(g.dtype) if step > 0 else super()._neutral(state, step, g)
+
+    def _step(self, state, g, step, worker, segments):
+        e, h = state["error"], state["shift"]
+        if step == 0:
+            return self._first_round(state, g, "shift")
+        if self._fused(e, segments):
+            return self._fused_segments(ops.econtrol_step_, [g, e, h], segments, extra=(self.eta,))
+        t = g.to(e.dtype) - h
+        msg = self._compress(e * self.eta + t, segments, worker, step)
+        delta = _dense_of(msg, e)
+        e.add_(t).sub_(delta)
+        h.add_(delta)
+        return msg
+
+    def _repr_extra(self) -> str:
+        return f", eta={self.eta}"
+
+
+for _cls in (EF14, EF21, EF21W, EF21SGDM, EControl):
+    _cls.__doc__ = _cls.__doc__.replace("{granularity}", _granularity_doc)

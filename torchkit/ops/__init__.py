@@ -1,0 +1,170 @@
+"""Hot-path kernels: exact/approximate top-k fused with the error-feedback state update.
+
+Dispatch lives here and only here. ``impl="auto"`` picks Triton for CUDA tensors, the compiled csrc
+kernel for CPU tensors when it has been built (``torchkit.ops.build_extension()``), else the plain-torch
+reference in :mod:`torchkit.ops._reference`. A named ``impl`` that is unavailable raises.
+
+Bytes each fused step must move per element (fp32 state): EF14 12 B (read g, e; write e),
+EF21 8 B (read g, h; sparse write of h), EControl 16 B (read g, e, h; write e). See benchmarks/.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .._validation import check_dense_float, check_int, check_unit_interval
+from . import _ext, _reference
+from ._reference import index_dtype
+
+__all__ = [
+    "topk",
+    "ef14_step_",
+    "ef21_step_",
+    "econtrol_step_",
+    "accumulate_",
+    "index_dtype",
+    "build_extension",
+    "available_impls",
+]
+
+Impl = Literal["auto", "reference", "triton", "cpp"]
+build_extension = _ext.build
+
+
+def available_impls(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    impls = ["reference"]
+    if _triton_usable(device):
+        impls.append("triton")
+    if device.type == "cpu" and _ext.available():
+        impls.append("cpp")
+    return impls
+
+
+def _triton_usable(device: torch.device) -> bool:
+    from . import _triton
+
+    return _triton.available(device)
+
+
+def _choose(impl: Impl, x: Tensor, rows: bool) -> str:
+    if impl == "auto":
+        if rows:  # batched rows ([n, d]) are the simulator's case: one vectorised reference call
+            return "reference"
+        if x.is_cuda and _triton_usable(x.device):
+            return "triton"
+        if x.device.type == "cpu" and _ext.available():
+            return "cpp"
+        return "reference"
+    if impl == "reference":
+        return impl
+    if impl == "triton":
+        if not _triton_usable(x.device):
+            raise RuntimeError(
+                f"impl='triton' requested for a {x.device.type} tensor, but Triton cannot run there "
+                "(needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors)"
+            )
+        return impl
+    if impl == "cpp":
+        if x.device.type != "cpu":
+            raise RuntimeError(f"impl='cpp' runs on CPU tensors only, got {x.device}")
+        if not _ext.available():
+            raise RuntimeError(f"impl='cpp' requested but the csrc extension is not built: {_ext.error()}")
+        return impl
+    raise ValueError(f"impl must be one of 'auto', 'reference', 'triton', 'cpp', got {impl!r}")
+
+
+def _check_vector(name: str, t: Tensor, *, allow_rows: bool = True) -> bool:
+    check_dense_float(name, t)
+    if t.dim() not in ((1, 2) if allow_rows else (1,)):
+        raise ValueError(f"{name} must be 1-D (or [rows, d]), got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if t.shape[-1] < 1:
+        raise ValueError(f"{name} must have at least one element")
+    return t.dim() == 2
+
+
+def _check_state(name: str, t: Tensor, like: Tensor) -> None:
+    _check_vector(name, t)
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of grad {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but grad is on {like.device}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} (feedback state) must be float32 or float64, got {t.dtype}")
+
+
+def _check_k(k: int, d: int) -> int:
+    check_int("k", k)
+    if k > d:
+        raise ValueError(f"k must be <= d, got k={k} for d={d}")
+    return k
+
+
+def _kernels(name: str):
+    if name == "triton":
+        from ._triton import ef as mod
+    elif name == "cpp":
+        mod = _ext
+    else:
+        mod = _reference
+    return mod
+
+
+def topk(x: Tensor, k: int, *, impl: Impl = "auto") -> tuple[Tensor, Tensor]:
+    """Exact top-|x| along the last dim: ``(values, indices)``, indices int32 while d < 2**31, any order."""
+    rows = _check_vector("x", x)
+    _check_k(k, x.shape[-1])
+    return _kernels(_choose(impl, x, rows)).topk(x, k)
+
+
+def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False, *, impl: Impl = "auto"):
+    r"""Classic EF (g-space), in place: :math:`v = e + g`, send top-k of v, :math:`e \leftarrow v - C(v)`.
+
+    ``approx=True`` may send a slightly different set (kernels skip the exact resolve inside the
+    threshold bin) but always exactly k entries, and whatever is not sent stays in ``error``.
+    """
+    rows = _check_vector("grad", grad)
+    _check_state("error", error, grad)
+    _check_k(k, grad.shape[-1])
+    name = _choose(impl, grad, rows)
+    return _kernels(name).ef14_step_(grad, error, k, **({"approx": approx} if name != "reference" else {}))
+
+
+def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False, *, impl: Impl = "auto"):
+    r"""EF21 worker step, in place: send :math:`c = C(g - h)`, :math:`h \leftarrow h + c`."""
+    rows = _check_vector("grad", grad)
+    _check_state("estimate", estimate, grad)
+    _check_k(k, grad.shape[-1])
+    name = _choose(impl, grad, rows)
+    return _kernels(name).ef21_step_(grad, estimate, k, **({"approx": approx} if name != "reference" else {}))
+
+
+def econtrol_step_(grad, error, shift, k: int, eta: float, approx: bool = False, *, impl: Impl = "auto"):
+    r"""EControl worker step, in place: :math:`\Delta = C(\eta e + g - h)`, :math:`e \leftarrow e + g - h - \Delta`,
+    :math:`h \leftarrow h + \Delta`."""
+    rows = _check_vector("grad", grad)
+    _check_state("error", error, grad)
+    _check_state("shift", shift, grad)
+    _check_k(k, grad.shape[-1])
+    check_unit_interval("eta", eta)
+    name = _choose(impl, grad, rows)
+    extra = {"approx": approx} if name != "reference" else {}
+    return _kernels(name).econtrol_step_(grad, error, shift, k, float(eta), **extra)
+
+
+def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor = 1.0, *, impl: Impl = "auto"):
+    """``out[indices[w]] += scale[w] * values[w]`` for every worker row w (indices unique within a row)."""
+    _check_vector("out", out, allow_rows=False)
+    check_dense_float("values", values)
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if values.shape != indices.shape:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+    if values.numel() == 0:
+        return out
+    name = _choose(impl, out, False)
+    return _kernels(name).accumulate_(out, values.contiguous(), indices.contiguous(), scale)

@@ -1,0 +1,130 @@
+"""The optional csrc extension: built just in time by :func:`build`, never required.
+
+``available()`` only loads an extension that was built before (same source hash, same torch), so
+importing torchkit never compiles; ``build()`` (or ``python -m torchkit build-ext``) compiles it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "error", "build", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
+
+log = logging.getLogger(__name__)
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CPU_SOURCES = ["torchkit_ops.cpp"]
+_module = None
+_error: str | None = None
+
+
+def _name() -> str:
+    h = hashlib.sha1(torch.__version__.encode())
+    for src in _CPU_SOURCES:
+        p = _CSRC / src
+        h.update(p.read_bytes() if p.exists() else b"missing")
+    return f"torchkit_cpu_{h.hexdigest()[:10]}"
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("TORCHKIT_EXT_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torchkit_ext"
+    )
+    return Path(root) / _name()
+
+
+def _try_load() -> None:
+    global _module, _error
+    if _module is not None:
+        return
+    so = next(iter(sorted(_build_dir().glob(f"{_name()}*.so"))), None) if _build_dir().exists() else None
+    if so is None:
+        _error = f"not built (run torchkit.ops.build_extension(); sources in {_CSRC})"
+        return
+    try:
+        spec = importlib.util.spec_from_file_location(_name(), so)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[_name()] = mod
+        _module, _error = mod, None
+    except Exception as exc:  # pragma: no cover - broken build on disk
+        _error = f"failed to load {so}: {exc}"
+
+
+def available() -> bool:
+    _try_load()
+    return _module is not None
+
+
+def error() -> str | None:
+    _try_load()
+    return _error
+
+
+def build(verbose: bool = False) -> bool:
+    """Compile csrc/torchkit_ops.cpp with the local C++ compiler; returns True when it loads."""
+    global _module, _error
+    if available():
+        return True
+    if not (_CSRC / _CPU_SOURCES[0]).exists():
+        _error = f"csrc sources not found at {_CSRC} (installed without the source tree?)"
+        return False
+    from torch.utils.cpp_extension import load
+
+    out = _build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _module = load(
+            name=_name(),
+            sources=[str(_CSRC / s) for s in _CPU_SOURCES],
+            extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"] if sys.platform == "linux" else ["-O3"],
+            extra_ldflags=["-fopenmp"] if sys.platform == "linux" else [],
+            build_directory=str(out),
+            verbose=verbose,
+        )
+        _error = None
+    except Exception as exc:
+        _module, _error = None, f"build failed: {exc}"
+        log.warning("torchkit csrc extension build failed; using the plain-torch reference: %s", exc)
+    return _module is not None
+
+
+def _int_idx(idx: Tensor, d: int) -> Tensor:
+    from ._reference import index_dtype
+
+    return idx if idx.dtype == index_dtype(d) else idx.to(index_dtype(d))
+
+
+def topk(x: Tensor, k: int):
+    v, i = _module.topk(x, k)
+    return v, _int_idx(i, x.numel())
+
+
+def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False):
+    v, i = _module.ef14_step(grad, error, k, approx)
+    return v, _int_idx(i, error.numel())
+
+
+def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False):
+    v, i = _module.ef21_step(grad, estimate, k, approx)
+    return v, _int_idx(i, estimate.numel())
+
+
+def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: float, approx: bool = False):
+    v, i = _module.econtrol_step(grad, error, shift, k, eta, approx)
+    return v, _int_idx(i, error.numel())
+
+
+def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0):
+    from ._reference import _scales
+
+    v2 = values.reshape(-1, values.shape[-1])
+    scales = torch.tensor(_scales(scale, v2.shape[0]), dtype=torch.float64)
+    _module.accumulate(out, v2, indices.reshape(v2.shape), scales)
+    return out

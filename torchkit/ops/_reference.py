@@ -1,0 +1,74 @@
+"""Plain-torch references of every op: the specification, the CPU fallback and the test oracle.
+
+All of them accept a 1-D vector or a ``[rows, d]`` batch (one independent problem per row, as the
+simulator uses them). Arithmetic is done in the state dtype (fp32 or fp64); ``grad`` may be bf16/fp16.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["index_dtype", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
+
+
+def index_dtype(d: int) -> torch.dtype:
+    """int32 indices while every offset fits, int64 beyond."""
+    return torch.int32 if d < 2**31 else torch.int64
+
+
+def _select(v: Tensor, k: int) -> Tensor:
+    """Indices (int64) of the k largest |v| along the last dim; NaN ranks first, as in torch.topk."""
+    return torch.topk(v.abs(), k, dim=-1, sorted=False).indices
+
+
+def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    idx = _select(x, k)
+    return x.gather(-1, idx), idx.to(index_dtype(x.shape[-1]))
+
+
+def ef14_step_(grad: Tensor, error: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """v = error + grad; send top-k of v; error <- v - sent (zero where sent)."""
+    error.add_(grad.to(error.dtype))
+    idx = _select(error, k)
+    values = error.gather(-1, idx)
+    error.scatter_(-1, idx, 0.0)
+    return values, idx.to(index_dtype(error.shape[-1]))
+
+
+def ef21_step_(grad: Tensor, estimate: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """diff = grad - estimate; send top-k of diff; estimate[idx] += diff[idx]."""
+    diff = grad.to(estimate.dtype) - estimate
+    idx = _select(diff, k)
+    values = diff.gather(-1, idx)
+    estimate.scatter_add_(-1, idx, values)
+    return values, idx.to(index_dtype(estimate.shape[-1]))
+
+
+def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: float) -> tuple[Tensor, Tensor]:
+    """u = eta*e + (g - h); send D = top-k of u; e <- e + (g - h) - D; h[idx] += D."""
+    t = grad.to(error.dtype) - shift
+    u = error * eta + t
+    idx = _select(u, k)
+    values = u.gather(-1, idx)
+    error.add_(t)
+    error.scatter_add_(-1, idx, -values)
+    shift.scatter_add_(-1, idx, values)
+    return values, idx.to(index_dtype(error.shape[-1]))
+
+
+def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    """out[indices[w]] += scale[w] * values[w], worker by worker in row order (deterministic)."""
+    values2 = values.reshape(-1, values.shape[-1])
+    indices2 = indices.reshape(-1, indices.shape[-1]).long()
+    scales = _scales(scale, values2.shape[0])
+    for w in range(values2.shape[0]):
+        out.index_add_(0, indices2[w], values2[w].to(out.dtype) * scales[w])
+    return out
+
+
+def _scales(scale: float | Tensor, n: int) -> list:
+    if isinstance(scale, Tensor):
+        if scale.numel() != n:
+            raise ValueError(f"scale must have one entry per worker row ({n}), got {scale.numel()}")
+        return [float(s) for s in scale.reshape(-1).tolist()]
+    return [float(scale)] * n

@@ -1,0 +1,28 @@
+"""Triton kernels, imported lazily so that ``import torchkit`` never needs Triton."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["available"]
+
+
+@functools.lru_cache(maxsize=None)
+def _importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+    return True
+
+
+def available(device: torch.device) -> bool:
+    """CUDA tensors run compiled kernels; CPU tensors only under ``TRITON_INTERPRET=1``."""
+    if not _importable():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,51 @@
+r"""Step-size theory: floats in, floats out (algorithms.md §0, §2.1, §3).
+
+EF21 constants for a contractive compressor with factor :math:`\alpha`:
+:math:`\theta = 1 - \sqrt{1-\alpha}`, :math:`\beta = (1-\alpha)/(1-\sqrt{1-\alpha})`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+__all__ = ["theta_beta", "mean_smoothness", "ef21_stepsize", "ef21_stepsize_ratio"]
+
+
+def _check_alpha(alpha: float) -> float:
+    if not (0.0 < float(alpha) <= 1.0):
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    return float(alpha)
+
+
+def theta_beta(alpha: float) -> tuple[float, float]:
+    """``(theta, beta)`` of EF21's analysis."""
+    a = _check_alpha(alpha)
+    r = math.sqrt(1.0 - a)
+    return 1.0 - r, (1.0 - a) / (1.0 - r)
+
+
+def mean_smoothness(L_i: Sequence[float], *, weighted: bool) -> float:
+    """Arithmetic mean ``L_AM`` (``weighted=True``) or quadratic mean ``L_QM`` of the worker constants."""
+    vals = [float(x) for x in L_i]
+    if not vals or any(not (x >= 0 and math.isfinite(x)) for x in vals):
+        raise ValueError(f"L_i must be a non-empty list of finite non-negative numbers, got {L_i!r}")
+    if weighted:
+        return sum(vals) / len(vals)
+    return math.sqrt(sum(x * x for x in vals) / len(vals))
+
+
+def ef21_stepsize(L: float, L_i: Sequence[float], alpha: float, weighted: bool = False) -> float:
+    r"""Largest step size of EF21's nonconvex theorem: :math:`1/(L + M\sqrt{\beta/\theta})`.
+
+    ``M`` is the quadratic mean of the ``L_i`` (EF21, Theorem 2) or, with ``weighted=True``, their
+    arithmetic mean (EF21-W, "Error Feedback Reloaded"; the same bound holds for EF21 by its Theorem 3).
+    """
+    if not (float(L) > 0 and math.isfinite(L)):
+        raise ValueError(f"L must be positive and finite, got {L}")
+    theta, beta = theta_beta(alpha)
+    return 1.0 / (float(L) + mean_smoothness(L_i, weighted=weighted) * math.sqrt(beta / theta))
+
+
+def ef21_stepsize_ratio(L: float, L_i: Sequence[float], alpha: float) -> float:
+    """``gamma_new / gamma_old = (L + L_QM s) / (L + L_AM s)`` with ``s = sqrt(beta/theta)``."""
+    return ef21_stepsize(L, L_i, alpha, weighted=True) / ef21_stepsize(L, L_i, alpha)
