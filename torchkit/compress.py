@@ -123,7 +123,7 @@ class SignMessage:
         return DenseMessage(self.to_dense(out.dtype)).add_to_(out, scale)
 
     def wire_bytes(self) -> int:
-        return self.bits.shape[1] + 4 * len(self.segments)
+        return self.bits.shape[1] + self.scales.element_size() * len(self.segments)
 
     def value_bits(self) -> int:
         return self.numel + _VALUE_BITS * len(self.segments)
@@ -224,7 +224,7 @@ class TopK(_Sparsifier):
 
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
         x2 = _rows(x)
-        values, indices = ops.topk(x2, self.k_for(x2.shape[1]))
+        values, indices = ops.topk(x2.contiguous(), self.k_for(x2.shape[1]))
         return SparseMessage(values, indices, x2.shape[1])
 
     def __repr__(self) -> str:
@@ -286,7 +286,8 @@ class ScaledSign(Compressor):
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SignMessage:
         x2 = _rows(x)
         scale = x2.abs().sum(dim=1, keepdim=True, dtype=torch.float64) / x2.shape[1]
-        return SignMessage(_pack_bits(x2 >= 0), scale.to(torch.float32), (x2.shape[1],))
+        scale_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32  # fp32 on the wire
+        return SignMessage(_pack_bits(x2 >= 0), scale.to(scale_dtype), (x2.shape[1],))
 
     def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
         return (d + 7) // 8 + 4

@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+import torchkit as tk
+from torchkit.compress import SignMessage, _pack_bits, _unpack_bits
+
+
+@pytest.mark.parametrize("d,k", [(1, 1), (7, 7), (1001, 1), (1001, 37), (4096, 410)])
+def test_topk_contraction_bound_and_support(d, k):
+    x = torch.randn(3, d, dtype=torch.float64)
+    msg = tk.TopK(k).compress(x)
+    dense = msg.to_dense()
+    for r in range(3):
+        err = (dense[r] - x[r]).pow(2).sum()
+        assert err <= (1 - k / d) * x[r].pow(2).sum() + 1e-12
+        kth = x[r].abs().sort(descending=True).values[k - 1]
+        assert (msg.values[r].abs() >= kth).all()
+        assert msg.indices[r].unique().numel() == k
+    assert msg.indices.dtype == torch.int32
+    assert tk.TopK(k).alpha(d) == k / d
+
+
+def test_topk_ratio_and_wire_size():
+    c = tk.TopK(ratio=0.01)
+    assert c.k_for(1000) == 10 and c.k_for(1001) == 11 and c.k_for(5) == 1
+    assert c.wire_bytes(1000) == 10 * (4 + 4)
+    assert c.wire_bytes(1000, torch.bfloat16) == 10 * (2 + 4)
+    assert c.value_bits(1000) == 320
+    msg = c.compress(torch.randn(1000))
+    assert msg.wire_bytes() == c.wire_bytes(1000)
+
+
+def test_randk_unbiased_and_second_moment():
+    d, k, trials = 50, 5, 4000
+    x = torch.randn(d, dtype=torch.float64)
+    c = tk.RandK(k, seed=3)
+    acc = torch.zeros(d, dtype=torch.float64)
+    sq = 0.0
+    for t in range(trials):
+        dense = c.compress(x, step=t).to_dense()[0]
+        acc += dense
+        sq += float(dense.pow(2).sum())
+    mean = acc / trials
+    # E[Q(x)] = x: the empirical mean is within a few standard errors of x
+    assert (mean - x).norm() < 0.15 * x.norm()
+    # E||Q(x)||^2 = (d/k) ||x||^2
+    assert sq / trials == pytest.approx(d / k * float(x.pow(2).sum()), rel=0.05)
+    assert c.omega(d) == d / k - 1
+    contractive = c.contractive()
+    assert not contractive.unbiased and contractive.alpha(d) == k / d
+
+
+def test_randk_is_reproducible_per_worker_and_step():
+    c = tk.RandK(4, seed=1)
+    x = torch.randn(100)
+    a = c.compress(x, worker=2, step=5).indices
+    assert torch.equal(a, c.compress(x, worker=2, step=5).indices)
+    assert not torch.equal(a, c.compress(x, worker=3, step=5).indices)
+
+
+def test_scaled_sign_identity_and_packing():
+    for d in (1, 8, 13, 100):
+        x = torch.randn(2, d, dtype=torch.float64)
+        x[0, 0] = 0.0  # sign(0) := +1 keeps the identity
+        msg = tk.ScaledSign().compress(x)
+        dense = msg.to_dense(torch.float64)
+        for r in range(2):
+            lhs = (dense[r] - x[r]).pow(2).sum()
+            rhs = x[r].pow(2).sum() - x[r].abs().sum() ** 2 / d
+            assert float(lhs) == pytest.approx(float(rhs), rel=1e-6, abs=1e-6)
+        msg32 = tk.ScaledSign().compress(x.float())
+        assert msg32.wire_bytes() == math.ceil(d / 8) + 4 == tk.ScaledSign().wire_bytes(d)
+    mask = torch.rand(3, 21) > 0.5
+    assert torch.equal(_unpack_bits(_pack_bits(mask), 21), mask)
+    assert isinstance(msg, SignMessage)
+
+
+def test_identity_is_exact():
+    x = torch.randn(2, 9)
+    assert torch.equal(tk.Identity().compress(x).to_dense(), x)
+
+
+ERROR_CASES = [
+    (lambda: tk.TopK(0), ValueError, "k must be >= 1, got 0"),
+    (lambda: tk.TopK(-3), ValueError, "k must be >= 1"),
+    (lambda: tk.TopK(2.5), TypeError, "k must be an int"),
+    (lambda: tk.TopK(ratio=1.5), ValueError, r"ratio must be in \(0, 1\], got 1.5"),
+    (lambda: tk.TopK(ratio=0.0), ValueError, "ratio must be in"),
+    (lambda: tk.TopK(ratio=float("nan")), ValueError, "ratio must be in"),
+    (lambda: tk.TopK(), ValueError, "exactly one of k and ratio"),
+    (lambda: tk.TopK(3, ratio=0.1), ValueError, "exactly one of k and ratio"),
+    (lambda: tk.TopK(11).compress(torch.randn(10)), ValueError, "k must be <= d, got k=11 for d=10"),
+    (lambda: tk.RandK(ratio=2.0), ValueError, "ratio must be in"),
+    (lambda: tk.RandK(2, seed=-1), ValueError, "seed must be >= 0"),
+    (lambda: tk.EF21("topk"), TypeError, "compressor must be a torchkit Compressor"),
+    (lambda: tk.EF21(tk.TopK(1), init="warm"), ValueError, "init must be"),
+    (lambda: tk.EControl(tk.TopK(1), eta=1.5), ValueError, r"eta must be in \[0, 1\], got 1.5"),
+    (lambda: tk.EF21SGDM(tk.TopK(1), eta=-0.1), ValueError, "eta must be in"),
+    (lambda: tk.EF21W(tk.TopK(1), [0.5, 0.6]), ValueError, "weights must sum to 1"),
+    (lambda: tk.EF21W(tk.TopK(1), [1.5, -0.5]), ValueError, "weights must be positive"),
+    (lambda: tk.EF14(tk.TopK(3), granularity="tensor"), ValueError, "granularity='tensor' needs"),
+    (lambda: tk.EF14(tk.TopK(3), granularity="layer"), ValueError, "granularity must be"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", ERROR_CASES)
+def test_bad_input(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()

@@ -1,0 +1,207 @@
+"""simulate() against the float64 references of tests/refs.py, and the identities of the papers."""
+import numpy as np
+import pytest
+import torch
+
+import torchkit as tk
+from tests.refs import logreg_problem, run_reference
+from torchkit.sim import LogisticRegression, load_libsvm, simulate
+
+N, STEPS, LR, K = 4, 25, 0.5, 3
+
+
+def _sim_problem():
+    A, y, grad_np = logreg_problem(n=N)
+    prob = LogisticRegression(torch.tensor(A), torch.tensor(y), N)
+    return prob, grad_np
+
+
+METHODS = {
+    "ef14": lambda: tk.EF14(tk.TopK(K)),
+    "ef21": lambda: tk.EF21(tk.TopK(K)),
+    "ef21w": lambda: tk.EF21W(tk.TopK(K), [0.1, 0.2, 0.3, 0.4]),
+    "ef21sgdm": lambda: tk.EF21SGDM(tk.TopK(K), eta=0.3),
+    "econtrol": lambda: tk.EControl(tk.TopK(K), eta=0.3),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_simulate_matches_float64_reference_step_by_step(method):
+    prob, grad_np = _sim_problem()
+    x0 = torch.randn(prob.d, dtype=torch.float64)
+    weights = [0.1, 0.2, 0.3, 0.4] if method == "ef21w" else None
+    xs = run_reference(method, grad_np, x0.numpy(), n=N, steps=STEPS, lr=LR, k=K, eta=0.3, weights=weights)
+    for t in (1, 2, 7, STEPS):
+        res = simulate(METHODS[method](), prob.grad_fn, x0, n_workers=N, steps=t, lr=LR)
+        np.testing.assert_allclose(res.x.numpy(), xs[t], rtol=1e-10, atol=1e-12)
+    ref_norms = [float((grad_np(x).mean(0) ** 2).sum()) for x in xs]
+    np.testing.assert_allclose(res.grad_norm_sq.numpy(), ref_norms, rtol=1e-9)
+    assert res.grad_norm_sq.numel() == STEPS + 1
+
+
+def test_logreg_gradient_matches_autograd():
+    prob, grad_np = _sim_problem()
+    x = torch.randn(prob.d, dtype=torch.float64)
+    np.testing.assert_allclose(prob.grad_fn(x).numpy(), grad_np(x.numpy()), rtol=1e-12)
+    xr = x.clone().requires_grad_(True)
+    a, b = prob.bounds[0]
+    f0 = LogisticRegression(prob.A[a:b], prob.y[a:b], 1).loss
+    z = -prob.y[a:b] * (prob.A[a:b] @ xr)
+    val = torch.nn.functional.softplus(z).mean() + 0.1 * (xr * xr / (1 + xr * xr)).sum()
+    (g,) = torch.autograd.grad(val, xr)
+    assert f0(x) == pytest.approx(float(val.detach()))
+    torch.testing.assert_close(prob.grad_fn(x)[0], g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("make", [tk.EF14, tk.EF21, lambda c: tk.EF21SGDM(c, eta=1.0), lambda c: tk.EControl(c, 0.5)])
+def test_identity_compressor_is_gradient_descent(make, dtype):
+    prob, grad_np = _sim_problem()
+    x0 = torch.randn(prob.d, dtype=torch.float64)
+    res = simulate(make(tk.Identity()), prob.grad_fn if dtype == torch.float64 else _f32(prob), x0.to(dtype),
+                   n_workers=N, steps=10, lr=LR)
+    x = x0.numpy()
+    for _ in range(10):
+        x = x - LR * grad_np(x).mean(0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(res.x.double().numpy(), x, rtol=tol, atol=tol)
+
+
+def _f32(prob):
+    return lambda x: prob.grad_fn(x.double()).float()
+
+
+@pytest.mark.parametrize("comp", [tk.TopK(2), tk.RandK(2, seed=4), tk.ScaledSign()])
+def test_econtrol_eta0_is_ef21(comp):
+    prob, _ = _sim_problem()
+    x0 = torch.randn(prob.d, dtype=torch.float64)
+    a = simulate(tk.EControl(comp, eta=0.0), prob.grad_fn, x0, n_workers=N, steps=20, lr=LR)
+    b = simulate(tk.EF21(comp), prob.grad_fn, x0, n_workers=N, steps=20, lr=LR)
+    assert torch.equal(a.x, b.x) and torch.equal(a.grad_norm_sq, b.grad_norm_sq)
+
+
+def test_ef21sgdm_eta1_is_ef21():
+    prob, _ = _sim_problem()
+    x0 = torch.randn(prob.d, dtype=torch.float64)
+    a = simulate(tk.EF21SGDM(tk.TopK(2), eta=1.0), prob.grad_fn, x0, n_workers=N, steps=20, lr=LR)
+    b = simulate(tk.EF21(tk.TopK(2)), prob.grad_fn, x0, n_workers=N, steps=20, lr=LR)
+    torch.testing.assert_close(a.x, b.x, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("comp", [tk.TopK(2), tk.ScaledSign()])
+def test_ef21w_equals_ef21_for_positively_homogeneous_compressors(comp):
+    prob, _ = _sim_problem()
+    x0 = torch.randn(prob.d, dtype=torch.float64)
+    w = tk.EF21W.from_smoothness(comp, prob.smoothness()[1])
+    a = simulate(w, prob.grad_fn, x0, n_workers=N, steps=30, lr=LR)
+    b = simulate(tk.EF21(comp), prob.grad_fn, x0, n_workers=N, steps=30, lr=LR)
+    torch.testing.assert_close(a.x, b.x, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(torch.tensor(w.weights), torch.full((N,), 1 / N))
+
+
+def test_ef14_virtual_iterate_follows_gradient_descent():
+    """x~_t = x_t - lr * mean_i e_i satisfies x~_{t+1} = x~_t - lr * mean_i g_i(x_t) exactly."""
+    prob, _ = _sim_problem()
+    fb = tk.EF14(tk.TopK(2))
+    x = torch.randn(prob.d, dtype=torch.float64)
+    state = fb.init_state(prob.d, rows=N, dtype=torch.float64)
+    server = torch.zeros(prob.d, dtype=torch.float64)
+    ex = tk.comm.LocalExchanger(N)
+    virtual = x.clone()
+    for t in range(30):
+        g = prob.grad_fn(x)
+        est, _ = tk.comm.run_round(fb, ex, state, server, g, t)
+        x = x - LR * est
+        virtual = virtual - LR * g.mean(0)
+        torch.testing.assert_close(x - LR * state["error"].mean(0), virtual, rtol=1e-12, atol=1e-12)
+
+
+def test_ef21_server_invariant():
+    prob, _ = _sim_problem()
+    fb = tk.EF21(tk.TopK(2))
+    state = fb.init_state(prob.d, rows=N, dtype=torch.float64)
+    server = torch.zeros(prob.d, dtype=torch.float64)
+    x = torch.randn(prob.d, dtype=torch.float64)
+    for t in range(15):
+        est, _ = tk.comm.run_round(fb, tk.comm.LocalExchanger(N), state, server, prob.grad_fn(x), t)
+        torch.testing.assert_close(est, state["shift"].mean(0), rtol=1e-12, atol=1e-14)
+        x = x - LR * est
+
+
+def test_ef21_init_variants_and_bits():
+    prob, grad_np = _sim_problem()
+    x0 = torch.randn(prob.d, dtype=torch.float64)
+    for init in ("full", "zero"):
+        xs = run_reference("ef21", grad_np, x0.numpy(), n=N, steps=6, lr=LR, k=K, init=init)
+        res = simulate(tk.EF21(tk.TopK(K), init=init), prob.grad_fn, x0, n_workers=N, steps=6, lr=LR)
+        np.testing.assert_allclose(res.x.numpy(), xs[-1], rtol=1e-10)
+    zero = simulate(tk.EF21(tk.TopK(K), init="zero"), prob.grad_fn, x0, n_workers=N, steps=3, lr=LR)
+    assert zero.bits.tolist() == [0, 0, 32 * K, 64 * K]
+    full = simulate(tk.EF21(tk.TopK(K), init="full"), prob.grad_fn, x0, n_workers=N, steps=3, lr=LR)
+    assert full.bits.tolist() == [0, 32 * prob.d, 32 * prob.d + 32 * K, 32 * prob.d + 64 * K]
+    assert full.wire_bytes.tolist() == [0, 4 * prob.d, 4 * prob.d + 8 * K, 4 * prob.d + 16 * K]
+    comp = simulate(tk.EF21(tk.TopK(K), init="compressed"), prob.grad_fn, x0, n_workers=N, steps=3, lr=LR)
+    assert comp.bits.tolist() == [0, 32 * K, 64 * K, 96 * K]
+    ef14 = simulate(tk.EF14(tk.ScaledSign()), prob.grad_fn, x0, n_workers=N, steps=2, lr=LR)
+    assert ef14.bits.tolist() == [0, prob.d + 32, 2 * (prob.d + 32)]
+
+
+def test_per_tensor_granularity_compresses_each_segment():
+    prob, grad_np = _sim_problem()
+    x0 = torch.randn(prob.d, dtype=torch.float64)
+    segs = (5, 12)
+    fb = tk.EF14(tk.TopK(ratio=0.2), granularity="tensor")
+    res = simulate(fb, prob.grad_fn, x0, n_workers=N, steps=8, lr=LR, segments=segs)
+
+    def comp(v):
+        from tests.refs import topk_np
+
+        return np.concatenate([topk_np(v[:5], 1), topk_np(v[5:], 3)])
+
+    xs = run_reference("ef14", grad_np, x0.numpy(), n=N, steps=8, lr=LR, k=None, comp=comp)
+    np.testing.assert_allclose(res.x.numpy(), xs[-1], rtol=1e-10)
+    assert res.bits[1] == 32 * (1 + 3)
+
+
+def test_libsvm_reader_and_mushrooms_smoothness(shared_data):
+    A, y = load_libsvm(shared_data / "mushrooms.txt")
+    assert A.shape == (8124, 112) and set(y.tolist()) == {-1.0, 1.0}
+    prob = LogisticRegression(A, y, 20)
+    L, L_i = prob.smoothness()
+    assert len(L_i) == 20 and all(Li > 0.2 for Li in L_i) and L <= max(L_i) + 1e-9
+    assert prob.bounds[-1] == (19 * 406, 8124)
+
+
+def test_libsvm_errors(tmp_path):
+    with pytest.raises(ValueError, match="data file not found"):
+        load_libsvm(tmp_path / "nope.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 3:0.5\nfoo bar\n")
+    with pytest.raises(ValueError, match="bad.txt:2: not a LIBSVM line"):
+        load_libsvm(bad)
+
+
+def test_theory_stepsizes():
+    gamma = tk.theory.ef21_stepsize(1.0, [1.0, 1.0, 100.0, 1.0], alpha=0.01)
+    theta, beta = tk.theory.theta_beta(0.01)
+    lqm = np.sqrt((3 + 100**2) / 4)
+    assert gamma == pytest.approx(1 / (1 + lqm * np.sqrt(beta / theta)))
+    gw = tk.theory.ef21_stepsize(1.0, [1.0, 1.0, 100.0, 1.0], alpha=0.01, weighted=True)
+    assert gw == pytest.approx(1 / (1 + 103 / 4 * np.sqrt(beta / theta)))
+    assert gw > gamma
+    assert tk.theory.ef21_stepsize(2.0, [3.0], alpha=1.0) == 0.5
+    with pytest.raises(ValueError, match="alpha must be in"):
+        tk.theory.theta_beta(0.0)
+    with pytest.raises(ValueError, match="L must be positive"):
+        tk.theory.ef21_stepsize(0.0, [1.0], 0.5)
+
+
+def test_simulate_bad_input():
+    prob, _ = _sim_problem()
+    x0 = torch.zeros(prob.d, dtype=torch.float64)
+    with pytest.raises(ValueError, match="grad_fn must return"):
+        simulate(tk.EF21(tk.TopK(1)), prob.grad_fn, x0, n_workers=3, steps=2, lr=0.1)
+    with pytest.raises(ValueError, match="EF21W has 2 weights but the run has 4 workers"):
+        simulate(tk.EF21W(tk.TopK(1), [0.5, 0.5]), prob.grad_fn, x0, n_workers=4, steps=2, lr=0.1)
+    with pytest.raises(ValueError, match="n_workers must be >= 1"):
+        simulate(tk.EF21(tk.TopK(1)), prob.grad_fn, x0, n_workers=0, steps=2, lr=0.1)
