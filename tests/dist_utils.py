@@ -1,0 +1,48 @@
+"""Spawn real Gloo process groups on CPU for the distributed tests."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, outdir, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        dist.barrier()  # nobody tears down while a peer still has traffic in flight
+        torch.save({"ok": True, "result": result}, os.path.join(outdir, f"{rank}.pt"))
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(outdir, f"{rank}.pt"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_dist(fn, world_size: int, *args):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` Gloo ranks; returns the per-rank results."""
+    with tempfile.TemporaryDirectory() as outdir:
+        try:
+            mp.spawn(_entry, args=(world_size, _free_port(), outdir, fn, args), nprocs=world_size, join=True)
+        except Exception:
+            for r in range(world_size):
+                path = os.path.join(outdir, f"{r}.pt")
+                if os.path.exists(path):
+                    rec = torch.load(path, weights_only=False)
+                    if not rec["ok"]:
+                        raise AssertionError(f"rank {r} failed:\n{rec['error']}") from None
+            raise
+        return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)["result"] for r in range(world_size)]
