@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .compress import DenseMessage, Message, SignMessage, SparseMessage
+from .compress import DenseMessage, Message, SignMessage, SparseMessage, pack_message, unpack_message
 from .feedback import Feedback
 
 __all__ = ["Exchanger", "LocalExchanger", "DistExchanger", "run_round", "aggregate_rows"]
@@ -64,13 +64,9 @@ class DistExchanger:
         self.n_workers = dist.get_world_size(group)
         self.first_worker = dist.get_rank(group)
 
-    def gather_message(self, msg: Message) -> Message:
-        if isinstance(msg, SparseMessage):
-            vals, idx = self._gather(msg.values[0]), self._gather(msg.indices[0])
-            return SparseMessage(vals, idx, msg.numel)
-        if isinstance(msg, SignMessage):
-            return SignMessage(self._gather(msg.bits[0]), self._gather(msg.scales[0]), msg.segments)
-        raise TypeError(f"cannot gather {type(msg).__name__}")
+    def gather_message(self, msg: SparseMessage | SignMessage) -> Message:
+        buf, layout = pack_message(msg)
+        return unpack_message(self._gather(buf), layout)
 
     def _gather(self, t: Tensor) -> Tensor:
         out = t.new_empty((self.n_workers, *t.shape))

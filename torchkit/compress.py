@@ -26,6 +26,9 @@ __all__ = [
     "SparseMessage",
     "DenseMessage",
     "SignMessage",
+    "WireLayout",
+    "pack_message",
+    "unpack_message",
 ]
 
 _VALUE_BITS = 32  # the EF21 papers count 32 bits per sent value and nothing for indices
@@ -363,3 +366,43 @@ def k_total(comp: Compressor, segments: Sequence[int]) -> int:
     return sum(comp.k_for(n) for n in segments) if isinstance(comp, _Sparsifier) else sum(segments)
 
 
+
+
+# ------------------------------------------------------------------------------------------- wire packing
+@dataclass(frozen=True)
+class WireLayout:
+    """What one row of a packed message holds, so the receiver can unpack it."""
+
+    kind: str  # "sparse" or "sign"
+    numel: int
+    k: int  # values per row (sparse) or bytes of bits (sign)
+    value_dtype: torch.dtype
+    index_dtype: torch.dtype | None
+    segments: tuple[int, ...] = ()
+
+
+def pack_message(msg: SparseMessage | SignMessage, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
+    """One row of ``msg`` as a flat byte tensor (one collective carries values and indices together)."""
+    if isinstance(msg, SparseMessage):
+        vals = msg.values[0].to(value_dtype or msg.values.dtype).contiguous()
+        idx = msg.indices[0].contiguous()
+        layout = WireLayout("sparse", msg.numel, vals.numel(), vals.dtype, idx.dtype)
+        return torch.cat([vals.view(torch.uint8), idx.view(torch.uint8)]), layout
+    if isinstance(msg, SignMessage):
+        scales = msg.scales[0].contiguous()
+        layout = WireLayout("sign", msg.numel, msg.bits.shape[1], scales.dtype, None, msg.segments)
+        return torch.cat([msg.bits[0], scales.view(torch.uint8)]), layout
+    raise TypeError(f"cannot pack {type(msg).__name__}")
+
+
+def unpack_message(buf: Tensor, layout: WireLayout) -> SparseMessage | SignMessage:
+    """Inverse of :func:`pack_message` for ``[rows, nbytes]`` gathered bytes."""
+    rows = buf.shape[0]
+    if layout.kind == "sparse":
+        vbytes = layout.k * layout.value_dtype.itemsize
+        vals = buf[:, :vbytes].contiguous().view(layout.value_dtype).reshape(rows, layout.k)
+        idx = buf[:, vbytes:].contiguous().view(layout.index_dtype).reshape(rows, layout.k)
+        return SparseMessage(vals, idx, layout.numel)
+    bits = buf[:, : layout.k].contiguous()
+    scales = buf[:, layout.k :].contiguous().view(layout.value_dtype).reshape(rows, len(layout.segments))
+    return SignMessage(bits, scales, layout.segments)

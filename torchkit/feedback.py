@@ -14,6 +14,7 @@ A round, for worker i with gradient :math:`g_i` (see :func:`torchkit.comm.run_ro
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from .compress import (
     Compressor,
     DenseMessage,
     Message,
+    SignMessage,
     SparseMessage,
     TopK,
     compress_segments,
@@ -135,6 +137,31 @@ class Feedback:
             g = torch.where(torch.isfinite(g), g, self._neutral(state, step, g))
         return self._step(state, g, step, worker, segments)
 
+    #: how a value rounded away on the wire is kept: (state name, sign) pairs
+    _absorb_rule: tuple[tuple[str, float], ...] = ()
+
+    def round_values_(self, state: dict[str, Tensor], msg: Message | None, dtype: torch.dtype) -> Message | None:
+        """Round the message's values to the wire ``dtype``; what the rounding removed stays in the state.
+
+        EF14 and EControl add it back to their error, the EF21 family subtracts it from the shift, so the
+        server's estimate stays equal to the weighted mean of the workers' shifts.
+        """
+        if msg is None or isinstance(msg, SignMessage) or msg.values.dtype == dtype:
+            return msg
+        q = msg.values.to(dtype)
+        r = msg.values - q.to(msg.values.dtype)
+        for name, sign in self._absorb_rule:
+            t = state[name]
+            if isinstance(msg, SparseMessage):
+                idx = msg.indices.long()
+                if t.dim() == 1:
+                    t.index_add_(0, idx[0], r[0], alpha=sign)
+                else:
+                    t.scatter_add_(1, idx, r * sign)
+            else:
+                t.add_(r.reshape(t.shape), alpha=sign)
+        return replace(msg, values=q)
+
     def _scaled_input(self, grad: Tensor, worker: int, n: int, dtype: torch.dtype) -> Tensor:
         rows = grad.shape[0] if grad.dim() == 2 else 1
         scales = [self.input_scale(worker + r, n) for r in range(rows)]
@@ -178,6 +205,22 @@ class Feedback:
     def k_sent(self, segments: Sequence[int]) -> int:
         return k_total(self.compressor, segments)
 
+    def with_compressor(self, compressor: Compressor) -> Feedback:
+        """The same method and options with another compressor (the DDP hook's dense rounds use Identity)."""
+        import copy
+
+        other = copy.copy(self)
+        other.compressor = compressor.contractive()
+        return other
+
+    def distortion_sq(self, state: dict[str, Tensor], grad: Tensor | None = None) -> Tensor:
+        """Squared norm of what the server does not know yet: ``||e||^2`` (EF14, EControl) or
+        ``||g - h||^2`` (the EF21 family, with ``g`` the method's input), summed over rows."""
+        if "error" in state:
+            return state["error"].pow(2).sum()
+        src = state["momentum"] if "momentum" in state else grad
+        return (src.to(state["shift"].dtype) - state["shift"]).pow(2).sum()
+
     def __repr__(self) -> str:
         extra = "" if self.granularity == "global" else ", granularity='tensor'"
         return f"{type(self).__name__}({self.compressor!r}{self._repr_extra()}{extra})"
@@ -215,6 +258,7 @@ class EF14(Feedback):
     """
 
     state_names = ("error",)
+    _absorb_rule = (("error", 1.0),)
     server_state = False
     full_first_round = False
 
@@ -246,6 +290,7 @@ class EF21(Feedback):
     """
 
     state_names = ("shift",)
+    _absorb_rule = (("shift", -1.0),)
 
     def __init__(self, compressor: Compressor, init: Init = "full", *, granularity: Granularity = "global"):
         super().__init__(compressor, granularity=granularity)
@@ -338,6 +383,7 @@ class EF21SGDM(Feedback):
     """
 
     state_names = ("momentum", "shift")
+    _absorb_rule = (("shift", -1.0),)
 
     def __init__(self, compressor: Compressor, eta: float = 0.1, *, granularity: Granularity = "global"):
         super().__init__(compressor, granularity=granularity)
@@ -378,6 +424,7 @@ class EControl(Feedback):
     """
 
     state_names = ("error", "shift")
+    _absorb_rule = (("error", 1.0), ("shift", -1.0))
 
     def __init__(self, compressor: Compressor, eta: float = 0.1, *, granularity: Granularity = "global"):
         super().__init__(compressor, granularity=granularity)
