@@ -1,8 +1,13 @@
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Triton kernels run on CPU tensors under the interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -83,7 +83,7 @@ def build(verbose: bool = False) -> bool:
         _module = load(
             name=_name(),
             sources=[str(_CSRC / s) for s in _CPU_SOURCES],
-            extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"] if sys.platform == "linux" else ["-O3"],
+            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"] if sys.platform == "linux" else ["-O3", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"] if sys.platform == "linux" else [],
             build_directory=str(out),
             verbose=verbose,
@@ -101,22 +101,37 @@ def _int_idx(idx: Tensor, d: int) -> Tensor:
     return idx if idx.dtype == index_dtype(d) else idx.to(index_dtype(d))
 
 
+def _ref():
+    from . import _reference
+
+    return _reference
+
+
 def topk(x: Tensor, k: int):
+    if x.dtype == torch.float64:
+        return _ref().topk(x, k)
     v, i = _module.topk(x, k)
+    v = v.to(x.dtype)
     return v, _int_idx(i, x.numel())
 
 
 def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False):
+    if error.dtype != torch.float32 or grad.dtype == torch.float64:
+        return _ref().ef14_step_(grad, error, k)
     v, i = _module.ef14_step(grad, error, k, approx)
     return v, _int_idx(i, error.numel())
 
 
 def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False):
+    if estimate.dtype != torch.float32 or grad.dtype == torch.float64:
+        return _ref().ef21_step_(grad, estimate, k)
     v, i = _module.ef21_step(grad, estimate, k, approx)
     return v, _int_idx(i, estimate.numel())
 
 
 def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: float, approx: bool = False):
+    if error.dtype != torch.float32 or shift.dtype != torch.float32 or grad.dtype == torch.float64:
+        return _ref().econtrol_step_(grad, error, shift, k, eta)
     v, i = _module.econtrol_step(grad, error, shift, k, eta, approx)
     return v, _int_idx(i, error.numel())
 
@@ -124,6 +139,8 @@ def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: floa
 def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0):
     from ._reference import _scales
 
+    if out.dtype != torch.float32:
+        return _ref().accumulate_(out, values, indices, scale)
     v2 = values.reshape(-1, values.shape[-1])
     scales = torch.tensor(_scales(scale, v2.shape[0]), dtype=torch.float64)
     _module.accumulate(out, v2, indices.reshape(v2.shape), scales)

@@ -1,0 +1,253 @@
+// torchkit CPU kernels: top-k selection fused with the error-feedback state update.
+//
+// Two passes over the vector instead of torch's add + abs + topk + gather + fill:
+//   pass 1: compute v (EF14 stores it in e), histogram of |v| in 2048 bins (8 exponent + 3 mantissa
+//           bits of the float: 1/8 octave per bin), per-chunk histograms merged afterwards;
+//   pass 2: collect (index, v) above the k-th value's bin and the candidates inside it
+//           (EControl writes e <- e + g - h here, after reading the old e);
+//   resolve: exact mode picks the r largest candidates (nth_element, ties to the lower index),
+//            approximate mode the first r in index order; then the sparse state update.
+// Bytes per element (fp32): EF14 16, EF21 16, EControl 28, top-k 8. Chunks are walked in index
+// order, so results do not depend on the thread count.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kBins = 2048;
+
+inline uint32_t key_of(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u & 0x7FFFFFFFu;  // monotone in |v|; NaN above +inf, as torch.topk ranks it
+}
+inline int bin_of(uint32_t key) { return static_cast<int>(key >> 20); }
+
+enum Mode { kTopK = 0, kEF14 = 1, kEF21 = 2, kEControl = 3 };
+
+struct Picked {
+  std::vector<int64_t> idx;
+  std::vector<float> val;
+};
+
+template <Mode mode, typename G>
+struct Step {
+  const G* g;     // gradient (or x for top-k)
+  float* e;       // error (EF14, EControl)
+  float* h;       // shift/estimate (EF21, EControl)
+  float eta;
+  int64_t d;
+
+  // v of pass 1; EF14 also stores it into e
+  inline float pass1(int64_t i) const {
+    if constexpr (mode == kTopK) return static_cast<float>(g[i]);
+    if constexpr (mode == kEF14) { float v = e[i] + static_cast<float>(g[i]); e[i] = v; return v; }
+    if constexpr (mode == kEF21) return static_cast<float>(g[i]) - h[i];
+    if constexpr (mode == kEControl) { float t = static_cast<float>(g[i]) - h[i]; float a = e[i] * eta; return a + t; }
+  }
+  // v of pass 2 (same value); EControl updates e here
+  inline float pass2(int64_t i) const {
+    if constexpr (mode == kTopK) return static_cast<float>(g[i]);
+    if constexpr (mode == kEF14) return e[i];
+    if constexpr (mode == kEF21) return static_cast<float>(g[i]) - h[i];
+    if constexpr (mode == kEControl) {
+      float t = static_cast<float>(g[i]) - h[i];
+      float a = e[i] * eta;
+      float u = a + t;
+      e[i] = e[i] + t;
+      return u;
+    }
+  }
+};
+
+template <Mode mode, typename G>
+std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, bool approx, const torch::Tensor& like) {
+  const int64_t d = s.d;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nchunks = std::min<int64_t>(std::max<int64_t>(1, d / 65536), 8 * nthreads);
+  const int64_t chunk = (d + nchunks - 1) / nchunks;
+
+  std::vector<int64_t> hist(static_cast<size_t>(nchunks) * kBins, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      // four interleaved sub-histograms: equal neighbouring bins do not serialise on one counter
+      std::vector<int32_t> sub(4 * kBins, 0);
+      const int64_t begin = c * chunk, end = std::min(d, (c + 1) * chunk);
+      int64_t i = begin;
+      for (; i + 4 <= end; i += 4) {
+        const int b0 = bin_of(key_of(s.pass1(i))), b1 = bin_of(key_of(s.pass1(i + 1)));
+        const int b2 = bin_of(key_of(s.pass1(i + 2))), b3 = bin_of(key_of(s.pass1(i + 3)));
+        sub[b0]++;
+        sub[kBins + b1]++;
+        sub[2 * kBins + b2]++;
+        sub[3 * kBins + b3]++;
+      }
+      for (; i < end; ++i) sub[bin_of(key_of(s.pass1(i)))]++;
+      int64_t* hc = hist.data() + c * kBins;
+      for (int b = 0; b < kBins; ++b) hc[b] = sub[b] + sub[kBins + b] + sub[2 * kBins + b] + sub[3 * kBins + b];
+    }
+  });
+  std::vector<int64_t> total(kBins, 0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int b = 0; b < kBins; ++b) total[b] += hist[c * kBins + b];
+  int thr = kBins - 1;
+  int64_t above = 0;
+  for (; thr > 0; --thr) {
+    if (above + total[thr] >= k) break;
+    above += total[thr];
+  }
+  const int64_t need = k - above;  // taken from the threshold bin
+
+  // each chunk's histogram gives its exact output counts: pass 2 writes straight to final positions
+  std::vector<int64_t> hi_off(nchunks + 1, 0), cand_off(nchunks + 1, 0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int64_t n_hi = 0;
+    for (int b = thr + 1; b < kBins; ++b) n_hi += hist[c * kBins + b];
+    hi_off[c + 1] = hi_off[c] + n_hi;
+    cand_off[c + 1] = cand_off[c] + hist[c * kBins + thr];
+  }
+  Picked out, all;
+  out.idx.resize(k);
+  out.val.resize(k);
+  all.idx.resize(cand_off[nchunks]);
+  all.val.resize(cand_off[nchunks]);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t end = std::min(d, (c + 1) * chunk);
+      int64_t ph = hi_off[c], pc = cand_off[c];
+      for (int64_t i = c * chunk; i < end; ++i) {
+        const float v = s.pass2(i);
+        const int b = bin_of(key_of(v));
+        if (b > thr) {
+          out.idx[ph] = i;
+          out.val[ph++] = v;
+        } else if (b == thr) {
+          all.idx[pc] = i;
+          all.val[pc++] = v;
+        }
+      }
+    }
+  });
+  std::vector<int64_t> chosen;
+  if (approx || static_cast<int64_t>(all.idx.size()) == need) {
+    for (int64_t j = 0; j < need; ++j) chosen.push_back(j);
+  } else {
+    std::vector<std::pair<uint32_t, int64_t>> pool;  // (key, position in the candidate list)
+    pool.reserve(all.idx.size());
+    for (size_t j = 0; j < all.idx.size(); ++j) pool.emplace_back(key_of(all.val[j]), static_cast<int64_t>(j));
+    auto larger = [](const std::pair<uint32_t, int64_t>& a, const std::pair<uint32_t, int64_t>& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    };
+    std::nth_element(pool.begin(), pool.begin() + need, pool.end(), larger);
+    for (int64_t j = 0; j < need; ++j) chosen.push_back(pool[j].second);
+  }
+  int64_t pos = above;
+  for (int64_t j : chosen) {
+    out.idx[pos] = all.idx[j];
+    out.val[pos++] = all.val[j];
+  }
+  TORCH_CHECK(hi_off[nchunks] == above, "torchkit: internal count mismatch");
+
+  // sparse state update on the k sent entries
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t i = out.idx[j];
+    const float v = out.val[j];
+    if constexpr (mode == kEF14) s.e[i] = 0.0f;
+    if constexpr (mode == kEF21) s.h[i] = s.h[i] + v;
+    if constexpr (mode == kEControl) { s.e[i] = s.e[i] - v; s.h[i] = s.h[i] + v; }
+  }
+  auto values = torch::empty({k}, like.options().dtype(torch::kFloat32));
+  std::memcpy(values.data_ptr<float>(), out.val.data(), sizeof(float) * k);
+  const auto idx_dtype = d < (int64_t(1) << 31) ? torch::kInt32 : torch::kInt64;
+  auto indices = torch::empty({k}, like.options().dtype(idx_dtype));
+  if (idx_dtype == torch::kInt32) {
+    int32_t* p = indices.data_ptr<int32_t>();
+    for (int64_t j = 0; j < k; ++j) p[j] = static_cast<int32_t>(out.idx[j]);
+  } else {
+    std::memcpy(indices.data_ptr<int64_t>(), out.idx.data(), sizeof(int64_t) * k);
+  }
+  return {values, indices};
+}
+
+#define TK_CHECK_CPU_VEC(t) \
+  TORCH_CHECK((t).device().is_cpu() && (t).dim() == 1 && (t).is_contiguous(), #t " must be a contiguous 1-D CPU tensor")
+#define TK_CHECK_F32(t) TORCH_CHECK((t).scalar_type() == torch::kFloat32, #t " must be float32, got ", (t).scalar_type())
+
+template <Mode mode>
+std::tuple<torch::Tensor, torch::Tensor> dispatch(const torch::Tensor& g, torch::Tensor e, torch::Tensor h,
+                                                  int64_t k, double eta, bool approx) {
+  TK_CHECK_CPU_VEC(g);
+  const int64_t d = g.numel();
+  TORCH_CHECK(k >= 1 && k <= d, "k must be in [1, d], got k=", k, " for d=", d);
+  float* ep = e.defined() ? e.data_ptr<float>() : nullptr;
+  float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
+  switch (g.scalar_type()) {
+    case torch::kFloat32:
+      return run(Step<mode, float>{g.data_ptr<float>(), ep, hp, static_cast<float>(eta), d}, k, approx, g);
+    case torch::kBFloat16:
+      return run(Step<mode, c10::BFloat16>{g.data_ptr<c10::BFloat16>(), ep, hp, static_cast<float>(eta), d}, k, approx, g);
+    case torch::kHalf:
+      return run(Step<mode, c10::Half>{g.data_ptr<c10::Half>(), ep, hp, static_cast<float>(eta), d}, k, approx, g);
+    default:
+      TORCH_CHECK(false, "grad must be float32, bfloat16 or float16, got ", g.scalar_type());
+  }
+}
+
+}  // namespace
+
+std::tuple<torch::Tensor, torch::Tensor> topk(torch::Tensor x, int64_t k) {
+  return dispatch<kTopK>(x, {}, {}, k, 0.0, false);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> ef14_step(torch::Tensor g, torch::Tensor e, int64_t k, bool approx) {
+  TK_CHECK_CPU_VEC(e); TK_CHECK_F32(e);
+  return dispatch<kEF14>(g, e, {}, k, 0.0, approx);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> ef21_step(torch::Tensor g, torch::Tensor h, int64_t k, bool approx) {
+  TK_CHECK_CPU_VEC(h); TK_CHECK_F32(h);
+  return dispatch<kEF21>(g, {}, h, k, 0.0, approx);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> econtrol_step(torch::Tensor g, torch::Tensor e, torch::Tensor h, int64_t k,
+                                                       double eta, bool approx) {
+  TK_CHECK_CPU_VEC(e); TK_CHECK_F32(e);
+  TK_CHECK_CPU_VEC(h); TK_CHECK_F32(h);
+  return dispatch<kEControl>(g, e, h, k, eta, approx);
+}
+
+// out[idx[w, j]] += scale[w] * val[w, j], worker rows in order; indices are unique within a row,
+// so the entries of one row are updated in parallel without races.
+void accumulate(torch::Tensor out, torch::Tensor values, torch::Tensor indices, torch::Tensor scales) {
+  TK_CHECK_CPU_VEC(out); TK_CHECK_F32(out);
+  TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(), "values and indices must be [rows, k]");
+  auto v = values.to(torch::kFloat32).contiguous();
+  auto ix = indices.to(torch::kInt64).contiguous();
+  auto sc = scales.to(torch::kFloat64).contiguous();
+  const int64_t rows = v.size(0), k = v.size(1), d = out.numel();
+  float* o = out.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t* ip = ix.data_ptr<int64_t>();
+  for (int64_t w = 0; w < rows; ++w) {
+    const float s = static_cast<float>(sc.data_ptr<double>()[w]);
+    at::parallel_for(0, k, 16384, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t i = ip[w * k + j];
+        TORCH_CHECK(i >= 0 && i < d, "index ", i, " out of range for length ", d);
+        o[i] = o[i] + vp[w * k + j] * s;
+      }
+    });
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("topk", &topk, "exact top-|x| (values, indices)");
+  m.def("ef14_step", &ef14_step, "fused EF14 step");
+  m.def("ef21_step", &ef21_step, "fused EF21 step");
+  m.def("econtrol_step", &econtrol_step, "fused EControl step");
+  m.def("accumulate", &accumulate, "scatter-add of worker messages");
+}
