@@ -307,3 +307,25 @@ def test_state_bad_input():
         tk.ddp.CompressionState(tk.EF21(tk.TopK(1)), start_iter=-1)
     with pytest.raises(ValueError, match="min_compression_rate must be >= 0"):
         tk.ddp.CompressionState(tk.EF21(tk.TopK(1)), min_compression_rate=-2)
+
+
+def _compiled(rank, world):
+    out = []
+    for compiled in (False, True):
+        model = DDP(_net(torch.float32))  # default bucket sizes: DDPOptimizer asserts the first is the smallest
+        tk.ddp.register(model, FEEDBACKS["ef21"](), min_compression_rate=0)
+        run = torch.compile(model) if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        for t in range(3):
+            opt.zero_grad()
+            _loss(run, *_data(rank, t, torch.float32)).backward()
+            opt.step()
+        out.append(_flat(model.module))
+    return out
+
+
+@pytest.mark.dist
+def test_torch_compile_model_with_the_hook():
+    for eager, compiled in run_dist(_compiled, 2):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(eager, _flat(_net(torch.float32)))  # it trained

@@ -1,0 +1,241 @@
+"""``torchkit demo``: real DDP training on N worker processes, uncompressed against error feedback
+(EF14, EF21, EF21-SGDM, EControl on TopK, through :mod:`torchkit.ddp`) and PyTorch's PowerSGD hook.
+
+Data: a generated 10-class problem (labels from a random teacher network; nothing is downloaded),
+split across workers. Model: an MLP. Every method starts from the same weights and sees the same
+batches. Output: a table, ``results.json`` and ``loss_vs_bytes.png`` in the output folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+__all__ = ["METHODS", "run_demo", "format_table", "plot"]
+
+METHODS = ("none", "ef14", "ef21", "ef21sgdm", "econtrol", "powersgd")
+_LABELS = {"none": "uncompressed", "ef14": "EF14", "ef21": "EF21", "ef21sgdm": "EF21-SGDM",
+           "econtrol": "EControl", "powersgd": "PowerSGD"}
+IN, HIDDEN, CLASSES = 32, 256, 10
+
+
+def make_data(seed: int = 0, n_train: int = 16384, n_test: int = 4096):
+    g = torch.Generator().manual_seed(seed)
+    teacher = [torch.randn(IN, 64, generator=g) / math.sqrt(IN), torch.randn(64, CLASSES, generator=g) / 8]
+    x = torch.randn(n_train + n_test, IN, generator=g)
+    y = (torch.tanh(x @ teacher[0]) @ teacher[1]).argmax(1)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN, CLASSES),
+    )
+
+
+def _feedback(method: str, ratio: float):
+    import torchkit as tk
+
+    comp = tk.TopK(ratio=ratio)
+    return {"ef14": lambda: tk.EF14(comp), "ef21": lambda: tk.EF21(comp),
+            "ef21sgdm": lambda: tk.EF21SGDM(comp, eta=0.2), "econtrol": lambda: tk.EControl(comp, eta=0.1)}[method]()
+
+
+def _powersgd_bytes(model: torch.nn.Module, rank: int, min_rate: float = 2.0) -> int:
+    """Bytes PowerSGD sends per step: r(n+m) floats per compressed matrix, the rest dense."""
+    total = 0
+    for p in model.parameters():
+        if p.dim() == 2:
+            n, m = p.shape
+            compress = (n + m) * rank * min_rate < n * m
+            total += (n + m) * rank if compress else n * m
+        else:
+            total += p.numel()
+    return total * 4
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    use_cuda = cfg["cuda"]
+    torch.set_num_threads(1)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    import torchkit as tk
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+    x, y, xt, yt = make_data(cfg["seed"])
+    shard = torch.arange(rank, x.shape[0], world)  # interleaved shards
+    if cfg["noniid"]:
+        order = torch.argsort(y, stable=True)
+        shard = order[rank * (x.shape[0] // world) : (rank + 1) * (x.shape[0] // world)]
+    x, y = x[shard].to(device), y[shard].to(device)
+    results = {}
+    for method in cfg["methods"]:
+        model = DDP(make_model(cfg["seed"]).to(device), device_ids=[rank] if use_cuda else None)
+        d = sum(p.numel() for p in model.parameters())
+        state = None
+        if method == "none":
+            hook_state, hook = None, default_hooks.allreduce_hook
+        elif method == "powersgd":
+            hook_state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg["powersgd_rank"],
+                                                start_powerSGD_iter=2, min_compression_rate=2.0)
+            hook = powersgd.powerSGD_hook
+        else:
+            state = tk.ddp.CompressionState(_feedback(method, cfg["ratio"]), track_error=False).bind(model)
+            hook_state, hook = state, tk.ddp.compression_hook
+        timer = {"s": 0.0}
+
+        def timed(s, bucket, hook=hook, timer=timer):
+            t0 = time.perf_counter()
+            fut = hook(s, bucket)
+            timer["s"] += time.perf_counter() - t0
+            return fut
+
+        timed.__annotations__ = dict(tk.ddp.compression_hook.__annotations__, state=object)
+        model.register_comm_hook(hook_state, timed)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
+        gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+        sent, curve, t_start = 0, [], time.perf_counter()
+        window = torch.zeros(2, device=device)  # loss sum and count since the last logged point
+        for step in range(cfg["steps"]):
+            idx = torch.randint(0, x.shape[0], (cfg["batch"],), generator=gen).to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            if method == "none":
+                sent += d * 4
+            elif method == "powersgd":
+                sent += d * 4 if step < 2 else _powersgd_bytes(model.module, cfg["powersgd_rank"])
+            else:
+                sent += state.bytes_sent
+            window += torch.stack([loss.detach(), torch.ones((), device=device)])
+            if step % cfg["log_every"] == 0 or step == cfg["steps"] - 1:
+                dist.all_reduce(window)  # mean training loss over the interval and the workers
+                curve.append((step + 1, sent, float(window[0] / window[1])))
+                window.zero_()
+                if rank == 0:
+                    _progress(_LABELS[method], step + 1, cfg["steps"], curve[-1][2])
+        wall = time.perf_counter() - t_start
+        with torch.no_grad():
+            acc = float((model.module(xt.to(device)).argmax(1) == yt.to(device)).float().mean())
+        results[method] = {"label": _LABELS[method], "final_loss": curve[-1][2], "test_accuracy": acc,
+                           "bytes_sent_per_worker": sent, "dense_bytes_per_worker": d * 4 * cfg["steps"],
+                           "compress_seconds": timer["s"], "wall_seconds": wall, "curve": curve, "params": d}
+        if rank == 0:
+            sys.stderr.write("\n")
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _progress(label: str, done: int, total: int, loss: float) -> None:
+    width = 30
+    fill = int(width * done / total)
+    line = f"{label:>12s} [{'#' * fill}{'.' * (width - fill)}] {done:4d}/{total} loss {loss:.3f}"
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line)
+    elif done == total:
+        sys.stderr.write(line)
+    sys.stderr.flush()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(
+    workers: int = 4,
+    steps: int = 600,
+    ratio: float = 0.01,
+    methods: Sequence[str] = METHODS,
+    out: str | Path = "torchkit-demo",
+    *,
+    seed: int = 0,
+    batch: int = 64,
+    lr: float = 0.1,
+    powersgd_rank: int = 1,
+    noniid: bool = False,
+) -> dict:
+    """Train once per method on ``workers`` processes; write the table, JSON and PNG to ``out``."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"methods must be among {METHODS}, got {bad}")
+    if workers < 2:
+        raise ValueError(f"workers must be >= 2 for a distributed demo, got {workers}")
+    if not (0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= workers
+    cfg = dict(seed=seed, steps=steps, ratio=ratio, methods=list(methods), batch=batch, lr=lr,
+               powersgd_rank=powersgd_rank, noniid=noniid, cuda=cuda, log_every=max(1, steps // 30))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        res_file = os.path.join(tmp, "res.json")
+        mp.spawn(_worker, args=(workers, _free_port(), cfg, res_file), nprocs=workers, join=True)
+        runs = json.loads(Path(res_file).read_text())
+    result = {"config": {**cfg, "workers": workers, "backend": "nccl" if cuda else "gloo"}, "runs": runs}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "table.md").write_text(format_table(result) + "\n")
+    try:
+        plot(result, out / "loss_vs_bytes.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    return result
+
+
+def format_table(result: dict) -> str:
+    cfg = result["config"]
+    head = (f"{cfg['workers']} workers ({cfg['backend']}), {cfg['steps']} steps, TopK ratio {cfg['ratio']}, "
+            f"PowerSGD rank {cfg['powersgd_rank']}, MLP with {next(iter(result['runs'].values()))['params']} parameters")
+    lines = [head, "",
+             "| method | final loss | test accuracy | MB sent per worker | compression | compress ms/step |",
+             "|---|---|---|---|---|---|"]
+    for r in result["runs"].values():
+        ratio = r["dense_bytes_per_worker"] / max(r["bytes_sent_per_worker"], 1)
+        lines.append(f"| {r['label']} | {r['final_loss']:.3f} | {r['test_accuracy']:.1%} | "
+                     f"{r['bytes_sent_per_worker'] / 1e6:.2f} | {ratio:.1f}x | "
+                     f"{1e3 * r['compress_seconds'] / cfg['steps']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in result["runs"].values():
+        steps, sent, loss = zip(*r["curve"])
+        a.plot(steps, loss, label=r["label"])
+        b.plot([s / 1e6 for s in sent], loss, label=r["label"])
+    a.set_xlabel("step")
+    b.set_xlabel("MB sent per worker (log)")
+    b.set_xscale("log")
+    for ax in (a, b):
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+    a.legend()
+    cfg = result["config"]
+    fig.suptitle(f"torchkit demo: {cfg['workers']} workers, TopK {cfg['ratio']:.0%} vs PowerSGD rank {cfg['powersgd_rank']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
