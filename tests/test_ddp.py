@@ -90,6 +90,8 @@ def _worker(rank, world):
     flat, _, state = _hook_run(rank, "ef21", dtype=torch.bfloat16, wire_dtype=torch.float32)
     out["bf16"] = {"hook": flat, "opt": _opt_run(rank, "ef21", dtype=torch.bfloat16),
                    "state_dtype": next(iter(state._params.values()))["shift"].dtype}
+    flat, _, _ = _hook_run(rank, "ef21", dtype=torch.float16, wire_dtype=torch.float32)
+    out["fp16"] = {"hook": flat, "opt": _opt_run(rank, "ef21", dtype=torch.float16)}
     # bf16 on the wire: rounding stays in the shift, so the server estimate is still mean_i h_i
     _, _, state = _hook_run(rank, "ef21", dtype=torch.bfloat16, wire_dtype=torch.bfloat16)
     shifts = torch.cat([state._params[k]["shift"] for k in sorted(state._params)])
@@ -250,10 +252,11 @@ def test_hook_equals_optimizer_and_simulate(results, name):
 
 
 @pytest.mark.dist
-def test_bf16_buckets_fp32_state(results):
+def test_bf16_and_fp16_buckets_fp32_state(results):
     for r in results:
         assert r["bf16"]["state_dtype"] == torch.float32
         torch.testing.assert_close(r["bf16"]["hook"], r["bf16"]["opt"], rtol=0, atol=0)
+        torch.testing.assert_close(r["fp16"]["hook"], r["fp16"]["opt"], rtol=0, atol=0)
         torch.testing.assert_close(r["bf16_wire"]["server"], r["bf16_wire"]["mean_shift"], rtol=1e-6, atol=1e-7)
 
 

@@ -398,11 +398,16 @@ def pack_message(msg: SparseMessage | SignMessage, value_dtype: torch.dtype | No
 def unpack_message(buf: Tensor, layout: WireLayout) -> SparseMessage | SignMessage:
     """Inverse of :func:`pack_message` for ``[rows, nbytes]`` gathered bytes."""
     rows = buf.shape[0]
+
+    def part(a: int, b: int | None, dtype: torch.dtype) -> Tensor:
+        # a fresh, aligned copy: a one-row slice counts as contiguous but may start at any byte
+        return buf[:, a:b].clone(memory_format=torch.contiguous_format).view(dtype)
+
     if layout.kind == "sparse":
         vbytes = layout.k * layout.value_dtype.itemsize
-        vals = buf[:, :vbytes].contiguous().view(layout.value_dtype).reshape(rows, layout.k)
-        idx = buf[:, vbytes:].contiguous().view(layout.index_dtype).reshape(rows, layout.k)
+        vals = part(0, vbytes, layout.value_dtype).reshape(rows, layout.k)
+        idx = part(vbytes, None, layout.index_dtype).reshape(rows, layout.k)
         return SparseMessage(vals, idx, layout.numel)
     bits = buf[:, : layout.k].contiguous()
-    scales = buf[:, layout.k :].contiguous().view(layout.value_dtype).reshape(rows, len(layout.segments))
+    scales = part(layout.k, None, layout.value_dtype).reshape(rows, len(layout.segments))
     return SignMessage(bits, scales, layout.segments)

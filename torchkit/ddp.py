@@ -292,7 +292,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, n: int, group) -> 
     def finish_sparse(fut) -> Tensor:
         gathered = unpack_message(out[:, :-1], layout)
         agg = aggregate_rows(gathered, weights, torch.empty_like(server))
-        return _finish(fb, server, agg, out[:, -1].any(), buf)
+        return _finish(fb, server, agg, out[:, -1].bool().any(), buf)
 
     _account(state, bucket, packed.numel(), dense_cost)
     return work.get_future().then(finish_sparse)
