@@ -8,7 +8,6 @@ median and the 20th/80th percentiles of several repeats are reported, never asse
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import subprocess
 import time
@@ -18,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import ops
+from ._results import save_result
 from .ops import _reference
 
 __all__ = ["device_name", "time_fn", "copy_bandwidth", "run_kernel_bench", "format_table", "plot_kernel_bench"]
@@ -223,11 +223,4 @@ def plot_kernel_bench(result: dict, path: str | Path) -> None:
 
 
 def save(result: dict, folder: str | Path, stem: str = "kernels") -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    try:
-        plot_kernel_bench(result, folder / f"{stem}.png")
-    except ImportError:
-        pass
-    return folder
+    return save_result(result, folder, stem, plot_kernel_bench)

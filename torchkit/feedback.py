@@ -170,7 +170,12 @@ class Feedback:
         s = torch.tensor(scales, dtype=dtype, device=grad.device)
         return grad.to(dtype) * (s if grad.dim() == 1 else s[:, None])
 
+    #: the state vector that equals "no new information" as the method's input (None: zero)
+    _neutral_name: str | None = None
+
     def _neutral(self, state, step, g) -> Tensor:
+        if step > 0 and self._neutral_name is not None:
+            return state[self._neutral_name].to(g.dtype)
         return torch.zeros((), dtype=g.dtype, device=g.device)
 
     def _step(self, state, g, step, worker, segments) -> Message | None:
@@ -291,6 +296,7 @@ class EF21(Feedback):
 
     state_names = ("shift",)
     _absorb_rule = (("shift", -1.0),)
+    _neutral_name = "shift"
 
     def __init__(self, compressor: Compressor, init: Init = "full", *, granularity: Granularity = "global"):
         super().__init__(compressor, granularity=granularity)
@@ -303,9 +309,6 @@ class EF21(Feedback):
         if step == 0 and self.init == "zero":
             return "none"
         return super().sends_in_round(step)
-
-    def _neutral(self, state, step, g):
-        return state["shift"].to(g.dtype) if step > 0 else super()._neutral(state, step, g)
 
     def _step(self, state, g, step, worker, segments):
         h = state["shift"]
@@ -368,7 +371,18 @@ class EF21W(EF21):
         return f", weights={list(self.weights)}" + super()._repr_extra()
 
 
-class EF21SGDM(Feedback):
+class _WithEta(Feedback):
+    """A method with one extra weight ``eta`` in [0, 1]."""
+
+    def __init__(self, compressor: Compressor, eta: float = 0.1, *, granularity: Granularity = "global"):
+        super().__init__(compressor, granularity=granularity)
+        self.eta = check_unit_interval("eta", eta)
+
+    def _repr_extra(self) -> str:
+        return f", eta={self.eta}"
+
+
+class EF21SGDM(_WithEta):
     r"""EF21-SGDM (Fatkhullin, Tyurin, Richtárik, NeurIPS 2023; arXiv:2305.15155): momentum before compression.
 
     .. math::
@@ -384,13 +398,7 @@ class EF21SGDM(Feedback):
 
     state_names = ("momentum", "shift")
     _absorb_rule = (("shift", -1.0),)
-
-    def __init__(self, compressor: Compressor, eta: float = 0.1, *, granularity: Granularity = "global"):
-        super().__init__(compressor, granularity=granularity)
-        self.eta = check_unit_interval("eta", eta)
-
-    def _neutral(self, state, step, g):
-        return state["momentum"].to(g.dtype) if step > 0 else super()._neutral(state, step, g)
+    _neutral_name = "momentum"
 
     def _step(self, state, g, step, worker, segments):
         v, h = state["momentum"], state["shift"]
@@ -404,11 +412,8 @@ class EF21SGDM(Feedback):
         h.add_(_dense_of(msg, h))
         return msg
 
-    def _repr_extra(self) -> str:
-        return f", eta={self.eta}"
 
-
-class EControl(Feedback):
+class EControl(_WithEta):
     r"""EControl (Gao, Islamov, Stich, ICLR 2024; arXiv:2311.05645).
 
     .. math::
@@ -427,13 +432,7 @@ class EControl(Feedback):
 
     state_names = ("error", "shift")
     _absorb_rule = (("error", 1.0), ("shift", -1.0))
-
-    def __init__(self, compressor: Compressor, eta: float = 0.1, *, granularity: Granularity = "global"):
-        super().__init__(compressor, granularity=granularity)
-        self.eta = check_unit_interval("eta", eta)
-
-    def _neutral(self, state, step, g):
-        return state["shift"].to(g.dtype) if step > 0 else super()._neutral(state, step, g)
+    _neutral_name = "shift"
 
     def _step(self, state, g, step, worker, segments):
         e, h = state["error"], state["shift"]
@@ -447,9 +446,6 @@ class EControl(Feedback):
         e.add_(t).sub_(delta)
         h.add_(delta)
         return msg
-
-    def _repr_extra(self) -> str:
-        return f", eta={self.eta}"
 
 
 for _cls in (EF14, EF21, EF21W, EF21SGDM, EControl):

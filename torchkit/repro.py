@@ -8,7 +8,6 @@ with the quadratic-mean step size against EF21-W with the arithmetic-mean one.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +15,7 @@ from typing import Sequence
 import torch
 
 from . import theory
+from ._results import save_result
 from .compress import TopK
 from .feedback import EF14, EF21, EF21W, EF21SGDM, EControl
 from .sim import LogisticRegression, load_libsvm, simulate
@@ -96,7 +96,7 @@ def repro_ef21(
               "L_QM": theory.mean_smoothness(L_i, weighted=False), "gamma_theory": gamma, "steps": steps,
               "tol": tol, "paper": paper, "runs": runs}
     if out is not None:
-        _save(result, out, f"ef21_{name}", _plot_ef21)
+        save_result(result, out, f"ef21_{name}", _plot_ef21)
     return result
 
 
@@ -142,18 +142,8 @@ def repro_ef21w(
               "L": L, "L_AM": l_am, "L_QM": l_qm, "L_var": l_qm**2 - l_am**2, "multiplier": multiplier,
               "gamma_ratio_predicted": g_am / g_qm, "tols": list(tols), "rounds_ratio": ratios, "runs": runs}
     if out is not None:
-        _save(result, out, f"ef21w_{name}", _plot_ef21w)
+        save_result(result, out, f"ef21w_{name}", _plot_ef21w)
     return result
-
-
-def _save(result: dict, out: str | Path, stem: str, plotter) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    try:
-        plotter(result, out / f"{stem}.png")
-    except ImportError:
-        pass
 
 
 def _plot_ef21(result: dict, path: Path) -> None:

@@ -1,0 +1,20 @@
+"""Writing a result as JSON plus a PNG, shared by the benchmarks and the reproductions."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["save_result"]
+
+
+def save_result(result: dict, folder: str | Path, stem: str, plotter: Callable[[dict, Path], None]) -> Path:
+    """``folder/stem.json`` always; ``folder/stem.png`` when matplotlib is installed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    try:
+        plotter(result, folder / f"{stem}.png")
+    except ImportError:
+        pass
+    return folder
