@@ -99,12 +99,23 @@ def _worker(rank, world):
     mean_shift = shifts.clone()
     dist.all_reduce(mean_shift)
     out["bf16_wire"] = {"server": server, "mean_shift": mean_shift / world, "sent": state.bytes_sent}
+    out["counters"] = _counters(rank)
     out["fallbacks"] = _fallbacks(rank)
     out["no_sync"] = _no_sync(rank)
     out["resume"] = _resume(rank)
     out["static_view"] = _static_and_view(rank)
     out["nonfinite"] = _nonfinite(rank)
     return out
+
+
+def _counters(rank):
+    res = {}
+    for name in ("ef14", "ef21w"):
+        _, _, state = _hook_run(rank, name, track_error=True)
+        # EF14: after the step the distortion is the error memory itself
+        expect = sum(float(v["error"].pow(2).sum()) for v in state._params.values()) if name == "ef14" else None
+        res[name] = (float(state.error_norm_sq), expect, state.bytes_sent, state.dense_bytes, state.dense_bytes_avoided)
+    return res
 
 
 def _fallbacks(rank):
@@ -258,6 +269,18 @@ def test_bf16_and_fp16_buckets_fp32_state(results):
         torch.testing.assert_close(r["bf16"]["hook"], r["bf16"]["opt"], rtol=0, atol=0)
         torch.testing.assert_close(r["fp16"]["hook"], r["fp16"]["opt"], rtol=0, atol=0)
         torch.testing.assert_close(r["bf16_wire"]["server"], r["bf16_wire"]["mean_shift"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.dist
+def test_counters(results):
+    for r in results:
+        err, expect, sent, dense, avoided = r["counters"]["ef14"]
+        assert err == pytest.approx(expect, rel=1e-12) and err > 0
+        n_params = sum(p.numel() for p in _net().parameters())
+        assert dense == 8 * n_params  # fp64 buckets
+        assert 0 < sent < dense and avoided == dense - sent
+        err_w, _, _, _, _ = r["counters"]["ef21w"]
+        assert 0 < err_w < float("inf")
 
 
 @pytest.mark.dist

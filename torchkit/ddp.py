@@ -264,7 +264,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, n: int, group) -> 
     msg = use.round_values_(fstate, msg, wire)
     weights = fb.aggregation_weights(n)
     if state.track_error:
-        err = fb.distortion_sq(fstate, buf)
+        err = fb.distortion_sq(fstate, buf, worker=rank, n_workers=n)
         state._acc["err"] = err if state._acc["err"] is None else state._acc["err"] + err
 
     if msg is None or isinstance(msg, DenseMessage):

@@ -218,12 +218,13 @@ class Feedback:
         other.compressor = compressor.contractive()
         return other
 
-    def distortion_sq(self, state: dict[str, Tensor], grad: Tensor | None = None) -> Tensor:
+    def distortion_sq(self, state: dict[str, Tensor], grad: Tensor | None = None, *, worker: int = 0,
+                      n_workers: int = 1) -> Tensor:
         """Squared norm of what the server does not know yet: ``||e||^2`` (EF14, EControl) or
         ``||g - h||^2`` (the EF21 family, with ``g`` the method's input), summed over rows."""
         if "error" in state:
             return state["error"].pow(2).sum()
-        src = state["momentum"] if "momentum" in state else grad
+        src = state["momentum"] if "momentum" in state else self._scaled_input(grad, worker, n_workers, state["shift"].dtype)
         return (src.to(state["shift"].dtype) - state["shift"]).pow(2).sum()
 
     def __repr__(self) -> str:

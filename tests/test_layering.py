@@ -1,0 +1,38 @@
+"""Imports only go downward (style guide §6): the front ends do not import each other."""
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "torchkit"
+LAYER = {"_validation": 0, "ops": 0, "compress": 1, "theory": 1, "feedback": 2, "comm": 3,
+         "optim": 4, "ddp": 4, "sim": 4, "_results": 0, "bench": 5, "demo": 5, "repro": 5, "cli": 5, "__main__": 5}
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(PKG).parts
+    return rel[0].removesuffix(".py")
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            depth_pkg = len(path.relative_to(PKG).parts) - 1
+            if node.level > depth_pkg:  # reaches the torchkit package itself
+                target = (node.module or "").split(".")[0]
+                names = [a.name for a in node.names] if not target else [target]
+                yield from names
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torchkit."):
+            yield node.module.split(".")[1]
+
+
+def test_imports_only_go_downward():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "__init__.py" and path.parent == PKG:
+            continue
+        mine = _module_of(path)
+        for target in _imports(path):
+            if target in LAYER and target != mine:
+                if LAYER[target] > LAYER[mine] or (LAYER[target] == LAYER[mine] == 4):
+                    bad.append(f"{path.relative_to(PKG)} imports {target}")
+    assert not bad, bad
