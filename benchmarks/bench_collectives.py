@@ -9,6 +9,7 @@ and the scatter-add decode of the n messages. Theory for a ring all-reduce: each
 
 Writes benchmarks/results/<device-slug>/collectives.json and .png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ def _worker(rank, world, port, d, reps, out):
         gathered = buf.new_empty(world, buf.numel())
         acc = torch.zeros(d)
 
-        def sparse():
+        def sparse(buf=buf, gathered=gathered, layout=layout, acc=acc):
             dist.all_gather(list(gathered.unbind(0)), buf)
             m = unpack_message(gathered, layout)
             acc.zero_()
@@ -82,8 +83,15 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     ops.build_extension()
-    result = {"device": bench.device_name(torch.device("cpu")), "backend": "gloo", "d": args.d,
-              "value_bytes": 4, "index_bytes": 4, "torch": torch.__version__, "runs": {}}
+    result = {
+        "device": bench.device_name(torch.device("cpu")),
+        "backend": "gloo",
+        "d": args.d,
+        "value_bytes": 4,
+        "index_bytes": 4,
+        "torch": torch.__version__,
+        "runs": {},
+    }
     for n in args.workers:
         with tempfile.TemporaryDirectory() as tmp:
             f = os.path.join(tmp, "r.json")
@@ -91,8 +99,12 @@ def main():
             rows = json.loads(Path(f).read_text())
         dense = rows[0]["ms"]
         cross = next((r["density"] for r in rows[1:] if r["ms"] > dense), None)
-        result["runs"][str(n)] = {"rows": rows, "dense_ms": dense, "first_density_slower_than_dense": cross,
-                                  "theory_crossover_density": 1.0 / n}
+        result["runs"][str(n)] = {
+            "rows": rows,
+            "dense_ms": dense,
+            "first_density_slower_than_dense": cross,
+            "theory_crossover_density": 1.0 / n,
+        }
         print(f"n={n}: dense all_reduce {dense:.2f} ms")
         for r in rows[1:]:
             print(f"   density {r['density']:6.1%}: sparse {r['ms']:8.2f} ms  ({dense / r['ms']:.2f}x dense speed)")

@@ -4,6 +4,7 @@
 
 Writes <out>/<device-slug>/kernels.json and kernels.png and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse

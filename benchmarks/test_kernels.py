@@ -2,6 +2,7 @@
 
 The script bench_kernels.py covers the large sizes and writes the committed results.
 """
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Spawn real Gloo process groups on CPU for the distributed tests."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 They share nothing with torchkit's implementation: top-k by argsort, one worker at a time.
 """
+
 from __future__ import annotations
 
 import numpy as np

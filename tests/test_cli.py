@@ -1,4 +1,5 @@
 """Each command of the command line on a tiny setting."""
+
 import json
 import subprocess
 import sys
@@ -11,8 +12,25 @@ from torchkit.cli import main
 @pytest.mark.dist
 def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--workers", "2", "--steps", "6", "--methods", "none", "ef21", "econtrol", "powersgd",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--workers",
+                "2",
+                "--steps",
+                "6",
+                "--methods",
+                "none",
+                "ef21",
+                "econtrol",
+                "powersgd",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     runs = res["runs"]
     assert list(runs) == ["none", "ef21", "econtrol", "powersgd"]
@@ -27,7 +45,10 @@ def test_demo_tiny(tmp_path, capsys):
 
 
 def test_repro_ef21_tiny(tmp_path, shared_data, capsys):
-    assert main(["repro", "ef21", "--data", str(shared_data / "phishing.txt"), "--bits", "640", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["repro", "ef21", "--data", str(shared_data / "phishing.txt"), "--bits", "640", "--out", str(tmp_path)])
+        == 0
+    )
     res = json.loads((tmp_path / "ef21_phishing.json").read_text())
     assert res["k"] == 1 and res["steps"] == 21 and res["runs"]["ef21"]["multiplier"] == 16
     assert res["runs"]["ef21"]["grad_norm_sq"][-1] < res["runs"]["ef21"]["grad_norm_sq"][0]
@@ -36,8 +57,23 @@ def test_repro_ef21_tiny(tmp_path, shared_data, capsys):
 
 
 def test_repro_ef21w_tiny(tmp_path, shared_data):
-    assert main(["repro", "ef21w", "--data", str(shared_data / "mushrooms.txt"), "--steps", "40", "--tols", "20",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "repro",
+                "ef21w",
+                "--data",
+                str(shared_data / "mushrooms.txt"),
+                "--steps",
+                "40",
+                "--tols",
+                "20",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "ef21w_mushrooms.json").read_text())
     assert res["gamma_ratio_predicted"] > 1 and res["L_var"] > 0
     old, new = (r["rounds_to"]["20.0"] for r in res["runs"].values())

@@ -1,5 +1,6 @@
 """The DDP hook on 3 Gloo ranks: equal to CompressedOptimizer and simulate(), fallbacks, AMP dtypes,
 accumulation, checkpoints. One spawn runs every scenario (process start-up dominates)."""
+
 import io
 import pickle
 
@@ -88,8 +89,11 @@ def _worker(rank, world):
         out[name] = {"hook": flat, "opt": _opt_run(rank, name), "buckets": seen}
     # bf16 buckets, fp32 feedback state and fp32 wire: the optimizer front end's trajectory
     flat, _, state = _hook_run(rank, "ef21", dtype=torch.bfloat16, wire_dtype=torch.float32)
-    out["bf16"] = {"hook": flat, "opt": _opt_run(rank, "ef21", dtype=torch.bfloat16),
-                   "state_dtype": next(iter(state._params.values()))["shift"].dtype}
+    out["bf16"] = {
+        "hook": flat,
+        "opt": _opt_run(rank, "ef21", dtype=torch.bfloat16),
+        "state_dtype": next(iter(state._params.values()))["shift"].dtype,
+    }
     flat, _, _ = _hook_run(rank, "ef21", dtype=torch.float16, wire_dtype=torch.float32)
     out["fp16"] = {"hook": flat, "opt": _opt_run(rank, "ef21", dtype=torch.float16)}
     # bf16 on the wire: rounding stays in the shift, so the server estimate is still mean_i h_i

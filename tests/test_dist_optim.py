@@ -1,4 +1,5 @@
 """CompressedOptimizer on 3 Gloo processes equals simulate() with the same per-worker gradients."""
+
 import pytest
 import torch
 
@@ -47,8 +48,9 @@ def test_three_ranks_equal_simulate():
     per_rank = run_dist(_worker, 3)
     a, b = _problem(3)
     for name, make in FEEDBACKS.items():
-        res = simulate(make(), lambda x: a * (x - b), torch.zeros(D, dtype=torch.float64),
-                       n_workers=3, steps=STEPS, lr=LR)
+        res = simulate(
+            make(), lambda x: a * (x - b), torch.zeros(D, dtype=torch.float64), n_workers=3, steps=STEPS, lr=LR
+        )
         for r in per_rank:
             torch.testing.assert_close(r[name], res.x, rtol=1e-12, atol=1e-13, msg=name)
         assert torch.equal(per_rank[0][name], per_rank[1][name]) and torch.equal(per_rank[1][name], per_rank[2][name])

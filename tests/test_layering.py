@@ -1,10 +1,26 @@
 """Imports only go downward (style guide §6): the front ends do not import each other."""
+
 import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "torchkit"
-LAYER = {"_validation": 0, "ops": 0, "compress": 1, "theory": 1, "feedback": 2, "comm": 3,
-         "optim": 4, "ddp": 4, "sim": 4, "_results": 0, "bench": 5, "demo": 5, "repro": 5, "cli": 5, "__main__": 5}
+LAYER = {
+    "_validation": 0,
+    "ops": 0,
+    "compress": 1,
+    "theory": 1,
+    "feedback": 2,
+    "comm": 3,
+    "optim": 4,
+    "ddp": 4,
+    "sim": 4,
+    "_results": 0,
+    "bench": 5,
+    "demo": 5,
+    "repro": 5,
+    "cli": 5,
+    "__main__": 5,
+}
 
 
 def _module_of(path: Path) -> str:

@@ -1,4 +1,5 @@
 """Every op and implementation against the plain-torch reference (random data, never zeros)."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -113,8 +114,11 @@ def test_fused_steps_match_reference(impl, method, d, k, gdtype, device):
         assert torch.equal(h1, h2)
     # the same call on the reference gives the same state (random data: no ties at the k-th value)
     e3, h3 = e.clone(), h.clone()
-    ref = {"ef14": lambda: _reference.ef14_step_(g, e3, k), "ef21": lambda: _reference.ef21_step_(g, h3, k),
-           "econtrol": lambda: _reference.econtrol_step_(g, e3, h3, k, eta)}[method]
+    ref = {
+        "ef14": lambda: _reference.ef14_step_(g, e3, k),
+        "ef21": lambda: _reference.ef21_step_(g, h3, k),
+        "econtrol": lambda: _reference.econtrol_step_(g, e3, h3, k, eta),
+    }[method]
     ref()
     assert torch.equal(e1, e3) and torch.equal(h1, h3)
 
@@ -200,8 +204,18 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
         pytest.skip("nvcc not installed on this machine")
     out = tmp_path / "topk_ef_cuda.o"
     proc = subprocess.run(
-        [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90,code=sm_90", "-c", str(CSRC / "topk_ef_cuda.cu"), "-o", str(out)],
-        capture_output=True, text=True,
+        [
+            nvcc,
+            "-std=c++17",
+            "-O3",
+            "-gencode=arch=compute_90,code=sm_90",
+            "-c",
+            str(CSRC / "topk_ef_cuda.cu"),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 10_000

@@ -1,4 +1,5 @@
 """CompressedOptimizer alone: torch conventions, checkpoint resume, AMP, bad input."""
+
 import io
 
 import pytest
@@ -25,7 +26,9 @@ def _model(dtype=torch.float32):
 
 def _batches(n, dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(8, 6, generator=g, dtype=dtype), torch.randn(8, 3, generator=g, dtype=dtype)) for _ in range(n)]
+    return [
+        (torch.randn(8, 6, generator=g, dtype=dtype), torch.randn(8, 3, generator=g, dtype=dtype)) for _ in range(n)
+    ]
 
 
 def _train(model, opt, batches):
@@ -75,8 +78,14 @@ def test_single_worker_optimizer_equals_simulate():
         opt.zero_grad()
         (0.5 * ((p - target) ** 2 * torch.arange(1, d + 1)).sum()).backward()
         opt.step()
-    res = simulate(fb, lambda x: ((x - target) * torch.arange(1, d + 1))[None], torch.zeros(d, dtype=torch.float64),
-                   n_workers=1, steps=12, lr=0.3)
+    res = simulate(
+        fb,
+        lambda x: ((x - target) * torch.arange(1, d + 1))[None],
+        torch.zeros(d, dtype=torch.float64),
+        n_workers=1,
+        steps=12,
+        lr=0.3,
+    )
     assert torch.equal(p.detach(), res.x)
 
 
@@ -84,9 +93,12 @@ def test_lr_scheduler_closure_and_param_groups():
     model = _model()
     opt = tk.CompressedOptimizer(
         [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters()}],
-        torch.optim.SGD, lr=0.01, momentum=0.9, feedback=tk.EF21(tk.TopK(ratio=0.5)),
+        torch.optim.SGD,
+        lr=0.01,
+        momentum=0.9,
+        feedback=tk.EF21(tk.TopK(ratio=0.5)),
     )
-    assert opt.param_groups is opt.inner.param_groups
+    assert opt.param_groups is opt.inner.param_groups and opt.state is opt.inner.state
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     x, y = _batches(1)[0]
 
@@ -98,6 +110,7 @@ def test_lr_scheduler_closure_and_param_groups():
 
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor)
+    assert "momentum_buffer" in opt.state[model[0].weight]
     sched.step()
     assert opt.inner.param_groups[0]["lr"] == pytest.approx(0.05)
     assert opt.inner.param_groups[1]["lr"] == pytest.approx(0.005)
@@ -108,7 +121,9 @@ def test_lr_scheduler_closure_and_param_groups():
 
 def test_parameters_without_grad_are_skipped():
     a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(7))
-    opt = tk.CompressedOptimizer([a, b], torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(ratio=0.5), granularity="tensor"))
+    opt = tk.CompressedOptimizer(
+        [a, b], torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(ratio=0.5), granularity="tensor")
+    )
     before = b.detach().clone()
     (a**2).sum().backward()
     opt.step()
@@ -167,8 +182,9 @@ def test_grad_scaler_unscales_and_skips_on_inf():
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_gradient_leaves_state_untouched(policy):
     model = _model()
-    opt = tk.CompressedOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, nonfinite=policy,
-                                 feedback=tk.EControl(tk.TopK(ratio=0.3)))
+    opt = tk.CompressedOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, nonfinite=policy, feedback=tk.EControl(tk.TopK(ratio=0.3))
+    )
     _train(model, opt, _batches(2))
     before = {k: v.clone() for k, v in opt.feedback_state().items()}
     params_before = _params(model).clone()
@@ -201,7 +217,9 @@ def test_bad_input_and_mismatched_state_dict():
     p.grad = torch.randn(4)
     opt.step()
     sd = opt.state_dict()
-    other = tk.CompressedOptimizer([torch.nn.Parameter(torch.randn(5))], torch.optim.SGD, lr=0.1, feedback=tk.EF21(tk.TopK(1)))
+    other = tk.CompressedOptimizer(
+        [torch.nn.Parameter(torch.randn(5))], torch.optim.SGD, lr=0.1, feedback=tk.EF21(tk.TopK(1))
+    )
     with pytest.raises(ValueError, match=r"parameter layout differs in group 0: saved sizes \[4\], current \[5\]"):
         other.load_state_dict(sd)
     with pytest.raises(ValueError, match="saved with world_size=3, this run has world_size=1"):
@@ -210,3 +228,17 @@ def test_bad_input_and_mismatched_state_dict():
         tk.CompressedOptimizer([p], torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(1))).load_state_dict(sd)
     with pytest.raises(ValueError, match="not a CompressedOptimizer state_dict"):
         opt.load_state_dict(torch.optim.SGD([p], lr=0.1).state_dict())
+
+
+def test_compiled_model_with_the_wrapper():
+    """torch.compile(model) with CompressedOptimizer: the wrapper only reads .grad, steps run eagerly."""
+    batches = _batches(3)
+    eager_model, compiled_model = _model(), _model()
+    compiled = torch.compile(compiled_model)
+    for model, fwd in ((eager_model, eager_model), (compiled_model, compiled)):
+        opt = tk.CompressedOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF21(tk.TopK(ratio=0.2)))
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(fwd(x), y).backward()
+            opt.step()
+    torch.testing.assert_close(_params(compiled_model), _params(eager_model), rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """The README's Python examples run as written (fragments marked as such are skipped)."""
+
 import os
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ def test_readme_has_the_two_setup_commands():
     assert len(first) == 2
     assert "torchkit demo" in first[0] and "pytest" in first[1]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert first[1].split('#')[0].strip().replace('pip install', 'pip install -q') in ci
+    assert first[1].split("#")[0].strip().replace("pip install", "pip install -q") in ci
 
 
 @pytest.mark.parametrize("i", range(len(_blocks())))

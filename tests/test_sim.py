@@ -1,4 +1,5 @@
 """simulate() against the float64 references of tests/refs.py, and the identities of the papers."""
+
 import numpy as np
 import pytest
 import torch
@@ -58,8 +59,14 @@ def test_logreg_gradient_matches_autograd():
 def test_identity_compressor_is_gradient_descent(make, dtype):
     prob, grad_np = _sim_problem()
     x0 = torch.randn(prob.d, dtype=torch.float64)
-    res = simulate(make(tk.Identity()), prob.grad_fn if dtype == torch.float64 else _f32(prob), x0.to(dtype),
-                   n_workers=N, steps=10, lr=LR)
+    res = simulate(
+        make(tk.Identity()),
+        prob.grad_fn if dtype == torch.float64 else _f32(prob),
+        x0.to(dtype),
+        n_workers=N,
+        steps=10,
+        lr=LR,
+    )
     x = x0.numpy()
     for _ in range(10):
         x = x - LR * grad_np(x).mean(0)

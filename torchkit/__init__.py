@@ -5,11 +5,12 @@ methods (:class:`EF14`, :class:`EF21`, :class:`EF21W`, :class:`EF21SGDM`, :class
 front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit.ddp` and
 :func:`torchkit.sim.simulate`.
 """
+
 from __future__ import annotations
 
 from . import comm, ops, sim, theory
 from .compress import Identity, RandK, ScaledSign, TopK
-from .feedback import EF14, EF21, EF21W, EF21SGDM, EControl
+from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
 from .optim import CompressedOptimizer
 
 __version__ = "0.1.0"

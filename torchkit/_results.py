@@ -1,9 +1,10 @@
 """Writing a result as JSON plus a PNG, shared by the benchmarks and the reproductions."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["save_result"]
 

@@ -1,4 +1,5 @@
 """Argument checks shared by every layer, so errors read the same everywhere."""
+
 from __future__ import annotations
 
 import math

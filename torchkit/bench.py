@@ -5,14 +5,15 @@ written once) over the device's measured copy bandwidth (``c = a + b``: 12 bytes
 Timing: CUDA events through ``triton.testing.do_bench`` on GPUs, ``time.perf_counter`` on CPUs; the
 median and the 20th/80th percentiles of several repeats are reported, never asserted.
 """
+
 from __future__ import annotations
 
 import datetime
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -89,7 +90,9 @@ def _fused(op: str, impl: str, approx: bool):
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -106,7 +109,9 @@ def run_kernel_bench(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time every op for every (d, k, dtype); returns the JSON-ready record."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     impl = "triton" if dev.type == "cuda" else ("cpp" if ops.build_extension() else "reference")
     bw = copy_bandwidth(dev, max(sizes))
     log(f"device: {device_name(dev)}; fused impl: {impl}; copy bandwidth {bw / 1e9:.1f} GB/s")
@@ -130,13 +135,25 @@ def run_kernel_bench(
                         variants.append((f"{impl}-approx", _fused(op, impl, True)))
                     times = {}
                     for name, fn in variants:
-                        times[name] = time_fn(lambda fn=fn: fn(g, e, h, k), dev, reps)
+                        times[name] = time_fn(lambda fn=fn: fn(g, e, h, k), dev, reps)  # noqa: B023 (called at once)
                     base = times["baseline"][1]
                     for name, (p20, p50, p80) in times.items():
-                        rows.append({**rec, "impl": name, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80,
-                                     "gb_per_s": _FLOOR_BYTES[op](g.element_size()) * d / (p50 / 1e3) / 1e9,
-                                     "x_floor": p50 / rec["floor_ms"], "speedup_vs_baseline": base / p50})
-                    log(f"  d={d:.0e} k={ratio:.1%} {dt:8s} {op:8s} " + "  ".join(f"{n} {t[1]:8.2f} ms" for n, t in times.items()))
+                        rows.append(
+                            {
+                                **rec,
+                                "impl": name,
+                                "ms_p20": p20,
+                                "ms_p50": p50,
+                                "ms_p80": p80,
+                                "gb_per_s": _FLOOR_BYTES[op](g.element_size()) * d / (p50 / 1e3) / 1e9,
+                                "x_floor": p50 / rec["floor_ms"],
+                                "speedup_vs_baseline": base / p50,
+                            }
+                        )
+                    log(
+                        f"  d={d:.0e} k={ratio:.1%} {dt:8s} {op:8s} "
+                        + "  ".join(f"{n} {t[1]:8.2f} ms" for n, t in times.items())
+                    )
         # accumulate_: n workers' messages of k entries each into one dense vector
         for ratio in ratios:
             k = max(1, int(d * ratio))
@@ -144,14 +161,33 @@ def run_kernel_bench(
             idx = torch.stack([torch.randperm(d, device="cpu")[:k] for _ in range(workers)]).int().to(dev)
             out = torch.zeros(d, device=dev)
             floor_ms = workers * k * (4 + 4 + 8) / bw * 1e3  # value + index + read and write of out
-            times = {name: time_fn(lambda i=i: ops.accumulate_(out, vals, idx, 1.0 / workers, impl=i), dev, reps)
-                     for name, i in (("baseline", "reference"), (impl, impl))}
+            times = {
+                name: time_fn(lambda i=i: ops.accumulate_(out, vals, idx, 1.0 / workers, impl=i), dev, reps)  # noqa: B023
+                for name, i in (("baseline", "reference"), (impl, impl))
+            }
             for name, (p20, p50, p80) in times.items():
-                rows.append({"op": "accumulate", "d": d, "k": k, "ratio": ratio, "grad_dtype": "float32",
-                             "workers": workers, "impl": name, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80,
-                             "floor_ms": floor_ms, "gb_per_s": workers * k * 16 / (p50 / 1e3) / 1e9,
-                             "x_floor": p50 / floor_ms, "speedup_vs_baseline": times["baseline"][1] / p50})
-            log(f"  d={d:.0e} k={ratio:.1%} accumulate x{workers} " + "  ".join(f"{n} {t[1]:8.2f} ms" for n, t in times.items()))
+                rows.append(
+                    {
+                        "op": "accumulate",
+                        "d": d,
+                        "k": k,
+                        "ratio": ratio,
+                        "grad_dtype": "float32",
+                        "workers": workers,
+                        "impl": name,
+                        "ms_p20": p20,
+                        "ms_p50": p50,
+                        "ms_p80": p80,
+                        "floor_ms": floor_ms,
+                        "gb_per_s": workers * k * 16 / (p50 / 1e3) / 1e9,
+                        "x_floor": p50 / floor_ms,
+                        "speedup_vs_baseline": times["baseline"][1] / p50,
+                    }
+                )
+            log(
+                f"  d={d:.0e} k={ratio:.1%} accumulate x{workers} "
+                + "  ".join(f"{n} {t[1]:8.2f} ms" for n, t in times.items())
+            )
     return {
         "device": device_name(dev),
         "device_type": dev.type,
@@ -160,9 +196,9 @@ def run_kernel_bench(
         "torch": torch.__version__,
         "triton": _triton_version(),
         "commit": _git_commit(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "note": "baseline = torchkit.ops._reference (torch.topk + elementwise ops, the composed torch step); "
-                "floor = single-pass bytes / measured copy bandwidth",
+        "floor = single-pass bytes / measured copy bandwidth",
         "rows": rows,
     }
 
@@ -178,8 +214,11 @@ def _triton_version() -> str | None:
 
 def format_table(result: dict) -> str:
     fused = result["fused_impl"]
-    lines = [f"device: {result['device']}  (copy {result['copy_bandwidth_gb_per_s']:.1f} GB/s, fused = {fused})",
-             f"{'op':10s} {'d':>6s} {'k':>6s} {'dtype':9s} {'baseline ms':>12s} {fused + ' ms':>12s} {'speedup':>8s} {'x floor':>8s}"]
+    lines = [
+        f"device: {result['device']}  (copy {result['copy_bandwidth_gb_per_s']:.1f} GB/s, fused = {fused})",
+        f"{'op':10s} {'d':>6s} {'k':>6s} {'dtype':9s} {'baseline ms':>12s} {fused + ' ms':>12s} "
+        f"{'speedup':>8s} {'x floor':>8s}",
+    ]
     by = {}
     for r in result["rows"]:
         by.setdefault((r["op"], r["d"], r["ratio"], r["grad_dtype"]), {})[r["impl"]] = r
@@ -187,8 +226,10 @@ def format_table(result: dict) -> str:
         if "baseline" not in rs or fused not in rs:
             continue
         f = rs[fused]
-        lines.append(f"{op:10s} {d:6.0e} {ratio:6.1%} {dt:9s} {rs['baseline']['ms_p50']:12.2f} {f['ms_p50']:12.2f} "
-                     f"{f['speedup_vs_baseline']:7.1f}x {f['x_floor']:7.1f}x")
+        lines.append(
+            f"{op:10s} {d:6.0e} {ratio:6.1%} {dt:9s} {rs['baseline']['ms_p50']:12.2f} {f['ms_p50']:12.2f} "
+            f"{f['speedup_vs_baseline']:7.1f}x {f['x_floor']:7.1f}x"
+        )
     return "\n".join(lines)
 
 
@@ -203,12 +244,20 @@ def plot_kernel_bench(result: dict, path: str | Path) -> None:
     fig, axes = plt.subplots(1, len(ops_), figsize=(4 * len(ops_), 3.6), sharey=False)
     for ax, op in zip(axes, ops_):
         for impl, style in (("baseline", "o--"), (fused, "s-"), (f"{fused}-approx", "^:")):
-            pts = sorted((r["d"], r["ms_p50"]) for r in result["rows"]
-                         if r["op"] == op and r["impl"] == impl and r["ratio"] == 0.01 and r["grad_dtype"] == "float32")
+            pts = sorted(
+                (r["d"], r["ms_p50"])
+                for r in result["rows"]
+                if r["op"] == op and r["impl"] == impl and r["ratio"] == 0.01 and r["grad_dtype"] == "float32"
+            )
             if pts:
                 ax.loglog(*zip(*pts), style, label=impl)
-        floor = sorted({(r["d"], r["floor_ms"]) for r in result["rows"]
-                        if r["op"] == op and r["ratio"] == 0.01 and r["grad_dtype"] == "float32"})
+        floor = sorted(
+            {
+                (r["d"], r["floor_ms"])
+                for r in result["rows"]
+                if r["op"] == op and r["ratio"] == 0.01 and r["grad_dtype"] == "float32"
+            }
+        )
         if floor:
             ax.loglog(*zip(*floor), "k-", lw=0.8, label="memory floor")
         ax.set_title(f"{op} (k = 1%, fp32)")

@@ -1,4 +1,5 @@
 """Command line: ``torchkit demo | repro ef21 | repro ef21w | bench | build-ext`` (also ``python -m torchkit``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,18 @@ __all__ = ["main"]
 def _demo(args) -> int:
     from .demo import format_table, run_demo
 
-    result = run_demo(args.workers, args.steps, args.ratio, args.methods, args.out, seed=args.seed,
-                      batch=args.batch, lr=args.lr, powersgd_rank=args.powersgd_rank, noniid=args.noniid)
+    result = run_demo(
+        args.workers,
+        args.steps,
+        args.ratio,
+        args.methods,
+        args.out,
+        seed=args.seed,
+        batch=args.batch,
+        lr=args.lr,
+        powersgd_rank=args.powersgd_rank,
+        noniid=args.noniid,
+    )
     print(format_table(result))
     print(f"\nwrote {args.out}/results.json, table.md and loss_vs_bytes.png")
     return 0
@@ -23,20 +34,37 @@ def _repro(args) -> int:
 
     if args.paper == "ef21":
         res = repro_ef21(args.data, k=args.k, bits=args.bits, n_workers=args.workers, seed=args.seed, out=args.out)
-        print(f"{res['dataset']}: d={res['d']}, n={res['n_workers']}, Top-{res['k']}, theory step {res['gamma_theory']:.4g}")
+        print(
+            f"{res['dataset']}: d={res['d']}, n={res['n_workers']}, Top-{res['k']}, "
+            f"theory step {res['gamma_theory']:.4g}"
+        )
         print(f"{'run':12s} {'mult':>6s} {'final ||grad||^2':>17s} {'bits/n to ' + format(res['tol'], 'g'):>16s}")
         for label, r in res["runs"].items():
             hit = "never" if r["bits_to_tol"] is None else str(r["bits_to_tol"])
             print(f"{label:12s} {r['multiplier']:6g} {r['final_grad_norm_sq']:17.3e} {hit:>16s}")
     else:
-        res = repro_ef21w(args.data, k=args.k or 1, n_workers=args.workers, max_scale=args.max_scale,
-                          multiplier=args.multiplier, steps=args.steps, tols=args.tols, seed=args.seed, out=args.out)
-        print(f"{res['dataset']}: L_AM={res['L_AM']:.4g} L_QM={res['L_QM']:.4g} L_var={res['L_var']:.4g}; "
-              f"predicted step ratio {res['gamma_ratio_predicted']:.3f}")
+        res = repro_ef21w(
+            args.data,
+            k=args.k or 1,
+            n_workers=args.workers,
+            max_scale=args.max_scale,
+            multiplier=args.multiplier,
+            steps=args.steps,
+            tols=args.tols,
+            seed=args.seed,
+            out=args.out,
+        )
+        print(
+            f"{res['dataset']}: L_AM={res['L_AM']:.4g} L_QM={res['L_QM']:.4g} L_var={res['L_var']:.4g}; "
+            f"predicted step ratio {res['gamma_ratio_predicted']:.3f}"
+        )
         for label, r in res["runs"].items():
             hits = ", ".join(f"<{t}: {n}" for t, n in r["rounds_to"].items())
             print(f"{label:22s} lr {r['lr']:.4g}  rounds to {hits}")
-        print("rounds saved (EF21 rounds / EF21-W rounds): " + ", ".join(f"<{t}: {v:.3f}x" for t, v in res["rounds_ratio"].items()))
+        print(
+            "rounds saved (EF21 rounds / EF21-W rounds): "
+            + ", ".join(f"<{t}: {v:.3f}x" for t, v in res["rounds_ratio"].items())
+        )
     print(f"wrote JSON and PNG to {args.out}")
     return 0
 

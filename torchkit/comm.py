@@ -5,9 +5,11 @@ runs the feedback method on its gradient, the messages are exchanged, the server
 exchanger is the only thing that differs: n workers in one process (:class:`LocalExchanger`, messages
 with n rows), or one worker per rank over ``torch.distributed`` (:class:`DistExchanger`).
 """
+
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist

@@ -4,11 +4,11 @@ Every compressor works on a ``[d]`` vector or a ``[rows, d]`` batch (one indepen
 and knows its contraction factor ``alpha`` (``E||C(x) - x||^2 <= (1 - alpha) ||x||^2``), the values it
 sends in the papers' convention (32 bits per value, indices free) and its exact wire size.
 """
+
 from __future__ import annotations
 
-
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -364,8 +364,6 @@ def segment_wire_bytes(comp: Compressor, segments: Sequence[int], value_dtype=to
 
 def k_total(comp: Compressor, segments: Sequence[int]) -> int:
     return sum(comp.k_for(n) for n in segments) if isinstance(comp, _Sparsifier) else sum(segments)
-
-
 
 
 # ------------------------------------------------------------------------------------------- wire packing

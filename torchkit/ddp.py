@@ -10,6 +10,7 @@ objects as :class:`torchkit.CompressedOptimizer` and :func:`torchkit.sim.simulat
 asynchronous ``all_gather`` of the packed sparse message (values in the wire dtype, int32 indices, one
 byte of "my gradient was not finite"), then decode, average and return the estimate to DDP.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .compress import DenseMessage, Identity, SignMessage, SparseMessage, pack_message, unpack_message
 from .comm import aggregate_rows
+from .compress import DenseMessage, Identity, pack_message, unpack_message
 from .feedback import Feedback
 
 __all__ = ["CompressionState", "compression_hook", "register"]
@@ -63,11 +64,28 @@ class CompressionState:
     """
 
     __slots__ = (
-        "feedback", "process_group",                  # configuration (the group is never pickled)
-        "start_iter", "min_compression_rate", "wire_dtype", "track_error",
-        "iter", "fb_origin",                          # iteration counter; iteration of feedback step 0
-        "_keys", "_names", "_params", "_buckets", "_pending",
-        "bytes_sent", "dense_bytes", "error_norm_sq", "_acc", "_last",
+        # configuration (the process group is never pickled)
+        "feedback",
+        "process_group",
+        "start_iter",
+        "min_compression_rate",
+        "wire_dtype",
+        "track_error",
+        # progress: iteration counter, and the iteration that is the method's step 0
+        "iter",
+        "fb_origin",
+        # feedback state: parameter keys, per-parameter views, per-bucket flat buffers, loaded-not-placed
+        "_keys",
+        "_names",
+        "_params",
+        "_buckets",
+        "_pending",
+        # counters of the last completed iteration, and the running ones
+        "bytes_sent",
+        "dense_bytes",
+        "error_norm_sq",
+        "_acc",
+        "_last",
     )
 
     def __init__(
@@ -142,7 +160,9 @@ class CompressionState:
             return entry
         sizes = [p.numel() for p in params]
         if sum(sizes) != bucket.buffer().numel():
-            raise RuntimeError(f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {bucket.buffer().numel()}")
+            raise RuntimeError(
+                f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {bucket.buffer().numel()}"
+            )
         buf = bucket.buffer()
         dtype = self.feedback.state_dtype(buf.dtype)
         flat = self.feedback.init_state(sum(sizes), dtype=dtype, device=buf.device)
@@ -153,7 +173,10 @@ class CompressionState:
             if old is None and key in self._pending:
                 old = self._pending.pop(key)
                 if any(v.numel() != n for v in old.values()):
-                    raise ValueError(f"loaded state of parameter {key!r} has {next(iter(old.values())).numel()} elements, the parameter {n}")
+                    raise ValueError(
+                        f"loaded state of parameter {key!r} has {next(iter(old.values())).numel()} elements, "
+                        f"the parameter {n}"
+                    )
             for name, t in flat.items():
                 if old is not None:
                     t[off : off + n].copy_(old[name])
@@ -185,7 +208,9 @@ class CompressionState:
             raise ValueError("not a torchkit CompressionState state_dict (no format_version)")
         problems = []
         if state_dict["world_size"] != self.world_size:
-            problems.append(f"saved with world_size={state_dict['world_size']}, this run has world_size={self.world_size}")
+            problems.append(
+                f"saved with world_size={state_dict['world_size']}, this run has world_size={self.world_size}"
+            )
         if state_dict["rank"] != self.rank:
             problems.append(f"saved by rank {state_dict['rank']}, loaded on rank {self.rank}")
         if state_dict["feedback"] != repr(self.feedback):
@@ -202,7 +227,11 @@ class CompressionState:
         self._pending = {k: {n: v.clone() for n, v in d.items()} for k, d in state_dict["params"].items()}
 
     def __getstate__(self) -> dict[str, Any]:
-        out = {s: getattr(self, s) for s in self.__slots__ if s not in ("process_group", "_keys", "_buckets", "_params", "_pending")}
+        out = {
+            s: getattr(self, s)
+            for s in self.__slots__
+            if s not in ("process_group", "_keys", "_buckets", "_params", "_pending")
+        }
         out["_pending"] = self.state_dict()["params"] if self._params or self._pending else {}
         return out
 
@@ -321,9 +350,13 @@ def _account(state: CompressionState, bucket, sent: int, dense: int) -> None:
         state._acc = {"sent": 0, "dense": 0, "avoided": 0, "err": None}
 
 
-def register(ddp_model: torch.nn.parallel.DistributedDataParallel, feedback: Feedback, **state_kwargs) -> CompressionState:
+def register(
+    ddp_model: torch.nn.parallel.DistributedDataParallel, feedback: Feedback, **state_kwargs
+) -> CompressionState:
     """Build a :class:`CompressionState` keyed by parameter name, register the hook, return the state."""
-    state = CompressionState(feedback, process_group=state_kwargs.pop("process_group", ddp_model.process_group), **state_kwargs)
+    state = CompressionState(
+        feedback, process_group=state_kwargs.pop("process_group", ddp_model.process_group), **state_kwargs
+    )
     state.bind(ddp_model)
     ddp_model.register_comm_hook(state, compression_hook)
     return state

@@ -5,6 +5,7 @@ Data: a generated 10-class problem (labels from a random teacher network; nothin
 split across workers. Model: an MLP. Every method starts from the same weights and sees the same
 batches. Output: a table, ``results.json`` and ``loss_vs_bytes.png`` in the output folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,8 +26,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 __all__ = ["METHODS", "run_demo", "format_table", "plot"]
 
 METHODS = ("none", "ef14", "ef21", "ef21sgdm", "econtrol", "powersgd")
-_LABELS = {"none": "uncompressed", "ef14": "EF14", "ef21": "EF21", "ef21sgdm": "EF21-SGDM",
-           "econtrol": "EControl", "powersgd": "PowerSGD"}
+_LABELS = {
+    "none": "uncompressed",
+    "ef14": "EF14",
+    "ef21": "EF21",
+    "ef21sgdm": "EF21-SGDM",
+    "econtrol": "EControl",
+    "powersgd": "PowerSGD",
+}
 IN, HIDDEN, CLASSES = 32, 256, 10
 
 
@@ -41,7 +48,10 @@ def make_data(seed: int = 0, n_train: int = 16384, n_test: int = 4096):
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+        torch.nn.Linear(IN, HIDDEN),
+        torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN, HIDDEN),
+        torch.nn.ReLU(),
         torch.nn.Linear(HIDDEN, CLASSES),
     )
 
@@ -50,8 +60,12 @@ def _feedback(method: str, ratio: float):
     import torchkit as tk
 
     comp = tk.TopK(ratio=ratio)
-    return {"ef14": lambda: tk.EF14(comp), "ef21": lambda: tk.EF21(comp),
-            "ef21sgdm": lambda: tk.EF21SGDM(comp, eta=0.2), "econtrol": lambda: tk.EControl(comp, eta=0.1)}[method]()
+    return {
+        "ef14": lambda: tk.EF14(comp),
+        "ef21": lambda: tk.EF21(comp),
+        "ef21sgdm": lambda: tk.EF21SGDM(comp, eta=0.2),
+        "econtrol": lambda: tk.EControl(comp, eta=0.1),
+    }[method]()
 
 
 def _powersgd_bytes(model: torch.nn.Module, rank: int, min_rate: float = 2.0) -> int:
@@ -73,9 +87,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    import torchkit as tk
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+    import torchkit as tk
 
     x, y, xt, yt = make_data(cfg["seed"])
     shard = torch.arange(rank, x.shape[0], world)  # interleaved shards
@@ -91,8 +106,12 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
         if method == "none":
             hook_state, hook = None, default_hooks.allreduce_hook
         elif method == "powersgd":
-            hook_state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg["powersgd_rank"],
-                                                start_powerSGD_iter=2, min_compression_rate=2.0)
+            hook_state = powersgd.PowerSGDState(
+                process_group=None,
+                matrix_approximation_rank=cfg["powersgd_rank"],
+                start_powerSGD_iter=2,
+                min_compression_rate=2.0,
+            )
             hook = powersgd.powerSGD_hook
         else:
             state = tk.ddp.CompressionState(_feedback(method, cfg["ratio"]), track_error=False).bind(model)
@@ -133,9 +152,17 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
         wall = time.perf_counter() - t_start
         with torch.no_grad():
             acc = float((model.module(xt.to(device)).argmax(1) == yt.to(device)).float().mean())
-        results[method] = {"label": _LABELS[method], "final_loss": curve[-1][2], "test_accuracy": acc,
-                           "bytes_sent_per_worker": sent, "dense_bytes_per_worker": d * 4 * cfg["steps"],
-                           "compress_seconds": timer["s"], "wall_seconds": wall, "curve": curve, "params": d}
+        results[method] = {
+            "label": _LABELS[method],
+            "final_loss": curve[-1][2],
+            "test_accuracy": acc,
+            "bytes_sent_per_worker": sent,
+            "dense_bytes_per_worker": d * 4 * cfg["steps"],
+            "compress_seconds": timer["s"],
+            "wall_seconds": wall,
+            "curve": curve,
+            "params": d,
+        }
         if rank == 0:
             sys.stderr.write("\n")
     if rank == 0:
@@ -183,8 +210,18 @@ def run_demo(
     if not (0 < ratio <= 1):
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= workers
-    cfg = dict(seed=seed, steps=steps, ratio=ratio, methods=list(methods), batch=batch, lr=lr,
-               powersgd_rank=powersgd_rank, noniid=noniid, cuda=cuda, log_every=max(1, steps // 30))
+    cfg = dict(
+        seed=seed,
+        steps=steps,
+        ratio=ratio,
+        methods=list(methods),
+        batch=batch,
+        lr=lr,
+        powersgd_rank=powersgd_rank,
+        noniid=noniid,
+        cuda=cuda,
+        log_every=max(1, steps // 30),
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,16 +240,23 @@ def run_demo(
 
 def format_table(result: dict) -> str:
     cfg = result["config"]
-    head = (f"{cfg['workers']} workers ({cfg['backend']}), {cfg['steps']} steps, TopK ratio {cfg['ratio']}, "
-            f"PowerSGD rank {cfg['powersgd_rank']}, MLP with {next(iter(result['runs'].values()))['params']} parameters")
-    lines = [head, "",
-             "| method | final loss | test accuracy | MB sent per worker | compression | compress ms/step |",
-             "|---|---|---|---|---|---|"]
+    head = (
+        f"{cfg['workers']} workers ({cfg['backend']}), {cfg['steps']} steps, TopK ratio {cfg['ratio']}, "
+        f"PowerSGD rank {cfg['powersgd_rank']}, MLP with {next(iter(result['runs'].values()))['params']} parameters"
+    )
+    lines = [
+        head,
+        "",
+        "| method | final loss | test accuracy | MB sent per worker | compression | hook ms/step |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["runs"].values():
         ratio = r["dense_bytes_per_worker"] / max(r["bytes_sent_per_worker"], 1)
-        lines.append(f"| {r['label']} | {r['final_loss']:.3f} | {r['test_accuracy']:.1%} | "
-                     f"{r['bytes_sent_per_worker'] / 1e6:.2f} | {ratio:.1f}x | "
-                     f"{1e3 * r['compress_seconds'] / cfg['steps']:.2f} |")
+        lines.append(
+            f"| {r['label']} | {r['final_loss']:.3f} | {r['test_accuracy']:.1%} | "
+            f"{r['bytes_sent_per_worker'] / 1e6:.2f} | {ratio:.1f}x | "
+            f"{1e3 * r['compress_seconds'] / cfg['steps']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -235,7 +279,9 @@ def plot(result: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
     a.legend()
     cfg = result["config"]
-    fig.suptitle(f"torchkit demo: {cfg['workers']} workers, TopK {cfg['ratio']:.0%} vs PowerSGD rank {cfg['powersgd_rank']}")
+    fig.suptitle(
+        f"torchkit demo: {cfg['workers']} workers, TopK {cfg['ratio']:.0%} vs PowerSGD rank {cfg['powersgd_rank']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

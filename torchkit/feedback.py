@@ -12,10 +12,12 @@ A round, for worker i with gradient :math:`g_i` (see :func:`torchkit.comm.run_ro
 3. ``estimate = agg`` (EF14) or ``estimate += agg`` (the EF21 family keeps the server shift
    :math:`g = \sum_i a_i g_i`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -218,13 +220,18 @@ class Feedback:
         other.compressor = compressor.contractive()
         return other
 
-    def distortion_sq(self, state: dict[str, Tensor], grad: Tensor | None = None, *, worker: int = 0,
-                      n_workers: int = 1) -> Tensor:
+    def distortion_sq(
+        self, state: dict[str, Tensor], grad: Tensor | None = None, *, worker: int = 0, n_workers: int = 1
+    ) -> Tensor:
         """Squared norm of what the server does not know yet: ``||e||^2`` (EF14, EControl) or
         ``||g - h||^2`` (the EF21 family, with ``g`` the method's input), summed over rows."""
         if "error" in state:
             return state["error"].pow(2).sum()
-        src = state["momentum"] if "momentum" in state else self._scaled_input(grad, worker, n_workers, state["shift"].dtype)
+        src = (
+            state["momentum"]
+            if "momentum" in state
+            else self._scaled_input(grad, worker, n_workers, state["shift"].dtype)
+        )
         return (src.to(state["shift"].dtype) - state["shift"]).pow(2).sum()
 
     def __repr__(self) -> str:
@@ -331,7 +338,8 @@ class EF21W(EF21):
     r"""EF21-W, weighted EF21 ("Error Feedback Reloaded", ICLR 2024; arXiv:2402.10774).
 
     .. math::
-        c_i = C\big(g_i/(n w_i) - h_i\big), \qquad h_i \leftarrow h_i + c_i, \qquad h \leftarrow h + \textstyle\sum_i w_i c_i
+        c_i = C\big(g_i/(n w_i) - h_i\big), \qquad h_i \leftarrow h_i + c_i,
+        \qquad h \leftarrow h + \textstyle\sum_i w_i c_i
 
     With a positively homogeneous compressor (TopK, scaled sign) :math:`n w_i h_i` follows EF21 exactly,
     so the two methods coincide; the paper's gain is the larger step size

@@ -5,10 +5,12 @@ Each step flattens a parameter group's gradients, runs one round of the feedback
 step. With a process group of more than one rank the messages are exchanged over
 ``torch.distributed``; alone it is the single-worker version of the method.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -77,6 +79,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._ready = False
         super().__init__(self.inner.param_groups, self.inner.defaults)
         self.param_groups = self.inner.param_groups  # one list: schedulers and add_param_group see both
+        self.state = self.inner.state  # opt.state[p] is the inner optimizer's per-parameter state
         self._ready = True
         self.feedback = feedback
         self.process_group = process_group
@@ -162,7 +165,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 "non-finite gradient (NaN or Inf) on at least one rank; the step was not taken and the "
                 "feedback state is unchanged (pass nonfinite='skip' to skip such steps instead)"
             )
-        for gi, group, buf, active, flat in work:
+        for _, _, buf, active, flat in work:
             self._round(buf, active, flat)
         self.inner.step()
         return loss
@@ -242,7 +245,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         if state_dict["rank"] != self.rank:
             raise ValueError(f"state_dict belongs to rank {state_dict['rank']}, this is rank {self.rank}")
         if state_dict["feedback"] != repr(self.feedback):
-            raise ValueError(f"state_dict was saved with feedback {state_dict['feedback']}, this optimizer has {self.feedback!r}")
+            raise ValueError(
+                f"state_dict was saved with feedback {state_dict['feedback']}, this optimizer has {self.feedback!r}"
+            )
         for gi, saved in state_dict["groups"].items():
             gi = int(gi)
             if gi >= len(self.param_groups):

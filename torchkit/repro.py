@@ -6,18 +6,19 @@ theoretical EF21 step size, ``||grad f||^2`` against bits per worker (32 bits pe
 EF21-W (§3): the same problem on a split made heterogeneous (worker i's rows scaled by s_i), EF21
 with the quadratic-mean step size against EF21-W with the arithmetic-mean one.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from . import theory
 from ._results import save_result
 from .compress import TopK
-from .feedback import EF14, EF21, EF21W, EF21SGDM, EControl
+from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
 from .sim import LogisticRegression, load_libsvm, simulate
 
 __all__ = ["PAPER_EF21", "repro_ef21", "repro_ef21w"]
@@ -67,8 +68,15 @@ def repro_ef21(
     prob = _problem(data, n_workers)
     L, L_i = prob.smoothness()
     gamma = theory.ef21_stepsize(L, L_i, alpha=k / prob.d)
-    mult = {"ef21": paper["ef21"], "ef14": paper["ef14"], "ef14@ef21": paper["ef21"], "econtrol": paper["ef21"],
-            "econtrol@ef14": paper["ef14"], "econtrol(eta=0.1)": paper["ef21"], "ef21sgdm": paper["ef21"]}
+    mult = {
+        "ef21": paper["ef21"],
+        "ef14": paper["ef14"],
+        "ef14@ef21": paper["ef21"],
+        "econtrol": paper["ef21"],
+        "econtrol@ef14": paper["ef14"],
+        "econtrol(eta=0.1)": paper["ef21"],
+        "ef21sgdm": paper["ef21"],
+    }
     mult.update(multipliers or {})
     for twin, base in (("ef14@ef21", "ef14"), ("econtrol@ef14", "econtrol")):
         if mult[twin] == mult[base]:
@@ -77,24 +85,44 @@ def repro_ef21(
     steps = int(bits // (32 * k)) + 1
     torch.manual_seed(seed)
     x0 = torch.randn(prob.d, dtype=torch.float64)
-    make = {"ef21": lambda: EF21(TopK(k)), "ef14": lambda: EF14(TopK(k)), "ef14@ef21": lambda: EF14(TopK(k)),
-            "econtrol": lambda: EControl(TopK(k), eta=k / prob.d), "econtrol@ef14": lambda: EControl(TopK(k), eta=k / prob.d),
-            "econtrol(eta=0.1)": lambda: EControl(TopK(k), eta=0.1),
-            "ef21sgdm": lambda: EF21SGDM(TopK(k), eta=0.5)}
+    make = {
+        "ef21": lambda: EF21(TopK(k)),
+        "ef14": lambda: EF14(TopK(k)),
+        "ef14@ef21": lambda: EF14(TopK(k)),
+        "econtrol": lambda: EControl(TopK(k), eta=k / prob.d),
+        "econtrol@ef14": lambda: EControl(TopK(k), eta=k / prob.d),
+        "econtrol(eta=0.1)": lambda: EControl(TopK(k), eta=0.1),
+        "ef21sgdm": lambda: EF21SGDM(TopK(k), eta=0.5),
+    }
     runs = {}
     for label, m in mult.items():
         res = simulate(make[label](), prob.grad_fn, x0, n_workers=n_workers, steps=steps, lr=m * gamma)
         g = res.grad_norm_sq
         finite = torch.isfinite(g)
         hit = _first_below(g, tol)
-        runs[label] = {"multiplier": m, "lr": m * gamma, "final_grad_norm_sq": float(g[-1]),
-                       "min_grad_norm_sq": float(g[finite].min()) if finite.any() else float("nan"),
-                       "bits_to_tol": int(res.bits[hit]) if hit is not None else None,
-                       "bits": res.bits.tolist()[:: max(1, steps // 400)],
-                       "grad_norm_sq": g.tolist()[:: max(1, steps // 400)]}
-    result = {"dataset": name, "d": prob.d, "m": prob.A.shape[0], "n_workers": n_workers, "k": k, "L": L,
-              "L_QM": theory.mean_smoothness(L_i, weighted=False), "gamma_theory": gamma, "steps": steps,
-              "tol": tol, "paper": paper, "runs": runs}
+        runs[label] = {
+            "multiplier": m,
+            "lr": m * gamma,
+            "final_grad_norm_sq": float(g[-1]),
+            "min_grad_norm_sq": float(g[finite].min()) if finite.any() else float("nan"),
+            "bits_to_tol": int(res.bits[hit]) if hit is not None else None,
+            "bits": res.bits.tolist()[:: max(1, steps // 400)],
+            "grad_norm_sq": g.tolist()[:: max(1, steps // 400)],
+        }
+    result = {
+        "dataset": name,
+        "d": prob.d,
+        "m": prob.A.shape[0],
+        "n_workers": n_workers,
+        "k": k,
+        "L": L,
+        "L_QM": theory.mean_smoothness(L_i, weighted=False),
+        "gamma_theory": gamma,
+        "steps": steps,
+        "tol": tol,
+        "paper": paper,
+        "runs": runs,
+    }
     if out is not None:
         save_result(result, out, f"ef21_{name}", _plot_ef21)
     return result
@@ -127,20 +155,43 @@ def repro_ef21w(
     torch.manual_seed(seed)
     x0 = torch.randn(prob.d, dtype=torch.float64)
     runs = {}
-    for label, fb, lr in (("EF21 (L_QM step)", EF21(TopK(k)), g_qm),
-                          ("EF21-W (L_AM step)", EF21W.from_smoothness(TopK(k), L_i), g_am)):
+    for label, fb, lr in (
+        ("EF21 (L_QM step)", EF21(TopK(k)), g_qm),
+        ("EF21-W (L_AM step)", EF21W.from_smoothness(TopK(k), L_i), g_am),
+    ):
         res = simulate(fb, prob.grad_fn, x0, n_workers=n_workers, steps=steps, lr=multiplier * lr, stop_below=min(tols))
         every = max(1, len(res.grad_norm_sq) // 400)
-        runs[label] = {"lr": multiplier * lr, "theory_lr": lr, "final_grad_norm_sq": float(res.grad_norm_sq[-1]),
-                       "rounds_to": {str(t): _first_below(res.grad_norm_sq, t) for t in tols},
-                       "rounds": list(range(0, len(res.grad_norm_sq), every)), "grad_norm_sq": res.grad_norm_sq.tolist()[::every]}
+        runs[label] = {
+            "lr": multiplier * lr,
+            "theory_lr": lr,
+            "final_grad_norm_sq": float(res.grad_norm_sq[-1]),
+            "rounds_to": {str(t): _first_below(res.grad_norm_sq, t) for t in tols},
+            "rounds": list(range(0, len(res.grad_norm_sq), every)),
+            "grad_norm_sq": res.grad_norm_sq.tolist()[::every],
+        }
     old, new = runs.values()
-    ratios = {t: old["rounds_to"][t] / new["rounds_to"][t] for t in old["rounds_to"]
-              if old["rounds_to"][t] and new["rounds_to"][t]}
+    ratios = {
+        t: old["rounds_to"][t] / new["rounds_to"][t]
+        for t in old["rounds_to"]
+        if old["rounds_to"][t] and new["rounds_to"][t]
+    }
     l_am, l_qm = theory.mean_smoothness(L_i, weighted=True), theory.mean_smoothness(L_i, weighted=False)
-    result = {"dataset": name, "d": prob.d, "n_workers": n_workers, "k": k, "scales": [scales[0], scales[-1]],
-              "L": L, "L_AM": l_am, "L_QM": l_qm, "L_var": l_qm**2 - l_am**2, "multiplier": multiplier,
-              "gamma_ratio_predicted": g_am / g_qm, "tols": list(tols), "rounds_ratio": ratios, "runs": runs}
+    result = {
+        "dataset": name,
+        "d": prob.d,
+        "n_workers": n_workers,
+        "k": k,
+        "scales": [scales[0], scales[-1]],
+        "L": L,
+        "L_AM": l_am,
+        "L_QM": l_qm,
+        "L_var": l_qm**2 - l_am**2,
+        "multiplier": multiplier,
+        "gamma_ratio_predicted": g_am / g_qm,
+        "tols": list(tols),
+        "rounds_ratio": ratios,
+        "runs": runs,
+    }
     if out is not None:
         save_result(result, out, f"ef21w_{name}", _plot_ef21w)
     return result
@@ -181,8 +232,11 @@ def _plot_ef21w(result: dict, path: Path) -> None:
         ax.axhline(t, color="k", lw=0.6, ls=":")
     ax.set_xlabel("communication rounds")
     ax.set_ylabel(r"$\|\nabla f(x^t)\|^2$")
-    ax.set_title(f"{result['dataset']}, rows scaled 1..{result['scales'][1]:g} (L_var = {result['L_var']:.3g}), "
-                 f"Top-{result['k']}, {result['multiplier']:g}x theory", fontsize=9)
+    ax.set_title(
+        f"{result['dataset']}, rows scaled 1..{result['scales'][1]:g} (L_var = {result['L_var']:.3g}), "
+        f"Top-{result['k']}, {result['multiplier']:g}x theory",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()

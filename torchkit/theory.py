@@ -3,10 +3,11 @@ r"""Step-size theory: floats in, floats out (algorithms.md §0, §2.1, §3).
 EF21 constants for a contractive compressor with factor :math:`\alpha`:
 :math:`\theta = 1 - \sqrt{1-\alpha}`, :math:`\beta = (1-\alpha)/(1-\sqrt{1-\alpha})`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["theta_beta", "mean_smoothness", "ef21_stepsize", "ef21_stepsize_ratio"]
 

@@ -7,6 +7,7 @@ reference in :mod:`torchkit.ops._reference`. A named ``impl`` that is unavailabl
 Bytes each fused step must move per element (fp32 state): EF14 12 B (read g, e; write e),
 EF21 8 B (read g, h; sparse write of h), EControl 16 B (read g, e, h; write e). See benchmarks/.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -3,6 +3,7 @@
 ``available()`` only loads an extension that was built before (same source hash, same torch), so
 importing torchkit never compiles; ``build()`` (or ``python -m torchkit build-ext``) compiles it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,7 +84,9 @@ def build(verbose: bool = False) -> bool:
         _module = load(
             name=_name(),
             sources=[str(_CSRC / s) for s in _CPU_SOURCES],
-            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"] if sys.platform == "linux" else ["-O3", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"]
+            if sys.platform == "linux"
+            else ["-O3", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"] if sys.platform == "linux" else [],
             build_directory=str(out),
             verbose=verbose,

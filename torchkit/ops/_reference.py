@@ -3,6 +3,7 @@
 All of them accept a 1-D vector or a ``[rows, d]`` batch (one independent problem per row, as the
 simulator uses them). Arithmetic is done in the state dtype (fp32 or fp64); ``grad`` may be bf16/fp16.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,9 @@
 """In-process simulator of n workers, for reproducing the papers on one machine."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -74,6 +75,8 @@ def simulate(
         estimate, _ = run_round(feedback, exchanger, state, server, grads, t, segments=segs)
         x.sub_(estimate.to(x.dtype), alpha=lr_at(t))
         bits.append(bits[-1] + feedback.value_bits(segs, t))
-        wire.append(wire[-1] + feedback.wire_bytes(segs, t, value_dtype=x.dtype if x.dtype != torch.float64 else torch.float32))
+        wire.append(
+            wire[-1] + feedback.wire_bytes(segs, t, value_dtype=x.dtype if x.dtype != torch.float64 else torch.float32)
+        )
     n = len(norms)
     return SimResult(x, torch.tensor(norms, dtype=torch.float64), torch.tensor(bits[:n]), torch.tensor(wire[:n]))

@@ -1,4 +1,5 @@
 """A small LIBSVM reader (dense output), enough for the EF21 papers' datasets."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ Logistic regression with the nonconvex regulariser, split contiguously over n wo
 
 with smoothness constants :math:`L_i = \lambda_{\max}(A_i^\top A_i / (4 m_i)) + 2\lambda`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

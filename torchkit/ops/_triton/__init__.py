@@ -1,4 +1,5 @@
 """Triton kernels, imported lazily so that ``import torchkit`` never needs Triton."""
+
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ import torch
 __all__ = ["available"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _importable() -> bool:
     try:
         import triton  # noqa: F401

@@ -12,11 +12,12 @@ mode any r of them; then the sparse state update on the k sent indices.
 Bytes per element (fp32): EF14 16 (read g, e; write e; read e), EF21 16, EControl 28, top-k 8; the
 single-pass floors are 12 / 8 / 16 / 4 (benchmarks/ reports the ratio).
 """
+
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
 from torch import Tensor
 
 from .._reference import _scales, index_dtype
@@ -70,8 +71,21 @@ def _hist_kernel(g_ptr, e_ptr, h_ptr, hist_ptr, d, eta, MODE: tl.constexpr, BLOC
 
 
 @triton.jit
-def _select_kernel(g_ptr, e_ptr, h_ptr, thr, out_idx, out_val, cand_idx, cand_val, tickets, d, eta,
-                   MODE: tl.constexpr, BLOCK: tl.constexpr):
+def _select_kernel(
+    g_ptr,
+    e_ptr,
+    h_ptr,
+    thr,
+    out_idx,
+    out_val,
+    cand_idx,
+    cand_val,
+    tickets,
+    d,
+    eta,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     live = offs < d
