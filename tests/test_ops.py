@@ -219,3 +219,25 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("method", ["ef14", "ef21", "econtrol"])
+def test_triton_approx_mode_never_reads_device_values_on_the_host(method, monkeypatch):
+    """Approximate mode keeps the threshold on the device (no .tolist/.item/int of a tensor)."""
+    d, k = 30_001, 300
+    g, e, h = _data(d, "randn", "cpu"), _data(d + 1, "randn", "cpu")[:d].contiguous(), _data(d + 2, "randn", "cpu")[:d]
+    h = h.contiguous()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation in approximate mode")
+
+    with monkeypatch.context() as m:
+        for name in ("tolist", "item", "__int__", "__bool__"):
+            m.setattr(torch.Tensor, name, refuse)
+        if method == "ef14":
+            vals, idx = ops.ef14_step_(g, e, k, approx=True, impl="triton")
+        elif method == "ef21":
+            vals, idx = ops.ef21_step_(g, h, k, approx=True, impl="triton")
+        else:
+            vals, idx = ops.econtrol_step_(g, e, h, k, 0.2, approx=True, impl="triton")
+    assert idx.long().unique().numel() == k and torch.isfinite(vals).all()

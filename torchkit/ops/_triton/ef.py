@@ -2,12 +2,15 @@
 
 pass 1 (``_hist_kernel``): compute v (EF14 stores it in e), 2048-bin histogram of |v| (8 exponent + 3
 mantissa bits: 1/8 octave per bin), merged with one atomic add per bin and program.
-host: the bin holding the k-th largest |v| (one 8 KB device-to-host copy).
+device: the bin holding the k-th largest |v| (cumulative sum of the histogram from the top).
 pass 2 (``_select_kernel``): entries above that bin go to the output, entries inside it to a candidate
-buffer, both compacted with one atomic ticket per program (output order is not deterministic on a
-GPU; the set is). EControl writes e <- e + g - h here, after reading the old e.
-resolve: exact mode takes the r largest candidates (torch.topk on the small buffer), approximate
-mode any r of them; then the sparse state update on the k sent indices.
+buffer (exact mode; its size is read from the histogram on the host, the one synchronisation) or
+straight into the remaining output slots (approximate mode: no host synchronisation at all), all
+compacted with one atomic ticket per program (output order is not deterministic on a GPU, and in
+approximate mode neither is which threshold-bin entries fill the last slots). EControl writes
+e <- e + g - h here, after reading the old e.
+resolve: exact mode takes the r largest candidates (torch.topk on the small buffer); then the sparse
+state update on the k sent indices.
 
 Bytes per element (fp32): EF14 16 (read g, e; write e; read e), EF21 16, EControl 28, top-k 8; the
 single-pass floors are 12 / 8 / 16 / 4 (benchmarks/ reports the ratio).
@@ -75,17 +78,23 @@ def _select_kernel(
     g_ptr,
     e_ptr,
     h_ptr,
-    thr,
+    thr_ptr,
     out_idx,
     out_val,
-    cand_idx,
-    cand_val,
+    eq_idx,
+    eq_val,
+    eq_base_ptr,
+    eq_cap_ptr,
     tickets,
     d,
     eta,
     MODE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # thr, and where the threshold bin's entries go, are read from device memory: no host round trip
+    thr = tl.load(thr_ptr)
+    eq_base = tl.load(eq_base_ptr)
+    eq_cap = tl.load(eq_cap_ptr)
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     live = offs < d
@@ -105,10 +114,11 @@ def _select_kernel(
     base_eq = tl.atomic_add(tickets + 1, tl.sum(eq_i, axis=0))
     pos_hi = base_hi + tl.cumsum(hi_i, axis=0) - hi_i
     pos_eq = base_eq + tl.cumsum(eq_i, axis=0) - eq_i
+    keep_eq = eq & (pos_eq < eq_cap)
     tl.store(out_idx + pos_hi, offs.to(out_idx.dtype.element_ty), mask=hi)
     tl.store(out_val + pos_hi, v, mask=hi)
-    tl.store(cand_idx + pos_eq, offs.to(cand_idx.dtype.element_ty), mask=eq)
-    tl.store(cand_val + pos_eq, v, mask=eq)
+    tl.store(eq_idx + eq_base + pos_eq, offs.to(eq_idx.dtype.element_ty), mask=keep_eq)
+    tl.store(eq_val + eq_base + pos_eq, v, mask=keep_eq)
 
 
 @triton.jit
@@ -129,7 +139,19 @@ def _block(d: int, device: torch.device) -> int:
     return max(1024, min(1 << 16, triton.next_power_of_2(max(1, -(-d // 32)))))
 
 
+def _device_threshold(hist: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The bin holding the k-th largest |v| and the count strictly above it, computed on the device."""
+    rev = hist.flip(0)
+    cum = rev.cumsum(0)
+    j = (cum >= k).to(torch.int32).argmax()  # first bin from the top whose running count reaches k
+    thr = (NBINS - 1 - j).to(torch.int32).reshape(1)
+    above = (cum[j] - rev[j]).to(torch.int32).reshape(1)
+    return thr, above
+
+
 def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
+    """Exact mode reads the 8 KB histogram to the host once (to size the candidate buffer and resolve
+    it); approximate mode stays on the device: the threshold bin's entries fill the remaining slots."""
     d = g.numel()
     dev = g.device
     block = _block(d, dev)
@@ -138,26 +160,31 @@ def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: 
     e_, h_ = (e if e is not None else dummy), (h if h is not None else dummy)
     hist = torch.zeros(NBINS, dtype=torch.int32, device=dev)
     _hist_kernel[grid](g, e_, h_, hist, d, eta, MODE=mode, BLOCK=block, NB=NBINS)
-    counts = hist.tolist()
-    above, thr = 0, NBINS - 1
-    while thr > 0 and above + counts[thr] < k:
-        above += counts[thr]
-        thr -= 1
-    need, n_cand = k - above, counts[thr]
     idt = index_dtype(d)
     out_idx = _empty(k, idt, dev)
     out_val = _empty(k, torch.float32, dev)
-    cand_idx = _empty(max(n_cand, 1), idt, dev)
-    cand_val = _empty(max(n_cand, 1), torch.float32, dev)
     tickets = torch.zeros(2, dtype=torch.int32, device=dev)
-    _select_kernel[grid](g, e_, h_, thr, out_idx, out_val, cand_idx, cand_val, tickets, d, eta, MODE=mode, BLOCK=block)
-    if need:
-        if approx or need == n_cand:
-            pick = torch.arange(need, device=dev)
-        else:
-            pick = torch.topk(cand_val[:n_cand].abs(), need, sorted=False).indices
-        out_idx[above:] = cand_idx[pick]
-        out_val[above:] = cand_val[pick]
+    thr, above = _device_threshold(hist, k)
+    if approx:
+        cap = k - above
+        args = (out_idx, out_val, above, cap)
+    else:
+        counts = hist.tolist()  # the exact path's one host synchronisation
+        n_above, t = 0, NBINS - 1
+        while t > 0 and n_above + counts[t] < k:  # same bin as _device_threshold's
+            n_above += counts[t]
+            t -= 1
+        n_cand = counts[t]
+        cand_idx = _empty(max(n_cand, 1), idt, dev)
+        cand_val = _empty(max(n_cand, 1), torch.float32, dev)
+        zero = torch.zeros(1, dtype=torch.int32, device=dev)
+        args = (cand_idx, cand_val, zero, zero + n_cand)
+    _select_kernel[grid](g, e_, h_, thr, out_idx, out_val, *args, tickets, d, eta, MODE=mode, BLOCK=block)
+    if not approx and k > n_above:
+        need = k - n_above
+        pick = torch.topk(cand_val[:n_cand].abs(), need, sorted=False).indices if need < n_cand else slice(0, need)
+        out_idx[n_above:] = cand_idx[pick]
+        out_val[n_above:] = cand_val[pick]
     idx = out_idx.long()
     if mode == EF14:
         e.index_fill_(0, idx, 0.0)
