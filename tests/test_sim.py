@@ -196,6 +196,10 @@ def test_theory_stepsizes():
     gw = tk.theory.ef21_stepsize(1.0, [1.0, 1.0, 100.0, 1.0], alpha=0.01, weighted=True)
     assert gw == pytest.approx(1 / (1 + 103 / 4 * np.sqrt(beta / theta)))
     assert gw > gamma
+    s = np.sqrt(beta / theta)
+    assert tk.theory.ef21_stepsize_ratio(1.0, [1.0, 1.0, 100.0, 1.0], 0.01) == pytest.approx(
+        (1 + lqm * s) / (1 + 103 / 4 * s)
+    )
     assert tk.theory.ef21_stepsize(2.0, [3.0], alpha=1.0) == 0.5
     with pytest.raises(ValueError, match="alpha must be in"):
         tk.theory.theta_beta(0.0)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .compress import DenseMessage, Message, SignMessage, SparseMessage, pack_message, unpack_message
 from .feedback import Feedback
 
-__all__ = ["Exchanger", "LocalExchanger", "DistExchanger", "run_round", "aggregate_rows"]
+__all__ = ["Exchanger", "LocalExchanger", "DistExchanger", "run_round", "aggregate_rows", "all_gather_rows"]
 
 
 class Exchanger(Protocol):
@@ -35,6 +35,16 @@ def aggregate_rows(msg: Message, weights: Sequence[float] | Tensor, out: Tensor)
     out.zero_()
     w = torch.as_tensor(weights, dtype=torch.float64)
     return msg.add_to_(out, w)
+
+
+def all_gather_rows(t: Tensor, n: int, group=None, *, async_op: bool = False):
+    """Gather a 1-D tensor from every rank into the rows of an ``[n, len]`` tensor: ``(out, work)``."""
+    out = t.new_empty((n, t.numel()))
+    if t.is_cuda:
+        work = dist.all_gather_into_tensor(out, t.contiguous(), group=group, async_op=async_op)
+    else:  # Gloo has only the list form
+        work = dist.all_gather(list(out.unbind(0)), t.contiguous(), group=group, async_op=async_op)
+    return out, work
 
 
 class LocalExchanger:
@@ -68,15 +78,8 @@ class DistExchanger:
 
     def gather_message(self, msg: SparseMessage | SignMessage) -> Message:
         buf, layout = pack_message(msg)
-        return unpack_message(self._gather(buf), layout)
-
-    def _gather(self, t: Tensor) -> Tensor:
-        out = t.new_empty((self.n_workers, *t.shape))
-        if t.is_cuda:
-            dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
-        else:  # Gloo has only the list form
-            dist.all_gather(list(out.unbind(0)), t.contiguous(), group=self.group)
-        return out
+        gathered, _ = all_gather_rows(buf, self.n_workers, self.group)
+        return unpack_message(gathered, layout)
 
     def aggregate(self, msg: Message | None, weights: Sequence[float], out: Tensor) -> Tensor:
         if msg is None:

@@ -194,7 +194,7 @@ class _Sparsifier(Compressor):
         self.ratio = None if ratio is None else check_ratio("ratio", ratio)
 
     def k_for(self, d: int) -> int:
-        """Values kept for a vector of length ``d`` (``k`` capped at... never: k > d raises)."""
+        """Values kept for a vector of length ``d``: ``k`` (k > d raises) or ``ceil(ratio * d)``."""
         return resolve_k(self.k, self.ratio, d)
 
     def alpha(self, d: int) -> float:
@@ -360,10 +360,6 @@ def segment_wire_bytes(comp: Compressor, segments: Sequence[int], value_dtype=to
         itemsize = torch.empty((), dtype=value_dtype).element_size()
         return sum(comp.k_for(n) for n in segments) * (itemsize + ops.index_dtype(d).itemsize)
     return sum(comp.wire_bytes(n, value_dtype) for n in segments)
-
-
-def k_total(comp: Compressor, segments: Sequence[int]) -> int:
-    return sum(comp.k_for(n) for n in segments) if isinstance(comp, _Sparsifier) else sum(segments)
 
 
 # ------------------------------------------------------------------------------------------- wire packing

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import aggregate_rows
+from .comm import aggregate_rows, all_gather_rows
 from .compress import DenseMessage, Identity, pack_message, unpack_message
 from .feedback import Feedback
 
@@ -312,11 +312,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, n: int, group) -> 
 
     packed, layout = pack_message(msg)
     packed = torch.cat([packed, bad])
-    out = packed.new_empty((n, packed.numel()))
-    if packed.is_cuda:
-        work = dist.all_gather_into_tensor(out, packed, group=group, async_op=True)
-    else:
-        work = dist.all_gather(list(out.unbind(0)), packed, group=group, async_op=True)
+    out, work = all_gather_rows(packed, n, group, async_op=True)
 
     def finish_sparse(fut) -> Tensor:
         gathered = unpack_message(out[:, :-1], layout)

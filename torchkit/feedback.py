@@ -33,7 +33,6 @@ from .compress import (
     TopK,
     compress_segments,
     concat_messages,
-    k_total,
     segment_value_bits,
     segment_wire_bytes,
 )
@@ -208,9 +207,6 @@ class Feedback:
     def _first_round(self, state: dict[str, Tensor], g: Tensor, shift: str) -> DenseMessage:
         state[shift].copy_(g)
         return DenseMessage(_rows(state[shift]).clone())
-
-    def k_sent(self, segments: Sequence[int]) -> int:
-        return k_total(self.compressor, segments)
 
     def with_compressor(self, compressor: Compressor) -> Feedback:
         """The same method and options with another compressor (the DDP hook's dense rounds use Identity)."""

@@ -119,9 +119,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         buf = self._buffers.get(gi)
         params = [p for p in group["params"] if p.requires_grad]
         sizes = [p.numel() for p in params]
-        if buf is None or buf["sizes"] != sizes:
-            if buf is not None:
-                raise RuntimeError(f"parameter group {gi} changed its parameters after the first step")
+        if buf is not None and buf["sizes"] != sizes:
+            raise RuntimeError(f"parameter group {gi} changed its parameters after the first step")
+        if buf is None:
             p0 = params[0] if params else None
             dtype = Feedback.state_dtype(p0.dtype) if p0 is not None else torch.float32
             device = p0.device if p0 is not None else None
