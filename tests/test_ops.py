@@ -1,5 +1,6 @@
 """Every op and implementation against the plain-torch reference (random data, never zeros)."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,6 +29,18 @@ def _impls():
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _skip_unsupported(impl, device):
+    if impl == "cpp" and device != "cpu":
+        pytest.skip("the csrc CPU kernel runs on CPU tensors")
+    if impl == "triton" and device == "cpu" and not INTERPRETED:
+        pytest.skip("on a GPU machine Triton runs on CUDA tensors (the CPU case is the interpreter's)")
+
+
+def _triton_device():
+    return "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
 SIZES = [(1, 1), (7, 7), (13, 1), (1001, 37), (4096, 4096), (65_537, 655)]
 
 
@@ -57,8 +70,7 @@ def _check_selection(vals, idx, v, k):
 @pytest.mark.parametrize("d,k", SIZES)
 @pytest.mark.parametrize("kind", ["randn", "ties"])
 def test_topk(impl, d, k, kind, device):
-    if impl == "cpp" and device != "cpu":
-        pytest.skip("the csrc CPU kernel runs on CPU tensors")
+    _skip_unsupported(impl, device)
     x = _data(d, kind, device)
     vals, idx = ops.topk(x, k, impl=impl)
     _check_selection(vals, idx, x, k)
@@ -93,8 +105,7 @@ def _expected_after(method, g, e, h, idx, eta):
 @pytest.mark.parametrize("d,k", SIZES)
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16])
 def test_fused_steps_match_reference(impl, method, d, k, gdtype, device):
-    if impl == "cpp" and device != "cpu":
-        pytest.skip("the csrc CPU kernel runs on CPU tensors")
+    _skip_unsupported(impl, device)
     g = _data(d, "randn", device, gdtype)
     e = _data(d + 1, "randn", device)[:d].contiguous()
     h = _data(d + 2, "randn", device)[:d].contiguous()
@@ -127,7 +138,8 @@ def test_fused_steps_match_reference(impl, method, d, k, gdtype, device):
 @pytest.mark.parametrize("kind", ["randn", "ties"])
 def test_approx_mode_keeps_the_invariant(impl, kind):
     d, k = 50_001, 500
-    g, e = _data(d, kind, "cpu"), _data(d + 1, "randn", "cpu")[:d].contiguous()
+    dev = _triton_device() if impl == "triton" else "cpu"
+    g, e = _data(d, kind, dev), _data(d + 1, "randn", dev)[:d].contiguous()
     v = e + g
     e1 = e.clone()
     vals, idx = ops.ef14_step_(g, e1, k, approx=True, impl=impl)
@@ -144,6 +156,7 @@ def test_approx_mode_keeps_the_invariant(impl, kind):
 @pytest.mark.parametrize("impl", _impls())
 @pytest.mark.parametrize("rows,k,d", [(1, 1, 1), (3, 5, 40), (8, 700, 70_001)])
 def test_accumulate(impl, rows, k, d):
+    dev = _triton_device() if impl == "triton" else "cpu"
     g = torch.Generator().manual_seed(rows + k)
     values = torch.randn(rows, k, generator=g)
     indices = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(rows)]).int()
@@ -153,8 +166,9 @@ def test_accumulate(impl, rows, k, d):
     for w in range(rows):
         for j in range(k):
             expect[indices[w, j]] += float(values[w, j].float() * scale[w].float())
-    out = out0.clone()
-    ops.accumulate_(out, values, indices, scale, impl=impl)
+    out = out0.clone().to(dev)
+    ops.accumulate_(out, values.to(dev), indices.to(dev), scale, impl=impl)
+    out = out.cpu()
     torch.testing.assert_close(out.double(), expect, rtol=1e-6, atol=1e-6)
     ref = out0.clone()
     _reference.accumulate_(ref, values, indices, scale)
@@ -225,7 +239,8 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
 def test_triton_approx_mode_never_reads_device_values_on_the_host(method, monkeypatch):
     """Approximate mode keeps the threshold on the device (no .tolist/.item/int of a tensor)."""
     d, k = 30_001, 300
-    g, e, h = _data(d, "randn", "cpu"), _data(d + 1, "randn", "cpu")[:d].contiguous(), _data(d + 2, "randn", "cpu")[:d]
+    dev = _triton_device()
+    g, e, h = _data(d, "randn", dev), _data(d + 1, "randn", dev)[:d].contiguous(), _data(d + 2, "randn", dev)[:d]
     h = h.contiguous()
 
     def refuse(*args, **kwargs):
