@@ -153,10 +153,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
             for i in active:
                 if buf["params"][i].grad.is_sparse:
                     raise TypeError(f"sparse gradients are not supported (parameter group {gi})")
-            work.append((gi, group, buf, active, self._flat_grad(buf, active, grad_scale)))
+            work.append((buf, active, self._flat_grad(buf, active, grad_scale)))
         if not work:
             return loss
-        if self._any_nonfinite([w[4] for w in work], found_inf):
+        if self._any_nonfinite([w[2] for w in work], found_inf):
             if found_inf is not None or self.nonfinite == "skip":
                 self.skipped_steps += 1
                 log.warning("non-finite gradient: step skipped on every rank, feedback state unchanged")
@@ -165,7 +165,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 "non-finite gradient (NaN or Inf) on at least one rank; the step was not taken and the "
                 "feedback state is unchanged (pass nonfinite='skip' to skip such steps instead)"
             )
-        for _, _, buf, active, flat in work:
+        for buf, active, flat in work:
             self._round(buf, active, flat)
         self.inner.step()
         return loss

@@ -110,8 +110,13 @@ def _ref():
     return _reference
 
 
+def _kernel_takes(grad: Tensor, *state: Tensor) -> bool:
+    """The C++ kernel computes in fp32: fp32/bf16/fp16 inputs with fp32 state; anything else uses the reference."""
+    return grad.dtype != torch.float64 and all(t.dtype == torch.float32 for t in state)
+
+
 def topk(x: Tensor, k: int):
-    if x.dtype == torch.float64:
+    if not _kernel_takes(x):
         return _ref().topk(x, k)
     v, i = _module.topk(x, k)
     v = v.to(x.dtype)
@@ -119,21 +124,21 @@ def topk(x: Tensor, k: int):
 
 
 def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False):
-    if error.dtype != torch.float32 or grad.dtype == torch.float64:
+    if not _kernel_takes(grad, error):
         return _ref().ef14_step_(grad, error, k)
     v, i = _module.ef14_step(grad, error, k, approx)
     return v, _int_idx(i, error.numel())
 
 
 def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False):
-    if estimate.dtype != torch.float32 or grad.dtype == torch.float64:
+    if not _kernel_takes(grad, estimate):
         return _ref().ef21_step_(grad, estimate, k)
     v, i = _module.ef21_step(grad, estimate, k, approx)
     return v, _int_idx(i, estimate.numel())
 
 
 def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: float, approx: bool = False):
-    if error.dtype != torch.float32 or shift.dtype != torch.float32 or grad.dtype == torch.float64:
+    if not _kernel_takes(grad, error, shift):
         return _ref().econtrol_step_(grad, error, shift, k, eta)
     v, i = _module.econtrol_step(grad, error, shift, k, eta, approx)
     return v, _int_idx(i, error.numel())
@@ -142,7 +147,7 @@ def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: floa
 def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0):
     from ._reference import _scales
 
-    if out.dtype != torch.float32:
+    if not _kernel_takes(values, out):
         return _ref().accumulate_(out, values, indices, scale)
     v2 = values.reshape(-1, values.shape[-1])
     scales = torch.tensor(_scales(scale, v2.shape[0]), dtype=torch.float64)

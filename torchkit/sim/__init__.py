@@ -64,6 +64,7 @@ def simulate(
     state = feedback.init_state(d, rows=n_workers, dtype=x.dtype, device=x.device)
     server = torch.zeros(d, dtype=feedback.state_dtype(x.dtype), device=x.device)
     exchanger = LocalExchanger(n_workers)
+    wire_values = torch.float32 if x.dtype == torch.float64 else x.dtype  # fp64 research runs count fp32 values
     norms, bits, wire = [], [0], [0]
     for t in range(steps + 1):
         grads = grad_fn(x)
@@ -75,8 +76,6 @@ def simulate(
         estimate, _ = run_round(feedback, exchanger, state, server, grads, t, segments=segs)
         x.sub_(estimate.to(x.dtype), alpha=lr_at(t))
         bits.append(bits[-1] + feedback.value_bits(segs, t))
-        wire.append(
-            wire[-1] + feedback.wire_bytes(segs, t, value_dtype=x.dtype if x.dtype != torch.float64 else torch.float32)
-        )
+        wire.append(wire[-1] + feedback.wire_bytes(segs, t, value_dtype=wire_values))
     n = len(norms)
     return SimResult(x, torch.tensor(norms, dtype=torch.float64), torch.tensor(bits[:n]), torch.tensor(wire[:n]))
