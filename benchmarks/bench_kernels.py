@@ -1,6 +1,6 @@
 """Kernel microbenchmarks: d in {1e6, 1e7, 1e8}, k in {0.1%, 1%, 10%}, fp32 and bf16 gradients.
 
-    python benchmarks/bench_kernels.py [--device cuda] [--sizes 1e6 1e7] [--out benchmarks/results]
+    python benchmarks/bench_kernels.py [--device cuda] [--sizes 1e6 1e7] [--extra 1e9:bfloat16:0.01] [--out DIR]
 
 Writes <out>/<device-slug>/kernels.json and kernels.png and prints the table.
 """
@@ -22,9 +22,14 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8])
     p.add_argument("--ratios", nargs="+", type=float, default=[0.001, 0.01, 0.1])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--extra", nargs="*", default=[], help="single cases d:dtype:ratio, e.g. 1e9:bfloat16:0.01")
+    p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
-    result = bench.run_kernel_bench(args.device, [int(s) for s in args.sizes], args.ratios, args.dtypes)
+    extra = [(int(float(d)), dt, float(r)) for d, dt, r in (x.split(":") for x in args.extra)]
+    result = bench.run_kernel_bench(
+        args.device, [int(s) for s in args.sizes], args.ratios, args.dtypes, repeats=args.repeats, extra=extra
+    )
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
     folder = bench.save(result, Path(args.out) / slug)
     print(bench.format_table(result))

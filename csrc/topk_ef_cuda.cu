@@ -1,129 +1,273 @@
-// torchkit CUDA kernels: fused top-k + error-feedback step (the Triton kernels' design, in CUDA C++).
+// torchkit CUDA kernels: the radix select fused with the error-feedback step, in CUDA C++.
 //
-// No torch headers: plain launchers over raw pointers, so the file compiles with nvcc alone
-// (CI checks that it does; it has not run on a GPU yet, see benchmarks/README.md).
-//   tk_hist:   v per element (EF14 stores v in e), 2048-bin shared-memory histogram of |v|
-//              (8 exponent + 3 mantissa bits), one global atomicAdd per bin and block;
-//   tk_select: entries above the threshold bin -> output, inside it -> candidates, compacted with
-//              warp-aggregated tickets (one atomicAdd per warp); EControl writes e <- e + g - h;
+// The same three launches as the Triton kernels (torchkit/ops/_triton/ef.py), sequenced by the same Python
+// driver (torchkit/ops/_select.py); loaded with ctypes (torchkit/ops/_cuda.py), so no torch headers:
+//   tk_hist:      v per element (EF14 stores v in e on the first pass), a 2048-bin shared-memory histogram
+//                 of (key >> shift_lo) over the entries whose key >> shift_hi equals a device-side prefix,
+//                 merged once per block (zero bins skipped); persistent grid.
+//   tk_threshold: one block: the bin holding the k-th largest key, the counts above it; scalars stay on the
+//                 device.
+//   tk_select:    entries above the threshold -> one output, equal to it -> another (the first `cap` in index
+//                 order), by an order-preserving compaction: a block scan, then a decoupled look-back over
+//                 block tickets taken in start order. Deterministic whatever the scheduling.
 //   tk_scatter_add: out[idx] += scale * val for one worker (indices unique within a worker).
-// 64-bit offsets throughout (d up to 1e9 and beyond).
-#include <cstdint>
+// Indices are int32: the driver sends d >= 2^30 to the reference (the look-back word packs two 30-bit counts).
+// Built with -fmad=false: the reference rounds e * eta and the add separately.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
 
 namespace {
 
 constexpr int kBins = 2048;
-enum Mode { kTopK = 0, kEF14 = 1, kEF21 = 2, kEControl = 3 };
+constexpr int kSelectThreads = 256;
+constexpr int kItems = 8;  // elements per thread in tk_select: 2048 per block, as the Triton kernels
+enum Mode { kTopK = 0, kEF14 = 1, kEF21 = 2, kEControl = 3, kCand = 4 };
+enum GType { kF32 = 0, kBF16 = 1, kF16 = 2 };
+constexpr unsigned long long kFlagA = 1ull << 60, kFlagP = 1ull << 61, kVals = (1ull << 60) - 1;
 
-__device__ __forceinline__ int bin_of(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) >> 20; }
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ unsigned key_of(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
 
-template <int M>
-__device__ __forceinline__ float value(const float* g, const float* e, const float* h, int64_t i, float eta) {
-  if (M == kTopK) return g[i];
-  if (M == kEF14) return e[i] + g[i];
-  if (M == kEF21) return g[i] - h[i];
-  const float t = g[i] - h[i];
-  return __fadd_rn(__fmul_rn(e[i], eta), t);  // no FMA contraction: same rounding as the CPU reference
+template <int M, typename G>
+__device__ __forceinline__ float value(const G* g, const float* e, const float* h, int i, float eta, bool stored) {
+  if (M == kTopK) return to_f(g[i]);
+  if (M == kEF14) return stored ? e[i] : __fadd_rn(e[i], to_f(g[i]));
+  if (M == kEF21) return __fsub_rn(to_f(g[i]), h[i]);
+  if (M == kEControl) return __fadd_rn(__fmul_rn(e[i], eta), __fsub_rn(to_f(g[i]), h[i]));
+  return e[i];  // kCand: e is the candidate values
 }
 
-template <int M>
-__global__ void tk_hist(const float* __restrict__ g, float* e, const float* __restrict__ h, unsigned int* hist,
-                        int64_t d, float eta) {
-  __shared__ unsigned int local[kBins];
+__device__ __forceinline__ bool on(const int* scal, int slot) { return slot < 0 || scal[slot] != 0; }
+
+template <int M, typename G>
+__global__ void tk_hist(const G* g, float* e, const float* h, int* hist, const int* scal, int d, float eta,
+                        bool stored, int active_slot, int n_slot, int prefix_slot, int shift_hi, int shift_lo) {
+  if (!on(scal, active_slot)) return;
+  __shared__ int local[kBins];
   for (int b = threadIdx.x; b < kBins; b += blockDim.x) local[b] = 0;
   __syncthreads();
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < d; i += stride) {
-    const float v = value<M>(g, e, h, i, eta);
-    if (M == kEF14) e[i] = v;
-    atomicAdd(&local[bin_of(v)], 1u);
+  const int n = n_slot < 0 ? d : scal[n_slot];
+  const unsigned prefix = prefix_slot < 0 ? 0u : static_cast<unsigned>(scal[prefix_slot]);
+  const unsigned width = (1u << (shift_hi - shift_lo)) - 1u;
+  const int stride = gridDim.x * blockDim.x;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float v = value<M>(g, e, h, i, eta, stored);
+    if (M == kEF14 && !stored) e[i] = v;
+    const unsigned key = key_of(v);
+    if (prefix_slot < 0 || (key >> shift_hi) == prefix) atomicAdd(&local[(key >> shift_lo) & width], 1);
   }
   __syncthreads();
   for (int b = threadIdx.x; b < kBins; b += blockDim.x)
     if (local[b]) atomicAdd(&hist[b], local[b]);
 }
 
-template <typename I>
-__device__ __forceinline__ void emit(bool take, int64_t i, float v, I* idx, float* val, unsigned int* ticket) {
-  const unsigned int mask = __ballot_sync(0xFFFFFFFFu, take);
-  if (!mask) return;
-  const int lane = threadIdx.x & 31;
-  const int leader = __ffs(mask) - 1;
-  unsigned int base = 0;
-  if (lane == leader) base = atomicAdd(ticket, static_cast<unsigned int>(__popc(mask)));
-  base = __shfl_sync(0xFFFFFFFFu, base, leader);
-  if (take) {
-    const unsigned int pos = base + __popc(mask & ((1u << lane) - 1u));
-    idx[pos] = static_cast<I>(i);
-    val[pos] = v;
+// one block of 1024 threads, two bins each, scanned from the top bin down
+__global__ void tk_threshold(const int* hist, int* scal, int k, int cap, int level) {
+  __shared__ int s[1024];
+  const int t = threadIdx.x;
+  const int a = hist[kBins - 1 - 2 * t], b = hist[kBins - 2 - 2 * t];
+  s[t] = a + b;
+  __syncthreads();
+  for (int off = 1; off < 1024; off <<= 1) {
+    const int x = t >= off ? s[t - off] : 0;
+    __syncthreads();
+    s[t] += x;
+    __syncthreads();
+  }
+  const int before = t ? s[t - 1] : 0;  // entries in the bins above this thread's two
+  const int need = level == 1 ? k : scal[level == 2 ? 2 : 8];
+  int bin = -1, above = 0, in_bin = 0;
+  if (before < need && before + a >= need) {
+    bin = kBins - 1 - 2 * t, above = before, in_bin = a;
+  } else if (before + a < need && before + a + b >= need) {
+    bin = kBins - 2 - 2 * t, above = before + a, in_bin = b;
+  }
+  if (bin < 0) return;  // exactly one thread holds the threshold bin
+  if (level == 1) {
+    scal[0] = bin, scal[1] = above, scal[2] = need - above, scal[3] = in_bin;
+    scal[4] = in_bin > cap, scal[5] = in_bin <= cap;
+  } else if (level == 2) {
+    scal[6] = bin, scal[7] = above, scal[8] = need - above, scal[9] = (scal[0] << 11) | bin;
+  } else {
+    scal[10] = (scal[0] << 20) | (scal[6] << 9) | bin;
+    scal[11] = k - (need - above);
+    scal[12] = need - above;
   }
 }
 
-template <int M, typename I>
-__global__ void tk_select(const float* __restrict__ g, float* e, const float* __restrict__ h, int thr, I* out_idx,
-                          float* out_val, I* cand_idx, float* cand_val, unsigned int* tickets, int64_t d, float eta) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  // every lane of a warp runs the same number of iterations, so the ballots see full warps
-  const int64_t warp_start = start - (threadIdx.x & 31);
-  for (int64_t base = warp_start; base < d; base += stride) {
-    const int64_t i = base + (threadIdx.x & 31);
-    const bool live = i < d;
-    float v = 0.0f;
-    if (live) {
-      v = (M == kEF14) ? e[i] : value<M>(g, e, h, i, eta);
-      if (M == kEControl) e[i] = e[i] + (g[i] - h[i]);
+// exclusive prefix over the blocks before vpid (run by one thread)
+__device__ unsigned long long look_back(unsigned long long* lb, int vpid, unsigned long long agg) {
+  if (vpid == 0) {
+    atomicExch(&lb[0], agg | kFlagP);
+    return 0;
+  }
+  atomicExch(&lb[vpid], agg | kFlagA);
+  unsigned long long excl = 0;
+  for (int j = vpid - 1; j >= 0;) {
+    const unsigned long long w = atomicAdd(&lb[j], 0ull);  // flags and counts in one word: no fence needed
+    if (w & kFlagP) {
+      excl += w & kVals;
+      break;
     }
-    const int b = live ? bin_of(v) : -1;
-    emit(b > thr, i, v, out_idx, out_val, &tickets[0]);
-    emit(b == thr, i, v, cand_idx, cand_val, &tickets[1]);
+    if (w & kFlagA) {
+      excl += w & kVals;
+      --j;
+    }
+  }
+  atomicExch(&lb[vpid], (excl + agg) | kFlagP);
+  return excl;
+}
+
+// block-wide exclusive scan of one int per thread; returns the block total through *total
+__device__ int block_exclusive_scan(int x, int* total) {
+  __shared__ int warp_sums[kSelectThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = x;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int y = __shfl_up_sync(0xFFFFFFFFu, incl, off);
+    if (lane >= off) incl += y;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kSelectThreads / 32 ? warp_sums[lane] : 0;
+    for (int off = 1; off < 32; off <<= 1) {
+      const int y = __shfl_up_sync(0xFFFFFFFFu, w, off);
+      if (lane >= off) w += y;
+    }
+    if (lane < kSelectThreads / 32) warp_sums[lane] = w;
+  }
+  __syncthreads();
+  const int warp_base = warp ? warp_sums[warp - 1] : 0;
+  *total = warp_sums[kSelectThreads / 32 - 1];
+  return warp_base + incl - x;
+}
+
+template <int M, typename G>
+__global__ void tk_select(const G* g, float* e, const float* h, const int* ci, int* scal, unsigned long long* lb,
+                          int* hi_idx, float* hi_val, int* eq_idx, float* eq_val, int d, float eta, bool stored,
+                          bool write_e, int active_slot, int n_slot, int thr_slot, int shift, int hi_base_slot,
+                          int eq_base_slot, int cap_slot, int ctr_slot) {
+  if (!on(scal, active_slot)) return;
+  __shared__ int vpid_s;
+  __shared__ unsigned long long excl_s;
+  if (threadIdx.x == 0) vpid_s = atomicAdd(&scal[ctr_slot], 1);  // tickets in start order: no deadlock
+  __syncthreads();
+  const int vpid = vpid_s;
+  const int n = n_slot < 0 ? d : scal[n_slot];
+  const unsigned thr = static_cast<unsigned>(scal[thr_slot]);
+  const int first = vpid * (kSelectThreads * kItems) + threadIdx.x * kItems;
+  float v[kItems];
+  unsigned char cls[kItems];  // 0 none, 1 above, 2 equal
+  int c = 0;                  // above count << 16 | equal count
+  #pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int i = first + j;
+    cls[j] = 0;
+    if (i < n) {
+      v[j] = value<M>(g, e, h, i, eta, stored);
+      if (M == kEControl && write_e) e[i] = __fadd_rn(e[i], __fsub_rn(to_f(g[i]), h[i]));
+      const unsigned b = key_of(v[j]) >> shift;
+      cls[j] = b > thr ? 1 : (b == thr ? 2 : 0);
+      c += cls[j] == 1 ? (1 << 16) : (cls[j] == 2 ? 1 : 0);
+    }
+  }
+  int total = 0;
+  const int mine = block_exclusive_scan(c, &total);
+  if (threadIdx.x == 0) {
+    const unsigned long long agg =
+        (static_cast<unsigned long long>(total >> 16) << 30) | static_cast<unsigned long long>(total & 0xFFFF);
+    excl_s = look_back(lb, vpid, agg);
+  }
+  __syncthreads();
+  const long long pos_hi0 = scal[hi_base_slot] + static_cast<long long>(excl_s >> 30) + (mine >> 16);
+  long long pos_eq = static_cast<long long>(excl_s & ((1ull << 30) - 1)) + (mine & 0xFFFF);
+  const long long cap = scal[cap_slot], eq_base = scal[eq_base_slot];
+  long long pos_hi = pos_hi0;
+  #pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    if (cls[j] == 0) continue;
+    const int idx = M == kCand ? ci[first + j] : first + j;
+    if (cls[j] == 1) {
+      hi_idx[pos_hi] = idx, hi_val[pos_hi] = v[j];
+      ++pos_hi;
+    } else {
+      if (pos_eq < cap) eq_idx[eq_base + pos_eq] = idx, eq_val[eq_base + pos_eq] = v[j];
+      ++pos_eq;
+    }
   }
 }
 
-__global__ void tk_scatter_add(float* out, const float* val, const int32_t* idx, float scale, int64_t k) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j < k) out[idx[j]] = out[idx[j]] + val[j] * scale;
+__global__ void tk_scatter_add_kernel(float* out, const float* val, const int* idx, float scale, int k) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j < k) out[idx[j]] = __fadd_rn(out[idx[j]], __fmul_rn(val[j], scale));
 }
 
-template <int M>
-cudaError_t launch(const float* g, float* e, const float* h, int64_t d, float eta, unsigned int* hist, int thr,
-                   int32_t* out_idx, float* out_val, int32_t* cand_idx, float* cand_val, unsigned int* tickets,
-                   int phase, cudaStream_t stream) {
-  const int threads = 256;
-  int sms = 132;
-  int dev = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int64_t want = (d + threads - 1) / threads;
-  const int blocks = static_cast<int>(want < 4LL * sms ? want : 4LL * sms);  // persistent grid
-  if (phase == 0)
-    tk_hist<M><<<blocks, threads, 0, stream>>>(g, e, h, hist, d, eta);
-  else
-    tk_select<M, int32_t><<<blocks, threads, 0, stream>>>(g, e, h, thr, out_idx, out_val, cand_idx, cand_val,
-                                                          tickets, d, eta);
+template <typename G, typename F>
+cudaError_t by_mode(int mode, F&& f) {
+  switch (mode) {
+    case kTopK: f(std::integral_constant<int, kTopK>{}, static_cast<G*>(nullptr)); break;
+    case kEF14: f(std::integral_constant<int, kEF14>{}, static_cast<G*>(nullptr)); break;
+    case kEF21: f(std::integral_constant<int, kEF21>{}, static_cast<G*>(nullptr)); break;
+    case kEControl: f(std::integral_constant<int, kEControl>{}, static_cast<G*>(nullptr)); break;
+    case kCand: f(std::integral_constant<int, kCand>{}, static_cast<G*>(nullptr)); break;
+    default: return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 
-}  // namespace
-
-// phase 0: histogram pass; phase 1: select pass. mode: 0 top-k, 1 EF14, 2 EF21, 3 EControl.
-extern "C" cudaError_t torchkit_ef_pass(int mode, int phase, const float* g, float* e, const float* h, int64_t d,
-                                        float eta, unsigned int* hist, int thr, int32_t* out_idx, float* out_val,
-                                        int32_t* cand_idx, float* cand_val, unsigned int* tickets,
-                                        cudaStream_t stream) {
-  switch (mode) {
-    case kTopK: return launch<kTopK>(g, e, h, d, eta, hist, thr, out_idx, out_val, cand_idx, cand_val, tickets, phase, stream);
-    case kEF14: return launch<kEF14>(g, e, h, d, eta, hist, thr, out_idx, out_val, cand_idx, cand_val, tickets, phase, stream);
-    case kEF21: return launch<kEF21>(g, e, h, d, eta, hist, thr, out_idx, out_val, cand_idx, cand_val, tickets, phase, stream);
-    case kEControl: return launch<kEControl>(g, e, h, d, eta, hist, thr, out_idx, out_val, cand_idx, cand_val, tickets, phase, stream);
+template <typename F>
+cudaError_t dispatch(int mode, int gdtype, F&& f) {
+  switch (gdtype) {
+    case kF32: return by_mode<float>(mode, f);
+    case kBF16: return by_mode<__nv_bfloat16>(mode, f);
+    case kF16: return by_mode<__half>(mode, f);
     default: return cudaErrorInvalidValue;
   }
 }
 
-extern "C" cudaError_t torchkit_scatter_add(float* out, const float* val, const int32_t* idx, float scale, int64_t k,
-                                            cudaStream_t stream) {
-  const int threads = 256;
-  const int64_t blocks = (k + threads - 1) / threads;
-  if (blocks > 0) tk_scatter_add<<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(out, val, idx, scale, k);
+}  // namespace
+
+extern "C" int tk_hist(int mode, int gdtype, const void* g, float* e, const float* h, int* hist, const int* scal,
+                       int d, float eta, int stored, int active_slot, int n_slot, int prefix_slot, int shift_hi,
+                       int shift_lo, int grid, cudaStream_t stream) {
+  return dispatch(mode, gdtype, [&](auto m, auto* gt) {
+    using G = std::remove_pointer_t<decltype(gt)>;
+    tk_hist<decltype(m)::value, G><<<grid, 512, 0, stream>>>(static_cast<const G*>(g), e, h, hist, scal, d, eta,
+                                                              stored, active_slot, n_slot, prefix_slot, shift_hi,
+                                                              shift_lo);
+  });
+}
+
+extern "C" int tk_threshold(const int* hist, int* scal, int k, int cap, int level, cudaStream_t stream) {
+  tk_threshold<<<1, 1024, 0, stream>>>(hist, scal, k, cap, level);
   return cudaGetLastError();
 }
+
+extern "C" int tk_select(int mode, int gdtype, const void* g, float* e, const float* h, const int* ci, int* scal,
+                         unsigned long long* lb, int* hi_idx, float* hi_val, int* eq_idx, float* eq_val, int d,
+                         float eta, int stored, int write_e, int active_slot, int n_slot, int thr_slot, int shift,
+                         int hi_base_slot, int eq_base_slot, int cap_slot, int ctr_slot, int grid,
+                         cudaStream_t stream) {
+  return dispatch(mode, gdtype, [&](auto m, auto* gt) {
+    using G = std::remove_pointer_t<decltype(gt)>;
+    tk_select<decltype(m)::value, G><<<grid, kSelectThreads, 0, stream>>>(
+        static_cast<const G*>(g), e, h, ci, scal, lb, hi_idx, hi_val, eq_idx, eq_val, d, eta, stored, write_e,
+        active_slot, n_slot, thr_slot, shift, hi_base_slot, eq_base_slot, cap_slot, ctr_slot);
+  });
+}
+
+extern "C" int tk_scatter_add(float* out, const float* val, const int* idx, float scale, int k, cudaStream_t stream) {
+  const int threads = 256;
+  const int blocks = (k + threads - 1) / threads;
+  if (blocks > 0) tk_scatter_add_kernel<<<blocks, threads, 0, stream>>>(out, val, idx, scale, k);
+  return cudaGetLastError();
+}
+
+extern "C" int tk_block_elems() { return kSelectThreads * kItems; }

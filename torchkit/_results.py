@@ -9,13 +9,14 @@ from pathlib import Path
 __all__ = ["save_result"]
 
 
-def save_result(result: dict, folder: str | Path, stem: str, plotter: Callable[[dict, Path], None]) -> Path:
-    """``folder/stem.json`` always; ``folder/stem.png`` when matplotlib is installed."""
+def save_result(result: dict, folder: str | Path, stem: str, plotter: Callable[[dict, Path], None] | None) -> Path:
+    """``folder/stem.json`` always; ``folder/stem.png`` when there is a plotter and matplotlib is installed."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=1))
     try:
-        plotter(result, folder / f"{stem}.png")
+        if plotter is not None:
+            plotter(result, folder / f"{stem}.png")
     except ImportError:
         pass
     return folder

@@ -44,22 +44,56 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def time_once(fn: Callable[[], object], device: torch.device, setup: Callable[[], object] | None = None) -> float:
+    """Milliseconds of one call of ``fn`` after an untimed ``setup`` (CUDA events on GPUs)."""
+    if setup is not None:
+        setup()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _quantiles(times: list[float]) -> tuple[float, float, float, float]:
+    """(min, p20, p50, p80)."""
+    times = sorted(times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return times[0], pick(0.2), pick(0.5), pick(0.8)
+
+
+def time_interleaved(
+    variants: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    setup: Callable[[], object] | None = None,
+    seed: int = 0,
+) -> dict[str, tuple[float, float, float, float]]:
+    """Time each variant ``repeats`` times, the variants interleaved in a fresh random order every round and
+    ``setup`` (restoring the state) run untimed before every call; returns (min, p20, p50, p80) per variant."""
+    import random
+
+    rng = random.Random(seed)
+    for fn in variants.values():  # warm-up: compilation, allocator, caches
+        time_once(fn, device, setup)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for name in names:
+            times[name].append(time_once(variants[name], device, setup))
+    return {name: _quantiles(ts) for name, ts in times.items()}
+
+
 def time_fn(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float, float]:
     """(p20, p50, p80) in milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
-
-        qs = triton.testing.do_bench(fn, warmup=25, rep=max(100, 20 * repeats), quantiles=[0.2, 0.5, 0.8])
-        return float(qs[0]), float(qs[1]), float(qs[2])
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return pick(0.2), pick(0.5), pick(0.8)
+    _, p20, p50, p80 = time_interleaved({"fn": fn}, device, repeats)["fn"]
+    return p20, p50, p80
 
 
 def copy_bandwidth(device: torch.device, d: int, repeats: int = 5) -> float:
@@ -98,6 +132,15 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _gpu_impls(dev: torch.device) -> list[str]:
+    if dev.type != "cuda":
+        return ["cpp"] if ops.build_extension() else []
+    from .ops import _cuda
+
+    _cuda.build()
+    return [i for i in ("triton", "cuda") if i in ops.available_impls(dev)]
+
+
 def run_kernel_bench(
     device: str | torch.device = "auto",
     sizes: Sequence[int] = (10**6, 10**7, 10**8),
@@ -107,98 +150,93 @@ def run_kernel_bench(
     workers: int = 8,
     repeats: int | None = None,
     log: Callable[[str], None] = print,
+    extra: Sequence[tuple[int, str, float]] = (),
 ) -> dict:
-    """Time every op for every (d, k, dtype); returns the JSON-ready record."""
+    """Time every op for every (d, k, dtype), the variants interleaved and the state restored before every call;
+    ``extra`` adds single (d, dtype, ratio) cases (d = 1e9 in bf16). Returns the JSON-ready record."""
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    impl = "triton" if dev.type == "cuda" else ("cpp" if ops.build_extension() else "reference")
+    impls = _gpu_impls(dev)
+    impl = impls[0] if impls else "reference"
     bw = copy_bandwidth(dev, max(sizes))
-    log(f"device: {device_name(dev)}; fused impl: {impl}; copy bandwidth {bw / 1e9:.1f} GB/s")
+    log(f"device: {device_name(dev)}; fused impls: {impls}; copy bandwidth {bw / 1e9:.1f} GB/s")
+    cases = [(d, dt, r) for d in sizes for dt in dtypes for r in ratios] + list(extra)
     rows = []
-    for d in sizes:
-        reps = repeats or (5 if d <= 10**7 or dev.type == "cuda" else 3)
-        gen = torch.Generator(device="cpu").manual_seed(d)
-        e0 = torch.randn(d, generator=gen).to(dev)
-        h0 = torch.randn(d, generator=gen).to(dev)
-        g32 = torch.randn(d, generator=gen).to(dev)
-        for dt in dtypes:
-            g = g32.to(getattr(torch, dt))
-            for ratio in ratios:
-                k = max(1, int(d * ratio))
-                for op in op_names:
-                    floor_s = _FLOOR_BYTES[op](g.element_size()) * d / bw
-                    rec = {"op": op, "d": d, "k": k, "ratio": ratio, "grad_dtype": dt, "floor_ms": floor_s * 1e3}
-                    e, h = e0.clone(), h0.clone()
-                    variants = [("baseline", _baseline(op)), (impl, _fused(op, impl, False))]
-                    if op != "topk" and impl != "reference":
-                        variants.append((f"{impl}-approx", _fused(op, impl, True)))
-                    times = {}
-                    for name, fn in variants:
-                        times[name] = time_fn(lambda fn=fn: fn(g, e, h, k), dev, reps)  # noqa: B023 (called at once)
-                    base = times["baseline"][1]
-                    for name, (p20, p50, p80) in times.items():
-                        rows.append(
-                            {
-                                **rec,
-                                "impl": name,
-                                "ms_p20": p20,
-                                "ms_p50": p50,
-                                "ms_p80": p80,
-                                "gb_per_s": _FLOOR_BYTES[op](g.element_size()) * d / (p50 / 1e3) / 1e9,
-                                "x_floor": p50 / rec["floor_ms"],
-                                "speedup_vs_baseline": base / p50,
-                            }
-                        )
-                    log(
-                        f"  d={d:.0e} k={ratio:.1%} {dt:8s} {op:8s} "
-                        + "  ".join(f"{n} {t[1]:8.2f} ms" for n, t in times.items())
-                    )
-        # accumulate_: n workers' messages of k entries each into one dense vector
-        for ratio in ratios:
-            k = max(1, int(d * ratio))
-            vals = torch.randn(workers, k, device=dev)
-            idx = torch.stack([torch.randperm(d, device="cpu")[:k] for _ in range(workers)]).int().to(dev)
-            out = torch.zeros(d, device=dev)
-            floor_ms = workers * k * (4 + 4 + 8) / bw * 1e3  # value + index + read and write of out
-            times = {
-                name: time_fn(lambda i=i: ops.accumulate_(out, vals, idx, 1.0 / workers, impl=i), dev, reps)  # noqa: B023
-                for name, i in (("baseline", "reference"), (impl, impl))
-            }
-            for name, (p20, p50, p80) in times.items():
+    state: dict = {}
+    for d, dt, ratio in cases:
+        reps = repeats or (15 if dev.type == "cuda" else (5 if d <= 10**7 else 3))
+        if state.get("d") != d:
+            state.clear()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            gen = torch.Generator(device=dev).manual_seed(d)
+            state.update({n: torch.randn(d, generator=gen, device=dev) for n in ("e0", "h0", "g32")}, d=d)
+            state.update(e=state["e0"].clone(), h=state["h0"].clone())
+        e0, h0, e, h = state["e0"], state["h0"], state["e"], state["h"]
+        g = state["g32"].to(getattr(torch, dt))
+        k = max(1, int(d * ratio))
+
+        def restore():
+            e.copy_(e0)
+            h.copy_(h0)
+
+        for op in op_names:
+            floor_ms = _FLOOR_BYTES[op](g.element_size()) * d / bw * 1e3
+            variants = {"baseline": lambda fn=_baseline(op): fn(g, e, h, k)}
+            for name in impls:
+                variants[name] = lambda fn=_fused(op, name, False): fn(g, e, h, k)
+                if op != "topk":
+                    variants[f"{name}-approx"] = lambda fn=_fused(op, name, True): fn(g, e, h, k)
+            if op == "topk":
+                v = g.float().abs()
+                variants["torch.topk"] = lambda v=v: torch.topk(v, k, sorted=False)
+            times = time_interleaved(variants, dev, reps, setup=restore)
+            base = times["baseline"][2]
+            for name, (tmin, p20, p50, p80) in times.items():
                 rows.append(
                     {
-                        "op": "accumulate",
-                        "d": d,
-                        "k": k,
-                        "ratio": ratio,
-                        "grad_dtype": "float32",
-                        "workers": workers,
-                        "impl": name,
-                        "ms_p20": p20,
-                        "ms_p50": p50,
-                        "ms_p80": p80,
-                        "floor_ms": floor_ms,
-                        "gb_per_s": workers * k * 16 / (p50 / 1e3) / 1e9,
-                        "x_floor": p50 / floor_ms,
-                        "speedup_vs_baseline": times["baseline"][1] / p50,
+                        "op": op, "d": d, "k": k, "ratio": ratio, "grad_dtype": dt, "impl": name,
+                        "ms_min": tmin, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "floor_ms": floor_ms,
+                        "gb_per_s": _FLOOR_BYTES[op](g.element_size()) * d / (p50 / 1e3) / 1e9,
+                        "x_floor": p50 / floor_ms, "speedup_vs_baseline": base / p50,
                     }
-                )
-            log(
-                f"  d={d:.0e} k={ratio:.1%} accumulate x{workers} "
-                + "  ".join(f"{n} {t[1]:8.2f} ms" for n, t in times.items())
-            )
+                )  # fmt: skip
+            log(f"  d={d:.0e} k={ratio:.1%} {dt:8s} {op:8s} " + "  ".join(f"{n} {t[2]:8.3f} ms" for n, t in times.items()))
+        if dt != dtypes[0]:
+            continue
+        # accumulate_: n workers' messages of k entries each into one dense vector
+        vals = torch.randn(workers, k, device=dev)
+        idx = torch.stack([torch.randperm(d, device=dev)[:k] for _ in range(workers)]).int()
+        out = torch.zeros(d, device=dev)
+        floor_ms = workers * k * (4 + 4 + 8) / bw * 1e3  # value + index + read and write of out
+        variants = {n: (lambda i=i: ops.accumulate_(out, vals, idx, 1.0 / workers, impl=i)) for n, i in
+                    [("baseline", "reference")] + [(i, i) for i in impls]}  # fmt: skip
+        times = time_interleaved(variants, dev, reps)
+        for name, (tmin, p20, p50, p80) in times.items():
+            rows.append(
+                {
+                    "op": "accumulate", "d": d, "k": k, "ratio": ratio, "grad_dtype": "float32", "workers": workers,
+                    "impl": name, "ms_min": tmin, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "floor_ms": floor_ms,
+                    "gb_per_s": workers * k * 16 / (p50 / 1e3) / 1e9, "x_floor": p50 / floor_ms,
+                    "speedup_vs_baseline": times["baseline"][2] / p50,
+                }
+            )  # fmt: skip
+        log(f"  d={d:.0e} k={ratio:.1%} accumulate x{workers} " + "  ".join(f"{n} {t[2]:8.3f} ms" for n, t in times.items()))
     return {
         "device": device_name(dev),
         "device_type": dev.type,
         "fused_impl": impl,
+        "fused_impls": impls,
         "copy_bandwidth_gb_per_s": bw / 1e9,
         "torch": torch.__version__,
         "triton": _triton_version(),
         "commit": _git_commit(),
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "note": "baseline = torchkit.ops._reference (torch.topk + elementwise ops, the composed torch step); "
-        "floor = single-pass bytes / measured copy bandwidth",
+        "note": "baseline = torchkit.ops._reference (torch.topk + elementwise ops, the composed torch step, as GRACE "
+        "and DGC do); torch.topk = torch.topk(|v|, sorted=False) alone on a precomputed fp32 |v|; floor = single-pass "
+        "bytes / measured copy bandwidth (torch.add(a, b, out=c)); every call starts from the same state (restored "
+        "untimed), variants interleaved in random order, quantiles over the repeats",
         "rows": rows,
     }
 
@@ -213,22 +251,24 @@ def _triton_version() -> str | None:
 
 
 def format_table(result: dict) -> str:
-    fused = result["fused_impl"]
-    lines = [
-        f"device: {result['device']}  (copy {result['copy_bandwidth_gb_per_s']:.1f} GB/s, fused = {fused})",
-        f"{'op':10s} {'d':>6s} {'k':>6s} {'dtype':9s} {'baseline ms':>12s} {fused + ' ms':>12s} "
-        f"{'speedup':>8s} {'x floor':>8s}",
-    ]
-    by = {}
+    """Median ms per variant, and the best fused variant's multiple of the floor and speed-up over the baseline."""
+    by: dict = {}
     for r in result["rows"]:
         by.setdefault((r["op"], r["d"], r["ratio"], r["grad_dtype"]), {})[r["impl"]] = r
+    names = [n for n in ("baseline", "torch.topk") if any(n in rs for rs in by.values())]
+    for i in result.get("fused_impls", [result["fused_impl"]]):
+        names += [i, f"{i}-approx"]
+    names = [n for n in names if any(n in rs for rs in by.values())]
+    lines = [
+        f"device: {result['device']}  (copy {result['copy_bandwidth_gb_per_s']:.1f} GB/s); median ms per call",
+        f"{'op':10s} {'d':>6s} {'k':>6s} {'dtype':9s} " + " ".join(f"{n:>14s}" for n in names) + "  floor x  speedup",
+    ]
     for (op, d, ratio, dt), rs in by.items():
-        if "baseline" not in rs or fused not in rs:
-            continue
-        f = rs[fused]
+        cells = " ".join(f"{rs[n]['ms_p50']:14.3f}" if n in rs else f"{'-':>14s}" for n in names)
+        fused = [r for n, r in rs.items() if n not in ("baseline", "torch.topk") and not n.endswith("-approx")]
+        best = min(fused, key=lambda r: r["ms_p50"]) if fused else rs["baseline"]
         lines.append(
-            f"{op:10s} {d:6.0e} {ratio:6.1%} {dt:9s} {rs['baseline']['ms_p50']:12.2f} {f['ms_p50']:12.2f} "
-            f"{f['speedup_vs_baseline']:7.1f}x {f['x_floor']:7.1f}x"
+            f"{op:10s} {d:6.0e} {ratio:6.1%} {dt:9s} {cells}  {best['x_floor']:6.2f}x {best['speedup_vs_baseline']:6.1f}x"
         )
     return "\n".join(lines)
 

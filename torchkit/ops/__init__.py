@@ -2,7 +2,10 @@
 
 Dispatch lives here and only here. ``impl="auto"`` picks Triton for CUDA tensors, the compiled csrc
 kernel for CPU tensors when it has been built (``torchkit.ops.build_extension()``), else the plain-torch
-reference in :mod:`torchkit.ops._reference`. A named ``impl`` that is unavailable raises.
+reference in :mod:`torchkit.ops._reference`. ``impl="cuda"`` runs the CUDA C++ kernels once built
+(``build_extension(cuda=True)``). A named ``impl`` that is unavailable raises. Every implementation selects
+the same entries (ties at the k-th magnitude to the lowest indices; the reference's ``torch.topk`` breaks
+ties its own way); inputs a kernel does not take (fp64, d >= 2**30 on the GPU) run the reference.
 
 Bytes each fused step must move per element (fp32 state): EF14 12 B (read g, e; write e),
 EF21 8 B (read g, h; sparse write of h), EControl 16 B (read g, e, h; write e). See benchmarks/.
@@ -16,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_dense_float, check_int, check_unit_interval
-from . import _ext, _reference
+from . import _cuda, _ext, _reference
 from ._reference import index_dtype
 
 __all__ = [
@@ -30,8 +33,15 @@ __all__ = [
     "available_impls",
 ]
 
-Impl = Literal["auto", "reference", "triton", "cpp"]
-build_extension = _ext.build
+Impl = Literal["auto", "reference", "triton", "cuda", "cpp"]
+
+
+def build_extension(verbose: bool = False, *, cuda: bool = False) -> bool:
+    """Compile the csrc CPU kernel (and, with ``cuda=True``, the CUDA kernels for this GPU); True when all load."""
+    ok = _ext.build(verbose=verbose)
+    if cuda:
+        ok = _cuda.build(verbose=verbose) and ok
+    return ok
 
 
 def available_impls(device: torch.device | str = "cpu") -> list[str]:
@@ -39,6 +49,8 @@ def available_impls(device: torch.device | str = "cpu") -> list[str]:
     impls = ["reference"]
     if _triton_usable(device):
         impls.append("triton")
+    if device.type == "cuda" and _cuda.available():
+        impls.append("cuda")
     if device.type == "cpu" and _ext.available():
         impls.append("cpp")
     return impls
@@ -68,13 +80,19 @@ def _choose(impl: Impl, x: Tensor, rows: bool) -> str:
                 "(needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors)"
             )
         return impl
+    if impl == "cuda":
+        if not x.is_cuda:
+            raise RuntimeError(f"impl='cuda' runs on CUDA tensors only, got {x.device}")
+        if not _cuda.available():
+            raise RuntimeError(f"impl='cuda' requested but the CUDA kernels are not built: {_cuda.error()}")
+        return impl
     if impl == "cpp":
         if x.device.type != "cpu":
             raise RuntimeError(f"impl='cpp' runs on CPU tensors only, got {x.device}")
         if not _ext.available():
             raise RuntimeError(f"impl='cpp' requested but the csrc extension is not built: {_ext.error()}")
         return impl
-    raise ValueError(f"impl must be one of 'auto', 'reference', 'triton', 'cpp', got {impl!r}")
+    raise ValueError(f"impl must be one of 'auto', 'reference', 'triton', 'cuda', 'cpp', got {impl!r}")
 
 
 def _check_vector(name: str, t: Tensor, *, allow_rows: bool = True) -> bool:
@@ -108,6 +126,8 @@ def _check_k(k: int, d: int) -> int:
 def _kernels(name: str):
     if name == "triton":
         from ._triton import ef as mod
+    elif name == "cuda":
+        mod = _cuda
     elif name == "cpp":
         mod = _ext
     else:

@@ -1,19 +1,22 @@
-"""Triton kernels for the fused error-feedback steps (design B of shared/docs/kernels.md).
+"""Triton kernels for the fused error-feedback steps: an 11-bit radix select (AIR top-k's design) fused with
+the state update, deterministic and free of host synchronisation. The driver is shared with the CUDA C++
+kernels (:mod:`torchkit.ops._select`); this module only launches.
 
-pass 1 (``_hist_kernel``): compute v (EF14 stores it in e), 2048-bin histogram of |v| (8 exponent + 3
-mantissa bits: 1/8 octave per bin), merged with one atomic add per bin and program.
-device: the bin holding the k-th largest |v| (cumulative sum of the histogram from the top).
-pass 2 (``_select_kernel``): entries above that bin go to the output, entries inside it to a candidate
-buffer (exact mode; its size is read from the histogram on the host, the one synchronisation) or
-straight into the remaining output slots (approximate mode: no host synchronisation at all), all
-compacted with one atomic ticket per program (output order is not deterministic on a GPU, and in
-approximate mode neither is which threshold-bin entries fill the last slots). EControl writes
-e <- e + g - h here, after reading the old e.
-resolve: exact mode takes the r largest candidates (torch.topk on the small buffer); then the sparse
-state update on the k sent indices.
+Key of an entry: the bits of |v| (31 bits, monotone in |v|, NaN above inf). Three levels of 11 + 11 + 9 bits.
 
-Bytes per element (fp32): EF14 16 (read g, e; write e; read e), EF21 16, EControl 28, top-k 8; the
-single-pass floors are 12 / 8 / 16 / 4 (benchmarks/ reports the ratio).
+1. ``_hist_kernel`` level 1 (persistent grid): v, the 2048-bin histogram of ``key >> 20``; EF14 stores v in e.
+2. ``_threshold_kernel`` (one program): the bin holding the k-th largest key, counts above it, and whether
+   that bin fits the candidate buffer. Every scalar stays in device memory.
+3. ``_select_kernel``: entries above the bin go to the output, entries in it to the candidate buffer (exact
+   mode) or straight into the remaining output slots (approximate mode: the lowest indices win). Positions
+   come from an order-preserving compaction (per-program counts, decoupled look-back over program tickets),
+   so the output is the same whatever order the GPU runs the programs in. EControl writes e <- e + g - h here.
+4. exact mode: levels 2 and 3 histogram the candidates (or, when the bin overflowed the buffer, the whole
+   vector, re-read) and a last select pass writes the exact k: every entry above the k-th key, then the
+   lowest-indexed entries equal to it. The pass over the path not taken is launched too and exits at once
+   (a device flag), so no host read is ever needed.
+
+Every launch passes ``enable_fp_fusion=False``: the reference rounds ``e * eta`` and the add separately.
 """
 
 from __future__ import annotations
@@ -23,102 +26,214 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._reference import _scales, index_dtype
+from .. import _select
 
 __all__ = ["topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
 
-NBINS = 2048
-TOPK, EF14, EF21, ECONTROL = 0, 1, 2, 3
-POISON = False  # tests set this: outputs start as NaN / -1 instead of uninitialised memory
-
-
-def _empty(n: int, dtype: torch.dtype, device) -> Tensor:
-    if not POISON:
-        return torch.empty(n, dtype=dtype, device=device)
-    return torch.full((n,), -1 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device)
+NB = _select.NBINS
+NUM_WARPS = 8  # 2048-element programs: 8 entries per thread
+CAND = _select.CAND
+FLAG_A: tl.constexpr = tl.constexpr(1 << 60)  # look-back word: this program's own counts are published
+FLAG_P: tl.constexpr = tl.constexpr(1 << 61)  # look-back word: the inclusive prefix is published
+VALS: tl.constexpr = tl.constexpr((1 << 60) - 1)  # hi count << 30 | eq count
 
 
 @triton.jit
-def _value(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE: tl.constexpr):
-    g = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
+def _load_v(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE: tl.constexpr, STORED: tl.constexpr):
+    """v of the method (fp32). STORED: EF14 already holds v in e. CAND: e_ptr is the candidate values."""
     if MODE == 0:
-        v = g
+        v = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
     elif MODE == 1:
-        v = tl.load(e_ptr + offs, mask=live, other=0.0) + g
+        if STORED:
+            v = tl.load(e_ptr + offs, mask=live, other=0.0)
+        else:
+            v = tl.load(e_ptr + offs, mask=live, other=0.0) + tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
     elif MODE == 2:
-        v = g - tl.load(h_ptr + offs, mask=live, other=0.0)
-    else:
-        t = g - tl.load(h_ptr + offs, mask=live, other=0.0)
+        v = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=live, other=0.0)
+    elif MODE == 3:
+        t = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=live, other=0.0)
         v = tl.load(e_ptr + offs, mask=live, other=0.0) * eta + t
+    else:
+        v = tl.load(e_ptr + offs, mask=live, other=0.0)
     return v
 
 
 @triton.jit
-def _bin(v):
-    key = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # monotone in |v|; NaN ranks above inf
-    return key >> 20
+def _key(v):
+    return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
-def _hist_kernel(g_ptr, e_ptr, h_ptr, hist_ptr, d, eta, MODE: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # d up to 1e9: 64-bit offsets
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    live = offs < d
-    v = _value(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE)
-    if MODE == 1:
-        tl.store(e_ptr + offs, v, mask=live)  # e now holds v = e + g
-    b = tl.where(live, _bin(v), 0)
-    counts = tl.histogram(b, NB)
-    counts = counts - tl.where(tl.arange(0, NB) == 0, BLOCK - tl.sum(live.to(tl.int32), axis=0), 0)
-    tl.atomic_add(hist_ptr + tl.arange(0, NB), counts)
+def _flag(scal_ptr, slot):
+    """A device-side switch: slot < 0 means always on."""
+    return (slot < 0) | (tl.load(scal_ptr + tl.maximum(slot, 0)) != 0)
 
 
 @triton.jit
+def _count(scal_ptr, d, n_slot):
+    """d, or a count in device memory (slot >= 0)."""
+    return tl.where(n_slot < 0, d, tl.load(scal_ptr + tl.maximum(n_slot, 0)))
+
+
+_SLOTS = ["active", "n_slot", "prefix_slot", "shift_hi", "shift_lo", "thr_slot", "shift", "hi_base", "eq_base",
+          "cap_slot", "ctr_slot"]  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["d", "eta"] + _SLOTS[:5])
+def _hist_kernel(
+    g_ptr,
+    e_ptr,
+    h_ptr,
+    hist_ptr,
+    scal_ptr,
+    d,
+    eta,
+    active,
+    n_slot,
+    prefix_slot,
+    shift_hi,
+    shift_lo,
+    MODE: tl.constexpr,
+    STORED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NBINS: tl.constexpr,
+):
+    """Histogram of ``(key >> shift_lo)`` over the entries whose ``key >> shift_hi`` equals the prefix
+    (level 1: no prefix), merged into ``hist`` once per program (persistent grid, zero bins skipped)."""
+    if _flag(scal_ptr, active):
+        n = _count(scal_ptr, d, n_slot)
+        nblk = tl.cdiv(n, BLOCK)
+        width_mask = (1 << (shift_hi - shift_lo)) - 1
+        prefix = tl.load(scal_ptr + tl.maximum(prefix_slot, 0))
+        lane = tl.arange(0, BLOCK)
+        acc = tl.zeros([NBINS], dtype=tl.int32)
+        for blk in range(tl.program_id(0), nblk, tl.num_programs(0)):
+            offs = blk * BLOCK + lane  # int32: d < 2**30
+            live = offs < n
+            v = _load_v(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE, STORED)
+            if MODE == 1 and not STORED:
+                tl.store(e_ptr + offs, v, mask=live)  # e now holds v = e + g
+            key = _key(v)
+            m = live & (((key >> shift_hi) == prefix) | (prefix_slot < 0))
+            b = tl.where(m, (key >> shift_lo) & width_mask, 0)
+            dead = BLOCK - tl.sum(m.to(tl.int32), axis=0)
+            acc += tl.histogram(b, NBINS) - tl.where(tl.arange(0, NBINS) == 0, dead, 0)
+        bins = tl.arange(0, NBINS)
+        tl.atomic_add(hist_ptr + bins, acc, mask=acc != 0, sem="relaxed")
+
+
+@triton.jit
+def _threshold_kernel(hist_ptr, scal_ptr, k, cap, LEVEL: tl.constexpr, NBINS: tl.constexpr):
+    """One program: the bin of the k-th largest key at this level; writes the level's scalars."""
+    r = tl.arange(0, NBINS)
+    h = tl.load(hist_ptr + r)
+    if LEVEL == 1:
+        need = k
+    elif LEVEL == 2:
+        need = tl.load(scal_ptr + 2)  # S_NEED1
+    else:
+        need = tl.load(scal_ptr + 8)  # S_NEED2
+    at_or_above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+    b = tl.max(tl.where(at_or_above >= need, r, -1), axis=0)
+    above = tl.sum(tl.where(r > b, h, 0), axis=0)
+    in_bin = tl.sum(tl.where(r == b, h, 0), axis=0)
+    if LEVEL == 1:
+        tl.store(scal_ptr + 0, b)  # S_B1
+        tl.store(scal_ptr + 1, above)  # S_ABOVE1
+        tl.store(scal_ptr + 2, need - above)  # S_NEED1
+        tl.store(scal_ptr + 3, in_bin)  # S_N1
+        tl.store(scal_ptr + 4, (in_bin > cap).to(tl.int32))  # S_OVER
+        tl.store(scal_ptr + 5, (in_bin <= cap).to(tl.int32))  # S_FITS
+    elif LEVEL == 2:
+        tl.store(scal_ptr + 6, b)  # S_B2
+        tl.store(scal_ptr + 7, above)  # S_ABOVE2
+        tl.store(scal_ptr + 8, need - above)  # S_NEED2
+        tl.store(scal_ptr + 9, (tl.load(scal_ptr + 0) << 11) | b)  # S_P3
+    else:
+        t = (tl.load(scal_ptr + 0) << 20) | (tl.load(scal_ptr + 6) << 9) | b
+        tl.store(scal_ptr + 10, t)  # S_T
+        tl.store(scal_ptr + 11, k - (need - above))  # S_A: entries with a key above T
+        tl.store(scal_ptr + 12, need - above)  # S_CAP: entries equal to T that are sent
+
+
+@triton.jit
+def _lookback(lb_ptr, vpid, agg):
+    """Exclusive prefix of ``agg`` over the programs before ``vpid`` (decoupled look-back)."""
+    excl = tl.zeros([], dtype=tl.int64)
+    if vpid == 0:
+        tl.atomic_xchg(lb_ptr, agg | FLAG_P, sem="relaxed")
+    else:
+        tl.atomic_xchg(lb_ptr + vpid, agg | FLAG_A, sem="relaxed")
+        j = vpid - 1
+        while j >= 0:
+            w = tl.atomic_add(lb_ptr + j, 0, sem="relaxed")  # flags and counts in one word: no ordering needed
+            if (w & FLAG_P) != 0:
+                excl += w & VALS
+                j = -1
+            elif (w & FLAG_A) != 0:
+                excl += w & VALS
+                j -= 1
+        tl.atomic_xchg(lb_ptr + vpid, (excl + agg) | FLAG_P, sem="relaxed")
+    return excl
+
+
+@triton.jit(do_not_specialize=["d", "eta", "active", "n_slot"] + _SLOTS[5:])
 def _select_kernel(
     g_ptr,
     e_ptr,
     h_ptr,
-    thr_ptr,
-    out_idx,
-    out_val,
+    ci_ptr,
+    scal_ptr,
+    lb_ptr,
+    hi_idx,
+    hi_val,
     eq_idx,
     eq_val,
-    eq_base_ptr,
-    eq_cap_ptr,
-    tickets,
     d,
     eta,
+    active,
+    n_slot,
+    thr_slot,
+    shift,
+    hi_base,
+    eq_base,
+    cap_slot,
+    ctr_slot,
     MODE: tl.constexpr,
+    STORED: tl.constexpr,
+    WRITE_E: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # thr, and where the threshold bin's entries go, are read from device memory: no host round trip
-    thr = tl.load(thr_ptr)
-    eq_base = tl.load(eq_base_ptr)
-    eq_cap = tl.load(eq_cap_ptr)
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    live = offs < d
-    if MODE == 1:
-        v = tl.load(e_ptr + offs, mask=live, other=0.0)
-    else:
-        v = _value(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE)
-    if MODE == 3:
-        t = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=live, other=0.0)
-        tl.store(e_ptr + offs, tl.load(e_ptr + offs, mask=live, other=0.0) + t, mask=live)
-    b = _bin(v)
-    hi = live & (b > thr)
-    eq = live & (b == thr)
-    hi_i = hi.to(tl.int32)
-    eq_i = eq.to(tl.int32)
-    base_hi = tl.atomic_add(tickets, tl.sum(hi_i, axis=0))
-    base_eq = tl.atomic_add(tickets + 1, tl.sum(eq_i, axis=0))
-    pos_hi = base_hi + tl.cumsum(hi_i, axis=0) - hi_i
-    pos_eq = base_eq + tl.cumsum(eq_i, axis=0) - eq_i
-    keep_eq = eq & (pos_eq < eq_cap)
-    tl.store(out_idx + pos_hi, offs.to(out_idx.dtype.element_ty), mask=hi)
-    tl.store(out_val + pos_hi, v, mask=hi)
-    tl.store(eq_idx + eq_base + pos_eq, offs.to(eq_idx.dtype.element_ty), mask=keep_eq)
-    tl.store(eq_val + eq_base + pos_eq, v, mask=keep_eq)
+    """Entries with ``key >> shift`` above the threshold go to ``hi_*`` (from its base), entries equal to it
+    to ``eq_*`` (from its base, the first ``cap`` in index order); order-preserving compaction."""
+    if _flag(scal_ptr, active):
+        vpid = tl.atomic_add(scal_ptr + ctr_slot, 1, sem="relaxed")  # tickets in start order: no deadlock
+        n = _count(scal_ptr, d, n_slot)
+        lane = tl.arange(0, BLOCK)
+        offs = vpid * BLOCK + lane
+        live = offs < n
+        v = _load_v(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE, STORED)
+        if MODE == 3 and WRITE_E:
+            t = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=live, other=0.0)
+            tl.store(e_ptr + offs, tl.load(e_ptr + offs, mask=live, other=0.0) + t, mask=live)
+        b = _key(v) >> shift
+        thr = tl.load(scal_ptr + thr_slot)
+        hi = (live & (b > thr)).to(tl.int32)
+        eq = (live & (b == thr)).to(tl.int32)
+        agg = (tl.sum(hi, axis=0).to(tl.int64) << 30) | tl.sum(eq, axis=0).to(tl.int64)
+        excl = _lookback(lb_ptr, vpid, agg)
+        if MODE == 4:
+            idx = tl.load(ci_ptr + offs, mask=live, other=0)
+        else:
+            idx = offs.to(hi_idx.dtype.element_ty)
+        pos_hi = tl.load(scal_ptr + hi_base).to(tl.int64) + (excl >> 30) + (tl.cumsum(hi, axis=0) - hi)
+        pos_eq = (excl & ((1 << 30) - 1)) + (tl.cumsum(eq, axis=0) - eq)
+        keep = (eq != 0) & (pos_eq < tl.load(scal_ptr + cap_slot))
+        pos_eq += tl.load(scal_ptr + eq_base).to(tl.int64)
+        tl.store(hi_idx + pos_hi, idx, mask=hi != 0)
+        tl.store(hi_val + pos_hi, v, mask=hi != 0)
+        tl.store(eq_idx + pos_eq, idx, mask=keep)
+        tl.store(eq_val + pos_eq, v, mask=keep)
 
 
 @triton.jit
@@ -132,102 +247,69 @@ def _scatter_add_kernel(out_ptr, val_ptr, idx_ptr, scale, k, BLOCK: tl.constexpr
     tl.store(out_ptr + idx, cur + val * scale, mask=live)  # indices unique within one worker: no race
 
 
-def _block(d: int, device: torch.device) -> int:
+def _block(n: int, device: torch.device) -> int:
     if device.type == "cuda":
         return 2048
     # interpreter: each program costs ~1 ms of Python, so use few, large programs
-    return max(1024, min(1 << 16, triton.next_power_of_2(max(1, -(-d // 32)))))
+    return max(1024, min(1 << 16, triton.next_power_of_2(max(1, -(-n // 32)))))
 
 
-def _device_threshold(hist: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The bin holding the k-th largest |v| and the count strictly above it, computed on the device."""
-    rev = hist.flip(0)
-    cum = rev.cumsum(0)
-    j = (cum >= k).to(torch.int32).argmax()  # first bin from the top whose running count reaches k
-    thr = (NBINS - 1 - j).to(torch.int32).reshape(1)
-    above = (cum[j] - rev[j]).to(torch.int32).reshape(1)
-    return thr, above
+def _programs(nblk: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return nblk
+    return max(1, min(nblk, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+class _Launcher:
+    """The three launches the shared driver asks for (:class:`torchkit.ops._select.Launcher`)."""
+
+    def __init__(self, g: Tensor, e: Tensor, h: Tensor, eta: float):
+        self.g, self.e, self.h, self.eta = g, e, h, eta
+        self.dev = g.device
+
+    def hist(self, hist, scal, n, *, mode, stored, active, n_slot, prefix_slot, shift_hi, shift_lo, cand=None):
+        block = _block(n, self.dev)
+        grid = (_programs(triton.cdiv(n, block), self.dev),)
+        g, e = (self.g, self.e) if cand is None else (self.g, cand[1])
+        _hist_kernel[grid](
+            g, e, self.h, hist, scal, n, self.eta, active, n_slot, prefix_slot, shift_hi, shift_lo,
+            MODE=mode, STORED=stored and mode == 1, BLOCK=block, NBINS=NB, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
+
+    def threshold(self, hist, scal, k, cap, level):
+        _threshold_kernel[(1,)](hist, scal, k, cap, LEVEL=level, NBINS=NB, enable_fp_fusion=False)
+
+    def select(self, scal, lb, n, hi, eq, *, mode, stored, write_e, active, n_slot, thr_slot, shift,
+               hi_base, eq_base, cap, ctr, cand=None):  # fmt: skip
+        block = _block(n, self.dev)
+        grid = (triton.cdiv(n, block),)
+        ci, e = (self.g, self.e) if cand is None else cand
+        _select_kernel[grid](
+            self.g, e, self.h, ci, scal, lb, hi[0], hi[1], eq[0], eq[1], n, self.eta,
+            active, n_slot, thr_slot, shift, hi_base, eq_base, cap, ctr,
+            MODE=mode, STORED=stored and mode == 1, WRITE_E=write_e and mode == 3, BLOCK=block,
+            num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
+
+    def lookback_slots(self, n: int) -> int:
+        return triton.cdiv(n, _block(n, self.dev))
 
 
 def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
-    """Exact mode reads the 8 KB histogram to the host once (to size the candidate buffer and resolve
-    it); approximate mode stays on the device: the threshold bin's entries fill the remaining slots."""
-    d = g.numel()
-    dev = g.device
-    block = _block(d, dev)
-    grid = (triton.cdiv(d, block),)
     dummy = g if e is None else e
-    e_, h_ = (e if e is not None else dummy), (h if h is not None else dummy)
-    hist = torch.zeros(NBINS, dtype=torch.int32, device=dev)
-    _hist_kernel[grid](g, e_, h_, hist, d, eta, MODE=mode, BLOCK=block, NB=NBINS)
-    idt = index_dtype(d)
-    out_idx = _empty(k, idt, dev)
-    out_val = _empty(k, torch.float32, dev)
-    tickets = torch.zeros(2, dtype=torch.int32, device=dev)
-    thr, above = _device_threshold(hist, k)
-    if approx:
-        cap = k - above
-        args = (out_idx, out_val, above, cap)
-    else:
-        counts = hist.tolist()  # the exact path's one host synchronisation
-        n_above, t = 0, NBINS - 1
-        while t > 0 and n_above + counts[t] < k:  # same bin as _device_threshold's
-            n_above += counts[t]
-            t -= 1
-        n_cand = counts[t]
-        cand_idx = _empty(max(n_cand, 1), idt, dev)
-        cand_val = _empty(max(n_cand, 1), torch.float32, dev)
-        zero = torch.zeros(1, dtype=torch.int32, device=dev)
-        args = (cand_idx, cand_val, zero, zero + n_cand)
-    _select_kernel[grid](g, e_, h_, thr, out_idx, out_val, *args, tickets, d, eta, MODE=mode, BLOCK=block)
-    if not approx and k > n_above:
-        need = k - n_above
-        pick = torch.topk(cand_val[:n_cand].abs(), need, sorted=False).indices if need < n_cand else slice(0, need)
-        out_idx[n_above:] = cand_idx[pick]
-        out_val[n_above:] = cand_val[pick]
-    idx = out_idx.long()
-    if mode == EF14:
-        e.index_fill_(0, idx, 0.0)
-    elif mode == EF21:
-        h.index_add_(0, idx, out_val)
-    elif mode == ECONTROL:
-        e.index_add_(0, idx, out_val, alpha=-1.0)
-        h.index_add_(0, idx, out_val)
-    return out_val, out_idx
+    launcher = _Launcher(g, e if e is not None else dummy, h if h is not None else dummy, eta)
+    return _select.run(launcher, mode, g, e, h, k, approx)
 
 
-def _fp32_state(*ts: Tensor) -> None:
-    for t in ts:
-        if t.dtype != torch.float32:
-            raise TypeError(f"the Triton kernels keep fp32 state, got {t.dtype}")
-
-
-def topk(x: Tensor, k: int):
-    v, i = _run(TOPK, x, None, None, k, 0.0, False)
-    return v.to(x.dtype), i
-
-
-def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False):
-    _fp32_state(error)
-    return _run(EF14, grad, error, None, k, 0.0, approx)
-
-
-def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False):
-    _fp32_state(estimate)
-    return _run(EF21, grad, None, estimate, k, 0.0, approx)
-
-
-def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: float, approx: bool = False):
-    _fp32_state(error, shift)
-    return _run(ECONTROL, grad, error, shift, k, float(eta), approx)
-
-
-def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0):
-    _fp32_state(out)
-    v2 = values.reshape(-1, values.shape[-1])
-    i2 = indices.reshape(v2.shape)
-    k = v2.shape[1]
+def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) -> None:
+    k = values.shape[1]
     block = 1024 if out.is_cuda else max(1024, triton.next_power_of_2(k))
-    for w, s in enumerate(_scales(scale, v2.shape[0])):  # one launch per worker: deterministic order
-        _scatter_add_kernel[(triton.cdiv(k, block),)](out, v2[w], i2[w], s, k, BLOCK=block)
-    return out
+    for w, s in enumerate(scales):  # one launch per worker: deterministic order
+        _scatter_add_kernel[(triton.cdiv(k, block),)](out, values[w], indices[w], s, k, BLOCK=block,
+                                                      enable_fp_fusion=False)  # fmt: skip
+
+
+_OPS = _select.GpuOps(_run, _scatter)
+topk, ef14_step_, ef21_step_, econtrol_step_, accumulate_ = (
+    _OPS.topk, _OPS.ef14_step_, _OPS.ef21_step_, _OPS.econtrol_step_, _OPS.accumulate_
+)  # fmt: skip

@@ -1,0 +1,180 @@
+"""On a CUDA GPU: the kernels at sizes the interpreter cannot reach, without host synchronisation and under
+CUDA-graph capture, and the optimizer wrapper and the DDP hook (one-rank NCCL group) on CUDA tensors.
+
+Every test here is marked ``gpu``; on a machine without CUDA they are skipped with that reason (conftest.py).
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torchkit as tk
+import torchkit.ops as ops
+from torchkit.ops import _reference
+
+pytestmark = pytest.mark.gpu
+
+IMPLS = ["triton", "cuda"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_kernels_built():
+    assert ops.build_extension(cuda=True), ops._cuda.error()
+
+
+def _rand(d, seed, dtype=torch.float32):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(d, generator=g, device="cuda") * torch.randn(d, generator=g, device="cuda").exp()).to(dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("method", ["ef14", "ef21", "econtrol"])
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16])
+def test_large_steps_equal_the_reference(impl, method, gdtype):
+    """d = 2**24 + 3 (about 8000 programs, several look-back chains): the set, values and state of the reference."""
+    d, k = (1 << 24) + 3, 167_773
+    g, e, h = _rand(d, 1, gdtype), _rand(d, 2), _rand(d, 3)
+    e1, h1, e2, h2 = e.clone(), h.clone(), e.clone(), h.clone()
+    fused = {
+        "ef14": lambda: ops.ef14_step_(g, e1, k, impl=impl),
+        "ef21": lambda: ops.ef21_step_(g, h1, k, impl=impl),
+        "econtrol": lambda: ops.econtrol_step_(g, e1, h1, k, 0.3, impl=impl),
+    }[method]
+    ref = {
+        "ef14": lambda: _reference.ef14_step_(g, e2, k),
+        "ef21": lambda: _reference.ef21_step_(g, h2, k),
+        "econtrol": lambda: _reference.econtrol_step_(g, e2, h2, k, 0.3),
+    }[method]
+    (v, i), (rv, ri) = fused(), ref()
+    order, rorder = i.long().argsort(), ri.long().argsort()
+    assert torch.equal(i.long()[order], ri.long()[rorder])
+    assert torch.equal(v[order], rv[rorder].float())
+    assert torch.equal(e1, e2) and torch.equal(h1, h2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("approx", [False, True])
+def test_no_synchronising_call_and_graph_capture(impl, approx):
+    d, k = 1 << 22, 1 << 15
+    g, e0 = _rand(d, 4), _rand(d, 5)
+    e = e0.clone()
+    ops.ef14_step_(g, e, k, approx=approx, impl=impl)  # compile / load outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.ef14_step_(g, e, k, approx=approx, impl=impl)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    # one step captured in a graph, replayed from the same state, equals the eager step
+    e.copy_(e0)
+    eager_v, eager_i = ops.ef14_step_(g, e, k, approx=approx, impl=impl)
+    eager_e = e.clone()
+    e.copy_(e0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.ef14_step_(g, e, k, approx=approx, impl=impl)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        v, i = ops.ef14_step_(g, e, k, approx=approx, impl=impl)
+    for _ in range(2):
+        e.copy_(e0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(v, eager_v) and torch.equal(i, eager_i) and torch.equal(e, eager_e)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_repeated_runs_are_bit_identical(impl):
+    """Ties at the k-th magnitude (bf16) in both modes: five runs, one answer (values, indices, order, state)."""
+    d, k = 3_000_017, 30_000
+    g = _rand(d, 6, torch.bfloat16)
+    for approx in (False, True):
+        runs = []
+        for _ in range(5):
+            e = torch.zeros(d, device="cuda")
+            runs.append((*ops.ef14_step_(g, e, k, approx=approx, impl=impl), e))
+        for other in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_triton_and_cuda_agree(impl):
+    d, k = 1_000_003, 10_000
+    g, h = _rand(d, 7, torch.bfloat16), _rand(d, 8)
+    h1, h2 = h.clone(), h.clone()
+    a = ops.ef21_step_(g, h1, k, approx=True, impl=impl)
+    b = ops.ef21_step_(g, h2, k, approx=True, impl="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(h1, h2)
+
+
+# ---------------------------------------------------------------------------------------- front ends on CUDA
+@pytest.fixture(scope="module")
+def nccl_group():
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10)).cuda()
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 64, generator=g).cuda(), torch.randint(0, 10, (32,), generator=g).cuda()) for _ in range(n)]
+
+
+FEEDBACKS = {
+    "ef14": lambda: tk.EF14(tk.TopK(ratio=0.05), granularity="tensor"),
+    "ef21": lambda: tk.EF21(tk.TopK(ratio=0.05), granularity="tensor"),
+    "econtrol": lambda: tk.EControl(tk.TopK(ratio=0.05), eta=0.05, granularity="tensor"),
+}
+
+
+@pytest.mark.parametrize("method", list(FEEDBACKS))
+def test_hook_and_optimizer_on_cuda_follow_one_trajectory(nccl_group, method):
+    """DDP + the hook over a one-rank NCCL group against CompressedOptimizer, both on CUDA, 6 SGD steps."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    data = _batches(6)
+    model_a = _mlp()
+    ddp = DDP(model_a, device_ids=[0])
+    tk.ddp.register(ddp, FEEDBACKS[method](), min_compression_rate=0)
+    opt_a = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    model_b = _mlp()
+    opt_b = tk.CompressedOptimizer(model_b.parameters(), torch.optim.SGD, feedback=FEEDBACKS[method](), lr=0.1)
+    for x, y in data:
+        for model, opt in ((ddp, opt_a), (model_b, opt_b)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_on_cuda_with_amp_trains(nccl_group):
+    """bf16 autocast + AdamW inside the wrapper on CUDA: the loss falls, the feedback state stays fp32 and finite."""
+    model = _mlp()
+    opt = tk.CompressedOptimizer(model.parameters(), torch.optim.AdamW, feedback=tk.EF14(tk.TopK(ratio=0.05)), lr=3e-3)
+    data = _batches(8)
+    losses = []
+    for _ in range(10):
+        for x, y in data:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert sum(losses[-8:]) < 0.7 * sum(losses[:8])
+    state = opt.feedback_state()
+    assert all(v.dtype == torch.float32 and v.is_cuda and torch.isfinite(v).all() for v in state.values())

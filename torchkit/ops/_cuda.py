@@ -1,0 +1,172 @@
+"""The CUDA C++ kernels (csrc/topk_ef_cuda.cu), compiled with nvcc just in time and loaded with ctypes.
+
+The source has no torch headers (plain launchers over raw pointers and the current stream), so building
+it takes one nvcc call of a few seconds, for the GPU's own architecture. ``available()`` only loads a
+library built before; :func:`build` (``torchkit build-ext --cuda``) compiles it. The launches are sequenced
+by the same driver as the Triton kernels (:mod:`torchkit.ops._select`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import _select
+
+__all__ = ["available", "error", "build", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "topk_ef_cuda.cu"
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_GTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "tk_hist": [_I, _I, _P, _P, _P, _P, _P, _I, _F, _I, _I, _I, _I, _I, _I, _I, _P],
+    "tk_threshold": [_P, _P, _I, _I, _I, _P],
+    "tk_select": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _F] + [_I] * 11 + [_P],
+    "tk_scatter_add": [_P, _P, _P, _F, _I, _P],
+    "tk_block_elems": [],
+}
+
+
+def _arch() -> str:
+    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    return f"sm_{major}{minor}"
+
+
+def _path() -> Path:
+    h = hashlib.sha1(_SOURCE.read_bytes() if _SOURCE.exists() else b"missing").hexdigest()[:10]
+    root = os.environ.get("TORCHKIT_EXT_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torchkit_ext"
+    )
+    return Path(root) / f"torchkit_cuda_{h}_{_arch()}" / "libtorchkit_cuda.so"
+
+
+def _load(path: Path) -> None:
+    global _lib, _error
+    lib = ctypes.CDLL(str(path))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    _lib, _error = lib, None
+
+
+def available() -> bool:
+    global _error
+    if _lib is not None:
+        return True
+    if not torch.cuda.is_available():
+        _error = "no CUDA device"
+        return False
+    if not _path().exists():
+        _error = f"not built (run torchkit.ops.build_extension(cuda=True); source {_SOURCE})"
+        return False
+    try:
+        _load(_path())
+    except OSError as exc:  # pragma: no cover - broken build on disk
+        _error = f"failed to load {_path()}: {exc}"
+    return _lib is not None
+
+
+def error() -> str | None:
+    available()
+    return _error
+
+
+def nvcc_command(out: Path, arch: str) -> list[str]:
+    nvcc = shutil.which("nvcc") or "nvcc"
+    return [nvcc, "-std=c++17", "-O3", "-fmad=false", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
+            str(_SOURCE), "-o", str(out)]  # fmt: skip
+
+
+def build(verbose: bool = False) -> bool:
+    """Compile csrc/topk_ef_cuda.cu for this GPU with nvcc; returns True when it loads."""
+    global _error
+    if available():
+        return True
+    if not torch.cuda.is_available():
+        return False
+    out = _path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        proc = subprocess.run(nvcc_command(tmp, _arch()), capture_output=True, text=True)
+    except OSError as exc:
+        _error = f"nvcc not found: {exc}"
+        return False
+    if verbose or proc.returncode:
+        log.log(logging.WARNING if proc.returncode else logging.INFO, "nvcc: %s", proc.stderr.strip())
+    if proc.returncode:
+        _error = f"nvcc failed: {proc.stderr.strip()[-2000:]}"
+        return False
+    tmp.replace(out)
+    return available()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"torchkit CUDA kernel {what} failed: CUDA error {rc}")
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Launcher:
+    """The three launches of :class:`torchkit.ops._select.Launcher`, through ctypes on the current stream."""
+
+    def __init__(self, g: Tensor, e: Tensor | None, h: Tensor | None, eta: float):
+        self.g, self.e, self.h, self.eta = g, e, h, float(eta)
+        self.stream = torch.cuda.current_stream(g.device).cuda_stream
+        self.sms = torch.cuda.get_device_properties(g.device).multi_processor_count
+        self.block = _lib.tk_block_elems()
+
+    def hist(self, hist, scal, n, *, mode, stored, active, n_slot, prefix_slot, shift_hi, shift_lo, cand=None):
+        e = self.e if cand is None else cand[1]
+        grid = max(1, min(-(-n // 512), 4 * self.sms))
+        rc = _lib.tk_hist(mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(e), _ptr(self.h), _ptr(hist), _ptr(scal),
+                          n, self.eta, int(stored), active, n_slot, prefix_slot, shift_hi, shift_lo, grid,
+                          self.stream)  # fmt: skip
+        _check(rc, "tk_hist")
+
+    def threshold(self, hist, scal, k, cap, level):
+        _check(_lib.tk_threshold(_ptr(hist), _ptr(scal), k, cap, level, self.stream), "tk_threshold")
+
+    def select(self, scal, lb, n, hi, eq, *, mode, stored, write_e, active, n_slot, thr_slot, shift,
+               hi_base, eq_base, cap, ctr, cand=None):  # fmt: skip
+        ci, e = (None, self.e) if cand is None else cand
+        rc = _lib.tk_select(mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(e), _ptr(self.h), _ptr(ci), _ptr(scal),
+                            _ptr(lb), _ptr(hi[0]), _ptr(hi[1]), _ptr(eq[0]), _ptr(eq[1]), n, self.eta, int(stored),
+                            int(write_e), active, n_slot, thr_slot, shift, hi_base, eq_base, cap, ctr,
+                            self.lookback_slots(n), self.stream)  # fmt: skip
+        _check(rc, "tk_select")
+
+    def lookback_slots(self, n: int) -> int:
+        return max(1, -(-n // self.block))
+
+
+def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
+    return _select.run(_Launcher(g, e, h, eta), mode, g, e, h, k, approx)
+
+
+def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) -> None:
+    values, indices = values.float().contiguous(), indices.int().contiguous()
+    stream = torch.cuda.current_stream(out.device).cuda_stream
+    for w, s in enumerate(scales):  # one launch per worker: deterministic order
+        rc = _lib.tk_scatter_add(_ptr(out), _ptr(values[w]), _ptr(indices[w]), s, values.shape[1], stream)
+        _check(rc, "tk_scatter_add")
+
+
+_OPS = _select.GpuOps(_run, _scatter)
+topk, ef14_step_, ef21_step_, econtrol_step_, accumulate_ = (
+    _OPS.topk, _OPS.ef14_step_, _OPS.ef21_step_, _OPS.econtrol_step_, _OPS.accumulate_
+)  # fmt: skip
