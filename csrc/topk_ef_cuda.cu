@@ -45,26 +45,110 @@ __device__ __forceinline__ float value(const G* g, const float* e, const float* 
 
 __device__ __forceinline__ bool on(const int* scal, int slot) { return slot < 0 || scal[slot] != 0; }
 
+// Sub-histograms per block (warp w adds into copy w % kHistCopies): fewer collisions on the few bins that
+// Gaussian-like data fills. Build-time knobs, so that variants can be timed side by side.
+#ifndef TK_HIST_COPIES
+#define TK_HIST_COPIES 4
+#endif
+#ifndef TK_VEC
+#define TK_VEC 1
+#endif
+constexpr int kHistCopies = TK_HIST_COPIES;
+constexpr int kHistThreads = 512;
+
+template <typename T>
+struct Vec4;  // four consecutive elements in one load
+template <>
+struct Vec4<float> {
+  using type = float4;
+};
+template <>
+struct Vec4<__nv_bfloat16> {
+  using type = uint2;
+};
+template <>
+struct Vec4<__half> {
+  using type = uint2;
+};
+
+__device__ __forceinline__ void unpack4(float4 x, float* out) { out[0] = x.x, out[1] = x.y, out[2] = x.z, out[3] = x.w; }
+template <typename G>
+__device__ __forceinline__ void load4(const G* p, int i, float* out) {  // i is a multiple of 4, p 16-byte aligned
+  if constexpr (sizeof(G) == 4) {
+    unpack4(*reinterpret_cast<const float4*>(p + i), out);
+  } else {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p + i);
+    const G* q = reinterpret_cast<const G*>(&raw);
+    for (int j = 0; j < 4; ++j) out[j] = to_f(q[j]);
+  }
+}
+
+// the four v of elements i..i+3 (and, for EF14's first pass, store them in e)
 template <int M, typename G>
-__global__ void tk_hist(const G* g, float* e, const float* h, int* hist, const int* scal, int d, float eta,
-                        bool stored, int active_slot, int n_slot, int prefix_slot, int shift_hi, int shift_lo) {
+__device__ __forceinline__ void value4(const G* g, float* e, const float* h, int i, float eta, bool stored, float* v) {
+  float a[4], b[4], c[4];
+  if (M == kTopK) {
+    load4(g, i, v);
+  } else if (M == kEF14) {
+    load4(e, i, a);
+    if (stored) {
+      for (int j = 0; j < 4; ++j) v[j] = a[j];
+    } else {
+      load4(g, i, b);
+      for (int j = 0; j < 4; ++j) v[j] = __fadd_rn(a[j], b[j]);
+      *reinterpret_cast<float4*>(e + i) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+  } else if (M == kEF21) {
+    load4(g, i, a), load4(h, i, b);
+    for (int j = 0; j < 4; ++j) v[j] = __fsub_rn(a[j], b[j]);
+  } else if (M == kEControl) {
+    load4(g, i, a), load4(h, i, b), load4(e, i, c);
+    for (int j = 0; j < 4; ++j) v[j] = __fadd_rn(__fmul_rn(c[j], eta), __fsub_rn(a[j], b[j]));
+  } else {
+    load4(e, i, v);
+  }
+}
+
+template <int M, typename G>
+__global__ void __launch_bounds__(kHistThreads) tk_hist(const G* g, float* e, const float* h, int* hist,
+                                                         const int* scal, int d, float eta, bool stored, bool vec,
+                                                         int active_slot, int n_slot, int prefix_slot, int shift_hi,
+                                                         int shift_lo) {
   if (!on(scal, active_slot)) return;
-  __shared__ int local[kBins];
-  for (int b = threadIdx.x; b < kBins; b += blockDim.x) local[b] = 0;
+  __shared__ int local[kHistCopies][kBins];
+  for (int b = threadIdx.x; b < kHistCopies * kBins; b += blockDim.x) (&local[0][0])[b] = 0;
   __syncthreads();
+  int* mine = local[(threadIdx.x >> 5) % kHistCopies];
   const int n = n_slot < 0 ? d : scal[n_slot];
   const unsigned prefix = prefix_slot < 0 ? 0u : static_cast<unsigned>(scal[prefix_slot]);
   const unsigned width = (1u << (shift_hi - shift_lo)) - 1u;
   const int stride = gridDim.x * blockDim.x;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+  const int tid = blockIdx.x * blockDim.x + threadIdx.x;
+  auto add = [&](float v) {
+    const unsigned key = key_of(v);
+    if (prefix_slot < 0 || (key >> shift_hi) == prefix) atomicAdd(&mine[(key >> shift_lo) & width], 1);
+  };
+  int done = 0;
+  if (TK_VEC && vec) {
+    const int n4 = n / 4;
+    for (int q = tid; q < n4; q += stride) {
+      float v[4];
+      value4<M>(g, e, h, 4 * q, eta, stored, v);
+      for (int j = 0; j < 4; ++j) add(v[j]);
+    }
+    done = 4 * n4;
+  }
+  for (int i = done + tid; i < n; i += stride) {
     const float v = value<M>(g, e, h, i, eta, stored);
     if (M == kEF14 && !stored) e[i] = v;
-    const unsigned key = key_of(v);
-    if (prefix_slot < 0 || (key >> shift_hi) == prefix) atomicAdd(&local[(key >> shift_lo) & width], 1);
+    add(v);
   }
   __syncthreads();
-  for (int b = threadIdx.x; b < kBins; b += blockDim.x)
-    if (local[b]) atomicAdd(&hist[b], local[b]);
+  for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
+    int c = 0;
+    for (int j = 0; j < kHistCopies; ++j) c += local[j][b];
+    if (c) atomicAdd(&hist[b], c);
+  }
 }
 
 // one block of 1024 threads, two bins each, scanned from the top bin down
@@ -152,7 +236,7 @@ __device__ int block_exclusive_scan(int x, int* total) {
 template <int M, typename G>
 __global__ void tk_select(const G* g, float* e, const float* h, const int* ci, int* scal, unsigned long long* lb,
                           int* hi_idx, float* hi_val, int* eq_idx, float* eq_val, int d, float eta, bool stored,
-                          bool write_e, int active_slot, int n_slot, int thr_slot, int shift, int hi_base_slot,
+                          bool write_e, bool vec, int active_slot, int n_slot, int thr_slot, int shift, int hi_base_slot,
                           int eq_base_slot, int cap_slot, int ctr_slot) {
   if (!on(scal, active_slot)) return;
   __shared__ int vpid_s;
@@ -166,13 +250,33 @@ __global__ void tk_select(const G* g, float* e, const float* h, const int* ci, i
   float v[kItems];
   unsigned char cls[kItems];  // 0 none, 1 above, 2 equal
   int c = 0;                  // above count << 16 | equal count
+  const bool whole = TK_VEC && vec && first + kItems <= n;
+  if (whole) {  // two 16-byte loads per operand (first is a multiple of 8)
+    #pragma unroll
+    for (int j = 0; j < kItems; j += 4) {
+      if constexpr (M == kEControl) {  // v and the new e from one load of g, h and e
+        float a[4], b[4], c4[4], o[4];
+        load4(g, first + j, a), load4(h, first + j, b), load4(e, first + j, c4);
+        for (int q = 0; q < 4; ++q) {
+          const float t = __fsub_rn(a[q], b[q]);
+          v[j + q] = __fadd_rn(__fmul_rn(c4[q], eta), t);
+          o[q] = __fadd_rn(c4[q], t);
+        }
+        if (write_e) *reinterpret_cast<float4*>(e + first + j) = make_float4(o[0], o[1], o[2], o[3]);
+      } else {
+        value4<M>(g, e, h, first + j, eta, true, v + j);
+      }
+    }
+  }
   #pragma unroll
   for (int j = 0; j < kItems; ++j) {
     const int i = first + j;
     cls[j] = 0;
     if (i < n) {
-      v[j] = value<M>(g, e, h, i, eta, stored);
-      if (M == kEControl && write_e) e[i] = __fadd_rn(e[i], __fsub_rn(to_f(g[i]), h[i]));
+      if (!whole) {
+        v[j] = value<M>(g, e, h, i, eta, stored);
+        if (M == kEControl && write_e) e[i] = __fadd_rn(e[i], __fsub_rn(to_f(g[i]), h[i]));
+      }
       const unsigned b = key_of(v[j]) >> shift;
       cls[j] = b > thr ? 1 : (b == thr ? 2 : 0);
       c += cls[j] == 1 ? (1 << 16) : (cls[j] == 2 ? 1 : 0);
@@ -235,12 +339,12 @@ cudaError_t dispatch(int mode, int gdtype, F&& f) {
 }  // namespace
 
 extern "C" int tk_hist(int mode, int gdtype, const void* g, float* e, const float* h, int* hist, const int* scal,
-                       int d, float eta, int stored, int active_slot, int n_slot, int prefix_slot, int shift_hi,
+                       int d, float eta, int stored, int vec, int active_slot, int n_slot, int prefix_slot, int shift_hi,
                        int shift_lo, int grid, cudaStream_t stream) {
   return dispatch(mode, gdtype, [&](auto m, auto* gt) {
     using G = std::remove_pointer_t<decltype(gt)>;
-    tk_hist<decltype(m)::value, G><<<grid, 512, 0, stream>>>(static_cast<const G*>(g), e, h, hist, scal, d, eta,
-                                                              stored, active_slot, n_slot, prefix_slot, shift_hi,
+    tk_hist<decltype(m)::value, G><<<grid, kHistThreads, 0, stream>>>(static_cast<const G*>(g), e, h, hist, scal, d,
+                                                                       eta, stored, vec, active_slot, n_slot, prefix_slot, shift_hi,
                                                               shift_lo);
   });
 }
@@ -252,13 +356,13 @@ extern "C" int tk_threshold(const int* hist, int* scal, int k, int cap, int leve
 
 extern "C" int tk_select(int mode, int gdtype, const void* g, float* e, const float* h, const int* ci, int* scal,
                          unsigned long long* lb, int* hi_idx, float* hi_val, int* eq_idx, float* eq_val, int d,
-                         float eta, int stored, int write_e, int active_slot, int n_slot, int thr_slot, int shift,
+                         float eta, int stored, int write_e, int vec, int active_slot, int n_slot, int thr_slot, int shift,
                          int hi_base_slot, int eq_base_slot, int cap_slot, int ctr_slot, int grid,
                          cudaStream_t stream) {
   return dispatch(mode, gdtype, [&](auto m, auto* gt) {
     using G = std::remove_pointer_t<decltype(gt)>;
     tk_select<decltype(m)::value, G><<<grid, kSelectThreads, 0, stream>>>(
-        static_cast<const G*>(g), e, h, ci, scal, lb, hi_idx, hi_val, eq_idx, eq_val, d, eta, stored, write_e,
+        static_cast<const G*>(g), e, h, ci, scal, lb, hi_idx, hi_val, eq_idx, eq_val, d, eta, stored, write_e, vec,
         active_slot, n_slot, thr_slot, shift, hi_base_slot, eq_base_slot, cap_slot, ctr_slot);
   });
 }

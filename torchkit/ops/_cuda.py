@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _select
 
-__all__ = ["available", "error", "build", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
+__all__ = ["available", "ensure_built", "error", "build", "open_library", "nvcc_command", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "topk_ef_cuda.cu"
@@ -30,9 +30,9 @@ _error: str | None = None
 _GTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "tk_hist": [_I, _I, _P, _P, _P, _P, _P, _I, _F, _I, _I, _I, _I, _I, _I, _I, _P],
+    "tk_hist": [_I, _I, _P, _P, _P, _P, _P, _I, _F] + [_I] * 8 + [_P],
     "tk_threshold": [_P, _P, _I, _I, _I, _P],
-    "tk_select": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _F] + [_I] * 11 + [_P],
+    "tk_select": [_I, _I] + [_P] * 10 + [_I, _F] + [_I] * 12 + [_P],
     "tk_scatter_add": [_P, _P, _P, _F, _I, _P],
     "tk_block_elems": [],
 }
@@ -51,13 +51,18 @@ def _path() -> Path:
     return Path(root) / f"torchkit_cuda_{h}_{_arch()}" / "libtorchkit_cuda.so"
 
 
-def _load(path: Path) -> None:
-    global _lib, _error
+def open_library(path: Path) -> ctypes.CDLL:
+    """Load a build of csrc/topk_ef_cuda.cu and declare its launchers' signatures."""
     lib = ctypes.CDLL(str(path))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
-    _lib, _error = lib, None
+    return lib
+
+
+def _load(path: Path) -> None:
+    global _lib, _error
+    _lib, _error = open_library(path), None
 
 
 def available() -> bool:
@@ -77,14 +82,32 @@ def available() -> bool:
     return _lib is not None
 
 
+_tried = False
+
+
+def ensure_built() -> bool:
+    """Load the kernels, compiling them the first time (one nvcc call; a failure is logged once, never raised)."""
+    global _tried
+    if available():
+        return True
+    if not _tried:
+        _tried = True
+        log.info("torchkit: compiling the CUDA kernels for %s (once per machine)", _arch())
+        if not build():
+            log.warning("torchkit: CUDA kernels unavailable (%s); using the plain-torch reference", _error)
+    return _lib is not None
+
+
 def error() -> str | None:
     available()
     return _error
 
 
-def nvcc_command(out: Path, arch: str) -> list[str]:
+def nvcc_command(out: Path, arch: str, defines: dict[str, int] | None = None) -> list[str]:
+    """The build command; ``defines`` set the source's tuning knobs (TK_HIST_COPIES, TK_VEC) for experiments."""
     nvcc = shutil.which("nvcc") or "nvcc"
-    return [nvcc, "-std=c++17", "-O3", "-fmad=false", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
+    flags = [f"-D{k}={v}" for k, v in (defines or {}).items()]
+    return [nvcc, "-std=c++17", "-O3", "-fmad=false", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared", *flags,
             str(_SOURCE), "-o", str(out)]  # fmt: skip
 
 
@@ -121,6 +144,11 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _aligned(*ts: Tensor | None) -> int:
+    """1 when every operand starts on a 16-byte boundary: the kernels then load four elements at a time."""
+    return int(all(t is None or t.data_ptr() % 16 == 0 for t in ts))
+
+
 class _Launcher:
     """The three launches of :class:`torchkit.ops._select.Launcher`, through ctypes on the current stream."""
 
@@ -134,8 +162,8 @@ class _Launcher:
         e = self.e if cand is None else cand[1]
         grid = max(1, min(-(-n // 512), 4 * self.sms))
         rc = _lib.tk_hist(mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(e), _ptr(self.h), _ptr(hist), _ptr(scal),
-                          n, self.eta, int(stored), active, n_slot, prefix_slot, shift_hi, shift_lo, grid,
-                          self.stream)  # fmt: skip
+                          n, self.eta, int(stored), _aligned(self.g, e, self.h), active, n_slot, prefix_slot, shift_hi,
+                          shift_lo, grid, self.stream)  # fmt: skip
         _check(rc, "tk_hist")
 
     def threshold(self, hist, scal, k, cap, level):
@@ -146,7 +174,7 @@ class _Launcher:
         ci, e = (None, self.e) if cand is None else cand
         rc = _lib.tk_select(mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(e), _ptr(self.h), _ptr(ci), _ptr(scal),
                             _ptr(lb), _ptr(hi[0]), _ptr(hi[1]), _ptr(eq[0]), _ptr(eq[1]), n, self.eta, int(stored),
-                            int(write_e), active, n_slot, thr_slot, shift, hi_base, eq_base, cap, ctr,
+                            int(write_e), _aligned(self.g, e, self.h), active, n_slot, thr_slot, shift, hi_base, eq_base, cap, ctr,
                             self.lookback_slots(n), self.stream)  # fmt: skip
         _check(rc, "tk_select")
 
