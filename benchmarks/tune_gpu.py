@@ -26,12 +26,36 @@ from torchkit import bench
 from torchkit.ops import _cuda
 
 VARIANTS = {
-    "copies1-scalar": {"TK_HIST_COPIES": 1, "TK_VEC": 0},  # the first H200 run's kernels
-    "copies1-vec": {"TK_HIST_COPIES": 1, "TK_VEC": 1},
-    "copies4-scalar": {"TK_HIST_COPIES": 4, "TK_VEC": 0},
-    "copies4-vec": {"TK_HIST_COPIES": 4, "TK_VEC": 1},  # the source's default
-    "copies8-vec": {"TK_HIST_COPIES": 8, "TK_VEC": 1},
+    "items8-serial": {"TK_ITEMS": 8, "TK_WARP_LOOKBACK": 0},  # the second H200 run's select kernel
+    "items16-serial": {"TK_ITEMS": 16, "TK_WARP_LOOKBACK": 0},
+    "items8-warp": {"TK_ITEMS": 8, "TK_WARP_LOOKBACK": 1},
+    "items16-warp": {"TK_ITEMS": 16, "TK_WARP_LOOKBACK": 1},  # the source's default
+    "items32-warp": {"TK_ITEMS": 32, "TK_WARP_LOOKBACK": 1},
 }
+
+
+def verify(libs: dict, d: int = 10_000_019) -> dict:
+    """Each build against the reference (exact EF14 and EControl, d = 1e7): same set, values and state."""
+    from torchkit.ops import _reference
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    g, e0, h0 = (torch.randn(d, generator=gen, device="cuda") for _ in range(3))
+    k = d // 100
+    ok = {}
+    for name, lib in libs.items():
+        _cuda._lib = lib
+        e1, h1, e2, h2 = e0.clone(), h0.clone(), e0.clone(), h0.clone()
+        v, i = ops.econtrol_step_(g, e1, h1, k, 0.3, impl="cuda")
+        rv, ri = _reference.econtrol_step_(g, e2, h2, k, 0.3)
+        o, ro = i.long().argsort(), ri.argsort()
+        same = torch.equal(i.long()[o], ri[ro]) and torch.equal(v[o], rv[ro]) and torch.equal(e1, e2)
+        e1, e2 = e0.clone(), e0.clone()
+        v, i = ops.ef14_step_(g, e1, k, impl="cuda")
+        rv, ri = _reference.ef14_step_(g, e2, k)
+        o, ro = i.long().argsort(), ri.argsort()
+        ok[name] = bool(same and torch.equal(i.long()[o], ri[ro]) and torch.equal(e1, e2) and torch.equal(h1, h2))
+        print(f"verify {name}: {'ok' if ok[name] else 'MISMATCH'}")
+    return ok
 
 
 def build_variants(folder: Path) -> dict:
@@ -115,7 +139,7 @@ def breakdown(lib, d: int, ratio: float) -> list[dict]:
                 torch.cuda.synchronize()
             kernels = sorted(
                 ((ev.key[:60], ev.device_time_total / 5 / 1e3, ev.count // 5) for ev in prof.key_averages()
-                 if ev.device_time_total > 0 and "copy" not in ev.key),  # the restore copies are not the op's
+                 if ev.device_time_total > 0 and "copy" not in ev.key.lower()),  # the restores are not the op's
                 key=lambda r: -r[1],
             )  # fmt: skip
             out.append(dict(op=op, approx=approx, d=d, k=k, kernels_ms=kernels, total_ms=sum(r[1] for r in kernels)))
@@ -187,6 +211,8 @@ def main() -> None:
         return ncu_target(d)
     with tempfile.TemporaryDirectory() as tmp:
         libs = build_variants(Path(tmp))
+        checked = verify(libs)
+        libs = {n: lib for n, lib in libs.items() if checked[n]}
         rows = compare_variants(libs, d, args.ratio, args.repeats)
         best = min(libs, key=lambda n: sum(r["ms_p50"] for r in rows if r["variant"] == n))
         print(f"fastest build over all rows: {best}")
@@ -198,6 +224,7 @@ def main() -> None:
         "triton": triton.__version__,
         "commit": bench._git_commit(),
         "variants": VARIANTS,
+        "verified": checked,
         "fastest": best,
         "rows": rows,
         "breakdown": parts,

@@ -24,7 +24,13 @@ namespace {
 
 constexpr int kBins = 2048;
 constexpr int kSelectThreads = 256;
-constexpr int kItems = 8;  // elements per thread in tk_select: 2048 per block, as the Triton kernels
+#ifndef TK_ITEMS
+#define TK_ITEMS 16
+#endif
+#ifndef TK_WARP_LOOKBACK
+#define TK_WARP_LOOKBACK 1
+#endif
+constexpr int kItems = TK_ITEMS;  // elements per thread in tk_select (a multiple of 4)
 enum Mode { kTopK = 0, kEF14 = 1, kEF21 = 2, kEControl = 3, kCand = 4 };
 enum GType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 constexpr unsigned long long kFlagA = 1ull << 60, kFlagP = 1ull << 61, kVals = (1ull << 60) - 1;
@@ -48,7 +54,7 @@ __device__ __forceinline__ bool on(const int* scal, int slot) { return slot < 0 
 // Sub-histograms per block (warp w adds into copy w % kHistCopies): fewer collisions on the few bins that
 // Gaussian-like data fills. Build-time knobs, so that variants can be timed side by side.
 #ifndef TK_HIST_COPIES
-#define TK_HIST_COPIES 4
+#define TK_HIST_COPIES 1
 #endif
 #ifndef TK_VEC
 #define TK_VEC 1
@@ -185,7 +191,7 @@ __global__ void tk_threshold(const int* hist, int* scal, int k, int cap, int lev
   }
 }
 
-// exclusive prefix over the blocks before vpid (run by one thread)
+// exclusive prefix over the blocks before vpid, one predecessor at a time (run by one thread)
 __device__ unsigned long long look_back(unsigned long long* lb, int vpid, unsigned long long agg) {
   if (vpid == 0) {
     atomicExch(&lb[0], agg | kFlagP);
@@ -205,6 +211,33 @@ __device__ unsigned long long look_back(unsigned long long* lb, int vpid, unsign
     }
   }
   atomicExch(&lb[vpid], (excl + agg) | kFlagP);
+  return excl;
+}
+
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long x) {
+  for (int off = 16; off; off >>= 1) x += __shfl_xor_sync(0xFFFFFFFFu, x, off);
+  return x;
+}
+
+// the same, by a whole warp reading 32 predecessors at once with plain (volatile) loads, as CUB's look-back
+__device__ unsigned long long warp_look_back(unsigned long long* lb, int vpid, unsigned long long agg) {
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) atomicExch(&lb[vpid], agg | (vpid == 0 ? kFlagP : kFlagA));
+  if (vpid == 0) return 0;
+  const volatile unsigned long long* vlb = lb;
+  unsigned long long excl = 0;
+  for (int base = vpid - 1;; base -= 32) {
+    const int j = base - lane;
+    unsigned long long w = j >= 0 ? vlb[j] : kFlagP;  // before block 0: an inclusive prefix of zero
+    while (__any_sync(0xFFFFFFFFu, (w & (kFlagA | kFlagP)) == 0)) {
+      if ((w & (kFlagA | kFlagP)) == 0) w = vlb[j];
+    }
+    const unsigned p = __ballot_sync(0xFFFFFFFFu, (w & kFlagP) != 0);
+    const int stop = p ? __ffs(p) - 1 : 31;  // the nearest inclusive prefix ends the walk
+    excl += warp_sum(lane <= stop ? (w & kVals) : 0ull);
+    if (p) break;
+  }
+  if (lane == 0) atomicExch(&lb[vpid], (excl + agg) | kFlagP);
   return excl;
 }
 
@@ -284,9 +317,14 @@ __global__ void tk_select(const G* g, float* e, const float* h, const int* ci, i
   }
   int total = 0;
   const int mine = block_exclusive_scan(c, &total);
-  if (threadIdx.x == 0) {
-    const unsigned long long agg =
-        (static_cast<unsigned long long>(total >> 16) << 30) | static_cast<unsigned long long>(total & 0xFFFF);
+  const unsigned long long agg =
+      (static_cast<unsigned long long>(total >> 16) << 30) | static_cast<unsigned long long>(total & 0xFFFF);
+  if (TK_WARP_LOOKBACK) {
+    if (threadIdx.x < 32) {
+      const unsigned long long x = warp_look_back(lb, vpid, agg);
+      if (threadIdx.x == 0) excl_s = x;
+    }
+  } else if (threadIdx.x == 0) {
     excl_s = look_back(lb, vpid, agg);
   }
   __syncthreads();
