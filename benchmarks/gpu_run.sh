@@ -26,9 +26,18 @@ if has tests; then
     tests/test_ops.py tests/test_gpu.py 2>&1 | tail -80 > "$OUT/pytest.txt"
   tail -5 "$OUT/pytest.txt" | tee -a "$log"
 fi
+if has bench; then
+  echo "== kernel benchmark" | tee -a "$log"
+  timeout ${T_BENCH:-200} python3 benchmarks/bench_kernels.py --device cuda --sizes 1e6 1e7 1e8 \
+    --extra 1e9:bfloat16:0.01 --repeats 10 --out "$OUT/res" 2>&1 | tee -a "$log"
+fi
 if has tune; then
   echo "== tuning experiments" | tee -a "$log"
   timeout ${T_TUNE:-200} python3 benchmarks/tune_gpu.py --out "$OUT/res" 2>&1 | tee -a "$log"
+fi
+if has e2e; then
+  echo "== end to end" | tee -a "$log"
+  timeout ${T_E2E:-150} python3 benchmarks/bench_e2e_gpu.py --steps 15 --warmup 5 --out "$OUT/res" 2>&1 | tee -a "$log"
 fi
 if has ncu; then
   echo "== Nsight Compute" | tee -a "$log"
@@ -37,15 +46,6 @@ if has ncu; then
     > "$OUT/ncu.txt" 2>&1
   grep -E "tk_|Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Compute \(SM\) Throughput" \
     "$OUT/ncu.txt" | head -120 | tee -a "$log"
-fi
-if has bench; then
-  echo "== kernel benchmark" | tee -a "$log"
-  timeout ${T_BENCH:-200} python3 benchmarks/bench_kernels.py --device cuda --sizes 1e6 1e7 1e8 \
-    --extra 1e9:bfloat16:0.01 --repeats 10 --out "$OUT/res" 2>&1 | tee -a "$log"
-fi
-if has e2e; then
-  echo "== end to end" | tee -a "$log"
-  timeout ${T_E2E:-150} python3 benchmarks/bench_e2e_gpu.py --steps 15 --warmup 5 --out "$OUT/res" 2>&1 | tee -a "$log"
 fi
 if has first && [ -f .gpu-tools/gpu_first_run.py ]; then
   echo "== first-run cross-check" | tee -a "$log"
