@@ -2,6 +2,7 @@
 ``torchkit.ops.build_extension()`` (or ``torchkit build-ext``) against the torch already installed, which
 avoids pip's isolated build environment pulling a second torch. Everything works without them.
 """
+
 from setuptools import setup
 
 setup()

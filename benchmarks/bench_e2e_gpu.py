@@ -118,8 +118,10 @@ def run(steps: int, warmup: int, batch: int, ctx: int, log=print) -> dict:
             "dense_bytes_per_step": state.dense_bytes if state else None,
         }
         records.append(rec)
-        log(f"{name:14s} fwd {rec['forward_ms']:7.2f} ms  bwd {rec['backward_ms']:7.2f} ms  "
-            f"peak {rec['peak_mem_gb']:.1f} GB  loss {losses[0]:.3f} -> {losses[-1]:.3f}")  # fmt: skip
+        log(
+            f"{name:14s} fwd {rec['forward_ms']:7.2f} ms  bwd {rec['backward_ms']:7.2f} ms  "
+            f"peak {rec['peak_mem_gb']:.1f} GB  loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        )
         del model, opt, state
         torch.cuda.empty_cache()
     base = records[0]["backward_ms"]
@@ -160,8 +162,10 @@ def run(steps: int, warmup: int, batch: int, ctx: int, log=print) -> dict:
             "peak_extra_bytes_per_param": (torch.cuda.max_memory_allocated() - before) / sum(g.numel() for g in grads),
         }
         records.append(rec)
-        log(f"{name:14s} step {rec['step_ms']:7.2f} ms  state {rec['extra_state_bytes_per_param']:.1f} B/param  "
-            f"peak {rec['peak_extra_bytes_per_param']:.1f} B/param")  # fmt: skip
+        log(
+            f"{name:14s} step {rec['step_ms']:7.2f} ms  state {rec['extra_state_bytes_per_param']:.1f} B/param  "
+            f"peak {rec['peak_extra_bytes_per_param']:.1f} B/param"
+        )
         del opt
         torch.cuda.empty_cache()
     adam = next(r for r in records if r["config"] == "adamw fused")["step_ms"]

@@ -60,8 +60,10 @@ def verify(libs: dict, d: int = 10_000_019) -> dict:
 
 def build_variants(folder: Path) -> dict:
     arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
-    procs = {n: subprocess.Popen(_cuda.nvcc_command(folder / f"{n}.so", arch, defs), stderr=subprocess.PIPE, text=True)
-             for n, defs in VARIANTS.items()}  # fmt: skip
+    procs = {
+        n: subprocess.Popen(_cuda.nvcc_command(folder / f"{n}.so", arch, defs), stderr=subprocess.PIPE, text=True)
+        for n, defs in VARIANTS.items()
+    }
     libs = {}
     for name, proc in procs.items():
         _, err = proc.communicate()
@@ -108,10 +110,26 @@ def compare_variants(libs: dict, d: int, ratio: float, reps: int, log=print) -> 
                 times = bench.time_interleaved(variants, dev, reps, setup=restore)
                 floor_ms = bench._FLOOR_BYTES[op](g.element_size()) * d / bw * 1e3
                 for n, (tmin, p20, p50, p80) in times.items():
-                    rows.append(dict(op=op, approx=approx, grad_dtype=str(dt)[6:], d=d, k=k, variant=n, ms_min=tmin,
-                                     ms_p20=p20, ms_p50=p50, ms_p80=p80, floor_ms=floor_ms, x_floor=p50 / floor_ms))  # fmt: skip
-                log(f"{op:9s} {'approx' if approx else 'exact ':6s} {str(dt)[6:]:9s} floor {floor_ms:6.3f} ms  "
-                    + "  ".join(f"{n} {t[2]:.3f}" for n, t in times.items()))  # fmt: skip
+                    rows.append(
+                        dict(
+                            op=op,
+                            approx=approx,
+                            grad_dtype=str(dt)[6:],
+                            d=d,
+                            k=k,
+                            variant=n,
+                            ms_min=tmin,
+                            ms_p20=p20,
+                            ms_p50=p50,
+                            ms_p80=p80,
+                            floor_ms=floor_ms,
+                            x_floor=p50 / floor_ms,
+                        )
+                    )
+                log(
+                    f"{op:9s} {'approx' if approx else 'exact ':6s} {str(dt)[6:]:9s} floor {floor_ms:6.3f} ms  "
+                    + "  ".join(f"{n} {t[2]:.3f}" for n, t in times.items())
+                )
     return rows
 
 
@@ -138,13 +156,18 @@ def breakdown(lib, d: int, ratio: float) -> list[dict]:
                     fn()
                 torch.cuda.synchronize()
             kernels = sorted(
-                ((ev.key[:60], ev.device_time_total / 5 / 1e3, ev.count // 5) for ev in prof.key_averages()
-                 if ev.device_time_total > 0 and "copy" not in ev.key.lower()),  # the restores are not the op's
+                (
+                    (ev.key[:60], ev.device_time_total / 5 / 1e3, ev.count // 5)
+                    for ev in prof.key_averages()
+                    if ev.device_time_total > 0 and "copy" not in ev.key.lower()
+                ),  # the restores are not the op's
                 key=lambda r: -r[1],
-            )  # fmt: skip
+            )
             out.append(dict(op=op, approx=approx, d=d, k=k, kernels_ms=kernels, total_ms=sum(r[1] for r in kernels)))
-            print(f"{op} {'approx' if approx else 'exact'}: total {out[-1]['total_ms']:.3f} ms = "
-                  + "; ".join(f"{n} {t:.3f} x{c}" for n, t, c in kernels[:6]))  # fmt: skip
+            print(
+                f"{op} {'approx' if approx else 'exact'}: total {out[-1]['total_ms']:.3f} ms = "
+                + "; ".join(f"{n} {t:.3f} x{c}" for n, t, c in kernels[:6])
+            )
     return out
 
 

@@ -28,9 +28,24 @@ def kernels():
         hist = {**vec, "hist_ptr": "*i32", "scal_ptr": "*i32", "d": "i32", "eta": "fp32"}
         hist.update({n: "i32" for n in ef._SLOTS[:5]})
         for stored in (False, True) if mode == 1 else (False,):  # EF14's first pass stores v in e
-            yield f"hist[{mode},{stored}]", ef._hist_kernel, hist, dict(MODE=mode, STORED=stored, BLOCK=2048, NBINS=2048)
-        sel = {**vec, "ci_ptr": "*i32", "scal_ptr": "*i32", "lb_ptr": "*i64", "hi_idx": "*i32", "hi_val": "*fp32",
-               "eq_idx": "*i32", "eq_val": "*fp32", "d": "i32", "eta": "fp32"}  # fmt: skip
+            yield (
+                f"hist[{mode},{stored}]",
+                ef._hist_kernel,
+                hist,
+                dict(MODE=mode, STORED=stored, BLOCK=2048, NBINS=2048),
+            )
+        sel = {
+            **vec,
+            "ci_ptr": "*i32",
+            "scal_ptr": "*i32",
+            "lb_ptr": "*i64",
+            "hi_idx": "*i32",
+            "hi_val": "*fp32",
+            "eq_idx": "*i32",
+            "eq_val": "*fp32",
+            "d": "i32",
+            "eta": "fp32",
+        }
         sel.update({n: ints[n] for n in ["active", "n_slot"] + ef._SLOTS[5:]})
         cx = dict(MODE=mode, STORED=mode == 1, WRITE_E=mode == 3, BLOCK=2048)
         yield f"select[{mode}]", ef._select_kernel, sel, cx

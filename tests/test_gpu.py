@@ -130,7 +130,9 @@ def _mlp():
 
 def _batches(n):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(32, 64, generator=g).cuda(), torch.randint(0, 10, (32,), generator=g).cuda()) for _ in range(n)]
+    return [
+        (torch.randn(32, 64, generator=g).cuda(), torch.randint(0, 10, (32,), generator=g).cuda()) for _ in range(n)
+    ]
 
 
 FEEDBACKS = {

@@ -1,5 +1,6 @@
 """Every op and implementation against the plain-torch reference (random data, never zeros)."""
 
+import functools
 import json
 import os
 import shutil
@@ -11,8 +12,7 @@ import pytest
 import torch
 
 import torchkit.ops as ops
-from torchkit.ops import _cuda, _ext, _reference
-from torchkit.ops import _select
+from torchkit.ops import _cuda, _ext, _reference, _select
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
@@ -278,6 +278,17 @@ def test_triton_kernels_compile_for_sm90_without_fma_contraction():
         assert r["local_memory"] == 0, f"{name} spills to local memory"
 
 
+def _step(method, g, e, h, k, approx, impl):
+    """One call of an op, ready to run."""
+    if method == "topk":
+        return functools.partial(ops.topk, g, k, impl=impl)
+    if method == "ef14":
+        return functools.partial(ops.ef14_step_, g, e, k, approx=approx, impl=impl)
+    if method == "ef21":
+        return functools.partial(ops.ef21_step_, g, h, k, approx=approx, impl=impl)
+    return functools.partial(ops.econtrol_step_, g, e, h, k, 0.2, approx=approx, impl=impl)
+
+
 def _count_host_reads(fn) -> list[str]:
     """Run fn and list every op that reads a device value on the host (item/tolist/int(), copies to the CPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -312,13 +323,7 @@ def test_gpu_kernels_never_read_device_values_on_the_host(impl, approx, method):
         d, k = 30_001, 300
         g, e, h = _data(d, kind, dev), _data(d + 1, "randn", dev)[:d].contiguous(), _data(d + 2, "randn", dev)[:d]
         h = h.contiguous()
-        call = {
-            "topk": lambda: ops.topk(g, k, impl=impl),
-            "ef14": lambda: ops.ef14_step_(g, e, k, approx=approx, impl=impl),
-            "ef21": lambda: ops.ef21_step_(g, h, k, approx=approx, impl=impl),
-            "econtrol": lambda: ops.econtrol_step_(g, e, h, k, 0.2, approx=approx, impl=impl),
-        }[method]
-        assert _count_host_reads(call) == []
+        assert _count_host_reads(_step(method, g, e, h, k, approx, impl)) == []
 
 
 def _lowest_index_topk(v: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ median and the 20th/80th percentiles of several repeats are reported, never asse
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 import subprocess
 import time
@@ -104,6 +105,11 @@ def copy_bandwidth(device: torch.device, d: int, repeats: int = 5) -> float:
     return 12 * d / (p50 / 1e3)
 
 
+def _restore(*pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    for live, saved in pairs:
+        live.copy_(saved)
+
+
 def _baseline(op: str):
     return {
         "ef14": lambda g, e, h, k: _reference.ef14_step_(g, e, k),
@@ -177,32 +183,41 @@ def run_kernel_bench(
         g = state["g32"].to(getattr(torch, dt))
         k = max(1, int(d * ratio))
 
-        def restore():
-            e.copy_(e0)
-            h.copy_(h0)
-
+        restore = functools.partial(_restore, (e, e0), (h, h0))
         for op in op_names:
             floor_ms = _FLOOR_BYTES[op](g.element_size()) * d / bw * 1e3
-            variants = {"baseline": lambda fn=_baseline(op): fn(g, e, h, k)}
+            variants = {"baseline": functools.partial(_baseline(op), g, e, h, k)}
             for name in impls:
-                variants[name] = lambda fn=_fused(op, name, False): fn(g, e, h, k)
+                variants[name] = functools.partial(_fused(op, name, False), g, e, h, k)
                 if op != "topk":
-                    variants[f"{name}-approx"] = lambda fn=_fused(op, name, True): fn(g, e, h, k)
+                    variants[f"{name}-approx"] = functools.partial(_fused(op, name, True), g, e, h, k)
             if op == "topk":
-                v = g.float().abs()
-                variants["torch.topk"] = lambda v=v: torch.topk(v, k, sorted=False)
+                variants["torch.topk"] = functools.partial(torch.topk, g.float().abs(), k, sorted=False)
             times = time_interleaved(variants, dev, reps, setup=restore)
             base = times["baseline"][2]
             for name, (tmin, p20, p50, p80) in times.items():
                 rows.append(
                     {
-                        "op": op, "d": d, "k": k, "ratio": ratio, "grad_dtype": dt, "impl": name,
-                        "ms_min": tmin, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "floor_ms": floor_ms,
+                        "op": op,
+                        "d": d,
+                        "k": k,
+                        "ratio": ratio,
+                        "grad_dtype": dt,
+                        "impl": name,
+                        "ms_min": tmin,
+                        "ms_p20": p20,
+                        "ms_p50": p50,
+                        "ms_p80": p80,
+                        "floor_ms": floor_ms,
                         "gb_per_s": _FLOOR_BYTES[op](g.element_size()) * d / (p50 / 1e3) / 1e9,
-                        "x_floor": p50 / floor_ms, "speedup_vs_baseline": base / p50,
+                        "x_floor": p50 / floor_ms,
+                        "speedup_vs_baseline": base / p50,
                     }
-                )  # fmt: skip
-            log(f"  d={d:.0e} k={ratio:.1%} {dt:8s} {op:8s} " + "  ".join(f"{n} {t[2]:8.3f} ms" for n, t in times.items()))
+                )
+            log(
+                f"  d={d:.0e} k={ratio:.1%} {dt:8s} {op:8s} "
+                + "  ".join(f"{n} {t[2]:8.3f} ms" for n, t in times.items())
+            )
         if dt != dtypes[0]:
             continue
         # accumulate_: n workers' messages of k entries each into one dense vector
@@ -210,19 +225,35 @@ def run_kernel_bench(
         idx = torch.stack([torch.randperm(d, device=dev)[:k] for _ in range(workers)]).int()
         out = torch.zeros(d, device=dev)
         floor_ms = workers * k * (4 + 4 + 8) / bw * 1e3  # value + index + read and write of out
-        variants = {n: (lambda i=i: ops.accumulate_(out, vals, idx, 1.0 / workers, impl=i)) for n, i in
-                    [("baseline", "reference")] + [(i, i) for i in impls]}  # fmt: skip
+        variants = {
+            n: functools.partial(ops.accumulate_, out, vals, idx, 1.0 / workers, impl=i)
+            for n, i in [("baseline", "reference")] + [(i, i) for i in impls]
+        }
         times = time_interleaved(variants, dev, reps)
         for name, (tmin, p20, p50, p80) in times.items():
             rows.append(
                 {
-                    "op": "accumulate", "d": d, "k": k, "ratio": ratio, "grad_dtype": "float32", "workers": workers,
-                    "impl": name, "ms_min": tmin, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "floor_ms": floor_ms,
-                    "gb_per_s": workers * k * 16 / (p50 / 1e3) / 1e9, "x_floor": p50 / floor_ms,
+                    "op": "accumulate",
+                    "d": d,
+                    "k": k,
+                    "ratio": ratio,
+                    "grad_dtype": "float32",
+                    "workers": workers,
+                    "impl": name,
+                    "ms_min": tmin,
+                    "ms_p20": p20,
+                    "ms_p50": p50,
+                    "ms_p80": p80,
+                    "floor_ms": floor_ms,
+                    "gb_per_s": workers * k * 16 / (p50 / 1e3) / 1e9,
+                    "x_floor": p50 / floor_ms,
                     "speedup_vs_baseline": times["baseline"][2] / p50,
                 }
-            )  # fmt: skip
-        log(f"  d={d:.0e} k={ratio:.1%} accumulate x{workers} " + "  ".join(f"{n} {t[2]:8.3f} ms" for n, t in times.items()))
+            )
+        log(
+            f"  d={d:.0e} k={ratio:.1%} accumulate x{workers} "
+            + "  ".join(f"{n} {t[2]:8.3f} ms" for n, t in times.items())
+        )
     return {
         "device": device_name(dev),
         "device_type": dev.type,
@@ -268,7 +299,8 @@ def format_table(result: dict) -> str:
         fused = [r for n, r in rs.items() if n not in ("baseline", "torch.topk") and not n.endswith("-approx")]
         best = min(fused, key=lambda r: r["ms_p50"]) if fused else rs["baseline"]
         lines.append(
-            f"{op:10s} {d:6.0e} {ratio:6.1%} {dt:9s} {cells}  {best['x_floor']:6.2f}x {best['speedup_vs_baseline']:6.1f}x"
+            f"{op:10s} {d:6.0e} {ratio:6.1%} {dt:9s} {cells}  "
+            f"{best['x_floor']:6.2f}x {best['speedup_vs_baseline']:6.1f}x"
         )
     return "\n".join(lines)
 

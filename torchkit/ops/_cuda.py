@@ -21,7 +21,19 @@ from torch import Tensor
 
 from . import _select
 
-__all__ = ["available", "ensure_built", "error", "build", "open_library", "nvcc_command", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
+__all__ = [
+    "available",
+    "ensure_built",
+    "error",
+    "build",
+    "open_library",
+    "nvcc_command",
+    "topk",
+    "ef14_step_",
+    "ef21_step_",
+    "econtrol_step_",
+    "accumulate_",
+]
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "topk_ef_cuda.cu"
@@ -107,8 +119,20 @@ def nvcc_command(out: Path, arch: str, defines: dict[str, int] | None = None) ->
     """The build command; ``defines`` set the source's tuning knobs (TK_HIST_COPIES, TK_VEC) for experiments."""
     nvcc = shutil.which("nvcc") or "nvcc"
     flags = [f"-D{k}={v}" for k, v in (defines or {}).items()]
-    return [nvcc, "-std=c++17", "-O3", "-fmad=false", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared", *flags,
-            str(_SOURCE), "-o", str(out)]  # fmt: skip
+    return [
+        nvcc,
+        "-std=c++17",
+        "-O3",
+        "-fmad=false",
+        f"-arch={arch}",
+        "-Xcompiler",
+        "-fPIC",
+        "-shared",
+        *flags,
+        str(_SOURCE),
+        "-o",
+        str(out),
+    ]
 
 
 def build(verbose: bool = False) -> bool:
@@ -161,21 +185,82 @@ class _Launcher:
     def hist(self, hist, scal, n, *, mode, stored, active, n_slot, prefix_slot, shift_hi, shift_lo, cand=None):
         e = self.e if cand is None else cand[1]
         grid = max(1, min(-(-n // 512), 4 * self.sms))
-        rc = _lib.tk_hist(mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(e), _ptr(self.h), _ptr(hist), _ptr(scal),
-                          n, self.eta, int(stored), _aligned(self.g, e, self.h), active, n_slot, prefix_slot, shift_hi,
-                          shift_lo, grid, self.stream)  # fmt: skip
+        rc = _lib.tk_hist(
+            mode,
+            _GTYPE[self.g.dtype],
+            _ptr(self.g),
+            _ptr(e),
+            _ptr(self.h),
+            _ptr(hist),
+            _ptr(scal),
+            n,
+            self.eta,
+            int(stored),
+            _aligned(self.g, e, self.h),
+            active,
+            n_slot,
+            prefix_slot,
+            shift_hi,
+            shift_lo,
+            grid,
+            self.stream,
+        )
         _check(rc, "tk_hist")
 
     def threshold(self, hist, scal, k, cap, level):
         _check(_lib.tk_threshold(_ptr(hist), _ptr(scal), k, cap, level, self.stream), "tk_threshold")
 
-    def select(self, scal, lb, n, hi, eq, *, mode, stored, write_e, active, n_slot, thr_slot, shift,
-               hi_base, eq_base, cap, ctr, cand=None):  # fmt: skip
+    def select(
+        self,
+        scal,
+        lb,
+        n,
+        hi,
+        eq,
+        *,
+        mode,
+        stored,
+        write_e,
+        active,
+        n_slot,
+        thr_slot,
+        shift,
+        hi_base,
+        eq_base,
+        cap,
+        ctr,
+        cand=None,
+    ):
         ci, e = (None, self.e) if cand is None else cand
-        rc = _lib.tk_select(mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(e), _ptr(self.h), _ptr(ci), _ptr(scal),
-                            _ptr(lb), _ptr(hi[0]), _ptr(hi[1]), _ptr(eq[0]), _ptr(eq[1]), n, self.eta, int(stored),
-                            int(write_e), _aligned(self.g, e, self.h), active, n_slot, thr_slot, shift, hi_base, eq_base, cap, ctr,
-                            self.lookback_slots(n), self.stream)  # fmt: skip
+        rc = _lib.tk_select(
+            mode,
+            _GTYPE[self.g.dtype],
+            _ptr(self.g),
+            _ptr(e),
+            _ptr(self.h),
+            _ptr(ci),
+            _ptr(scal),
+            _ptr(lb),
+            _ptr(hi[0]),
+            _ptr(hi[1]),
+            _ptr(eq[0]),
+            _ptr(eq[1]),
+            n,
+            self.eta,
+            int(stored),
+            int(write_e),
+            _aligned(self.g, e, self.h),
+            active,
+            n_slot,
+            thr_slot,
+            shift,
+            hi_base,
+            eq_base,
+            cap,
+            ctr,
+            self.lookback_slots(n),
+            self.stream,
+        )
         _check(rc, "tk_select")
 
     def lookback_slots(self, n: int) -> int:
@@ -196,5 +281,9 @@ def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) 
 
 _OPS = _select.GpuOps(_run, _scatter)
 topk, ef14_step_, ef21_step_, econtrol_step_, accumulate_ = (
-    _OPS.topk, _OPS.ef14_step_, _OPS.ef21_step_, _OPS.econtrol_step_, _OPS.accumulate_
-)  # fmt: skip
+    _OPS.topk,
+    _OPS.ef14_step_,
+    _OPS.ef21_step_,
+    _OPS.econtrol_step_,
+    _OPS.accumulate_,
+)

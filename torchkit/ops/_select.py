@@ -40,8 +40,27 @@ class Launcher(Protocol):
 
     def threshold(self, hist, scal, k, cap, level): ...
 
-    def select(self, scal, lb, n, hi, eq, *, mode, stored, write_e, active, n_slot, thr_slot, shift,
-               hi_base, eq_base, cap, ctr, cand=None): ...  # fmt: skip
+    def select(
+        self,
+        scal,
+        lb,
+        n,
+        hi,
+        eq,
+        *,
+        mode,
+        stored,
+        write_e,
+        active,
+        n_slot,
+        thr_slot,
+        shift,
+        hi_base,
+        eq_base,
+        cap,
+        ctr,
+        cand=None,
+    ): ...
 
     def lookback_slots(self, n: int) -> int: ...
 
@@ -84,11 +103,22 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
     lbs = ws[head:]
     out = (_empty(k, idt, dev), _empty(k, torch.float32, dev))
 
-    launcher.hist(hists[0], scal, d, mode=mode, stored=False, active=ALWAYS, n_slot=ALWAYS,
-                  prefix_slot=ALWAYS, shift_hi=31, shift_lo=20)  # fmt: skip
+    launcher.hist(
+        hists[0],
+        scal,
+        d,
+        mode=mode,
+        stored=False,
+        active=ALWAYS,
+        n_slot=ALWAYS,
+        prefix_slot=ALWAYS,
+        shift_hi=31,
+        shift_lo=20,
+    )
     launcher.threshold(hists[0], scal, k, cap, 1)
-    level1 = dict(mode=mode, stored=True, write_e=True, n_slot=ALWAYS, thr_slot=S_B1, shift=20, hi_base=S_ZERO,
-                  ctr=S_CTR1)  # fmt: skip
+    level1 = dict(
+        mode=mode, stored=True, write_e=True, n_slot=ALWAYS, thr_slot=S_B1, shift=20, hi_base=S_ZERO, ctr=S_CTR1
+    )
     if approx:  # the threshold bin's lowest-indexed entries fill the remaining slots
         launcher.select(scal, lbs[:n_lb], d, out, out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **level1)
     else:
@@ -100,10 +130,35 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
             launcher.hist(hists[level - 1], scal, cap, mode=CAND, active=S_FITS, n_slot=S_N1, cand=cand, **common)
             launcher.threshold(hists[level - 1], scal, k, cap, level)
         exact = dict(stored=True, thr_slot=S_T, shift=0, eq_base=S_A, cap=S_CAP)
-        launcher.select(scal, lbs[n_lb : 2 * n_lb], d, out, out, mode=mode, write_e=True, active=S_OVER,
-                        n_slot=ALWAYS, hi_base=S_ZERO, ctr=S_CTR2, **exact)  # fmt: skip
-        launcher.select(scal, lbs[2 * n_lb :], cap, out, out, mode=CAND, write_e=False, active=S_FITS,
-                        n_slot=S_N1, hi_base=S_ABOVE1, ctr=S_CTR3, cand=cand, **exact)  # fmt: skip
+        launcher.select(
+            scal,
+            lbs[n_lb : 2 * n_lb],
+            d,
+            out,
+            out,
+            mode=mode,
+            write_e=True,
+            active=S_OVER,
+            n_slot=ALWAYS,
+            hi_base=S_ZERO,
+            ctr=S_CTR2,
+            **exact,
+        )
+        launcher.select(
+            scal,
+            lbs[2 * n_lb :],
+            cap,
+            out,
+            out,
+            mode=CAND,
+            write_e=False,
+            active=S_FITS,
+            n_slot=S_N1,
+            hi_base=S_ABOVE1,
+            ctr=S_CTR3,
+            cand=cand,
+            **exact,
+        )
     idx, vals = out
     sent = idx.long()
     if mode == EF14:

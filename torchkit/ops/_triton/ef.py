@@ -75,8 +75,19 @@ def _count(scal_ptr, d, n_slot):
     return tl.where(n_slot < 0, d, tl.load(scal_ptr + tl.maximum(n_slot, 0)))
 
 
-_SLOTS = ["active", "n_slot", "prefix_slot", "shift_hi", "shift_lo", "thr_slot", "shift", "hi_base", "eq_base",
-          "cap_slot", "ctr_slot"]  # fmt: skip
+_SLOTS = [
+    "active",
+    "n_slot",
+    "prefix_slot",
+    "shift_hi",
+    "shift_lo",
+    "thr_slot",
+    "shift",
+    "hi_base",
+    "eq_base",
+    "cap_slot",
+    "ctr_slot",
+]
 
 
 @triton.jit(do_not_specialize=["d", "eta"] + _SLOTS[:5])
@@ -272,24 +283,81 @@ class _Launcher:
         grid = (_programs(triton.cdiv(n, block), self.dev),)
         g, e = (self.g, self.e) if cand is None else (self.g, cand[1])
         _hist_kernel[grid](
-            g, e, self.h, hist, scal, n, self.eta, active, n_slot, prefix_slot, shift_hi, shift_lo,
-            MODE=mode, STORED=stored and mode == 1, BLOCK=block, NBINS=NB, num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )  # fmt: skip
+            g,
+            e,
+            self.h,
+            hist,
+            scal,
+            n,
+            self.eta,
+            active,
+            n_slot,
+            prefix_slot,
+            shift_hi,
+            shift_lo,
+            MODE=mode,
+            STORED=stored and mode == 1,
+            BLOCK=block,
+            NBINS=NB,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
 
     def threshold(self, hist, scal, k, cap, level):
         _threshold_kernel[(1,)](hist, scal, k, cap, LEVEL=level, NBINS=NB, enable_fp_fusion=False)
 
-    def select(self, scal, lb, n, hi, eq, *, mode, stored, write_e, active, n_slot, thr_slot, shift,
-               hi_base, eq_base, cap, ctr, cand=None):  # fmt: skip
+    def select(
+        self,
+        scal,
+        lb,
+        n,
+        hi,
+        eq,
+        *,
+        mode,
+        stored,
+        write_e,
+        active,
+        n_slot,
+        thr_slot,
+        shift,
+        hi_base,
+        eq_base,
+        cap,
+        ctr,
+        cand=None,
+    ):
         block = _block(n, self.dev)
         grid = (triton.cdiv(n, block),)
         ci, e = (self.g, self.e) if cand is None else cand
         _select_kernel[grid](
-            self.g, e, self.h, ci, scal, lb, hi[0], hi[1], eq[0], eq[1], n, self.eta,
-            active, n_slot, thr_slot, shift, hi_base, eq_base, cap, ctr,
-            MODE=mode, STORED=stored and mode == 1, WRITE_E=write_e and mode == 3, BLOCK=block,
-            num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )  # fmt: skip
+            self.g,
+            e,
+            self.h,
+            ci,
+            scal,
+            lb,
+            hi[0],
+            hi[1],
+            eq[0],
+            eq[1],
+            n,
+            self.eta,
+            active,
+            n_slot,
+            thr_slot,
+            shift,
+            hi_base,
+            eq_base,
+            cap,
+            ctr,
+            MODE=mode,
+            STORED=stored and mode == 1,
+            WRITE_E=write_e and mode == 3,
+            BLOCK=block,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
 
     def lookback_slots(self, n: int) -> int:
         return triton.cdiv(n, _block(n, self.dev))
@@ -305,11 +373,16 @@ def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) 
     k = values.shape[1]
     block = 1024 if out.is_cuda else max(1024, triton.next_power_of_2(k))
     for w, s in enumerate(scales):  # one launch per worker: deterministic order
-        _scatter_add_kernel[(triton.cdiv(k, block),)](out, values[w], indices[w], s, k, BLOCK=block,
-                                                      enable_fp_fusion=False)  # fmt: skip
+        _scatter_add_kernel[(triton.cdiv(k, block),)](
+            out, values[w], indices[w], s, k, BLOCK=block, enable_fp_fusion=False
+        )
 
 
 _OPS = _select.GpuOps(_run, _scatter)
 topk, ef14_step_, ef21_step_, econtrol_step_, accumulate_ = (
-    _OPS.topk, _OPS.ef14_step_, _OPS.ef21_step_, _OPS.econtrol_step_, _OPS.accumulate_
-)  # fmt: skip
+    _OPS.topk,
+    _OPS.ef14_step_,
+    _OPS.ef21_step_,
+    _OPS.econtrol_step_,
+    _OPS.accumulate_,
+)
