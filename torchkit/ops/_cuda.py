@@ -182,85 +182,23 @@ class _Launcher:
         self.sms = torch.cuda.get_device_properties(g.device).multi_processor_count
         self.block = _lib.tk_block_elems()
 
-    def hist(self, hist, scal, n, *, mode, stored, active, n_slot, prefix_slot, shift_hi, shift_lo, cand=None):
-        e = self.e if cand is None else cand[1]
-        grid = max(1, min(-(-n // 512), 4 * self.sms))
-        rc = _lib.tk_hist(
-            mode,
-            _GTYPE[self.g.dtype],
-            _ptr(self.g),
-            _ptr(e),
-            _ptr(self.h),
-            _ptr(hist),
-            _ptr(scal),
-            n,
-            self.eta,
-            int(stored),
-            _aligned(self.g, e, self.h),
-            active,
-            n_slot,
-            prefix_slot,
-            shift_hi,
-            shift_lo,
-            grid,
-            self.stream,
-        )
+    def hist(self, scal, p: _select.Hist):
+        e = self.e if p.cand is None else p.cand[1]
+        grid = max(1, min(-(-p.n // 512), 4 * self.sms))
+        rc = _lib.tk_hist(p.mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(e), _ptr(self.h), _ptr(p.hist), _ptr(scal),
+                          p.n, self.eta, int(p.stored), _aligned(self.g, e, self.h), *p.slots(), grid,
+                          self.stream)  # fmt: skip
         _check(rc, "tk_hist")
 
     def threshold(self, hist, scal, k, cap, level):
         _check(_lib.tk_threshold(_ptr(hist), _ptr(scal), k, cap, level, self.stream), "tk_threshold")
 
-    def select(
-        self,
-        scal,
-        lb,
-        n,
-        hi,
-        eq,
-        *,
-        mode,
-        stored,
-        write_e,
-        active,
-        n_slot,
-        thr_slot,
-        shift,
-        hi_base,
-        eq_base,
-        cap,
-        ctr,
-        cand=None,
-    ):
-        ci, e = (None, self.e) if cand is None else cand
-        rc = _lib.tk_select(
-            mode,
-            _GTYPE[self.g.dtype],
-            _ptr(self.g),
-            _ptr(e),
-            _ptr(self.h),
-            _ptr(ci),
-            _ptr(scal),
-            _ptr(lb),
-            _ptr(hi[0]),
-            _ptr(hi[1]),
-            _ptr(eq[0]),
-            _ptr(eq[1]),
-            n,
-            self.eta,
-            int(stored),
-            int(write_e),
-            _aligned(self.g, e, self.h),
-            active,
-            n_slot,
-            thr_slot,
-            shift,
-            hi_base,
-            eq_base,
-            cap,
-            ctr,
-            self.lookback_slots(n),
-            self.stream,
-        )
+    def select(self, scal, p: _select.Select):
+        ci, e = (None, self.e) if p.cand is None else p.cand
+        ptrs = [_ptr(t) for t in (self.g, e, self.h, ci, scal, p.lb, *p.hi, *p.eq)]
+        rc = _lib.tk_select(p.mode, _GTYPE[self.g.dtype], *ptrs, p.n, self.eta, int(p.mode == 1), int(p.write_e),
+                            _aligned(self.g, e, self.h), *p.slots(), self.lookback_slots(p.n),
+                            self.stream)  # fmt: skip
         _check(rc, "tk_select")
 
     def lookback_slots(self, n: int) -> int:

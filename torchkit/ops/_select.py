@@ -11,7 +11,7 @@ then the rest; the same on every run whatever order the GPU schedules the progra
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -32,35 +32,58 @@ N_SCALARS = 32
 ALWAYS = -1  # a flag or count slot that is not read: always active / the host count
 POISON = False  # tests set this: outputs and candidates start as NaN / -1 instead of uninitialised memory
 
-__all__ = ["run", "capacity", "kernel_takes", "Launcher", "GpuOps"]
+__all__ = ["run", "capacity", "kernel_takes", "Hist", "Select", "Launcher", "GpuOps"]
+
+
+class Hist(NamedTuple):
+    """A histogram pass: bins ``(key >> shift_lo)`` of the entries whose ``key >> shift_hi`` equals the prefix
+    slot's value (no prefix: ``ALWAYS``), over ``n`` entries of the method's vector or of ``cand``."""
+
+    hist: Tensor
+    mode: int
+    stored: bool  # EF14: v is already in e (False on the first pass, which stores it)
+    active: int  # slot of the flag that switches the pass on, or ALWAYS
+    n_slot: int  # slot holding the entry count, or ALWAYS (then n)
+    prefix_slot: int
+    shift_hi: int
+    shift_lo: int
+    n: int
+    cand: tuple[Tensor, Tensor] | None = None  # (indices, values) when the pass reads the candidates
+
+    def slots(self) -> tuple[int, ...]:
+        return self.active, self.n_slot, self.prefix_slot, self.shift_hi, self.shift_lo
+
+
+class Select(NamedTuple):
+    """A select pass: entries with ``key >> shift`` above the threshold slot's value go to ``hi`` from the
+    hi_base slot's value, entries equal to it to ``eq`` from the eq_base slot's value (the first ``cap``)."""
+
+    lb: Tensor  # look-back words, one per block
+    hi: tuple[Tensor, Tensor]
+    eq: tuple[Tensor, Tensor]
+    mode: int
+    write_e: bool  # EControl: this pass writes e <- e + g - h
+    active: int
+    n_slot: int
+    thr_slot: int
+    shift: int
+    hi_base: int
+    eq_base: int
+    cap: int
+    ctr: int  # slot of the block-ticket counter
+    n: int
+    cand: tuple[Tensor, Tensor] | None = None
+
+    def slots(self) -> tuple[int, ...]:
+        return (self.active, self.n_slot, self.thr_slot, self.shift, self.hi_base, self.eq_base, self.cap, self.ctr)
 
 
 class Launcher(Protocol):
-    def hist(self, hist, scal, n, *, mode, stored, active, n_slot, prefix_slot, shift_hi, shift_lo, cand=None): ...
+    def hist(self, scal: Tensor, p: Hist) -> None: ...
 
-    def threshold(self, hist, scal, k, cap, level): ...
+    def threshold(self, hist: Tensor, scal: Tensor, k: int, cap: int, level: int) -> None: ...
 
-    def select(
-        self,
-        scal,
-        lb,
-        n,
-        hi,
-        eq,
-        *,
-        mode,
-        stored,
-        write_e,
-        active,
-        n_slot,
-        thr_slot,
-        shift,
-        hi_base,
-        eq_base,
-        cap,
-        ctr,
-        cand=None,
-    ): ...
+    def select(self, scal: Tensor, p: Select) -> None: ...
 
     def lookback_slots(self, n: int) -> int: ...
 
@@ -103,62 +126,25 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
     lbs = ws[head:]
     out = (_empty(k, idt, dev), _empty(k, torch.float32, dev))
 
-    launcher.hist(
-        hists[0],
-        scal,
-        d,
-        mode=mode,
-        stored=False,
-        active=ALWAYS,
-        n_slot=ALWAYS,
-        prefix_slot=ALWAYS,
-        shift_hi=31,
-        shift_lo=20,
-    )
+    launcher.hist(scal, Hist(hists[0], mode, False, ALWAYS, ALWAYS, ALWAYS, 31, 20, d))
     launcher.threshold(hists[0], scal, k, cap, 1)
-    level1 = dict(
-        mode=mode, stored=True, write_e=True, n_slot=ALWAYS, thr_slot=S_B1, shift=20, hi_base=S_ZERO, ctr=S_CTR1
-    )
+    level1 = dict(lb=lbs[:n_lb], hi=out, mode=mode, write_e=True, n_slot=ALWAYS, thr_slot=S_B1, shift=20,
+                  hi_base=S_ZERO, ctr=S_CTR1, n=d)  # fmt: skip
     if approx:  # the threshold bin's lowest-indexed entries fill the remaining slots
-        launcher.select(scal, lbs[:n_lb], d, out, out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **level1)
+        launcher.select(scal, Select(eq=out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **level1))
     else:
         cand = (_empty(cap, idt, dev), _empty(cap, torch.float32, dev))
-        launcher.select(scal, lbs[:n_lb], d, out, cand, active=S_FITS, eq_base=S_ZERO, cap=S_N1, **level1)
+        launcher.select(scal, Select(eq=cand, active=S_FITS, eq_base=S_ZERO, cap=S_N1, **level1))
         for level, shift_hi, shift_lo, prefix in ((2, 20, 9, S_B1), (3, 9, 0, S_P3)):
-            common = dict(stored=True, prefix_slot=prefix, shift_hi=shift_hi, shift_lo=shift_lo)
-            launcher.hist(hists[level - 1], scal, d, mode=mode, active=S_OVER, n_slot=ALWAYS, **common)
-            launcher.hist(hists[level - 1], scal, cap, mode=CAND, active=S_FITS, n_slot=S_N1, cand=cand, **common)
-            launcher.threshold(hists[level - 1], scal, k, cap, level)
-        exact = dict(stored=True, thr_slot=S_T, shift=0, eq_base=S_A, cap=S_CAP)
-        launcher.select(
-            scal,
-            lbs[n_lb : 2 * n_lb],
-            d,
-            out,
-            out,
-            mode=mode,
-            write_e=True,
-            active=S_OVER,
-            n_slot=ALWAYS,
-            hi_base=S_ZERO,
-            ctr=S_CTR2,
-            **exact,
-        )
-        launcher.select(
-            scal,
-            lbs[2 * n_lb :],
-            cap,
-            out,
-            out,
-            mode=CAND,
-            write_e=False,
-            active=S_FITS,
-            n_slot=S_N1,
-            hi_base=S_ABOVE1,
-            ctr=S_CTR3,
-            cand=cand,
-            **exact,
-        )
+            hist = hists[level - 1]  # the re-read of the vector and the pass over the candidates: one runs
+            launcher.hist(scal, Hist(hist, mode, True, S_OVER, ALWAYS, prefix, shift_hi, shift_lo, d))
+            launcher.hist(scal, Hist(hist, CAND, True, S_FITS, S_N1, prefix, shift_hi, shift_lo, cap, cand))
+            launcher.threshold(hist, scal, k, cap, level)
+        exact = dict(hi=out, eq=out, thr_slot=S_T, shift=0, eq_base=S_A, cap=S_CAP)
+        launcher.select(scal, Select(lbs[n_lb : 2 * n_lb], mode=mode, write_e=True, active=S_OVER, n_slot=ALWAYS,
+                                     hi_base=S_ZERO, ctr=S_CTR2, n=d, **exact))  # fmt: skip
+        launcher.select(scal, Select(lbs[2 * n_lb :], mode=CAND, write_e=False, active=S_FITS, n_slot=S_N1,
+                                     hi_base=S_ABOVE1, ctr=S_CTR3, n=cap, cand=cand, **exact))  # fmt: skip
     idx, vals = out
     sent = idx.long()
     if mode == EF14:

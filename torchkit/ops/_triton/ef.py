@@ -278,86 +278,25 @@ class _Launcher:
         self.g, self.e, self.h, self.eta = g, e, h, eta
         self.dev = g.device
 
-    def hist(self, hist, scal, n, *, mode, stored, active, n_slot, prefix_slot, shift_hi, shift_lo, cand=None):
-        block = _block(n, self.dev)
-        grid = (_programs(triton.cdiv(n, block), self.dev),)
-        g, e = (self.g, self.e) if cand is None else (self.g, cand[1])
-        _hist_kernel[grid](
-            g,
-            e,
-            self.h,
-            hist,
-            scal,
-            n,
-            self.eta,
-            active,
-            n_slot,
-            prefix_slot,
-            shift_hi,
-            shift_lo,
-            MODE=mode,
-            STORED=stored and mode == 1,
-            BLOCK=block,
-            NBINS=NB,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+    def hist(self, scal, p: _select.Hist):
+        block = _block(p.n, self.dev)
+        grid = (_programs(triton.cdiv(p.n, block), self.dev),)
+        e = self.e if p.cand is None else p.cand[1]
+        _hist_kernel[grid](self.g, e, self.h, p.hist, scal, p.n, self.eta, *p.slots(), MODE=p.mode,
+                           STORED=p.stored and p.mode == 1, BLOCK=block, NBINS=NB, num_warps=NUM_WARPS,
+                           enable_fp_fusion=False)  # fmt: skip
 
     def threshold(self, hist, scal, k, cap, level):
         _threshold_kernel[(1,)](hist, scal, k, cap, LEVEL=level, NBINS=NB, enable_fp_fusion=False)
 
-    def select(
-        self,
-        scal,
-        lb,
-        n,
-        hi,
-        eq,
-        *,
-        mode,
-        stored,
-        write_e,
-        active,
-        n_slot,
-        thr_slot,
-        shift,
-        hi_base,
-        eq_base,
-        cap,
-        ctr,
-        cand=None,
-    ):
-        block = _block(n, self.dev)
-        grid = (triton.cdiv(n, block),)
-        ci, e = (self.g, self.e) if cand is None else cand
-        _select_kernel[grid](
-            self.g,
-            e,
-            self.h,
-            ci,
-            scal,
-            lb,
-            hi[0],
-            hi[1],
-            eq[0],
-            eq[1],
-            n,
-            self.eta,
-            active,
-            n_slot,
-            thr_slot,
-            shift,
-            hi_base,
-            eq_base,
-            cap,
-            ctr,
-            MODE=mode,
-            STORED=stored and mode == 1,
-            WRITE_E=write_e and mode == 3,
-            BLOCK=block,
-            num_warps=NUM_WARPS,
+    def select(self, scal, p: _select.Select):
+        block = _block(p.n, self.dev)
+        ci, e = (self.g, self.e) if p.cand is None else p.cand
+        _select_kernel[(triton.cdiv(p.n, block),)](
+            self.g, e, self.h, ci, scal, p.lb, *p.hi, *p.eq, p.n, self.eta, *p.slots(), MODE=p.mode,
+            STORED=p.mode == 1, WRITE_E=p.write_e and p.mode == 3, BLOCK=block, num_warps=NUM_WARPS,
             enable_fp_fusion=False,
-        )
+        )  # fmt: skip
 
     def lookback_slots(self, n: int) -> int:
         return triton.cdiv(n, _block(n, self.dev))
