@@ -105,6 +105,16 @@ def copy_bandwidth(device: torch.device, d: int, repeats: int = 5) -> float:
     return 12 * d / (p50 / 1e3)
 
 
+def _rows(case: dict, times: dict, floor_ms: float, floor_bytes: float) -> list[dict]:
+    """One JSON row per variant: quantiles, achieved bandwidth on the floor's bytes, ratios."""
+    base = times["baseline"][2]
+    return [
+        {**case, "impl": name, "ms_min": tmin, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "floor_ms": floor_ms,
+         "gb_per_s": floor_bytes / (p50 / 1e3) / 1e9, "x_floor": p50 / floor_ms, "speedup_vs_baseline": base / p50}
+        for name, (tmin, p20, p50, p80) in times.items()
+    ]  # fmt: skip
+
+
 def _restore(*pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
     for live, saved in pairs:
         live.copy_(saved)
@@ -194,26 +204,8 @@ def run_kernel_bench(
             if op == "topk":
                 variants["torch.topk"] = functools.partial(torch.topk, g.float().abs(), k, sorted=False)
             times = time_interleaved(variants, dev, reps, setup=restore)
-            base = times["baseline"][2]
-            for name, (tmin, p20, p50, p80) in times.items():
-                rows.append(
-                    {
-                        "op": op,
-                        "d": d,
-                        "k": k,
-                        "ratio": ratio,
-                        "grad_dtype": dt,
-                        "impl": name,
-                        "ms_min": tmin,
-                        "ms_p20": p20,
-                        "ms_p50": p50,
-                        "ms_p80": p80,
-                        "floor_ms": floor_ms,
-                        "gb_per_s": _FLOOR_BYTES[op](g.element_size()) * d / (p50 / 1e3) / 1e9,
-                        "x_floor": p50 / floor_ms,
-                        "speedup_vs_baseline": base / p50,
-                    }
-                )
+            case = {"op": op, "d": d, "k": k, "ratio": ratio, "grad_dtype": dt}
+            rows += _rows(case, times, floor_ms, _FLOOR_BYTES[op](g.element_size()) * d)
             log(
                 f"  d={d:.0e} k={ratio:.1%} {dt:8s} {op:8s} "
                 + "  ".join(f"{n} {t[2]:8.3f} ms" for n, t in times.items())
@@ -230,26 +222,8 @@ def run_kernel_bench(
             for n, i in [("baseline", "reference")] + [(i, i) for i in impls]
         }
         times = time_interleaved(variants, dev, reps)
-        for name, (tmin, p20, p50, p80) in times.items():
-            rows.append(
-                {
-                    "op": "accumulate",
-                    "d": d,
-                    "k": k,
-                    "ratio": ratio,
-                    "grad_dtype": "float32",
-                    "workers": workers,
-                    "impl": name,
-                    "ms_min": tmin,
-                    "ms_p20": p20,
-                    "ms_p50": p50,
-                    "ms_p80": p80,
-                    "floor_ms": floor_ms,
-                    "gb_per_s": workers * k * 16 / (p50 / 1e3) / 1e9,
-                    "x_floor": p50 / floor_ms,
-                    "speedup_vs_baseline": times["baseline"][2] / p50,
-                }
-            )
+        case = {"op": "accumulate", "d": d, "k": k, "ratio": ratio, "grad_dtype": "float32", "workers": workers}
+        rows += _rows(case, times, floor_ms, workers * k * 16)
         log(
             f"  d={d:.0e} k={ratio:.1%} accumulate x{workers} "
             + "  ".join(f"{n} {t[2]:8.3f} ms" for n, t in times.items())

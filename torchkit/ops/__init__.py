@@ -131,14 +131,10 @@ def _check_k(k: int, d: int) -> int:
 
 def _kernels(name: str):
     if name == "triton":
-        from ._triton import ef as mod
-    elif name == "cuda":
-        mod = _cuda
-    elif name == "cpp":
-        mod = _ext
-    else:
-        mod = _reference
-    return mod
+        from ._triton import ef
+
+        return ef.OPS
+    return {"cuda": _cuda.OPS, "cpp": _ext, "reference": _reference}[name]
 
 
 def topk(x: Tensor, k: int, *, impl: Impl = "auto") -> tuple[Tensor, Tensor]:

@@ -21,19 +21,7 @@ from torch import Tensor
 
 from . import _select
 
-__all__ = [
-    "available",
-    "ensure_built",
-    "error",
-    "build",
-    "open_library",
-    "nvcc_command",
-    "topk",
-    "ef14_step_",
-    "ef21_step_",
-    "econtrol_step_",
-    "accumulate_",
-]
+__all__ = ["OPS", "available", "ensure_built", "error", "build", "open_library", "nvcc_command"]
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "topk_ef_cuda.cu"
@@ -217,11 +205,4 @@ def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) 
         _check(rc, "tk_scatter_add")
 
 
-_OPS = _select.GpuOps(_run, _scatter)
-topk, ef14_step_, ef21_step_, econtrol_step_, accumulate_ = (
-    _OPS.topk,
-    _OPS.ef14_step_,
-    _OPS.ef21_step_,
-    _OPS.econtrol_step_,
-    _OPS.accumulate_,
-)
+OPS = _select.GpuOps(_run, _scatter)  # what torchkit.ops dispatches to

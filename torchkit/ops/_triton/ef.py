@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _select
 
-__all__ = ["topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
+__all__ = ["OPS"]
 
 NB = _select.NBINS
 NUM_WARPS = 8  # 2048-element programs: 8 entries per thread
@@ -317,11 +317,4 @@ def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) 
         )
 
 
-_OPS = _select.GpuOps(_run, _scatter)
-topk, ef14_step_, ef21_step_, econtrol_step_, accumulate_ = (
-    _OPS.topk,
-    _OPS.ef14_step_,
-    _OPS.ef21_step_,
-    _OPS.econtrol_step_,
-    _OPS.accumulate_,
-)
+OPS = _select.GpuOps(_run, _scatter)  # what torchkit.ops dispatches to
