@@ -213,7 +213,7 @@ def _static_and_view(rank):
 
 def _nonfinite(rank):
     model = _ddp(_net())
-    state = tk.ddp.register(model, FEEDBACKS["ef21"](), min_compression_rate=0)
+    state = tk.ddp.register(model, FEEDBACKS["ef21"](), min_compression_rate=0, nonfinite="sanitize")
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     grads = []
     for t in range(3):

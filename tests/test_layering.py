@@ -11,6 +11,7 @@ LAYER = {
     "theory": 1,
     "feedback": 2,
     "comm": 3,
+    "state": 3,
     "optim": 4,
     "ddp": 4,
     "sim": 4,

@@ -109,10 +109,20 @@ def _rows(case: dict, times: dict, floor_ms: float, floor_bytes: float) -> list[
     """One JSON row per variant: quantiles, achieved bandwidth on the floor's bytes, ratios."""
     base = times["baseline"][2]
     return [
-        {**case, "impl": name, "ms_min": tmin, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "floor_ms": floor_ms,
-         "gb_per_s": floor_bytes / (p50 / 1e3) / 1e9, "x_floor": p50 / floor_ms, "speedup_vs_baseline": base / p50}
+        {
+            **case,
+            "impl": name,
+            "ms_min": tmin,
+            "ms_p20": p20,
+            "ms_p50": p50,
+            "ms_p80": p80,
+            "floor_ms": floor_ms,
+            "gb_per_s": floor_bytes / (p50 / 1e3) / 1e9,
+            "x_floor": p50 / floor_ms,
+            "speedup_vs_baseline": base / p50,
+        }
         for name, (tmin, p20, p50, p80) in times.items()
-    ]  # fmt: skip
+    ]
 
 
 def _restore(*pairs: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -1,32 +1,114 @@
 """The single definition of a round, and the exchangers the front ends plug into it.
 
-``run_round`` is what the optimizer wrapper, the DDP hook and the simulator all execute: each worker
-runs the feedback method on its gradient, the messages are exchanged, the server aggregates. The
-exchanger is the only thing that differs: n workers in one process (:class:`LocalExchanger`, messages
-with n rows), or one worker per rank over ``torch.distributed`` (:class:`DistExchanger`).
+:func:`start_round` is what the optimizer wrapper, the DDP hook and the simulator all execute: each worker runs
+the feedback method on its gradient, the messages are exchanged, and the continuation of the exchange, the only
+server update there is, turns the aggregate into the estimate. It returns a future (the DDP hook hands it to
+DDP); :func:`run_round` waits on it. The exchanger is the only thing that differs between front ends: n workers
+in one process (:class:`LocalExchanger`, messages with n rows, a future that is already complete), or one
+worker per rank over ``torch.distributed`` (:class:`DistExchanger`). The wire dtype, the dense fallback when
+compression does not pay, and the policy for non-finite gradients (:class:`RoundOptions`) live here too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .compress import DenseMessage, Message, SignMessage, SparseMessage, pack_message, unpack_message
+from .compress import DenseMessage, Identity, Message, pack_message, unpack_message
 from .feedback import Feedback
+from .state import Block
 
-__all__ = ["Exchanger", "LocalExchanger", "DistExchanger", "run_round", "aggregate_rows", "all_gather_rows"]
+__all__ = [
+    "Exchanger",
+    "LocalExchanger",
+    "DistExchanger",
+    "RoundOptions",
+    "RoundResult",
+    "NonFiniteGradientError",
+    "start_round",
+    "run_round",
+    "aggregate_rows",
+    "all_gather_rows",
+]
+
+NonFinite = Literal["raise", "skip", "sanitize"]
 
 
+class NonFiniteGradientError(ValueError):
+    """A worker's gradient held NaN or Inf; raised on every rank of the round."""
+
+
+@dataclass(frozen=True)
+class RoundOptions:
+    """How a round treats the wire and bad input.
+
+    Args:
+        wire_dtype: dtype of the sent values (``None``: the gradient's). What rounding removes stays in the
+            feedback state (:meth:`Feedback.round_values_`).
+        min_compression_rate: run the method with the Identity compressor (an exact round over ``all_reduce``)
+            when the dense payload is less than this many times the compressed one, ``n * wire bytes``.
+            ``0`` always compresses.
+        nonfinite: what a non-finite gradient on any worker does. ``"raise"``:
+            :class:`NonFiniteGradientError` on every rank (the worker whose gradient was bad may be left with
+            non-finite state: reload a checkpoint). ``"skip"``: the workers first agree on a flag (one small extra
+            collective), and on a bad round no state changes anywhere and the estimate is NaN. ``"sanitize"``:
+            bad entries count as the method's neutral value (no new information, so the state stays finite and
+            unchanged there), the estimate is NaN on every rank. ``None``: the caller has checked.
+        track_error: also compute :meth:`Feedback.distortion_sq` after the worker step (one pass over the state).
+    """
+
+    wire_dtype: torch.dtype | None = None
+    min_compression_rate: float = 0.0
+    nonfinite: NonFinite | None = None
+    track_error: bool = False
+
+    def __post_init__(self):
+        if self.wire_dtype is not None and self.wire_dtype not in (
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+            torch.float64,
+        ):
+            raise TypeError(f"wire_dtype must be a floating dtype, got {self.wire_dtype!r}")
+        rate = self.min_compression_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate >= 0 and math.isfinite(rate)):
+            raise ValueError(f"min_compression_rate must be >= 0, got {rate!r}")
+        if self.nonfinite not in (None, "raise", "skip", "sanitize"):
+            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'sanitize', got {self.nonfinite!r}")
+
+
+@dataclass
+class RoundResult:
+    """What a round produced: the estimate (the server's, written into ``out``), the message this worker sent,
+    the bytes it put on the wire and the bytes a dense round would have, and whether the round was skipped."""
+
+    estimate: Tensor
+    message: Message | None
+    sent_bytes: int
+    dense_bytes: int
+    skipped: bool = False
+    distortion_sq: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------- exchangers
 class Exchanger(Protocol):
     n_workers: int
     first_worker: int
 
-    def aggregate(self, msg: Message | None, weights: Sequence[float], out: Tensor) -> Tensor:
-        """Write ``sum_i weights[i] * decode(msg_i)`` over all n workers into ``out`` and return it."""
+    def exchange(self, msg: Message | None, weights: Sequence[float], out: Tensor, bad: Tensor | None):
+        """Start writing ``sum_w weights[w] * decode(msg_w)`` over all workers into ``out``: a future of
+        ``(out, any_bad)`` (``any_bad``: a 0-d bool tensor, True when any worker flagged ``bad``) and the bytes
+        this worker sent."""
+        ...
+
+    def any_true(self, flag: Tensor):
+        """A future of the OR of every worker's 0-d ``flag``."""
         ...
 
 
@@ -47,6 +129,16 @@ def all_gather_rows(t: Tensor, n: int, group=None, *, async_op: bool = False):
     return out, work
 
 
+def _done(value) -> torch.futures.Future:
+    fut = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _any_row(bad: Tensor | None) -> Tensor | None:
+    return None if bad is None else bad.reshape(-1).any()
+
+
 class LocalExchanger:
     """All n workers live in this process; their messages come as one n-row message."""
 
@@ -55,20 +147,26 @@ class LocalExchanger:
     def __init__(self, n_workers: int):
         self.n_workers = n_workers
 
-    def aggregate(self, msg: Message | None, weights: Sequence[float], out: Tensor) -> Tensor:
+    def exchange(self, msg, weights, out, bad):
         if msg is None:
-            return out.zero_()
-        if msg.rows != self.n_workers:
-            raise ValueError(f"expected a message with {self.n_workers} rows, got {msg.rows}")
-        return aggregate_rows(msg, weights, out)
+            out.zero_()
+        else:
+            if msg.rows != self.n_workers:
+                raise ValueError(f"expected a message with {self.n_workers} rows, got {msg.rows}")
+            aggregate_rows(msg, weights, out)
+        return _done((out, _any_row(bad))), 0
+
+    def any_true(self, flag):
+        return _done(flag.reshape(-1).any())
 
 
 class DistExchanger:
     """One worker per rank: sparse and sign messages are all-gathered (fixed sizes), dense ones all-reduced.
 
-    Gathered messages are decoded in rank order on every rank, so every rank computes the same
-    aggregate, equal bit for bit to :class:`LocalExchanger`'s. Dense rounds use ``all_reduce`` (whose
-    summation order is the backend's), so they agree to rounding.
+    Gathered messages are decoded in rank order on every rank, so every rank computes the same aggregate, equal
+    bit for bit to :class:`LocalExchanger`'s. Dense rounds use ``all_reduce`` (whose summation order is the
+    backend's), so they agree to rounding. Each worker's ``bad`` flag travels with its message. A collective that
+    fails (a peer died, the group timed out) raises from the future, as in plain DDP.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None):
@@ -76,46 +174,173 @@ class DistExchanger:
         self.n_workers = dist.get_world_size(group)
         self.first_worker = dist.get_rank(group)
 
-    def gather_message(self, msg: SparseMessage | SignMessage) -> Message:
-        buf, layout = pack_message(msg)
-        gathered, _ = all_gather_rows(buf, self.n_workers, self.group)
-        return unpack_message(gathered, layout)
+    def exchange(self, msg, weights, out, bad):
+        flag = (bad if bad is not None else torch.zeros((), dtype=torch.bool, device=out.device)).reshape(1)
+        if msg is None or isinstance(msg, DenseMessage):
+            d = out.numel()
+            red = torch.zeros(d + 1, dtype=out.dtype, device=out.device)  # out is in the state dtype
+            if msg is not None:
+                red[:d].copy_(msg.values[0]).mul_(weights[self.first_worker])
+            red[d] = flag.to(red.dtype)[0]
+            work = dist.all_reduce(red, group=self.group, async_op=True)
 
-    def aggregate(self, msg: Message | None, weights: Sequence[float], out: Tensor) -> Tensor:
-        if msg is None:
-            return out.zero_()
-        if isinstance(msg, DenseMessage):
-            out.copy_(msg.values[0].to(out.dtype)).mul_(weights[self.first_worker])
-            dist.all_reduce(out, group=self.group)
-            return out
-        return aggregate_rows(self.gather_message(msg), weights, out)
+            def finish_dense(fut):
+                fut.wait()  # a failed collective raises here, on every rank
+                out.copy_(red[:d])
+                return out, red[d] > 0
+
+            return work.get_future().then(finish_dense), red.numel() * red.element_size()
+        packed, layout = pack_message(msg)
+        packed = torch.cat([packed, flag.to(torch.uint8)])
+        gathered, work = all_gather_rows(packed, self.n_workers, self.group, async_op=True)
+
+        def finish_sparse(fut):
+            fut.wait()
+            aggregate_rows(unpack_message(gathered[:, :-1], layout), weights, out)
+            return out, gathered[:, -1].bool().any()
+
+        return work.get_future().then(finish_sparse), packed.numel()
+
+    def any_true(self, flag):
+        t = flag.reshape(1).to(torch.float32)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return work.get_future().then(lambda fut: (fut.wait(), t[0] > 0)[1])
+
+
+# ------------------------------------------------------------------------------------------------ the round
+def start_round(
+    feedback: Feedback,
+    exchanger: Exchanger,
+    block: Block,
+    grad: Tensor,
+    step: int,
+    options: RoundOptions = RoundOptions(),
+    *,
+    out: Tensor | None = None,
+) -> torch.futures.Future:
+    """Start one round; a future of its :class:`RoundResult`.
+
+    ``grad`` has the block's layout (``[d]``, or ``[rows, d]`` for the simulator's workers). The estimate is
+    written into ``out`` (default: ``grad`` itself, which the worker step has consumed by then). Without a
+    server estimate in the block (one worker) the EF21 family's estimate is its own shift, equal to it.
+    """
+    if out is None:
+        if grad.dim() != 1:
+            raise ValueError("a [rows, d] gradient needs an out= vector for the estimate")
+        out = grad
+    n = exchanger.n_workers
+    d = grad.shape[-1]
+    dense_bytes = d * grad.element_size()
+    use = _method_for_round(feedback, block.segments, step, n, grad, options)
+    if options.nonfinite == "skip":
+        bad = ~torch.isfinite(grad).all()
+
+        def after_flag(fut):
+            if bool(fut.value()):  # some worker's gradient was not finite: nothing changes anywhere
+                return RoundResult(out.fill_(float("nan")), None, 0, dense_bytes, skipped=True)
+            return _exchange(feedback, use, exchanger, block, grad, step, options, out, None, dense_bytes).wait()
+
+        return exchanger.any_true(bad).then(after_flag)
+    bad = None
+    if options.nonfinite is not None and (options.nonfinite == "sanitize" or not use.compressor.reveals_nonfinite):
+        bad = ~torch.isfinite(grad.reshape(-1, d)).all(dim=1)
+    return _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, dense_bytes)
 
 
 def run_round(
     feedback: Feedback,
     exchanger: Exchanger,
-    state: dict[str, Tensor],
-    server: Tensor,
+    state: dict[str, Tensor] | Block,
+    server: Tensor | None,
     grad: Tensor,
     step: int,
     *,
     segments: Sequence[int] | None = None,
-    sanitize: bool = False,
+    options: RoundOptions = RoundOptions(),
 ) -> tuple[Tensor, Message | None]:
-    """One round. Returns ``(estimate, message)``; ``estimate`` is ``server`` updated in place."""
-    msg = feedback.worker_step(
-        state,
-        grad,
-        step,
-        worker=exchanger.first_worker,
-        n_workers=exchanger.n_workers,
-        segments=segments,
-        sanitize=sanitize,
-    )
-    weights = feedback.aggregation_weights(exchanger.n_workers)
-    if feedback.server_state:
-        agg = exchanger.aggregate(msg, weights, torch.empty_like(server))
-        server.add_(agg)
+    """One round, waited for: ``(estimate, message)``. ``estimate`` is ``server``, updated in place.
+
+    Takes a :class:`~torchkit.state.Block`, or the state vectors and the server estimate directly (the form the
+    simulator and the tests use).
+    """
+    if isinstance(state, Block):
+        block = state
     else:
-        exchanger.aggregate(msg, weights, server)
-    return server, msg
+        block = _loose_block(feedback, state, server, grad.shape[-1], segments)
+    out = server if server is not None else torch.empty(grad.shape[-1], dtype=grad.dtype, device=grad.device)
+    if block.server is not None and block.server is out:  # the estimate lands in the server vector itself
+        out = torch.empty_like(out)
+        res = start_round(feedback, exchanger, block, grad, step, options, out=out).wait()
+        return block.server, res.message
+    res = start_round(feedback, exchanger, block, grad, step, options, out=out).wait()
+    return res.estimate, res.message
+
+
+def _loose_block(feedback, state, server, d, segments) -> Block:
+    blk = Block.__new__(Block)
+    blk.names, blk.sizes = ("x",), (d,)
+    blk.numel, blk.state, blk.spans = d, state, {"x": (0, d)}
+    blk.segments = tuple(segments) if segments is not None else (d,)
+    blk.server = server if feedback.server_state else None
+    blk.scratch = {}
+    return blk
+
+
+def _method_for_round(feedback, segments, step, n, grad, options) -> Feedback:
+    """The feedback method itself, or it with the Identity compressor when compressing would not pay."""
+    if feedback.sends_in_round(step) != "compressed" or options.min_compression_rate <= 0:
+        return feedback
+    wire = options.wire_dtype or grad.dtype
+    dense = grad.shape[-1] * grad.element_size()
+    if dense < options.min_compression_rate * n * feedback.wire_bytes(segments, step, wire):
+        return feedback.with_compressor(Identity())
+    return feedback
+
+
+def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, dense_bytes):
+    n = exchanger.n_workers
+    sanitize = options.nonfinite == "sanitize"
+    msg = use.worker_step(
+        block.state, grad, step, worker=exchanger.first_worker, n_workers=n, segments=block.segments, sanitize=sanitize
+    )
+    if options.wire_dtype is not None:
+        msg = use.round_values_(block.state, msg, options.wire_dtype)
+    err = (
+        feedback.distortion_sq(block.state, grad, worker=exchanger.first_worker, n_workers=n)
+        if options.track_error
+        else None
+    )
+    if options.nonfinite is not None and bad is None and msg is not None:
+        bad = ~msg.is_finite()  # the compressor keeps every non-finite entry: the message shows it
+    agg = block.aggregate_buffer(out, feedback.state_dtype(grad.dtype))
+    own_estimate = feedback.server_state and block.server is None  # one worker: its shift is the estimate
+    if own_estimate and n == 1:
+        fut, sent = _done((agg, _any_row(bad))), 0
+    else:
+        fut, sent = exchanger.exchange(msg, feedback.aggregation_weights(n), agg, bad)
+
+    def finish(f):
+        agg, any_bad = f.value()
+        est = agg
+        if feedback.server_state:
+            if block.server is not None:
+                est = block.server.add_(agg)
+            else:
+                est = _row(block.state[feedback.estimate_state])
+        if est is not out:
+            out.copy_(est)
+        if options.nonfinite is not None and any_bad is not None:
+            if options.nonfinite == "raise" and bool(any_bad):
+                raise NonFiniteGradientError(
+                    f"non-finite gradient (NaN or Inf) on at least one worker in round {step}; every rank raises "
+                    "(use nonfinite='skip' to skip such rounds, or pass your GradScaler to the front end)"
+                )
+            if sanitize:
+                out.masked_fill_(any_bad, float("nan"))  # every rank: GradScaler then skips the step everywhere
+        return RoundResult(out, msg, sent, dense_bytes, distortion_sq=err)
+
+    return fut.then(finish)
+
+
+def _row(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t[0]

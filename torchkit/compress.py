@@ -29,12 +29,39 @@ __all__ = [
     "WireLayout",
     "pack_message",
     "unpack_message",
+    "register_message",
 ]
 
 _VALUE_BITS = 32  # the EF21 papers count 32 bits per sent value and nothing for indices
 
 
 # ----------------------------------------------------------------------------------------------- messages
+@dataclass(frozen=True)
+class WireLayout:
+    """What one row of a packed message holds, so the receiver can unpack it."""
+
+    kind: str  # the message type's ``kind``
+    numel: int
+    k: int  # values per row (sparse) or bytes of bits (sign)
+    value_dtype: torch.dtype
+    index_dtype: torch.dtype | None
+    segments: tuple[int, ...] = ()
+
+
+_MESSAGE_KINDS: dict[str, type] = {}
+
+
+def register_message(cls: type) -> type:
+    """Make a message type packable: it defines ``kind``, ``pack(value_dtype)`` and ``unpack(buf, layout)``."""
+    _MESSAGE_KINDS[cls.kind] = cls
+    return cls
+
+
+def _bytes_part(buf: Tensor, a: int, b: int | None, dtype: torch.dtype) -> Tensor:
+    # a fresh, aligned copy: a one-row slice counts as contiguous but may start at any byte
+    return buf[:, a:b].clone(memory_format=torch.contiguous_format).view(dtype)
+
+
 @dataclass
 class SparseMessage:
     """``rows`` sparse vectors of length ``numel``: k values and k indices each (indices unique per row)."""
@@ -63,6 +90,23 @@ class SparseMessage:
 
     def is_finite(self) -> Tensor:
         return torch.isfinite(self.values).all()
+
+    kind = "sparse"
+
+    def pack(self, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
+        """Row 0 as bytes: values (in ``value_dtype``), then indices."""
+        vals = self.values[0].to(value_dtype or self.values.dtype).contiguous()
+        idx = self.indices[0].contiguous()
+        layout = WireLayout(self.kind, self.numel, vals.numel(), vals.dtype, idx.dtype)
+        return torch.cat([vals.view(torch.uint8), idx.view(torch.uint8)]), layout
+
+    @staticmethod
+    def unpack(buf: Tensor, layout: WireLayout) -> SparseMessage:
+        rows = buf.shape[0]
+        vbytes = layout.k * layout.value_dtype.itemsize
+        vals = _bytes_part(buf, 0, vbytes, layout.value_dtype).reshape(rows, layout.k)
+        idx = _bytes_part(buf, vbytes, None, layout.index_dtype).reshape(rows, layout.k)
+        return SparseMessage(vals, idx, layout.numel)
 
 
 @dataclass
@@ -134,8 +178,24 @@ class SignMessage:
     def is_finite(self) -> Tensor:
         return torch.isfinite(self.scales).all()
 
+    kind = "sign"
+
+    def pack(self, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
+        """Row 0 as bytes: the packed bits, then the fp32 scales (``value_dtype`` does not apply)."""
+        scales = self.scales[0].contiguous()
+        layout = WireLayout(self.kind, self.numel, self.bits.shape[1], scales.dtype, None, self.segments)
+        return torch.cat([self.bits[0], scales.view(torch.uint8)]), layout
+
+    @staticmethod
+    def unpack(buf: Tensor, layout: WireLayout) -> SignMessage:
+        bits = buf[:, : layout.k].contiguous()
+        scales = _bytes_part(buf, layout.k, None, layout.value_dtype).reshape(buf.shape[0], len(layout.segments))
+        return SignMessage(bits, scales, layout.segments)
+
 
 Message = SparseMessage | DenseMessage | SignMessage
+register_message(SparseMessage)
+register_message(SignMessage)
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -185,6 +245,15 @@ class Compressor:
     def value_bits(self, d: int) -> int:
         raise NotImplementedError
 
+    #: True when the fused top-k kernels of :mod:`torchkit.ops` compute exactly this compressor's selection
+    fused_topk: bool = False
+    #: True when a non-finite input entry always shows in the message (so the message reveals it)
+    reveals_nonfinite: bool = True
+
+    def config(self) -> dict:
+        """The compressor's identity as plain data (checkpoints compare these, not ``repr``)."""
+        return {"type": type(self).__name__}
+
 
 class _Sparsifier(Compressor):
     def __init__(self, k: int | None, ratio: float | None):
@@ -210,6 +279,9 @@ class _Sparsifier(Compressor):
     def _arg(self) -> str:
         return f"k={self.k}" if self.k is not None else f"ratio={self.ratio}"
 
+    def config(self) -> dict:
+        return {**super().config(), "k": self.k, "ratio": self.ratio}
+
 
 class TopK(_Sparsifier):
     """Keep the k entries of largest magnitude in each row; ``alpha = k/d`` exactly.
@@ -223,7 +295,16 @@ class TopK(_Sparsifier):
 
     def __init__(self, k: int | None = None, *, ratio: float | None = None, approx: bool = False):
         super().__init__(k, ratio)
-        self.approx = bool(approx)
+        if not isinstance(approx, bool):
+            raise TypeError(f"approx must be a bool, got {type(approx).__name__} {approx!r}")
+        self.approx = approx
+
+    @property
+    def fused_topk(self) -> bool:  # a subclass that selects differently overrides compress: no kernel then
+        return type(self).compress is TopK.compress
+
+    def config(self) -> dict:
+        return {**super().config(), "approx": self.approx}
 
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
         x2 = _rows(x)
@@ -247,8 +328,13 @@ class RandK(_Sparsifier):
         self.seed = check_int("seed", seed, low=0)
         self.unbiased = bool(unbiased)
 
+    reveals_nonfinite = False  # the random coordinates may miss a non-finite entry
+
     def omega(self, d: int) -> float:
         return d / self.k_for(d) - 1.0
+
+    def config(self) -> dict:
+        return {**super().config(), "seed": self.seed, "unbiased": self.unbiased}
 
     def contractive(self) -> RandK:
         if not self.unbiased:
@@ -345,9 +431,11 @@ def concat_messages(msgs: list[Message], segments: Sequence[int]) -> Message:
         return SparseMessage(torch.cat([m.values for m in msgs], dim=1), idx, d)
     if isinstance(first, DenseMessage):
         return DenseMessage(torch.cat([m.values for m in msgs], dim=1))
-    bits = torch.cat([m.bits for m in msgs], dim=1)
-    scales = torch.cat([m.scales for m in msgs], dim=1)
-    return SignMessage(bits, scales, tuple(s for m in msgs for s in m.segments))
+    if isinstance(first, SignMessage):
+        bits = torch.cat([m.bits for m in msgs], dim=1)
+        scales = torch.cat([m.scales for m in msgs], dim=1)
+        return SignMessage(bits, scales, tuple(s for m in msgs for s in m.segments))
+    raise TypeError(f"cannot concatenate messages of type {type(first).__name__}")
 
 
 def segment_value_bits(comp: Compressor, segments: Sequence[int]) -> int:
@@ -363,45 +451,16 @@ def segment_wire_bytes(comp: Compressor, segments: Sequence[int], value_dtype=to
 
 
 # ------------------------------------------------------------------------------------------- wire packing
-@dataclass(frozen=True)
-class WireLayout:
-    """What one row of a packed message holds, so the receiver can unpack it."""
-
-    kind: str  # "sparse" or "sign"
-    numel: int
-    k: int  # values per row (sparse) or bytes of bits (sign)
-    value_dtype: torch.dtype
-    index_dtype: torch.dtype | None
-    segments: tuple[int, ...] = ()
-
-
-def pack_message(msg: SparseMessage | SignMessage, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
+def pack_message(msg: Message, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
     """One row of ``msg`` as a flat byte tensor (one collective carries values and indices together)."""
-    if isinstance(msg, SparseMessage):
-        vals = msg.values[0].to(value_dtype or msg.values.dtype).contiguous()
-        idx = msg.indices[0].contiguous()
-        layout = WireLayout("sparse", msg.numel, vals.numel(), vals.dtype, idx.dtype)
-        return torch.cat([vals.view(torch.uint8), idx.view(torch.uint8)]), layout
-    if isinstance(msg, SignMessage):
-        scales = msg.scales[0].contiguous()
-        layout = WireLayout("sign", msg.numel, msg.bits.shape[1], scales.dtype, None, msg.segments)
-        return torch.cat([msg.bits[0], scales.view(torch.uint8)]), layout
-    raise TypeError(f"cannot pack {type(msg).__name__}")
+    if _MESSAGE_KINDS.get(getattr(msg, "kind", None)) is not type(msg):
+        raise TypeError(f"cannot pack {type(msg).__name__}: not a registered message type")
+    return msg.pack(value_dtype)
 
 
-def unpack_message(buf: Tensor, layout: WireLayout) -> SparseMessage | SignMessage:
+def unpack_message(buf: Tensor, layout: WireLayout) -> Message:
     """Inverse of :func:`pack_message` for ``[rows, nbytes]`` gathered bytes."""
-    rows = buf.shape[0]
-
-    def part(a: int, b: int | None, dtype: torch.dtype) -> Tensor:
-        # a fresh, aligned copy: a one-row slice counts as contiguous but may start at any byte
-        return buf[:, a:b].clone(memory_format=torch.contiguous_format).view(dtype)
-
-    if layout.kind == "sparse":
-        vbytes = layout.k * layout.value_dtype.itemsize
-        vals = part(0, vbytes, layout.value_dtype).reshape(rows, layout.k)
-        idx = part(vbytes, None, layout.index_dtype).reshape(rows, layout.k)
-        return SparseMessage(vals, idx, layout.numel)
-    bits = buf[:, : layout.k].contiguous()
-    scales = part(layout.k, None, layout.value_dtype).reshape(rows, len(layout.segments))
-    return SignMessage(bits, scales, layout.segments)
+    cls = _MESSAGE_KINDS.get(layout.kind)
+    if cls is None:
+        raise TypeError(f"cannot unpack message kind {layout.kind!r}: not a registered message type")
+    return cls.unpack(buf, layout)

@@ -2,33 +2,31 @@
 
 Two lines in a training script::
 
-    state = tk.ddp.CompressionState(tk.EF21(tk.TopK(ratio=0.01)))
-    ddp_model.register_comm_hook(state, tk.ddp.compression_hook)
+    state = tk.ddp.register(ddp_model, tk.EF14(tk.TopK(ratio=0.01)))
 
-Each bucket runs one round of the feedback method (the same :class:`torchkit.feedback.Feedback`
-objects as :class:`torchkit.CompressedOptimizer` and :func:`torchkit.sim.simulate`): the worker step, one
-asynchronous ``all_gather`` of the packed sparse message (values in the wire dtype, int32 indices, one
-byte of "my gradient was not finite"), then decode, average and return the estimate to DDP.
+Each bucket runs one round of the feedback method: :func:`torchkit.comm.start_round`, the same round as
+:class:`torchkit.CompressedOptimizer` and :func:`torchkit.sim.simulate` (the worker step, one asynchronous
+``all_gather`` of the packed message, then decode and aggregate); the hook hands DDP the round's future with the
+estimate written into the bucket.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import threading
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import aggregate_rows, all_gather_rows
-from .compress import DenseMessage, Identity, pack_message, unpack_message
+from .comm import DistExchanger, NonFinite, RoundOptions, start_round
 from .feedback import Feedback
+from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
 
 __all__ = ["CompressionState", "compression_hook", "register"]
 
 log = logging.getLogger(__name__)
-_FORMAT_VERSION = 1
 
 
 class CompressionState:
@@ -40,52 +38,58 @@ class CompressionState:
             not depend on the bucketing and equals :class:`torchkit.CompressedOptimizer`'s.
         process_group: the group DDP communicates over (``None``: the default group).
         start_iter: iterations run as a plain averaged ``all_reduce`` before compression starts. The
-            feedback state is keyed by parameter and remapped when DDP rebuilds its buckets after the
+            feedback state is keyed by parameter and carried over when DDP rebuilds its buckets after the
             first iteration, so ``0`` is correct (unlike PowerSGD's ``start_powerSGD_iter >= 2``).
-        min_compression_rate: a bucket is compressed only when its dense payload is at least this
-            many times the compressed one (``n_ranks * k * entry bytes`` against ``d * dense bytes``);
-            other buckets run the method with the Identity compressor over ``all_reduce``, which keeps
-            the feedback state consistent. ``0`` compresses every bucket.
+        min_compression_rate: a bucket is compressed only when its dense payload is at least this many times
+            the compressed one, ``rate * n_ranks * wire bytes`` (values and indices); other buckets run the method
+            with the Identity compressor over ``all_reduce``, which keeps the feedback state consistent. ``0``
+            compresses every bucket.
         wire_dtype: dtype of the sent values; ``None`` uses the bucket's dtype. What rounding to it
             removes stays in the feedback state (see :meth:`Feedback.round_values_`).
+        grad_scaler: your ``torch.amp.GradScaler``, if the model trains under one. The hook then works on the
+            unscaled gradient (so the feedback state does not depend on the loss scale), hands DDP the estimate
+            scaled back (GradScaler unscales it as usual) and skips rounds exactly: when any rank's bucket is not
+            finite, no rank's feedback state changes and the estimate is NaN, so GradScaler skips the step.
+        nonfinite: what a non-finite gradient does (:class:`torchkit.comm.RoundOptions`): ``"raise"`` (default
+            without a scaler), ``"skip"`` (default with one: one extra small ``all_reduce`` per bucket) or
+            ``"sanitize"``.
         track_error: also accumulate :attr:`error_norm_sq` (one extra pass over the state per bucket).
 
     Counters, for the last completed iteration on this rank: :attr:`bytes_sent`, :attr:`dense_bytes`
     (what plain DDP would have reduced for the same buckets), :attr:`dense_bytes_avoided` and, with
     ``track_error``, :attr:`error_norm_sq` (``||e||^2`` for EF14/EControl, ``||g - h||^2`` for EF21).
 
-    Non-finite gradients: entries that are NaN/Inf are replaced by the method's neutral value before
-    the state is touched (no host synchronisation), every rank learns of it through the gathered
-    message, and the hook returns NaN for that bucket on every rank so that ``GradScaler`` skips the
-    step everywhere. The feedback state stays finite.
-
     .. warning:: The state holds one to two extra copies of the gradients (fp32) and is per rank:
         save ``state.state_dict()`` on every rank, not on rank 0 only.
     """
 
     __slots__ = (
-        # configuration (the process group is never pickled)
+        # configuration (the process group and the scaler are never pickled)
         "feedback",
         "process_group",
         "start_iter",
         "min_compression_rate",
         "wire_dtype",
+        "grad_scaler",
+        "nonfinite",
         "track_error",
         # progress: iteration counter, and the iteration that is the method's step 0
         "iter",
         "fb_origin",
-        # feedback state: parameter keys, per-parameter views, per-bucket flat buffers, loaded-not-placed
+        # feedback state (flat blocks per bucket, keyed by parameter name), the bound model, the exchanger
+        "round",
         "_keys",
         "_names",
-        "_params",
-        "_buckets",
-        "_pending",
+        "_model",
+        "_exchanger",
+        "_agreed",
         # counters of the last completed iteration, and the running ones
         "bytes_sent",
         "dense_bytes",
         "error_norm_sq",
         "_acc",
         "_last",
+        "_lock",
     )
 
     def __init__(
@@ -96,39 +100,56 @@ class CompressionState:
         start_iter: int = 0,
         min_compression_rate: float = 2.0,
         wire_dtype: torch.dtype | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        nonfinite: NonFinite | None = None,
         track_error: bool = False,
     ):
         if not isinstance(feedback, Feedback):
             raise TypeError(f"feedback must be a torchkit feedback method (EF21, ...), got {type(feedback).__name__}")
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
-        if not (min_compression_rate >= 0 and math.isfinite(min_compression_rate)):
-            raise ValueError(f"min_compression_rate must be >= 0, got {min_compression_rate!r}")
-        if wire_dtype is not None and wire_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"wire_dtype must be a floating dtype, got {wire_dtype!r}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        nonfinite = nonfinite or ("skip" if grad_scaler is not None else "raise")
+        RoundOptions(wire_dtype, min_compression_rate, nonfinite)  # the round's own checks, in its words
         self.feedback = feedback
         self.process_group = process_group
         self.start_iter = start_iter
         self.min_compression_rate = float(min_compression_rate)
         self.wire_dtype = wire_dtype
+        self.grad_scaler = grad_scaler
+        self.nonfinite = nonfinite
         self.track_error = bool(track_error)
         self.iter = 0
         self.fb_origin = start_iter
+        self.round = RoundState(feedback)
         self._keys: dict[int, Any] = {}  # id(param) -> stable key (name if bound, else first-seen order)
         self._names: dict[int, str] = {}
-        self._params: dict[Any, dict[str, Tensor]] = {}  # key -> views of this parameter's state
-        self._buckets: dict[int, dict[str, Any]] = {}  # bucket index -> flat buffers of its parameters
-        self._pending: dict[Any, dict[str, Tensor]] = {}  # loaded, not yet placed in a bucket
+        self._model = None
+        self._exchanger = None
+        self._agreed = False
         self.bytes_sent = self.dense_bytes = 0
         self.error_norm_sq = None
-        self._acc = {"sent": 0, "dense": 0, "avoided": 0, "err": None}
-        self._last = dict(self._acc)
+        self._acc = _new_counters()
+        self._last = _new_counters()
+        self._lock = threading.Lock()  # bucket futures complete on communication threads
 
     # ------------------------------------------------------------------------------------ identity
     def bind(self, model: torch.nn.Module) -> CompressionState:
-        """Key the state by parameter name (robust across processes); :func:`register` calls this."""
+        """Key the state by parameter name (robust across processes and wrappers); :func:`register` calls this."""
+        if self._model is not None and self._model is not model:
+            raise ValueError("this CompressionState is already registered on another model; make one per model")
         module = getattr(model, "module", model)
-        self._names = {id(p): n for n, p in module.named_parameters()}
+        for name, p in module.named_parameters():
+            if p.is_complex():
+                raise TypeError(
+                    f"complex parameters are not supported by the DDP hook ({name}); use CompressedOptimizer"
+                )
+        for name, m in module.named_modules():
+            if getattr(m, "sparse", False) is True:
+                raise TypeError(f"sparse gradients are not supported by the DDP hook ({name} has sparse=True)")
+        self._names = {id(p): normalize_name(n) for n, p in module.named_parameters()}
+        self._model = model
         return self
 
     @property
@@ -143,6 +164,19 @@ class CompressionState:
     def dense_bytes_avoided(self) -> int:
         return self._last["avoided"]
 
+    @property
+    def _params(self) -> dict[Any, dict[str, Tensor]]:
+        """Every placed parameter's state views, by key (the server estimate as ``"server"``)."""
+        return self.round.params()
+
+    @property
+    def _pending(self) -> dict[Any, dict[str, Tensor]]:
+        return self.round._pending
+
+    @property
+    def _buckets(self) -> dict[int, dict[str, Any]]:
+        return {i: {"keys": b.names, "sizes": b.sizes} for i, b in self.round.blocks.items()}
+
     def _key(self, p: Tensor):
         k = self._keys.get(id(p))
         if k is None:
@@ -150,110 +184,104 @@ class CompressionState:
             self._keys[id(p)] = k
         return k
 
-    # ------------------------------------------------------------------------------- bucket state
-    def bucket_state(self, bucket: dist.GradBucket) -> dict[str, Any]:
-        """Flat state of this bucket's parameters, rebuilt from the per-parameter state on a rebuild."""
-        params = bucket.parameters()
-        keys = tuple(self._key(p) for p in params)
-        entry = self._buckets.get(bucket.index())
-        if entry is not None and entry["keys"] == keys:
-            return entry
-        sizes = [p.numel() for p in params]
-        if sum(sizes) != bucket.buffer().numel():
-            raise RuntimeError(
-                f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {bucket.buffer().numel()}"
-            )
-        buf = bucket.buffer()
-        dtype = self.feedback.state_dtype(buf.dtype)
-        flat = self.feedback.init_state(sum(sizes), dtype=dtype, device=buf.device)
-        flat["server"] = torch.zeros(sum(sizes), dtype=dtype, device=buf.device)
-        off = 0
-        for key, n in zip(keys, sizes):
-            old = self._params.get(key)
-            if old is None and key in self._pending:
-                old = self._pending.pop(key)
-                if any(v.numel() != n for v in old.values()):
-                    raise ValueError(
-                        f"loaded state of parameter {key!r} has {next(iter(old.values())).numel()} elements, "
-                        f"the parameter {n}"
-                    )
-            for name, t in flat.items():
-                if old is not None:
-                    t[off : off + n].copy_(old[name])
-            self._params[key] = {name: t[off : off + n] for name, t in flat.items()}
-            off += n
-        entry = {"keys": keys, "sizes": sizes, "flat": flat}
-        self._buckets[bucket.index()] = entry
-        return entry
+    def _exchange(self) -> DistExchanger:
+        if self._exchanger is None:
+            self._exchanger = DistExchanger(self.process_group)
+        return self._exchanger
+
+    def _agree(self, keys, sizes) -> None:
+        """On the first compressed bucket: every rank runs the same method over the same model, or all raise."""
+        mine = {"method": self.feedback.config(), "first bucket": [list(map(str, keys)), list(sizes)]}
+        theirs = [None] * self.world_size
+        dist.all_gather_object(theirs, mine, group=self.process_group)
+        for r, other in enumerate(theirs):
+            diff = [k for k in mine if other.get(k) != mine[k]]
+            if diff:
+                raise ValueError(
+                    f"ranks are configured differently: rank {r} has {diff[0]} {other[diff[0]]!r}, rank "
+                    f"{self.rank} has {mine[diff[0]]!r}; every rank must build the same model and CompressionState"
+                )
+        self._agreed = True
 
     # ----------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        params = {key: {n: v.clone() for n, v in views.items()} for key, views in self._params.items()}
-        params.update({k: v for k, v in self._pending.items() if k not in params})
+        self.round.step = max(0, self.iter - self.fb_origin)
         return {
-            "format_version": _FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,
             "rank": self.rank,
             "world_size": self.world_size,
-            "feedback": repr(self.feedback),
             "iter": self.iter,
             "fb_origin": self.fb_origin,
-            "params": params,
+            **self.round.state_dict(),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, reset_on_mismatch: bool = False) -> None:
-        """Load this rank's state. A different world size, rank or method raises ``ValueError``; with
-        ``reset_on_mismatch=True`` the feedback state is dropped instead and the next synchronising
-        iteration is a fresh step 0 of the method (the iteration counter is kept)."""
-        if not isinstance(state_dict, dict) or "format_version" not in state_dict:
-            raise ValueError("not a torchkit CompressionState state_dict (no format_version)")
-        problems = []
-        if state_dict["world_size"] != self.world_size:
-            problems.append(
-                f"saved with world_size={state_dict['world_size']}, this run has world_size={self.world_size}"
-            )
-        if state_dict["rank"] != self.rank:
-            problems.append(f"saved by rank {state_dict['rank']}, loaded on rank {self.rank}")
-        if state_dict["feedback"] != repr(self.feedback):
-            problems.append(f"saved with feedback {state_dict['feedback']}, this state has {self.feedback!r}")
-        self._params, self._buckets = {}, {}
-        self.iter = int(state_dict["iter"])
+    def load_state_dict(
+        self, state_dict: dict[str, Any], *, reset_on_mismatch: bool = False, strict: bool = True
+    ) -> tuple[list, list]:
+        """Load this rank's state; ``(missing, unexpected)`` parameter names.
+
+        A different world size, rank or method raises ``ValueError``; with ``reset_on_mismatch=True`` the feedback
+        state is dropped instead and the next synchronising iteration is a fresh step 0 of the method (the
+        iteration counter is kept). When the state is bound to a model, the saved parameter names must match its
+        names (``module.`` and ``_orig_mod.`` prefixes aside), or ``strict=False`` loads the matching ones.
+        Everything is checked before anything changes.
+        """
+        problems = check_envelope(
+            state_dict, kind="CompressionState", rank=self.rank, world_size=self.world_size, feedback=self.feedback
+        )
+        it = state_dict.get("iter")
+        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+            raise ValueError(f"CompressionState state_dict iter must be an int >= 0, got {it!r}")
         if problems:
             if not reset_on_mismatch:
                 raise ValueError("cannot load CompressionState: " + "; ".join(problems))
             log.warning("CompressionState: %s; feedback state reset", "; ".join(problems))
-            self._pending, self.fb_origin = {}, max(self.iter, self.start_iter)
-            return
-        self.fb_origin = int(state_dict["fb_origin"])
-        self._pending = {k: {n: v.clone() for n, v in d.items()} for k, d in state_dict["params"].items()}
+            self.round.reset()
+            self.iter, self.fb_origin = it, max(it, self.start_iter)
+            return [], []
+        sd = dict(state_dict)
+        if sd["format_version"] == 1:
+            sd["step"] = max(0, it - int(sd.get("fb_origin", 0)))
+        sizes = self._sizes() if self._model is not None else None
+        prepared = self.round.check(sd, sizes=sizes, strict=strict)
+        origin = sd.get("fb_origin")
+        if isinstance(origin, bool) or not isinstance(origin, int) or origin < 0:
+            raise ValueError(f"CompressionState state_dict fb_origin must be an int >= 0, got {origin!r}")
+        self.round.apply(prepared)
+        self.iter, self.fb_origin = it, origin
+        self._agreed = False
+        return prepared["missing"], prepared["unexpected"]
+
+    def _sizes(self) -> dict[str, int]:
+        module = getattr(self._model, "module", self._model)
+        return {normalize_name(n): p.numel() for n, p in module.named_parameters() if p.requires_grad}
 
     def __getstate__(self) -> dict[str, Any]:
-        out = {
-            s: getattr(self, s)
-            for s in self.__slots__
-            if s not in ("process_group", "_keys", "_buckets", "_params", "_pending")
-        }
-        out["_pending"] = self.state_dict()["params"] if self._params or self._pending else {}
+        skip = ("process_group", "grad_scaler", "round", "_keys", "_model", "_exchanger", "_agreed", "_lock", "_acc")
+        out = {s: getattr(self, s) for s in self.__slots__ if s not in skip}
+        out["round_state"] = self.round.state_dict()
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for s in self.__slots__:
             setattr(self, s, state.get(s))
-        self.process_group = None
-        self._keys, self._buckets, self._params = {}, {}, {}
-        self._pending = state.get("_pending") or {}
-        log.info("CompressionState unpickled: process_group reset to the default group")
+        self.process_group, self.grad_scaler, self._model, self._exchanger, self._agreed = None, None, None, None, False
+        self._keys, self._acc, self._lock = {}, _new_counters(), threading.Lock()
+        self.round = RoundState(self.feedback)
+        saved = state.get("round_state")
+        if saved:
+            self.round.apply(self.round.check(saved))
+        log.info("CompressionState unpickled: process group reset to the default group, grad_scaler and model unset")
 
 
 # ------------------------------------------------------------------------------------------- the hook
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP communication hook running ``state.feedback`` on every bucket (see :class:`CompressionState`)."""
     buf = bucket.buffer()
-    group = state.process_group
-    n = dist.get_world_size(group)
     if state.iter < state.start_iter:
-        fut = _allreduce_mean(buf, n, group)
+        fut = _allreduce_mean(buf, dist.get_world_size(state.process_group), state.process_group)
     else:
-        fut = _compressed(state, bucket, buf, n, group)
+        fut = _compressed(state, bucket, buf)
     if bucket.is_last():
         state.iter += 1
     return fut
@@ -269,87 +297,89 @@ compression_hook.__annotations__ = {
 
 def _allreduce_mean(buf: Tensor, n: int, group) -> torch.futures.Future[Tensor]:
     buf.div_(n)
-    return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: buf)
+
+    def done(fut):
+        fut.wait()  # a failed collective raises here, as in plain DDP
+        return buf
+
+    return dist.all_reduce(buf, group=group, async_op=True).get_future().then(done)
 
 
-def _compressed(state: CompressionState, bucket, buf: Tensor, n: int, group) -> torch.futures.Future[Tensor]:
+def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.Future[Tensor]:
     fb = state.feedback
-    rank = dist.get_rank(group)
-    entry = state.bucket_state(bucket)
-    flat = entry["flat"]
-    fstate = {k: flat[k] for k in fb.state_names}
-    server = flat["server"]
+    params = bucket.parameters()
+    keys = tuple(state._key(p) for p in params)
+    sizes = [p.numel() for p in params]
+    if sum(sizes) != buf.numel():
+        raise RuntimeError(f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {buf.numel()}")
+    exchanger = state._exchange()
+    n = exchanger.n_workers
+    if not state._agreed and n > 1:
+        state._agree(keys, sizes)
+    blk = state.round.block(
+        bucket.index(),
+        keys,
+        sizes,
+        dtype=fb.state_dtype(buf.dtype),
+        device=buf.device,
+        with_server=fb.server_state and n > 1,
+    )
     step = state.iter - state.fb_origin
-    segments = fb.segments_for(entry["sizes"])
-    wire = state.wire_dtype or buf.dtype
-    d = buf.numel()
-    bad = (~torch.isfinite(buf).all()).to(torch.uint8).reshape(1)
-    dense_cost = d * buf.element_size()
-    use = fb
-    if fb.sends_in_round(step) == "compressed" and state.min_compression_rate > 0:
-        if dense_cost < state.min_compression_rate * n * fb.wire_bytes(segments, step, wire):
-            use = fb.with_compressor(Identity())  # too small to pay off: an exact round over all_reduce
-    msg = use.worker_step(fstate, buf, step, worker=rank, n_workers=n, segments=segments, sanitize=True)
-    msg = use.round_values_(fstate, msg, wire)
-    weights = fb.aggregation_weights(n)
-    if state.track_error:
-        err = fb.distortion_sq(fstate, buf, worker=rank, n_workers=n)
-        state._acc["err"] = err if state._acc["err"] is None else state._acc["err"] + err
-
-    if msg is None or isinstance(msg, DenseMessage):
-        red = torch.zeros(d + 1, dtype=server.dtype, device=buf.device)
-        if msg is not None:
-            red[:d].copy_(msg.values[0]).mul_(weights[rank])
-        red[d] = bad.to(red.dtype)[0]
-        sent = red.numel() * red.element_size()
-
-        def finish(fut) -> Tensor:
-            agg = red[:d]
-            return _finish(fb, server, agg, red[d] > 0, buf)
-
-        _account(state, bucket, sent, dense_cost)
-        return dist.all_reduce(red, group=group, async_op=True).get_future().then(finish)
-
-    packed, layout = pack_message(msg)
-    packed = torch.cat([packed, bad])
-    out, work = all_gather_rows(packed, n, group, async_op=True)
-
-    def finish_sparse(fut) -> Tensor:
-        gathered = unpack_message(out[:, :-1], layout)
-        agg = aggregate_rows(gathered, weights, torch.empty_like(server))
-        return _finish(fb, server, agg, out[:, -1].bool().any(), buf)
-
-    _account(state, bucket, packed.numel(), dense_cost)
-    return work.get_future().then(finish_sparse)
-
-
-def _finish(fb: Feedback, server: Tensor, agg: Tensor, any_bad: Tensor, buf: Tensor) -> Tensor:
-    if fb.server_state:
-        server.add_(agg)
-        est = server
-    else:
-        est = agg
-    # every rank saw the flag: NaN everywhere makes GradScaler skip the step on every rank
-    buf.copy_(torch.where(any_bad, torch.full_like(est, float("nan")), est))
-    return buf
-
-
-def _account(state: CompressionState, bucket, sent: int, dense: int) -> None:
-    acc = state._acc
-    acc["sent"] += sent
-    acc["dense"] += dense
-    acc["avoided"] += max(dense - sent, 0)
+    scale = _scale_of(state.grad_scaler)
+    if scale is not None:  # the method sees the unscaled gradient; exact for GradScaler's powers of two
+        buf.mul_(scale.double().reciprocal().float().to(buf.device))
+    options = RoundOptions(
+        state.wire_dtype or buf.dtype, state.min_compression_rate, state.nonfinite, state.track_error
+    )
+    acc = state._acc  # this iteration's counters; published when its last bucket's round has completed
+    acc["calls"] += 1
     if bucket.is_last():
-        state._last = dict(acc)
-        state.bytes_sent, state.dense_bytes = acc["sent"], acc["dense"]
-        state.error_norm_sq = acc["err"]
-        state._acc = {"sent": 0, "dense": 0, "avoided": 0, "err": None}
+        acc["closed"] = True
+        state._acc = _new_counters()
+
+    def done(fut):
+        res = fut.value()
+        if scale is not None:
+            buf.mul_(scale.to(buf.device))  # GradScaler unscales the estimate as it would the gradient
+        _account(state, acc, res)
+        return buf
+
+    return start_round(fb, exchanger, blk, buf, step, options).then(done)
+
+
+def _scale_of(scaler: torch.amp.GradScaler | None) -> Tensor | None:
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if scale is not None else torch.tensor(scaler.get_scale())
+
+
+def _new_counters() -> dict[str, Any]:
+    return {"sent": 0, "dense": 0, "avoided": 0, "err": None, "calls": 0, "done": 0, "closed": False}
+
+
+def _account(state: CompressionState, acc: dict[str, Any], res) -> None:
+    with state._lock:
+        acc["sent"] += res.sent_bytes
+        acc["dense"] += res.dense_bytes
+        acc["avoided"] += max(res.dense_bytes - res.sent_bytes, 0)
+        if res.distortion_sq is not None:
+            acc["err"] = res.distortion_sq if acc["err"] is None else acc["err"] + res.distortion_sq
+        acc["done"] += 1
+        if acc["closed"] and acc["done"] == acc["calls"]:
+            state._last = acc
+            state.bytes_sent, state.dense_bytes, state.error_norm_sq = acc["sent"], acc["dense"], acc["err"]
 
 
 def register(
     ddp_model: torch.nn.parallel.DistributedDataParallel, feedback: Feedback, **state_kwargs
 ) -> CompressionState:
     """Build a :class:`CompressionState` keyed by parameter name, register the hook, return the state."""
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            f"tk.ddp.register needs a DistributedDataParallel model, got {type(ddp_model).__name__} "
+            "(for a plain model use tk.CompressedOptimizer)"
+        )
     state = CompressionState(
         feedback, process_group=state_kwargs.pop("process_group", ddp_model.process_group), **state_kwargs
     )

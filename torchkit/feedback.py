@@ -49,14 +49,36 @@ _granularity_doc = """granularity: ``"global"`` compresses the whole vector the 
 
 
 class Feedback:
-    """Base class of the error-feedback methods."""
+    """Base class of the error-feedback methods: a configuration, no per-worker state.
 
-    #: names of the per-worker state vectors, all of the vector's length, fp32 (fp64 for fp64 inputs)
+    The contract a subclass fulfils (one class in this file and one line in the tests' registry add a method
+    to every front end):
+
+    - ``state_names``: the per-worker state vectors, each of the vector's length (fp32, fp64 for fp64 input),
+      created zero by :meth:`init_state` and checkpointed by every front end.
+    - ``server_state``: whether the server keeps a running estimate (the EF21 family) or uses the fresh
+      aggregate of the round (EF14).
+    - ``full_first_round``: whether step 0 sends the full gradient.
+    - ``estimate_state``: the state vector that equals the server estimate when there is one worker (so a
+      single worker keeps no separate server copy), or ``None``.
+    - ``neutral_state``: the state vector that, used as the gradient, carries no new information (what a
+      non-finite gradient entry is replaced by under ``nonfinite="sanitize"``), or ``None`` for zero.
+    - ``absorb_rule``: how a value rounded away on the wire is kept: ``(state name, sign)`` pairs.
+    - :meth:`_step` (the worker's update, returning the message) and :meth:`distortion_sq`.
+    - the class docstring, in which ``{granularity}`` is replaced by the shared text of that option.
+    """
+
     state_names: tuple[str, ...] = ()
-    #: True when the server keeps a running estimate (the EF21 family) rather than a fresh average
     server_state: bool = True
-    #: True when step 0 sends the full gradient (the shift starts at the first gradient)
     full_first_round: bool = True
+    estimate_state: str | None = None
+    neutral_state: str | None = None
+    absorb_rule: tuple[tuple[str, float], ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ and "{granularity}" in cls.__doc__:
+            cls.__doc__ = cls.__doc__.replace("{granularity}", _granularity_doc)
 
     def __init__(self, compressor: Compressor, *, granularity: Granularity = "global"):
         if not isinstance(compressor, Compressor):
@@ -67,6 +89,18 @@ class Feedback:
             raise ValueError("granularity='tensor' needs a compressor given by ratio (k_l = ceil(ratio * d_l)), not k")
         self.compressor = compressor.contractive()
         self.granularity = granularity
+
+    def config(self) -> dict:
+        """The method's identity as plain data: checkpoints record it and front ends compare it across ranks."""
+        return {
+            "method": type(self).__name__,
+            "compressor": self.compressor.config(),
+            "granularity": self.granularity,
+            **self._config_extra(),
+        }
+
+    def _config_extra(self) -> dict:
+        return {}
 
     # ----------------------------------------------------------------------------------------- state
     @staticmethod
@@ -138,9 +172,6 @@ class Feedback:
             g = torch.where(torch.isfinite(g), g, self._neutral(state, step, g))
         return self._step(state, g, step, worker, segments)
 
-    #: how a value rounded away on the wire is kept: (state name, sign) pairs
-    _absorb_rule: tuple[tuple[str, float], ...] = ()
-
     def round_values_(self, state: dict[str, Tensor], msg: Message | None, dtype: torch.dtype) -> Message | None:
         """Round the message's values to the wire ``dtype``; what the rounding removed stays in the state.
 
@@ -151,7 +182,7 @@ class Feedback:
             return msg
         q = msg.values.to(dtype)
         r = msg.values - q.to(msg.values.dtype)
-        for name, sign in self._absorb_rule:
+        for name, sign in self.absorb_rule:
             t = state[name]
             if isinstance(msg, SparseMessage):
                 idx = msg.indices.long()
@@ -171,12 +202,9 @@ class Feedback:
         s = torch.tensor(scales, dtype=dtype, device=grad.device)
         return grad.to(dtype) * (s if grad.dim() == 1 else s[:, None])
 
-    #: the state vector that equals "no new information" as the method's input (None: zero)
-    _neutral_name: str | None = None
-
     def _neutral(self, state, step, g) -> Tensor:
-        if step > 0 and self._neutral_name is not None:
-            return state[self._neutral_name].to(g.dtype)
+        if step > 0 and self.neutral_state is not None:
+            return state[self.neutral_state].to(g.dtype)
         return torch.zeros((), dtype=g.dtype, device=g.device)
 
     def _step(self, state, g, step, worker, segments) -> Message | None:
@@ -184,8 +212,8 @@ class Feedback:
 
     # helpers shared by the subclasses ----------------------------------------------------------------
     def _fused(self, state_vec: Tensor, segments) -> bool:
-        """The fused ops apply to TopK on 1-D state, or on a [rows, d] batch with one segment."""
-        return isinstance(self.compressor, TopK) and (state_vec.dim() == 1 or len(segments) == 1)
+        """The fused ops serve compressors that declare it (TopK), on 1-D state or a one-segment batch."""
+        return self.compressor.fused_topk and (state_vec.dim() == 1 or len(segments) == 1)
 
     def _fused_segments(self, fn, tensors: list[Tensor], segments, extra=()) -> SparseMessage:
         """Run a fused op on every segment (views of 1-D contiguous buffers) and join the messages."""
@@ -219,15 +247,11 @@ class Feedback:
     def distortion_sq(
         self, state: dict[str, Tensor], grad: Tensor | None = None, *, worker: int = 0, n_workers: int = 1
     ) -> Tensor:
-        """Squared norm of what the server does not know yet: ``||e||^2`` (EF14, EControl) or
-        ``||g - h||^2`` (the EF21 family, with ``g`` the method's input), summed over rows."""
-        if "error" in state:
-            return state["error"].pow(2).sum()
-        src = (
-            state["momentum"]
-            if "momentum" in state
-            else self._scaled_input(grad, worker, n_workers, state["shift"].dtype)
-        )
+        """Squared norm of what the server does not know yet, summed over rows: ``||e||^2`` for the methods
+        with an error (EF14, EControl), ``||g - h||^2`` for the EF21 family (``g`` the method's input)."""
+        raise NotImplementedError
+
+    def _shift_distortion_sq(self, state, src: Tensor) -> Tensor:
         return (src.to(state["shift"].dtype) - state["shift"]).pow(2).sum()
 
     def __repr__(self) -> str:
@@ -267,9 +291,12 @@ class EF14(Feedback):
     """
 
     state_names = ("error",)
-    _absorb_rule = (("error", 1.0),)
+    absorb_rule = (("error", 1.0),)
     server_state = False
     full_first_round = False
+
+    def distortion_sq(self, state, grad=None, *, worker=0, n_workers=1):
+        return state["error"].pow(2).sum()
 
     def _step(self, state, g, step, worker, segments):
         e = state["error"]
@@ -299,8 +326,12 @@ class EF21(Feedback):
     """
 
     state_names = ("shift",)
-    _absorb_rule = (("shift", -1.0),)
-    _neutral_name = "shift"
+    absorb_rule = (("shift", -1.0),)
+    estimate_state = "shift"
+    neutral_state = "shift"
+
+    def distortion_sq(self, state, grad=None, *, worker=0, n_workers=1):
+        return self._shift_distortion_sq(state, self._scaled_input(grad, worker, n_workers, state["shift"].dtype))
 
     def __init__(self, compressor: Compressor, init: Init = "full", *, granularity: Granularity = "global"):
         super().__init__(compressor, granularity=granularity)
@@ -328,6 +359,9 @@ class EF21(Feedback):
 
     def _repr_extra(self) -> str:
         return "" if self.init == "full" else f", init={self.init!r}"
+
+    def _config_extra(self) -> dict:
+        return {"init": self.init}
 
 
 class EF21W(EF21):
@@ -375,6 +409,9 @@ class EF21W(EF21):
     def _repr_extra(self) -> str:
         return f", weights={list(self.weights)}" + super()._repr_extra()
 
+    def _config_extra(self) -> dict:
+        return {**super()._config_extra(), "weights": list(self.weights)}
+
 
 class _WithEta(Feedback):
     """A method with one extra weight ``eta`` in [0, 1]."""
@@ -385,6 +422,9 @@ class _WithEta(Feedback):
 
     def _repr_extra(self) -> str:
         return f", eta={self.eta}"
+
+    def _config_extra(self) -> dict:
+        return {"eta": self.eta}
 
 
 class EF21SGDM(_WithEta):
@@ -402,8 +442,12 @@ class EF21SGDM(_WithEta):
     """
 
     state_names = ("momentum", "shift")
-    _absorb_rule = (("shift", -1.0),)
-    _neutral_name = "momentum"
+    absorb_rule = (("shift", -1.0),)
+    estimate_state = "shift"
+    neutral_state = "momentum"
+
+    def distortion_sq(self, state, grad=None, *, worker=0, n_workers=1):
+        return self._shift_distortion_sq(state, state["momentum"])
 
     def _step(self, state, g, step, worker, segments):
         v, h = state["momentum"], state["shift"]
@@ -436,8 +480,12 @@ class EControl(_WithEta):
     """
 
     state_names = ("error", "shift")
-    _absorb_rule = (("error", 1.0), ("shift", -1.0))
-    _neutral_name = "shift"
+    absorb_rule = (("error", 1.0), ("shift", -1.0))
+    estimate_state = "shift"
+    neutral_state = "shift"
+
+    def distortion_sq(self, state, grad=None, *, worker=0, n_workers=1):
+        return state["error"].pow(2).sum()
 
     def _step(self, state, g, step, worker, segments):
         e, h = state["error"], state["shift"]
@@ -451,7 +499,3 @@ class EControl(_WithEta):
         e.add_(t).sub_(delta)
         h.add_(delta)
         return msg
-
-
-for _cls in (EF14, EF21, EF21W, EF21SGDM, EControl):
-    _cls.__doc__ = _cls.__doc__.replace("{granularity}", _granularity_doc)

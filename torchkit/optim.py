@@ -1,14 +1,17 @@
 """``CompressedOptimizer``: any torch optimizer, stepping on an error-feedback estimate.
 
-Each step flattens a parameter group's gradients, runs one round of the feedback method
-(:func:`torchkit.comm.run_round`), writes the estimate into ``p.grad`` and lets the inner optimizer
-step. With a process group of more than one rank the messages are exchanged over
-``torch.distributed``; alone it is the single-worker version of the method.
+Each step copies a parameter group's gradients into one persistent flat buffer per dtype, runs one round of the
+feedback method on it (:func:`torchkit.comm.start_round`, the same round as the DDP hook and the simulator),
+leaves the estimate in that buffer with ``p.grad`` viewing it, and lets the inner optimizer step. With a process
+group of more than one rank the messages are exchanged over ``torch.distributed``; alone it is the
+single-worker version of the method.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -16,38 +19,47 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import DistExchanger, LocalExchanger, run_round
+from .comm import DistExchanger, LocalExchanger, RoundOptions, start_round
 from .feedback import Feedback
+from .state import FORMAT_VERSION, RoundState, check_envelope, split_flat
 
 __all__ = ["CompressedOptimizer"]
 
 log = logging.getLogger(__name__)
-_FORMAT_VERSION = 1
 
 
 class CompressedOptimizer(torch.optim.Optimizer):
     r"""Wrap ``optimizer_class`` so that it steps on the error-feedback estimate of the gradient.
 
     Follows ``torch.distributed.optim.ZeroRedundancyOptimizer(params, optimizer_class, **defaults)``:
-    the inner optimizer is built from ``params`` and ``defaults``, and shares its ``param_groups`` with
-    this wrapper, so LR schedulers and per-group options work unchanged.
+    the inner optimizer is built from ``params`` and ``defaults``, and shares its ``param_groups`` and ``state``
+    with this wrapper (also after :meth:`load_state_dict`), so LR schedulers and per-group options work unchanged.
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
-        optimizer_class: the torch optimizer to wrap (``torch.optim.SGD``, ``AdamW``, ...).
+        optimizer_class: the torch optimizer to wrap (``torch.optim.SGD``, ``AdamW``, ...). Optimizers whose
+            ``step`` needs a closure (LBFGS) are refused: each closure call would need its own round.
         feedback: the error-feedback method (:class:`torchkit.EF21` ...). One global top-k per parameter
-            group, or one per tensor with ``granularity="tensor"``.
+            group and dtype, or one per tensor with ``granularity="tensor"``.
         process_group: group to exchange messages over. ``None`` uses the default group when it is
             initialised with more than one rank, else runs as a single worker.
-        nonfinite: what a non-finite gradient on any rank does, decided before any state is touched:
-            ``"raise"`` (default) raises ``ValueError`` on every rank, ``"skip"`` skips the step on every
+        nonfinite: what a non-finite gradient on any rank does, decided on every rank before any state is
+            touched: ``"raise"`` (default) raises ``ValueError`` on every rank, ``"skip"`` skips the step on every
             rank (feedback state and parameters unchanged, :attr:`skipped_steps` counts it). Under
             ``torch.amp.GradScaler`` the step is always skipped, as GradScaler does.
+        grad_scaler: the ``torch.amp.GradScaler`` of a multi-rank run, so that every rank records the same
+            ``found_inf`` and the ranks' loss scales stay equal.
         **defaults: passed to ``optimizer_class``.
 
-    After :meth:`step`, ``p.grad`` holds the estimate the inner optimizer used. The feedback state is
-    kept in fp32 (fp64 for fp64 parameters) whatever the parameter dtype, and survives
-    :meth:`state_dict`/:meth:`load_state_dict` bit for bit. Each rank saves and loads its own state.
+    A parameter takes part in a step's round when at least one rank has a gradient for it; a rank without one
+    contributes zero (as DDP's ``find_unused_parameters``). Parameters no rank has a gradient for are left out on
+    every rank (their state is kept and ``p.grad`` stays ``None``). The ranks' configurations (method, parameter
+    layout) are compared on the first step and a difference raises ``ValueError`` on every rank.
+
+    After :meth:`step`, ``p.grad`` holds the estimate the inner optimizer used (a view of the wrapper's flat
+    buffer). The feedback state is kept in fp32 (fp64 for fp64 parameters) whatever the parameter dtype, and
+    survives :meth:`state_dict`/:meth:`load_state_dict` bit for bit; the state_dict follows ``torch.optim``'s
+    layout (``state``, ``param_groups``) with this rank's feedback state under ``"torchkit"``.
 
     Example::
 
@@ -67,33 +79,53 @@ class CompressedOptimizer(torch.optim.Optimizer):
         feedback: Feedback,
         process_group: dist.ProcessGroup | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
+        grad_scaler: torch.amp.GradScaler | None = None,
         **defaults: Any,
     ):
         if not isinstance(feedback, Feedback):
             raise TypeError(f"feedback must be a torchkit feedback method (EF21, ...), got {type(feedback).__name__}")
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+        if _needs_closure(optimizer_class):
+            raise TypeError(
+                f"{optimizer_class.__name__}.step needs a closure that re-evaluates the loss several times per step; "
+                "CompressedOptimizer runs one communication round per step and does not support it"
+            )
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        self.__dict__["_ready"] = False
         self.inner = optimizer_class(params, **defaults)
-        self._ready = False
         super().__init__(self.inner.param_groups, self.inner.defaults)
-        self.param_groups = self.inner.param_groups  # one list: schedulers and add_param_group see both
-        self.state = self.inner.state  # opt.state[p] is the inner optimizer's per-parameter state
-        self._ready = True
+        self.__dict__["_ready"] = True  # from here on param_groups, state and defaults are the inner optimizer's
         self.feedback = feedback
         self.process_group = process_group
         self.nonfinite = nonfinite
+        self.grad_scaler = grad_scaler
         self.skipped_steps = 0
-        self._exchanger = self._make_exchanger(process_group)
-        self._buffers: dict[int, dict[str, Any]] = {}  # group index -> flat state, server estimate, step
+        self.round = RoundState(feedback)
+        self._exchanger = _make_exchanger(process_group)
+        self._agreed = False
+        self._warned: set[str] = set()
 
-    @staticmethod
-    def _make_exchanger(group):
-        if group is not None or (dist.is_available() and dist.is_initialized()):
-            if dist.get_world_size(group) > 1:
-                return DistExchanger(group)
-        return LocalExchanger(1)
+    # ---------------------------------------------------------------- the inner optimizer owns groups and state
+    def _own(name: str):  # noqa: N805 - a property factory used in the class body
+        def get(self):
+            return getattr(self.inner, name) if self.__dict__.get("_ready") else self.__dict__.get("_pre_" + name)
+
+        def set_(self, value):
+            if self.__dict__.get("_ready"):
+                setattr(self.inner, name, value)
+            else:  # torch.optim.Optimizer.__init__ assigns placeholders before the inner optimizer takes over
+                self.__dict__["_pre_" + name] = value
+
+        return property(get, set_)
+
+    param_groups = _own("param_groups")
+    state = _own("state")
+    defaults = _own("defaults")
+    del _own
 
     @property
     def world_size(self) -> int:
@@ -104,59 +136,41 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return self._exchanger.first_worker
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not getattr(self, "_ready", False):
+        if not self.__dict__.get("_ready"):
             return super().add_param_group(param_group)
         self.inner.add_param_group(param_group)
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("process_group", None)
-        state.pop("_exchanger", None)
-        return state
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
 
-    # --------------------------------------------------------------------------------------- buffers
-    def _group_buffers(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
-        buf = self._buffers.get(gi)
-        params = [p for p in group["params"] if p.requires_grad]
-        sizes = [p.numel() for p in params]
-        if buf is not None and buf["sizes"] != sizes:
-            raise RuntimeError(f"parameter group {gi} changed its parameters after the first step")
-        if buf is None:
-            p0 = params[0] if params else None
-            dtype = Feedback.state_dtype(p0.dtype) if p0 is not None else torch.float32
-            device = p0.device if p0 is not None else None
-            buf = {
-                "sizes": sizes,
-                "state": self.feedback.init_state(sum(sizes), dtype=dtype, device=device),
-                "server": torch.zeros(sum(sizes), dtype=dtype, device=device),
-                "step": 0,
-            }
-            self._buffers[gi] = buf
-        buf["params"] = params
-        return buf
+    def __getstate__(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out.pop("process_group", None)
+        out.pop("_exchanger", None)
+        return out
 
-    # ------------------------------------------------------------------------------------------ step
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.process_group = None
+        self._exchanger = _make_exchanger(None)  # the default group if initialised, else a single worker
+        self._agreed = False
+
+    # ------------------------------------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        works = self._collect()  # validation first: nothing below changes state before every check passed
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            buf = self._group_buffers(gi, group)
-            active = [i for i, p in enumerate(buf["params"]) if p.grad is not None]
-            if not active:
-                continue
-            for i in active:
-                if buf["params"][i].grad.is_sparse:
-                    raise TypeError(f"sparse gradients are not supported (parameter group {gi})")
-            work.append((buf, active, self._flat_grad(buf, active, grad_scale)))
-        if not work:
-            return loss
-        if self._any_nonfinite([w[2] for w in work], found_inf):
+        if not self._agreed and self.world_size > 1:
+            self._agree(works)
+        active, bad = self._active_and_bad(works, grad_scale, found_inf)
+        if found_inf is not None:
+            self._share_found_inf(bad)
+        if bad:
             if found_inf is not None or self.nonfinite == "skip":
                 self.skipped_steps += 1
                 log.warning("non-finite gradient: step skipped on every rank, feedback state unchanged")
@@ -165,113 +179,289 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 "non-finite gradient (NaN or Inf) on at least one rank; the step was not taken and the "
                 "feedback state is unchanged (pass nonfinite='skip' to skip such steps instead)"
             )
-        for buf, active, flat in work:
-            self._round(buf, active, flat)
+        if not any(active):
+            return loss  # no rank has a gradient anywhere: nothing to send, nothing to step
+        futures = []
+        for w in works:
+            pick = [i for i, on in zip(w["ids"], active) if on]
+            futures.append(self._round(w, pick))
+        for fut in futures:
+            fut.wait()
+        self.round.step += 1
         self.inner.step()
         return loss
 
-    def _flat_grad(self, buf, active, grad_scale) -> Tensor:
-        state_dtype = buf["server"].dtype
-        flat = torch.cat([buf["params"][i].grad.reshape(-1).to(state_dtype) for i in active])
-        if grad_scale is not None:  # GradScaler did not unscale: do it here, as its unscale_ would
-            flat.mul_(grad_scale.double().reciprocal().float().to(flat.device))
-        return flat
+    def _collect(self) -> list[dict[str, Any]]:
+        """One work item per (parameter group, dtype, device): its parameters and where their flat gradient is."""
+        works, pid = [], 0
+        for gi, group in enumerate(self.param_groups):
+            by_kind: dict[tuple, list] = {}
+            for pi, p in enumerate(group["params"]):
+                if not p.requires_grad:
+                    continue
+                g = p.grad
+                if g is not None:
+                    if g.is_sparse or g.layout != torch.strided:
+                        raise TypeError(f"sparse gradients are not supported (parameter group {gi})")
+                    if g.shape != p.shape:
+                        raise ValueError(f"parameter {gi}.{pi} has a gradient of shape {tuple(g.shape)}")
+                by_kind.setdefault((p.dtype, p.device), []).append((f"{gi}.{pi}", p))
+            for (dtype, device), named in by_kind.items():
+                real = _real_dtype(dtype)
+                names = tuple(n for n, _ in named)
+                params = [p for _, p in named]
+                sizes = tuple(_numel_real(p) for p in params)
+                works.append(
+                    {
+                        "key": (gi, str(dtype), str(device)),
+                        "names": names,
+                        "params": params,
+                        "sizes": sizes,
+                        "dtype": real,
+                        "device": device,
+                        "ids": list(range(pid, pid + len(params))),
+                    }
+                )
+                pid += len(params)
+        return works
 
-    def _any_nonfinite(self, flats: list[Tensor], found_inf: Tensor | None) -> bool:
-        bad = torch.stack([~torch.isfinite(f).all() for f in flats]).any().to(torch.float32)
+    def _active_and_bad(self, works, grad_scale, found_inf) -> tuple[list[bool], bool]:
+        """Which parameters have a gradient on some rank, and whether any rank's gradient is non-finite."""
+        has = []
+        bad = torch.zeros((), dtype=torch.float32)
+        for w in works:
+            flat = self._flat_grad(w, grad_scale)
+            w["flat"] = flat
+            has += [p.grad is not None for p in w["params"]]
+            bad = torch.maximum(bad, (~torch.isfinite(flat).all()).float().cpu())
         if found_inf is not None:
-            bad = torch.maximum(bad, (found_inf.to(bad.device) > 0).to(torch.float32))
+            bad = torch.maximum(bad, (found_inf.float() > 0).float().cpu())
+        flags = torch.tensor([float(bad)] + [float(h) for h in has], dtype=torch.float32)
         if isinstance(self._exchanger, DistExchanger):
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(bad.item())
+            flags = flags.to(_collective_device(works))
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+            flags = flags.cpu()
+        return [bool(f) for f in flags[1:].tolist()], bool(flags[0])
 
-    def _round(self, buf, active, flat: Tensor) -> None:
-        sizes = buf["sizes"]
-        full = len(active) == len(sizes)
-        if full:
-            state, server = buf["state"], buf["server"]
-        else:  # some parameters have no gradient: run on the subset, then write their state back
-            spans = _spans(sizes)
-            pick = torch.cat([torch.arange(*spans[i], device=flat.device) for i in active])
-            state = {k: v[pick] for k, v in buf["state"].items()}
-            server = buf["server"][pick]
-        segments = self.feedback.segments_for([sizes[i] for i in active])
-        estimate, _ = run_round(self.feedback, self._exchanger, state, server, flat, buf["step"], segments=segments)
-        if not full:
-            for k, v in state.items():
-                buf["state"][k][pick] = v
-            buf["server"][pick] = server
-        buf["step"] += 1
-        off = 0
-        for i in active:
-            p = buf["params"][i]
-            p.grad.copy_(estimate[off : off + p.numel()].view_as(p.grad))
-            off += p.numel()
+    def _flat_grad(self, w, grad_scale) -> Tensor:
+        """The group's gradients in the persistent flat buffer (missing ones zero), unscaled when GradScaler
+        asked us to."""
+        blk = self._block(w, with_grads=True)
+        buf = blk.grads
+        views = blk.grad_views
+        copies_src, copies_dst = [], []
+        for p, view in zip(w["params"], views):
+            g = p.grad
+            if g is None:
+                view.zero_()
+            elif not _is_view_of(g, view):
+                copies_src.append(g)
+                copies_dst.append(view)
+        if copies_dst:
+            torch._foreach_copy_(copies_dst, copies_src)
+        if grad_scale is not None:  # GradScaler did not unscale: do it here, as its unscale_ would
+            buf.mul_(grad_scale.double().reciprocal().float().to(buf.device))
+        return buf
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
+    def _block(self, w, *, with_grads: bool = False):
+        server = self.feedback.server_state and self.world_size > 1
+        state_dtype = self.feedback.state_dtype(w["dtype"])
+        blk = self.round.block(
+            w["key"], w["names"], w["sizes"], dtype=state_dtype, device=w["device"], with_server=server
+        )
+        if with_grads and blk.grads is None:
+            blk.grads = torch.zeros(blk.numel, dtype=w["dtype"], device=w["device"])
+            blk.grad_views = [_grad_view(blk.grads, *blk.spans[n], p) for n, p in zip(w["names"], w["params"])]
+        return blk
 
-    # ------------------------------------------------------------------------------------ checkpoint
+    def _round(self, w, pick: list[int]):
+        blk = self._block(w)
+        first = w["ids"][0]
+        chosen = [i - first for i in pick]
+        if len(chosen) == len(w["params"]):
+            fut = start_round(self.feedback, self._exchanger, blk, w["flat"], self.round.step, _WRAPPER_ROUND)
+        else:  # some parameters have no gradient on any rank: run on the others, keep the rest as it is
+            fut = self._partial_round(blk, w, chosen)
+        for i in chosen:
+            p, view = w["params"][i], blk.grad_views[i]
+            p.grad = view  # the estimate, in the flat buffer: the next step finds it in place
+        return fut
+
+    def _partial_round(self, blk, w, chosen):
+        names = [w["names"][i] for i in chosen]
+        sub = self.round.sub_block(blk, names)
+        grads = torch.cat([w["flat"][slice(*blk.spans[n])] for n in names])
+        fut = start_round(self.feedback, self._exchanger, sub, grads, self.round.step, _WRAPPER_ROUND)
+
+        def write_back(f):
+            res = f.wait()
+            self.round.write_sub_block(blk, sub)
+            off = 0
+            for n in names:
+                a, b = blk.spans[n]
+                w["flat"][a:b].copy_(grads[off : off + b - a])
+                off += b - a
+            return res
+
+        return fut.then(write_back)
+
+    # --------------------------------------------------------------------------------------- multi-rank checks
+    def _agree(self, works) -> None:
+        """Every rank runs the same method over the same layout, or every rank raises naming the difference."""
+        mine = {
+            "method": self.feedback.config(),
+            "optimizer": type(self.inner).__name__,
+            "layout": [[w["key"][0], w["key"][1], list(w["sizes"])] for w in works],
+        }
+        theirs = [None] * self.world_size
+        dist.all_gather_object(theirs, mine, group=self.process_group)
+        for r, other in enumerate(theirs):
+            diff = [k for k in mine if other.get(k) != mine[k]]
+            if diff:
+                raise ValueError(
+                    f"ranks are configured differently: rank {r} has {diff[0]} {other[diff[0]]!r}, rank "
+                    f"{self.rank} has {mine[diff[0]]!r}; every rank must build the same model and CompressedOptimizer"
+                )
+        self._agreed = True
+
+    def _share_found_inf(self, bad: bool) -> None:
+        """GradScaler records found_inf per rank; make every rank record the agreed one."""
+        if self.world_size == 1:
+            return
+        if self.grad_scaler is None:
+            if "scaler" not in self._warned:
+                self._warned.add("scaler")
+                warnings.warn(
+                    "CompressedOptimizer under GradScaler on several ranks: pass grad_scaler=scaler so that every "
+                    "rank records the same found_inf (otherwise the ranks' loss scales can drift apart)",
+                    stacklevel=3,
+                )
+            return
+        per_device = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        for t in per_device.values():
+            t.fill_(float(bad))
+
+    # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state plus this rank's feedback state, with rank and world size."""
-        groups = {}
-        for gi, buf in self._buffers.items():
-            groups[gi] = {
-                "sizes": list(buf["sizes"]),
-                "step": buf["step"],
-                "state": {k: v.clone() for k, v in buf["state"].items()},
-                "server": buf["server"].clone(),
-            }
-        return {
-            "format_version": _FORMAT_VERSION,
+        """``torch.optim``'s layout (the inner optimizer's ``state`` and ``param_groups``) plus this rank's
+        feedback state under ``"torchkit"``, with rank and world size."""
+        sd = self.inner.state_dict()
+        sd["torchkit"] = {
+            "format_version": FORMAT_VERSION,
             "world_size": self.world_size,
             "rank": self.rank,
-            "feedback": repr(self.feedback),
-            "inner": self.inner.state_dict(),
-            "groups": groups,
             "skipped_steps": self.skipped_steps,
+            **self.round.state_dict(),
         }
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or "format_version" not in state_dict:
-            raise ValueError("state_dict is not a CompressedOptimizer state_dict (no format_version)")
-        if state_dict["format_version"] > _FORMAT_VERSION:
-            raise ValueError(f"state_dict format_version {state_dict['format_version']} is newer than this torchkit")
-        if state_dict["world_size"] != self.world_size:
-            raise ValueError(
-                f"state_dict was saved with world_size={state_dict['world_size']}, this run has "
-                f"world_size={self.world_size}; error-feedback state is per rank and cannot be re-sharded"
+        """Load a state_dict of this class (or of format 1). A plain optimizer's state_dict loads too, with a
+        warning: the feedback state then starts at step 0. Everything is checked before anything changes."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        if "torchkit" not in state_dict and state_dict.get("format_version") == 1:
+            state_dict = self._migrate_v1(state_dict)
+        if "torchkit" not in state_dict:
+            if not {"state", "param_groups"} <= set(state_dict):
+                raise ValueError("not a CompressedOptimizer or torch.optim state_dict (no 'state'/'param_groups')")
+            self.inner.load_state_dict(state_dict)
+            self.round.reset()
+            warnings.warn(
+                "loaded a plain optimizer state_dict: it holds no error-feedback state, so the feedback method "
+                "starts again at its step 0",
+                stacklevel=2,
             )
-        if state_dict["rank"] != self.rank:
-            raise ValueError(f"state_dict belongs to rank {state_dict['rank']}, this is rank {self.rank}")
-        if state_dict["feedback"] != repr(self.feedback):
-            raise ValueError(
-                f"state_dict was saved with feedback {state_dict['feedback']}, this optimizer has {self.feedback!r}"
-            )
-        for gi, saved in state_dict["groups"].items():
-            gi = int(gi)
-            if gi >= len(self.param_groups):
-                raise ValueError(f"state_dict has parameter group {gi}, this optimizer has {len(self.param_groups)}")
-            buf = self._group_buffers(gi, self.param_groups[gi])
-            if list(saved["sizes"]) != buf["sizes"]:
+            return
+        tk = state_dict["torchkit"]
+        problems = check_envelope(
+            tk, kind="CompressedOptimizer", rank=self.rank, world_size=self.world_size, feedback=self.feedback
+        )
+        if problems:
+            raise ValueError("cannot load CompressedOptimizer state: " + "; ".join(problems))
+        works = self._collect()
+        sizes = {n: s for w in works for n, s in zip(w["names"], w["sizes"])}
+        prepared = self.round.check(tk, sizes=sizes, strict=True)
+        inner = {k: v for k, v in state_dict.items() if k != "torchkit"}
+        self.inner.load_state_dict(inner)  # raises before any feedback state changed
+        self.round.apply(prepared)
+        for w in works:  # place the loaded state now, so that it can be inspected before the next step
+            self._block(w)
+        self.skipped_steps = int(tk.get("skipped_steps", 0))
+        self._agreed = False
+
+    def _migrate_v1(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Format 1 kept one flat vector per parameter group; split it per parameter."""
+        params = {}
+        for gi, saved in sd["groups"].items():
+            names = [f"{int(gi)}.{pi}" for pi, p in enumerate(self.param_groups[int(gi)]["params"]) if p.requires_grad]
+            if len(names) != len(saved["sizes"]):
                 raise ValueError(
-                    f"parameter layout differs in group {gi}: saved sizes {saved['sizes']}, current {buf['sizes']}"
+                    f"parameter layout differs in group {gi}: saved sizes {list(saved['sizes'])}, "
+                    f"current {len(names)} parameters"
                 )
-            for k, v in saved["state"].items():
-                buf["state"][k].copy_(v)  # copy_ keeps our fp32 dtype (no cast to the parameter dtype)
-            buf["server"].copy_(saved["server"])
-            buf["step"] = int(saved["step"])
-        self.inner.load_state_dict(state_dict["inner"])
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+            vecs = {**saved["state"], **({"server": saved["server"]} if self.world_size > 1 else {})}
+            pieces = {k: split_flat(v, saved["sizes"]) for k, v in vecs.items()}
+            for j, name in enumerate(names):
+                params[name] = {k: pieces[k][j] for k in pieces}
+        steps = {int(g["step"]) for g in sd["groups"].values()} or {0}
+        tk = {
+            "format_version": 1,
+            "world_size": sd["world_size"],
+            "rank": sd["rank"],
+            "feedback": sd["feedback"],
+            "skipped_steps": sd.get("skipped_steps", 0),
+            "step": max(steps),
+            "params": params,
+        }
+        return {**sd["inner"], "torchkit": tk}
 
     def feedback_state(self, group: int = 0) -> dict[str, Tensor]:
         """This rank's flat feedback state of one parameter group (views, for inspection)."""
-        return dict(self._buffers[group]["state"]) if group in self._buffers else {}
+        for key, blk in self.round.blocks.items():
+            if key[0] == group:
+                return dict(blk.state)
+        return {}
 
 
-def _spans(sizes: list[int]) -> list[tuple[int, int]]:
-    out, off = [], 0
-    for n in sizes:
-        out.append((off, off + n))
-        off += n
-    return out
+_WRAPPER_ROUND = RoundOptions()  # finiteness is checked (and agreed) before the round
+
+
+def _make_exchanger(group):
+    if group is not None or (dist.is_available() and dist.is_initialized()):
+        if dist.get_world_size(group) > 1:
+            return DistExchanger(group)
+    return LocalExchanger(1)
+
+
+def _needs_closure(cls: type[torch.optim.Optimizer]) -> bool:
+    param = inspect.signature(cls.step).parameters.get("closure")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}.get(
+        dtype, dtype
+    )
+
+
+def _numel_real(p: Tensor) -> int:
+    return p.numel() * (2 if p.is_complex() else 1)
+
+
+def _grad_view(buf: Tensor, a: int, b: int, p: Tensor) -> Tensor:
+    """The slice of the flat buffer that is ``p``'s gradient (complex parameters: viewed as complex)."""
+    piece = buf[a:b]
+    if p.is_complex():
+        return torch.view_as_complex(piece.view(*p.shape, 2))
+    return piece.view_as(p)
+
+
+def _is_view_of(g: Tensor, view: Tensor) -> bool:
+    return g.data_ptr() == view.data_ptr() and g.shape == view.shape and g.stride() == view.stride()
+
+
+def _collective_device(works) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -173,9 +173,22 @@ class _Launcher:
     def hist(self, scal, p: _select.Hist):
         e = self.e if p.cand is None else p.cand[1]
         grid = max(1, min(-(-p.n // 512), 4 * self.sms))
-        rc = _lib.tk_hist(p.mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(e), _ptr(self.h), _ptr(p.hist), _ptr(scal),
-                          p.n, self.eta, int(p.stored), _aligned(self.g, e, self.h), *p.slots(), grid,
-                          self.stream)  # fmt: skip
+        rc = _lib.tk_hist(
+            p.mode,
+            _GTYPE[self.g.dtype],
+            _ptr(self.g),
+            _ptr(e),
+            _ptr(self.h),
+            _ptr(p.hist),
+            _ptr(scal),
+            p.n,
+            self.eta,
+            int(p.stored),
+            _aligned(self.g, e, self.h),
+            *p.slots(),
+            grid,
+            self.stream,
+        )
         _check(rc, "tk_hist")
 
     def threshold(self, hist, scal, k, cap, level):
@@ -184,9 +197,19 @@ class _Launcher:
     def select(self, scal, p: _select.Select):
         ci, e = (None, self.e) if p.cand is None else p.cand
         ptrs = [_ptr(t) for t in (self.g, e, self.h, ci, scal, p.lb, *p.hi, *p.eq)]
-        rc = _lib.tk_select(p.mode, _GTYPE[self.g.dtype], *ptrs, p.n, self.eta, int(p.mode == 1), int(p.write_e),
-                            _aligned(self.g, e, self.h), *p.slots(), self.lookback_slots(p.n),
-                            self.stream)  # fmt: skip
+        rc = _lib.tk_select(
+            p.mode,
+            _GTYPE[self.g.dtype],
+            *ptrs,
+            p.n,
+            self.eta,
+            int(p.mode == 1),
+            int(p.write_e),
+            _aligned(self.g, e, self.h),
+            *p.slots(),
+            self.lookback_slots(p.n),
+            self.stream,
+        )
         _check(rc, "tk_select")
 
     def lookback_slots(self, n: int) -> int:

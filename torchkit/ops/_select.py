@@ -128,8 +128,18 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
 
     launcher.hist(scal, Hist(hists[0], mode, False, ALWAYS, ALWAYS, ALWAYS, 31, 20, d))
     launcher.threshold(hists[0], scal, k, cap, 1)
-    level1 = dict(lb=lbs[:n_lb], hi=out, mode=mode, write_e=True, n_slot=ALWAYS, thr_slot=S_B1, shift=20,
-                  hi_base=S_ZERO, ctr=S_CTR1, n=d)  # fmt: skip
+    level1 = dict(
+        lb=lbs[:n_lb],
+        hi=out,
+        mode=mode,
+        write_e=True,
+        n_slot=ALWAYS,
+        thr_slot=S_B1,
+        shift=20,
+        hi_base=S_ZERO,
+        ctr=S_CTR1,
+        n=d,
+    )
     if approx:  # the threshold bin's lowest-indexed entries fill the remaining slots
         launcher.select(scal, Select(eq=out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **level1))
     else:
@@ -141,10 +151,35 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
             launcher.hist(scal, Hist(hist, CAND, True, S_FITS, S_N1, prefix, shift_hi, shift_lo, cap, cand))
             launcher.threshold(hist, scal, k, cap, level)
         exact = dict(hi=out, eq=out, thr_slot=S_T, shift=0, eq_base=S_A, cap=S_CAP)
-        launcher.select(scal, Select(lbs[n_lb : 2 * n_lb], mode=mode, write_e=True, active=S_OVER, n_slot=ALWAYS,
-                                     hi_base=S_ZERO, ctr=S_CTR2, n=d, **exact))  # fmt: skip
-        launcher.select(scal, Select(lbs[2 * n_lb :], mode=CAND, write_e=False, active=S_FITS, n_slot=S_N1,
-                                     hi_base=S_ABOVE1, ctr=S_CTR3, n=cap, cand=cand, **exact))  # fmt: skip
+        launcher.select(
+            scal,
+            Select(
+                lbs[n_lb : 2 * n_lb],
+                mode=mode,
+                write_e=True,
+                active=S_OVER,
+                n_slot=ALWAYS,
+                hi_base=S_ZERO,
+                ctr=S_CTR2,
+                n=d,
+                **exact,
+            ),
+        )
+        launcher.select(
+            scal,
+            Select(
+                lbs[2 * n_lb :],
+                mode=CAND,
+                write_e=False,
+                active=S_FITS,
+                n_slot=S_N1,
+                hi_base=S_ABOVE1,
+                ctr=S_CTR3,
+                n=cap,
+                cand=cand,
+                **exact,
+            ),
+        )
     idx, vals = out
     sent = idx.long()
     if mode == EF14:

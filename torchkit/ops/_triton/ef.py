@@ -282,9 +282,22 @@ class _Launcher:
         block = _block(p.n, self.dev)
         grid = (_programs(triton.cdiv(p.n, block), self.dev),)
         e = self.e if p.cand is None else p.cand[1]
-        _hist_kernel[grid](self.g, e, self.h, p.hist, scal, p.n, self.eta, *p.slots(), MODE=p.mode,
-                           STORED=p.stored and p.mode == 1, BLOCK=block, NBINS=NB, num_warps=NUM_WARPS,
-                           enable_fp_fusion=False)  # fmt: skip
+        _hist_kernel[grid](
+            self.g,
+            e,
+            self.h,
+            p.hist,
+            scal,
+            p.n,
+            self.eta,
+            *p.slots(),
+            MODE=p.mode,
+            STORED=p.stored and p.mode == 1,
+            BLOCK=block,
+            NBINS=NB,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
 
     def threshold(self, hist, scal, k, cap, level):
         _threshold_kernel[(1,)](hist, scal, k, cap, LEVEL=level, NBINS=NB, enable_fp_fusion=False)
@@ -293,10 +306,24 @@ class _Launcher:
         block = _block(p.n, self.dev)
         ci, e = (self.g, self.e) if p.cand is None else p.cand
         _select_kernel[(triton.cdiv(p.n, block),)](
-            self.g, e, self.h, ci, scal, p.lb, *p.hi, *p.eq, p.n, self.eta, *p.slots(), MODE=p.mode,
-            STORED=p.mode == 1, WRITE_E=p.write_e and p.mode == 3, BLOCK=block, num_warps=NUM_WARPS,
+            self.g,
+            e,
+            self.h,
+            ci,
+            scal,
+            p.lb,
+            *p.hi,
+            *p.eq,
+            p.n,
+            self.eta,
+            *p.slots(),
+            MODE=p.mode,
+            STORED=p.mode == 1,
+            WRITE_E=p.write_e and p.mode == 3,
+            BLOCK=block,
+            num_warps=NUM_WARPS,
             enable_fp_fusion=False,
-        )  # fmt: skip
+        )
 
     def lookback_slots(self, n: int) -> int:
         return triton.cdiv(n, _block(n, self.dev))

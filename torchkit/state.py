@@ -1,0 +1,290 @@
+"""The round state every front end keeps, and its one checkpoint format.
+
+A :class:`RoundState` holds, for one worker (or the simulator's n rows), the feedback method's state vectors,
+the server estimate and the step, in flat :class:`Block` buffers: one per group of parameters that go through a
+round together (a parameter group's tensors of one dtype, a DDP bucket, the simulator's vector). Blocks are
+built from parameter names and rebuilt when the layout changes (DDP rebuilds its buckets; a parameter is
+frozen), carrying each parameter's state over by name. The checkpoint is keyed by parameter name too, so it
+does not depend on the blocks, and one validator checks it before anything is changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .feedback import Feedback
+
+__all__ = ["Block", "RoundState", "FORMAT_VERSION", "normalize_name", "check_envelope"]
+
+FORMAT_VERSION = 2
+_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel / DataParallel and by torch.compile
+
+
+def normalize_name(name: Any) -> Any:
+    """A parameter name without the prefixes that DDP and ``torch.compile`` add (``module.``, ``_orig_mod.``)."""
+    if not isinstance(name, str):
+        return name
+    parts = [p for p in name.split(".") if p not in ("module", "_orig_mod")]
+    return ".".join(parts) if parts else name
+
+
+class Block:
+    """Flat state of parameters that share one round: the method's vectors and the server estimate.
+
+    ``rows`` (the simulator) gives every vector a leading worker dimension; the server estimate is one row.
+    """
+
+    def __init__(
+        self,
+        feedback: Feedback,
+        names: Sequence[Any],
+        sizes: Sequence[int],
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+        with_server: bool,
+        rows: int | None = None,
+    ):
+        self.names, self.sizes = tuple(names), tuple(int(n) for n in sizes)
+        self.numel = sum(self.sizes)
+        self.segments = feedback.segments_for(self.sizes)
+        self.state = feedback.init_state(self.numel, rows=rows, dtype=dtype, device=device)
+        self.server = torch.zeros(self.numel, dtype=feedback.state_dtype(dtype), device=device) if with_server else None
+        offs = [0]
+        for n in self.sizes:
+            offs.append(offs[-1] + n)
+        self.spans = dict(zip(self.names, zip(offs[:-1], offs[1:])))
+        self.scratch: dict[torch.dtype, Tensor] = {}
+        self.grads: Tensor | None = None  # a front end's persistent flat gradient buffer, when it keeps one
+
+    def aggregate_buffer(self, out: Tensor, dtype: torch.dtype) -> Tensor:
+        """Where a round's aggregate goes: ``out`` itself when it has the state dtype, else a buffer kept
+        across rounds (bf16 gradients aggregate in fp32, as the state does)."""
+        if out.dtype == dtype:
+            return out
+        buf = self.scratch.get(dtype)
+        if buf is None or buf.numel() != out.numel() or buf.device != out.device:
+            buf = self.scratch[dtype] = torch.empty(out.numel(), dtype=dtype, device=out.device)
+        return buf
+
+    def vectors(self) -> dict[str, Tensor]:
+        """Every flat vector, the server estimate as ``"server"``."""
+        return {**self.state, **({"server": self.server} if self.server is not None else {})}
+
+    def views(self, name: Any) -> dict[str, Tensor]:
+        """This parameter's slice of every vector (views: writing them writes the block)."""
+        a, b = self.spans[name]
+        return {k: v[..., a:b] for k, v in self.vectors().items()}
+
+
+class RoundState:
+    """Per-worker state of a feedback method over named parameters, shared by every front end.
+
+    Attributes:
+        feedback: the method.
+        step: rounds run so far (the method's step counter).
+        blocks: the flat buffers, by a key the front end chooses.
+    """
+
+    def __init__(self, feedback: Feedback):
+        if not isinstance(feedback, Feedback):
+            raise TypeError(f"feedback must be a torchkit feedback method (EF21, ...), got {type(feedback).__name__}")
+        self.feedback = feedback
+        self.step = 0
+        self.blocks: dict[Any, Block] = {}
+        self._owner: dict[Any, Any] = {}  # parameter name -> key of the block that holds it now
+        self._pending: dict[Any, dict[str, Tensor]] = {}  # loaded, not yet placed in a block
+
+    # ------------------------------------------------------------------------------------------- blocks
+    def block(self, key, names, sizes, *, dtype, device, with_server: bool, rows: int | None = None) -> Block:
+        """The block ``key`` over ``names``; built (or rebuilt) carrying each parameter's state by name."""
+        names = tuple(normalize_name(n) for n in names)
+        blk = self.blocks.get(key)
+        if (
+            blk is not None
+            and (blk.names, blk.sizes) == (names, tuple(sizes))
+            and (blk.server is not None) == with_server
+            and next(iter(blk.vectors().values())).dtype == self.feedback.state_dtype(dtype)
+        ):
+            return blk
+        new = Block(self.feedback, names, sizes, dtype=dtype, device=device, with_server=with_server, rows=rows)
+        for name in names:
+            old = self.param_views(name)
+            if old is None:
+                old = self._pending.pop(name, None)
+            if old is None:
+                continue
+            for k, t in new.views(name).items():
+                if k in old:
+                    t.copy_(old[k].reshape(t.shape))
+        if blk is not None:  # parameters leaving the replaced block keep their state until placed again
+            for name in blk.names:
+                if name not in new.spans and self._owner.get(name) == key:
+                    self._pending[name] = {k: v.clone() for k, v in blk.views(name).items()}
+                    del self._owner[name]
+        self.blocks[key] = new
+        for name in names:
+            self._owner[name] = key
+        return new
+
+    def param_views(self, name) -> dict[str, Tensor] | None:
+        key = self._owner.get(name)
+        return None if key is None else self.blocks[key].views(name)
+
+    def params(self) -> dict[Any, dict[str, Tensor]]:
+        """Every placed parameter's views, by name."""
+        return {name: self.blocks[key].views(name) for name, key in self._owner.items()}
+
+    def reset(self) -> None:
+        self.step, self.blocks, self._owner, self._pending = 0, {}, {}, {}
+
+    # --------------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        params = {name: {k: v.clone() for k, v in views.items()} for name, views in self.params().items()}
+        params.update({k: v for k, v in self._pending.items() if k not in params})
+        return {"method": self.feedback.config(), "step": self.step, "params": params}
+
+    def load_state_dict(
+        self, sd: Mapping[str, Any], *, sizes: Mapping[Any, int] | None = None, strict: bool = True
+    ) -> tuple[list, list]:
+        """Validate ``sd`` completely, then load it; ``(missing, unexpected)`` parameter names.
+
+        ``sizes`` (name -> numel), when the front end knows its parameters, checks every loaded tensor's
+        length and, with ``strict``, that the names match exactly. Nothing changes when a check fails.
+        """
+        prepared = self.check(sd, sizes=sizes, strict=strict)
+        self.apply(prepared)
+        return prepared["missing"], prepared["unexpected"]
+
+    def check(self, sd: Mapping[str, Any], *, sizes: Mapping[Any, int] | None = None, strict: bool = True) -> dict:
+        """Everything :meth:`load_state_dict` checks, without changing anything; the input of :meth:`apply`."""
+        params = {normalize_name(k): v for k, v in _checked_params(sd, self.feedback).items()}
+        step = sd.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
+        missing, unexpected = [], []
+        if sizes is not None:
+            sizes = {normalize_name(k): int(v) for k, v in sizes.items()}
+            missing = sorted((k for k in sizes if k not in params), key=str)
+            unexpected = sorted((k for k in params if k not in sizes), key=str)
+            if strict and (missing or unexpected):
+                raise ValueError(
+                    f"checkpoint parameter names do not match: missing {_few(missing)}, unexpected {_few(unexpected)} "
+                    "(strict=False loads the matching ones and returns both lists)"
+                )
+            for name, vecs in params.items():
+                n = sizes.get(name)
+                for k, t in vecs.items():
+                    if n is not None and t.shape[-1] != n:
+                        raise ValueError(
+                            f"checkpoint state {k!r} of parameter {name!r} has {t.shape[-1]} elements, "
+                            f"the parameter {n}"
+                        )
+        keep = {k: v for k, v in params.items() if k not in unexpected}
+        return {"params": keep, "step": step, "missing": missing, "unexpected": unexpected}
+
+    def apply(self, prepared: dict) -> None:
+        """Replace the state by a checked checkpoint (see :meth:`check`); it is placed into blocks as they are built."""
+        self.blocks, self._owner = {}, {}
+        self._pending = {k: {n: t.clone() for n, t in v.items()} for k, v in prepared["params"].items()}
+        self.step = prepared["step"]
+
+    # ------------------------------------------------------------------------------------ partial rounds
+    def sub_block(self, blk: Block, names: Sequence[Any]) -> Block:
+        """A standalone block holding copies of some parameters' state (a round over a subset of them)."""
+        sizes = [blk.spans[n][1] - blk.spans[n][0] for n in names]
+        some = next(iter(blk.vectors().values()))
+        sub = Block(
+            self.feedback,
+            names,
+            sizes,
+            dtype=some.dtype,
+            device=some.device,
+            with_server=blk.server is not None,
+            rows=some.shape[0] if some.dim() == 2 else None,
+        )
+        for n in names:
+            for k, t in sub.views(n).items():
+                t.copy_(blk.views(n)[k])
+        return sub
+
+    def write_sub_block(self, blk: Block, sub: Block) -> None:
+        for n in sub.names:
+            for k, t in blk.views(n).items():
+                t.copy_(sub.views(n)[k])
+
+
+def _checked_params(sd: Mapping[str, Any], feedback: Feedback) -> dict[Any, dict[str, Tensor]]:
+    params = sd.get("params")
+    if not isinstance(params, Mapping):
+        raise ValueError("checkpoint has no 'params' mapping of per-parameter feedback state")
+    want = set(feedback.state_names)
+    out = {}
+    for name, vecs in params.items():
+        if not isinstance(vecs, Mapping) or not want <= set(vecs):
+            have = sorted(vecs) if isinstance(vecs, Mapping) else type(vecs).__name__
+            raise ValueError(f"checkpoint state of parameter {name!r} lacks {sorted(want)} (has {have})")
+        length = None
+        for k, t in vecs.items():
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise ValueError(f"checkpoint state {k!r} of parameter {name!r} is not a floating-point tensor")
+            if t.dim() not in (1, 2) or (length is not None and t.shape[-1] != length):
+                raise ValueError(
+                    f"checkpoint state {k!r} of parameter {name!r} has shape {tuple(t.shape)}, "
+                    f"expected one vector of {length if length is not None else 'the parameter'}'s length"
+                )
+            length = t.shape[-1]
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"checkpoint state {k!r} of parameter {name!r} holds non-finite values")
+        out[name] = dict(vecs)
+    return out
+
+
+def check_envelope(sd: Any, *, kind: str, rank: int, world_size: int, feedback: Feedback) -> list[str]:
+    """The per-rank checks every front end makes before loading: returns the problems, in one wording."""
+    if not isinstance(sd, Mapping) or "format_version" not in sd:
+        raise ValueError(f"not a torchkit {kind} state_dict (no format_version)")
+    version = sd["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{kind} state_dict format_version {version!r} is newer than this torchkit ({FORMAT_VERSION})")
+    problems = []
+    if sd.get("world_size") != world_size:
+        problems.append(
+            f"saved with world_size={sd.get('world_size')}, this run has world_size={world_size} "
+            "(error-feedback state is per rank and cannot be re-sharded)"
+        )
+    if sd.get("rank") != rank:
+        problems.append(f"saved by rank {sd.get('rank')}, loaded on rank {rank}")
+    method = sd.get("method") if version >= 2 else sd.get("feedback")
+    mine = feedback.config() if version >= 2 else repr(feedback)
+    if method != mine:
+        problems.append(f"saved with feedback {_describe(method)}, this run has {_describe(mine)}")
+    return problems
+
+
+def _few(names: list) -> str:
+    return f"{names[:5]}{'...' if len(names) > 5 else ''}"
+
+
+def _describe(method: Any) -> str:
+    if isinstance(method, Mapping):
+        extras = ", ".join(f"{k}={v}" for k, v in method.items() if k not in ("method",))
+        return f"{method.get('method')}({extras})"
+    return str(method)
+
+
+def split_flat(flat: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """The per-parameter pieces of a flat vector (old checkpoints stored whole groups)."""
+    if sum(sizes) != flat.shape[-1]:
+        raise ValueError(
+            f"flat state of {flat.shape[-1]} elements does not match parameter sizes summing to {sum(sizes)}"
+        )
+    out, off = [], 0
+    for n in sizes:
+        out.append(flat[..., off : off + n])
+        off += n
+    return out
