@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validation import check_int, check_ratio, resolve_k
+from ._validation import check_dense_float, check_int, check_ratio, resolve_k
 
 __all__ = [
     "Compressor",
@@ -222,6 +222,16 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.unsqueeze(0)
 
 
+def _input_rows(x: Tensor) -> Tensor:
+    """A compressor's input as ``[rows, d]``: a dense floating vector or batch with at least one entry."""
+    check_dense_float("x", x)
+    if x.dim() not in (1, 2):
+        raise ValueError(f"x must be a vector [d] or a batch [rows, d], got shape {tuple(x.shape)}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"x must have at least one entry per row, got shape {tuple(x.shape)}")
+    return _rows(x)
+
+
 # ---------------------------------------------------------------------------------------------- compressors
 class Compressor:
     """Base class. Subclasses implement :meth:`compress` and the accounting methods."""
@@ -267,7 +277,7 @@ class _Sparsifier(Compressor):
         return resolve_k(self.k, self.ratio, d)
 
     def alpha(self, d: int) -> float:
-        return self.k_for(d) / d
+        return self.k_for(check_int("d", d)) / d
 
     def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
         itemsize = torch.empty((), dtype=value_dtype).element_size()
@@ -307,7 +317,7 @@ class TopK(_Sparsifier):
         return {**super().config(), "approx": self.approx}
 
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
-        x2 = _rows(x)
+        x2 = _input_rows(x)
         values, indices = ops.topk(x2.contiguous(), self.k_for(x2.shape[1]))
         return SparseMessage(values, indices, x2.shape[1])
 
@@ -350,7 +360,7 @@ class RandK(_Sparsifier):
         return out
 
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
-        x2 = _rows(x)
+        x2 = _input_rows(x)
         d = x2.shape[1]
         idx = self.indices(d, x2.shape[0], worker=worker, step=step).to(x2.device)
         values = x2.gather(1, idx)
@@ -370,10 +380,10 @@ class ScaledSign(Compressor):
     """
 
     def alpha(self, d: int) -> float:
-        return 1.0 / d
+        return 1.0 / check_int("d", d)
 
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SignMessage:
-        x2 = _rows(x)
+        x2 = _input_rows(x)
         scale = x2.abs().sum(dim=1, keepdim=True, dtype=torch.float64) / x2.shape[1]
         scale_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32  # fp32 on the wire
         return SignMessage(_pack_bits(x2 >= 0), scale.to(scale_dtype), (x2.shape[1],))
@@ -392,10 +402,11 @@ class Identity(Compressor):
     """No compression: every method reduces to (stochastic) gradient descent."""
 
     def alpha(self, d: int) -> float:
+        check_int("d", d)
         return 1.0
 
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> DenseMessage:
-        return DenseMessage(_rows(x).clone())
+        return DenseMessage(_input_rows(x).clone())
 
     def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
         return d * torch.empty((), dtype=value_dtype).element_size()

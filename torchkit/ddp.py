@@ -83,6 +83,7 @@ class CompressionState:
         "_model",
         "_exchanger",
         "_agreed",
+        "_queue",
         # counters of the last completed iteration, and the running ones
         "bytes_sent",
         "dense_bytes",
@@ -128,6 +129,7 @@ class CompressionState:
         self._model = None
         self._exchanger = None
         self._agreed = False
+        self._queue: list = []  # nonfinite="skip": this iteration's buckets, held until the last one
         self.bytes_sent = self.dense_bytes = 0
         self.error_norm_sq = None
         self._acc = _new_counters()
@@ -205,7 +207,6 @@ class CompressionState:
 
     # ----------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        self.round.step = max(0, self.iter - self.fb_origin)
         return {
             "format_version": FORMAT_VERSION,
             "rank": self.rank,
@@ -257,7 +258,18 @@ class CompressionState:
         return {normalize_name(n): p.numel() for n, p in module.named_parameters() if p.requires_grad}
 
     def __getstate__(self) -> dict[str, Any]:
-        skip = ("process_group", "grad_scaler", "round", "_keys", "_model", "_exchanger", "_agreed", "_lock", "_acc")
+        skip = (
+            "process_group",
+            "grad_scaler",
+            "round",
+            "_keys",
+            "_model",
+            "_exchanger",
+            "_agreed",
+            "_lock",
+            "_acc",
+            "_queue",
+        )
         out = {s: getattr(self, s) for s in self.__slots__ if s not in skip}
         out["round_state"] = self.round.state_dict()
         return out
@@ -266,7 +278,7 @@ class CompressionState:
         for s in self.__slots__:
             setattr(self, s, state.get(s))
         self.process_group, self.grad_scaler, self._model, self._exchanger, self._agreed = None, None, None, None, False
-        self._keys, self._acc, self._lock = {}, _new_counters(), threading.Lock()
+        self._keys, self._acc, self._lock, self._queue = {}, _new_counters(), threading.Lock(), []
         self.round = RoundState(self.feedback)
         saved = state.get("round_state")
         if saved:
@@ -324,27 +336,72 @@ def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.F
         device=buf.device,
         with_server=fb.server_state and n > 1,
     )
-    step = state.iter - state.fb_origin
     scale = _scale_of(state.grad_scaler)
     if scale is not None:  # the method sees the unscaled gradient; exact for GradScaler's powers of two
         buf.mul_(scale.double().reciprocal().float().to(buf.device))
-    options = RoundOptions(
-        state.wire_dtype or buf.dtype, state.min_compression_rate, state.nonfinite, state.track_error
-    )
     acc = state._acc  # this iteration's counters; published when its last bucket's round has completed
     acc["calls"] += 1
-    if bucket.is_last():
+    last = bucket.is_last()
+    if last:
         acc["closed"] = True
         state._acc = _new_counters()
+    job = _Job(buf, blk, scale, acc)
+    if state.nonfinite != "skip":
+        fut = _start(state, job, state.nonfinite)
+        if last:
+            state.round.step += 1
+        return fut
+    # skip: hold every bucket until the last one, agree on one flag for the whole iteration, then run the rounds
+    # (or none): a step GradScaler skips leaves every bucket's state as it was
+    job.pending = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
+    job.bad = ~torch.isfinite(buf).all()
+    state._queue.append(job)
+    if last:
+        queue, state._queue = state._queue, []
+        skipped = bool(exchanger.any_true(torch.stack([j.bad for j in queue]).any()).wait())
+        for j in queue:
+            if skipped:
+                _account(state, j.acc, None)
+                j.pending.set_result(j.buf.fill_(float("nan")))
+            else:
+                _start(state, j, None).then(_completer(j.pending))
+        if not skipped:
+            state.round.step += 1
+    return job.pending
+
+
+class _Job:
+    """One bucket's round: its buffer, block, loss scale and counters (and, when held, its future and flag)."""
+
+    __slots__ = ("buf", "blk", "scale", "acc", "pending", "bad")
+
+    def __init__(self, buf, blk, scale, acc):
+        self.buf, self.blk, self.scale, self.acc = buf, blk, scale, acc
+        self.pending = self.bad = None
+
+
+def _start(state: CompressionState, job: _Job, nonfinite) -> torch.futures.Future[Tensor]:
+    buf = job.buf
+    options = RoundOptions(state.wire_dtype or buf.dtype, state.min_compression_rate, nonfinite, state.track_error)
 
     def done(fut):
         res = fut.value()
-        if scale is not None:
-            buf.mul_(scale.to(buf.device))  # GradScaler unscales the estimate as it would the gradient
-        _account(state, acc, res)
+        if job.scale is not None:
+            buf.mul_(job.scale.to(buf.device))  # GradScaler unscales the estimate as it would the gradient
+        _account(state, job.acc, res)
         return buf
 
-    return start_round(fb, exchanger, blk, buf, step, options).then(done)
+    return start_round(state.feedback, state._exchange(), job.blk, buf, state.round.step, options).then(done)
+
+
+def _completer(pending: torch.futures.Future):
+    def complete(fut):
+        try:
+            pending.set_result(fut.value())
+        except Exception as exc:  # a failed round fails the bucket's future, as in plain DDP
+            pending.set_exception(exc)
+
+    return complete
 
 
 def _scale_of(scaler: torch.amp.GradScaler | None) -> Tensor | None:
@@ -359,11 +416,13 @@ def _new_counters() -> dict[str, Any]:
 
 
 def _account(state: CompressionState, acc: dict[str, Any], res) -> None:
+    """Add one bucket's round (``None``: skipped) to its iteration's counters; publish the complete iteration."""
     with state._lock:
-        acc["sent"] += res.sent_bytes
-        acc["dense"] += res.dense_bytes
-        acc["avoided"] += max(res.dense_bytes - res.sent_bytes, 0)
-        if res.distortion_sq is not None:
+        if res is not None:
+            acc["sent"] += res.sent_bytes
+            acc["dense"] += res.dense_bytes
+            acc["avoided"] += max(res.dense_bytes - res.sent_bytes, 0)
+        if res is not None and res.distortion_sq is not None:
             acc["err"] = res.distortion_sq if acc["err"] is None else acc["err"] + res.distortion_sq
         acc["done"] += 1
         if acc["closed"] and acc["done"] == acc["calls"]:

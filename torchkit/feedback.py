@@ -15,6 +15,7 @@ A round, for worker i with gradient :math:`g_i` (see :func:`torchkit.comm.run_ro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
@@ -180,7 +181,11 @@ class Feedback:
         """
         if msg is None or isinstance(msg, SignMessage) or msg.values.dtype == dtype:
             return msg
-        q = msg.values.to(dtype)
+        if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(msg.values.dtype).max:
+            big = torch.finfo(dtype).max  # beyond the wire's range: send the largest value, keep the rest
+            q = msg.values.clamp(-big, big).to(dtype)
+        else:
+            q = msg.values.to(dtype)
         r = msg.values - q.to(msg.values.dtype)
         for name, sign in self.absorb_rule:
             t = state[name]
@@ -391,8 +396,12 @@ class EF21W(EF21):
 
     @classmethod
     def from_smoothness(cls, compressor, smoothness: Sequence[float], **kw) -> EF21W:
-        total = float(sum(smoothness))
-        return cls(compressor, [float(L) / total for L in smoothness], **kw)
+        """The paper's weights ``w_i = L_i / sum_j L_j`` from the workers' smoothness constants (all > 0)."""
+        consts = [float(L) for L in smoothness]
+        if not consts or any(not math.isfinite(L) or L <= 0 for L in consts):
+            raise ValueError(f"smoothness constants must be positive and finite, got {consts}")
+        total = sum(consts)
+        return cls(compressor, [L / total for L in consts], **kw)
 
     def _check_n(self, n: int) -> None:
         if n != len(self.weights):

@@ -71,6 +71,15 @@ class Block:
             buf = self.scratch[dtype] = torch.empty(out.numel(), dtype=dtype, device=out.device)
         return buf
 
+    def __getstate__(self) -> dict[str, Any]:
+        # buffers that alias each other (a front end's gradient buffer and its views) are rebuilt, not pickled:
+        # pickle would copy each view's storage apart from the buffer
+        return {k: v for k, v in self.__dict__.items() if k not in ("grads", "grad_views", "scratch")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.grads, self.scratch = None, {}
+
     def vectors(self) -> dict[str, Tensor]:
         """Every flat vector, the server estimate as ``"server"``."""
         return {**self.state, **({"server": self.server} if self.server is not None else {})}
@@ -119,8 +128,14 @@ class RoundState:
             if old is None:
                 continue
             for k, t in new.views(name).items():
-                if k in old:
-                    t.copy_(old[k].reshape(t.shape))
+                if k not in old:
+                    continue
+                if old[k].shape[-1] != t.shape[-1]:
+                    raise ValueError(
+                        f"loaded state {k!r} of parameter {name!r} has {old[k].shape[-1]} elements, "
+                        f"the parameter {t.shape[-1]}"
+                    )
+                t.copy_(old[k].reshape(t.shape))
         if blk is not None:  # parameters leaving the replaced block keep their state until placed again
             for name in blk.names:
                 if name not in new.spans and self._owner.get(name) == key:
@@ -228,18 +243,18 @@ def _checked_params(sd: Mapping[str, Any], feedback: Feedback) -> dict[Any, dict
         if not isinstance(vecs, Mapping) or not want <= set(vecs):
             have = sorted(vecs) if isinstance(vecs, Mapping) else type(vecs).__name__
             raise ValueError(f"checkpoint state of parameter {name!r} lacks {sorted(want)} (has {have})")
-        length = None
         for k, t in vecs.items():
             if not isinstance(t, Tensor) or not t.is_floating_point():
                 raise ValueError(f"checkpoint state {k!r} of parameter {name!r} is not a floating-point tensor")
-            if t.dim() not in (1, 2) or (length is not None and t.shape[-1] != length):
+            if t.dim() not in (1, 2):
                 raise ValueError(
-                    f"checkpoint state {k!r} of parameter {name!r} has shape {tuple(t.shape)}, "
-                    f"expected one vector of {length if length is not None else 'the parameter'}'s length"
+                    f"checkpoint state {k!r} of parameter {name!r} has shape {tuple(t.shape)}, not a vector"
                 )
-            length = t.shape[-1]
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"checkpoint state {k!r} of parameter {name!r} holds non-finite values")
+        lengths = {k: t.shape[-1] for k, t in vecs.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"checkpoint state of parameter {name!r} holds vectors of different lengths {lengths}")
         out[name] = dict(vecs)
     return out
 

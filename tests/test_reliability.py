@@ -1,0 +1,252 @@
+"""Faults and contracts a user hits on one process: resume with every LR scheduler, atomic loads and steps,
+tampered checkpoints, pickling, LBFGS, complex and mixed-dtype parameters, clear errors for bad input."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import torchkit as tk
+
+SCHEDULERS = {
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12),
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7),
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9**t),
+    "plateau": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0),
+}
+
+
+def _model(dtype=torch.float32, seed=1):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+
+
+def _batches(n, dtype=torch.float32):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(8, 6, generator=g).to(dtype), torch.randn(8, 3, generator=g).to(dtype)) for _ in range(n)]
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _opt(model, feedback=None, cls=torch.optim.AdamW, **kw):
+    return tk.CompressedOptimizer(
+        model.parameters(), cls, lr=kw.pop("lr", 0.01), feedback=feedback or tk.EF21(tk.TopK(ratio=0.3)), **kw
+    )
+
+
+def _train(model, opt, batches, sched=None):
+    for x, y in batches:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(1.0)  # a constant metric: the plateau rule cuts the rate every step
+        elif sched is not None:
+            sched.step()
+
+
+def _roundtrip(obj):
+    blob = io.BytesIO()
+    torch.save(obj, blob)
+    blob.seek(0)
+    return torch.load(blob, weights_only=False)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_resume_with_a_scheduler_is_bit_exact(name):
+    batches = _batches(12)
+    ref, ref_opt = _model(), None
+    ref_opt = _opt(ref)
+    _train(ref, ref_opt, batches, SCHEDULERS[name](ref_opt))
+
+    model = _model()
+    opt = _opt(model)
+    sched = SCHEDULERS[name](opt)
+    _train(model, opt, batches[:6], sched)
+    saved = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    model2 = _model(seed=5)
+    model2.load_state_dict(saved["model"])
+    opt2 = _opt(model2)
+    sched2 = SCHEDULERS[name](opt2)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    assert opt2.param_groups is opt2.inner.param_groups and opt2.state is opt2.inner.state
+    _train(model2, opt2, batches[6:], sched2)
+    assert torch.equal(_flat(model2), _flat(ref))
+    assert opt2.inner.param_groups[0]["lr"] == ref_opt.inner.param_groups[0]["lr"]
+
+
+def test_failed_loads_change_nothing():
+    model = _model()
+    opt = _opt(model, tk.EControl(tk.TopK(ratio=0.3), eta=0.2))
+    _train(model, opt, _batches(3))
+    good = opt.state_dict()
+    before = {k: v.clone() for k, v in opt.feedback_state().items()}
+    lr_before = opt.param_groups[0]["lr"]
+
+    def tampered(edit):
+        sd = copy.deepcopy(good)
+        edit(sd["torchkit"])
+        return sd
+
+    name = next(iter(good["torchkit"]["params"]))
+    cases = {
+        "one element": (lambda t: t["params"][name].update(error=torch.zeros(1)), "vectors of different lengths"),
+        "nan": (lambda t: t["params"][name]["shift"].fill_(float("nan")), "non-finite values"),
+        "negative step": (lambda t: t.update(step=-3), "step must be an int >= 0"),
+        "missing key": (lambda t: t["params"][name].pop("error"), r"lacks \['error', 'shift'\]"),
+        "no params": (lambda t: t.pop("params"), "no 'params' mapping"),
+        "other names": (lambda t: t["params"].update(extra=t["params"].pop(name)), "names do not match"),
+        "integer state": (lambda t: t["params"][name].update(error=torch.zeros(5, dtype=torch.long)), "floating"),
+        "newer format": (lambda t: t.update(format_version=99), "newer than this torchkit"),
+    }
+    for label, (edit, msg) in cases.items():
+        with pytest.raises(ValueError, match=msg):
+            opt.load_state_dict(tampered(edit))
+        for k, v in opt.feedback_state().items():
+            assert torch.equal(v, before[k]), label
+        assert opt.param_groups[0]["lr"] == lr_before
+    # the inner optimizer's part fails after the feedback state was checked: still nothing changes
+    broken = copy.deepcopy(good)
+    broken["param_groups"] = broken["param_groups"] + broken["param_groups"]
+    with pytest.raises(ValueError):
+        opt.load_state_dict(broken)
+    for k, v in opt.feedback_state().items():
+        assert torch.equal(v, before[k])
+
+
+def test_step_is_atomic_across_parameter_groups():
+    model = _model()
+    opt = tk.CompressedOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+        torch.optim.SGD,
+        lr=0.1,
+        feedback=tk.EF14(tk.TopK(ratio=0.3)),
+    )
+    _train(model, opt, _batches(2))
+    before = [{k: v.clone() for k, v in opt.feedback_state(g).items()} for g in (0, 1)]
+    params_before = _flat(model).clone()
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(_batches(1)[0][0]), _batches(1)[0][1]).backward()
+    model[2].bias.grad = model[2].bias.grad.to_sparse()  # group 1 fails validation
+    with pytest.raises(TypeError, match="sparse gradients are not supported"):
+        opt.step()
+    for g in (0, 1):
+        for k, v in opt.feedback_state(g).items():
+            assert torch.equal(v, before[g][k])
+    assert torch.equal(_flat(model), params_before)
+
+
+def test_pickle_and_deepcopy_round_trip():
+    batches = _batches(8)
+    model = _model()
+    opt = _opt(model, tk.EF14(tk.TopK(ratio=0.3)))
+    _train(model, opt, batches[:3])
+    model_c, opt_c = copy.deepcopy((model, opt))
+    model_p, opt_p = pickle.loads(pickle.dumps((model, opt)))
+    for m, o in ((model, opt), (model_c, opt_c), (model_p, opt_p)):
+        _train(m, o, batches[3:])
+    assert torch.equal(_flat(model_c), _flat(model)) and torch.equal(_flat(model_p), _flat(model))
+    assert opt_c.inner is not opt.inner and opt_c.param_groups[0]["params"][0] is next(model_c.parameters())
+
+
+def test_optimizers_that_need_a_closure_are_refused():
+    with pytest.raises(TypeError, match="LBFGS.step needs a closure"):
+        _opt(_model(), cls=torch.optim.LBFGS)
+
+
+def test_complex_parameters_are_compressed_as_real_pairs():
+    """A complex parameter equals the real parameter holding its (re, im) pairs, step for step."""
+    torch.manual_seed(3)
+    target = torch.randn(6, dtype=torch.complex64)
+    zc = torch.nn.Parameter(torch.zeros(6, dtype=torch.complex64))
+    zr = torch.nn.Parameter(torch.zeros(6, 2))
+    opt_c = tk.CompressedOptimizer([zc], torch.optim.SGD, lr=0.2, feedback=tk.EF21(tk.TopK(3)))
+    opt_r = tk.CompressedOptimizer([zr], torch.optim.SGD, lr=0.2, feedback=tk.EF21(tk.TopK(3)))
+    for _ in range(5):
+        for o, loss in (
+            (opt_c, lambda: (zc - target).abs().pow(2).sum()),
+            (opt_r, lambda: (zr - torch.view_as_real(target)).pow(2).sum()),
+        ):
+            o.zero_grad()
+            loss().backward()
+            o.step()
+    # the two losses' gradients round differently in the last bit; dropping the imaginary part would be far off
+    torch.testing.assert_close(torch.view_as_real(zc.detach()), zr.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.view_as_real(zc.detach())[:, 1].abs().sum() > 0.5
+
+
+def test_float64_parameter_in_a_float32_group_keeps_its_precision():
+    a = torch.nn.Parameter(torch.zeros(4))
+    b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    alone = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    grad = torch.tensor([1e-12, 1.0 + 1e-12, -3.0], dtype=torch.float64)
+    mixed = tk.CompressedOptimizer([a, b], torch.optim.SGD, lr=1.0, feedback=tk.EF21(tk.TopK(ratio=1.0)))
+    single = tk.CompressedOptimizer([alone], torch.optim.SGD, lr=1.0, feedback=tk.EF21(tk.TopK(ratio=1.0)))
+    a.grad, b.grad, alone.grad = torch.ones(4), grad.clone(), grad.clone()
+    mixed.step()
+    single.step()
+    assert torch.equal(b.detach(), alone.detach())
+    assert b.detach()[1] != -1.0  # an fp32 round trip would have lost the 1e-12
+
+
+def test_parameter_frozen_after_the_first_step():
+    model = _model()
+    opt = _opt(model, tk.EF14(tk.TopK(ratio=0.3)), cls=torch.optim.SGD, lr=0.1)
+    _train(model, opt, _batches(2))
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    _train(model, opt, _batches(2))
+    assert torch.equal(model[0].weight.detach(), frozen)
+    model[0].weight.requires_grad_(True)  # and back: its state was kept
+    _train(model, opt, _batches(1))
+    assert not torch.equal(model[0].weight.detach(), frozen)
+
+
+def test_bad_input_gets_clear_errors():
+    with pytest.raises(ValueError, match="x must be a vector"):
+        tk.TopK(1).compress(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="at least one entry"):
+        tk.ScaledSign().compress(torch.empty(0))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        tk.RandK(1).compress(torch.arange(4))
+    with pytest.raises(ValueError, match="d must be >= 1, got 0"):
+        tk.TopK(ratio=0.5).alpha(0)
+    with pytest.raises(ValueError, match="d must be >= 1, got 0"):
+        tk.ScaledSign().alpha(0)
+    with pytest.raises(ValueError, match="smoothness constants must be positive and finite"):
+        tk.EF21W.from_smoothness(tk.TopK(1), [0.0, 0.0])
+    with pytest.raises(TypeError, match="approx must be a bool"):
+        tk.TopK(1, approx="no")
+    with pytest.raises(TypeError, match="needs a DistributedDataParallel model"):
+        tk.ddp.register(torch.nn.Linear(2, 2), tk.EF21(tk.TopK(1)))
+    state = tk.ddp.CompressionState(tk.EF21(tk.TopK(1)))
+    state.bind(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="already registered on another model"):
+        state.bind(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="complex parameters are not supported by the DDP hook"):
+        tk.ddp.CompressionState(tk.EF21(tk.TopK(1))).bind(torch.nn.Linear(2, 2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="sparse gradients are not supported by the DDP hook"):
+        tk.ddp.CompressionState(tk.EF21(tk.TopK(1))).bind(torch.nn.Embedding(5, 2, sparse=True))
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        tk.ddp.CompressionState(tk.EF21(tk.TopK(1)), grad_scaler=object())
+    with pytest.raises(ValueError, match="nonfinite must be 'raise', 'skip' or 'sanitize'"):
+        tk.ddp.CompressionState(tk.EF21(tk.TopK(1)), nonfinite="ignore")
+
+
+def test_fp16_wire_keeps_the_overflow_in_the_state():
+    """Finite values beyond fp16's range go out as +-65504; the rest stays in the error, which stays finite."""
+    fb = tk.EF14(tk.TopK(2))
+    state = fb.init_state(5)
+    state["error"] += torch.tensor([7e4, -9e4, 1.0, 2.0, 3.0])
+    msg = fb.worker_step(state, torch.zeros(5), 1)
+    sent = fb.round_values_(state, msg, torch.float16)
+    assert sent.values.dtype == torch.float16 and torch.isfinite(sent.values).all()
+    assert sorted(sent.values[0].float().tolist()) == [-65504.0, 65504.0]
+    assert torch.isfinite(state["error"]).all()
+    assert state["error"][:2].tolist() == [7e4 - 65504.0, -9e4 + 65504.0]
