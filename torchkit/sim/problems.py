@@ -43,7 +43,9 @@ class LogisticRegression:
             raise ValueError(f"A must be [m, d] and y [m], got {tuple(self.A.shape)} and {tuple(self.y.shape)}")
         self.bounds = self.bounds or contiguous_split(self.A.shape[0], self.n_workers)
         if len(self.bounds) != self.n_workers:
-            raise ValueError(f"bounds must hold n_workers = {self.n_workers} (start, end) pairs, got {len(self.bounds)}")
+            raise ValueError(
+                f"bounds must hold n_workers = {self.n_workers} (start, end) pairs, got {len(self.bounds)}"
+            )
         self._counts = torch.tensor([b - a for a, b in self.bounds], dtype=self.A.dtype)
 
     @property
