@@ -50,8 +50,14 @@ def _progress(mode: str, stream: TextIO | None = None):
     def make(total: int):
         if lines:
             fmt = "{desc}{n_fmt}/{total_fmt} rounds ({percentage:.0f}%), {elapsed} elapsed, {remaining} left{postfix}"
+            # miniters=1: tqdm checks the clock at every update, so its monitor thread never adds a line of its own
             return tqdm(
-                total=total, desc="progress: ", file=_Lines(stream), mininterval=_LINE_INTERVAL_S, bar_format=fmt
+                total=total,
+                desc="progress: ",
+                file=_Lines(stream),
+                mininterval=_LINE_INTERVAL_S,
+                miniters=1,
+                bar_format=fmt,
             )
         return tqdm(total=total, file=stream, unit="round", dynamic_ncols=True)
 

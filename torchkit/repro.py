@@ -37,6 +37,8 @@ PRESETS: dict[str, dict[str, float]] = {
     "w8a": {"d": 300, "k": 1, "ef21": 64, "ef14": 32, "bits": 2e5},
 }
 _GENERIC_EF21 = {"k": 1, "ef21": 1, "ef14": 1, "bits": 2e5}  # no preset: the theoretical step itself
+# the runs of repro_ef21; "a@b": method a at b's multiplier
+_EF21_RUNS = ("ef21", "ef14", "ef14@ef21", "econtrol", "econtrol@ef14", "econtrol(eta=0.1)", "ef21sgdm")
 _DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -105,6 +107,9 @@ def ef21_settings(
         "tol": _positive("tol", tol),
         "source": source,
     }
+    unknown = sorted(set(multipliers) - set(_EF21_RUNS))
+    if unknown:
+        raise ValueError(f"multipliers has unknown runs {unknown}; runs are {list(_EF21_RUNS)}")
     if isinstance(s["k"], bool) or not isinstance(s["k"], int) or s["k"] < 1:
         raise ValueError(f"k must be a positive int, got {s['k']!r}")
     for name in ("ef21", "ef14", "bits"):
@@ -283,9 +288,6 @@ def repro_ef21(
         "econtrol(eta=0.1)": lambda: EControl(TopK(k), eta=0.1),
         "ef21sgdm": lambda: EF21SGDM(TopK(k), eta=0.5),
     }
-    unknown = sorted(set(mult) - set(make))
-    if unknown:
-        raise ValueError(f"multipliers has unknown runs {unknown}; runs are {sorted(make)}")
     bar = progress(len(mult) * len(s["seeds"]) * (steps + 1)) if progress else None
     every = max(1, steps // 400)
     runs = {}
