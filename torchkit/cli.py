@@ -124,7 +124,7 @@ def _repro(args) -> int:
             f"\n{res['dataset']}: d={res['d']}, m={res['m']}, n={res['n_workers']}, Top-{res['k']}, "
             f"theory step {res['gamma_theory']:.4g}; {spread}{geo}"
         )
-        print(f"{'run':18s} {'mult':>6s}  {'final ||grad f||^2':34s} bits/n to {res['tol']:g}")
+        print(f"{'run':18s} {'mult':>6s}  {'final ||grad f||^2':34s} bits/n to {res['tol']:g} (seeds that reach it)")
         for label, r in res["runs"].items():
             final = _fmt_spread(r["final_grad_norm_sq"], ".2e")
             print(f"{label:18s} {r['multiplier']:5g}x  {final:34s} {_fmt_spread(r['bits_to_tol'], ',.0f')}")
@@ -136,7 +136,7 @@ def _repro(args) -> int:
         for label, r in res["runs"].items():
             hits = "; ".join(f"<{t}: {_fmt_spread(v, '.0f')}" for t, v in r["rounds_to"].items())
             print(f"{label:20s} lr {r['lr']:.4g}  rounds to {hits}")
-        saved = "; ".join(f"<{t}: {_fmt_spread(v, '.3f')}" for t, v in res["rounds_ratio"].items())
+        saved = "; ".join(f"<{t}: {_fmt_spread(v, '.3f', never='n/a')}" for t, v in res["rounds_ratio"].items())
         print(f"rounds saved (EF21 rounds / EF21-W rounds): {saved}")
     print(f"wrote JSON and PNG to {args.out}")
     return 0
