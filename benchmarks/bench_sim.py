@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,9 +60,9 @@ def main() -> None:
         path = args.data / f"{name}.txt"
         row = {"dataset": name}
         for label, fn in (
-            ("old_python", lambda: _old_load_libsvm(path)),
-            ("python", lambda: load_libsvm(path, impl="python")),
-            ("sklearn", lambda: load_libsvm(path, impl="sklearn")),
+            ("old_python", partial(_old_load_libsvm, path)),
+            ("python", partial(load_libsvm, path, impl="python")),
+            ("sklearn", partial(load_libsvm, path, impl="sklearn")),
         ):
             row[label] = _times(fn, args.repeats)
         row["speedup_sklearn_vs_old"] = row["old_python"]["p50_s"] / row["sklearn"]["p50_s"]
@@ -76,8 +77,8 @@ def main() -> None:
         row = {
             "problem": name,
             "bit_identical": bool(torch.equal(new.view(torch.int64), old.view(torch.int64))),
-            "index_add": _times(lambda prob=prob, x=x: _old_grad_fn(prob, x), 50),
-            "per_worker": _times(lambda prob=prob, x=x: prob.grad_fn(x), 50),
+            "index_add": _times(partial(_old_grad_fn, prob, x), 50),
+            "per_worker": _times(partial(prob.grad_fn, x), 50),
         }
         row["speedup"] = row["index_add"]["p50_s"] / row["per_worker"]["p50_s"]
         grads.append(row)
@@ -101,8 +102,9 @@ def main() -> None:
     (args.out / "sim_speed.json").write_text(json.dumps(result, indent=1))
     for r in readers:
         print(
-            f"{r['dataset']:10s} reader p50: old {r['old_python']['p50_s']:.3f} s, python {r['python']['p50_s']:.3f} s, "
-            f"sklearn {r['sklearn']['p50_s']:.3f} s ({r['speedup_sklearn_vs_old']:.1f}x the old one)"
+            f"{r['dataset']:10s} reader p50: old {r['old_python']['p50_s']:.3f} s, "
+            f"python {r['python']['p50_s']:.3f} s, sklearn {r['sklearn']['p50_s']:.3f} s "
+            f"({r['speedup_sklearn_vs_old']:.1f}x the old one)"
         )
     for r in grads:
         print(
