@@ -5,8 +5,63 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TextIO
 
 __all__ = ["main"]
+
+_LINE_INTERVAL_S = 10.0  # off a terminal: one progress line per this many seconds (and the last one)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Epilogs as written; ``(default: X)`` after every option's help except where the help says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        if isinstance(action.default, list):  # as it is typed: 0 1 2, not [0, 1, 2]
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
+class _Lines:
+    """A stream for tqdm off a terminal: each refresh becomes one line, no carriage returns or padding."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        text = s.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _progress(mode: str, stream: TextIO | None = None):
+    """``total -> tqdm bar``: a live bar on a terminal, a line every ``_LINE_INTERVAL_S`` otherwise."""
+    if mode == "off":
+        return None
+    from tqdm import tqdm
+
+    stream = stream or sys.stderr
+    lines = mode == "lines" or (mode == "auto" and not (hasattr(stream, "isatty") and stream.isatty()))
+
+    def make(total: int):
+        if lines:
+            fmt = "{desc}{n_fmt}/{total_fmt} rounds ({percentage:.0f}%), {elapsed} elapsed, {remaining} left{postfix}"
+            # miniters=1: tqdm checks the clock at every update, so its monitor thread never adds a line of its own
+            return tqdm(
+                total=total,
+                desc="progress: ",
+                file=_Lines(stream),
+                mininterval=_LINE_INTERVAL_S,
+                miniters=1,
+                bar_format=fmt,
+            )
+        return tqdm(total=total, file=stream, unit="round", dynamic_ncols=True)
+
+    return make
 
 
 def _demo(args) -> int:
@@ -29,42 +84,60 @@ def _demo(args) -> int:
     return 0
 
 
-def _repro(args) -> int:
-    from .repro import repro_ef21, repro_ef21w
+def _fmt_spread(st: dict, fmt: str, *, never: str = "never") -> str:
+    if st["count"] == 0:
+        return f"{never} (0/{st['of']})" if st["of"] > 1 else never
+    if st["of"] == 1:
+        return format(st["mean"], fmt)
+    text = f"{format(st['mean'], fmt)} [{format(st['min'], fmt)}, {format(st['max'], fmt)}]"
+    return text if st["count"] == st["of"] else f"{text} ({st['count']}/{st['of']})"
 
+
+def _repro(args) -> int:
+    from . import repro
+
+    seeds = list(dict.fromkeys(args.seeds))
     if args.paper == "ef21":
-        res = repro_ef21(args.data, k=args.k, bits=args.bits, n_workers=args.workers, seed=args.seed, out=args.out)
-        print(
-            f"{res['dataset']}: d={res['d']}, n={res['n_workers']}, Top-{res['k']}, "
-            f"theory step {res['gamma_theory']:.4g}"
-        )
-        print(f"{'run':12s} {'mult':>6s} {'final ||grad||^2':>17s} {'bits/n to ' + format(res['tol'], 'g'):>16s}")
-        for label, r in res["runs"].items():
-            hit = "never" if r["bits_to_tol"] is None else str(r["bits_to_tol"])
-            print(f"{label:12s} {r['multiplier']:6g} {r['final_grad_norm_sq']:17.3e} {hit:>16s}")
+        mult = {n: v for n, v in (("ef21", args.ef21_multiplier), ("ef14", args.ef14_multiplier)) if v is not None}
+        kw = dict(k=args.k, multipliers=mult, bits=args.bits, n_workers=args.workers, seeds=seeds, tol=args.tol)
+        settings = repro.ef21_settings(args.preset, **kw)
     else:
-        res = repro_ef21w(
-            args.data,
-            k=args.k or 1,
+        kw = dict(
+            k=args.k,
             n_workers=args.workers,
             max_scale=args.max_scale,
             multiplier=args.multiplier,
             steps=args.steps,
             tols=args.tols,
-            seed=args.seed,
-            out=args.out,
+            seeds=seeds,
         )
+        settings = repro.ef21w_settings(args.preset, **kw)
+    print(repro.describe(settings, args.data), flush=True)
+    if args.dry_run:
+        return 0
+    run = repro.repro_ef21 if args.paper == "ef21" else repro.repro_ef21w
+    res = run(args.data, preset=args.preset, out=args.out, progress=_progress(args.progress), **kw)
+    spread = f"mean [min, max] over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    if args.paper == "ef21":
+        geo = " (geometric mean for ||grad f||^2)" if len(seeds) > 1 else ""
         print(
-            f"{res['dataset']}: L_AM={res['L_AM']:.4g} L_QM={res['L_QM']:.4g} L_var={res['L_var']:.4g}; "
-            f"predicted step ratio {res['gamma_ratio_predicted']:.3f}"
+            f"\n{res['dataset']}: d={res['d']}, m={res['m']}, n={res['n_workers']}, Top-{res['k']}, "
+            f"theory step {res['gamma_theory']:.4g}; {spread}{geo}"
+        )
+        print(f"{'run':18s} {'mult':>6s}  {'final ||grad f||^2':34s} bits/n to {res['tol']:g} (seeds that reach it)")
+        for label, r in res["runs"].items():
+            final = _fmt_spread(r["final_grad_norm_sq"], ".2e")
+            print(f"{label:18s} {r['multiplier']:5g}x  {final:34s} {_fmt_spread(r['bits_to_tol'], ',.0f')}")
+    else:
+        print(
+            f"\n{res['dataset']}: L_AM={res['L_AM']:.4g} L_QM={res['L_QM']:.4g} L_var={res['L_var']:.4g}; "
+            f"predicted step ratio {res['gamma_ratio_predicted']:.3f}; {spread}"
         )
         for label, r in res["runs"].items():
-            hits = ", ".join(f"<{t}: {n}" for t, n in r["rounds_to"].items())
-            print(f"{label:22s} lr {r['lr']:.4g}  rounds to {hits}")
-        print(
-            "rounds saved (EF21 rounds / EF21-W rounds): "
-            + ", ".join(f"<{t}: {v:.3f}x" for t, v in res["rounds_ratio"].items())
-        )
+            hits = "; ".join(f"<{t}: {_fmt_spread(v, '.0f')}" for t, v in r["rounds_to"].items())
+            print(f"{label:20s} lr {r['lr']:.4g}  rounds to {hits}")
+        saved = "; ".join(f"<{t}: {_fmt_spread(v, '.3f', never='n/a')}" for t, v in res["rounds_ratio"].items())
+        print(f"rounds saved (EF21 rounds / EF21-W rounds): {saved}")
     print(f"wrote JSON and PNG to {args.out}")
     return 0
 
@@ -88,49 +161,167 @@ def _build(args) -> int:
     return 0 if ok else 1
 
 
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _presets_epilog(paper: str) -> str:
+    from .repro import PRESETS
+
+    if paper == "ef21":
+        rows = [
+            f"  {name:10s} d = {p['d']:<4g} Top-{p['k']:g}, EF21 {p['ef21']:g}x, EF14 {p['ef14']:g}x, "
+            f"{p['bits']:g} bits/n"
+            for name, p in PRESETS.items()
+        ]
+        head = "presets (--preset NAME; the EF21 poster's settings, shared/docs/algorithms.md §2.7):"
+    else:
+        rows = [f"  {name:10s} d = {p['d']:<4g} Top-1" for name, p in PRESETS.items()]
+        head = (
+            "presets (--preset NAME): Top-1 as in the EF21-W paper, and a check of d; n, the scales and the\n"
+            "multiplier are torchkit's choices (the paper's per-dataset settings are not public):"
+        )
+    return head + "\n" + "\n".join(rows) + "\nwithout --preset the settings are generic, whatever the file is called."
+
+
+def _repro_parsers(sub) -> None:
+    from .repro import PRESETS
+
+    r = sub.add_parser(
+        "repro",
+        help="reproduce a paper's experiment on a LIBSVM file",
+        description="Reproduce a paper's logistic-regression experiment; `torchkit repro PAPER --help` for options.",
+        formatter_class=_Formatter,
+    )
+    papers = r.add_subparsers(dest="paper", required=True, metavar="PAPER")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", required=True, type=Path, metavar="FILE", help="LIBSVM file (required)")
+    common.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="the paper's settings for this dataset (listed below); default: none, generic settings",
+    )
+    common.add_argument("--k", type=_positive(int), default=None, help="TopK k (default: the preset's, else 1)")
+    common.add_argument("--workers", type=_positive(int), default=20, help="number of simulated workers n")
+    common.add_argument(
+        "--seeds", type=_non_negative_int, nargs="+", default=[0, 1, 2], help="seeds of x0 ~ N(0, I); mean and range"
+    )
+    common.add_argument("--out", default="torchkit-repro", help="folder for the JSON and PNG results")
+    common.add_argument(
+        "--progress",
+        choices=["auto", "bar", "lines", "off"],
+        default="auto",
+        help=f"on stderr; auto: a bar on a terminal, else a line every {_LINE_INTERVAL_S:g} s",
+    )
+    common.add_argument("--dry-run", action="store_true", help="print the settings and exit without reading FILE")
+
+    e = papers.add_parser(
+        "ef21",
+        parents=[common],
+        help="EF21 against EF14, EControl and EF21-SGDM (EF21 poster)",
+        description="||grad f||^2 against bits per worker for EF21, EF14, EControl and EF21-SGDM at multiples of the "
+        "theoretical EF21 step size (algorithms.md §2.7).",
+        epilog=_presets_epilog("ef21"),
+        formatter_class=_Formatter,
+    )
+    e.add_argument(
+        "--bits", type=_positive(float), default=None, help="bits per worker (default: the preset's, else 2e5)"
+    )
+    e.add_argument(
+        "--tol", type=_positive(float), default=1e-6, help="||grad f||^2 target of the bits-to-target column"
+    )
+    e.add_argument(
+        "--ef21-multiplier",
+        type=_positive(float),
+        default=None,
+        help="EF21's step multiple (default: the preset's, else 1); also EControl's and EF21-SGDM's",
+    )
+    e.add_argument(
+        "--ef14-multiplier",
+        type=_positive(float),
+        default=None,
+        help="EF14's step multiple (default: the preset's, else 1)",
+    )
+    e.set_defaults(fn=_repro)
+
+    w = papers.add_parser(
+        "ef21w",
+        parents=[common],
+        help="EF21 (L_QM step) against EF21-W (L_AM step) on a heterogeneous split",
+        description="Rounds to ||grad f||^2 thresholds for EF21 with the quadratic-mean step and EF21-W with the "
+        "arithmetic-mean one, worker i's rows scaled by s_i (algorithms.md §3).",
+        epilog=_presets_epilog("ef21w"),
+        formatter_class=_Formatter,
+    )
+    w.add_argument("--steps", type=_positive(int), default=10000, help="maximum rounds")
+    w.add_argument("--tols", type=_positive(float), nargs="+", default=[1.0, 0.1, 0.01], help="||grad f||^2 thresholds")
+    w.add_argument(
+        "--multiplier", type=_positive(float), default=64.0, help="multiple of each method's theoretical step"
+    )
+    w.add_argument("--max-scale", type=_positive(float), default=10.0, help="s_i log-spaced in [1, MAX_SCALE]")
+    w.set_defaults(fn=_repro)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .demo import METHODS
 
-    p = argparse.ArgumentParser(prog="torchkit", description="communication-efficient training with error feedback")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="torchkit", description="communication-efficient training with error feedback", formatter_class=_Formatter
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="train on N worker processes: uncompressed vs error feedback vs PowerSGD")
-    d.add_argument("--workers", type=int, default=4)
-    d.add_argument("--steps", type=int, default=600)
-    d.add_argument("--ratio", type=float, default=0.01, help="TopK density")
-    d.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    d.add_argument("--out", default="torchkit-demo")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--batch", type=int, default=64)
-    d.add_argument("--lr", type=float, default=0.1)
-    d.add_argument("--powersgd-rank", type=int, default=1)
+    d = sub.add_parser(
+        "demo",
+        help="train on N worker processes: uncompressed vs error feedback vs PowerSGD",
+        formatter_class=_Formatter,
+    )
+    d.add_argument("--workers", type=int, default=4, help="Gloo worker processes")
+    d.add_argument("--steps", type=int, default=600, help="training steps per method")
+    d.add_argument("--ratio", type=float, default=0.01, help="TopK density per DDP bucket")
+    d.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to train, in order")
+    d.add_argument("--out", default="torchkit-demo", help="folder for results.json, table.md and the PNG")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
+    d.add_argument("--batch", type=int, default=64, help="batch size per worker")
+    d.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9)")
+    d.add_argument("--powersgd-rank", type=int, default=1, help="rank of PyTorch's PowerSGD hook")
     d.add_argument("--noniid", action="store_true", help="label-sorted shards instead of interleaved ones")
     d.set_defaults(fn=_demo)
 
-    r = sub.add_parser("repro", help="reproduce a paper's experiment on a LIBSVM file")
-    r.add_argument("paper", choices=["ef21", "ef21w"])
-    r.add_argument("--data", required=True, type=Path, help="LIBSVM file (e.g. ../shared/data/mushrooms.txt)")
-    r.add_argument("--k", type=int, default=None, help="TopK k (default: the paper's for known datasets)")
-    r.add_argument("--workers", type=int, default=20)
-    r.add_argument("--bits", type=float, default=None, help="bits per worker to run for (ef21)")
-    r.add_argument("--steps", type=int, default=10000, help="maximum rounds (ef21w)")
-    r.add_argument("--tols", type=float, nargs="+", default=[1.0, 0.1, 0.01], help="||grad f||^2 thresholds (ef21w)")
-    r.add_argument("--multiplier", type=float, default=64.0, help="multiple of each method's theoretical step (ef21w)")
-    r.add_argument("--max-scale", type=float, default=10.0, help="largest row scale of the heterogeneous split (ef21w)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default="torchkit-repro")
-    r.set_defaults(fn=_repro)
+    _repro_parsers(sub)
 
-    b = sub.add_parser("bench", help="kernel microbenchmarks on this machine's device")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--sizes", nargs="+", default=["1e6", "1e7"])
-    b.add_argument("--ratios", nargs="+", type=float, default=[0.001, 0.01, 0.1])
-    b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    b.add_argument("--out", default=None)
+    b = sub.add_parser("bench", help="kernel microbenchmarks on this machine's device", formatter_class=_Formatter)
+    b.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when available)")
+    b.add_argument("--sizes", nargs="+", default=["1e6", "1e7"], help="vector lengths d")
+    b.add_argument("--ratios", nargs="+", type=float, default=[0.001, 0.01, 0.1], help="TopK densities k/d")
+    b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="gradient dtypes")
+    b.add_argument("--out", default=None, help="folder for kernels.json and kernels.png (default: print only)")
     b.set_defaults(fn=_bench)
 
-    x = sub.add_parser("build-ext", help="compile the csrc CPU kernels (just in time, against the installed torch)")
-    x.add_argument("--verbose", action="store_true")
+    x = sub.add_parser(
+        "build-ext",
+        help="compile the csrc CPU kernels (just in time, against the installed torch)",
+        formatter_class=_Formatter,
+    )
+    x.add_argument("--verbose", action="store_true", help="show the compiler's output")
     x.set_defaults(fn=_build)
     return p
 
@@ -140,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ValueError as exc:
-        print(f"torchkit {args.command}: error: {exc}", file=sys.stderr)
+        where = f"{args.command} {args.paper}" if args.command == "repro" else args.command
+        print(f"torchkit {where}: error: {exc}", file=sys.stderr)
         return 2
 
 

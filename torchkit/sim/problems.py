@@ -36,17 +36,16 @@ class LogisticRegression:
     n_workers: int
     lam: float = 0.1
     bounds: list[tuple[int, int]] | None = None
-    _owner: Tensor = field(init=False, repr=False)
     _counts: Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.A.dim() != 2 or self.y.shape != (self.A.shape[0],):
             raise ValueError(f"A must be [m, d] and y [m], got {tuple(self.A.shape)} and {tuple(self.y.shape)}")
         self.bounds = self.bounds or contiguous_split(self.A.shape[0], self.n_workers)
-        owner = torch.empty(self.A.shape[0], dtype=torch.long)
-        for i, (a, b) in enumerate(self.bounds):
-            owner[a:b] = i
-        self._owner = owner
+        if len(self.bounds) != self.n_workers:
+            raise ValueError(
+                f"bounds must hold n_workers = {self.n_workers} (start, end) pairs, got {len(self.bounds)}"
+            )
         self._counts = torch.tensor([b - a for a, b in self.bounds], dtype=self.A.dtype)
 
     @property
@@ -66,10 +65,18 @@ class LogisticRegression:
         return float(torch.nn.functional.softplus(z).mean() + self.lam * (x * x / (1 + x * x)).sum())
 
     def grad_fn(self, x: Tensor) -> Tensor:
+        """Local gradients ``[n_workers, d]``: row i is ``A_i^T s_i / m_i + 2 lam x / (1 + x^2)^2``.
+
+        One matrix-vector product per worker, as the EF21 authors' code computes a worker's gradient, instead
+        of an ``[m, d]`` per-example product summed by ``index_add_``: no ``m x d`` temporary; 1.2x on mushrooms,
+        more on larger data (2.7x to 6.8x on w8a's shape, benchmarks/bench_sim.py); bit-identical with torch's
+        CPU build (MKL), tested in tests/test_sim_speedups.py.
+        ``z`` and ``s`` stay whole-vector operations: their elementwise kernels round the scalar tail of a
+        vector differently from its SIMD body, so computing them per block would change the last bits.
+        """
         z = self.y * (self.A @ x)
         s = -self.y * torch.sigmoid(-z)  # d/dz log(1+exp(-z)) times y
-        per_example = self.A * s[:, None]
-        g = torch.zeros(self.n_workers, self.d, dtype=x.dtype).index_add_(0, self._owner, per_example)
+        g = torch.stack([self.A[a:b].T @ s[a:b] for a, b in self.bounds])
         g /= self._counts[:, None]
         return g + self.lam * 2 * x / (1 + x * x) ** 2
 
