@@ -1,4 +1,5 @@
-"""Float64 references of the five methods, written for the tests from algorithms.md (numpy, loops).
+"""Float64 references of the five methods and the test-only decayed EF14, written for the tests from
+docs/algorithms.md (numpy, loops).
 
 They share nothing with torchkit's implementation: top-k by argsort, one worker at a time.
 """
@@ -15,7 +16,9 @@ def topk_np(v: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def run_reference(method: str, grad_fn, x0, *, n, steps, lr, k, eta=0.1, weights=None, init="full", comp=None):
+def run_reference(
+    method: str, grad_fn, x0, *, n, steps, lr, k, eta=0.1, weights=None, init="full", comp=None, beta=1.0
+):
     """Returns the list of iterates x_0..x_steps (float64 numpy)."""
     C = comp or (lambda v: topk_np(v, k))
     x = np.array(x0, dtype=np.float64)
@@ -28,9 +31,9 @@ def run_reference(method: str, grad_fn, x0, *, n, steps, lr, k, eta=0.1, weights
     xs = [x.copy()]
     for t in range(steps):
         G = np.asarray(grad_fn(x), dtype=np.float64)
-        if method == "ef14":
+        if method in ("ef14", "decayed_ef14"):
             u = np.stack([C(e[i] + G[i]) for i in range(n)])
-            e = e + G - u
+            e = (e + G - u) * (beta if method == "decayed_ef14" else 1.0)
             est = (w[:, None] * u).sum(0)
         elif method in ("ef21", "ef21w"):
             scale = (1.0 / (n * w)) if method == "ef21w" else np.ones(n)

@@ -11,17 +11,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchkit as tk
 from tests.dist_utils import run_dist
+from tests.methods import factories
 from torchkit.sim import simulate
 
 WORLD, STEPS, LR = 3, 4, 0.1
 
-FEEDBACKS = {
-    "ef14": lambda: tk.EF14(tk.TopK(ratio=0.3), granularity="tensor"),
-    "ef21": lambda: tk.EF21(tk.TopK(ratio=0.3), granularity="tensor"),
-    "ef21w": lambda: tk.EF21W(tk.TopK(ratio=0.3), [0.5, 0.2, 0.3], granularity="tensor"),
-    "ef21sgdm": lambda: tk.EF21SGDM(tk.TopK(ratio=0.3), eta=0.5, granularity="tensor"),
-    "econtrol": lambda: tk.EControl(tk.TopK(ratio=0.3), eta=0.2, granularity="tensor"),
-}
+FEEDBACKS = factories(lambda: tk.TopK(ratio=0.3), n_workers=WORLD, granularity="tensor")
 
 
 class Net(torch.nn.Module):

@@ -5,16 +5,13 @@ import torch
 
 import torchkit as tk
 from tests.dist_utils import run_dist
+from tests.methods import factories
 from torchkit.sim import simulate
 
 D, STEPS, LR = 19, 8, 0.2
 
 FEEDBACKS = {
-    "ef14": lambda: tk.EF14(tk.TopK(3)),
-    "ef21": lambda: tk.EF21(tk.TopK(3)),
-    "ef21w": lambda: tk.EF21W(tk.TopK(3), [0.2, 0.3, 0.5]),
-    "ef21sgdm": lambda: tk.EF21SGDM(tk.TopK(3), eta=0.4),
-    "econtrol": lambda: tk.EControl(tk.TopK(3), eta=0.3),
+    **factories(lambda: tk.TopK(3), n_workers=3),
     "econtrol_sign": lambda: tk.EControl(tk.ScaledSign(), eta=0.3),
     "ef21_randk": lambda: tk.EF21(tk.RandK(4, seed=5)),
 }

@@ -6,14 +6,11 @@ import pytest
 import torch
 
 import torchkit as tk
+from tests.methods import factories
 from torchkit.sim import simulate
 
 FEEDBACKS = {
-    "ef14": lambda: tk.EF14(tk.TopK(ratio=0.2)),
-    "ef21": lambda: tk.EF21(tk.TopK(ratio=0.2)),
-    "ef21w": lambda: tk.EF21W(tk.TopK(ratio=0.2), [1.0]),
-    "ef21sgdm": lambda: tk.EF21SGDM(tk.TopK(ratio=0.2), eta=0.5),
-    "econtrol": lambda: tk.EControl(tk.TopK(ratio=0.2), eta=0.2),
+    **factories(lambda: tk.TopK(ratio=0.2)),
     "econtrol_sign": lambda: tk.EControl(tk.ScaledSign(), eta=0.2),
     "ef21_randk_tensor": lambda: tk.EF21(tk.RandK(ratio=0.3, seed=2), granularity="tensor"),
 }

@@ -165,6 +165,11 @@ def _hook_checkpoints(rank):
     except ValueError as exc:
         out["mismatch"] = str(exc)
     out["non_strict"] = st3.load_state_dict(saved, strict=False)
+    # the first checkpoint format (the method as its repr, no step) still loads
+    v1 = {k: v for k, v in saved.items() if k not in ("method", "step")}
+    v1.update(format_version=1, feedback=repr(tk.EF14(tk.TopK(ratio=0.3))))
+    st4 = tk.ddp.register(DDP(_net(), bucket_cap_mb=0.0002), tk.EF14(tk.TopK(ratio=0.3)), min_compression_rate=0)
+    out["v1"] = (st4.load_state_dict(v1), st4.round.step == saved["step"])
     # a bad file changes nothing
     bad = copy.deepcopy(saved)
     name = next(iter(bad["params"]))
@@ -302,6 +307,7 @@ def test_hook_checkpoints_across_wrappers_and_bad_files(results):
     for r in results:
         c = r["checkpoints"]
         assert c["renamed"] == ([], []) and c["renamed_equal"]
+        assert c["v1"] == (([], []), True)
         assert "checkpoint parameter names do not match" in c["mismatch"]
         missing, unexpected = c["non_strict"]
         assert missing == ["3.bias", "3.weight"] and unexpected == []

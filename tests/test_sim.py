@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import torchkit as tk
+from tests.methods import METHODS as REGISTRY
+from tests.methods import factories, reference_kwargs
 from tests.refs import logreg_problem, run_reference
 from torchkit.sim import LogisticRegression, load_libsvm, simulate
 
@@ -17,21 +19,15 @@ def _sim_problem():
     return prob, grad_np
 
 
-METHODS = {
-    "ef14": lambda: tk.EF14(tk.TopK(K)),
-    "ef21": lambda: tk.EF21(tk.TopK(K)),
-    "ef21w": lambda: tk.EF21W(tk.TopK(K), [0.1, 0.2, 0.3, 0.4]),
-    "ef21sgdm": lambda: tk.EF21SGDM(tk.TopK(K), eta=0.3),
-    "econtrol": lambda: tk.EControl(tk.TopK(K), eta=0.3),
-}
+METHODS = factories(lambda: tk.TopK(K), n_workers=N)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_simulate_matches_float64_reference_step_by_step(method):
     prob, grad_np = _sim_problem()
     x0 = torch.randn(prob.d, dtype=torch.float64)
-    weights = [0.1, 0.2, 0.3, 0.4] if method == "ef21w" else None
-    xs = run_reference(method, grad_np, x0.numpy(), n=N, steps=STEPS, lr=LR, k=K, eta=0.3, weights=weights)
+    ref = REGISTRY[method].reference
+    xs = run_reference(ref, grad_np, x0.numpy(), n=N, steps=STEPS, lr=LR, k=K, **reference_kwargs(method, N))
     for t in (1, 2, 7, STEPS):
         res = simulate(METHODS[method](), prob.grad_fn, x0, n_workers=N, steps=t, lr=LR)
         np.testing.assert_allclose(res.x.numpy(), xs[t], rtol=1e-10, atol=1e-12)

@@ -190,7 +190,7 @@ def _presets_epilog(paper: str) -> str:
             f"{p['bits']:g} bits/n"
             for name, p in PRESETS.items()
         ]
-        head = "presets (--preset NAME; the EF21 poster's settings, shared/docs/algorithms.md §2.7):"
+        head = "presets (--preset NAME; the EF21 poster's settings, docs/algorithms.md §2.7):"
     else:
         rows = [f"  {name:10s} d = {p['d']:<4g} Top-1" for name, p in PRESETS.items()]
         head = (
@@ -237,7 +237,7 @@ def _repro_parsers(sub) -> None:
         parents=[common],
         help="EF21 against EF14, EControl and EF21-SGDM (EF21 poster)",
         description="||grad f||^2 against bits per worker for EF21, EF14, EControl and EF21-SGDM at multiples of the "
-        "theoretical EF21 step size (algorithms.md §2.7).",
+        "theoretical EF21 step size (docs/algorithms.md §2.7).",
         epilog=_presets_epilog("ef21"),
         formatter_class=_Formatter,
     )
@@ -266,7 +266,7 @@ def _repro_parsers(sub) -> None:
         parents=[common],
         help="EF21 (L_QM step) against EF21-W (L_AM step) on a heterogeneous split",
         description="Rounds to ||grad f||^2 thresholds for EF21 with the quadratic-mean step and EF21-W with the "
-        "arithmetic-mean one, worker i's rows scaled by s_i (algorithms.md §3).",
+        "arithmetic-mean one, worker i's rows scaled by s_i (docs/algorithms.md §3).",
         epilog=_presets_epilog("ef21w"),
         formatter_class=_Formatter,
     )

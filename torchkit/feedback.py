@@ -3,7 +3,8 @@ r"""Error-feedback methods as configurations.
 A feedback object holds no per-worker state: the front end (optimizer, DDP hook, simulator) allocates
 it with :meth:`Feedback.init_state` and passes it to :meth:`Feedback.worker_step`, so one object serves
 all three front ends and they follow the same trajectory. The notation is that of
-``shared/docs/algorithms.md``; everything is in "g-space" (the server applies ``x <- x - lr * estimate``).
+``docs/algorithms.md``; everything is in "g-space"
+(the server applies ``x <- x - lr * estimate``).
 
 A round, for worker i with gradient :math:`g_i` (see :func:`torchkit.comm.run_round`):
 
@@ -381,7 +382,7 @@ class EF21W(EF21):
     (:func:`torchkit.theory.ef21_stepsize` with ``weighted=True``). Use :meth:`from_smoothness` for the
     paper's weights :math:`w_i = L_i / \sum_j L_j`.
 
-    .. note:: The algorithm box is reconstructed from the paper's abstract and reviews (algorithms.md §3).
+    .. note:: The algorithm box is reconstructed from the paper's abstract and reviews (docs/algorithms.md §3).
 
     Args:
         compressor: a contractive compressor.

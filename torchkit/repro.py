@@ -1,6 +1,6 @@
 """Paper reproductions on LIBSVM data: ``torchkit repro ef21`` and ``torchkit repro ef21w``.
 
-EF21 (algorithms.md §2.7): logistic regression with the nonconvex regulariser (lambda = 0.1), n = 20
+EF21 (docs/algorithms.md §2.7): logistic regression with the nonconvex regulariser (lambda = 0.1), n = 20
 workers on a contiguous split, x0 ~ N(0, I), TopK on the whole vector, step size = multiplier x the
 theoretical EF21 step size, ``||grad f||^2`` against bits per worker (32 bits per sent value).
 EF21-W (§3): the same problem on a split made heterogeneous (worker i's rows scaled by s_i), EF21
@@ -27,7 +27,7 @@ from .sim import LogisticRegression, contiguous_split, load_libsvm, simulate
 
 __all__ = ["PRESETS", "ProgressBar", "ef21_settings", "ef21w_settings", "describe", "repro_ef21", "repro_ef21w"]
 
-# EF21 poster (algorithms.md §2.7): TopK k and the best multipliers of EF21 and EF14 per dataset, and the
+# EF21 poster (docs/algorithms.md §2.7): TopK k and the best multipliers of EF21 and EF14 per dataset, and the
 # bits/n axis range (stated for phishing and mushrooms; a9a and w8a use mushrooms' 2e5). d: the features of
 # the LIBSVM training file, checked against the data so that a preset is not applied to the wrong file.
 PRESETS: dict[str, dict[str, float]] = {

@@ -1,4 +1,4 @@
-r"""Step-size theory: floats in, floats out (algorithms.md §0, §2.1, §3).
+r"""Step-size theory: floats in, floats out (docs/algorithms.md §0, §2.1, §3).
 
 EF21 constants for a contractive compressor with factor :math:`\alpha`:
 :math:`\theta = 1 - \sqrt{1-\alpha}`, :math:`\beta = (1-\alpha)/(1-\sqrt{1-\alpha})`.

@@ -1,4 +1,4 @@
-r"""Test problems of the EF21 papers (algorithms.md §2.7).
+r"""Test problems of the EF21 papers (docs/algorithms.md §2.7).
 
 Logistic regression with the nonconvex regulariser, split contiguously over n workers:
 
