@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 NonFinite = Literal["raise", "skip", "sanitize"]
+#: what a message's values may travel as (int8: one fp32 scale per chunk or segment, sparse messages only)
+WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8)
 
 
 class NonFiniteGradientError(ValueError):
@@ -49,8 +51,9 @@ class RoundOptions:
     """How a round treats the wire and bad input.
 
     Args:
-        wire_dtype: dtype of the sent values (``None``: the gradient's). What rounding removes stays in the
-            feedback state (:meth:`Feedback.round_values_`).
+        wire_dtype: dtype of the sent values (``None``: the gradient's): a float dtype, or ``torch.int8`` (one
+            fp32 scale per chunk or segment; sparse messages only, dense rounds go in the state dtype). What
+            rounding removes stays in the feedback state (:meth:`Feedback.round_values_`).
         min_compression_rate: run the method with the Identity compressor (an exact round over ``all_reduce``)
             when the dense payload is less than this many times the compressed one, ``n * wire bytes``.
             ``0`` always compresses.
@@ -69,13 +72,8 @@ class RoundOptions:
     track_error: bool = False
 
     def __post_init__(self):
-        if self.wire_dtype is not None and self.wire_dtype not in (
-            torch.float32,
-            torch.bfloat16,
-            torch.float16,
-            torch.float64,
-        ):
-            raise TypeError(f"wire_dtype must be a floating dtype, got {self.wire_dtype!r}")
+        if self.wire_dtype is not None and self.wire_dtype not in WIRE_DTYPES:
+            raise TypeError(f"wire_dtype must be one of {[str(t) for t in WIRE_DTYPES]}, got {self.wire_dtype!r}")
         rate = self.min_compression_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate >= 0 and math.isfinite(rate)):
             raise ValueError(f"min_compression_rate must be >= 0, got {rate!r}")
@@ -101,10 +99,10 @@ class Exchanger(Protocol):
     n_workers: int
     first_worker: int
 
-    def exchange(self, msg: Message | None, weights: Sequence[float], out: Tensor, bad: Tensor | None):
-        """Start writing ``sum_w weights[w] * decode(msg_w)`` over all workers into ``out``: a future of
-        ``(out, any_bad)`` (``any_bad``: a 0-d bool tensor, True when any worker flagged ``bad``) and the bytes
-        this worker sent."""
+    def exchange(self, msg: Message | None, weights: Sequence[float], out: Tensor, bad: Tensor | None, add: bool):
+        """Start writing ``sum_w weights[w] * decode(msg_w)`` over all workers into ``out`` (``add``: adding it
+        to what ``out`` holds): a future of ``(out, any_bad)`` (``any_bad``: a 0-d bool tensor, True when any
+        worker flagged ``bad``) and the bytes this worker sent."""
         ...
 
     def any_true(self, flag: Tensor):
@@ -112,9 +110,10 @@ class Exchanger(Protocol):
         ...
 
 
-def aggregate_rows(msg: Message, weights: Sequence[float] | Tensor, out: Tensor) -> Tensor:
-    """``out = sum_w weights[w] * decode(msg_w)`` over the message's rows, in row order."""
-    out.zero_()
+def aggregate_rows(msg: Message, weights: Sequence[float] | Tensor, out: Tensor, *, add: bool = False) -> Tensor:
+    """``out = sum_w weights[w] * decode(msg_w)`` over the message's rows, in row order (``add``: ``out +=``)."""
+    if not add:
+        out.zero_()
     w = torch.as_tensor(weights, dtype=torch.float64)
     return msg.add_to_(out, w)
 
@@ -147,13 +146,14 @@ class LocalExchanger:
     def __init__(self, n_workers: int):
         self.n_workers = n_workers
 
-    def exchange(self, msg, weights, out, bad):
+    def exchange(self, msg, weights, out, bad, add=False):
         if msg is None:
-            out.zero_()
+            if not add:
+                out.zero_()
         else:
             if msg.rows != self.n_workers:
                 raise ValueError(f"expected a message with {self.n_workers} rows, got {msg.rows}")
-            aggregate_rows(msg, weights, out)
+            aggregate_rows(msg, weights, out, add=add)
         return _done((out, _any_row(bad))), 0
 
     def any_true(self, flag):
@@ -174,7 +174,7 @@ class DistExchanger:
         self.n_workers = dist.get_world_size(group)
         self.first_worker = dist.get_rank(group)
 
-    def exchange(self, msg, weights, out, bad):
+    def exchange(self, msg, weights, out, bad, add=False):
         flag = (bad if bad is not None else torch.zeros((), dtype=torch.bool, device=out.device)).reshape(1)
         if msg is None or isinstance(msg, DenseMessage):
             d = out.numel()
@@ -186,7 +186,7 @@ class DistExchanger:
 
             def finish_dense(fut):
                 fut.wait()  # a failed collective raises here, on every rank
-                out.copy_(red[:d])
+                out.add_(red[:d]) if add else out.copy_(red[:d])
                 return out, red[d] > 0
 
             return work.get_future().then(finish_dense), red.numel() * red.element_size()
@@ -196,7 +196,7 @@ class DistExchanger:
 
         def finish_sparse(fut):
             fut.wait()
-            aggregate_rows(unpack_message(gathered[:, :-1], layout), weights, out)
+            aggregate_rows(unpack_message(gathered[:, :-1], layout), weights, out, add=add)
             return out, gathered[:, -1].bool().any()
 
         return work.get_future().then(finish_sparse), packed.numel()
@@ -312,21 +312,18 @@ def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, de
     )
     if options.nonfinite is not None and bad is None and msg is not None:
         bad = ~msg.is_finite()  # the compressor keeps every non-finite entry: the message shows it
-    agg = block.aggregate_buffer(out, feedback.state_dtype(grad.dtype))
-    own_estimate = feedback.server_state and block.server is None  # one worker: its shift is the estimate
-    if own_estimate and n == 1:
+    into_server = feedback.server_state and block.server is not None  # the aggregate is added to it directly
+    agg = block.server if into_server else block.aggregate_buffer(out, feedback.state_dtype(grad.dtype))
+    if feedback.server_state and block.server is None and n == 1:  # one worker: its shift is the estimate
         fut, sent = _done((agg, _any_row(bad))), 0
     else:
-        fut, sent = exchanger.exchange(msg, feedback.aggregation_weights(n), agg, bad)
+        fut, sent = exchanger.exchange(msg, feedback.aggregation_weights(n), agg, bad, into_server)
 
     def finish(f):
         agg, any_bad = f.value()
         est = agg
-        if feedback.server_state:
-            if block.server is not None:
-                est = block.server.add_(agg)
-            else:
-                est = _row(block.state[feedback.estimate_state])
+        if feedback.server_state and block.server is None:
+            est = _row(block.state[feedback.estimate_state])
         if est is not out:
             out.copy_(est)
         if options.nonfinite is not None and any_bad is not None:

@@ -30,6 +30,8 @@ __all__ = [
     "pack_message",
     "unpack_message",
     "register_message",
+    "quantize",
+    "dequantize",
 ]
 
 _VALUE_BITS = 32  # the EF21 papers count 32 bits per sent value and nothing for indices
@@ -46,6 +48,8 @@ class WireLayout:
     value_dtype: torch.dtype
     index_dtype: torch.dtype | None
     segments: tuple[int, ...] = ()
+    groups: tuple[tuple[int, int], ...] | None = None  # sparse: (start, count) per chunk or segment
+    scaled: bool = False  # sparse: int8 values with one fp32 scale per group
 
 
 _MESSAGE_KINDS: dict[str, type] = {}
@@ -64,11 +68,21 @@ def _bytes_part(buf: Tensor, a: int, b: int | None, dtype: torch.dtype) -> Tenso
 
 @dataclass
 class SparseMessage:
-    """``rows`` sparse vectors of length ``numel``: k values and k indices each (indices unique per row)."""
+    """``rows`` sparse vectors of length ``numel``: k values and k indices each (indices unique per row).
+
+    ``groups`` lists ``(start, count)`` per group of entries, in order: the chunks of a chunked TopK (whose
+    indices then travel as 16-bit offsets from the chunk's start), or the segments of a per-tensor message.
+    After rounding to int8 (:meth:`torchkit.feedback.Feedback.round_values_`), ``q`` holds the int8 values and
+    ``scales`` one fp32 step per group, and ``values`` is what every receiver decodes: ``q * step``.
+    """
 
     values: Tensor  # [rows, k]
     indices: Tensor  # [rows, k], int32 while numel < 2**31
     numel: int
+    groups: tuple[tuple[int, int], ...] | None = None
+    local_indices: bool = False  # the groups are chunks of at most 65536 entries
+    q: Tensor | None = None  # [rows, k] int8
+    scales: Tensor | None = None  # [rows, n_groups] fp32 steps
 
     @property
     def rows(self) -> int:
@@ -83,7 +97,8 @@ class SparseMessage:
 
     def wire_bytes(self) -> int:
         """Bytes one row puts on the wire."""
-        return self.values.shape[1] * (self.values.element_size() + self.indices.element_size())
+        buf, _ = self.pack()
+        return buf.numel()
 
     def value_bits(self) -> int:
         return self.values.shape[1] * _VALUE_BITS
@@ -91,22 +106,67 @@ class SparseMessage:
     def is_finite(self) -> Tensor:
         return torch.isfinite(self.values).all()
 
+    def group_bases(self, device=None) -> Tensor:
+        """Each entry's group start (the base of its 16-bit offset)."""
+        device = device if device is not None else self.indices.device
+        starts = torch.tensor([a for a, _ in self.groups], dtype=torch.int32, device=device)
+        counts = torch.tensor([c for _, c in self.groups], device=device)
+        return torch.repeat_interleave(starts, counts)
+
     kind = "sparse"
 
     def pack(self, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
-        """Row 0 as bytes: values (in ``value_dtype``), then indices."""
-        vals = self.values[0].to(value_dtype or self.values.dtype).contiguous()
-        idx = self.indices[0].contiguous()
-        layout = WireLayout(self.kind, self.numel, vals.numel(), vals.dtype, idx.dtype)
-        return torch.cat([vals.view(torch.uint8), idx.view(torch.uint8)]), layout
+        """Row 0 as bytes: values (int8 with their scales when quantised, else in ``value_dtype``), then
+        indices (16-bit offsets within their chunk, or int32)."""
+        if self.q is not None:
+            parts = [self.q[0].contiguous().view(torch.uint8), self.scales[0].float().contiguous().view(torch.uint8)]
+            vdtype = torch.int8
+        else:
+            vals = self.values[0].to(value_dtype or self.values.dtype).contiguous()
+            parts, vdtype = [vals.view(torch.uint8)], vals.dtype
+        idx = self.indices[0]
+        if self.local_indices:
+            idx = (idx - self.group_bases()).to(torch.uint16)
+        parts.append(idx.contiguous().view(torch.uint8))
+        layout = WireLayout(
+            self.kind, self.numel, self.values.shape[1], vdtype, idx.dtype, (), self.groups, self.q is not None
+        )
+        return torch.cat(parts), layout
 
     @staticmethod
     def unpack(buf: Tensor, layout: WireLayout) -> SparseMessage:
-        rows = buf.shape[0]
-        vbytes = layout.k * layout.value_dtype.itemsize
-        vals = _bytes_part(buf, 0, vbytes, layout.value_dtype).reshape(rows, layout.k)
-        idx = _bytes_part(buf, vbytes, None, layout.index_dtype).reshape(rows, layout.k)
-        return SparseMessage(vals, idx, layout.numel)
+        rows, k = buf.shape[0], layout.k
+        n_groups = len(layout.groups) if layout.groups else 1
+        vbytes = k * layout.value_dtype.itemsize + (4 * n_groups if layout.scaled else 0)
+        idx = _bytes_part(buf, vbytes, None, layout.index_dtype).reshape(rows, k)
+        msg = SparseMessage(None, None, layout.numel, layout.groups, layout.index_dtype == torch.uint16)
+        msg.indices = idx.to(torch.int32) + msg.group_bases(idx.device) if msg.local_indices else idx
+        if layout.scaled:
+            msg.q = _bytes_part(buf, 0, k, torch.int8).reshape(rows, k)
+            msg.scales = _bytes_part(buf, k, vbytes, torch.float32).reshape(rows, n_groups)
+            msg.values = dequantize(msg.q, msg.scales, layout.groups, k)
+        else:
+            msg.values = _bytes_part(buf, 0, vbytes, layout.value_dtype).reshape(rows, k)
+        return msg
+
+
+def quantize(values: Tensor, groups: tuple[tuple[int, int], ...] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """int8 values with one fp32 step per group (absmax / 127): ``(q, steps, dequantized)``."""
+    rows, k = values.shape
+    counts = [c for _, c in groups] if groups else [k]
+    steps = torch.stack(
+        [g.abs().amax(dim=1).float() / 127.0 for g in values.float().split(counts, dim=1)], dim=1
+    )  # [rows, n_groups]
+    safe = torch.where(steps > 0, steps, torch.ones_like(steps))
+    per_entry = torch.repeat_interleave(safe, torch.tensor(counts, device=values.device), dim=1)
+    q = torch.round(values.float() / per_entry).clamp_(-127, 127).to(torch.int8)
+    return q, steps, dequantize(q, steps, groups, k)
+
+
+def dequantize(q: Tensor, steps: Tensor, groups: tuple[tuple[int, int], ...] | None, k: int) -> Tensor:
+    counts = [c for _, c in groups] if groups else [k]
+    per_entry = torch.repeat_interleave(steps, torch.tensor(counts, device=q.device), dim=1)
+    return q.to(torch.float32) * per_entry
 
 
 @dataclass
@@ -301,28 +361,69 @@ class TopK(_Sparsifier):
         ratio: alternatively the kept fraction in (0, 1]; ``k = ceil(ratio * d)``.
         approx: let the fused kernels skip the exact resolve inside the threshold bin (still exactly k
             entries; error feedback keeps whatever is not sent).
+        chunk: keep ``ceil(ratio * len)`` entries in every chunk of ``chunk`` consecutive entries (at most 65536),
+            and send their indices as 16-bit offsets within the chunk (SparseLoCo's layout). Still contractive:
+            ``alpha`` is the smallest chunk's ``k_c / len_c``, at least ``ratio``.
     """
 
-    def __init__(self, k: int | None = None, *, ratio: float | None = None, approx: bool = False):
+    def __init__(
+        self, k: int | None = None, *, ratio: float | None = None, approx: bool = False, chunk: int | None = None
+    ):
         super().__init__(k, ratio)
         if not isinstance(approx, bool):
             raise TypeError(f"approx must be a bool, got {type(approx).__name__} {approx!r}")
+        if chunk is not None:
+            check_int("chunk", chunk)
+            if chunk > 65536:
+                raise ValueError(f"chunk must be <= 65536 (16-bit offsets), got {chunk}")
+            if ratio is None:
+                raise ValueError("chunk needs a compressor given by ratio (k_c = ceil(ratio * chunk length)), not k")
         self.approx = approx
+        self.chunk = chunk
 
     @property
     def fused_topk(self) -> bool:  # a subclass that selects differently overrides compress: no kernel then
         return type(self).compress is TopK.compress
 
+    def chunks(self, d: int) -> list[tuple[int, int, int]]:
+        """``(start, length, k)`` of every chunk of a vector of length ``d`` (one chunk without ``chunk``)."""
+        if self.chunk is None:
+            return [(0, d, self.k_for_whole(d))]
+        return [(a, min(self.chunk, d - a), resolve_k(None, self.ratio, min(self.chunk, d - a)))
+                for a in range(0, d, self.chunk)]  # fmt: skip
+
+    def k_for_whole(self, d: int) -> int:
+        return resolve_k(self.k, self.ratio, d)
+
+    def k_for(self, d: int) -> int:
+        return sum(k for _, _, k in self.chunks(d))
+
+    def alpha(self, d: int) -> float:
+        return min(k / n for _, n, k in self.chunks(check_int("d", d)))
+
+    def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
+        return chunk_wire_bytes(self, [d], value_dtype)
+
     def config(self) -> dict:
-        return {**super().config(), "approx": self.approx}
+        return {**super().config(), "approx": self.approx, **({"chunk": self.chunk} if self.chunk else {})}
 
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
         x2 = _input_rows(x)
-        values, indices = ops.topk(x2.contiguous(), self.k_for(x2.shape[1]))
-        return SparseMessage(values, indices, x2.shape[1])
+        d = x2.shape[1]
+        if self.chunk is None:
+            values, indices = ops.topk(x2.contiguous(), self.k_for(d))
+            return SparseMessage(values, indices, d)
+        vals, idxs, groups = [], [], []
+        for a, n, k in self.chunks(d):
+            v, i = ops.topk(x2[:, a : a + n].contiguous(), k)
+            vals.append(v)
+            idxs.append(i.to(torch.int32) + a)
+            groups.append((a, k))
+        return SparseMessage(torch.cat(vals, 1), torch.cat(idxs, 1), d, tuple(groups), True)
 
     def __repr__(self) -> str:
-        return f"TopK({self._arg()}{', approx=True' if self.approx else ''})"
+        extra = (", approx=True" if self.approx else "") + (f", chunk={self.chunk}" if self.chunk else "")
+        return f"TopK({self._arg()}{extra})"
 
 
 class RandK(_Sparsifier):
@@ -439,7 +540,11 @@ def concat_messages(msgs: list[Message], segments: Sequence[int]) -> Message:
             offs.append(offs[-1] + n)
         idt = ops.index_dtype(d)
         idx = torch.cat([m.indices.to(idt) + o for m, o in zip(msgs, offs)], dim=1)
-        return SparseMessage(torch.cat([m.values for m in msgs], dim=1), idx, d)
+        groups = tuple(
+            (a + o, c) for m, o in zip(msgs, offs) for a, c in (m.groups or ((0, m.values.shape[1]),))
+        )  # a chunked message keeps its chunks; a plain one is one group per segment
+        local = all(m.local_indices for m in msgs)
+        return SparseMessage(torch.cat([m.values for m in msgs], dim=1), idx, d, groups, local)
     if isinstance(first, DenseMessage):
         return DenseMessage(torch.cat([m.values for m in msgs], dim=1))
     if isinstance(first, SignMessage):
@@ -454,11 +559,22 @@ def segment_value_bits(comp: Compressor, segments: Sequence[int]) -> int:
 
 
 def segment_wire_bytes(comp: Compressor, segments: Sequence[int], value_dtype=torch.float32) -> int:
-    d = sum(segments)
-    if isinstance(comp, _Sparsifier):  # indices are global offsets, so their width follows the whole d
-        itemsize = torch.empty((), dtype=value_dtype).element_size()
-        return sum(comp.k_for(n) for n in segments) * (itemsize + ops.index_dtype(d).itemsize)
+    if isinstance(comp, _Sparsifier):
+        return chunk_wire_bytes(comp, segments, value_dtype)
     return sum(comp.wire_bytes(n, value_dtype) for n in segments)
+
+
+def chunk_wire_bytes(comp: _Sparsifier, segments: Sequence[int], value_dtype=torch.float32) -> int:
+    """Exact bytes of one packed sparse row: values (int8 plus one fp32 scale per group), indices (16-bit
+    chunk offsets, else int32 or int64 global offsets, whose width follows the whole vector)."""
+    d = sum(segments)
+    chunked = getattr(comp, "chunk", None) is not None
+    groups = [k for n in segments for _, _, k in comp.chunks(n)] if chunked else [comp.k_for(n) for n in segments]
+    k = sum(groups)
+    vbytes = torch.empty((), dtype=value_dtype).element_size()
+    scale_bytes = 4 * len(groups) if value_dtype == torch.int8 else 0
+    ibytes = 2 if chunked else ops.index_dtype(d).itemsize
+    return k * (vbytes + ibytes) + scale_bytes
 
 
 # ------------------------------------------------------------------------------------------- wire packing

@@ -193,7 +193,11 @@ class CompressionState:
 
     def _agree(self, keys, sizes) -> None:
         """On the first compressed bucket: every rank runs the same method over the same model, or all raise."""
-        mine = {"method": self.feedback.config(), "first bucket": [list(map(str, keys)), list(sizes)]}
+        mine = {
+            "method": self.feedback.config(),
+            "wire": str(self.wire_dtype),
+            "first bucket": [list(map(str, keys)), list(sizes)],
+        }
         theirs = [None] * self.world_size
         dist.all_gather_object(theirs, mine, group=self.process_group)
         for r, other in enumerate(theirs):

@@ -35,6 +35,7 @@ from .compress import (
     TopK,
     compress_segments,
     concat_messages,
+    quantize,
     segment_value_bits,
     segment_wire_bytes,
 )
@@ -182,12 +183,22 @@ class Feedback:
         """
         if msg is None or isinstance(msg, SignMessage) or msg.values.dtype == dtype:
             return msg
+        if dtype == torch.int8:
+            if not isinstance(msg, SparseMessage):
+                return msg  # dense rounds (first round, Identity fallback) are all-reduced in the state dtype
+            q, steps, values = quantize(msg.values, msg.groups)
+            self._absorb_(state, msg, msg.values - values.to(msg.values.dtype))
+            return replace(msg, values=values.to(msg.values.dtype), q=q, scales=steps)
         if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(msg.values.dtype).max:
             big = torch.finfo(dtype).max  # beyond the wire's range: send the largest value, keep the rest
             q = msg.values.clamp(-big, big).to(dtype)
         else:
             q = msg.values.to(dtype)
-        r = msg.values - q.to(msg.values.dtype)
+        self._absorb_(state, msg, msg.values - q.to(msg.values.dtype))
+        return replace(msg, values=q)
+
+    def _absorb_(self, state: dict[str, Tensor], msg: Message, r: Tensor) -> None:
+        """Keep what the wire rounded away (``r``, the message's layout) in the state, by :attr:`absorb_rule`."""
         for name, sign in self.absorb_rule:
             t = state[name]
             if isinstance(msg, SparseMessage):
@@ -198,7 +209,6 @@ class Feedback:
                     t.scatter_add_(1, idx, r * sign)
             else:
                 t.add_(r.reshape(t.shape), alpha=sign)
-        return replace(msg, values=q)
 
     def _scaled_input(self, grad: Tensor, worker: int, n: int, dtype: torch.dtype) -> Tensor:
         rows = grad.shape[0] if grad.dim() == 2 else 1
@@ -218,22 +228,50 @@ class Feedback:
 
     # helpers shared by the subclasses ----------------------------------------------------------------
     def _fused(self, state_vec: Tensor, segments) -> bool:
-        """The fused ops serve compressors that declare it (TopK), on 1-D state or a one-segment batch."""
-        return self.compressor.fused_topk and (state_vec.dim() == 1 or len(segments) == 1)
+        """The fused ops serve compressors that declare it (TopK): 1-D state (per segment, per chunk), or a
+        ``[rows, d]`` batch with one segment and no chunks."""
+        comp = self.compressor
+        if not comp.fused_topk:
+            return False
+        return state_vec.dim() == 1 or (len(segments) == 1 and getattr(comp, "chunk", None) is None)
 
     def _fused_segments(self, fn, tensors: list[Tensor], segments, extra=()) -> SparseMessage:
         """Run a fused op on every segment (views of 1-D contiguous buffers) and join the messages."""
         comp: TopK = self.compressor  # type: ignore[assignment]
-        if len(segments) == 1:
+        if comp.chunk is None and len(segments) == 1:
             v, i = fn(*tensors, comp.k_for(segments[0]), *extra, approx=comp.approx)
             return _as_rows(v, i, tensors[0].shape[-1])
         msgs, off = [], 0
         for n in segments:
             views = [t[off : off + n] for t in tensors]
-            v, i = fn(*views, comp.k_for(n), *extra, approx=comp.approx)
-            msgs.append(_as_rows(v, i, n))
+            if comp.chunk is None:
+                v, i = fn(*views, comp.k_for(n), *extra, approx=comp.approx)
+                msgs.append(_as_rows(v, i, n))
+            else:
+                msgs.append(self._fused_chunks(fn, views, n, extra))
             off += n
-        return concat_messages(msgs, segments)  # type: ignore[return-value]
+        return msgs[0] if len(msgs) == 1 else concat_messages(msgs, segments)  # type: ignore[return-value]
+
+    def _fused_chunks(self, fn, views: list[Tensor], n: int, extra) -> SparseMessage:
+        """A chunked TopK on one segment: the full chunks as one ``[chunks, chunk]`` batch, then the tail."""
+        comp: TopK = self.compressor  # type: ignore[assignment]
+        c = comp.chunk
+        full = n // c
+        vals, idxs, groups = [], [], []
+        if full:
+            k = comp.chunks(c)[0][2]
+            v, i = fn(*[t[: full * c].view(full, c) for t in views], k, *extra, approx=comp.approx)
+            base = torch.arange(full, dtype=torch.int32, device=i.device)[:, None] * c
+            vals.append(v.reshape(1, -1))
+            idxs.append((i.to(torch.int32) + base).reshape(1, -1))
+            groups += [(j * c, k) for j in range(full)]
+        if n > full * c:
+            ((a, m, k),) = comp.chunks(n)[full:]
+            v, i = fn(*[t[a:] for t in views], k, *extra, approx=comp.approx)
+            vals.append(v.reshape(1, -1))
+            idxs.append(i.to(torch.int32).reshape(1, -1) + a)
+            groups.append((a, k))
+        return SparseMessage(torch.cat(vals, 1), torch.cat(idxs, 1), n, tuple(groups), True)
 
     def _compress(self, x: Tensor, segments, worker: int, step: int) -> Message:
         return compress_segments(self.compressor, x, segments, worker=worker, step=step)

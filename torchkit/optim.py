@@ -49,6 +49,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
             ``torch.amp.GradScaler`` the step is always skipped, as GradScaler does.
         grad_scaler: the ``torch.amp.GradScaler`` of a multi-rank run, so that every rank records the same
             ``found_inf`` and the ranks' loss scales stay equal.
+        wire_dtype: what the sent values travel as (``torch.bfloat16``, ``torch.int8`` with one scale per chunk,
+            ...; ``None``: the state dtype). What rounding removes stays in the feedback state. With
+            ``TopK(ratio=..., chunk=65536)`` the indices travel as 16-bit offsets: int8 values make 3 bytes per
+            entry (:class:`torchkit.comm.RoundOptions`).
         **defaults: passed to ``optimizer_class``.
 
     A parameter takes part in a step's round when at least one rank has a gradient for it; a rank without one
@@ -80,6 +84,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         process_group: dist.ProcessGroup | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         grad_scaler: torch.amp.GradScaler | None = None,
+        wire_dtype: torch.dtype | None = None,
         **defaults: Any,
     ):
         if not isinstance(feedback, Feedback):
@@ -95,6 +100,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        self._options = RoundOptions(wire_dtype=wire_dtype)  # finiteness is checked (and agreed) before the round
         self.__dict__["_ready"] = False
         self.inner = optimizer_class(params, **defaults)
         super().__init__(self.inner.param_groups, self.inner.defaults)
@@ -279,7 +285,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         first = w["ids"][0]
         chosen = [i - first for i in pick]
         if len(chosen) == len(w["params"]):
-            fut = start_round(self.feedback, self._exchanger, blk, w["flat"], self.round.step, _WRAPPER_ROUND)
+            fut = start_round(self.feedback, self._exchanger, blk, w["flat"], self.round.step, self._options)
         else:  # some parameters have no gradient on any rank: run on the others, keep the rest as it is
             fut = self._partial_round(blk, w, chosen)
         for i in chosen:
@@ -291,7 +297,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         names = [w["names"][i] for i in chosen]
         sub = self.round.sub_block(blk, names)
         grads = torch.cat([w["flat"][slice(*blk.spans[n])] for n in names])
-        fut = start_round(self.feedback, self._exchanger, sub, grads, self.round.step, _WRAPPER_ROUND)
+        fut = start_round(self.feedback, self._exchanger, sub, grads, self.round.step, self._options)
 
         def write_back(f):
             res = f.wait()
@@ -311,6 +317,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         mine = {
             "method": self.feedback.config(),
             "optimizer": type(self.inner).__name__,
+            "wire": str(self._options.wire_dtype),
             "layout": [[w["key"][0], w["key"][1], list(w["sizes"])] for w in works],
         }
         theirs = [None] * self.world_size
@@ -422,9 +429,6 @@ class CompressedOptimizer(torch.optim.Optimizer):
             if key[0] == group:
                 return dict(blk.state)
         return {}
-
-
-_WRAPPER_ROUND = RoundOptions()  # finiteness is checked (and agreed) before the round
 
 
 def _make_exchanger(group):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_int
-from ..comm import LocalExchanger, run_round
+from ..comm import LocalExchanger, RoundOptions, run_round
 from ..feedback import Feedback
 from .libsvm import load_libsvm
 from .problems import LogisticRegression, contiguous_split
@@ -45,13 +45,15 @@ def simulate(
     lr: float | Callable[[int], float],
     segments: Sequence[int] | None = None,
     stop_below: float | None = None,
+    wire_dtype: torch.dtype | None = None,
 ) -> SimResult:
     """Run ``steps`` rounds of ``feedback`` with plain gradient descent on the server.
 
     ``x_{t+1} = x_t - lr * estimate_t`` where ``estimate_t`` is the server's aggregate after round t,
     whose gradients are ``grad_fn(x_t)`` (shape ``[n_workers, d]``). ``segments`` splits x into tensors
     for ``granularity="tensor"``. ``stop_below`` ends the run once ``||grad f||^2`` falls below it (the
-    result then holds fewer values). Works in float64 and float32 (the dtype of ``x0``).
+    result then holds fewer values). ``wire_dtype`` rounds the sent values as a front end's wire would (the
+    rounding stays in the feedback state). Works in float64 and float32 (the dtype of ``x0``).
     """
     check_int("n_workers", n_workers)
     check_int("steps", steps, low=0)
@@ -64,7 +66,8 @@ def simulate(
     state = feedback.init_state(d, rows=n_workers, dtype=x.dtype, device=x.device)
     server = torch.zeros(d, dtype=feedback.state_dtype(x.dtype), device=x.device)
     exchanger = LocalExchanger(n_workers)
-    wire_values = torch.float32 if x.dtype == torch.float64 else x.dtype  # fp64 research runs count fp32 values
+    options = RoundOptions(wire_dtype=wire_dtype)
+    wire_values = wire_dtype or (torch.float32 if x.dtype == torch.float64 else x.dtype)  # fp64 runs count fp32
     norms, bits, wire = [], [0], [0]
     for t in range(steps + 1):
         grads = grad_fn(x)
@@ -73,7 +76,7 @@ def simulate(
         norms.append(float(grads.mean(0).pow(2).sum()))
         if t == steps or (stop_below is not None and norms[-1] < stop_below):
             break
-        estimate, _ = run_round(feedback, exchanger, state, server, grads, t, segments=segs)
+        estimate, _ = run_round(feedback, exchanger, state, server, grads, t, segments=segs, options=options)
         x.sub_(estimate.to(x.dtype), alpha=lr_at(t))
         bits.append(bits[-1] + feedback.value_bits(segs, t))
         wire.append(wire[-1] + feedback.wire_bytes(segs, t, value_dtype=wire_values))

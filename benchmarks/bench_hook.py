@@ -1,0 +1,144 @@
+"""The DDP hook's time per bucket against the fused kernel's on the same bucket, on one process.
+
+    python benchmarks/bench_hook.py [--sizes 4e6 2.7e7] [--ratio 0.01] [--repeats 7] [--out benchmarks/results]
+
+One rank (Gloo on CPU, NCCL on a GPU), one bucket of d fp32 elements, TopK at ``ratio``. "kernel" is the fused
+op alone (``ef14_step_``/``ef21_step_``/``econtrol_step_``); "hook" is :func:`torchkit.ddp.compression_hook` on
+that bucket until its future completes (worker step, non-finite detection, exchange, estimate written into the
+bucket). Every call starts from the same gradient and feedback state (restored untimed), the two interleaved.
+Writes ``<out>/<device>/hook.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import torchkit as tk
+from torchkit import bench, ops
+from torchkit._results import save_result
+
+METHODS = {
+    "ef14": (lambda c: tk.EF14(c), lambda g, st, k: ops.ef14_step_(g, st["error"], k)),
+    "ef21": (lambda c: tk.EF21(c), lambda g, st, k: ops.ef21_step_(g, st["shift"], k)),
+    "econtrol": (
+        lambda c: tk.EControl(c, eta=0.1),
+        lambda g, st, k: ops.econtrol_step_(g, st["error"], st["shift"], k, 0.1),
+    ),
+}
+
+
+class _Bucket:
+    """What the hook reads of a ``dist.GradBucket``: one bucket holding one parameter."""
+
+    def __init__(self, buf: torch.Tensor, param: torch.Tensor):
+        self._buf, self._params = buf, [param]
+
+    def buffer(self):
+        return self._buf
+
+    def parameters(self):
+        return self._params
+
+    def index(self):
+        return 0
+
+    def is_last(self):
+        return True
+
+
+def _restore(pairs):
+    for live, saved in pairs:
+        live.copy_(saved)
+
+
+def _hook_call(state, bucket):
+    tk.ddp.compression_hook(state, bucket).wait()
+
+
+def measure(d: int, ratio: float, repeats: int, dev: torch.device, log=print) -> list[dict]:
+    rows = []
+    gen = torch.Generator(device=dev).manual_seed(d)
+    g0 = torch.randn(d, generator=gen, device=dev)
+    k = max(1, int(d * ratio))
+    for name, (make, kernel) in METHODS.items():
+        fb = make(tk.TopK(ratio=ratio))
+        param = torch.nn.Parameter(torch.zeros(d, device=dev))
+        buf = g0.clone()
+        state = tk.ddp.CompressionState(fb, min_compression_rate=0)
+        bucket = _Bucket(buf, param)
+        for _ in range(2):  # step 0 (dense for the EF21 family) and one compressed round: state in place
+            buf.copy_(g0 + torch.randn(d, generator=gen, device=dev))
+            _hook_call(state, bucket)
+        live = state.round.blocks[0].state
+        saved = {n: t.clone() for n, t in live.items()}
+        kstate = {n: t.clone() for n, t in saved.items()}
+        restore = functools.partial(
+            _restore, [(buf, g0)] + [(live[n], saved[n]) for n in live] + [(kstate[n], saved[n]) for n in kstate]
+        )
+        variants = {
+            "kernel": functools.partial(kernel, g0, kstate, k),
+            "hook": functools.partial(_hook_call, state, bucket),
+        }
+        times = bench.time_interleaved(variants, dev, repeats, setup=restore)
+        rec = {
+            "method": name,
+            "d": d,
+            "k": k,
+            "kernel_ms": times["kernel"][2],
+            "hook_ms": times["hook"][2],
+            "kernel_ms_p20_p80": [times["kernel"][1], times["kernel"][3]],
+            "hook_ms_p20_p80": [times["hook"][1], times["hook"][3]],
+        }
+        rec["hook_over_kernel"] = rec["hook_ms"] / rec["kernel_ms"]
+        rows.append(rec)
+        log(
+            f"d={d:.1e} {name:9s} kernel {rec['kernel_ms']:8.2f} ms  hook {rec['hook_ms']:8.2f} ms  "
+            f"hook/kernel {rec['hook_over_kernel']:.2f}x"
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", type=float, default=[4e6, 2.7e7])
+    p.add_argument("--ratio", type=float, default=0.01)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    dev = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    )
+    if dev.type == "cpu":
+        ops.build_extension()
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
+        try:
+            rows = [r for d in args.sizes for r in measure(int(d), args.ratio, args.repeats, dev)]
+        finally:
+            dist.destroy_process_group()
+    result = {
+        "device": bench.device_name(dev),
+        "torch": torch.__version__,
+        "commit": bench._git_commit(),
+        "impl": ops._choose("auto", torch.empty(int(max(args.sizes)), device=dev), False),
+        "setup": f"one rank ({backend}), one fp32 bucket, TopK {args.ratio:.1%}, median of {args.repeats} interleaved "
+        "calls from the same state; hook = compression_hook until its future completes",
+        "rows": rows,
+    }
+    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    save_result(result, Path(args.out) / slug, "hook", None)
+    print(f"saved {Path(args.out) / slug / 'hook.json'}")
+
+
+if __name__ == "__main__":
+    main()
