@@ -35,6 +35,7 @@ __all__ = [
     "run_round",
     "aggregate_rows",
     "all_gather_rows",
+    "nonfinite_flag",
 ]
 
 NonFinite = Literal["raise", "skip", "sanitize"]
@@ -126,6 +127,11 @@ def all_gather_rows(t: Tensor, n: int, group=None, *, async_op: bool = False):
     else:  # Gloo has only the list form
         work = dist.all_gather(list(out.unbind(0)), t.contiguous(), group=group, async_op=async_op)
     return out, work
+
+
+def nonfinite_flag(x: Tensor, dim: int | None = None) -> Tensor:
+    """True where ``x`` (or a row of it) holds NaN or Inf: one reduction pass, max |x| (NaN propagates)."""
+    return ~torch.isfinite(torch.linalg.vector_norm(x, float("inf"), dim=dim))
 
 
 def _done(value) -> torch.futures.Future:
@@ -233,7 +239,7 @@ def start_round(
     dense_bytes = d * grad.element_size()
     use = _method_for_round(feedback, block.segments, step, n, grad, options)
     if options.nonfinite == "skip":
-        bad = ~torch.isfinite(grad).all()
+        bad = nonfinite_flag(grad)
 
         def after_flag(fut):
             if bool(fut.value()):  # some worker's gradient was not finite: nothing changes anywhere
@@ -243,7 +249,7 @@ def start_round(
         return exchanger.any_true(bad).then(after_flag)
     bad = None
     if options.nonfinite is not None and (options.nonfinite == "sanitize" or not use.compressor.reveals_nonfinite):
-        bad = ~torch.isfinite(grad.reshape(-1, d)).all(dim=1)
+        bad = nonfinite_flag(grad.reshape(-1, d), dim=1)
     return _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, dense_bytes)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import DistExchanger, NonFinite, RoundOptions, start_round
+from .comm import DistExchanger, NonFinite, RoundOptions, nonfinite_flag, start_round
 from .feedback import Feedback
 from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
 
@@ -358,7 +358,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.F
     # skip: hold every bucket until the last one, agree on one flag for the whole iteration, then run the rounds
     # (or none): a step GradScaler skips leaves every bucket's state as it was
     job.pending = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
-    job.bad = ~torch.isfinite(buf).all()
+    job.bad = nonfinite_flag(buf)
     state._queue.append(job)
     if last:
         queue, state._queue = state._queue, []

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import DistExchanger, LocalExchanger, RoundOptions, start_round
+from .comm import DistExchanger, LocalExchanger, RoundOptions, nonfinite_flag, start_round
 from .feedback import Feedback
 from .state import FORMAT_VERSION, RoundState, check_envelope, split_flat
 
@@ -232,21 +232,21 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return works
 
     def _active_and_bad(self, works, grad_scale, found_inf) -> tuple[list[bool], bool]:
-        """Which parameters have a gradient on some rank, and whether any rank's gradient is non-finite."""
-        has = []
-        bad = torch.zeros((), dtype=torch.float32)
+        """Which parameters have a gradient on some rank, and whether any rank's gradient is non-finite (one
+        small all_reduce between ranks, one read on the host)."""
+        has, bads = [], []
         for w in works:
-            flat = self._flat_grad(w, grad_scale)
-            w["flat"] = flat
+            w["flat"] = self._flat_grad(w, grad_scale)
             has += [p.grad is not None for p in w["params"]]
-            bad = torch.maximum(bad, (~torch.isfinite(flat).all()).float().cpu())
+            bads.append(nonfinite_flag(w["flat"]).float().reshape(1))
+        dev = _collective_device(works) if isinstance(self._exchanger, DistExchanger) else torch.device("cpu")
         if found_inf is not None:
-            bad = torch.maximum(bad, (found_inf.float() > 0).float().cpu())
-        flags = torch.tensor([float(bad)] + [float(h) for h in has], dtype=torch.float32)
+            bads.append((found_inf.float() > 0).float().reshape(1))
+        bad = torch.cat([b.to(dev) for b in bads]).amax().reshape(1) if bads else torch.zeros(1, device=dev)
+        flags = torch.cat([bad, torch.tensor(has, dtype=torch.float32, device=dev)])
         if isinstance(self._exchanger, DistExchanger):
-            flags = flags.to(_collective_device(works))
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
-            flags = flags.cpu()
+        flags = flags.cpu()
         return [bool(f) for f in flags[1:].tolist()], bool(flags[0])
 
     def _flat_grad(self, w, grad_scale) -> Tensor:
@@ -466,6 +466,6 @@ def _is_view_of(g: Tensor, view: Tensor) -> bool:
 
 
 def _collective_device(works) -> torch.device:
-    if dist.get_backend() == "nccl":
+    if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
