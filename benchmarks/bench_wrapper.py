@@ -163,7 +163,8 @@ def measure(model_name: str, dev: torch.device, repeats: int, log=print) -> list
         rows.append(rec)
         log(
             f"{model_name:16s} {name}: AdamW {adam:7.1f} ms, wrapper {rec['wrapper_ms']:7.1f} ms (overhead "
-            f"{rec['overhead_ms']:6.1f} ms = {rec['overhead_over_kernel']:.2f}x the kernel's {rec['kernel_ms']:.1f} ms); "
+            f"{rec['overhead_ms']:6.1f} ms = {rec['overhead_over_kernel']:.2f}x the kernel's "
+            f"{rec['kernel_ms']:.1f} ms); "
             f"extra held {rec['held_extra_bytes_per_param']:.1f} B/param (state {rec['state_bytes_per_param']:.1f}), "
             f"peak extra {rec['peak_extra_bytes_per_param']:.1f} B/param"
         )
