@@ -1,0 +1,317 @@
+"""The judge: time and bytes to a target loss on a shaped network, torchkit against DDP and PowerSGD.
+
+    sudo python benchmarks/bench_network.py [--rates 1gbit 100mbit] [--ranks 2 4] [--tasks char_lm digits_cnn]
+                                            [--steps 300] [--repeats 2] [--out benchmarks/results]
+    torchkit bench network ...   # the same
+
+For each link rate it creates a network namespace of its own (``ip netns add``), brings up its loopback and
+shapes it with ``tc qdisc add dev lo root tbf rate R burst ... latency ...``, and runs N Gloo ranks with
+``torch.distributed.run`` inside it, one training run per method: DDP's all-reduce, PyTorch's PowerSGD hook (rank 1
+and 4) and torchkit's hook with each method's recommended configuration (``torchkit.coupling.recommended``) at
+1% and 0.1%. Every run trains the same model on the same per-rank batches (``torchkit.tasks``) with the same
+learning rate for its inner optimizer; runs are interleaved over the repeats. Measured per run: the median step
+time, the bytes on the wire (the namespace's loopback counters, so protocol overhead included), the steps and
+seconds until rank 0's smoothed training loss first reaches the target (the dense run's smoothed loss at 60% of
+its steps, on the fastest link). The namespace is deleted on every exit path. Without root or ``tc`` it says so
+and runs unshaped. Writes ``<out>/<device>/network.json`` and ``network.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+METHODS = ("ddp", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
+_NAMESPACES: list[str] = []
+
+
+# ------------------------------------------------------------------------------------------------ namespaces
+def _cleanup() -> None:
+    while _NAMESPACES:
+        subprocess.run(["ip", "netns", "del", _NAMESPACES.pop()], capture_output=True)
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    _cleanup()
+    sys.exit(128 + signum)
+
+
+def shaped_namespace(rate: str) -> str:
+    """A fresh namespace whose loopback runs at ``rate`` (tbf: burst of 1 ms of traffic, 50 ms queue)."""
+    name = f"tkbench{os.getpid()}_{len(_NAMESPACES)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    _NAMESPACES.append(name)
+    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+    if rate != "unshaped":
+        bits = _bits_per_second(rate)
+        burst = max(32 * 1024, bits // 8 // 1000)  # one millisecond of traffic, at least 32 KiB
+        subprocess.run(
+            ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
+             "burst", str(burst), "latency", "50ms"],
+            check=True,
+        )  # fmt: skip
+    return name
+
+
+def _bits_per_second(rate: str) -> int:
+    units = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+    for u, f in units.items():
+        if rate.lower().endswith(u):
+            return int(float(rate[: -len(u)]) * f)
+    raise ValueError(f"rate must look like 100mbit or 1gbit, got {rate!r}")
+
+
+def _lo_bytes(ns: str | None) -> int:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + ["cat", "/proc/net/dev"]
+    for line in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines():
+        if line.strip().startswith("lo:"):
+            return int(line.split(":")[1].split()[8])  # transmitted bytes
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -------------------------------------------------------------------------------------------------- a run
+def run_one(ns: str | None, n: int, cfg: dict, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {**cfg, "out": os.path.join(tmp, "result.json")}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__).resolve()), "--worker",
+               json.dumps(cfg)]  # fmt: skip
+        if ns:
+            cmd = ["ip", "netns", "exec", ns] + cmd
+        before = _lo_bytes(ns)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        wire = _lo_bytes(ns) - before
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {cfg['method']} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(Path(cfg["out"]).read_text())
+    res["wire_bytes_total"] = wire
+    res["wire_bytes_per_step"] = wire / max(1, res["steps_run"])
+    return res
+
+
+def worker(cfg: dict) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import torchkit as tk
+    from torchkit import tasks
+    from torchkit.coupling import recommended
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, n = dist.get_rank(), dist.get_world_size()
+    task = {"char_lm": tasks.char_lm, "digits_cnn": tasks.digits_cnn}[cfg["task"]](n_workers=n, split=cfg["split"])
+    model = DDP(task.model(cfg["seed"]))
+    method, lr = cfg["method"], cfg["lr"]
+    opt_kwargs = {"momentum": cfg["momentum"]}
+    if method == "ddp":
+        pass
+    elif method.startswith("powersgd"):
+        state = powersgd.PowerSGDState(
+            process_group=None, matrix_approximation_rank=int(method[-1]), start_powerSGD_iter=2, random_seed=0
+        )
+        model.register_comm_hook(state, powersgd.powerSGD_hook)
+    else:
+        name, ratio = method.split("@")
+        rec = recommended(name, tk.TopK(ratio=float(ratio)), torch.optim.SGD, momentum=cfg["momentum"])
+        tk.ddp.register(model, rec.feedback, min_compression_rate=2.0)
+        opt_kwargs = rec.optimizer_kwargs
+        lr = lr * rec.lr_scale
+    opt = torch.optim.SGD(model.parameters(), lr=lr, **opt_kwargs)
+    losses, times, t_start = [], [], None
+    target, reached = cfg.get("target"), None
+    for step in range(cfg["steps"]):
+        xs, ys = task.batches(step)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = task.loss(model(xs[rank]), ys[rank])
+        loss.backward()
+        opt.step()
+        dt = time.perf_counter() - t0
+        t_start = t_start or t0
+        times.append(dt)
+        losses.append(float(loss))
+        smooth = statistics.fmean(losses[-20:])
+        if target is not None and reached is None and len(losses) >= 20 and smooth <= target:
+            reached = {"step": step + 1, "seconds": time.perf_counter() - t_start}
+    if rank == 0:
+        ev = task.evaluate(model.module)
+        Path(cfg["out"]).write_text(
+            json.dumps({**cfg, "steps_run": len(losses), "losses": losses, "step_ms_median": 1e3 * statistics.median(
+                times[5:] or times), "seconds_total": sum(times), "reached": reached, "test": ev})  # fmt: skip
+        )
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rates", nargs="+", default=["10gbit", "1gbit", "100mbit"], help="tc tbf rates")
+    p.add_argument("--ranks", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--tasks", nargs="+", default=["char_lm", "digits_cnn"])
+    p.add_argument("--split", default="iid", choices=["iid", "noniid"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, the same for every method")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        worker(json.loads(args.worker))
+        return 0
+    shaped = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc")
+    rates = args.rates
+    if not shaped:
+        print("not root, or no ip/tc on this machine: running unshaped on the host's loopback", flush=True)
+        rates = ["unshaped"]
+    atexit.register(_cleanup)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    order = sorted(rates, key=lambda r: -_bits_per_second(r) if r != "unshaped" else 0)  # fastest first
+    rows, targets = [], {}
+    out_dir = Path(args.out)
+    try:
+        for rate in order:
+            ns = shaped_namespace(rate) if shaped else None
+            try:
+                for n in args.ranks:
+                    for task in args.tasks:
+                        key = (task, n)
+                        for rep in range(args.repeats):
+                            methods = list(args.methods)
+                            random.Random(rep).shuffle(methods)
+                            if "ddp" in methods and key not in targets:  # the dense run sets the target first
+                                methods.remove("ddp")
+                                methods.insert(0, "ddp")
+                            for m in methods:
+                                cfg = {"task": task, "split": args.split, "method": m, "steps": args.steps,
+                                       "lr": args.lr, "momentum": args.momentum, "seed": rep,
+                                       "target": targets.get(key), "rate": rate, "ranks": n}  # fmt: skip
+                                res = run_one(ns, n, cfg, args.timeout)
+                                if m == "ddp" and key not in targets:
+                                    at = max(20, int(0.6 * len(res["losses"])))
+                                    targets[key] = statistics.fmean(res["losses"][at - 20 : at])
+                                    res["target_set"] = targets[key]
+                                res.pop("out", None)
+                                rows.append(res)
+                                print(_line(res), flush=True)
+                                _save(rows, targets, out_dir, shaped)
+            finally:
+                if ns:
+                    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+                    if ns in _NAMESPACES:
+                        _NAMESPACES.remove(ns)
+    finally:
+        _cleanup()
+    print(summary(rows))
+    return 0
+
+
+def _line(r: dict) -> str:
+    reached = f"{r['reached']['seconds']:.1f} s ({r['reached']['step']} steps)" if r.get("reached") else "not reached"
+    return (f"{r['rate']:>9s} n={r['ranks']} {r['task']:10s} {r['method']:11s} step {r['step_ms_median']:8.1f} ms  "
+            f"wire {r['wire_bytes_per_step'] / 1e6:8.3f} MB/step  to target {reached}  test {r['test']['loss']:.3f}")  # fmt: skip
+
+
+def summary(rows: list[dict]) -> str:
+    """Per (rate, ranks, task): each method's median seconds to the target and its ratio to PowerSGD's best."""
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(r["method"], []).append(r)
+    lines = []
+    for (rate, n, task), ms in by.items():
+        def secs(rs):
+            got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
+            return statistics.median(got) if len(got) == len(rs) else float("inf")
+
+        psgd = min((secs(v) for k, v in ms.items() if k.startswith("powersgd")), default=float("inf"))
+        best_tk = min(((secs(v), k) for k, v in ms.items() if "@" in k), default=(float("inf"), "-"))
+        lines.append(f"{rate:>9s} n={n} {task:10s} best torchkit {best_tk[1]} {best_tk[0]:.1f} s, best PowerSGD "
+                     f"{psgd:.1f} s, ratio {best_tk[0] / psgd if psgd < float('inf') else float('nan'):.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _save(rows, targets, out_dir: Path, shaped: bool) -> None:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from torchkit import bench
+    from torchkit._results import save_result
+
+    name = bench.device_name(torch.device("cpu"))
+    result = {
+        "device": name,
+        "shaped": bool(shaped),
+        "torch": torch.__version__,
+        "commit": bench._git_commit(),
+        "targets": {f"{t}/n={n}": v for (t, n), v in targets.items()},
+        "rows": rows,
+    }
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    save_result(result, out_dir / slug, "network", plot)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    tasks = sorted({r["task"] for r in rows})
+    ranks = sorted({r["ranks"] for r in rows})
+    fig, axes = plt.subplots(len(tasks), len(ranks), figsize=(5 * len(ranks), 3.8 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, n in enumerate(ranks):
+            ax = axes[i][j]
+            for m in sorted({r["method"] for r in rows}):
+                pts = {}
+                for r in rows:
+                    if r["task"] == task and r["ranks"] == n and r["method"] == m and r["rate"] != "unshaped":
+                        sec = r["reached"]["seconds"] if r.get("reached") else float("nan")
+                        pts.setdefault(_bits_per_second(r["rate"]), []).append(sec)
+                if pts:
+                    xs = sorted(pts)
+                    ax.plot([x / 1e6 for x in xs], [statistics.median(pts[x]) for x in xs], "o-", label=m)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("link rate (Mbit/s)")
+            ax.set_ylabel("seconds to target loss")
+            ax.set_title(f"{task}, {n} ranks")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
