@@ -5,11 +5,13 @@
 #   ncu    Nsight Compute (speed of light, memory) on the CUDA kernels of one step per op
 #   bench  benchmarks/bench_kernels.py (d = 1e6 .. 1e8, and 1e9 in bf16)
 #   e2e    benchmarks/bench_e2e_gpu.py (GPT-2 small: hook and optimizer)
+#   hook   benchmarks/bench_hook.py (the hook's time per bucket against the kernel's)
+#   wrapper benchmarks/bench_wrapper.py (the wrapper's step time and memory against AdamW)
 #   first  the independent cross-check, when copied to .gpu-tools/ (see benchmarks/README.md)
 # Everything lands in $OUT; T_<STAGE> bounds each stage in seconds.
 set -u
 OUT=${OUT:-/tmp/torchkit-gpu}
-STAGES=${STAGES:-tests tune ncu bench e2e first}
+STAGES=${STAGES:-tests tune ncu bench e2e hook wrapper first}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHKIT_EXT_DIR=/tmp/torchkit-ext
 log=$OUT/log.txt
@@ -38,6 +40,14 @@ fi
 if has e2e; then
   echo "== end to end" | tee -a "$log"
   timeout ${T_E2E:-150} python3 benchmarks/bench_e2e_gpu.py --steps 15 --warmup 5 --out "$OUT/res" 2>&1 | tee -a "$log"
+fi
+if has hook; then
+  echo "== hook per bucket" | tee -a "$log"
+  timeout ${T_HOOK:-120} python3 benchmarks/bench_hook.py --sizes 4e6 2.7e7 1e8 --out "$OUT/res" 2>&1 | tee -a "$log"
+fi
+if has wrapper; then
+  echo "== wrapper against AdamW" | tee -a "$log"
+  timeout ${T_WRAPPER:-120} python3 benchmarks/bench_wrapper.py --device cuda --out "$OUT/res" 2>&1 | tee -a "$log"
 fi
 if has ncu; then
   echo "== Nsight Compute" | tee -a "$log"
