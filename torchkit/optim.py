@@ -359,7 +359,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return sd
 
     def feedback_state_dict(self) -> dict[str, Any]:
-        """This rank's feedback state alone (what :meth:`state_dict` holds under ``"torchkit"``)."""
+        """This rank's feedback state alone (what :meth:`state_dict` holds under ``"torchkit"``), for every
+        parameter: before the first step, the state the first step starts from (so that a fresh optimizer's
+        state_dict loads back into it, as Accelerate's ``prepare`` does, and DCP's keys do not depend on it)."""
+        for w in self._collect():
+            self._block(w)
         return {
             "format_version": FORMAT_VERSION,
             "world_size": self.world_size,
@@ -449,11 +453,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._agreed = False
 
     def _feedback_state_dict_for_layout(self) -> dict[str, Any]:
-        """:meth:`feedback_state_dict` with every parameter's state present (blocks built as the first step
-        would build them): DCP loads into a template with the same keys."""
-        for w in self._collect():
-            self._block(w)
-        return self.feedback_state_dict()
+        return self.feedback_state_dict()  # covers every parameter already
 
     # ---------------------------------------------------------------------------------------- other stacks
     def _init_inner_state_for_dcp(self):
