@@ -177,7 +177,8 @@ def _accelerate(rank, world, path):
 
 
 def test_accelerate_register_resumes_exactly(tmp_path):
-    pytest.importorskip("accelerate", reason="Accelerate is in the integrations extra: pip install -e '.[integrations]'")
+    reason = "Accelerate is in the integrations extra: pip install -e '.[integrations]'"
+    pytest.importorskip("accelerate", reason=reason)
     out = run_dist(_accelerate, WORLD, str(tmp_path))
     for r in range(WORLD):
         assert torch.equal(out[r]["straight"], out[r]["resumed"]), f"rank {r}: resume not bit-exact"

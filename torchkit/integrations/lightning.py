@@ -133,4 +133,3 @@ class DDPStrategy(_LightningDDPStrategy):
         path = side_file(side_file_name(filepath), self.global_rank)
         if os.path.exists(path):
             os.remove(path)
-
