@@ -234,7 +234,8 @@ def main(argv=None) -> int:
 
 
 def _line(r: dict) -> str:
-    reached = f"{r['reached']['seconds']:.1f} s ({r['reached']['step']} steps)" if r.get("reached") else "not reached"
+    got = r.get("reached")
+    reached = f"{got['seconds']:.1f} s ({got['step']} steps)" if got else "not reached"
     return (f"{r['rate']:>9s} n={r['ranks']} {r['task']:10s} {r['method']:11s} step {r['step_ms_median']:8.1f} ms  "
             f"wire {r['wire_bytes_per_step'] / 1e6:8.3f} MB/step  to target {reached}  test {r['test']['loss']:.3f}")  # fmt: skip
 
@@ -252,8 +253,9 @@ def summary(rows: list[dict]) -> str:
 
         psgd = min((secs(v) for k, v in ms.items() if k.startswith("powersgd")), default=float("inf"))
         best_tk = min(((secs(v), k) for k, v in ms.items() if "@" in k), default=(float("inf"), "-"))
+        ratio = best_tk[0] / psgd if psgd < float("inf") else float("nan")
         lines.append(f"{rate:>9s} n={n} {task:10s} best torchkit {best_tk[1]} {best_tk[0]:.1f} s, best PowerSGD "
-                     f"{psgd:.1f} s, ratio {best_tk[0] / psgd if psgd < float('inf') else float('nan'):.2f}")  # fmt: skip
+                     f"{psgd:.1f} s, ratio {ratio:.2f}")  # fmt: skip
     return "\n".join(lines)
 
 

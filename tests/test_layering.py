@@ -12,6 +12,7 @@ LAYER = {
     "feedback": 2,
     "comm": 3,
     "state": 3,
+    "checkpoint": 3,  # per-rank checkpoints; optim and ddp use it, it imports neither
     "optim": 4,
     "ddp": 4,
     "sim": 4,
@@ -21,6 +22,7 @@ LAYER = {
     "repro": 5,
     "cli": 5,
     "__main__": 5,
+    "integrations": 5,
 }
 
 

@@ -60,7 +60,8 @@ class CompressionState:
     ``track_error``, :attr:`error_norm_sq` (``||e||^2`` for EF14/EControl, ``||g - h||^2`` for EF21).
 
     .. warning:: The state holds one to two extra copies of the gradients (fp32) and is per rank:
-        save ``state.state_dict()`` on every rank, not on rank 0 only.
+        save ``state.state_dict()`` on every rank, not on rank 0 only, or use DCP (:meth:`feedback_stateful`) or
+        per-rank side files (:mod:`torchkit.checkpoint`).
     """
 
     __slots__ = (
@@ -220,6 +221,26 @@ class CompressionState:
             **self.round.state_dict(),
         }
 
+    def feedback_state_dict(self) -> dict[str, Any]:
+        """The same as :meth:`state_dict` (all of this state is feedback state); for :mod:`torchkit.checkpoint`."""
+        return self.state_dict()
+
+    def load_feedback_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load this rank's own state strictly; like a state restored by :func:`torchkit.checkpoint.load_feedback`
+        or DCP, it is then kept when another rank's state_dict is loaded next, before the next iteration."""
+        self._apply_feedback(self._prepare_feedback(state_dict))
+        self.round.mark_restored()
+
+    def feedback_stateful(self):
+        """This rank's state as a DCP ``Stateful`` (:class:`torchkit.checkpoint.FeedbackStateful`), keyed by rank::
+
+        dcp.save({"model": model_sd, "optim": optim_sd, "hook": state.feedback_stateful()}, checkpoint_id=path)
+        dcp.load({"model": model_sd, "optim": optim_sd, "hook": state.feedback_stateful()}, checkpoint_id=path)
+        """
+        from .checkpoint import FeedbackStateful
+
+        return FeedbackStateful(self)
+
     def load_state_dict(
         self, state_dict: dict[str, Any], *, reset_on_mismatch: bool = False, strict: bool = True
     ) -> tuple[list, list]:
@@ -227,23 +248,44 @@ class CompressionState:
 
         A different world size, rank or method raises ``ValueError``; with ``reset_on_mismatch=True`` the feedback
         state is dropped instead and the next synchronising iteration is a fresh step 0 of the method (the
-        iteration counter is kept). When the state is bound to a model, the saved parameter names must match its
-        names (``module.`` and ``_orig_mod.`` prefixes aside), or ``strict=False`` loads the matching ones.
-        Everything is checked before anything changes.
+        iteration counter is kept). The ranks agree on that (one small ``all_reduce``: call it on every rank): when
+        any rank resets, every rank does, so that no rank keeps a server estimate or step the others lost. When the
+        state is bound to a model, the saved parameter names must match its names (``module.`` and ``_orig_mod.``
+        prefixes aside), or ``strict=False`` loads the matching ones. Everything is checked before anything
+        changes. When this rank's state was just restored from its own side file or DCP entry
+        (:mod:`torchkit.checkpoint`) and no iteration has run since, it is kept and ``state_dict`` is not loaded
+        (a framework handing every rank rank 0's checkpoint).
         """
         problems = check_envelope(
             state_dict, kind="CompressionState", rank=self.rank, world_size=self.world_size, feedback=self.feedback
         )
-        it = state_dict.get("iter")
-        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
-            raise ValueError(f"CompressionState state_dict iter must be an int >= 0, got {it!r}")
-        if problems:
-            if not reset_on_mismatch:
-                raise ValueError("cannot load CompressionState: " + "; ".join(problems))
-            log.warning("CompressionState: %s; feedback state reset", "; ".join(problems))
+        if self.round.restored():
+            log.info("CompressionState: kept the state restored from this rank's per-rank checkpoint")
+            return [], []
+        it = _checked_iter(state_dict)
+        if reset_on_mismatch and self._on_any_rank(bool(problems)):
+            why = "; ".join(problems) if problems else "another rank's checkpoint state did not match"
+            log.warning("CompressionState: %s; feedback state reset on every rank", why)
             self.round.reset()
             self.iter, self.fb_origin = it, max(it, self.start_iter)
             return [], []
+        prepared = self._prepare_feedback(state_dict, strict=strict)
+        self._apply_feedback(prepared)
+        return prepared["missing"], prepared["unexpected"]
+
+    def _prepare_feedback(self, state_dict: Any, *, strict: bool = True) -> dict[str, Any]:
+        """Check a state_dict completely; the input of :meth:`_apply_feedback`."""
+        from .checkpoint import FOREIGN_RANK_HINT
+
+        problems = check_envelope(
+            state_dict, kind="CompressionState", rank=self.rank, world_size=self.world_size, feedback=self.feedback
+        )
+        it = _checked_iter(state_dict)
+        if problems:
+            restart = "state.load_state_dict(state_dict, reset_on_mismatch=True) on every rank"
+            foreign = state_dict.get("world_size") == self.world_size and state_dict.get("rank") != self.rank
+            hint = FOREIGN_RANK_HINT.format(restart=restart) if foreign else f"to restart the method: {restart}"
+            raise ValueError("cannot load CompressionState: " + "; ".join(problems) + ". " + hint)
         sd = dict(state_dict)
         if sd["format_version"] == 1:
             sd["step"] = max(0, it - int(sd.get("fb_origin", 0)))
@@ -252,10 +294,33 @@ class CompressionState:
         origin = sd.get("fb_origin")
         if isinstance(origin, bool) or not isinstance(origin, int) or origin < 0:
             raise ValueError(f"CompressionState state_dict fb_origin must be an int >= 0, got {origin!r}")
+        prepared["iter"], prepared["fb_origin"] = it, origin
+        return prepared
+
+    def _apply_feedback(self, prepared: dict[str, Any]) -> None:
         self.round.apply(prepared)
-        self.iter, self.fb_origin = it, origin
+        self.iter, self.fb_origin = prepared["iter"], prepared["fb_origin"]
         self._agreed = False
-        return prepared["missing"], prepared["unexpected"]
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank of the process group (itself when there is no group)."""
+        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
+            return flag
+        on_cuda = dist.get_backend(self.process_group) == "nccl"
+        t = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_cuda else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(t.item())
+
+    def _feedback_state_dict_for_layout(self) -> dict[str, Any]:
+        """:meth:`state_dict` with every parameter of the bound model present (what its first round starts from
+        where no bucket has run yet): DCP loads into a template with the same keys."""
+        sd = self.state_dict()
+        if self._model is not None:
+            module = getattr(self._model, "module", self._model)
+            layout = {n: (p.numel(), p.dtype, p.device) for n, p in module.named_parameters() if p.requires_grad}
+            with_server = self.feedback.server_state and self.world_size > 1
+            sd.update(self.round.state_dict_for(layout, with_server=with_server))
+        return sd
 
     def _sizes(self) -> dict[str, int]:
         module = getattr(self._model, "module", self._model)
@@ -288,6 +353,13 @@ class CompressionState:
         if saved:
             self.round.apply(self.round.check(saved))
         log.info("CompressionState unpickled: process group reset to the default group, grad_scaler and model unset")
+
+
+def _checked_iter(state_dict) -> int:
+    it = state_dict.get("iter")
+    if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+        raise ValueError(f"CompressionState state_dict iter must be an int >= 0, got {it!r}")
+    return it
 
 
 # ------------------------------------------------------------------------------------------- the hook

@@ -9,8 +9,10 @@ single-worker version of the method.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -164,6 +166,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
+        if closure is None and _called_from_dcp_init():
+            return self._init_inner_state_for_dcp()
+        if not self.__dict__.get("_comm_checked"):
+            self._warn_if_ddp_communicates()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -351,51 +357,135 @@ class CompressedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s layout (the inner optimizer's ``state`` and ``param_groups``) plus this rank's
-        feedback state under ``"torchkit"``, with rank and world size."""
+        feedback state under ``"torchkit"``, with rank and world size.
+
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps ``state`` and ``param_groups``
+        only; save the feedback state with DCP through :meth:`feedback_stateful`."""
         sd = self.inner.state_dict()
-        sd["torchkit"] = {
+        sd["torchkit"] = self.feedback_state_dict()
+        return sd
+
+    def feedback_state_dict(self) -> dict[str, Any]:
+        """This rank's feedback state alone (what :meth:`state_dict` holds under ``"torchkit"``), for every
+        parameter: before the first step, the state the first step starts from (so that a fresh optimizer's
+        state_dict loads back into it, as Accelerate's ``prepare`` does, and DCP's keys do not depend on it)."""
+        for w in self._collect():
+            self._block(w)
+        return {
             "format_version": FORMAT_VERSION,
             "world_size": self.world_size,
             "rank": self.rank,
             "skipped_steps": self.skipped_steps,
             **self.round.state_dict(),
         }
-        return sd
+
+    def load_feedback_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load this rank's feedback state alone (from :meth:`feedback_state_dict`). Like a state restored by
+        :func:`torchkit.checkpoint.load_feedback` or DCP, it is kept when a state_dict saved on another rank (or a
+        plain optimizer state_dict) is loaded next, before any step."""
+        self._apply_feedback(self._prepare_feedback(state_dict))
+        self.round.mark_restored()
+
+    def feedback_stateful(self):
+        """This rank's feedback state as a DCP ``Stateful`` (:class:`torchkit.checkpoint.FeedbackStateful`)::
+
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd, "feedback": opt.feedback_stateful()}, checkpoint_id=path)
+        # resume, on every rank:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.load({"model": model_sd, "optim": optim_sd, "feedback": opt.feedback_stateful()}, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        """
+        from .checkpoint import FeedbackStateful
+
+        return FeedbackStateful(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of this class (or of format 1). A plain optimizer's state_dict loads too, with a
-        warning: the feedback state then starts at step 0. Everything is checked before anything changes."""
+        """Load a state_dict of this class (or of format 1). Everything is checked before anything changes.
+
+        A plain optimizer's state_dict (``set_optimizer_state_dict`` hands over one) loads with a warning: the
+        feedback method starts again at its step 0. Feedback state of another rank or world size raises
+        ``ValueError`` saying how to keep per-rank state. When this rank's feedback state was just restored from its
+        own side file or DCP entry (:mod:`torchkit.checkpoint`) and no step has run since, that state is kept and
+        only the inner optimizer's state is loaded."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         if "torchkit" not in state_dict and state_dict.get("format_version") == 1:
             state_dict = self._migrate_v1(state_dict)
+        inner = {k: v for k, v in state_dict.items() if k != "torchkit"}
+        if not {"state", "param_groups"} <= set(inner):
+            raise ValueError("not a CompressedOptimizer or torch.optim state_dict (no 'state'/'param_groups')")
+        if self.round.restored():
+            self.inner.load_state_dict(inner)  # the feedback state restored from this rank's own checkpoint stays
+            log.info("CompressedOptimizer: kept the feedback state restored from this rank's per-rank checkpoint")
+            return
         if "torchkit" not in state_dict:
-            if not {"state", "param_groups"} <= set(state_dict):
-                raise ValueError("not a CompressedOptimizer or torch.optim state_dict (no 'state'/'param_groups')")
-            self.inner.load_state_dict(state_dict)
+            self.inner.load_state_dict(inner)
             self.round.reset()
             warnings.warn(
                 "loaded a plain optimizer state_dict: it holds no error-feedback state, so the feedback method "
-                "starts again at its step 0",
+                "starts again at its step 0 (torch.distributed.checkpoint's optimizer state_dict leaves it out: "
+                "load it with opt.feedback_stateful(); see torchkit.checkpoint)",
                 stacklevel=2,
             )
             return
-        tk = state_dict["torchkit"]
+        prepared = self._prepare_feedback(state_dict["torchkit"])
+        self.inner.load_state_dict(inner)  # raises before any feedback state changed
+        self._apply_feedback(prepared)
+
+    def _prepare_feedback(self, tk: Any) -> dict[str, Any]:
+        """Check a feedback state_dict completely (envelope, method, layout); the input of :meth:`_apply_feedback`."""
+        from .checkpoint import FOREIGN_RANK_HINT
+
         problems = check_envelope(
             tk, kind="CompressedOptimizer", rank=self.rank, world_size=self.world_size, feedback=self.feedback
         )
         if problems:
-            raise ValueError("cannot load CompressedOptimizer state: " + "; ".join(problems))
+            restart = "opt.load_state_dict(torchkit.checkpoint.without_feedback(state_dict))"
+            foreign = tk.get("world_size") == self.world_size and tk.get("rank") != self.rank
+            hint = FOREIGN_RANK_HINT.format(restart=restart) if foreign else f"to restart the method: {restart}"
+            raise ValueError("cannot load CompressedOptimizer state: " + "; ".join(problems) + ". " + hint)
         works = self._collect()
         sizes = {n: s for w in works for n, s in zip(w["names"], w["sizes"])}
         prepared = self.round.check(tk, sizes=sizes, strict=True)
-        inner = {k: v for k, v in state_dict.items() if k != "torchkit"}
-        self.inner.load_state_dict(inner)  # raises before any feedback state changed
+        prepared["skipped_steps"] = int(tk.get("skipped_steps", 0))
+        prepared["works"] = works
+        return prepared
+
+    def _apply_feedback(self, prepared: dict[str, Any]) -> None:
         self.round.apply(prepared)
-        for w in works:  # place the loaded state now, so that it can be inspected before the next step
+        for w in prepared["works"]:  # place the loaded state now, so that it can be inspected before the next step
             self._block(w)
-        self.skipped_steps = int(tk.get("skipped_steps", 0))
+        self.skipped_steps = prepared["skipped_steps"]
         self._agreed = False
+
+    def _feedback_state_dict_for_layout(self) -> dict[str, Any]:
+        return self.feedback_state_dict()  # covers every parameter already
+
+    # ---------------------------------------------------------------------------------------- other stacks
+    def _init_inner_state_for_dcp(self):
+        """``get_optimizer_state_dict`` steps a fresh optimizer on zero gradients with lr 0 to create its state:
+        that step initialises the inner optimizer only; no round runs and the feedback state does not change."""
+        return self.inner.step()
+
+    def _warn_if_ddp_communicates(self) -> None:
+        """Once, on the first step: warn when a DistributedDataParallel model that communicates holds these
+        parameters (each step would then exchange gradients twice)."""
+        self.__dict__["_comm_checked"] = True
+        if self.world_size == 1:
+            return
+        ddp = _communicating_ddp({id(p) for g in self.param_groups for p in g["params"]})
+        if ddp is not None:
+            warnings.warn(
+                f"CompressedOptimizer: its parameters belong to a DistributedDataParallel model ({ddp}) that also "
+                "communicates the gradients, so every step communicates twice (DDP's all-reduce, then torchkit's "
+                "all-gather) and the compression saves nothing. Use the DDP hook with a plain optimizer instead "
+                "(tk.ddp.register(ddp_model, feedback); Lightning: torchkit.integrations.lightning.DDPStrategy("
+                "feedback=...); Accelerate: torchkit.integrations.accelerate.register(accelerator, model, feedback)), "
+                "or keep this optimizer and turn DDP's all-reduce off with ddp_model.register_comm_hook(None, "
+                "torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks.noop_hook)",
+                stacklevel=3,
+            )
 
     def _migrate_v1(self, sd: dict[str, Any]) -> dict[str, Any]:
         """Format 1 kept one flat vector per parameter group; split it per parameter."""
@@ -429,6 +519,40 @@ class CompressedOptimizer(torch.optim.Optimizer):
             if key[0] == group:
                 return dict(blk.state)
         return {}
+
+
+def _called_from_dcp_init() -> bool:
+    """Whether ``torch.distributed.checkpoint.state_dict._init_optim_state`` is calling :meth:`step`."""
+    frame = sys._getframe(2)
+    for _ in range(8):  # step's decorators (no_grad, the optimizer's profiling hook) sit in between
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
+            "torch.distributed.checkpoint"
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _communicating_ddp(param_ids: set[int]) -> str | None:
+    """A live DistributedDataParallel model holding one of these parameters that communicates gradients (any comm
+    hook but ``noop_hook``), described; ``None`` if there is none. Scans the garbage collector's objects once."""
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    for obj in gc.get_objects():
+        if not isinstance(obj, DistributedDataParallel):
+            continue
+        if not any(id(p) in param_ids for p in obj.module.parameters()):
+            continue
+        hooks = [h for h, _ in getattr(obj, "_comm_hooks", [])]
+        if hooks and all(h is noop_hook for h in hooks):
+            continue
+        how = getattr(hooks[-1], "__name__", "a comm hook") if hooks else "all-reduce"
+        return f"{type(obj.module).__name__}, {how}"
+    return None
 
 
 def _make_exchanger(group):

@@ -107,6 +107,7 @@ class RoundState:
         self.blocks: dict[Any, Block] = {}
         self._owner: dict[Any, Any] = {}  # parameter name -> key of the block that holds it now
         self._pending: dict[Any, dict[str, Tensor]] = {}  # loaded, not yet placed in a block
+        self.restored_at: int | None = None  # step at which the state was restored from a per-rank file or DCP
 
     # ------------------------------------------------------------------------------------------- blocks
     def block(self, key, names, sizes, *, dtype, device, with_server: bool, rows: int | None = None) -> Block:
@@ -156,12 +157,39 @@ class RoundState:
 
     def reset(self) -> None:
         self.step, self.blocks, self._owner, self._pending = 0, {}, {}, {}
+        self.restored_at = None
+
+    def mark_restored(self) -> None:
+        """Record that this rank's state was just restored from its own per-rank checkpoint (a side file, DCP)."""
+        self.restored_at = self.step
+
+    def restored(self) -> bool:
+        """Whether the state was restored from a per-rank checkpoint and no round has run since: a front end then
+        keeps it when a framework hands it a state_dict saved on another rank (or one without feedback state)."""
+        at = getattr(self, "restored_at", None)  # absent in states pickled before it existed
+        return at is not None and at == self.step
 
     # --------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         params = {name: {k: v.clone() for k, v in views.items()} for name, views in self.params().items()}
         params.update({k: v for k, v in self._pending.items() if k not in params})
         return {"method": self.feedback.config(), "step": self.step, "params": params}
+
+    def state_dict_for(
+        self, layout: Mapping[Any, tuple[int, torch.dtype, Any]], *, with_server: bool
+    ) -> dict[str, Any]:
+        """:meth:`state_dict` covering every parameter of ``layout`` (name -> numel, parameter dtype, device): a
+        parameter without state yet gets what a fresh block would give it, so that the checkpoint's keys do not
+        depend on whether a round has run (DCP loads into a template of the same keys)."""
+        sd = self.state_dict()
+        for name, (numel, dtype, device) in layout.items():
+            name = normalize_name(name)
+            if name not in sd["params"]:
+                vecs = self.feedback.init_state(numel, dtype=dtype, device=device)
+                if with_server:
+                    vecs["server"] = torch.zeros(numel, dtype=self.feedback.state_dtype(dtype), device=device)
+                sd["params"][name] = vecs
+        return sd
 
     def load_state_dict(
         self, sd: Mapping[str, Any], *, sizes: Mapping[Any, int] | None = None, strict: bool = True
@@ -207,6 +235,7 @@ class RoundState:
         self.blocks, self._owner = {}, {}
         self._pending = {k: {n: t.clone() for n, t in v.items()} for k, v in prepared["params"].items()}
         self.step = prepared["step"]
+        self.restored_at = None
 
     # ------------------------------------------------------------------------------------ partial rounds
     def sub_block(self, blk: Block, names: Sequence[Any]) -> Block:

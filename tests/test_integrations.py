@@ -1,0 +1,188 @@
+"""Lightning and Accelerate on 2 Gloo ranks (CPU): torchkit's hook installed, bytes on the wire, a checkpoint
+saved the frameworks' way (rank 0 writes it, torchkit's per-rank side files next to it) and a resume that continues
+bit-exactly. Needs the integrations extra (pip install -e ".[test,integrations]"); skipped without it."""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import torchkit as tk
+from tests.dist_utils import run_dist
+
+pytestmark = [pytest.mark.dist, pytest.mark.integrations]
+
+N, BATCH, WORLD = 32, 4, 2  # 16 samples per rank: 4 steps per epoch
+
+
+def _data():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(N, 5, generator=g).double(), torch.randn(N, 3, generator=g).double()
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _fb():
+    return tk.EF21SGDM(tk.TopK(ratio=0.3), eta=0.5)
+
+
+# -------------------------------------------------------------------------------------------------- Lightning
+def _lightning(rank, world, path):
+    import lightning as L
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+
+    from torchkit.integrations.lightning import DDPStrategy
+
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))  # processes started outside
+
+    class Module(L.LightningModule):
+        def __init__(self, wrapped):
+            super().__init__()
+            self.net, self.wrapped, self.sent = _net(), wrapped, []
+
+        def training_step(self, batch, i):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def on_train_batch_end(self, *args):
+            state = self.trainer.strategy.compression_state
+            self.sent.append(state.bytes_sent if state is not None else None)
+
+        def configure_optimizers(self):
+            if self.wrapped:  # the optimizer wrapper communicates; DDP's noop_hook turns its all-reduce off
+                return tk.CompressedOptimizer(self.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, feedback=_fb())
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=BATCH)
+
+    def fit(wrapped, epochs, ckpt=None):
+        if wrapped:
+            strategy = DDPStrategy(ddp_comm_hook=noop_hook)
+        else:
+            strategy = DDPStrategy(feedback=_fb(), hook_options={"min_compression_rate": 0})
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=world,
+            strategy=strategy,
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        module = Module(wrapped)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, loader, ckpt_path=ckpt)
+        twice = [str(w.message) for w in caught if "communicates twice" in str(w.message)]
+        return trainer, module, twice
+
+    out = {}
+    for wrapped in (False, True):
+        _, straight, twice = fit(wrapped, 2)
+        trainer, _, _ = fit(wrapped, 1)
+        ckpt = f"{path}/{'opt' if wrapped else 'hook'}.ckpt"
+        trainer.save_checkpoint(ckpt)
+        _, resumed, _ = fit(wrapped, 2, ckpt)
+        saved = torch.load(ckpt, weights_only=False) if rank == 0 else None
+        out[wrapped] = {
+            "straight": _flat(straight.net),
+            "resumed": _flat(resumed.net),
+            "sent": straight.sent,
+            "twice": twice,
+            "side_file": os.path.exists(f"{path}/{'opt' if wrapped else 'hook'}.rank{rank}.pt"),
+            "inline": None if saved is None else any("torchkit" in s for s in saved["optimizer_states"]),
+        }
+    return out
+
+
+def test_lightning_strategy_installs_the_hook_and_resumes_exactly(tmp_path):
+    pytest.importorskip("lightning", reason="Lightning is in the integrations extra: pip install -e '.[integrations]'")
+    out = run_dist(_lightning, WORLD, str(tmp_path))
+    for r in range(WORLD):
+        for wrapped in (False, True):
+            res = out[r][wrapped]
+            assert torch.equal(res["straight"], res["resumed"]), f"rank {r}, wrapped={wrapped}: resume not exact"
+            assert res["side_file"]
+            assert res["twice"] == []  # the hook alone, or the wrapper with DDP's all-reduce off
+        hook = out[r][False]
+        assert len(hook["sent"]) == 8 and all(s > 0 for s in hook["sent"])  # installed on CPU: bytes on the wire
+        assert out[r][True]["sent"] == [None] * 8
+    assert out[0][False]["inline"] is False and out[0][True]["inline"] is False  # rank 0's copy is in its side file
+    # the same method through the hook and through the wrapper (with DDP's all-reduce off): the same training
+    torch.testing.assert_close(out[0][False]["straight"], out[0][True]["straight"], rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------- Accelerate
+def _accelerate(rank, world, path):
+    from accelerate import Accelerator
+
+    from torchkit.integrations.accelerate import keep_feedback_per_rank, register
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+
+    def setup():
+        accelerator = Accelerator(cpu=True)
+        net = _net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=BATCH)
+        model, opt, loader = accelerator.prepare(net, opt, loader)
+        state = register(accelerator, model, _fb(), min_compression_rate=0)
+        return accelerator, model, opt, loader, state
+
+    def epoch(accelerator, model, opt, loader, state, sent):
+        for x, y in loader:
+            opt.zero_grad()
+            accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+            opt.step()
+            sent.append(state.bytes_sent)
+
+    out = {"sent": []}
+    run = setup()
+    for _ in range(2):
+        epoch(*run, out["sent"])
+    out["straight"] = _flat(run[1].module)
+
+    run = setup()
+    epoch(*run, [])
+    run[0].save_state(f"{path}/ckpt")
+    run[0].wait_for_everyone()
+
+    run = setup()
+    run[0].load_state(f"{path}/ckpt")
+    epoch(*run, [])
+    out["resumed"] = _flat(run[1].module)
+
+    # the optimizer wrapper under Accelerate's DDP: warned, once, about the double communication
+    accelerator = Accelerator(cpu=True)
+    net = _net()
+    opt = tk.CompressedOptimizer(net.parameters(), torch.optim.SGD, lr=0.1, feedback=_fb())
+    model, opt = accelerator.prepare(net, opt)
+    keep_feedback_per_rank(accelerator, opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=BATCH):
+            opt.zero_grad()
+            accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+            opt.step()
+    out["twice"] = [str(w.message) for w in caught if "communicates twice" in str(w.message)]
+    return out
+
+
+def test_accelerate_register_resumes_exactly(tmp_path):
+    reason = "Accelerate is in the integrations extra: pip install -e '.[integrations]'"
+    pytest.importorskip("accelerate", reason=reason)
+    out = run_dist(_accelerate, WORLD, str(tmp_path))
+    for r in range(WORLD):
+        assert torch.equal(out[r]["straight"], out[r]["resumed"]), f"rank {r}: resume not bit-exact"
+        assert len(out[r]["sent"]) == 8 and all(s > 0 for s in out[r]["sent"])
+        assert len(out[r]["twice"]) == 1
+    files = os.listdir(tmp_path / "ckpt")
+    assert "torchkit_feedback.rank0.pt" in files and "torchkit_feedback.rank1.pt" in files

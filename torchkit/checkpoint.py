@@ -1,0 +1,180 @@
+"""Checkpointing the per-rank error-feedback state: DCP, per-rank side files, and a consistent restart.
+
+The feedback state of :class:`torchkit.CompressedOptimizer` and of the DDP hook's
+:class:`torchkit.ddp.CompressionState` differs on every rank and cannot be re-sharded. Three ways to keep it:
+
+- **Every rank saves its own** ``opt.state_dict()`` / ``state.state_dict()`` (``torch.save`` on every rank).
+- **torch.distributed.checkpoint (DCP)**: put ``opt.feedback_stateful()`` / ``state.feedback_stateful()`` next to
+  the model and optimizer in ``dcp.save`` / ``dcp.load``. Each rank's tensors go under a key that names the rank
+  (``"<key>.rank<r>..."``), so DCP writes every rank's own values (plain tensors under one key would be
+  de-duplicated to a single rank's copy) and each rank reads back its own.
+- **Frameworks that save from rank 0 only** (Lightning, Accelerate): :func:`save_feedback` writes
+  ``<name>.rank<r>.pt`` on every rank next to the framework's checkpoint, :func:`load_feedback` reads this rank's
+  file back before the framework loads its (rank 0's) checkpoint. ``torchkit.integrations`` wires this into
+  Lightning's ``DDPStrategy`` and Accelerate's ``save_state``/``load_state``.
+
+A front end whose feedback state was just restored from its own per-rank file or DCP entry keeps it when it is then
+handed a state_dict saved on another rank (or one without feedback state), as these frameworks do. Without that,
+another rank's feedback state raises ``ValueError`` with these instructions: loading it on its own rank only and
+restarting the others would leave the ranks with different server estimates and step counters.
+:func:`without_feedback` restarts the method at its step 0 on every rank instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["FeedbackStateful", "save_feedback", "load_feedback", "side_file", "without_feedback", "FOREIGN_RANK_HINT"]
+
+SIDE_FILE_VERSION = 1
+
+FOREIGN_RANK_HINT = (
+    "The feedback state is per rank and this checkpoint holds another rank's, as when a framework saves from rank 0 "
+    "only (Lightning, Accelerate). To resume exactly, keep every rank's feedback state in per-rank side files: "
+    "torchkit.checkpoint.save_feedback(name, *objs) on every rank when saving and "
+    "torchkit.checkpoint.load_feedback(name, *objs) on every rank before this load (Lightning: "
+    "torchkit.integrations.lightning.DDPStrategy; Accelerate: "
+    "torchkit.integrations.accelerate.keep_feedback_per_rank), "
+    "use DCP with .feedback_stateful(), or save the state_dict on every rank. To restart the method at its step 0 on "
+    "every rank instead: {restart}"
+)
+
+
+def side_file(name: str | os.PathLike, rank: int) -> str:
+    """The per-rank side file of checkpoint ``name``: ``<name>.rank<rank>.pt``."""
+    return f"{os.fspath(name)}.rank{int(rank)}.pt"
+
+
+def save_feedback(name: str | os.PathLike, *objects: Any) -> str:
+    """Write this rank's feedback state of ``objects`` (optimizers, hook states) to ``<name>.rank<r>.pt``.
+
+    Call it on every rank, with the same objects in the same order as :func:`load_feedback`. The file is written
+    atomically (a temporary file, then a rename). Returns its path.
+    """
+    owners = _owners(objects, "save_feedback")
+    rank, world = _rank_world(owners)
+    payload = {
+        "format_version": SIDE_FILE_VERSION,
+        "rank": rank,
+        "world_size": world,
+        "kinds": [type(o).__name__ for o in owners],
+        "states": [o.feedback_state_dict() for o in owners],
+    }
+    path = side_file(name, rank)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_feedback(name: str | os.PathLike, *objects: Any) -> str:
+    """Restore this rank's feedback state of ``objects`` from ``<name>.rank<r>.pt``; returns the path.
+
+    Everything is checked (file, rank, world size, method, parameter layout of every object) before any object
+    changes. Afterwards each object keeps this state when a framework hands it a state_dict saved on another rank
+    (rank 0's checkpoint) or without feedback state, until its next round.
+    """
+    owners = _owners(objects, "load_feedback")
+    rank, world = _rank_world(owners)
+    path = side_file(name, rank)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no feedback state for rank {rank} at {path}: save_feedback({os.fspath(name)!r}, ...) writes one file per "
+            "rank; a checkpoint saved with fewer ranks, or copied without its .rank<r>.pt files, cannot restore it"
+        )
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, Mapping) or payload.get("format_version") != SIDE_FILE_VERSION:
+        raise ValueError(f"{path} is not a torchkit per-rank feedback file")
+    if payload.get("world_size") != world or payload.get("rank") != rank:
+        raise ValueError(
+            f"{path} was saved by rank {payload.get('rank')} of world_size={payload.get('world_size')}, this is rank "
+            f"{rank} of world_size={world} (error-feedback state is per rank and cannot be re-sharded)"
+        )
+    kinds = [type(o).__name__ for o in owners]
+    if payload.get("kinds") != kinds:
+        raise ValueError(f"{path} holds the feedback state of {payload.get('kinds')}, load_feedback was given {kinds}")
+    prepared = [o._prepare_feedback(sd) for o, sd in zip(owners, payload["states"])]  # everything checked first
+    for o, p in zip(owners, prepared):
+        o._apply_feedback(p)
+        o.round.mark_restored()
+    return path
+
+
+def without_feedback(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A :class:`torchkit.CompressedOptimizer` state_dict without its feedback state: loaded on every rank, the
+    optimizer's own state is restored and the feedback method restarts at its step 0 on every rank."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    return {k: v for k, v in state_dict.items() if k != "torchkit"}
+
+
+class FeedbackStateful:
+    """This rank's feedback state as a ``torch.distributed.checkpoint.stateful.Stateful``.
+
+    ``state_dict()`` is ``{"rank<r>": <the front end's feedback state>}`` covering every parameter (state a
+    parameter does not have yet is what its first round would start from), with the method's identity as one JSON
+    string, so that the keys depend only on the rank, the parameters and the method's state vectors. ``dcp.save``
+    then writes every rank's own tensors and ``dcp.load`` reads back this rank's; ``load_state_dict`` checks rank,
+    world size, method and layout before anything changes. A checkpoint from fewer ranks fails in ``dcp.load``
+    with DCP's ``Missing key in checkpoint state_dict: <key>.rank<r>...``; one from more ranks raises
+    ``ValueError: ... saved with world_size=...``.
+
+    Get it from :meth:`torchkit.CompressedOptimizer.feedback_stateful` or
+    :meth:`torchkit.ddp.CompressionState.feedback_stateful`.
+    """
+
+    def __init__(self, owner: Any):
+        self.owner = _owners([owner], "FeedbackStateful")[0]
+
+    @property
+    def key(self) -> str:
+        return f"rank{self.owner.rank}"
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = dict(self.owner._feedback_state_dict_for_layout())
+        sd["method"] = json.dumps(sd["method"], sort_keys=True)
+        return {self.key: sd}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping) or self.key not in state_dict:
+            have = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+            raise ValueError(f"no feedback state for {self.key} in this checkpoint entry (has {have})")
+        sd = dict(state_dict[self.key])
+        method = sd.get("method")
+        if isinstance(method, str):
+            mine = self.owner.feedback.config()
+            sd["method"] = mine if json.dumps(mine, sort_keys=True) == method else json.loads(method)
+        prepared = self.owner._prepare_feedback(sd)
+        self.owner._apply_feedback(prepared)
+        self.owner.round.mark_restored()
+
+
+def _owners(objects, what: str) -> list:
+    if not objects:
+        raise TypeError(f"{what} needs at least one CompressedOptimizer or CompressionState")
+    out = []
+    for i, o in enumerate(objects):
+        inner = o
+        for attr in ("optimizer", "_optimizer"):  # Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer
+            if not hasattr(inner, "_prepare_feedback") and hasattr(inner, attr):
+                inner = getattr(inner, attr)
+        if not hasattr(inner, "_prepare_feedback"):
+            raise TypeError(
+                f"{what}: argument {i} is a {type(o).__name__}, not a torchkit.CompressedOptimizer or "
+                "torchkit.ddp.CompressionState"
+            )
+        out.append(inner)
+    return out
+
+
+def _rank_world(owners) -> tuple[int, int]:
+    ranks = {(o.rank, o.world_size) for o in owners}
+    if len(ranks) != 1:
+        raise ValueError(f"the objects run on different process groups (rank, world_size): {sorted(ranks)}")
+    return next(iter(ranks))

@@ -1,0 +1,135 @@
+"""Lightning: :class:`DDPStrategy`, Lightning's DDP strategy with torchkit's hook and per-rank feedback checkpoints.
+
+Lightning's own ``DDPStrategy(ddp_comm_hook=...)`` registers the hook only on CUDA (on CPU nothing happens, silently),
+and ``Trainer.save_checkpoint`` writes rank 0's state only, which holds rank 0's error-feedback state. This strategy
+
+- installs torchkit's hook (``feedback=``) or any ``ddp_comm_hook`` on CPU and GPU alike;
+- writes every rank's feedback state (the hook's and that of any :class:`torchkit.CompressedOptimizer`) to
+  ``<checkpoint without suffix>.rank<r>.pt`` next to each checkpoint (:func:`torchkit.checkpoint.save_feedback`),
+  leaves rank 0's copy out of the checkpoint, and reads this rank's file back on ``fit(ckpt_path=...)``;
+- removes the side files with the checkpoint (``ModelCheckpoint(save_top_k=...)``).
+
+Example::
+
+    import lightning as L
+    import torchkit as tk
+    from torchkit.integrations.lightning import DDPStrategy
+
+    strategy = DDPStrategy(feedback=tk.EF21(tk.TopK(ratio=0.01)))
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=2)
+    trainer.fit(module, loader)                  # a plain optimizer in configure_optimizers: the hook compresses
+    strategy.compression_state.bytes_sent        # the hook's counters, on every rank
+
+Side files use ``torch.save`` on local paths (remote ``fsspec`` checkpoint paths are not supported).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
+
+from .. import ddp as tk_ddp
+from ..checkpoint import load_feedback, save_feedback, side_file, without_feedback
+from ..feedback import Feedback
+from ..optim import CompressedOptimizer
+
+__all__ = ["DDPStrategy", "side_file_name"]
+
+_MARK = "torchkit_feedback"  # checkpoint key: the feedback state is in per-rank side files
+
+
+def side_file_name(checkpoint_path: str | os.PathLike) -> str:
+    """The ``name`` of a checkpoint's side files: its path without the suffix, a symbolic link resolved
+    (``ModelCheckpoint(save_last="link")``); rank ``r``'s file is ``<name>.rank<r>.pt``."""
+    path = os.fspath(checkpoint_path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    return os.path.splitext(path)[0]
+
+
+class DDPStrategy(_LightningDDPStrategy):
+    """Lightning's ``DDPStrategy`` that installs torchkit's hook on CPU and GPU and checkpoints per-rank feedback.
+
+    Args:
+        feedback: the error-feedback method of the DDP hook (:func:`torchkit.ddp.register`); ``None`` installs
+            ``ddp_comm_hook`` if one is given (on CPU too) and otherwise leaves DDP's all-reduce.
+        hook_options: keyword arguments of :class:`torchkit.ddp.CompressionState` (``min_compression_rate``,
+            ``wire_dtype``, ...).
+        **kwargs: Lightning's ``DDPStrategy`` arguments (``ddp_comm_hook``, ``find_unused_parameters``, ...).
+
+    After setup, :attr:`compression_state` is the hook's :class:`torchkit.ddp.CompressionState`.
+    """
+
+    def __init__(self, feedback: Feedback | None = None, *, hook_options: dict[str, Any] | None = None, **kwargs):
+        if feedback is not None and not isinstance(feedback, Feedback):
+            raise TypeError(f"feedback must be a torchkit feedback method (EF21, ...), got {type(feedback).__name__}")
+        if feedback is not None and kwargs.get("ddp_comm_hook") is not None:
+            raise ValueError("give feedback= (torchkit's hook) or ddp_comm_hook=, not both")
+        if hook_options is not None and feedback is None:
+            raise ValueError("hook_options= configures torchkit's hook: give feedback= too")
+        super().__init__(**kwargs)
+        self.feedback = feedback
+        self.hook_options = dict(hook_options or {})
+        self.compression_state: tk_ddp.CompressionState | None = None
+        self._pending_feedback: str | None = None
+
+    # ------------------------------------------------------------------------------------------- the hook
+    def _register_ddp_hooks(self) -> None:
+        if self.feedback is not None:
+            self.compression_state = tk_ddp.register(self.model, self.feedback, **self.hook_options)
+        elif self._ddp_comm_hook is not None:  # Lightning registers it on CUDA only
+            _register_ddp_comm_hook(
+                model=self.model,
+                ddp_comm_state=self._ddp_comm_state,
+                ddp_comm_hook=self._ddp_comm_hook,
+                ddp_comm_wrapper=self._ddp_comm_wrapper,
+            )
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _feedback_objects(self) -> list:
+        objs = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        objs = [o for o in objs if isinstance(o, CompressedOptimizer)]
+        if self.compression_state is not None:
+            objs.append(self.compression_state)
+        return objs
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        objs = self._feedback_objects()
+        if objs:
+            save_feedback(side_file_name(filepath), *objs)  # every rank: Lightning writes rank 0's checkpoint only
+            checkpoint = dict(checkpoint)
+            checkpoint[_MARK] = {"side_files": True, "kinds": [type(o).__name__ for o in objs]}
+            if "optimizer_states" in checkpoint:  # rank 0's copy is in rank 0's side file
+                checkpoint["optimizer_states"] = [
+                    without_feedback(s) if isinstance(s, dict) else s for s in checkpoint["optimizer_states"]
+                ]
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        if checkpoint.get(_MARK):
+            self._pending_feedback = side_file_name(checkpoint_path)  # restored once the objects exist
+        return checkpoint
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        self._restore_feedback()  # before the optimizers load rank 0's state: this rank's own state is kept
+        super().load_optimizer_state_dict(checkpoint)
+
+    def on_train_start(self) -> None:
+        self._restore_feedback()
+        super().on_train_start()
+
+    def _restore_feedback(self) -> None:
+        if self._pending_feedback is None:
+            return
+        name, self._pending_feedback = self._pending_feedback, None
+        load_feedback(name, *self._feedback_objects())
+
+    def remove_checkpoint(self, filepath) -> None:
+        super().remove_checkpoint(filepath)
+        path = side_file(side_file_name(filepath), self.global_rank)
+        if os.path.exists(path):
+            os.remove(path)
