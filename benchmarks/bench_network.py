@@ -236,8 +236,9 @@ def main(argv=None) -> int:
 def _line(r: dict) -> str:
     got = r.get("reached")
     reached = f"{got['seconds']:.1f} s ({got['step']} steps)" if got else "not reached"
+    mb = r["wire_bytes_per_step"] / 1e6
     return (f"{r['rate']:>9s} n={r['ranks']} {r['task']:10s} {r['method']:11s} step {r['step_ms_median']:8.1f} ms  "
-            f"wire {r['wire_bytes_per_step'] / 1e6:8.3f} MB/step  to target {reached}  test {r['test']['loss']:.3f}")  # fmt: skip
+            f"wire {mb:8.3f} MB/step  to target {reached}  test {r['test']['loss']:.3f}")  # fmt: skip
 
 
 def summary(rows: list[dict]) -> str:
