@@ -12,6 +12,7 @@ LAYER = {
     "feedback": 2,
     "comm": 3,
     "state": 3,
+    "_frontend": 3,
     "optim": 4,
     "ddp": 4,
     "sim": 4,
