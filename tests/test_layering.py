@@ -14,6 +14,7 @@ LAYER = {
     "state": 3,
     "_frontend": 3,
     "optim": 4,
+    "local_sgd": 4,
     "ddp": 4,
     "sim": 4,
     "_results": 0,
