@@ -425,9 +425,9 @@ class LocalSGD(WrappedOptimizer):
         self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "torchkit"})
         try:
             self.outer.load_state_dict(outer_sd)
-        except Exception:
+        except Exception as exc:
             self.inner.load_state_dict(inner_before)
-            raise
+            raise ValueError(f"cannot load LocalSGD state: the outer optimizer refused its state ({exc!r})") from exc
         # nothing below can fail
         for a, t in zip(self.anchors, anchors):
             a.copy_(t)
