@@ -78,6 +78,9 @@ class LocalSGD(WrappedOptimizer):
             rounding removes stays in the feedback state.
         **defaults: passed to ``optimizer_class``.
 
+    Do not wrap the model in ``DistributedDataParallel`` (it would all-reduce every step's gradients); build the
+    same model on every rank and let this class communicate.
+
     The anchor is kept in fp32 for bf16/fp16 parameters (fp64 for fp64) and is taken at the first :meth:`step`,
     from rank 0 on every rank (as DDP broadcasts at construction), so a model loaded after building the wrapper
     is the starting point. The ranks' configurations are compared then; a difference raises ``ValueError`` on
@@ -248,16 +251,17 @@ class LocalSGD(WrappedOptimizer):
 
     def _local_bad(self, grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
         """Unscale the gradients when GradScaler asked us to; whether this rank's gradient is non-finite."""
-        if grad_scale is not None and grads:  # as GradScaler.unscale_ would
-            by_device: dict[torch.device, list[Tensor]] = {}
-            for g in grads:
-                by_device.setdefault(g.device, []).append(g)
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        if grad_scale is not None:  # as GradScaler.unscale_ would
             inv = grad_scale.double().reciprocal().float()
             for device, gs in by_device.items():
                 torch._foreach_mul_(gs, inv.to(device))
         if found_inf is not None:
             return bool(found_inf.item() > 0)
-        return any(not bool(torch.isfinite(g).all()) for g in grads)
+        flags = [torch.stack([torch.isfinite(g).all() for g in gs]).all().cpu() for gs in by_device.values()]
+        return not all(bool(f) for f in flags)  # one host synchronisation per device
 
     # ------------------------------------------------------------------------------------------------ sync
     def _sync(self) -> None:
