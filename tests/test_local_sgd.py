@@ -20,7 +20,7 @@ INNER = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 FEEDBACKS = {
     "ef14": lambda n: tk.EF14(tk.TopK(3)),
     "ef21": lambda n: tk.EF21(tk.TopK(3)),
-    "ef21w": lambda n: tk.EF21W(tk.TopK(3), [1.0 / n] * n),
+    "ef21w": lambda n: tk.EF21W(tk.TopK(3), [2 * (i + 1) / (n * (n + 1)) for i in range(n)]),  # unequal weights
     "ef21sgdm": lambda n: tk.EF21SGDM(tk.TopK(3), eta=0.4),
     "econtrol": lambda n: tk.EControl(tk.TopK(3), eta=0.3),
     "econtrol_sign": lambda n: tk.EControl(tk.ScaledSign(), eta=0.3),
@@ -164,12 +164,21 @@ def _roundtrip(obj):
     return torch.load(blob, weights_only=False)
 
 
-@pytest.mark.parametrize("name", ["ef14", "ef21", "econtrol", "ef21sgdm"])
-def test_resume_mid_period_with_inner_and_outer_schedulers_is_bit_exact(name):
+INNER_SCHEDULERS = {
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=9),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=18),
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9**t),
+}
+
+
+@pytest.mark.parametrize(
+    "name, inner_sched", [(n, "cosine") for n in sorted(FEEDBACKS)] + [("ef21", "onecycle"), ("ef14", "lambda")]
+)
+def test_resume_mid_period_with_inner_and_outer_schedulers_is_bit_exact(name, inner_sched):
     a, b = _problem(1)
 
     def scheds(opt):
-        inner = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=9)
+        inner = INNER_SCHEDULERS[inner_sched](opt)
         outer = torch.optim.lr_scheduler.StepLR(opt.outer, step_size=1, gamma=0.8)
         return inner, outer
 
@@ -472,3 +481,22 @@ def test_failed_loads_change_nothing():
     comp = tk.CompressedOptimizer(ps, torch.optim.AdamW, lr=0.02, feedback=FEEDBACKS["econtrol"](1))
     with pytest.raises(ValueError, match="no 'local_sgd' entry"):
         opt.load_state_dict(comp.state_dict())
+    other = [torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(6))]
+    with pytest.raises(ValueError, match=r"checkpoint anchor '0.1' is \(5,\)"):  # another layout
+        _make(other, "econtrol").load_state_dict(good)
+
+
+def test_a_plain_optimizer_state_dict_loads_with_a_warning_and_restarts_the_method():
+    a, b = _problem(1)
+    ps = _params()
+    opt = _make(ps)
+    _drive(opt, ps, a[0], b[0], 6)
+    plain = torch.optim.AdamW(_params(), lr=0.5).state_dict()
+    with pytest.warns(UserWarning, match="holds no anchor or error-feedback state"):
+        opt.load_state_dict(plain)
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.rounds == 0 and opt.local_step == 0
+    with torch.no_grad():
+        for p in ps:
+            p.fill_(3.0)
+    _drive(opt, ps, a[0], b[0], 1)
+    assert all(torch.equal(t, torch.full_like(t, 3.0)) for t in opt.anchors)  # taken again
