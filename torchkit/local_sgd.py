@@ -181,7 +181,7 @@ class LocalSGD(WrappedOptimizer):
                 group=self.process_group,
                 world_size=self.world_size,
                 rank=self.rank,
-                what=("model and LocalSGD"),
+                what="model and LocalSGD",
             )
             self._agreed = True
         if not self._anchored:
