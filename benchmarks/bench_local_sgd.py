@@ -15,7 +15,7 @@ loss is reported):
 Bytes are the payload one worker sends (as ``Feedback.wire_bytes``; a dense round counts 4 bytes per fp32 value),
 not what a particular collective moves. Nothing here measures wall time on a network link.
 
-    python benchmarks/bench_local_sgd.py            # about 20 minutes on 2 busy CPU cores
+    python benchmarks/bench_local_sgd.py            # about 15 to 25 minutes on 2 busy CPU cores
     python benchmarks/bench_local_sgd.py --quick    # a smoke run
 """
 
@@ -306,7 +306,11 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 3.0], help="TopK, percent")
     ap.add_argument("--methods", nargs="+", default=["ef14", "ef21", "econtrol"])
     ap.add_argument(
-        "--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2], help="inner AdamW rates, every configuration"
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+        help="inner AdamW rates, every configuration",
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", nargs="*", help="configuration names to run")
