@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import platform
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 
 import torchkit as tk
 from torchkit._results import save_result
+from torchkit.bench import device_name
 from torchkit.demo import make_data
 from torchkit.sim import simulate_local
 
@@ -343,7 +343,7 @@ def main(argv=None):
     print(text)
     print(f"total {elapsed:.0f} s")
     result = {
-        "device": platform.processor() or platform.machine(),
+        "device": device_name(torch.device("cpu")),
         "torch": torch.__version__,
         "commit": _commit(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
