@@ -160,8 +160,17 @@ def worker(cfg: dict) -> None:
     if rank == 0:
         ev = task.evaluate(model.module)
         Path(cfg["out"]).write_text(
-            json.dumps({**cfg, "steps_run": len(losses), "losses": losses, "step_ms_median": 1e3 * statistics.median(
-                times[5:] or times), "seconds_total": sum(times), "reached": reached, "test": ev})  # fmt: skip
+            json.dumps(
+                {
+                    **cfg,
+                    "steps_run": len(losses),
+                    "losses": losses,
+                    "step_ms_median": 1e3 * statistics.median(times[5:] or times),
+                    "seconds_total": sum(times),
+                    "reached": reached,
+                    "test": ev,
+                }
+            )  # fmt: skip
         )
     dist.destroy_process_group()
 
@@ -248,6 +257,7 @@ def summary(rows: list[dict]) -> str:
         by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(r["method"], []).append(r)
     lines = []
     for (rate, n, task), ms in by.items():
+
         def secs(rs):
             got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
             return statistics.median(got) if len(got) == len(rs) else float("inf")

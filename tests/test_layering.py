@@ -13,7 +13,9 @@ LAYER = {
     "comm": 3,
     "state": 3,
     "checkpoint": 3,  # per-rank checkpoints; optim and ddp use it, it imports neither
+    "_frontend": 3,
     "optim": 4,
+    "local_sgd": 4,
     "ddp": 4,
     "sim": 4,
     "_results": 0,

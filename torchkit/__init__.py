@@ -1,9 +1,10 @@
 """torchkit: communication-efficient training with error feedback.
 
 Compressors (:class:`TopK`, :class:`RandK`, :class:`ScaledSign`, :class:`Identity`), error-feedback
-methods (:class:`EF14`, :class:`EF21`, :class:`EF21W`, :class:`EF21SGDM`, :class:`EControl`) and three
-front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit.ddp` and
-:func:`torchkit.sim.simulate`.
+methods (:class:`EF14`, :class:`EF21`, :class:`EF21W`, :class:`EF21SGDM`, :class:`EControl`) and four
+front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit.ddp`, :class:`LocalSGD`
+(compressed local SGD: error feedback on DiLoCo-style outer steps) and the simulator
+(:func:`torchkit.sim.simulate`, :func:`torchkit.sim.simulate_local`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from . import comm, ops, sim, theory
 from .compress import Identity, RandK, ScaledSign, TopK
 from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
+from .local_sgd import LocalSGD
 from .optim import CompressedOptimizer
 
 __version__ = "0.1.0"
@@ -26,6 +28,7 @@ __all__ = [
     "EF21SGDM",
     "EControl",
     "CompressedOptimizer",
+    "LocalSGD",
     "theory",
     "sim",
     "ops",

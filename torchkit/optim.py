@@ -10,7 +10,6 @@ single-worker version of the method.
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import sys
 import warnings
@@ -21,7 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import DistExchanger, LocalExchanger, RoundOptions, nonfinite_flag, start_round
+from ._frontend import WrappedOptimizer, agree, check_common_args, make_exchanger
+from ._frontend import collective_device as _collective_device
+from ._frontend import grad_view as _grad_view
+from ._frontend import is_view_of as _is_view_of
+from ._frontend import numel_real as _numel_real
+from ._frontend import real_dtype as _real_dtype
+from .comm import DistExchanger, RoundOptions, nonfinite_flag, start_round
 from .feedback import Feedback
 from .state import FORMAT_VERSION, RoundState, check_envelope, split_flat
 
@@ -30,7 +35,7 @@ __all__ = ["CompressedOptimizer"]
 log = logging.getLogger(__name__)
 
 
-class CompressedOptimizer(torch.optim.Optimizer):
+class CompressedOptimizer(WrappedOptimizer):
     r"""Wrap ``optimizer_class`` so that it steps on the error-feedback estimate of the gradient.
 
     Follows ``torch.distributed.optim.ZeroRedundancyOptimizer(params, optimizer_class, **defaults)``:
@@ -89,79 +94,18 @@ class CompressedOptimizer(torch.optim.Optimizer):
         wire_dtype: torch.dtype | None = None,
         **defaults: Any,
     ):
-        if not isinstance(feedback, Feedback):
-            raise TypeError(f"feedback must be a torchkit feedback method (EF21, ...), got {type(feedback).__name__}")
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
-            raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
-        if _needs_closure(optimizer_class):
-            raise TypeError(
-                f"{optimizer_class.__name__}.step needs a closure that re-evaluates the loss several times per step; "
-                "CompressedOptimizer runs one communication round per step and does not support it"
-            )
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        check_common_args("CompressedOptimizer", feedback, optimizer_class, nonfinite, grad_scaler)
+        self._wrap(optimizer_class, params, defaults)  # the inner optimizer owns param_groups, state, defaults
         self._options = RoundOptions(wire_dtype=wire_dtype)  # finiteness is checked (and agreed) before the round
-        self.__dict__["_ready"] = False
-        self.inner = optimizer_class(params, **defaults)
-        super().__init__(self.inner.param_groups, self.inner.defaults)
-        self.__dict__["_ready"] = True  # from here on param_groups, state and defaults are the inner optimizer's
         self.feedback = feedback
         self.process_group = process_group
         self.nonfinite = nonfinite
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0
         self.round = RoundState(feedback)
-        self._exchanger = _make_exchanger(process_group)
+        self._exchanger = make_exchanger(process_group)
         self._agreed = False
         self._warned: set[str] = set()
-
-    # ---------------------------------------------------------------- the inner optimizer owns groups and state
-    def _own(name: str):  # noqa: N805 - a property factory used in the class body
-        def get(self):
-            return getattr(self.inner, name) if self.__dict__.get("_ready") else self.__dict__.get("_pre_" + name)
-
-        def set_(self, value):
-            if self.__dict__.get("_ready"):
-                setattr(self.inner, name, value)
-            else:  # torch.optim.Optimizer.__init__ assigns placeholders before the inner optimizer takes over
-                self.__dict__["_pre_" + name] = value
-
-        return property(get, set_)
-
-    param_groups = _own("param_groups")
-    state = _own("state")
-    defaults = _own("defaults")
-    del _own
-
-    @property
-    def world_size(self) -> int:
-        return self._exchanger.n_workers
-
-    @property
-    def rank(self) -> int:
-        return self._exchanger.first_worker
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not self.__dict__.get("_ready"):
-            return super().add_param_group(param_group)
-        self.inner.add_param_group(param_group)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
-
-    def __getstate__(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out.pop("process_group", None)
-        out.pop("_exchanger", None)
-        return out
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.process_group = None
-        self._exchanger = _make_exchanger(None)  # the default group if initialised, else a single worker
-        self._agreed = False
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -245,7 +189,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             w["flat"] = self._flat_grad(w, grad_scale)
             has += [p.grad is not None for p in w["params"]]
             bads.append(nonfinite_flag(w["flat"]).float().reshape(1))
-        dev = _collective_device(works) if isinstance(self._exchanger, DistExchanger) else torch.device("cpu")
+        dev = _collective_device() if isinstance(self._exchanger, DistExchanger) else torch.device("cpu")
         if found_inf is not None:
             bads.append((found_inf.float() > 0).float().reshape(1))
         bad = torch.cat([b.to(dev) for b in bads]).amax().reshape(1) if bads else torch.zeros(1, device=dev)
@@ -326,15 +270,13 @@ class CompressedOptimizer(torch.optim.Optimizer):
             "wire": str(self._options.wire_dtype),
             "layout": [[w["key"][0], w["key"][1], list(w["sizes"])] for w in works],
         }
-        theirs = [None] * self.world_size
-        dist.all_gather_object(theirs, mine, group=self.process_group)
-        for r, other in enumerate(theirs):
-            diff = [k for k in mine if other.get(k) != mine[k]]
-            if diff:
-                raise ValueError(
-                    f"ranks are configured differently: rank {r} has {diff[0]} {other[diff[0]]!r}, rank "
-                    f"{self.rank} has {mine[diff[0]]!r}; every rank must build the same model and CompressedOptimizer"
-                )
+        agree(
+            mine,
+            group=self.process_group,
+            world_size=self.world_size,
+            rank=self.rank,
+            what="model and CompressedOptimizer",
+        )
         self._agreed = True
 
     def _share_found_inf(self, bad: bool) -> None:
@@ -553,43 +495,3 @@ def _communicating_ddp(param_ids: set[int]) -> str | None:
         how = getattr(hooks[-1], "__name__", "a comm hook") if hooks else "all-reduce"
         return f"{type(obj.module).__name__}, {how}"
     return None
-
-
-def _make_exchanger(group):
-    if group is not None or (dist.is_available() and dist.is_initialized()):
-        if dist.get_world_size(group) > 1:
-            return DistExchanger(group)
-    return LocalExchanger(1)
-
-
-def _needs_closure(cls: type[torch.optim.Optimizer]) -> bool:
-    param = inspect.signature(cls.step).parameters.get("closure")
-    return param is not None and param.default is inspect.Parameter.empty
-
-
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}.get(
-        dtype, dtype
-    )
-
-
-def _numel_real(p: Tensor) -> int:
-    return p.numel() * (2 if p.is_complex() else 1)
-
-
-def _grad_view(buf: Tensor, a: int, b: int, p: Tensor) -> Tensor:
-    """The slice of the flat buffer that is ``p``'s gradient (complex parameters: viewed as complex)."""
-    piece = buf[a:b]
-    if p.is_complex():
-        return torch.view_as_complex(piece.view(*p.shape, 2))
-    return piece.view_as(p)
-
-
-def _is_view_of(g: Tensor, view: Tensor) -> bool:
-    return g.data_ptr() == view.data_ptr() and g.shape == view.shape and g.stride() == view.stride()
-
-
-def _collective_device(works) -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -1,9 +1,11 @@
-"""In-process simulator of n workers, for reproducing the papers on one machine."""
+"""In-process simulator of n workers, for reproducing the papers on one machine: :func:`simulate` (one round per
+gradient step) and :func:`simulate_local` (H local steps per round, error feedback on the pseudo-gradient)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,7 +16,15 @@ from ..feedback import Feedback
 from .libsvm import load_libsvm
 from .problems import LogisticRegression, contiguous_split
 
-__all__ = ["simulate", "SimResult", "load_libsvm", "LogisticRegression", "contiguous_split"]
+__all__ = [
+    "simulate",
+    "simulate_local",
+    "SimResult",
+    "LocalSimResult",
+    "load_libsvm",
+    "LogisticRegression",
+    "contiguous_split",
+]
 
 
 @dataclass
@@ -82,3 +92,149 @@ def simulate(
         wire.append(wire[-1] + feedback.wire_bytes(segs, t, value_dtype=wire_values))
     n = len(norms)
     return SimResult(x, torch.tensor(norms, dtype=torch.float64), torch.tensor(bits[:n]), torch.tensor(wire[:n]))
+
+
+@dataclass
+class LocalSimResult(SimResult):
+    """Outcome of :func:`simulate_local`; values are at the anchors (the synchronised points), round 0..rounds.
+
+    Attributes:
+        x: final anchor.
+        grad_norm_sq: ``||mean_i grad_i(anchor_r)||^2`` (the first local step's gradients of round r, which all
+            start at the anchor; one extra ``grad_fn`` call at the final anchor).
+        bits: values-only bits sent per worker before anchor r.
+        wire_bytes: payload bytes per worker before anchor r (values in ``wire_dtype`` + indices).
+        evals: ``eval_fn(anchor_r)`` when given, else ``None``.
+    """
+
+    evals: Tensor | None = None
+
+
+Factory = Callable[[list[Tensor]], torch.optim.Optimizer]
+
+
+@torch.no_grad()
+def simulate_local(
+    feedback: Feedback,
+    grad_fn: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    *,
+    n_workers: int,
+    rounds: int,
+    sync_every: int,
+    inner_optimizer: float | Factory,
+    outer_optimizer: Factory | None = None,
+    inner_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    outer_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    segments: Sequence[int] | None = None,
+    wire_dtype: torch.dtype | None = None,
+    eval_fn: Callable[[Tensor], float] | None = None,
+) -> LocalSimResult:
+    r"""Compressed local SGD on n simulated workers: the trajectory of :class:`torchkit.LocalSGD`.
+
+    Every round, each worker takes ``sync_every`` steps of its own inner optimizer from the anchor on
+    ``grad_fn(X)`` (``X``: the ``[n_workers, d]`` local iterates, one row per worker; returns ``[n_workers, d]``
+    gradients, row i at row i of X), then one round of ``feedback`` runs on the pseudo-gradients
+    ``anchor - X`` (:func:`torchkit.comm.run_round`), the outer optimizer steps the anchor on the estimate and
+    every worker restarts from the new anchor.
+
+    Args:
+        inner_optimizer: a learning rate (plain SGD) or a factory ``params -> Optimizer``, e.g.
+            ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``; each worker gets its own, over views of
+            its row (one per segment), so any optimizer behaves as on a rank of :class:`~torchkit.LocalSGD` whose
+            parameters have the ``segments`` sizes.
+        outer_optimizer: a factory ``params -> Optimizer`` over the anchor's views; ``None`` is plain averaging
+            (SGD with lr 1); DiLoCo: ``functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)``.
+        inner_scheduler, outer_scheduler: ``optimizer -> LR scheduler``, stepped after every inner step of each
+            worker and after every outer step.
+        segments: the parameter sizes (summing to d): the views the optimizers see and, with
+            ``granularity="tensor"``, what is compressed on its own. Default: one vector.
+        wire_dtype: dtype of the values sent; the rounding stays in the feedback state, as on the wire.
+        eval_fn: called with the anchor at every round (e.g. the full training loss), into ``.evals``.
+
+    ``x0``'s dtype is the computation's (float64 for research runs; the wire is then counted in fp32 values).
+    """
+    check_int("n_workers", n_workers)
+    check_int("rounds", rounds, low=0)
+    check_int("sync_every", sync_every)
+    if x0.dim() != 1:
+        raise ValueError(f"x0 must be a 1-D vector, got shape {tuple(x0.shape)}")
+    d = x0.numel()
+    sizes = tuple(int(n) for n in segments) if segments is not None else (d,)
+    if sum(sizes) != d:
+        raise ValueError(f"segments {sizes} do not add up to the vector length {d}")
+    inner = inner_optimizer
+    if isinstance(inner, (int, float)) and not isinstance(inner, bool):
+        lr = float(inner)
+        inner = lambda params: torch.optim.SGD(params, lr=lr)  # noqa: E731
+    elif not callable(inner):
+        raise TypeError(f"inner_optimizer must be a learning rate or a factory params -> Optimizer, got {inner!r}")
+    if outer_optimizer is not None and not callable(outer_optimizer):
+        raise TypeError(f"outer_optimizer must be a factory params -> Optimizer, got {outer_optimizer!r}")
+    options = RoundOptions(wire_dtype=wire_dtype)
+    segs = feedback.segments_for(sizes)
+    spans = [(a, a + n) for a, n in zip([0, *_cumsum(sizes)[:-1]], sizes)]
+
+    anchor = x0.clone()
+    X = x0.expand(n_workers, d).clone()
+    anchor_views = [anchor[a:b] for a, b in spans]
+    worker_views = [[X[i, a:b] for a, b in spans] for i in range(n_workers)]
+    inners = [inner(views) for views in worker_views]
+    outer = torch.optim.SGD(anchor_views, lr=1.0) if outer_optimizer is None else outer_optimizer(anchor_views)
+    for opt, label in [(o, "inner_optimizer") for o in inners] + [(outer, "outer_optimizer")]:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"{label} must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    inner_scheds = [inner_scheduler(o) for o in inners] if inner_scheduler is not None else []
+    outer_sched = outer_scheduler(outer) if outer_scheduler is not None else None
+
+    sdt = feedback.state_dtype(x0.dtype)
+    state = feedback.init_state(d, rows=n_workers, dtype=x0.dtype, device=x0.device)
+    server = torch.zeros(d, dtype=sdt, device=x0.device)
+    exchanger = LocalExchanger(n_workers)
+    wire_values = wire_dtype or (torch.float32 if x0.dtype == torch.float64 else x0.dtype)
+    norms, bits, wire, evals = [], [0], [0], []
+    delta = torch.empty(n_workers, d, dtype=sdt, device=x0.device)
+    for r in range(rounds + 1):
+        if eval_fn is not None:
+            evals.append(float(eval_fn(anchor)))
+        for s in range(sync_every if r < rounds else 1):
+            grads = grad_fn(X)
+            if grads.shape != (n_workers, d):
+                raise ValueError(f"grad_fn must return [n_workers, d] = [{n_workers}, {d}], got {tuple(grads.shape)}")
+            if s == 0:
+                norms.append(float(grads.mean(0).pow(2).sum()))
+                if r == rounds:
+                    break
+            for i in range(n_workers):
+                for v, (a, b) in zip(worker_views[i], spans):
+                    v.grad = grads[i, a:b]
+                inners[i].step()
+            for sched in inner_scheds:
+                sched.step()
+        if r == rounds:
+            break
+        delta.copy_(anchor.expand(n_workers, d)).sub_(X)
+        estimate, _ = run_round(feedback, exchanger, state, server, delta, r, segments=segs, options=options)
+        for v, (a, b) in zip(anchor_views, spans):
+            v.grad = estimate[a:b].to(anchor.dtype)
+        outer.step()
+        if outer_sched is not None:
+            outer_sched.step()
+        X.copy_(anchor.expand(n_workers, d))
+        bits.append(bits[-1] + feedback.value_bits(segs, r))
+        wire.append(wire[-1] + feedback.wire_bytes(segs, r, value_dtype=wire_values))
+    return LocalSimResult(
+        anchor,
+        torch.tensor(norms, dtype=torch.float64),
+        torch.tensor(bits),
+        torch.tensor(wire),
+        torch.tensor(evals, dtype=torch.float64) if eval_fn is not None else None,
+    )
+
+
+def _cumsum(sizes):
+    out, acc = [], 0
+    for n in sizes:
+        acc += n
+        out.append(acc)
+    return out
