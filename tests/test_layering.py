@@ -11,6 +11,7 @@ LAYER = {
     "theory": 1,
     "feedback": 2,
     "comm": 3,
+    "coupling": 3,
     "optim": 4,
     "ddp": 4,
     "sim": 4,
@@ -20,6 +21,7 @@ LAYER = {
     "repro": 5,
     "cli": 5,
     "__main__": 5,
+    "tasks": 5,
 }
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .comm import DistExchanger, LocalExchanger, run_round
+from .coupling import warn_coupling
 from .feedback import Feedback
 
 __all__ = ["CompressedOptimizer"]
@@ -75,6 +76,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        warn_coupling(feedback, optimizer_class, defaults)  # known-bad pairs warn once, naming the fix
         self.inner = optimizer_class(params, **defaults)
         self._ready = False
         super().__init__(self.inner.param_groups, self.inner.defaults)
