@@ -67,7 +67,8 @@ def make_inner(name: str, params, lr: float, weight_decay: float | None = None):
     """``sgdm``: SGD momentum 0.9; ``sgd``: plain SGD; ``adamw``: AdamW (weight decay 0.01 unless given);
     ``adamw0``: AdamW with beta1 = 0 (the momentum is inside the method)."""
     if name == "adamw0":
-        return torch.optim.AdamW(params, lr=lr, betas=(0.0, 0.999), weight_decay=0.01 if weight_decay is None else weight_decay)
+        wd = 0.01 if weight_decay is None else weight_decay
+        return torch.optim.AdamW(params, lr=lr, betas=(0.0, 0.999), weight_decay=wd)
     if name == "sgdm":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay or 0.0)
     if name == "sgd":

@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="torchkit-demo")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--batch", type=int, default=64)
-    d.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: each method's tuned one)")
+    d.add_argument("--lr", type=float, default=None, help="one lr for all methods (default: each one's tuned lr)")
     d.add_argument("--powersgd-rank", type=int, default=1)
     d.add_argument("--noniid", action="store_true", help="label-sorted shards instead of interleaved ones")
     d.set_defaults(fn=_demo)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ._validation import check_unit_interval
 from .compress import Compressor
-from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl, Feedback
+from .feedback import EF14, EF21, EF21SGDM, EControl, Feedback
 
 __all__ = [
     "LocalMomentum",
@@ -207,7 +207,6 @@ class LocalAdam(_Local):
         return f", betas={self.betas}, eps={self.eps}"
 
 
-
 # ------------------------------------------------------------------------------------- recommendations
 Method = Literal["ef14", "ef21", "ef21sgdm", "econtrol"]
 
@@ -278,8 +277,9 @@ def recommended(
     - ``"ef14"``: ``EF14(compressor)`` inside the optimizer as it is.
     - ``"ef21"``: ``LocalMomentum(EF21(compressor, init="compressed"), momentum)``; the optimizer without
       momentum (SGD ``momentum=0``, Adam ``betas=(0, beta2)``).
-    - ``"ef21sgdm"``: ``EF21SGDM(compressor, eta=1 - momentum, init="compressed")``; the optimizer without
-      momentum; under SGD the learning rate times ``1/eta``.
+    - ``"ef21sgdm"``: ``EF21SGDM(compressor, eta=1 - momentum, init="compressed", momentum_init="zero")``;
+      the optimizer without momentum; under SGD the learning rate times ``1/eta``. (This is the ``"ef21"``
+      configuration in EF21-SGDM's parametrisation: the same iterates up to rounding.)
     - ``"econtrol"``: ``LocalMomentum(EControl(compressor, eta=alpha, init="compressed"), momentum)``; the
       optimizer without momentum.
 
@@ -295,7 +295,7 @@ def recommended(
     adaptive = _is_adaptive(optimizer_class)
     off = {"betas": (0.0, float(beta2))} if adaptive else {"momentum": 0.0}
     opt_name = optimizer_class.__name__
-    outer = f"{opt_name}({'betas=(0, %g)' % beta2 if adaptive else 'momentum=0'})"
+    outer = f"{opt_name}(betas=(0, {beta2:g}))" if adaptive else f"{opt_name}(momentum=0)"
     if method == "ef14":
         keep = {"betas": (mu, float(beta2))} if adaptive else {"momentum": mu}
         return Recommendation(EF14(compressor), keep, 1.0, mu, f"EF14 inside {opt_name} (momentum {mu:g})")
@@ -305,7 +305,7 @@ def recommended(
     if method == "ef21sgdm":
         eta = round(1.0 - mu, 12) if mu > 0 else 1.0
         scale = 1.0 if adaptive else 1.0 / eta
-        fb = EF21SGDM(compressor, eta=eta, init="compressed")
+        fb = EF21SGDM(compressor, eta=eta, init="compressed", momentum_init="zero")
         return Recommendation(fb, off, scale, 0.0, f"EF21-SGDM eta={eta:g}, {outer} outside, lr x{scale:g}")
     if method == "econtrol":
         fb = LocalMomentum(EControl(compressor, init="compressed"), mu)
@@ -318,9 +318,7 @@ class CouplingWarning(UserWarning):
     """A feedback method and an inner optimizer that the convergence study found not to train together."""
 
 
-def coupling_advice(
-    feedback: Feedback, optimizer_class: type, defaults: Mapping[str, Any] | None = None
-) -> str | None:
+def coupling_advice(feedback: Feedback, optimizer_class: type, defaults: Mapping[str, Any] | None = None) -> str | None:
     """Why ``feedback`` inside ``optimizer_class(**defaults)`` is a known failure, and what to use
     instead; ``None`` when the combination is fine (EF14 anywhere, anything inside plain SGD)."""
     defaults = dict(defaults or {})

@@ -180,8 +180,9 @@ def char_lm(
     else:
         per = len(train_files) / n_workers
         shards = [
-            torch.frombuffer(bytearray(b"".join(train_files[int(i * per) : int((i + 1) * per)])), dtype=torch.uint8)
-            .long()
+            torch.frombuffer(
+                bytearray(b"".join(train_files[int(i * per) : int((i + 1) * per)])), dtype=torch.uint8
+            ).long()
             for i in range(n_workers)
         ]
     test = torch.frombuffer(bytearray(test_text), dtype=torch.uint8).long()
