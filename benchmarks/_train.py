@@ -65,12 +65,14 @@ class PowerSGD:
 
 def make_inner(name: str, params, lr: float, weight_decay: float | None = None):
     """``sgdm``: SGD momentum 0.9; ``sgd``: plain SGD; ``adamw``: AdamW (weight decay 0.01 unless given);
-    ``adamw0``: AdamW with beta1 = 0 (the momentum is inside the method)."""
+    ``adamw0``: AdamW with beta1 = 0 (the momentum is inside the method); ``sgdwd``: SGD, decay 0.01."""
     if name == "adamw0":
         wd = 0.01 if weight_decay is None else weight_decay
         return torch.optim.AdamW(params, lr=lr, betas=(0.0, 0.999), weight_decay=wd)
     if name == "sgdm":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay or 0.0)
+    if name == "sgdwd":  # AdamW's decoupled decay 0.01 when the Adam direction comes from tk.LocalAdam
+        return torch.optim.SGD(params, lr=lr, weight_decay=0.01 if weight_decay is None else weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay or 0.0)
     if name == "adamw":
