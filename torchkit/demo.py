@@ -56,10 +56,11 @@ def make_model(seed: int = 0) -> torch.nn.Module:
     )
 
 
-#: Learning rate per method (SGD, the method's recommended momentum placement), tuned on this demo over
-#: {0.03, 0.1, 0.3} (benchmarks/results/demo/lr_sweep.json). EF21-SGDM's is in torch's convention (its
-#: eta parametrisation gets 1/eta on top, see :func:`torchkit.recommended`).
-TUNED_LR = {"none": 0.1, "ef14": 0.1, "ef21": 0.1, "ef21sgdm": 0.1, "econtrol": 0.1, "powersgd": 0.1}
+#: Learning rate per method (SGD, the method's recommended momentum placement), tuned on this demo's model
+#: and data over {0.03, 0.1, 0.3} by final training loss, iid and label-sorted shards
+#: (benchmarks/tune_demo.py, benchmarks/results/demo/lr_sweep.json). EF21-SGDM's is in torch's convention
+#: (its eta parametrisation gets 1/eta on top, see :func:`torchkit.recommended`).
+TUNED_LR = {"none": 0.1, "ef14": 0.1, "ef21": 0.1, "ef21sgdm": 0.1, "econtrol": 0.03, "powersgd": 0.03}
 
 
 def _config(method: str, ratio: float):
