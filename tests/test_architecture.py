@@ -79,6 +79,7 @@ def test_checkpoints_name_the_method_by_its_config():
         "compressor": {"type": "TopK", "k": None, "ratio": 0.1, "approx": True},
         "granularity": "tensor",
         "eta": 0.2,
+        "init": "full",
     }
 
 

@@ -14,6 +14,7 @@ LAYER = {
     "state": 3,
     "checkpoint": 3,  # per-rank checkpoints; optim and ddp use it, it imports neither
     "_frontend": 3,
+    "coupling": 3,
     "optim": 4,
     "local_sgd": 4,
     "ddp": 4,
@@ -25,6 +26,7 @@ LAYER = {
     "cli": 5,
     "__main__": 5,
     "integrations": 5,
+    "tasks": 5,
 }
 
 

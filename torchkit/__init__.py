@@ -9,8 +9,9 @@ front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit
 
 from __future__ import annotations
 
-from . import comm, ops, sim, theory
+from . import comm, coupling, ops, sim, theory
 from .compress import Identity, RandK, ScaledSign, TopK
+from .coupling import LocalAdam, LocalMomentum, recommended
 from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
 from .local_sgd import LocalSGD
 from .optim import CompressedOptimizer
@@ -27,12 +28,16 @@ __all__ = [
     "EF21W",
     "EF21SGDM",
     "EControl",
+    "LocalMomentum",
+    "LocalAdam",
+    "recommended",
     "CompressedOptimizer",
     "LocalSGD",
     "theory",
     "sim",
     "ops",
     "comm",
+    "coupling",
     "ddp",
 ]
 

@@ -301,7 +301,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="torchkit-demo", help="folder for results.json, table.md and the PNG")
     d.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
     d.add_argument("--batch", type=int, default=64, help="batch size per worker")
-    d.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9)")
+    d.add_argument(
+        "--lr", type=float, default=None, help="one SGD learning rate for all methods (default: each one's tuned lr)"
+    )
     d.add_argument("--powersgd-rank", type=int, default=1, help="rank of PyTorch's PowerSGD hook")
     d.add_argument("--noniid", action="store_true", help="label-sorted shards instead of interleaved ones")
     d.set_defaults(fn=_demo)

@@ -56,16 +56,21 @@ def make_model(seed: int = 0) -> torch.nn.Module:
     )
 
 
-def _feedback(method: str, ratio: float):
+#: Learning rate per method (SGD, the method's recommended momentum placement), tuned on this demo's model
+#: and data over {0.03, 0.1, 0.3} by final training loss, iid and label-sorted shards
+#: (benchmarks/tune_demo.py, benchmarks/results/demo/lr_sweep.json). EF21-SGDM's is in torch's convention
+#: (its eta parametrisation gets 1/eta on top, see :func:`torchkit.recommended`).
+TUNED_LR = {"none": 0.1, "ef14": 0.1, "ef21": 0.1, "ef21sgdm": 0.1, "econtrol": 0.03, "powersgd": 0.03}
+
+
+def _config(method: str, ratio: float):
+    """(feedback or None, SGD keyword arguments besides lr, lr multiplier, description)."""
     import torchkit as tk
 
-    comp = tk.TopK(ratio=ratio)
-    return {
-        "ef14": lambda: tk.EF14(comp),
-        "ef21": lambda: tk.EF21(comp),
-        "ef21sgdm": lambda: tk.EF21SGDM(comp, eta=0.2),
-        "econtrol": lambda: tk.EControl(comp, eta=0.1),
-    }[method]()
+    if method in ("none", "powersgd"):
+        return None, {"momentum": 0.9}, 1.0, "SGD momentum 0.9"
+    rec = tk.recommended(method, tk.TopK(ratio=ratio), torch.optim.SGD, momentum=0.9)
+    return rec.feedback, {"momentum": 0.9, **rec.optimizer_kwargs}, rec.lr_scale, rec.description
 
 
 def _powersgd_bytes(model: torch.nn.Module, rank: int, min_rate: float = 2.0) -> int:
@@ -101,6 +106,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
     results = {}
     for method in cfg["methods"]:
         model = DDP(make_model(cfg["seed"]).to(device), device_ids=[rank] if use_cuda else None)
+        fb, opt_kw, lr_scale, config = _config(method, cfg["ratio"])
+        lr = (cfg["lr"] if cfg["lr"] is not None else TUNED_LR[method]) * lr_scale
         d = sum(p.numel() for p in model.parameters())
         state = None
         if method == "none":
@@ -114,7 +121,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
             )
             hook = powersgd.powerSGD_hook
         else:
-            state = tk.ddp.CompressionState(_feedback(method, cfg["ratio"]), track_error=False).bind(model)
+            state = tk.ddp.CompressionState(fb, track_error=False).bind(model)
             hook_state, hook = state, tk.ddp.compression_hook
         timer = {"s": 0.0}
 
@@ -126,7 +133,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
 
         timed.__annotations__ = dict(tk.ddp.compression_hook.__annotations__, state=object)
         model.register_comm_hook(hook_state, timed)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, **opt_kw)
         gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
         sent, curve, t_start = 0, [], time.perf_counter()
         window = torch.zeros(2, device=device)  # loss sum and count since the last logged point
@@ -154,6 +161,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
             acc = float((model.module(xt.to(device)).argmax(1) == yt.to(device)).float().mean())
         results[method] = {
             "label": _LABELS[method],
+            "config": config,
+            "lr": lr,
             "final_loss": curve[-1][2],
             "test_accuracy": acc,
             "bytes_sent_per_worker": sent,
@@ -197,11 +206,17 @@ def run_demo(
     *,
     seed: int = 0,
     batch: int = 64,
-    lr: float = 0.1,
+    lr: float | None = None,
     powersgd_rank: int = 1,
     noniid: bool = False,
 ) -> dict:
-    """Train once per method on ``workers`` processes; write the table, JSON and PNG to ``out``."""
+    """Train once per method on ``workers`` processes; write the table, JSON and PNG to ``out``.
+
+    Each method runs in the configuration :func:`torchkit.recommended` gives for SGD with momentum 0.9
+    (the momentum inside the method for the EF21 family) at its tuned learning rate (:data:`TUNED_LR`);
+    ``lr`` overrides it for every method. ``noniid=True`` sorts the training set by label before
+    sharding, so each worker holds two or three of the ten classes.
+    """
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"methods must be among {METHODS}, got {bad}")
@@ -241,19 +256,20 @@ def run_demo(
 def format_table(result: dict) -> str:
     cfg = result["config"]
     head = (
-        f"{cfg['workers']} workers ({cfg['backend']}), {cfg['steps']} steps, TopK ratio {cfg['ratio']}, "
+        f"{cfg['workers']} workers ({cfg['backend']}, {'label-sorted' if cfg.get('noniid') else 'interleaved'} "
+        f"shards), {cfg['steps']} steps, TopK ratio {cfg['ratio']}, "
         f"PowerSGD rank {cfg['powersgd_rank']}, MLP with {next(iter(result['runs'].values()))['params']} parameters"
     )
     lines = [
         head,
         "",
-        "| method | final loss | test accuracy | MB sent per worker | compression | hook ms/step |",
-        "|---|---|---|---|---|---|",
+        "| method | lr | final loss | test accuracy | MB sent per worker | compression | hook ms/step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"].values():
         ratio = r["dense_bytes_per_worker"] / max(r["bytes_sent_per_worker"], 1)
         lines.append(
-            f"| {r['label']} | {r['final_loss']:.3f} | {r['test_accuracy']:.1%} | "
+            f"| {r['label']} | {r.get('lr', cfg['lr']):g} | {r['final_loss']:.3f} | {r['test_accuracy']:.1%} | "
             f"{r['bytes_sent_per_worker'] / 1e6:.2f} | {ratio:.1f}x | "
             f"{1e3 * r['compress_seconds'] / cfg['steps']:.2f} |"
         )

@@ -27,6 +27,7 @@ from ._frontend import is_view_of as _is_view_of
 from ._frontend import numel_real as _numel_real
 from ._frontend import real_dtype as _real_dtype
 from .comm import DistExchanger, RoundOptions, nonfinite_flag, start_round
+from .coupling import warn_coupling
 from .feedback import Feedback
 from .state import FORMAT_VERSION, RoundState, check_envelope, split_flat
 
@@ -95,6 +96,7 @@ class CompressedOptimizer(WrappedOptimizer):
         **defaults: Any,
     ):
         check_common_args("CompressedOptimizer", feedback, optimizer_class, nonfinite, grad_scaler)
+        warn_coupling(feedback, optimizer_class, defaults)  # known-bad pairs warn once, naming the fix
         self._wrap(optimizer_class, params, defaults)  # the inner optimizer owns param_groups, state, defaults
         self._options = RoundOptions(wire_dtype=wire_dtype)  # finiteness is checked (and agreed) before the round
         self.feedback = feedback

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["theta_beta", "mean_smoothness", "ef21_stepsize", "ef21_stepsize_ratio"]
+__all__ = ["theta_beta", "mean_smoothness", "ef21_stepsize", "ef21_stepsize_ratio", "ef21_lr_scale", "econtrol_eta"]
 
 
 def _check_alpha(alpha: float) -> float:
@@ -50,3 +50,24 @@ def ef21_stepsize(L: float, L_i: Sequence[float], alpha: float, weighted: bool =
 def ef21_stepsize_ratio(L: float, L_i: Sequence[float], alpha: float) -> float:
     """``gamma_new / gamma_old = (L + L_QM s) / (L + L_AM s)`` with ``s = sqrt(beta/theta)``."""
     return ef21_stepsize(L, L_i, alpha, weighted=True) / ef21_stepsize(L, L_i, alpha)
+
+
+def ef21_lr_scale(alpha: float) -> float:
+    r"""EF21's theoretical step as a fraction of gradient descent's: :math:`1/(1 + \sqrt{\beta/\theta})`.
+
+    With equal smoothness constants (:math:`L_i = L`), :func:`ef21_stepsize` is
+    :math:`1/(L(1 + \sqrt{\beta/\theta}))`, i.e. this fraction of the step :math:`1/L` of gradient descent;
+    about :math:`\alpha/2` for small alpha (0.0050 at alpha = 0.01, 0.0005 at alpha = 0.001).
+
+    It is a worst-case bound: on the networks of the convergence study, EF21 with its momentum inside
+    trains best at the dense learning rate or a third of it (benchmarks/results/convergence), so use it
+    as the safe end of a learning-rate search, not as the multiplier to train with.
+    """
+    theta, beta = theta_beta(alpha)
+    return 1.0 / (1.0 + math.sqrt(beta / theta))
+
+
+def econtrol_eta(alpha: float) -> float:
+    """EControl's default ``eta``: the compressor's alpha (theory: alpha/400; measured: ``eta = alpha``
+    converges where 0.1 stalls once alpha << 0.1; benchmarks/results/repro and convergence)."""
+    return _check_alpha(alpha)
