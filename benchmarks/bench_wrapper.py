@@ -115,9 +115,10 @@ def measure(model_name: str, dev: torch.device, repeats: int, log=print) -> list
     opts = {"adamw": torch.optim.AdamW(params, lr=1e-4)}
     for name, make in METHODS.items():
         opts[f"wrapper {name}"] = tk.CompressedOptimizer(params, torch.optim.AdamW, feedback=make(), lr=1e-4)
-    for opt in opts.values():  # state exists before timing (AdamW's moments, the feedback state)
-        _restore(params, grads, saved, [])
-        opt.step()
+    first = [torch.randn_like(p) * 1e-2 for p in params]
+    for opt in opts.values():  # state exists before timing (AdamW's moments, the feedback state), from other
+        _restore(params, first, saved, [])  # gradients than the timed ones: an EF21 shift equal to the timed
+        opt.step()  # gradient would make every timed input zero
     flat = torch.cat([g.reshape(-1) for g in grads])
     kstate = {"ef14": torch.randn(n, device=dev), "ef21": torch.randn(n, device=dev)}
     ksaved = {k: v.clone() for k, v in kstate.items()}

@@ -5,7 +5,7 @@
 //           bits of the float: 1/8 octave per bin), per-chunk histograms merged afterwards;
 //   pass 2: collect (index, v) above the k-th value's bin and the candidates inside it
 //           (EControl writes e <- e + g - h here, after reading the old e);
-//   resolve: exact mode picks the r largest candidates (nth_element, ties to the lower index),
+//   resolve: exact mode picks the r largest candidates (two more radix levels, ties to the lower index),
 //            approximate mode the first r in index order; then the sparse state update.
 // Bytes per element (fp32): EF14 16, EF21 16, EControl 28, top-k 8. Chunks are walked in index
 // order, so results do not depend on the thread count.
@@ -136,14 +136,26 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
   if (approx || static_cast<int64_t>(all.idx.size()) == need) {
     for (int64_t j = 0; j < need; ++j) chosen.push_back(j);
   } else {
-    std::vector<std::pair<uint32_t, int64_t>> pool;  // (key, position in the candidate list)
-    pool.reserve(all.idx.size());
-    for (size_t j = 0; j < all.idx.size(); ++j) pool.emplace_back(key_of(all.val[j]), static_cast<int64_t>(j));
-    auto larger = [](const std::pair<uint32_t, int64_t>& a, const std::pair<uint32_t, int64_t>& b) {
-      return a.first != b.first ? a.first > b.first : a.second < b.second;
-    };
-    std::nth_element(pool.begin(), pool.begin() + need, pool.end(), larger);
-    for (int64_t j = 0; j < need; ++j) chosen.push_back(pool[j].second);
+    // the exact k-th key among the candidates by two more radix levels (bits 9..19, then 0..8): every candidate
+    // above it, then the first ones equal to it in index order (ties to the lower index); linear, no sort, so
+    // a bin of heavy ties (a gradient of zeros) costs two more passes over the candidates, not a sort of them
+    const int64_t n = static_cast<int64_t>(all.idx.size());
+    std::vector<int64_t> h2(kBins, 0), h3(512, 0);
+    for (int64_t j = 0; j < n; ++j) ++h2[(key_of(all.val[j]) >> 9) & 0x7FF];
+    int64_t want = need, b2 = kBins - 1;
+    for (; b2 > 0 && h2[b2] < want; --b2) want -= h2[b2];
+    const uint32_t p3 = (static_cast<uint32_t>(thr) << 11) | static_cast<uint32_t>(b2);
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t key = key_of(all.val[j]);
+      if ((key >> 9) == p3) ++h3[key & 0x1FF];
+    }
+    int64_t b3 = 511;
+    for (; b3 > 0 && h3[b3] < want; --b3) want -= h3[b3];
+    const uint32_t t = (p3 << 9) | static_cast<uint32_t>(b3);  // the k-th largest key; `want` of it are taken
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t key = key_of(all.val[j]);
+      if (key > t || (key == t && want-- > 0)) chosen.push_back(j);
+    }
   }
   int64_t pos = above;
   for (int64_t j : chosen) {
