@@ -36,6 +36,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = ("ddp", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
+# compressed local SGD (tk.LocalSGD, issue 14): "local<H>@<ratio>" = EF14 on the pseudo-gradient every H steps,
+# TopK per 65536-chunk with int8 values (the compact wire format), averaging outer step; "diloco<H>" = the same
+# without compression (Identity, fp32)
+LOCAL_METHODS = ("local8@0.03", "local32@0.03", "local8@0.01", "diloco8")
 _NAMESPACES: list[str] = []
 
 
@@ -51,14 +55,15 @@ def _on_signal(signum, frame):  # noqa: ARG001
 
 
 def shaped_namespace(rate: str) -> str:
-    """A fresh namespace whose loopback runs at ``rate`` (tbf: burst of 1 ms of traffic, 50 ms queue)."""
+    """A fresh namespace whose loopback runs at ``rate`` (tbf: a burst of 1 ms of traffic or two MTUs, 50 ms queue)."""
     name = f"tkbench{os.getpid()}_{len(_NAMESPACES)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     _NAMESPACES.append(name)
     subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
     if rate != "unshaped":
         bits = _bits_per_second(rate)
-        burst = max(32 * 1024, bits // 8 // 1000)  # one millisecond of traffic, at least 32 KiB
+        burst = max(2 * 65536, bits // 8 // 1000)  # a millisecond of traffic, and at least two loopback MTUs:
+        # tbf drops every packet larger than its burst, and the loopback's packets are up to 64 KiB
         subprocess.run(
             ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
              "burst", str(burst), "latency", "50ms"],
@@ -102,8 +107,10 @@ def run_one(ns: str | None, n: int, cfg: dict, timeout: float) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         wire = _lo_bytes(ns) - before
-        if proc.returncode != 0:
-            raise RuntimeError(f"run {cfg['method']} failed:\n{proc.stderr[-3000:]}")
+        if proc.returncode != 0 or not Path(cfg["out"]).exists():
+            log = Path(tempfile.gettempdir()) / f"bench_network_{cfg['method']}_{cfg['rate']}_{cfg['ranks']}.log"
+            log.write_text(proc.stdout + proc.stderr)
+            raise RuntimeError(f"run {cfg['method']} failed (exit {proc.returncode}); its output: {log}")
         res = json.loads(Path(cfg["out"]).read_text())
     res["wire_bytes_total"] = wire
     res["wire_bytes_per_step"] = wire / max(1, res["steps_run"])
@@ -123,11 +130,21 @@ def worker(cfg: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
-    task = {"char_lm": tasks.char_lm, "digits_cnn": tasks.digits_cnn}[cfg["task"]](n_workers=n, split=cfg["split"])
-    model = DDP(task.model(cfg["seed"]))
+    make_task = {"char_lm": tasks.char_lm, "digits_cnn": tasks.digits_cnn}[cfg["task"]]
+    task = make_task(n_workers=n, split=cfg["split"], **cfg.get("task_kwargs", {}))
     method, lr = cfg["method"], cfg["lr"]
     opt_kwargs = {"momentum": cfg["momentum"]}
-    if method == "ddp":
+    local = method.startswith(("local", "diloco"))
+    model = task.model(cfg["seed"]) if local else DDP(task.model(cfg["seed"]))
+    if local:
+        every = int(method.split("@")[0].removeprefix("local").removeprefix("diloco"))
+        if method.startswith("diloco"):
+            fb, wire = tk.EF14(tk.Identity()), None
+        else:
+            fb, wire = tk.EF14(tk.TopK(ratio=float(method.split("@")[1]), chunk=65536)), torch.int8
+        opt = tk.LocalSGD(model.parameters(), torch.optim.SGD, feedback=fb, sync_every=every, wire_dtype=wire,
+                          lr=lr, momentum=cfg["momentum"])  # fmt: skip
+    elif method == "ddp":
         pass
     elif method.startswith("powersgd"):
         state = powersgd.PowerSGDState(
@@ -140,9 +157,9 @@ def worker(cfg: dict) -> None:
         tk.ddp.register(model, rec.feedback, min_compression_rate=2.0)
         opt_kwargs = rec.optimizer_kwargs
         lr = lr * rec.lr_scale
-    opt = torch.optim.SGD(model.parameters(), lr=lr, **opt_kwargs)
-    losses, times, t_start = [], [], None
-    target, reached = cfg.get("target"), None
+    if not local:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, **opt_kwargs)
+    losses, times = [], []
     for step in range(cfg["steps"]):
         xs, ys = task.batches(step)
         t0 = time.perf_counter()
@@ -150,29 +167,25 @@ def worker(cfg: dict) -> None:
         loss = task.loss(model(xs[rank]), ys[rank])
         loss.backward()
         opt.step()
-        dt = time.perf_counter() - t0
-        t_start = t_start or t0
-        times.append(dt)
-        losses.append(float(loss))
-        smooth = statistics.fmean(losses[-20:])
-        if target is not None and reached is None and len(losses) >= 20 and smooth <= target:
-            reached = {"step": step + 1, "seconds": time.perf_counter() - t_start}
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
     if rank == 0:
-        ev = task.evaluate(model.module)
+        ev = task.evaluate(model if local else model.module)
         Path(cfg["out"]).write_text(
             json.dumps(
                 {
                     **cfg,
                     "steps_run": len(losses),
                     "losses": losses,
+                    "step_seconds": times,
                     "step_ms_median": 1e3 * statistics.median(times[5:] or times),
                     "seconds_total": sum(times),
-                    "reached": reached,
                     "test": ev,
                 }
-            )  # fmt: skip
+            )
         )
-    dist.destroy_process_group()
+    dist.barrier()  # nobody leaves while a peer still has traffic in flight
+    os._exit(0)  # results are written; skip the teardown (a Gloo pair can abort at interpreter exit)
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -182,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--rates", nargs="+", default=["10gbit", "1gbit", "100mbit"], help="tc tbf rates")
     p.add_argument("--ranks", nargs="+", type=int, default=[2, 4])
     p.add_argument("--tasks", nargs="+", default=["char_lm", "digits_cnn"])
+    p.add_argument("--lm-width", type=int, default=256, help="char_lm's width (256 with 4 layers: 3.2M parameters)")
+    p.add_argument("--lm-layers", type=int, default=4)
     p.add_argument("--split", default="iid", choices=["iid", "noniid"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--steps", type=int, default=300)
@@ -219,16 +234,25 @@ def main(argv=None) -> int:
                                 methods.remove("ddp")
                                 methods.insert(0, "ddp")
                             for m in methods:
+                                kw = {"width": args.lm_width, "layers": args.lm_layers} if task == "char_lm" else {}
                                 cfg = {"task": task, "split": args.split, "method": m, "steps": args.steps,
-                                       "lr": args.lr, "momentum": args.momentum, "seed": rep,
-                                       "target": targets.get(key), "rate": rate, "ranks": n}  # fmt: skip
-                                res = run_one(ns, n, cfg, args.timeout)
+                                       "lr": args.lr, "momentum": args.momentum, "seed": rep, "task_kwargs": kw,
+                                       "rate": rate, "ranks": n}  # fmt: skip
+                                try:
+                                    res = run_one(ns, n, cfg, args.timeout)
+                                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                                    print(f"  {rate} n={n} {task} {m}: {exc}", flush=True)
+                                    rows.append({**cfg, "failed": str(exc)})
+                                    continue
                                 if m == "ddp" and key not in targets:
                                     at = max(20, int(0.6 * len(res["losses"])))
                                     targets[key] = statistics.fmean(res["losses"][at - 20 : at])
                                     res["target_set"] = targets[key]
                                 res.pop("out", None)
                                 rows.append(res)
+                                for row in rows:  # the target may have come after the run
+                                    if (row["task"], row["ranks"]) == key and "failed" not in row:
+                                        row["reached"] = reached(row, targets.get(key))
                                 print(_line(res), flush=True)
                                 _save(rows, targets, out_dir, shaped)
             finally:
@@ -242,19 +266,33 @@ def main(argv=None) -> int:
     return 0
 
 
+def reached(r: dict, target: float | None, window: int = 20) -> dict | None:
+    """The first step at which the run's smoothed training loss (mean of the last ``window``) is at or below
+    ``target``, with the seconds spent until then (the sum of the step times: compute and communication)."""
+    if target is None or "losses" not in r:
+        return None
+    elapsed = 0.0
+    for i, dt in enumerate(r["step_seconds"]):
+        elapsed += dt
+        if i + 1 >= window and statistics.fmean(r["losses"][i + 1 - window : i + 1]) <= target:
+            return {"step": i + 1, "seconds": elapsed}
+    return None
+
+
 def _line(r: dict) -> str:
     got = r.get("reached")
-    reached = f"{got['seconds']:.1f} s ({got['step']} steps)" if got else "not reached"
+    when = f"{got['seconds']:.1f} s ({got['step']} steps)" if got else "not reached"
     mb = r["wire_bytes_per_step"] / 1e6
     return (f"{r['rate']:>9s} n={r['ranks']} {r['task']:10s} {r['method']:11s} step {r['step_ms_median']:8.1f} ms  "
-            f"wire {mb:8.3f} MB/step  to target {reached}  test {r['test']['loss']:.3f}")  # fmt: skip
+            f"wire {mb:8.3f} MB/step  to target {when}  test {r['test']['loss']:.3f}")  # fmt: skip
 
 
 def summary(rows: list[dict]) -> str:
     """Per (rate, ranks, task): each method's median seconds to the target and its ratio to PowerSGD's best."""
     by: dict = {}
     for r in rows:
-        by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(r["method"], []).append(r)
+        if "failed" not in r:
+            by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(r["method"], []).append(r)
     lines = []
     for (rate, n, task), ms in by.items():
 
@@ -263,7 +301,8 @@ def summary(rows: list[dict]) -> str:
             return statistics.median(got) if len(got) == len(rs) else float("inf")
 
         psgd = min((secs(v) for k, v in ms.items() if k.startswith("powersgd")), default=float("inf"))
-        best_tk = min(((secs(v), k) for k, v in ms.items() if "@" in k), default=(float("inf"), "-"))
+        best_tk = min(((secs(v), k) for k, v in ms.items() if "@" in k and not k.startswith("local")),
+                      default=(float("inf"), "-"))  # fmt: skip
         ratio = best_tk[0] / psgd if psgd < float("inf") else float("nan")
         lines.append(f"{rate:>9s} n={n} {task:10s} best torchkit {best_tk[1]} {best_tk[0]:.1f} s, best PowerSGD "
                      f"{psgd:.1f} s, ratio {ratio:.2f}")  # fmt: skip
@@ -308,19 +347,23 @@ def plot(result: dict, path) -> None:
             for m in sorted({r["method"] for r in rows}):
                 pts = {}
                 for r in rows:
-                    if r["task"] == task and r["ranks"] == n and r["method"] == m and r["rate"] != "unshaped":
+                    ok = "failed" not in r and r["rate"] != "unshaped"
+                    if ok and r["task"] == task and r["ranks"] == n and r["method"] == m:
                         sec = r["reached"]["seconds"] if r.get("reached") else float("nan")
                         pts.setdefault(_bits_per_second(r["rate"]), []).append(sec)
-                if pts:
-                    xs = sorted(pts)
-                    ax.plot([x / 1e6 for x in xs], [statistics.median(pts[x]) for x in xs], "o-", label=m)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+                xs = sorted(x for x in pts if any(v == v for v in pts[x]))  # rates where the target was reached
+                if xs:
+                    ys = [statistics.median([v for v in pts[x] if v == v]) for x in xs]
+                    ax.plot([x / 1e6 for x in xs], ys, "o-", label=m)
+            if ax.lines:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
             ax.set_xlabel("link rate (Mbit/s)")
             ax.set_ylabel("seconds to target loss")
             ax.set_title(f"{task}, {n} ranks")
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].lines:
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
