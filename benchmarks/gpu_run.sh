@@ -1,65 +1,61 @@
 #!/usr/bin/env bash
-# The device checks in one call on an H100/H200: STAGES (default all) picks from
-#   tests  tests/test_ops.py and tests/test_gpu.py on CUDA
-#   tune   benchmarks/tune_gpu.py (CUDA build variants, per-kernel breakdown, Triton histogram cost)
-#   ncu    Nsight Compute (speed of light, memory) on the CUDA kernels of one step per op
-#   bench  benchmarks/bench_kernels.py (d = 1e6 .. 1e8, and 1e9 in bf16)
-#   e2e    benchmarks/bench_e2e_gpu.py (GPT-2 small: hook and optimizer)
-#   hook   benchmarks/bench_hook.py (the hook's time per bucket against the kernel's)
+# The device checks in one call on an H100/H200, run in the order STAGES lists them (default: all):
+#   tests   tests/test_ops.py and tests/test_gpu.py on CUDA
+#   bench   benchmarks/bench_kernels.py (d = 1e6 .. 1e8, and 1e9 in bf16)
+#   tune    benchmarks/tune_gpu.py (CUDA build variants, per-kernel breakdown, Triton histogram cost)
+#   e2e     benchmarks/bench_e2e_gpu.py (GPT-2 small: hook and optimizer)
+#   hook    benchmarks/bench_hook.py (the hook's time per bucket against the kernel's)
 #   wrapper benchmarks/bench_wrapper.py (the wrapper's step time and memory against AdamW)
-#   first  the independent cross-check, when copied to .gpu-tools/ (see benchmarks/README.md)
+#   ncu     Nsight Compute (speed of light, memory, occupancy) on the CUDA kernels of one step per op
+#   first   the independent cross-check, when copied to .gpu-tools/ (see benchmarks/README.md)
 # Everything lands in $OUT; T_<STAGE> bounds each stage in seconds.
 set -u
 OUT=${OUT:-/tmp/torchkit-gpu}
-STAGES=${STAGES:-tests tune ncu bench e2e hook wrapper first}
+STAGES=${STAGES:-tests bench tune e2e hook wrapper ncu first}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHKIT_EXT_DIR=/tmp/torchkit-ext
 log=$OUT/log.txt
-has() { [[ " $STAGES " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
-python3 -c "import torchkit.ops._ext as e; print('cpp extension built:', e.build(), e.error())" > "$OUT/cpp_build.txt" 2>&1 &
+# the CPU kernel only the tests need: built in the background while the GPU works
+python3 -c "import torchkit.ops._ext as e; print('cpp extension built:', e.build(), e.error())" > /tmp/cpp_build.txt 2>&1 &
 cpp=$!
 python3 -c "import torchkit.ops._cuda as c; print('CUDA kernels built:', c.build(verbose=True), c.error())" 2>&1 | tee -a "$log"
-wait $cpp; cat "$OUT/cpp_build.txt" >> "$log"; rm -f "$OUT/cpp_build.txt"
-if has tests; then
-  echo "== tests" | tee -a "$log"
+
+stage_tests() {
+  wait $cpp; cat /tmp/cpp_build.txt >> "$log"
   timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" -rfE \
     tests/test_ops.py tests/test_gpu.py 2>&1 | tail -80 > "$OUT/pytest.txt"
   tail -5 "$OUT/pytest.txt" | tee -a "$log"
-fi
-if has bench; then
-  echo "== kernel benchmark" | tee -a "$log"
+}
+stage_bench() {
   timeout ${T_BENCH:-200} python3 benchmarks/bench_kernels.py --device cuda --sizes 1e6 1e7 1e8 \
     --extra 1e9:bfloat16:0.01 --repeats 10 --out "$OUT/res" 2>&1 | tee -a "$log"
-fi
-if has tune; then
-  echo "== tuning experiments" | tee -a "$log"
-  timeout ${T_TUNE:-200} python3 benchmarks/tune_gpu.py --out "$OUT/res" 2>&1 | tee -a "$log"
-fi
-if has e2e; then
-  echo "== end to end" | tee -a "$log"
+}
+stage_tune() { timeout ${T_TUNE:-200} python3 benchmarks/tune_gpu.py --out "$OUT/res" 2>&1 | tee -a "$log"; }
+stage_e2e() {
   timeout ${T_E2E:-150} python3 benchmarks/bench_e2e_gpu.py --steps 15 --warmup 5 --out "$OUT/res" 2>&1 | tee -a "$log"
-fi
-if has hook; then
-  echo "== hook per bucket" | tee -a "$log"
+}
+stage_hook() {
   timeout ${T_HOOK:-120} python3 benchmarks/bench_hook.py --sizes 4e6 2.7e7 1e8 --out "$OUT/res" 2>&1 | tee -a "$log"
-fi
-if has wrapper; then
-  echo "== wrapper against AdamW" | tee -a "$log"
+}
+stage_wrapper() {
   timeout ${T_WRAPPER:-120} python3 benchmarks/bench_wrapper.py --device cuda --out "$OUT/res" 2>&1 | tee -a "$log"
-fi
-if has ncu; then
-  echo "== Nsight Compute" | tee -a "$log"
-  timeout ${T_NCU:-120} ncu --clock-control none -k regex:tk_ -c 16 --section SpeedOfLight \
+}
+stage_ncu() {
+  timeout ${T_NCU:-120} ncu --clock-control none -k regex:tk_ -c 24 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy python3 benchmarks/tune_gpu.py --ncu-target \
     > "$OUT/ncu.txt" 2>&1
   grep -E "tk_|Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Compute \(SM\) Throughput" \
     "$OUT/ncu.txt" | head -120 | tee -a "$log"
-fi
-if has first && [ -f .gpu-tools/gpu_first_run.py ]; then
-  echo "== first-run cross-check" | tee -a "$log"
+}
+stage_first() {
+  [ -f .gpu-tools/gpu_first_run.py ] || return 0
   timeout ${T_FIRST:-150} python3 .gpu-tools/gpu_first_run.py --out "$OUT/first_run.json" > "$OUT/first_run.log" 2>&1
   tail -40 "$OUT/first_run.log" >> "$log"
-fi
+}
+for s in $STAGES; do
+  echo "== $s" | tee -a "$log"
+  "stage_$s"
+done
 echo "== done" | tee -a "$log"
