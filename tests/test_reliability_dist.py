@@ -232,6 +232,28 @@ def _sched_resume(rank, path):
     return torch.equal(model.weight.detach(), straight)
 
 
+# --------------------------------------------------------------------------- a non-finite gradient, raised
+def _hook_raise(rank):
+    """Default policy: the bad iteration's estimate is NaN everywhere at once; every rank raises at the next one."""
+    model = DDP(_net(), bucket_cap_mb=0.0002)
+    tk.ddp.register(model, tk.EF21(tk.TopK(ratio=0.3)), min_compression_rate=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    out = {}
+    for t in range(4):
+        opt.zero_grad()
+        loss = model(_grad_data(rank, t, (6, 5))).pow(2).mean()
+        if t == 2 and rank == 1:
+            loss = loss * float("inf")
+        try:
+            loss.backward()
+        except Exception as exc:
+            out["raised_at"], out["error"] = t, str(exc)
+            break
+        out[f"grad_nan_{t}"] = all(torch.isnan(p.grad).all() for p in model.parameters())
+        opt.step()
+    return out
+
+
 # ------------------------------------------------------------------------------------ configured differently
 def _misconfigured(rank):
     out = {}
@@ -263,6 +285,7 @@ def _worker(rank, world, path):
         "checkpoints": _hook_checkpoints(rank),
         "fp16": _fp16_wire(rank),
         "sched": _sched_resume(rank, path),
+        "raise": _hook_raise(rank),
         "misconfigured": _misconfigured(rank),  # last: the hook's error leaves DDP mid-backward
     }
 
@@ -322,6 +345,13 @@ def test_fp16_wire_state_stays_finite(results):
 
 def test_resume_with_a_scheduler_on_three_ranks(results):
     assert [r["sched"] for r in results] == [True] * WORLD
+
+
+def test_a_non_finite_gradient_raises_on_every_rank_one_iteration_later(results):
+    for r in results:
+        h = r["raise"]
+        assert not h["grad_nan_0"] and not h["grad_nan_1"] and h["grad_nan_2"]  # NaN everywhere at once
+        assert h["raised_at"] == 3 and "non-finite gradient" in h["error"]
 
 
 def test_ranks_configured_differently_all_raise(results):

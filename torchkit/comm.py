@@ -38,7 +38,7 @@ __all__ = [
     "nonfinite_flag",
 ]
 
-NonFinite = Literal["raise", "skip", "sanitize"]
+NonFinite = Literal["raise", "skip", "sanitize", "flag"]
 #: what a message's values may travel as (int8: one fp32 scale per chunk or segment, sparse messages only)
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8)
 
@@ -63,7 +63,10 @@ class RoundOptions:
             non-finite state: reload a checkpoint). ``"skip"``: the workers first agree on a flag (one small extra
             collective), and on a bad round no state changes anywhere and the estimate is NaN. ``"sanitize"``:
             bad entries count as the method's neutral value (no new information, so the state stays finite and
-            unchanged there), the estimate is NaN on every rank. ``None``: the caller has checked.
+            unchanged there), the estimate is NaN on every rank. ``"flag"``: as ``"raise"`` but nothing is read on
+            the host: the estimate is NaN on every rank and :attr:`RoundResult.nonfinite` holds the agreed flag, for
+            the caller to check when a read costs nothing (the DDP hook: at its next iteration). ``None``: the caller
+            has checked.
         track_error: also compute :meth:`Feedback.distortion_sq` after the worker step (one pass over the state).
     """
 
@@ -78,7 +81,7 @@ class RoundOptions:
         rate = self.min_compression_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate >= 0 and math.isfinite(rate)):
             raise ValueError(f"min_compression_rate must be >= 0, got {rate!r}")
-        if self.nonfinite not in (None, "raise", "skip", "sanitize"):
+        if self.nonfinite not in (None, "raise", "skip", "sanitize", "flag"):
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'sanitize', got {self.nonfinite!r}")
 
 
@@ -93,6 +96,7 @@ class RoundResult:
     dense_bytes: int
     skipped: bool = False
     distortion_sq: Tensor | None = None
+    nonfinite: Tensor | None = None  # 0-d bool on the estimate's device: some worker's input was not finite
 
 
 # --------------------------------------------------------------------------------------------- exchangers
@@ -342,9 +346,9 @@ def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, de
                     f"non-finite gradient (NaN or Inf) on at least one worker in round {step}; every rank raises "
                     "(use nonfinite='skip' to skip such rounds, or pass your GradScaler to the front end)"
                 )
-            if sanitize:
+            if sanitize or options.nonfinite == "flag":
                 out.masked_fill_(any_bad, float("nan"))  # every rank: GradScaler then skips the step everywhere
-        return RoundResult(out, msg, sent, dense_bytes, distortion_sq=err)
+        return RoundResult(out, msg, sent, dense_bytes, distortion_sq=err, nonfinite=any_bad)
 
     return fut.then(finish)
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import DistExchanger, NonFinite, RoundOptions, nonfinite_flag, start_round
+from .comm import DistExchanger, NonFinite, NonFiniteGradientError, RoundOptions, nonfinite_flag, start_round
 from .feedback import Feedback
 from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
 
@@ -50,9 +50,13 @@ class CompressionState:
             unscaled gradient (so the feedback state does not depend on the loss scale), hands DDP the estimate
             scaled back (GradScaler unscales it as usual) and skips rounds exactly: when any rank's bucket is not
             finite, no rank's feedback state changes and the estimate is NaN, so GradScaler skips the step.
-        nonfinite: what a non-finite gradient does (:class:`torchkit.comm.RoundOptions`): ``"raise"`` (default
-            without a scaler), ``"skip"`` (default with one: one extra small ``all_reduce`` per bucket) or
-            ``"sanitize"``.
+        nonfinite: what a non-finite gradient does (:class:`torchkit.comm.RoundOptions`). ``"raise"`` (default
+            without a scaler): the estimate is NaN on every rank at once, and :class:`~torchkit.comm.
+            NonFiniteGradientError` is raised on every rank at the next iteration's first bucket (the flag is read on
+            the host only then, when reading it costs no wait); the bad rank's feedback state may hold NaN, so restore
+            a checkpoint. ``"skip"`` (default with a scaler): the buckets wait for the last one, one flag is agreed,
+            and a bad step changes no state anywhere. ``"sanitize"``: bad entries count as the method's neutral value
+            (the state stays finite), the estimate is NaN everywhere.
         track_error: also accumulate :attr:`error_norm_sq` (one extra pass over the state per bucket).
 
     Counters, for the last completed iteration on this rank: :attr:`bytes_sent`, :attr:`dense_bytes`
@@ -85,6 +89,7 @@ class CompressionState:
         "_exchanger",
         "_agreed",
         "_queue",
+        "_flags",
         # counters of the last completed iteration, and the running ones
         "bytes_sent",
         "dense_bytes",
@@ -131,6 +136,7 @@ class CompressionState:
         self._exchanger = None
         self._agreed = False
         self._queue: list = []  # nonfinite="skip": this iteration's buckets, held until the last one
+        self._flags: list = []  # nonfinite="raise": the last iteration's non-finite flags, read at the next one
         self.bytes_sent = self.dense_bytes = 0
         self.error_norm_sq = None
         self._acc = _new_counters()
@@ -338,6 +344,7 @@ class CompressionState:
             "_lock",
             "_acc",
             "_queue",
+            "_flags",
         )
         out = {s: getattr(self, s) for s in self.__slots__ if s not in skip}
         out["round_state"] = self.round.state_dict()
@@ -347,7 +354,7 @@ class CompressionState:
         for s in self.__slots__:
             setattr(self, s, state.get(s))
         self.process_group, self.grad_scaler, self._model, self._exchanger, self._agreed = None, None, None, None, False
-        self._keys, self._acc, self._lock, self._queue = {}, _new_counters(), threading.Lock(), []
+        self._keys, self._acc, self._lock, self._queue, self._flags = {}, _new_counters(), threading.Lock(), [], []
         self.round = RoundState(self.feedback)
         saved = state.get("round_state")
         if saved:
@@ -416,6 +423,8 @@ def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.F
     if scale is not None:  # the method sees the unscaled gradient; exact for GradScaler's powers of two
         buf.mul_(scale.double().reciprocal().float().to(buf.device))
     acc = state._acc  # this iteration's counters; published when its last bucket's round has completed
+    if acc["calls"] == 0 and state._flags:
+        _raise_if_flagged(state)
     acc["calls"] += 1
     last = bucket.is_last()
     if last:
@@ -423,7 +432,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.F
         state._acc = _new_counters()
     job = _Job(buf, blk, scale, acc)
     if state.nonfinite != "skip":
-        fut = _start(state, job, state.nonfinite)
+        fut = _start(state, job, "flag" if state.nonfinite == "raise" else state.nonfinite)
         if last:
             state.round.step += 1
         return fut
@@ -464,10 +473,41 @@ def _start(state: CompressionState, job: _Job, nonfinite) -> torch.futures.Futur
         res = fut.value()
         if job.scale is not None:
             buf.mul_(job.scale.to(buf.device))  # GradScaler unscales the estimate as it would the gradient
+        if nonfinite == "flag" and res.nonfinite is not None:
+            _keep_flag(state, res.nonfinite)
         _account(state, job.acc, res)
         return buf
 
     return start_round(state.feedback, state._exchange(), job.blk, buf, state.round.step, options).then(done)
+
+
+def _keep_flag(state: CompressionState, flag: Tensor) -> None:
+    """Copy a device flag to the host without waiting (pinned memory, an event to know when it landed)."""
+    if flag.is_cuda:
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        host, event = flag, None
+    with state._lock:
+        state._flags.append((host, event))
+
+
+def _raise_if_flagged(state: CompressionState) -> None:
+    """At an iteration's first bucket: raise on every rank if the previous iteration saw a non-finite gradient."""
+    flags, state._flags = state._flags, []
+    bad = False
+    for host, event in flags:
+        if event is not None:
+            event.synchronize()  # recorded an iteration ago: done already in practice
+        bad = bad or bool(host)
+    if bad:
+        raise NonFiniteGradientError(
+            "non-finite gradient (NaN or Inf) on at least one rank in the previous iteration: its estimate was NaN on "
+            "every rank and the feedback state of the rank concerned may hold NaN; restore a checkpoint (pass your "
+            "GradScaler as grad_scaler= to skip such steps exactly, or nonfinite='sanitize' to keep the state finite)"
+        )
 
 
 def _completer(pending: torch.futures.Future):
