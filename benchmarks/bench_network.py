@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import math
 import os
 import random
 import shutil
@@ -135,7 +136,14 @@ def worker(cfg: dict) -> None:
     method, lr = cfg["method"], cfg["lr"]
     opt_kwargs = {"momentum": cfg["momentum"]}
     local = method.startswith(("local", "diloco"))
-    model = task.model(cfg["seed"]) if local else DDP(task.model(cfg["seed"]))
+    if local:
+        model = task.model(cfg["seed"])
+    elif method.startswith("powersgd"):
+        # PyTorch's PowerSGD hook issues its later collectives from completion callbacks; with several buckets
+        # their order can differ between Gloo ranks (a size-mismatch abort at 4 ranks), so it gets one bucket.
+        model = DDP(task.model(cfg["seed"]), bucket_cap_mb=1024)
+    else:
+        model = DDP(task.model(cfg["seed"]))
     if local:
         every = int(method.split("@")[0].removeprefix("local").removeprefix("diloco"))
         if method.startswith("diloco"):
@@ -159,26 +167,33 @@ def worker(cfg: dict) -> None:
         lr = lr * rec.lr_scale
     if not local:
         opt = torch.optim.SGD(model.parameters(), lr=lr, **opt_kwargs)
-    losses, times = [], []
+    losses, times, diverged = [], [], False
     for step in range(cfg["steps"]):
         xs, ys = task.batches(step)
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = task.loss(model(xs[rank]), ys[rank])
-        loss.backward()
-        opt.step()
+        try:
+            loss = task.loss(model(xs[rank]), ys[rank])
+            loss.backward()
+            opt.step()
+        except tk.NonFiniteGradientError:  # raised on every rank at the same step: the run diverged
+            diverged = True
+            break
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
+    diverged = diverged or not losses or not math.isfinite(losses[-1])
     if rank == 0:
-        ev = task.evaluate(model if local else model.module)
+        nan = {"loss": float("nan"), "accuracy": float("nan")}
+        ev = nan if diverged else task.evaluate(model if local else model.module)
         Path(cfg["out"]).write_text(
             json.dumps(
                 {
                     **cfg,
                     "steps_run": len(losses),
+                    "diverged": diverged,
                     "losses": losses,
                     "step_seconds": times,
-                    "step_ms_median": 1e3 * statistics.median(times[5:] or times),
+                    "step_ms_median": 1e3 * statistics.median(times[5:] or times or [math.nan]),
                     "seconds_total": sum(times),
                     "test": ev,
                 }
@@ -205,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the saved network.json and its targets; the runs named here replace theirs")  # fmt: skip
     args = p.parse_args(argv)
     if args.worker is not None:
         worker(json.loads(args.worker))
@@ -220,6 +237,8 @@ def main(argv=None) -> int:
     order = sorted(rates, key=lambda r: -_bits_per_second(r) if r != "unshaped" else 0)  # fastest first
     rows, targets = [], {}
     out_dir = Path(args.out)
+    if args.merge:
+        rows, targets = _load(out_dir, set(args.methods), set(rates), set(args.ranks), set(args.tasks))
     try:
         for rate in order:
             ns = shaped_namespace(rate) if shaped else None
@@ -288,35 +307,63 @@ def _line(r: dict) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """Per (rate, ranks, task): each method's median seconds to the target and its ratio to PowerSGD's best."""
+    """Per (rate, ranks, task): the fastest run to the target of each family (DDP, PowerSGD, per-step error
+    feedback, local SGD), as median seconds, and PowerSGD's time over each torchkit family's (above 1: sooner)."""
     by: dict = {}
     for r in rows:
         if "failed" not in r:
             by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(r["method"], []).append(r)
+
+    def secs(rs):
+        got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
+        return statistics.median(got) if len(got) == len(rs) else float("inf")
+
+    families = {"ddp": lambda k: k == "ddp", "PowerSGD": lambda k: k.startswith("powersgd"),
+                "EF": lambda k: "@" in k and not k.startswith("local"),
+                "local": lambda k: k.startswith(("local", "diloco"))}  # fmt: skip
     lines = []
     for (rate, n, task), ms in by.items():
-
-        def secs(rs):
-            got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
-            return statistics.median(got) if len(got) == len(rs) else float("inf")
-
-        psgd = min((secs(v) for k, v in ms.items() if k.startswith("powersgd")), default=float("inf"))
-        best_tk = min(((secs(v), k) for k, v in ms.items() if "@" in k and not k.startswith("local")),
-                      default=(float("inf"), "-"))  # fmt: skip
-        ratio = best_tk[0] / psgd if psgd < float("inf") else float("nan")
-        lines.append(f"{rate:>9s} n={n} {task:10s} best torchkit {best_tk[1]} {best_tk[0]:.1f} s, best PowerSGD "
-                     f"{psgd:.1f} s, ratio {ratio:.2f}")  # fmt: skip
+        best = {f: min(((secs(v), k) for k, v in ms.items() if pick(k)), default=(float("inf"), "-"))
+                for f, pick in families.items()}  # fmt: skip
+        text = ", ".join(f"{f} {k} {t:.1f} s" if t < float("inf") else f"{f} none" for f, (t, k) in best.items())
+        psgd = best["PowerSGD"][0]
+        for f in ("EF", "local"):
+            if best[f][0] < float("inf") and psgd < float("inf"):
+                text += f"; PowerSGD/{f} {psgd / best[f][0]:.2f}x"
+        lines.append(f"{rate:>9s} n={n} {task:10s} {text}")
     return "\n".join(lines)
+
+
+def _result_dir(out_dir: Path) -> tuple[str, Path]:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from torchkit import bench
+
+    name = bench.device_name(torch.device("cpu"))
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return name, out_dir / slug
+
+
+def _load(out_dir: Path, methods: set, rates: set, ranks: set, tasks: set) -> tuple[list, dict]:
+    """The saved rows and targets, less the rows of the runs about to be repeated (``--merge``)."""
+    path = _result_dir(out_dir)[1] / "network.json"
+    old = json.loads(path.read_text())
+    targets = {(k.split("/n=")[0], int(k.split("/n=")[1])): v for k, v in old["targets"].items()}
+    redo = [r for r in old["rows"] if r["method"] in methods and r["rate"] in rates and r["ranks"] in ranks
+            and r["task"] in tasks]  # fmt: skip
+    return [r for r in old["rows"] if r not in redo], targets
 
 
 def _save(rows, targets, out_dir: Path, shaped: bool) -> None:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from torchkit import bench
     from torchkit._results import save_result
 
-    name = bench.device_name(torch.device("cpu"))
+    name, where = _result_dir(out_dir)
     result = {
         "device": name,
         "shaped": bool(shaped),
@@ -325,10 +372,7 @@ def _save(rows, targets, out_dir: Path, shaped: bool) -> None:
         "targets": {f"{t}/n={n}": v for (t, n), v in targets.items()},
         "rows": rows,
     }
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    save_result(result, out_dir / slug, "network", plot)
+    save_result(result, where, "network", plot)
 
 
 def plot(result: dict, path) -> None:

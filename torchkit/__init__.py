@@ -10,6 +10,7 @@ front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit
 from __future__ import annotations
 
 from . import comm, coupling, ops, sim, theory
+from .comm import NonFiniteGradientError
 from .compress import Identity, RandK, ScaledSign, TopK
 from .coupling import LocalAdam, LocalMomentum, recommended
 from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
@@ -33,6 +34,7 @@ __all__ = [
     "recommended",
     "CompressedOptimizer",
     "LocalSGD",
+    "NonFiniteGradientError",
     "theory",
     "sim",
     "ops",
