@@ -101,6 +101,8 @@ def _options(parser, path=("torchkit",)):
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 yield from _options(sub, (*path, name))
+        elif action.help == argparse.SUPPRESS:  # internal (the network benchmark's worker entry)
+            continue
         elif action.option_strings and not isinstance(action, argparse._HelpAction | argparse._VersionAction):
             yield path, action
 

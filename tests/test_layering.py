@@ -21,6 +21,7 @@ LAYER = {
     "sim": 4,
     "_results": 0,
     "bench": 5,
+    "netbench": 5,
     "demo": 5,
     "repro": 5,
     "cli": 5,

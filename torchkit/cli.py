@@ -1,4 +1,4 @@
-"""Command line: ``torchkit demo | repro ef21 | repro ef21w | bench | build-ext`` (also ``python -m torchkit``)."""
+"""Command line: ``torchkit demo | repro ef21 | repro ef21w | bench [network] | build-ext`` (``python -m torchkit``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import TextIO
+
+from . import netbench
 
 __all__ = ["main"]
 
@@ -317,6 +319,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="gradient dtypes")
     b.add_argument("--out", default=None, help="folder for kernels.json and kernels.png (default: print only)")
     b.set_defaults(fn=_bench)
+    what = b.add_subparsers(dest="bench_what", metavar="{network}", help="another benchmark instead of the kernels'")
+    n = what.add_parser(
+        "network",
+        help="time and bytes to a target loss on a shaped link (root: ip netns + tc), against DDP and PowerSGD",
+        description=netbench.__doc__,
+        formatter_class=_Formatter,
+    )
+    netbench.add_arguments(n)
+    n.set_defaults(fn=netbench.run)
 
     x = sub.add_parser(
         "build-ext",

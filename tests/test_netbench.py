@@ -1,0 +1,76 @@
+"""The shaped-network benchmark (``torchkit bench network``): its argument checks, its bookkeeping, and one
+small run end to end (slow: it spawns torchrun in a namespace of its own when root)."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from torchkit import netbench
+from torchkit.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--methods", "ef14@2"], "--methods"),
+        (["--methods", "topk@0.01"], "--methods"),
+        (["--methods", "powersgd"], "--methods"),
+        (["--rates", "fast"], "--rates"),
+        (["--ranks", "1"], "--ranks"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_runs(argv, named, capsys, tmp_path):
+    assert main(["bench", "network", "--out", str(tmp_path), *argv]) == 2
+    assert named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_default_method_is_known():
+    for m in (*netbench.METHODS, *netbench.LOCAL_METHODS):
+        assert netbench.check_method(m) == m
+
+
+def test_reached_uses_the_smoothed_loss_and_the_elapsed_time():
+    losses = [3.0] * 30 + [1.0] * 30
+    row = {"losses": losses, "step_seconds": [0.5] * 60}
+    got = netbench.reached(row, target=2.0, window=20)
+    # the mean of the last 20 losses is <= 2 once 10 or more of them are 1.0: at step 40
+    assert got == {"step": 40, "seconds": 20.0}
+    assert netbench.reached(row, target=0.5, window=20) is None
+    assert netbench.reached(row, target=None) is None
+
+
+def test_summary_ratios_are_powersgd_time_over_each_family():
+    def row(method, seconds):
+        return {"rate": "100mbit", "ranks": 2, "task": "char_lm", "method": method,
+                "reached": {"step": 1, "seconds": seconds} if seconds else None}  # fmt: skip
+
+    rows = [row("ddp", 100.0), row("powersgd1", 12.0), row("powersgd4", 15.0), row("ef14@0.01", 8.0),
+            row("ef14@0.01", 10.0), row("ef14@0.01", 9.0), row("ef21@0.01", None), row("local8@0.03", 6.0)]  # fmt: skip
+    text = netbench.summary(rows)
+    assert "PowerSGD powersgd1 12.0 s" in text and "EF ef14@0.01 9.0 s" in text  # the median of 3 seeds
+    assert "PowerSGD/EF 1.33x" in text and "PowerSGD/local 2.00x" in text
+
+
+@pytest.mark.slow
+def test_small_run_end_to_end(tmp_path):
+    out = tmp_path / "res"
+    argv = ["bench", "network", "--rates", "1gbit", "--ranks", "2", "--tasks", "digits_cnn", "--steps", "30",
+            "--methods", "ddp", "ef14@0.01", "local8@0.03", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = out.glob("*/network.json")
+    result = json.loads(path.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"ddp", "ef14@0.01", "local8@0.03"} and not any("failed" in r for r in rows.values())
+    assert result["targets"]["digits_cnn/n=2"] == pytest.approx(rows["ddp"]["target_set"])
+    for r in rows.values():
+        assert r["steps_run"] == 30 and len(r["losses"]) == 30 and r["wire_bytes_per_step"] > 0
+    # the compressed runs put fewer bytes on the loopback than the dense all-reduce
+    assert rows["ef14@0.01"]["wire_bytes_total"] < rows["ddp"]["wire_bytes_total"] / 3
+    assert rows["local8@0.03"]["wire_bytes_total"] < rows["ef14@0.01"]["wire_bytes_total"]
+    assert (path.parent / "network.png").exists()
+    if result["shaped"] and shutil.which("ip"):  # every namespace it made is gone
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert "tkbench" not in listed

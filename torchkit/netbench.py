@@ -1,0 +1,452 @@
+"""The judge: time and bytes to a target loss on a shaped network, torchkit against DDP and PowerSGD.
+
+    sudo torchkit bench network [--rates 1gbit 100mbit] [--ranks 2 4] [--tasks char_lm digits_cnn]
+                                [--steps 300] [--repeats 2] [--out torchkit-network]
+    sudo python benchmarks/bench_network.py ...   # the same, writing under benchmarks/results
+
+For each link rate it creates a network namespace of its own (``ip netns add``), brings up its loopback and
+shapes it with ``tc qdisc add dev lo root tbf rate R burst ... latency ...``, and runs N Gloo ranks with
+``torch.distributed.run`` inside it, one training run per method: DDP's all-reduce, PyTorch's PowerSGD hook (rank 1
+and 4) and torchkit's hook with each method's recommended configuration (``torchkit.coupling.recommended``) at
+1% and 0.1%. Every run trains the same model on the same per-rank batches (``torchkit.tasks``) with the same
+learning rate for its inner optimizer; runs are interleaved over the repeats. Measured per run: the median step
+time, the bytes on the wire (the namespace's loopback counters, so protocol overhead included), the steps and
+seconds until rank 0's smoothed training loss first reaches the target (the dense run's smoothed loss at 60% of
+its steps, on the fastest link). The namespace is deleted on every exit path. Without root or ``tc`` it says so
+and runs unshaped. Writes ``<out>/<device>/network.json`` and ``network.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the folder holding the torchkit package, for the workers' path
+METHODS = ("ddp", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
+# compressed local SGD (LocalSGD): "local<H>@<ratio>" = EF14 on the pseudo-gradient every H steps,
+# TopK per 65536-chunk with int8 values (the compact wire format), averaging outer step; "diloco<H>" = the same
+# without compression (Identity, fp32)
+LOCAL_METHODS = ("local8@0.03", "local32@0.03", "local8@0.01", "diloco8")
+_NAMESPACES: list[str] = []
+
+
+# ------------------------------------------------------------------------------------------------ namespaces
+def _cleanup() -> None:
+    while _NAMESPACES:
+        subprocess.run(["ip", "netns", "del", _NAMESPACES.pop()], capture_output=True)
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    _cleanup()
+    sys.exit(128 + signum)
+
+
+def shaped_namespace(rate: str) -> str:
+    """A fresh namespace whose loopback runs at ``rate`` (tbf: a burst of 1 ms of traffic or two MTUs, 50 ms queue)."""
+    name = f"tkbench{os.getpid()}_{len(_NAMESPACES)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    _NAMESPACES.append(name)
+    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+    if rate != "unshaped":
+        bits = _bits_per_second(rate)
+        burst = max(2 * 65536, bits // 8 // 1000)  # a millisecond of traffic, and at least two loopback MTUs:
+        # tbf drops every packet larger than its burst, and the loopback's packets are up to 64 KiB
+        subprocess.run(
+            ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
+             "burst", str(burst), "latency", "50ms"],
+            check=True,
+        )  # fmt: skip
+    return name
+
+
+def _bits_per_second(rate: str) -> int:
+    units = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+    for u, f in units.items():
+        if rate.lower().endswith(u):
+            return int(float(rate[: -len(u)]) * f)
+    raise ValueError(f"--rates: a rate looks like 100mbit or 1gbit (or unshaped), got {rate!r}")
+
+
+def _lo_bytes(ns: str | None) -> int:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + ["cat", "/proc/net/dev"]
+    for line in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines():
+        if line.strip().startswith("lo:"):
+            return int(line.split(":")[1].split()[8])  # transmitted bytes
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -------------------------------------------------------------------------------------------------- a run
+def run_one(ns: str | None, n: int, cfg: dict, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {**cfg, "out": os.path.join(tmp, "result.json")}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "torchkit.netbench", "--worker",
+               json.dumps(cfg)]  # fmt: skip
+        if ns:
+            cmd = ["ip", "netns", "exec", ns] + cmd
+        before = _lo_bytes(ns)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        wire = _lo_bytes(ns) - before
+        if proc.returncode != 0 or not Path(cfg["out"]).exists():
+            log = Path(tempfile.gettempdir()) / f"bench_network_{cfg['method']}_{cfg['rate']}_{cfg['ranks']}.log"
+            log.write_text(proc.stdout + proc.stderr)
+            raise RuntimeError(f"run {cfg['method']} failed (exit {proc.returncode}); its output: {log}")
+        res = json.loads(Path(cfg["out"]).read_text())
+    res["wire_bytes_total"] = wire
+    res["wire_bytes_per_step"] = wire / max(1, res["steps_run"])
+    return res
+
+
+def worker(cfg: dict) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from . import ddp, tasks
+    from .comm import NonFiniteGradientError
+    from .compress import Identity, TopK
+    from .coupling import recommended
+    from .feedback import EF14
+    from .local_sgd import LocalSGD
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, n = dist.get_rank(), dist.get_world_size()
+    make_task = {"char_lm": tasks.char_lm, "digits_cnn": tasks.digits_cnn}[cfg["task"]]
+    task = make_task(n_workers=n, split=cfg["split"], **cfg.get("task_kwargs", {}))
+    method, lr = cfg["method"], cfg["lr"]
+    opt_kwargs = {"momentum": cfg["momentum"]}
+    local = method.startswith(("local", "diloco"))
+    if local:
+        model = task.model(cfg["seed"])
+    elif method.startswith("powersgd"):
+        # PyTorch's PowerSGD hook issues its later collectives from completion callbacks; with several buckets
+        # their order can differ between Gloo ranks (a size-mismatch abort at 4 ranks), so it gets one bucket.
+        model = DDP(task.model(cfg["seed"]), bucket_cap_mb=1024)
+    else:
+        model = DDP(task.model(cfg["seed"]))
+    if local:
+        every = int(method.split("@")[0].removeprefix("local").removeprefix("diloco"))
+        if method.startswith("diloco"):
+            fb, wire = EF14(Identity()), None
+        else:
+            fb, wire = EF14(TopK(ratio=float(method.split("@")[1]), chunk=65536)), torch.int8
+        opt = LocalSGD(model.parameters(), torch.optim.SGD, feedback=fb, sync_every=every, wire_dtype=wire,
+                          lr=lr, momentum=cfg["momentum"])  # fmt: skip
+    elif method == "ddp":
+        pass
+    elif method.startswith("powersgd"):
+        state = powersgd.PowerSGDState(
+            process_group=None, matrix_approximation_rank=int(method[-1]), start_powerSGD_iter=2, random_seed=0
+        )
+        model.register_comm_hook(state, powersgd.powerSGD_hook)
+    else:
+        name, ratio = method.split("@")
+        rec = recommended(name, TopK(ratio=float(ratio)), torch.optim.SGD, momentum=cfg["momentum"])
+        ddp.register(model, rec.feedback, min_compression_rate=2.0)
+        opt_kwargs = rec.optimizer_kwargs
+        lr = lr * rec.lr_scale
+    if not local:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, **opt_kwargs)
+    losses, times, diverged = [], [], False
+    for step in range(cfg["steps"]):
+        xs, ys = task.batches(step)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        try:
+            loss = task.loss(model(xs[rank]), ys[rank])
+            loss.backward()
+            opt.step()
+        except NonFiniteGradientError:  # raised on every rank at the same step: the run diverged
+            diverged = True
+            break
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+    diverged = diverged or not losses or not math.isfinite(losses[-1])
+    if rank == 0:
+        nan = {"loss": float("nan"), "accuracy": float("nan")}
+        ev = nan if diverged else task.evaluate(model if local else model.module)
+        Path(cfg["out"]).write_text(
+            json.dumps(
+                {
+                    **cfg,
+                    "steps_run": len(losses),
+                    "diverged": diverged,
+                    "losses": losses,
+                    "step_seconds": times,
+                    "step_ms_median": 1e3 * statistics.median(times[5:] or times or [math.nan]),
+                    "seconds_total": sum(times),
+                    "test": ev,
+                }
+            )
+        )
+    dist.barrier()  # nobody leaves while a peer still has traffic in flight
+    os._exit(0)  # results are written; skip the teardown (a Gloo pair can abort at interpreter exit)
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> None:
+    """The benchmark's options (``torchkit bench network`` and ``benchmarks/bench_network.py`` share them)."""
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rates", nargs="+", default=["10gbit", "1gbit", "100mbit"],
+                   help="tc tbf link rates (unshaped: a namespace without tc)")  # fmt: skip
+    p.add_argument("--ranks", nargs="+", type=int, default=[2, 4], help="Gloo processes per run")
+    p.add_argument("--tasks", nargs="+", default=["char_lm", "digits_cnn"], choices=["char_lm", "digits_cnn"],
+                   help="models from torchkit.tasks: the character transformer and the digits CNN")  # fmt: skip
+    p.add_argument("--lm-width", type=int, default=256, help="char_lm's width (256 with 4 layers: 3.2M parameters)")
+    p.add_argument("--lm-layers", type=int, default=4, help="char_lm's transformer layers")
+    p.add_argument("--split", default="iid", choices=["iid", "noniid"], help="how the data is split among ranks")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help="ddp, powersgd<rank>, <ef14|ef21|...>@<density>, local<H>@<density>, diloco<H>")  # fmt: skip
+    p.add_argument("--steps", type=int, default=300, help="training steps per run")
+    p.add_argument("--repeats", type=int, default=2, help="seeds per configuration, run interleaved")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, the same for every method")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (inside the method where recommended)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--out", default=out, help="results go to <out>/<device>/network.json and network.png")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the saved network.json and its targets; the runs named here replace theirs")  # fmt: skip
+
+
+def main(argv=None, out: str = "torchkit-network") -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, out)
+    return run(p.parse_args(argv))
+
+
+def check_method(m: str) -> str:
+    """``m`` if the benchmark knows it: ddp, powersgd<rank>, <ef14|ef21|ef21sgdm|econtrol>@<density>,
+    local<H>@<density> or diloco<H>; otherwise a ValueError naming --methods."""
+    import re
+
+    ok = re.fullmatch(r"ddp|powersgd[1-9]\d*|diloco[1-9]\d*|local[1-9]\d*@(0?\.\d+)|"
+                      r"(ef14|ef21|ef21sgdm|econtrol)@(0?\.\d+)", m)  # fmt: skip
+    if not ok or ("@" in m and not 0 < float(m.split("@")[1]) < 1):
+        raise ValueError(
+            f"--methods: unknown method {m!r}; expected ddp, powersgd<rank>, <method>@<density> (method one of "
+            "ef14, ef21, ef21sgdm, econtrol; density in (0, 1)), local<H>@<density> or diloco<H>"
+        )
+    return m
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker is not None:
+        worker(json.loads(args.worker))
+        return 0
+    for m in args.methods:
+        check_method(m)
+    for r in args.rates:
+        if r != "unshaped":
+            _bits_per_second(r)
+    if min(args.ranks) < 2 or args.steps < 1 or args.repeats < 1:
+        raise ValueError(f"--ranks must be at least 2, --steps and --repeats at least 1; got {args.ranks}, "
+                         f"{args.steps}, {args.repeats}")  # fmt: skip
+    shaped = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc")
+    rates = args.rates
+    if not shaped:
+        print("not root, or no ip/tc on this machine: running unshaped on the host's loopback", flush=True)
+        rates = ["unshaped"]
+    atexit.register(_cleanup)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    order = sorted(rates, key=lambda r: -_bits_per_second(r) if r != "unshaped" else 0)  # fastest first
+    rows, targets = [], {}
+    out_dir = Path(args.out)
+    if args.merge:
+        rows, targets = _load(out_dir, set(args.methods), set(rates), set(args.ranks), set(args.tasks))
+    try:
+        for rate in order:
+            ns = shaped_namespace(rate) if shaped else None
+            try:
+                for n in args.ranks:
+                    for task in args.tasks:
+                        key = (task, n)
+                        for rep in range(args.repeats):
+                            methods = list(args.methods)
+                            random.Random(rep).shuffle(methods)
+                            if "ddp" in methods and key not in targets:  # the dense run sets the target first
+                                methods.remove("ddp")
+                                methods.insert(0, "ddp")
+                            for m in methods:
+                                kw = {"width": args.lm_width, "layers": args.lm_layers} if task == "char_lm" else {}
+                                cfg = {"task": task, "split": args.split, "method": m, "steps": args.steps,
+                                       "lr": args.lr, "momentum": args.momentum, "seed": rep, "task_kwargs": kw,
+                                       "rate": rate, "ranks": n}  # fmt: skip
+                                try:
+                                    res = run_one(ns, n, cfg, args.timeout)
+                                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                                    print(f"  {rate} n={n} {task} {m}: {exc}", flush=True)
+                                    rows.append({**cfg, "failed": str(exc)})
+                                    continue
+                                if m == "ddp" and key not in targets:
+                                    at = max(20, int(0.6 * len(res["losses"])))
+                                    targets[key] = statistics.fmean(res["losses"][at - 20 : at])
+                                    res["target_set"] = targets[key]
+                                res.pop("out", None)
+                                rows.append(res)
+                                for row in rows:  # the target may have come after the run
+                                    if (row["task"], row["ranks"]) == key and "failed" not in row:
+                                        row["reached"] = reached(row, targets.get(key))
+                                print(_line(res), flush=True)
+                                _save(rows, targets, out_dir, shaped)
+            finally:
+                if ns:
+                    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+                    if ns in _NAMESPACES:
+                        _NAMESPACES.remove(ns)
+    finally:
+        _cleanup()
+    print(summary(rows))
+    return 0
+
+
+def reached(r: dict, target: float | None, window: int = 20) -> dict | None:
+    """The first step at which the run's smoothed training loss (mean of the last ``window``) is at or below
+    ``target``, with the seconds spent until then (the sum of the step times: compute and communication)."""
+    if target is None or "losses" not in r:
+        return None
+    elapsed = 0.0
+    for i, dt in enumerate(r["step_seconds"]):
+        elapsed += dt
+        if i + 1 >= window and statistics.fmean(r["losses"][i + 1 - window : i + 1]) <= target:
+            return {"step": i + 1, "seconds": elapsed}
+    return None
+
+
+def _line(r: dict) -> str:
+    got = r.get("reached")
+    when = f"{got['seconds']:.1f} s ({got['step']} steps)" if got else "not reached"
+    mb = r["wire_bytes_per_step"] / 1e6
+    return (f"{r['rate']:>9s} n={r['ranks']} {r['task']:10s} {r['method']:11s} step {r['step_ms_median']:8.1f} ms  "
+            f"wire {mb:8.3f} MB/step  to target {when}  test {r['test']['loss']:.3f}")  # fmt: skip
+
+
+def summary(rows: list[dict]) -> str:
+    """Per (rate, ranks, task): the fastest run to the target of each family (DDP, PowerSGD, per-step error
+    feedback, local SGD), as median seconds, and PowerSGD's time over each torchkit family's (above 1: sooner)."""
+    by: dict = {}
+    for r in rows:
+        if "failed" not in r:
+            by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(r["method"], []).append(r)
+
+    def secs(rs):
+        got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
+        return statistics.median(got) if len(got) == len(rs) else float("inf")
+
+    families = {"ddp": lambda k: k == "ddp", "PowerSGD": lambda k: k.startswith("powersgd"),
+                "EF": lambda k: "@" in k and not k.startswith("local"),
+                "local": lambda k: k.startswith(("local", "diloco"))}  # fmt: skip
+    lines = []
+    for (rate, n, task), ms in by.items():
+        best = {f: min(((secs(v), k) for k, v in ms.items() if pick(k)), default=(float("inf"), "-"))
+                for f, pick in families.items()}  # fmt: skip
+        text = ", ".join(f"{f} {k} {t:.1f} s" if t < float("inf") else f"{f} none" for f, (t, k) in best.items())
+        psgd = best["PowerSGD"][0]
+        for f in ("EF", "local"):
+            if best[f][0] < float("inf") and psgd < float("inf"):
+                text += f"; PowerSGD/{f} {psgd / best[f][0]:.2f}x"
+        lines.append(f"{rate:>9s} n={n} {task:10s} {text}")
+    return "\n".join(lines)
+
+
+def _result_dir(out_dir: Path) -> tuple[str, Path]:
+    import torch
+
+    from . import bench
+
+    name = bench.device_name(torch.device("cpu"))
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return name, out_dir / slug
+
+
+def _load(out_dir: Path, methods: set, rates: set, ranks: set, tasks: set) -> tuple[list, dict]:
+    """The saved rows and targets, less the rows of the runs about to be repeated (``--merge``)."""
+    path = _result_dir(out_dir)[1] / "network.json"
+    old = json.loads(path.read_text())
+    targets = {(k.split("/n=")[0], int(k.split("/n=")[1])): v for k, v in old["targets"].items()}
+    redo = [r for r in old["rows"] if r["method"] in methods and r["rate"] in rates and r["ranks"] in ranks
+            and r["task"] in tasks]  # fmt: skip
+    return [r for r in old["rows"] if r not in redo], targets
+
+
+def _save(rows, targets, out_dir: Path, shaped: bool) -> None:
+    import torch
+
+    from . import bench
+    from ._results import save_result
+
+    name, where = _result_dir(out_dir)
+    result = {
+        "device": name,
+        "shaped": bool(shaped),
+        "torch": torch.__version__,
+        "commit": bench._git_commit(),
+        "targets": {f"{t}/n={n}": v for (t, n), v in targets.items()},
+        "rows": rows,
+    }
+    save_result(result, where, "network", plot)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    tasks = sorted({r["task"] for r in rows})
+    ranks = sorted({r["ranks"] for r in rows})
+    fig, axes = plt.subplots(len(tasks), len(ranks), figsize=(5 * len(ranks), 3.8 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, n in enumerate(ranks):
+            ax = axes[i][j]
+            for m in sorted({r["method"] for r in rows}):
+                pts = {}
+                for r in rows:
+                    ok = "failed" not in r and r["rate"] != "unshaped"
+                    if ok and r["task"] == task and r["ranks"] == n and r["method"] == m:
+                        sec = r["reached"]["seconds"] if r.get("reached") else float("nan")
+                        pts.setdefault(_bits_per_second(r["rate"]), []).append(sec)
+                xs = sorted(x for x in pts if all(v == v for v in pts[x]))  # rates where every seed reached it
+                if xs:
+                    ys = [statistics.median(pts[x]) for x in xs]
+                    ax.plot([x / 1e6 for x in xs], ys, "o-", label=m)
+            if ax.lines:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+            ax.set_xlabel("link rate (Mbit/s)")
+            ax.set_ylabel("seconds to target loss")
+            ax.set_title(f"{task}, {n} ranks")
+            ax.grid(True, which="both", alpha=0.3)
+    if axes[0][0].lines:
+        axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
