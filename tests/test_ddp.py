@@ -354,3 +354,24 @@ def test_torch_compile_model_with_the_hook():
     for eager, compiled in run_dist(_compiled, 2):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
         assert not torch.equal(eager, _flat(_net(torch.float32)))  # it trained
+
+
+def test_the_hook_state_does_not_keep_the_model_alive(tmp_path):
+    """DDP's C++ reducer holds the hook state; were the state to hold the model strongly, the model, its
+    gradients and its process group would live until the interpreter exits (where Gloo's threads can abort it)."""
+    import gc
+    import weakref
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DDP(_net(torch.float32))
+        state = tk.ddp.register(model, FEEDBACKS["ef14"](), min_compression_rate=0)
+        for t in range(2):
+            _loss(model, *_data(0, t, torch.float32)).backward()
+        alive = weakref.ref(model)
+        del model
+        gc.collect()
+        assert alive() is None
+        assert state.state_dict()["iter"] == 2  # the state outlives its model and still saves
+    finally:
+        dist.destroy_process_group()

@@ -17,6 +17,7 @@ from torchkit.cli import main
         (["--methods", "ef14@2"], "--methods"),
         (["--methods", "topk@0.01"], "--methods"),
         (["--methods", "powersgd"], "--methods"),
+        (["--methods", "ef21@0.01:fp8"], "--methods"),
         (["--rates", "fast"], "--rates"),
         (["--ranks", "1"], "--ranks"),
     ],
@@ -28,7 +29,7 @@ def test_bad_arguments_are_refused_before_anything_runs(argv, named, capsys, tmp
 
 
 def test_every_default_method_is_known():
-    for m in (*netbench.METHODS, *netbench.LOCAL_METHODS):
+    for m in (*netbench.METHODS, *netbench.LOCAL_METHODS, "ef21@0.01:int8", "econtrol@.001:bf16"):
         assert netbench.check_method(m) == m
 
 
@@ -58,18 +59,18 @@ def test_summary_ratios_are_powersgd_time_over_each_family():
 def test_small_run_end_to_end(tmp_path):
     out = tmp_path / "res"
     argv = ["bench", "network", "--rates", "1gbit", "--ranks", "2", "--tasks", "digits_cnn", "--steps", "30",
-            "--methods", "ddp", "ef14@0.01", "local8@0.03", "--repeats", "1", "--out", str(out)]  # fmt: skip
+            "--methods", "ddp", "ef14@0.01:int8", "local8@0.03", "--repeats", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     (path,) = out.glob("*/network.json")
     result = json.loads(path.read_text())
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"ddp", "ef14@0.01", "local8@0.03"} and not any("failed" in r for r in rows.values())
+    assert set(rows) == {"ddp", "ef14@0.01:int8", "local8@0.03"} and not any("failed" in r for r in rows.values())
     assert result["targets"]["digits_cnn/n=2"] == pytest.approx(rows["ddp"]["target_set"])
     for r in rows.values():
         assert r["steps_run"] == 30 and len(r["losses"]) == 30 and r["wire_bytes_per_step"] > 0
     # the compressed runs put fewer bytes on the loopback than the dense all-reduce
-    assert rows["ef14@0.01"]["wire_bytes_total"] < rows["ddp"]["wire_bytes_total"] / 3
-    assert rows["local8@0.03"]["wire_bytes_total"] < rows["ef14@0.01"]["wire_bytes_total"]
+    assert rows["ef14@0.01:int8"]["wire_bytes_total"] < rows["ddp"]["wire_bytes_total"] / 3
+    assert rows["local8@0.03"]["wire_bytes_total"] < rows["ef14@0.01:int8"]["wire_bytes_total"]
     assert (path.parent / "network.png").exists()
     if result["shaped"] and shutil.which("ip"):  # every namespace it made is gone
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -132,7 +133,7 @@ class CompressionState:
         self.round = RoundState(feedback)
         self._keys: dict[int, Any] = {}  # id(param) -> stable key (name if bound, else first-seen order)
         self._names: dict[int, str] = {}
-        self._model = None
+        self._model = None  # a weak reference: DDP's reducer holds this state, so a strong one would be a cycle
         self._exchanger = None
         self._agreed = False
         self._queue: list = []  # nonfinite="skip": this iteration's buckets, held until the last one
@@ -146,7 +147,7 @@ class CompressionState:
     # ------------------------------------------------------------------------------------ identity
     def bind(self, model: torch.nn.Module) -> CompressionState:
         """Key the state by parameter name (robust across processes and wrappers); :func:`register` calls this."""
-        if self._model is not None and self._model is not model:
+        if self._bound() is not None and self._bound() is not model:
             raise ValueError("this CompressionState is already registered on another model; make one per model")
         module = getattr(model, "module", model)
         for name, p in module.named_parameters():
@@ -158,8 +159,17 @@ class CompressionState:
             if getattr(m, "sparse", False) is True:
                 raise TypeError(f"sparse gradients are not supported by the DDP hook ({name} has sparse=True)")
         self._names = {id(p): normalize_name(n) for n, p in module.named_parameters()}
-        self._model = model
+        self._model = weakref.ref(model)
         return self
+
+    def _bound(self) -> torch.nn.Module | None:
+        """The inner module of the model this state is bound to (None when unbound or the model is gone).
+
+        Held weakly: the C++ reducer that keeps this state alive is invisible to Python's garbage collector, so
+        a strong reference back to the model would keep the model, its buffers and its process group alive
+        until the interpreter exits (where Gloo's threads can abort the process)."""
+        model = self._model() if self._model is not None else None
+        return getattr(model, "module", model)
 
     @property
     def world_size(self) -> int:
@@ -295,7 +305,7 @@ class CompressionState:
         sd = dict(state_dict)
         if sd["format_version"] == 1:
             sd["step"] = max(0, it - int(sd.get("fb_origin", 0)))
-        sizes = self._sizes() if self._model is not None else None
+        sizes = self._sizes() if self._bound() is not None else None
         prepared = self.round.check(sd, sizes=sizes, strict=strict)
         origin = sd.get("fb_origin")
         if isinstance(origin, bool) or not isinstance(origin, int) or origin < 0:
@@ -321,15 +331,15 @@ class CompressionState:
         """:meth:`state_dict` with every parameter of the bound model present (what its first round starts from
         where no bucket has run yet): DCP loads into a template with the same keys."""
         sd = self.state_dict()
-        if self._model is not None:
-            module = getattr(self._model, "module", self._model)
+        module = self._bound()
+        if module is not None:
             layout = {n: (p.numel(), p.dtype, p.device) for n, p in module.named_parameters() if p.requires_grad}
             with_server = self.feedback.server_state and self.world_size > 1
             sd.update(self.round.state_dict_for(layout, with_server=with_server))
         return sd
 
     def _sizes(self) -> dict[str, int]:
-        module = getattr(self._model, "module", self._model)
+        module = self._bound()
         return {normalize_name(n): p.numel() for n, p in module.named_parameters() if p.requires_grad}
 
     def __getstate__(self) -> dict[str, Any]:

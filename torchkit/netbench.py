@@ -162,9 +162,13 @@ def worker(cfg: dict) -> None:
         )
         model.register_comm_hook(state, powersgd.powerSGD_hook)
     else:
-        name, ratio = method.split("@")
-        rec = recommended(name, TopK(ratio=float(ratio)), torch.optim.SGD, momentum=cfg["momentum"])
-        ddp.register(model, rec.feedback, min_compression_rate=2.0)
+        name, _, rest = method.partition("@")
+        ratio, _, wire_name = rest.partition(":")
+        # ":int8": the compact wire (TopK per 65536-chunk, 16-bit offsets, int8 values with a per-chunk scale)
+        wire = {"": None, "bf16": torch.bfloat16, "int8": torch.int8}[wire_name]
+        topk = TopK(ratio=float(ratio), chunk=65536) if wire_name == "int8" else TopK(ratio=float(ratio))
+        rec = recommended(name, topk, torch.optim.SGD, momentum=cfg["momentum"])
+        ddp.register(model, rec.feedback, min_compression_rate=2.0, wire_dtype=wire)
         opt_kwargs = rec.optimizer_kwargs
         lr = lr * rec.lr_scale
     if not local:
@@ -218,9 +222,12 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     p.add_argument("--lm-layers", type=int, default=4, help="char_lm's transformer layers")
     p.add_argument("--split", default="iid", choices=["iid", "noniid"], help="how the data is split among ranks")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
-                   help="ddp, powersgd<rank>, <ef14|ef21|...>@<density>, local<H>@<density>, diloco<H>")  # fmt: skip
+                   help="ddp, powersgd<rank>, <ef14|ef21|...>@<density>[:bf16|:int8] (the wire's values), "
+                        "local<H>@<density>, diloco<H>")  # fmt: skip
     p.add_argument("--steps", type=int, default=300, help="training steps per run")
     p.add_argument("--repeats", type=int, default=2, help="seeds per configuration, run interleaved")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + repeats - 1 (--merge: add seeds to a run)")  # fmt: skip
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, the same for every method")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (inside the method where recommended)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
@@ -241,11 +248,12 @@ def check_method(m: str) -> str:
     import re
 
     ok = re.fullmatch(r"ddp|powersgd[1-9]\d*|diloco[1-9]\d*|local[1-9]\d*@(0?\.\d+)|"
-                      r"(ef14|ef21|ef21sgdm|econtrol)@(0?\.\d+)", m)  # fmt: skip
-    if not ok or ("@" in m and not 0 < float(m.split("@")[1]) < 1):
+                      r"(ef14|ef21|ef21sgdm|econtrol)@(0?\.\d+)(:bf16|:int8)?", m)  # fmt: skip
+    if not ok or ("@" in m and not 0 < float(m.split("@")[1].split(":")[0]) < 1):
         raise ValueError(
-            f"--methods: unknown method {m!r}; expected ddp, powersgd<rank>, <method>@<density> (method one of "
-            "ef14, ef21, ef21sgdm, econtrol; density in (0, 1)), local<H>@<density> or diloco<H>"
+            f"--methods: unknown method {m!r}; expected ddp, powersgd<rank>, <method>@<density>[:bf16|:int8] "
+            "(method one of ef14, ef21, ef21sgdm, econtrol; density in (0, 1); the wire's values, fp32 without "
+            "a suffix), local<H>@<density> or diloco<H>"
         )
     return m
 
@@ -259,9 +267,9 @@ def run(args: argparse.Namespace) -> int:
     for r in args.rates:
         if r != "unshaped":
             _bits_per_second(r)
-    if min(args.ranks) < 2 or args.steps < 1 or args.repeats < 1:
-        raise ValueError(f"--ranks must be at least 2, --steps and --repeats at least 1; got {args.ranks}, "
-                         f"{args.steps}, {args.repeats}")  # fmt: skip
+    if min(args.ranks) < 2 or args.steps < 1 or args.repeats < 1 or args.first_seed < 0:
+        raise ValueError(f"--ranks must be at least 2, --steps and --repeats at least 1, --first-seed at least 0; "
+                         f"got {args.ranks}, {args.steps}, {args.repeats}, {args.first_seed}")  # fmt: skip
     shaped = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc")
     rates = args.rates
     if not shaped:
@@ -273,8 +281,9 @@ def run(args: argparse.Namespace) -> int:
     order = sorted(rates, key=lambda r: -_bits_per_second(r) if r != "unshaped" else 0)  # fastest first
     rows, targets = [], {}
     out_dir = Path(args.out)
+    seeds = range(args.first_seed, args.first_seed + args.repeats)
     if args.merge:
-        rows, targets = _load(out_dir, set(args.methods), set(rates), set(args.ranks), set(args.tasks))
+        rows, targets = _load(out_dir, set(args.methods), set(rates), set(args.ranks), set(args.tasks), set(seeds))
     try:
         for rate in order:
             ns = shaped_namespace(rate) if shaped else None
@@ -282,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
                 for n in args.ranks:
                     for task in args.tasks:
                         key = (task, n)
-                        for rep in range(args.repeats):
+                        for rep in seeds:
                             methods = list(args.methods)
                             random.Random(rep).shuffle(methods)
                             if "ddp" in methods and key not in targets:  # the dense run sets the target first
@@ -382,13 +391,14 @@ def _result_dir(out_dir: Path) -> tuple[str, Path]:
     return name, out_dir / slug
 
 
-def _load(out_dir: Path, methods: set, rates: set, ranks: set, tasks: set) -> tuple[list, dict]:
-    """The saved rows and targets, less the rows of the runs about to be repeated (``--merge``)."""
+def _load(out_dir: Path, methods: set, rates: set, ranks: set, tasks: set, seeds: set) -> tuple[list, dict]:
+    """The saved rows and targets, less the rows of the runs about to be repeated (``--merge``): those of the
+    named methods, rates, ranks, tasks and seeds."""
     path = _result_dir(out_dir)[1] / "network.json"
     old = json.loads(path.read_text())
     targets = {(k.split("/n=")[0], int(k.split("/n=")[1])): v for k, v in old["targets"].items()}
     redo = [r for r in old["rows"] if r["method"] in methods and r["rate"] in rates and r["ranks"] in ranks
-            and r["task"] in tasks]  # fmt: skip
+            and r["task"] in tasks and r["seed"] in seeds]  # fmt: skip
     return [r for r in old["rows"] if r not in redo], targets
 
 
