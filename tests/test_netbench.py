@@ -75,3 +75,30 @@ def test_small_run_end_to_end(tmp_path):
     if result["shaped"] and shutil.which("ip"):  # every namespace it made is gone
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert "tkbench" not in listed
+
+
+def test_a_lucky_single_seed_does_not_beat_a_median_of_three_and_the_table_shows_the_spread():
+    def row(method, seconds, seed=0):
+        return {"rate": "100mbit", "ranks": 2, "task": "char_lm", "method": method, "seed": seed,
+                "reached": {"step": 1, "seconds": seconds} if seconds else None}  # fmt: skip
+
+    rows = [row("ddp", 100.0), row("local8@0.03", 5.0)]
+    rows += [row("local32@0.03", t, s) for s, t in enumerate((6.0, 8.0, 7.0))]
+    rows += [row("powersgd1", t, s) for s, t in enumerate((10.0, 12.0, 11.0))]
+    rows += [row("ef14@0.01", t, s) for s, t in enumerate((9.0, None, 1.0))]  # one seed never reached it
+    best = netbench.best_by_family(rows)[("100mbit", 2, "char_lm")]
+    assert best["local"] == (7.0, "local32@0.03", [6.0, 7.0, 8.0])
+    assert best["EF"] == (float("inf"), "-", [])
+    text = netbench.table(rows)
+    assert "| char_lm | 2 | 100mbit | `ddp` 100.0 s (1 seed) | `powersgd1` 11.0 s [10.0-12.0] (3 seeds) |" in text
+    assert text.endswith("| not reached | `local32@0.03` 7.0 s [6.0-8.0] (3 seeds) | - | 0.64 |")
+
+
+def test_step_table_is_the_median_over_seeds_against_ddp():
+    rows = [{"rate": "unshaped", "ranks": 2, "task": "char_lm", "method": m, "step_ms_median": t}
+            for m, t in [("ddp", 100.0), ("ddp", 120.0), ("ef14@0.01", 121.0), ("ef14@0.01", 99.0),
+                         ("ef14@0.01", 130.0)]]  # fmt: skip
+    rows.append({"rate": "1gbit", "ranks": 2, "task": "char_lm", "method": "ddp", "step_ms_median": 1e4})
+    text = netbench.step_table(rows)
+    assert "| char_lm | 2 | `ddp` | 110.0 [100.0-120.0] | 1.00 |" in text
+    assert "| char_lm | 2 | `ef14@0.01` | 121.0 [99.0-130.0] | 1.10 |" in text

@@ -226,9 +226,12 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(TypeError, match="needs a DistributedDataParallel model"):
         tk.ddp.register(torch.nn.Linear(2, 2), tk.EF21(tk.TopK(1)))
     state = tk.ddp.CompressionState(tk.EF21(tk.TopK(1)))
-    state.bind(torch.nn.Linear(2, 2))
+    first = torch.nn.Linear(2, 2)
+    state.bind(first).bind(first)  # binding the same model again is fine
     with pytest.raises(ValueError, match="already registered on another model"):
         state.bind(torch.nn.Linear(2, 2))
+    del first  # the state holds its model weakly: once that model is gone, it may serve another
+    state.bind(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="complex parameters are not supported by the DDP hook"):
         tk.ddp.CompressionState(tk.EF21(tk.TopK(1))).bind(torch.nn.Linear(2, 2, dtype=torch.complex64))
     with pytest.raises(TypeError, match="sparse gradients are not supported by the DDP hook"):

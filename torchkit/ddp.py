@@ -147,9 +147,9 @@ class CompressionState:
     # ------------------------------------------------------------------------------------ identity
     def bind(self, model: torch.nn.Module) -> CompressionState:
         """Key the state by parameter name (robust across processes and wrappers); :func:`register` calls this."""
-        if self._bound() is not None and self._bound() is not model:
-            raise ValueError("this CompressionState is already registered on another model; make one per model")
         module = getattr(model, "module", model)
+        if self._bound() is not None and self._bound() is not module:
+            raise ValueError("this CompressionState is already registered on another model; make one per model")
         for name, p in module.named_parameters():
             if p.is_complex():
                 raise TypeError(
@@ -159,17 +159,16 @@ class CompressionState:
             if getattr(m, "sparse", False) is True:
                 raise TypeError(f"sparse gradients are not supported by the DDP hook ({name} has sparse=True)")
         self._names = {id(p): normalize_name(n) for n, p in module.named_parameters()}
-        self._model = weakref.ref(model)
+        self._model = weakref.ref(module)
         return self
 
     def _bound(self) -> torch.nn.Module | None:
-        """The inner module of the model this state is bound to (None when unbound or the model is gone).
+        """The module (inside DDP) this state is bound to; None when unbound or once the module is gone.
 
-        Held weakly: the C++ reducer that keeps this state alive is invisible to Python's garbage collector, so
-        a strong reference back to the model would keep the model, its buffers and its process group alive
-        until the interpreter exits (where Gloo's threads can abort the process)."""
-        model = self._model() if self._model is not None else None
-        return getattr(model, "module", model)
+        Held weakly: DDP's C++ reducer keeps this state alive and is invisible to Python's garbage collector,
+        so a strong reference back into the model would keep the model, its gradients and its process group
+        alive until the interpreter exits (where Gloo's threads can abort the process)."""
+        return self._model() if self._model is not None else None
 
     @property
     def world_size(self) -> int:

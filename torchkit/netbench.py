@@ -351,31 +351,96 @@ def _line(r: dict) -> str:
             f"wire {mb:8.3f} MB/step  to target {when}  test {r['test']['loss']:.3f}")  # fmt: skip
 
 
-def summary(rows: list[dict]) -> str:
-    """Per (rate, ranks, task): the fastest run to the target of each family (DDP, PowerSGD, per-step error
-    feedback, local SGD), as median seconds, and PowerSGD's time over each torchkit family's (above 1: sooner)."""
+FAMILIES = {
+    "DDP": lambda k: k == "ddp",
+    "PowerSGD": lambda k: k.startswith("powersgd"),
+    "EF": lambda k: "@" in k and not k.startswith("local"),  # torchkit's hook, a round every step
+    "local": lambda k: k.startswith(("local", "diloco")),  # torchkit's LocalSGD
+}
+
+
+def best_by_family(rows: list[dict]) -> dict:
+    """Per (rate, ranks, task) and family: ``(median seconds, method, seconds per seed)`` of the method with the
+    lowest median time to the target, a method counting only if every one of its seeds reached it;
+    ``(inf, "-", [])`` when none did. Where some methods ran more seeds than others, a family's best is taken
+    among those with the most seeds it has (a lucky single seed does not beat a median of three)."""
     by: dict = {}
     for r in rows:
         if "failed" not in r:
             by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(r["method"], []).append(r)
+    out = {}
+    for key, methods in by.items():
+        out[key] = {}
+        for family, pick in FAMILIES.items():
+            best = (float("inf"), "-", [])
+            most = max((len(rs) for m, rs in methods.items() if pick(m)), default=0)
+            for m, rs in methods.items():
+                if len(rs) < most:
+                    continue
+                got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
+                if pick(m) and got and len(got) == len(rs) and statistics.median(got) < best[0]:
+                    best = (statistics.median(got), m, sorted(got))
+            out[key][family] = best
+    return out
 
-    def secs(rs):
-        got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
-        return statistics.median(got) if len(got) == len(rs) else float("inf")
 
-    families = {"ddp": lambda k: k == "ddp", "PowerSGD": lambda k: k.startswith("powersgd"),
-                "EF": lambda k: "@" in k and not k.startswith("local"),
-                "local": lambda k: k.startswith(("local", "diloco"))}  # fmt: skip
+def summary(rows: list[dict]) -> str:
+    """Per (rate, ranks, task): the fastest run to the target of each family (DDP, PowerSGD, per-step error
+    feedback, local SGD), as median seconds, and PowerSGD's time over each torchkit family's (above 1: sooner)."""
     lines = []
-    for (rate, n, task), ms in by.items():
-        best = {f: min(((secs(v), k) for k, v in ms.items() if pick(k)), default=(float("inf"), "-"))
-                for f, pick in families.items()}  # fmt: skip
-        text = ", ".join(f"{f} {k} {t:.1f} s" if t < float("inf") else f"{f} none" for f, (t, k) in best.items())
+    for (rate, n, task), best in best_by_family(rows).items():
+        text = ", ".join(f"{'ddp' if f == 'DDP' else f} {k} {t:.1f} s" if k != "-" else f"{f} none"
+                         for f, (t, k, _) in best.items())  # fmt: skip
         psgd = best["PowerSGD"][0]
         for f in ("EF", "local"):
             if best[f][0] < float("inf") and psgd < float("inf"):
                 text += f"; PowerSGD/{f} {psgd / best[f][0]:.2f}x"
         lines.append(f"{rate:>9s} n={n} {task:10s} {text}")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    """:func:`summary` as a markdown table: each family's best method, its median seconds to the target with the
+    range over its seeds, and torchkit's best time over PowerSGD's (below 1: torchkit sooner)."""
+
+    def cell(t, m, got):
+        if m == "-":
+            return "not reached"
+        spread = f" [{got[0]:.1f}-{got[-1]:.1f}]" if len(got) > 1 else ""
+        return f"`{m}` {t:.1f} s{spread} ({len(got)} seed{'s' if len(got) > 1 else ''})"
+
+    def rate_order(key):
+        rate, n, task = key
+        return task, n, -_bits_per_second(rate) if rate != "unshaped" else -float("inf")
+
+    lines = ["| task | ranks | link | DDP | PowerSGD | torchkit per step (EF) | torchkit local SGD | EF / PowerSGD "
+             "| local / PowerSGD |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    best_all = best_by_family(rows)
+    for key in sorted(best_all, key=rate_order):
+        rate, n, task = key
+        best = best_all[key]
+        psgd = best["PowerSGD"][0]
+        ratios = [f"{best[f][0] / psgd:.2f}" if psgd < float("inf") and best[f][0] < float("inf") else "-"
+                  for f in ("EF", "local")]  # fmt: skip
+        cells = [cell(*best[f]) for f in FAMILIES]
+        lines.append(f"| {task} | {n} | {rate} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def step_table(rows: list[dict], rate: str = "unshaped") -> str:
+    """Per task and ranks on link ``rate``: each method's median step time over its seeds (compute and
+    communication, the per-run medians) and its ratio to DDP's all-reduce step."""
+    by: dict = {}
+    for r in rows:
+        if r["rate"] == rate and "failed" not in r:
+            by.setdefault((r["task"], r["ranks"]), {}).setdefault(r["method"], []).append(r["step_ms_median"])
+    lines = [f"| task | ranks | method | ms per step ({rate}) | x DDP |", "|---|---|---|---|---|"]
+    for (task, n), methods in sorted(by.items()):
+        ddp = statistics.median(methods["ddp"]) if "ddp" in methods else float("nan")
+        for m, ms in sorted(methods.items(), key=lambda kv: statistics.median(kv[1])):
+            spread = f" [{min(ms):.1f}-{max(ms):.1f}]" if len(ms) > 1 else ""
+            lines.append(f"| {task} | {n} | `{m}` | {statistics.median(ms):.1f}{spread} | "
+                         f"{statistics.median(ms) / ddp:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -418,6 +483,10 @@ def _save(rows, targets, out_dir: Path, shaped: bool) -> None:
         "rows": rows,
     }
     save_result(result, where, "network", plot)
+    text = table([r for r in rows if r["rate"] != "unshaped"])
+    if any(r["rate"] == "unshaped" for r in rows):
+        text += "\n\n" + step_table(rows)
+    (where / "network.md").write_text(text + "\n")
 
 
 def plot(result: dict, path) -> None:
