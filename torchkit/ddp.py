@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._frontend import agree
 from .comm import DistExchanger, NonFinite, NonFiniteGradientError, RoundOptions, nonfinite_flag, start_round
 from .feedback import Feedback
 from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
@@ -214,15 +215,8 @@ class CompressionState:
             "wire": str(self.wire_dtype),
             "first bucket": [list(map(str, keys)), list(sizes)],
         }
-        theirs = [None] * self.world_size
-        dist.all_gather_object(theirs, mine, group=self.process_group)
-        for r, other in enumerate(theirs):
-            diff = [k for k in mine if other.get(k) != mine[k]]
-            if diff:
-                raise ValueError(
-                    f"ranks are configured differently: rank {r} has {diff[0]} {other[diff[0]]!r}, rank "
-                    f"{self.rank} has {mine[diff[0]]!r}; every rank must build the same model and CompressionState"
-                )
+        agree(mine, group=self.process_group, world_size=self.world_size, rank=self.rank,
+              what="model and CompressionState")  # fmt: skip
         self._agreed = True
 
     # ----------------------------------------------------------------------------------- checkpoint

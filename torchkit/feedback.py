@@ -352,7 +352,25 @@ class EF14(Feedback):
         return msg
 
 
-class EF21(Feedback):
+class _LearnedShift(Feedback):
+    """A method that learns a shift h, with ``init`` choosing its step 0: "full" sends the gradient dense (h
+    starts at g), "compressed" sends C(g) (h starts at C(g)), "zero" sends nothing (h starts at 0)."""
+
+    init: Init = "full"
+
+    def _set_init(self, init: Init) -> None:
+        if init not in ("full", "compressed", "zero"):
+            raise ValueError(f"init must be 'full', 'compressed' or 'zero', got {init!r}")
+        self.init = init
+        self.full_first_round = init == "full"
+
+    def sends_in_round(self, step: int) -> str:
+        if step == 0 and self.init == "zero":
+            return "none"
+        return super().sends_in_round(step)
+
+
+class EF21(_LearnedShift):
     r"""EF21 (Richtárik, Sokolov, Fatkhullin, NeurIPS 2021; arXiv:2106.05203).
 
     .. math::
@@ -384,15 +402,7 @@ class EF21(Feedback):
 
     def __init__(self, compressor: Compressor, init: Init = "full", *, granularity: Granularity = "global"):
         super().__init__(compressor, granularity=granularity)
-        if init not in ("full", "compressed", "zero"):
-            raise ValueError(f"init must be 'full', 'compressed' or 'zero', got {init!r}")
-        self.init = init
-        self.full_first_round = init == "full"
-
-    def sends_in_round(self, step: int) -> str:
-        if step == 0 and self.init == "zero":
-            return "none"
-        return super().sends_in_round(step)
+        self._set_init(init)
 
     def _step(self, state, g, step, worker, segments):
         h = state["shift"]
@@ -466,7 +476,7 @@ class EF21W(EF21):
         return {**super()._config_extra(), "weights": list(self.weights)}
 
 
-class _WithEta(Feedback):
+class _WithEta(_LearnedShift):
     """A method with one extra weight ``eta`` in [0, 1] and EF21's choice of step 0 (``init``)."""
 
     def __init__(
@@ -474,15 +484,7 @@ class _WithEta(Feedback):
     ):
         super().__init__(compressor, granularity=granularity)
         self.eta = check_unit_interval("eta", eta)
-        if init not in ("full", "compressed", "zero"):
-            raise ValueError(f"init must be 'full', 'compressed' or 'zero', got {init!r}")
-        self.init = init
-        self.full_first_round = init == "full"
-
-    def sends_in_round(self, step: int) -> str:
-        if step == 0 and self.init == "zero":
-            return "none"
-        return super().sends_in_round(step)
+        self._set_init(init)
 
     def _repr_extra(self) -> str:
         return f", eta={self.eta}" + ("" if self.init == "full" else f", init={self.init!r}")
