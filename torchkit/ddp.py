@@ -149,7 +149,8 @@ class CompressionState:
     def bind(self, model: torch.nn.Module) -> CompressionState:
         """Key the state by parameter name (robust across processes and wrappers); :func:`register` calls this."""
         module = getattr(model, "module", model)
-        if self._bound() is not None and self._bound() is not module:
+        bound = self._bound()
+        if bound is not None and bound is not module:
             raise ValueError("this CompressionState is already registered on another model; make one per model")
         for name, p in module.named_parameters():
             if p.is_complex():

@@ -375,10 +375,10 @@ def best_by_family(rows: list[dict]) -> dict:
             best = (float("inf"), "-", [])
             most = max((len(rs) for m, rs in methods.items() if pick(m)), default=0)
             for m, rs in methods.items():
-                if len(rs) < most:
+                if not pick(m) or len(rs) < most:
                     continue
                 got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
-                if pick(m) and got and len(got) == len(rs) and statistics.median(got) < best[0]:
+                if got and len(got) == len(rs) and statistics.median(got) < best[0]:
                     best = (statistics.median(got), m, sorted(got))
             out[key][family] = best
     return out
