@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from torchkit import bench, ops
+from torchkit._results import device_slug
 from torchkit.compress import SparseMessage, pack_message, unpack_message
 
 DENSITIES = [0.001, 0.01, 0.05, 0.1, 0.2, 0.35, 0.5]
@@ -108,7 +108,7 @@ def main():
         print(f"n={n}: dense all_reduce {dense:.2f} ms")
         for r in rows[1:]:
             print(f"   density {r['density']:6.1%}: sparse {r['ms']:8.2f} ms  ({dense / r['ms']:.2f}x dense speed)")
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    slug = device_slug(result["device"])
     folder = Path(args.out) / slug
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "collectives.json").write_text(json.dumps(result, indent=1))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchkit as tk
 from torchkit import bench
-from torchkit._results import save_result
+from torchkit._results import device_slug, save_result
 
 
 class Block(torch.nn.Module):
@@ -197,7 +196,7 @@ def main() -> None:
             result = run(args.steps, args.warmup, args.batch, args.ctx)
         finally:
             dist.destroy_process_group()
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    slug = device_slug(result["device"])
     save_result(result, Path(args.out) / slug, "e2e", None)
 
 

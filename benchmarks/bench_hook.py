@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 import torchkit as tk
 from torchkit import bench, ops
-from torchkit._results import save_result
+from torchkit._results import device_slug, save_result
 
 METHODS = {
     "ef14": (lambda c: tk.EF14(c), lambda g, st, k: ops.ef14_step_(g, st["error"], k)),
@@ -135,7 +134,7 @@ def main() -> None:
         "calls from the same state; hook = compression_hook until its future completes",
         "rows": rows,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    slug = device_slug(result["device"])
     save_result(result, Path(args.out) / slug, "hook", None)
     print(f"saved {Path(args.out) / slug / 'hook.json'}")
 

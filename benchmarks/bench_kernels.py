@@ -8,12 +8,12 @@ Writes <out>/<device-slug>/kernels.json and kernels.png and prints the table.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import torch
 
 from torchkit import bench
+from torchkit._results import device_slug
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     result = bench.run_kernel_bench(
         args.device, [int(s) for s in args.sizes], args.ratios, args.dtypes, repeats=args.repeats, extra=extra
     )
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    slug = device_slug(result["device"])
     folder = bench.save(result, Path(args.out) / slug)
     print(bench.format_table(result))
     print(f"saved {folder}/kernels.json and kernels.png")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 import torchkit as tk
 from torchkit import bench, ops
-from torchkit._results import save_result
+from torchkit._results import device_slug, save_result
 
 
 def transformer(vocab=8192, dim=512, layers=7, heads=8) -> torch.nn.Module:
@@ -191,7 +190,7 @@ def main() -> None:
         "gradients and state; kernel = the fused op on one vector of all parameters",
         "rows": rows,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    slug = device_slug(result["device"])
     save_result(result, Path(args.out) / slug, "wrapper", None)
     print(f"saved {Path(args.out) / slug / 'wrapper.json'}")
 

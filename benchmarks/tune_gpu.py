@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import triton.language as tl
 
 import torchkit.ops as ops
 from torchkit import bench
+from torchkit._results import device_slug
 from torchkit.ops import _cuda
 
 VARIANTS = {
@@ -253,7 +253,7 @@ def main() -> None:
         "breakdown": parts,
         "triton_histogram": hist,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    slug = device_slug(result["device"])
     folder = Path(args.out) / slug
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tune.json").write_text(json.dumps(result, indent=1))

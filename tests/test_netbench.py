@@ -102,3 +102,11 @@ def test_step_table_is_the_median_over_seeds_against_ddp():
     text = netbench.step_table(rows)
     assert "| char_lm | 2 | `ddp` | 110.0 [100.0-120.0] | 1.00 |" in text
     assert "| char_lm | 2 | `ef14@0.01` | 121.0 [99.0-130.0] | 1.10 |" in text
+
+
+def test_results_folders_are_named_as_the_committed_ones():
+    from torchkit._results import device_slug
+
+    assert device_slug("AMD EPYC (2 threads)") == "amd-epyc-2-threads"
+    assert device_slug("Intel(R) Xeon(R) Processor (2 threads)") == "intel-r-xeon-r-processor-2-threads"
+    assert device_slug("NVIDIA H200") == "nvidia-h200"

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["save_result"]
+__all__ = ["device_slug", "save_result"]
+
+
+def device_slug(name: str) -> str:
+    """The results folder of a device: its name in lower case, every run of other characters one dash
+    ("AMD EPYC (2 threads)" -> "amd-epyc-2-threads")."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def save_result(result: dict, folder: str | Path, stem: str, plotter: Callable[[dict, Path], None] | None) -> Path:

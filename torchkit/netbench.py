@@ -448,12 +448,10 @@ def _result_dir(out_dir: Path) -> tuple[str, Path]:
     import torch
 
     from . import bench
+    from ._results import device_slug
 
     name = bench.device_name(torch.device("cpu"))
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return name, out_dir / slug
+    return name, out_dir / device_slug(name)
 
 
 def _load(out_dir: Path, methods: set, rates: set, ranks: set, tasks: set, seeds: set) -> tuple[list, dict]:
