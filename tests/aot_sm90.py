@@ -1,6 +1,9 @@
 """Compile every Triton kernel of torchkit for sm_90 ahead of time and report its SASS (run by test_ops.py).
 
-Prints one JSON line: {kernel: {"ffma": count, "local_memory": count of STL/LDL, "registers": n}}.
+Prints one JSON line: {kernel: {"ffma": count, "local_memory": count of STL/LDL, "registers": n, "ld128": count
+of 128-bit global loads, "st128": count of 128-bit global stores, "ld": count of all global loads}}. Pointers are
+compiled as 16-byte aligned, as Triton specialises them at launch for torch's allocations. ``pad=`` in a name: the
+launch over flat vectors that own padding to a multiple of 16 elements (g, state), see torchkit.ops._padding.
 """
 
 import json
@@ -28,12 +31,13 @@ def kernels():
         hist = {**vec, "hist_ptr": "*i32", "scal_ptr": "*i32", "d": "i32", "eta": "fp32"}
         hist.update({n: "i32" for n in ef._SLOTS[:5]})
         for stored in (False, True) if mode == 1 else (False,):  # EF14's first pass stores v in e
-            yield (
-                f"hist[{mode},{stored}]",
-                ef._hist_kernel,
-                hist,
-                dict(MODE=mode, STORED=stored, BLOCK=2048, NBINS=2048),
-            )
+            for g_pad, s_pad in _pads(mode):
+                yield (
+                    f"hist[{mode},{stored}]" + _pad_name(g_pad, s_pad),
+                    ef._hist_kernel,
+                    hist,
+                    dict(MODE=mode, STORED=stored, BLOCK=2048, NBINS=2048, G_PAD=g_pad, S_PAD=s_pad),
+                )
         sel = {
             **vec,
             "ci_ptr": "*i32",
@@ -47,10 +51,25 @@ def kernels():
             "eta": "fp32",
         }
         sel.update({n: ints[n] for n in ["active", "n_slot"] + ef._SLOTS[5:]})
-        cx = dict(MODE=mode, STORED=mode == 1, WRITE_E=mode == 3, BLOCK=2048)
-        yield f"select[{mode}]", ef._select_kernel, sel, cx
+        for g_pad, s_pad in _pads(mode):
+            cx = dict(MODE=mode, STORED=mode == 1, WRITE_E=mode == 3, BLOCK=2048, G_PAD=g_pad, S_PAD=s_pad)
+            yield f"select[{mode}]" + _pad_name(g_pad, s_pad), ef._select_kernel, sel, cx
     scatter = {"out_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i32", "scale": "fp32", "k": "i32"}
     yield "scatter_add", ef._scatter_add_kernel, scatter, dict(BLOCK=1024)
+
+
+def _pads(mode):
+    """(g, state) padding of the launches over the method's vector: none, the state only (the DDP hook: the
+    gradient is DDP's bucket), both (the optimizer's own flat gradient); top-k has no state, candidates no padding."""
+    if mode == ef._select.CAND:
+        return [(False, False)]
+    if mode == ef._select.TOPK:
+        return [(False, False), (True, False)]
+    return [(False, False), (False, True), (True, True)]
+
+
+def _pad_name(g_pad, s_pad):
+    return "" if not (g_pad or s_pad) else f" pad={'g' if g_pad else ''}{'s' if s_pad else ''}"
 
 
 def main() -> None:
@@ -60,8 +79,9 @@ def main() -> None:
         for name, fn, sig, cx in kernels():
             signature = {**sig, **{c: "constexpr" for c in cx}}
             constexprs = {(list(signature).index(c),): v for c, v in cx.items()}
+            aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
             compiled = triton.compile(
-                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                 target=GPUTarget("cuda", 90, 32),
                 options={"enable_fp_fusion": False, "num_warps": NUM_WARPS},
             )
@@ -74,8 +94,14 @@ def main() -> None:
                 "ffma": len(re.findall(r"\bFFMA\b", sass)),
                 "local_memory": len(re.findall(r"\b(STL|LDL)\b", sass)),
                 "registers": int(regs.group(1)) if regs else None,
+                "ld128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
+                "st128": len(re.findall(r"\bSTG\.E\.128\b", sass)),
+                "ld": len(re.findall(r"\bLDG\.", sass)),
             }
     print(json.dumps(report))
+    if len(sys.argv) > 2 and sys.argv[1] == "--out":  # a committed record: benchmarks/results/aot-sm90/sass.json
+        meta = {"target": "sm_90, compiled ahead of time (no GPU)", "triton": triton.__version__}
+        Path(sys.argv[2]).write_text(json.dumps({**meta, "kernels": report}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -272,10 +272,43 @@ def test_triton_kernels_compile_for_sm90_without_fma_contraction():
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.splitlines()[-1])
-    assert len(report) == 12  # hist (EF14 twice) and select for 5 modes, and scatter-add
+    # hist (EF14 twice) and select for 5 modes, each unpadded, with padded state, with padded g and state (top-k:
+    # g only; candidates: none), and scatter-add
+    assert len(report) == 28
     for name, r in report.items():
         assert r["ffma"] == 0, f"FFMA in {name}"
         assert r["local_memory"] == 0, f"{name} spills to local memory"
+        _check_vector_width(name, r)
+        plain, _, pad = name.partition(" pad=")
+        if pad:  # each padded operand's 8 scalar loads per thread became 2 of 128 bits, and nothing else changed
+            assert report[plain]["ld"] - r["ld"] == 3 * r["ld128"], name
+
+
+# what each pass over the method's vector reads: (g, number of state vectors); EF14's passes after the first and
+# its select read v back from e
+_READS = {
+    "hist[0,False]": (1, 0),
+    "select[0]": (1, 0),
+    "hist[1,False]": (1, 1),
+    "hist[1,True]": (0, 1),
+    "select[1]": (0, 1),
+    "hist[2,False]": (1, 1),
+    "select[2]": (1, 1),
+    "hist[3,False]": (1, 2),
+    "select[3]": (1, 2),
+}
+
+
+def _check_vector_width(name, r):
+    """Issue 11 item 6: where the flat vectors own padding to a multiple of 16 elements, every operand the pass
+    reads is loaded 128 bits at a time (8 entries per thread: two loads each) and EF14's and EControl's writes of e
+    are 128-bit; without padding, no access is."""
+    kernel, _, pad = name.partition(" pad=")
+    reads_g, n_state = _READS.get(kernel, (0, 0))
+    want_ld = 2 * (reads_g * ("g" in pad) + n_state * ("s" in pad))
+    writes_e = kernel in ("hist[1,False]", "select[3]")
+    assert r["ld128"] == want_ld, f"{name}: {r['ld128']} 128-bit loads, expected {want_ld}"
+    assert r["st128"] == (2 if writes_e and "s" in pad else 0), f"{name}: {r['st128']} 128-bit stores"
 
 
 def _step(method, g, e, h, k, approx, impl):
@@ -407,3 +440,66 @@ def test_float64_goes_to_the_reference(impl):
         v1, i1 = ops.ef14_step_(x, e, 10, impl=impl)
         v2, i2 = _reference.ef14_step_(x, e_ref, 10)
         assert torch.equal(e, e_ref) and v1.dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------- padded flat vectors (item 6)
+def _padded_copy(t, tail):
+    """``t`` in a :func:`ops.padded_zeros` buffer whose padding holds ``tail`` (garbage the kernels must ignore)."""
+    p = ops.padded_zeros(t.numel(), dtype=t.dtype, device=t.device).copy_(t)
+    p._base[t.numel() :] = tail
+    assert ops.owns_padding(p) and p._base.numel() % ops.PAD == 0
+    return p
+
+
+@pytest.mark.parametrize("impl", GPU_KERNELS)
+@pytest.mark.parametrize("pad", ["s", "gs"])
+@pytest.mark.parametrize("approx", [False, True])
+@pytest.mark.parametrize("method", ["topk", "ef14", "ef21", "econtrol"])
+@pytest.mark.parametrize("kind", ["randn", "zeros"])
+def test_padded_vectors_select_and_update_as_plain_ones(impl, pad, approx, method, kind):
+    """Launches over the padded length (the kernels read and overwrite the tail) select the same entries and leave
+    the same state as plain vectors, bit for bit, even with NaN and huge values in the padding (NaN ranks above
+    every number) and with an all-zero vector and k = d, where every entry ties with the zero padding."""
+    if method == "topk" and pad == "s":
+        pytest.skip("top-k has no state to pad")
+    dev = _device_of(impl)
+    d = 1003  # 13 entries of padding
+    g = _data(d, "randn", dev) if kind == "randn" else torch.zeros(d, device=dev)
+    e0, h0 = (torch.zeros(d, device=dev) if kind == "zeros" else _data(d + 1, "randn", dev)[:d] * s for s in (1, 0.5))
+    k = 50 if kind == "randn" else d
+    runs = []
+    for padded in (False, True):
+        gg = _padded_copy(g, float("nan")) if padded and "g" in pad else g.clone()
+        e, h = (_padded_copy(t, torch.tensor([1e30, float("nan")]).repeat(8)[: 16 - d % 16]) for t in (e0, h0))
+        if not (padded and "s" in pad):
+            e, h = e.clone(), h.clone()
+        vals, idx = _step(method, gg, e, h, k, approx, impl)()
+        assert int(idx.max()) < d
+        runs.append((vals.cpu(), idx.cpu(), e.cpu(), h.cpu()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    if kind == "zeros":
+        assert torch.equal(runs[1][1].long().sort().values, torch.arange(d))
+
+
+@pytest.mark.parametrize("impl", GPU_KERNELS)
+def test_only_the_padded_vector_itself_owns_its_padding(impl):
+    """A shorter view at the same address, a clone, a deep copy or an unpickled copy is an ordinary tensor: the
+    kernels never write past its end (here the EF14 pass that stores v = e + g over the launch length)."""
+    import copy
+    import gc
+    import pickle
+
+    dev = _device_of(impl)
+    n = 100
+    e = ops.padded_zeros(n, device=dev)
+    e._base[n - 1 :] = 7.0  # the last entry and the padding
+    shorter = e[: n - 1]
+    assert ops.owns_padding(e) and not ops.owns_padding(shorter)
+    assert not any(ops.owns_padding(c) for c in (e.clone(), copy.deepcopy(e), pickle.loads(pickle.dumps(e))))
+    g = _data(n - 1, "randn", dev)
+    ops.ef14_step_(g, shorter, 5, impl=impl)
+    assert torch.equal(e._base[n - 1 :].cpu(), torch.full((ops.PAD - n % ops.PAD + 1,), 7.0))
+    entries = len(ops._padding._owned)
+    del e, shorter
+    gc.collect()
+    assert len(ops._padding._owned) == entries - 1  # the registry forgets a freed buffer

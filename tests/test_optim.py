@@ -242,3 +242,40 @@ def test_compiled_model_with_the_wrapper():
             torch.nn.functional.mse_loss(fwd(x), y).backward()
             opt.step()
     torch.testing.assert_close(_params(compiled_model), _params(eager_model), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ef14", "ef21", "econtrol"])
+def test_padded_flat_buffers_feed_the_kernels(monkeypatch, method):
+    """The wrapper's flat feedback state and flat gradient own padding to a multiple of 16 elements (53 parameters:
+    11 entries), so the Triton kernels (interpreter) launch over the padded length with both padded; the trajectory
+    equals the reference's, and the checkpoint and a pickled copy hold 53 entries per vector as before."""
+    import pickle
+
+    pytest.importorskip("triton")
+    from torchkit import ops
+    from torchkit.ops._triton import ef
+
+    if not ops._triton_usable(torch.device("cpu")):
+        pytest.skip("Triton cannot run CPU tensors here (TRITON_INTERPRET=1 not set before triton was imported)")
+    make = FEEDBACKS[method]
+    pads = []
+    real_hist = ef._Launcher.hist
+    monkeypatch.setattr(ef._Launcher, "hist", lambda self, scal, p: (pads.append(p.pad), real_hist(self, scal, p)))
+    runs = {}
+    for impl in ("reference", "triton"):
+        monkeypatch.setattr(ops, "_choose", lambda _impl, x, rows, impl=impl: "reference" if rows else impl)
+        model = _model()
+        opt = tk.CompressedOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, feedback=make())
+        _train(model, opt, _batches(4))
+        runs[impl] = (_params(model), opt)
+    assert torch.equal(runs["reference"][0], runs["triton"][0])
+    assert (True, True) in pads and all(p in ((True, True), (False, False)) for p in pads)  # candidates: unpadded
+    opt = runs["triton"][1]
+    for o in (opt, pickle.loads(pickle.dumps(opt))):
+        (blk,) = o.round.blocks.values()
+        assert blk.numel == 53 and all(ops.owns_padding(v) and v.numel() == 53 for v in blk.state.values())
+        assert all(v._base.numel() == 64 for v in blk.state.values())
+    (blk,) = opt.round.blocks.values()
+    assert ops.owns_padding(blk.grads) and blk.grads.numel() == 53
+    sd = opt.state_dict()["torchkit"]["params"]
+    assert sum(v[next(iter(v))].numel() for v in sd.values()) == 53

@@ -111,9 +111,12 @@ class Feedback:
         return torch.float64 if like == torch.float64 else torch.float32
 
     def init_state(self, numel: int, *, rows: int | None = None, dtype=torch.float32, device=None) -> dict[str, Tensor]:
-        shape = (numel,) if rows is None else (rows, numel)
+        """The zeroed state vectors; a 1-D vector is padded to a multiple of 16 elements that the fused ops own
+        (:func:`torchkit.ops.padded_zeros`: 128-bit loads in the GPU kernels)."""
         dt = self.state_dtype(dtype)
-        return {name: torch.zeros(shape, dtype=dt, device=device) for name in self.state_names}
+        if rows is None:
+            return {name: ops.padded_zeros(numel, dtype=dt, device=device) for name in self.state_names}
+        return {name: torch.zeros((rows, numel), dtype=dt, device=device) for name in self.state_names}
 
     def input_scale(self, worker: int, n_workers: int) -> float:
         """Factor applied to worker ``worker``'s gradient before the method sees it (EF21-W: 1/(n w_i))."""

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import ops
 from ._frontend import (
     WrappedOptimizer,
     agree,
@@ -347,7 +348,7 @@ class LocalSGD(WrappedOptimizer):
             with_server=server,
         )
         if blk.grads is None:
-            blk.grads = torch.zeros(blk.numel, dtype=w["dtype"], device=w["device"])
+            blk.grads = ops.padded_zeros(blk.numel, dtype=w["dtype"], device=w["device"])  # kernels own the tail
             blk.grad_views = [grad_view(blk.grads, *blk.spans[n], a) for n, a in zip(w["names"], w["anchors"])]
         return blk
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import ops
 from ._frontend import WrappedOptimizer, agree, check_common_args, make_exchanger
 from ._frontend import collective_device as _collective_device
 from ._frontend import grad_view as _grad_view
@@ -228,7 +229,7 @@ class CompressedOptimizer(WrappedOptimizer):
             w["key"], w["names"], w["sizes"], dtype=state_dtype, device=w["device"], with_server=server
         )
         if with_grads and blk.grads is None:
-            blk.grads = torch.zeros(blk.numel, dtype=w["dtype"], device=w["device"])
+            blk.grads = ops.padded_zeros(blk.numel, dtype=w["dtype"], device=w["device"])  # kernels own the tail
             blk.grad_views = [_grad_view(blk.grads, *blk.spans[n], p) for n, p in zip(w["names"], w["params"])]
         return blk
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import ops
 from .feedback import Feedback
 
 __all__ = ["Block", "RoundState", "FORMAT_VERSION", "normalize_name", "check_envelope"]
@@ -79,6 +80,7 @@ class Block:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.grads, self.scratch = None, {}
+        self.state = {k: _repadded(v) for k, v in self.state.items()}  # unpickled vectors own no padding
 
     def vectors(self) -> dict[str, Tensor]:
         """Every flat vector, the server estimate as ``"server"``."""
@@ -260,6 +262,13 @@ class RoundState:
         for n in sub.names:
             for k, t in blk.views(n).items():
                 t.copy_(sub.views(n)[k])
+
+
+def _repadded(t: Tensor) -> Tensor:
+    """A 1-D vector copied into a :func:`torchkit.ops.padded_zeros` buffer (a row batch as it is)."""
+    if t.dim() != 1 or ops.owns_padding(t):
+        return t
+    return ops.padded_zeros(t.numel(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _checked_params(sd: Mapping[str, Any], feedback: Feedback) -> dict[Any, dict[str, Tensor]]:

@@ -8,6 +8,11 @@ tensors too under ``TRITON_INTERPRET=1``). A named ``impl`` that is unavailable 
 the same entries (ties at the k-th magnitude to the lowest indices; the reference's ``torch.topk`` breaks
 ties its own way); inputs a kernel does not take (fp64, d >= 2**30 on the GPU) run the reference.
 
+Flat state that torchkit allocates (:func:`padded_zeros`: every front end's per-parameter-group or per-bucket
+feedback vectors, and the optimizer's flat gradient) runs on to a multiple of 16 elements. The Triton kernels
+launch over that padded length, so their loads and stores are 128-bit whatever d is; the tail is never selected.
+The CUDA C++ kernels load four elements at a time from any 16-byte-aligned vector and finish the tail one by one.
+
 Bytes each fused step must move per element (fp32 state): EF14 12 B (read g, e; write e),
 EF21 8 B (read g, h; sparse write of h), EControl 16 B (read g, e, h; write e). See benchmarks/.
 """
@@ -21,6 +26,7 @@ from torch import Tensor
 
 from .._validation import check_dense_float, check_int, check_unit_interval
 from . import _cuda, _ext, _reference
+from ._padding import PAD, owns_padding, padded_zeros
 from ._reference import index_dtype
 
 __all__ = [
@@ -32,6 +38,9 @@ __all__ = [
     "index_dtype",
     "build_extension",
     "available_impls",
+    "padded_zeros",
+    "owns_padding",
+    "PAD",
 ]
 
 Impl = Literal["auto", "reference", "triton", "cuda", "cpp"]

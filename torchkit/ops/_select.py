@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _reference
+from ._padding import owns_padding
 from ._reference import index_dtype
 
 TOPK, EF14, EF21, ECONTROL, CAND = 0, 1, 2, 3, 4
@@ -49,6 +50,7 @@ class Hist(NamedTuple):
     shift_lo: int
     n: int
     cand: tuple[Tensor, Tensor] | None = None  # (indices, values) when the pass reads the candidates
+    pad: tuple[bool, bool] = (False, False)  # (g, state) own padding to a multiple of 16: see _padding
 
     def slots(self) -> tuple[int, ...]:
         return self.active, self.n_slot, self.prefix_slot, self.shift_hi, self.shift_lo
@@ -73,6 +75,7 @@ class Select(NamedTuple):
     ctr: int  # slot of the block-ticket counter
     n: int
     cand: tuple[Tensor, Tensor] | None = None
+    pad: tuple[bool, bool] = (False, False)
 
     def slots(self) -> tuple[int, ...]:
         return (self.active, self.n_slot, self.thr_slot, self.shift, self.hi_base, self.eq_base, self.cap, self.ctr)
@@ -125,8 +128,10 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
     scal = i32[3 * NBINS :]
     lbs = ws[head:]
     out = (_empty(k, idt, dev), _empty(k, torch.float32, dev))
+    state = [t for t in (e, h) if t is not None]
+    pad = (owns_padding(g), bool(state) and all(owns_padding(t) for t in state))  # the passes over the vector
 
-    launcher.hist(scal, Hist(hists[0], mode, False, ALWAYS, ALWAYS, ALWAYS, 31, 20, d))
+    launcher.hist(scal, Hist(hists[0], mode, False, ALWAYS, ALWAYS, ALWAYS, 31, 20, d, pad=pad))
     launcher.threshold(hists[0], scal, k, cap, 1)
     level1 = dict(
         lb=lbs[:n_lb],
@@ -139,6 +144,7 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
         hi_base=S_ZERO,
         ctr=S_CTR1,
         n=d,
+        pad=pad,
     )
     if approx:  # the threshold bin's lowest-indexed entries fill the remaining slots
         launcher.select(scal, Select(eq=out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **level1))
@@ -147,7 +153,7 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
         launcher.select(scal, Select(eq=cand, active=S_FITS, eq_base=S_ZERO, cap=S_N1, **level1))
         for level, shift_hi, shift_lo, prefix in ((2, 20, 9, S_B1), (3, 9, 0, S_P3)):
             hist = hists[level - 1]  # the re-read of the vector and the pass over the candidates: one runs
-            launcher.hist(scal, Hist(hist, mode, True, S_OVER, ALWAYS, prefix, shift_hi, shift_lo, d))
+            launcher.hist(scal, Hist(hist, mode, True, S_OVER, ALWAYS, prefix, shift_hi, shift_lo, d, pad=pad))
             launcher.hist(scal, Hist(hist, CAND, True, S_FITS, S_N1, prefix, shift_hi, shift_lo, cap, cand))
             launcher.threshold(hist, scal, k, cap, level)
         exact = dict(hi=out, eq=out, thr_slot=S_T, shift=0, eq_base=S_A, cap=S_CAP)
@@ -162,6 +168,7 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
                 hi_base=S_ZERO,
                 ctr=S_CTR2,
                 n=d,
+                pad=pad,
                 **exact,
             ),
         )

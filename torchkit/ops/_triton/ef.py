@@ -39,23 +39,40 @@ VALS: tl.constexpr = tl.constexpr((1 << 60) - 1)  # hi count << 30 | eq count
 
 
 @triton.jit
-def _load_v(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE: tl.constexpr, STORED: tl.constexpr):
-    """v of the method (fp32). STORED: EF14 already holds v in e. CAND: e_ptr is the candidate values."""
+def _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE: tl.constexpr, STORED: tl.constexpr):
+    """v of the method (fp32); ``gm``/``sm`` mask the loads of g and of the state (padding included when the caller
+    owns it). STORED: EF14 already holds v in e. CAND: e_ptr is the candidate values."""
     if MODE == 0:
-        v = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        v = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32)
     elif MODE == 1:
         if STORED:
-            v = tl.load(e_ptr + offs, mask=live, other=0.0)
+            v = tl.load(e_ptr + offs, mask=sm, other=0.0)
         else:
-            v = tl.load(e_ptr + offs, mask=live, other=0.0) + tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32)
+            v = tl.load(e_ptr + offs, mask=sm, other=0.0) + tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32)
     elif MODE == 2:
-        v = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=live, other=0.0)
+        v = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=sm, other=0.0)
     elif MODE == 3:
-        t = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=live, other=0.0)
-        v = tl.load(e_ptr + offs, mask=live, other=0.0) * eta + t
+        t = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=sm, other=0.0)
+        v = tl.load(e_ptr + offs, mask=sm, other=0.0) * eta + t
     else:
-        v = tl.load(e_ptr + offs, mask=live, other=0.0)
+        v = tl.load(e_ptr + offs, mask=sm, other=0.0)
     return v
+
+
+@triton.jit
+def _masks(offs, live, d, G_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """Load/store masks of g and of the state: ``live`` (entries < d), or, where the caller owns padding to a
+    multiple of 16 elements, entries < that padded length, a mask constant over 16 entries: 128-bit accesses."""
+    dp = tl.multiple_of(tl.cdiv(d, 16) * 16, 16)
+    if G_PAD:
+        gm = offs < dp
+    else:
+        gm = live
+    if S_PAD:
+        sm = offs < dp
+    else:
+        sm = live
+    return gm, sm
 
 
 @triton.jit
@@ -108,6 +125,8 @@ def _hist_kernel(
     STORED: tl.constexpr,
     BLOCK: tl.constexpr,
     NBINS: tl.constexpr,
+    G_PAD: tl.constexpr = False,
+    S_PAD: tl.constexpr = False,
 ):
     """Histogram of ``(key >> shift_lo)`` over the entries whose ``key >> shift_hi`` equals the prefix
     (level 1: no prefix), merged into ``hist`` once per program (persistent grid, zero bins skipped)."""
@@ -121,9 +140,10 @@ def _hist_kernel(
         for blk in range(tl.program_id(0), nblk, tl.num_programs(0)):
             offs = blk * BLOCK + lane  # int32: d < 2**30
             live = offs < n
-            v = _load_v(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE, STORED)
+            gm, sm = _masks(offs, live, d, G_PAD, S_PAD)
+            v = _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE, STORED)
             if MODE == 1 and not STORED:
-                tl.store(e_ptr + offs, v, mask=live)  # e now holds v = e + g
+                tl.store(e_ptr + offs, v, mask=sm)  # e now holds v = e + g (and the padding e + g there)
             key = _key(v)
             m = live & (((key >> shift_hi) == prefix) | (prefix_slot < 0))
             b = tl.where(m, (key >> shift_lo) & width_mask, 0)
@@ -214,6 +234,8 @@ def _select_kernel(
     STORED: tl.constexpr,
     WRITE_E: tl.constexpr,
     BLOCK: tl.constexpr,
+    G_PAD: tl.constexpr = False,
+    S_PAD: tl.constexpr = False,
 ):
     """Entries with ``key >> shift`` above the threshold go to ``hi_*`` (from its base), entries equal to it
     to ``eq_*`` (from its base, the first ``cap`` in index order); order-preserving compaction."""
@@ -223,10 +245,11 @@ def _select_kernel(
         lane = tl.arange(0, BLOCK)
         offs = vpid * BLOCK + lane
         live = offs < n
-        v = _load_v(g_ptr, e_ptr, h_ptr, offs, live, eta, MODE, STORED)
+        gm, sm = _masks(offs, live, d, G_PAD, S_PAD)
+        v = _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE, STORED)
         if MODE == 3 and WRITE_E:
-            t = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=live, other=0.0)
-            tl.store(e_ptr + offs, tl.load(e_ptr + offs, mask=live, other=0.0) + t, mask=live)
+            t = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=sm, other=0.0)
+            tl.store(e_ptr + offs, tl.load(e_ptr + offs, mask=sm, other=0.0) + t, mask=sm)
         b = _key(v) >> shift
         thr = tl.load(scal_ptr + thr_slot)
         hi = (live & (b > thr)).to(tl.int32)
@@ -295,6 +318,8 @@ class _Launcher:
             STORED=p.stored and p.mode == 1,
             BLOCK=block,
             NBINS=NB,
+            G_PAD=p.pad[0],
+            S_PAD=p.pad[1],
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )
@@ -321,6 +346,8 @@ class _Launcher:
             STORED=p.mode == 1,
             WRITE_E=p.write_e and p.mode == 3,
             BLOCK=block,
+            G_PAD=p.pad[0],
+            S_PAD=p.pad[1],
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )
