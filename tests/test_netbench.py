@@ -20,6 +20,7 @@ from torchkit.cli import main
         (["--methods", "ef21@0.01:fp8"], "--methods"),
         (["--rates", "fast"], "--rates"),
         (["--ranks", "1"], "--ranks"),
+        (["--lr", "0.1", "-0.05"], "--lr"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_runs(argv, named, capsys, tmp_path):
@@ -110,3 +111,37 @@ def test_results_folders_are_named_as_the_committed_ones():
     assert device_slug("AMD EPYC (2 threads)") == "amd-epyc-2-threads"
     assert device_slug("Intel(R) Xeon(R) Processor (2 threads)") == "intel-r-xeon-r-processor-2-threads"
     assert device_slug("NVIDIA H200") == "nvidia-h200"
+
+
+def test_the_learning_rate_grid_names_configurations_and_screened_rates_need_as_many_seeds():
+    """Every method at every learning rate is one configuration; a rate screened on one seed does not beat a
+    median of three, and once it has three seeds it is compared like any other."""
+
+    def row(method, lr, seconds, seed=0):
+        return {"rate": "100mbit", "ranks": 2, "task": "char_lm", "method": method, "lr": lr, "seed": seed,
+                "reached": {"step": 1, "seconds": seconds}}  # fmt: skip
+
+    rows = [row("powersgd1", 0.1, t, s) for s, t in enumerate((10.0, 12.0, 11.0))]
+    rows += [row("ef14@0.01", 0.1, t, s) for s, t in enumerate((9.0, 9.5, 8.0))]
+    rows += [row("ef14@0.01", 0.2, 2.0), row("powersgd1", 0.2, 20.0)]  # the screen: one seed each
+    best = netbench.best_by_family(rows)[("100mbit", 2, "char_lm")]
+    assert best["EF"] == (9.0, "ef14@0.01 lr=0.1", [8.0, 9.0, 9.5])
+    rows += [row("ef14@0.01", 0.2, t, s) for s, t in ((1, 7.0), (2, 3.0))]
+    best = netbench.best_by_family(rows)[("100mbit", 2, "char_lm")]
+    assert best["EF"] == (3.0, "ef14@0.01 lr=0.2", [2.0, 3.0, 7.0])
+    assert best["PowerSGD"][1] == "powersgd1 lr=0.1"
+    assert "`ef14@0.01 lr=0.2` 3.0 s [2.0-7.0] (3 seeds)" in netbench.table(rows)
+    assert "ef14@0.01 lr=" not in netbench.table([r for r in rows if r["lr"] == 0.1])  # one rate: plain names
+
+
+def test_merge_replaces_only_the_runs_named_including_their_learning_rate(tmp_path):
+    from torchkit._results import device_slug
+
+    name, where = netbench._result_dir(tmp_path)
+    assert where.name == device_slug(name)
+    where.mkdir(parents=True)
+    rows = [{"method": "ef14@0.01", "rate": "1gbit", "ranks": 2, "task": "char_lm", "seed": 0, "lr": lr}
+            for lr in (0.1, 0.2)]  # fmt: skip
+    (where / "network.json").write_text(json.dumps({"targets": {"char_lm/n=2": 3.2}, "rows": rows}))
+    kept, targets = netbench._load(tmp_path, {"ef14@0.01"}, {"1gbit"}, {2}, {"char_lm"}, {0}, {0.2})
+    assert kept == rows[:1] and targets == {("char_lm", 2): 3.2}

@@ -8,12 +8,14 @@ For each link rate it creates a network namespace of its own (``ip netns add``),
 shapes it with ``tc qdisc add dev lo root tbf rate R burst ... latency ...``, and runs N Gloo ranks with
 ``torch.distributed.run`` inside it, one training run per method: DDP's all-reduce, PyTorch's PowerSGD hook (rank 1
 and 4) and torchkit's hook with each method's recommended configuration (``torchkit.coupling.recommended``) at
-1% and 0.1%. Every run trains the same model on the same per-rank batches (``torchkit.tasks``) with the same
-learning rate for its inner optimizer; runs are interleaved over the repeats. Measured per run: the median step
-time, the bytes on the wire (the namespace's loopback counters, so protocol overhead included), the steps and
-seconds until rank 0's smoothed training loss first reaches the target (the dense run's smoothed loss at 60% of
-its steps, on the fastest link). The namespace is deleted on every exit path. Without root or ``tc`` it says so
-and runs unshaped. Writes ``<out>/<device>/network.json`` and ``network.png``.
+1% and 0.1%. Every run trains the same model on the same per-rank batches (``torchkit.tasks``); every method runs
+at every learning rate of ``--lr`` (one grid for all), and runs are interleaved over the repeats. A method at one
+learning rate is one configuration; the tables take each family's best configuration. Measured per run: the
+median step time, the bytes on the wire (the namespace's loopback counters, so protocol overhead included), the
+steps and seconds until rank 0's smoothed training loss first reaches the target (the dense run's smoothed loss
+at 60% of its steps, on the fastest link, at the first learning rate of ``--lr``). The namespace is deleted on
+every exit path. Without root or ``tc`` it says so and runs unshaped. Writes ``<out>/<device>/network.json`` and
+``network.png``.
 """
 
 from __future__ import annotations
@@ -228,7 +230,13 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     p.add_argument("--repeats", type=int, default=2, help="seeds per configuration, run interleaved")
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds first-seed .. first-seed + repeats - 1 (--merge: add seeds to a run)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, the same for every method")
+    p.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=[0.1],
+        help="SGD learning rates: every method runs at each (the first one's dense run sets the target)",
+    )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (inside the method where recommended)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--out", default=out, help="results go to <out>/<device>/network.json and network.png")
@@ -267,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
     for r in args.rates:
         if r != "unshaped":
             _bits_per_second(r)
+    if not all(lr > 0 and math.isfinite(lr) for lr in args.lr):
+        raise ValueError(f"--lr: learning rates must be positive and finite, got {args.lr}")
     if min(args.ranks) < 2 or args.steps < 1 or args.repeats < 1 or args.first_seed < 0:
         raise ValueError(f"--ranks must be at least 2, --steps and --repeats at least 1, --first-seed at least 0; "
                          f"got {args.ranks}, {args.steps}, {args.repeats}, {args.first_seed}")  # fmt: skip
@@ -283,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     seeds = range(args.first_seed, args.first_seed + args.repeats)
     if args.merge:
-        rows, targets = _load(out_dir, set(args.methods), set(rates), set(args.ranks), set(args.tasks), set(seeds))
+        rows, targets = _load(out_dir, set(args.methods), set(rates), set(args.ranks), set(args.tasks), set(seeds),
+                              set(args.lr))  # fmt: skip
     try:
         for rate in order:
             ns = shaped_namespace(rate) if shaped else None
@@ -292,15 +303,15 @@ def run(args: argparse.Namespace) -> int:
                     for task in args.tasks:
                         key = (task, n)
                         for rep in seeds:
-                            methods = list(args.methods)
-                            random.Random(rep).shuffle(methods)
-                            if "ddp" in methods and key not in targets:  # the dense run sets the target first
-                                methods.remove("ddp")
-                                methods.insert(0, "ddp")
-                            for m in methods:
+                            configs = [(m, lr) for m in args.methods for lr in args.lr]
+                            random.Random(rep).shuffle(configs)
+                            if ("ddp", args.lr[0]) in configs and key not in targets:  # it sets the target first
+                                configs.remove(("ddp", args.lr[0]))
+                                configs.insert(0, ("ddp", args.lr[0]))
+                            for m, lr in configs:
                                 kw = {"width": args.lm_width, "layers": args.lm_layers} if task == "char_lm" else {}
                                 cfg = {"task": task, "split": args.split, "method": m, "steps": args.steps,
-                                       "lr": args.lr, "momentum": args.momentum, "seed": rep, "task_kwargs": kw,
+                                       "lr": lr, "momentum": args.momentum, "seed": rep, "task_kwargs": kw,
                                        "rate": rate, "ranks": n}  # fmt: skip
                                 try:
                                     res = run_one(ns, n, cfg, args.timeout)
@@ -308,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
                                     print(f"  {rate} n={n} {task} {m}: {exc}", flush=True)
                                     rows.append({**cfg, "failed": str(exc)})
                                     continue
-                                if m == "ddp" and key not in targets:
+                                if m == "ddp" and lr == args.lr[0] and key not in targets:
                                     at = max(20, int(0.6 * len(res["losses"])))
                                     targets[key] = statistics.fmean(res["losses"][at - 20 : at])
                                     res["target_set"] = targets[key]
@@ -347,8 +358,9 @@ def _line(r: dict) -> str:
     got = r.get("reached")
     when = f"{got['seconds']:.1f} s ({got['step']} steps)" if got else "not reached"
     mb = r["wire_bytes_per_step"] / 1e6
-    return (f"{r['rate']:>9s} n={r['ranks']} {r['task']:10s} {r['method']:11s} step {r['step_ms_median']:8.1f} ms  "
-            f"wire {mb:8.3f} MB/step  to target {when}  test {r['test']['loss']:.3f}")  # fmt: skip
+    return (f"{r['rate']:>9s} n={r['ranks']} {r['task']:10s} {r['method']:11s} lr {r['lr']:<6g} "
+            f"step {r['step_ms_median']:8.1f} ms  wire {mb:8.3f} MB/step  to target {when}  "
+            f"test {r['test']['loss']:.3f}")  # fmt: skip
 
 
 FAMILIES = {
@@ -359,23 +371,32 @@ FAMILIES = {
 }
 
 
+def labeler(rows: list[dict]):
+    """A run's configuration as the tables name it: the method, and its learning rate where the rows hold more
+    than one (``ef14@0.01 lr=0.2``)."""
+    several = len({r.get("lr") for r in rows}) > 1
+    return lambda r: f"{r['method']} lr={r['lr']:g}" if several else r["method"]
+
+
 def best_by_family(rows: list[dict]) -> dict:
-    """Per (rate, ranks, task) and family: ``(median seconds, method, seconds per seed)`` of the method with the
-    lowest median time to the target, a method counting only if every one of its seeds reached it;
-    ``(inf, "-", [])`` when none did. Where some methods ran more seeds than others, a family's best is taken
-    among those with the most seeds it has (a lucky single seed does not beat a median of three)."""
+    """Per (rate, ranks, task) and family: ``(median seconds, configuration, seconds per seed)`` of the
+    configuration (a method at a learning rate, :func:`labeler`) with the lowest median time to the target, one
+    counting only if every one of its seeds reached it; ``(inf, "-", [])`` when none did. Where some configurations
+    ran more seeds than others, a family's best is taken among those with the most seeds it has (a lucky single
+    seed does not beat a median of three; a learning rate screened on one seed counts once it has as many)."""
     by: dict = {}
+    label = labeler(rows)
     for r in rows:
         if "failed" not in r:
-            by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(r["method"], []).append(r)
+            by.setdefault((r["rate"], r["ranks"], r["task"]), {}).setdefault(label(r), []).append(r)
     out = {}
-    for key, methods in by.items():
+    for key, configs in by.items():
         out[key] = {}
         for family, pick in FAMILIES.items():
             best = (float("inf"), "-", [])
-            most = max((len(rs) for m, rs in methods.items() if pick(m)), default=0)
-            for m, rs in methods.items():
-                if not pick(m) or len(rs) < most:
+            most = max((len(rs) for rs in configs.values() if pick(rs[0]["method"])), default=0)
+            for m, rs in configs.items():
+                if not pick(rs[0]["method"]) or len(rs) < most:
                     continue
                 got = [x["reached"]["seconds"] for x in rs if x.get("reached")]
                 if got and len(got) == len(rs) and statistics.median(got) < best[0]:
@@ -431,9 +452,10 @@ def step_table(rows: list[dict], rate: str = "unshaped") -> str:
     """Per task and ranks on link ``rate``: each method's median step time over its seeds (compute and
     communication, the per-run medians) and its ratio to DDP's all-reduce step."""
     by: dict = {}
+    label = labeler([r for r in rows if r["rate"] == rate])
     for r in rows:
         if r["rate"] == rate and "failed" not in r:
-            by.setdefault((r["task"], r["ranks"]), {}).setdefault(r["method"], []).append(r["step_ms_median"])
+            by.setdefault((r["task"], r["ranks"]), {}).setdefault(label(r), []).append(r["step_ms_median"])
     lines = [f"| task | ranks | method | ms per step ({rate}) | x DDP |", "|---|---|---|---|---|"]
     for (task, n), methods in sorted(by.items()):
         ddp = statistics.median(methods["ddp"]) if "ddp" in methods else float("nan")
@@ -454,14 +476,14 @@ def _result_dir(out_dir: Path) -> tuple[str, Path]:
     return name, out_dir / device_slug(name)
 
 
-def _load(out_dir: Path, methods: set, rates: set, ranks: set, tasks: set, seeds: set) -> tuple[list, dict]:
+def _load(out_dir: Path, methods: set, rates: set, ranks: set, tasks: set, seeds: set, lrs: set) -> tuple[list, dict]:
     """The saved rows and targets, less the rows of the runs about to be repeated (``--merge``): those of the
-    named methods, rates, ranks, tasks and seeds."""
+    named methods, rates, ranks, tasks, seeds and learning rates."""
     path = _result_dir(out_dir)[1] / "network.json"
     old = json.loads(path.read_text())
     targets = {(k.split("/n=")[0], int(k.split("/n=")[1])): v for k, v in old["targets"].items()}
     redo = [r for r in old["rows"] if r["method"] in methods and r["rate"] in rates and r["ranks"] in ranks
-            and r["task"] in tasks and r["seed"] in seeds]  # fmt: skip
+            and r["task"] in tasks and r["seed"] in seeds and r["lr"] in lrs]  # fmt: skip
     return [r for r in old["rows"] if r not in redo], targets
 
 
@@ -500,11 +522,12 @@ def plot(result: dict, path) -> None:
     for i, task in enumerate(tasks):
         for j, n in enumerate(ranks):
             ax = axes[i][j]
-            for m in sorted({r["method"] for r in rows}):
+            label = labeler(rows)
+            for m in sorted({label(r) for r in rows}):
                 pts = {}
                 for r in rows:
                     ok = "failed" not in r and r["rate"] != "unshaped"
-                    if ok and r["task"] == task and r["ranks"] == n and r["method"] == m:
+                    if ok and r["task"] == task and r["ranks"] == n and label(r) == m:
                         sec = r["reached"]["seconds"] if r.get("reached") else float("nan")
                         pts.setdefault(_bits_per_second(r["rate"]), []).append(sec)
                 xs = sorted(x for x in pts if all(v == v for v in pts[x]))  # rates where every seed reached it
