@@ -519,10 +519,10 @@ def plot(result: dict, path) -> None:
     tasks = sorted({r["task"] for r in rows})
     ranks = sorted({r["ranks"] for r in rows})
     fig, axes = plt.subplots(len(tasks), len(ranks), figsize=(5 * len(ranks), 3.8 * len(tasks)), squeeze=False)
+    label = labeler(rows)
     for i, task in enumerate(tasks):
         for j, n in enumerate(ranks):
             ax = axes[i][j]
-            label = labeler(rows)
             for m in sorted({label(r) for r in rows}):
                 pts = {}
                 for r in rows:

@@ -19,7 +19,7 @@ from torch import Tensor
 __all__ = ["PAD", "padded_zeros", "owns_padding", "padded_length"]
 
 PAD = 16
-_owned: dict[int, tuple[weakref.ref, int, torch.dtype]] = {}  # data pointer -> (buffer, vector length, dtype)
+_owned: dict[int, tuple[weakref.ref, int]] = {}  # data pointer -> (buffer, vector length)
 
 
 def padded_length(n: int) -> int:
@@ -35,7 +35,7 @@ def padded_zeros(n: int, *, dtype: torch.dtype = torch.float32, device=None) -> 
         return view
     ptr = view.data_ptr()
     ref = weakref.ref(buf)
-    _owned[ptr] = (ref, n, dtype)
+    _owned[ptr] = (ref, n)
     weakref.finalize(buf, _forget, ptr, ref)
     return view
 
@@ -53,6 +53,6 @@ def owns_padding(t: Tensor) -> bool:
     entry = _owned.get(t.data_ptr())
     if entry is None:
         return False
-    ref, n, dtype = entry
+    ref, n = entry
     buf = ref()
-    return buf is not None and t.numel() == n and t.dtype == dtype and buf.data_ptr() == t.data_ptr()
+    return buf is not None and t.numel() == n and t.dtype == buf.dtype and buf.data_ptr() == t.data_ptr()

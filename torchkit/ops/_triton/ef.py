@@ -26,13 +26,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _select
+from .. import _padding, _select
 
 __all__ = ["OPS"]
 
 NB = _select.NBINS
 NUM_WARPS = 8  # 2048-element programs: 8 entries per thread
 CAND = _select.CAND
+PAD: tl.constexpr = tl.constexpr(_padding.PAD)  # what padded_zeros pads to
 FLAG_A: tl.constexpr = tl.constexpr(1 << 60)  # look-back word: this program's own counts are published
 FLAG_P: tl.constexpr = tl.constexpr(1 << 61)  # look-back word: the inclusive prefix is published
 VALS: tl.constexpr = tl.constexpr((1 << 60) - 1)  # hi count << 30 | eq count
@@ -62,8 +63,9 @@ def _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE: tl.constexpr, STORED: 
 @triton.jit
 def _masks(offs, live, d, G_PAD: tl.constexpr, S_PAD: tl.constexpr):
     """Load/store masks of g and of the state: ``live`` (entries < d), or, where the caller owns padding to a
-    multiple of 16 elements, entries < that padded length, a mask constant over 16 entries: 128-bit accesses."""
-    dp = tl.multiple_of(tl.cdiv(d, 16) * 16, 16)
+    multiple of PAD (16) elements, entries < that padded length, a mask constant over PAD entries: 128-bit
+    accesses."""
+    dp = tl.multiple_of(tl.cdiv(d, PAD) * PAD, PAD)
     if G_PAD:
         gm = offs < dp
     else:
