@@ -106,3 +106,22 @@ def test_format_1_checkpoints_still_load():
         tk.CompressedOptimizer(
             model.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(1))
         ).load_state_dict(v1)
+
+
+def test_documented_submodules_are_reachable_from_the_package():
+    """``import torchkit as tk; tk.checkpoint.without_feedback(...)``, as the README and the error messages say,
+    works in a fresh process (the submodules are imported on first use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import torchkit as tk\n"
+        "assert 'torchkit.checkpoint' not in sys.modules\n"
+        "print(tk.checkpoint.without_feedback.__name__, tk.ddp.register.__name__, tk.tasks.__name__,"
+        " tk.integrations.__name__)\n"
+        "try:\n    tk.nope\nexcept AttributeError as e:\n    print('AttributeError', e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[0] == "without_feedback register torchkit.tasks torchkit.integrations"
+    assert "has no attribute 'nope'" in res.stdout

@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import torchkit
 import torchkit as tk
 from tests.dist_utils import run_dist
 from torchkit.checkpoint import load_feedback, save_feedback, side_file, without_feedback
@@ -284,6 +285,35 @@ def test_dcp_one_process_roundtrip_and_plain_load_policy(tmp_path):
     assert opt2.round.step == 0
 
 
+def test_a_rejected_feedback_entry_leaves_the_model_untouched_with_load_dcp(tmp_path):
+    net, opt = _opt()
+    _train(net, opt, range(3))
+    model_sd, optim_sd = get_state_dict(net, opt)
+    dcp.save({"model": model_sd, "opt": optim_sd, "feedback": opt.feedback_stateful()}, checkpoint_id=tmp_path)
+    other = tk.EF21(tk.TopK(ratio=0.5))  # another method: the entry is rejected
+    for load, overwritten in ((dcp.load, True), (torchkit.checkpoint.load_dcp, False)):
+        net2 = _net(1)
+        opt2 = tk.CompressedOptimizer(net2.parameters(), torch.optim.SGD, lr=0.1, feedback=other)
+        before = _flat(net2).clone()
+        model_sd, optim_sd = get_state_dict(net2, opt2)
+        with pytest.raises(ValueError, match=r"saved with feedback EF21\(compressor=.*ratio.*0\.2"):
+            load({"model": model_sd, "opt": optim_sd, "feedback": opt2.feedback_stateful()}, checkpoint_id=tmp_path)
+        # plain dcp.load has written the model before the feedback entry is seen; load_dcp checks it first
+        assert torch.equal(_flat(net2), before) != overwritten
+        assert opt2.round.step == 0
+    # and load_dcp loads a good checkpoint like dcp.load
+    net3, opt3 = _opt()
+    model_sd, optim_sd = get_state_dict(net3, opt3)
+    torchkit.checkpoint.load_dcp(
+        {"model": model_sd, "opt": optim_sd, "feedback": opt3.feedback_stateful()}, checkpoint_id=tmp_path
+    )
+    set_state_dict(net3, opt3, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    assert opt3.round.step == 3
+    _train(net3, opt3, range(3, 5))
+    _train(net, opt, range(3, 5))
+    assert torch.equal(_flat(net3), _flat(net))
+
+
 def test_foreign_rank_state_and_side_files(tmp_path):
     net, opt = _opt()
     _train(net, opt, range(2))
@@ -293,9 +323,14 @@ def test_foreign_rank_state_and_side_files(tmp_path):
     with pytest.raises(ValueError, match=r"saved by rank 3, loaded on rank 0\. The feedback state is per rank"):
         opt2.load_state_dict(foreign)
     assert opt2.round.step == 0
-    # restart on every rank, as the message says
-    with pytest.warns(UserWarning, match="starts again at its step 0"):
+    # restart on every rank, as the message says: asked for, so no warning (a plain state_dict still warns)
+    _train(net2, opt2, range(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         opt2.load_state_dict(without_feedback(foreign))
+    assert opt2.round.step == 0
+    with pytest.warns(UserWarning, match="starts again at its step 0"):
+        opt2.load_state_dict(opt.inner.state_dict())
     # side files: this rank's own state, kept when the foreign state_dict arrives, until the next step
     path = save_feedback(tmp_path / "ckpt", opt)
     assert path == f"{tmp_path}/ckpt.rank0.pt"
@@ -310,5 +345,12 @@ def test_foreign_rank_state_and_side_files(tmp_path):
         load_feedback(tmp_path / "missing", opt2)
     with pytest.raises(ValueError, match=r"holds the feedback state of \['CompressedOptimizer'\]"):
         load_feedback(tmp_path / "ckpt", opt2, opt2)
+    # a truncated side file (a copy cut short): the error names the file and the cause, and nothing changes
+    whole = open(path, "rb").read()
+    open(path, "wb").write(whole[: len(whole) // 2])
+    before = {k: v.clone() for k, v in opt2.feedback_state(0).items()}
+    with pytest.raises(ValueError, match=r"cannot read the per-rank feedback file .*ckpt\.rank0\.pt: .*truncated"):
+        load_feedback(tmp_path / "ckpt", opt2)
+    assert all(torch.equal(before[k], v) for k, v in opt2.feedback_state(0).items()) and opt2.round.step == 3
     with pytest.raises(TypeError, match="argument 0 is a SGD"):
         save_feedback(tmp_path / "x", torch.optim.SGD(net.parameters(), lr=0.1))

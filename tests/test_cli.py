@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import torchkit
 from torchkit import cli
@@ -239,6 +240,35 @@ def test_cli_errors(tmp_path, capsys):
     assert "workers must be >= 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--steps", "0"], "argument --steps: must be a positive int, got '0'"),
+        (["demo", "--lr", "-1"], "argument --lr: must be a positive float, got '-1'"),
+        (["demo", "--ratio", "0"], "argument --ratio: must be a number in (0, 1], got '0'"),
+        (["demo", "--batch", "x"], "argument --batch: must be a positive int, got 'x'"),
+        (["bench", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["bench", "--dtypes", "float99"], "argument --dtypes: invalid choice: 'float99'"),
+        (["bench", "--ratios", "0"], "argument --ratios: must be a number in (0, 1], got '0'"),
+        (["bench", "--sizes", "1e-3"], "argument --sizes: must be a positive length such as 1e6, got '1e-3'"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    """What a new user typed (issue 28): one line naming the argument, exit status 2, no folder left behind."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "torchkit-demo").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the message of a build without CUDA")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
+
+
 def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "torchkit", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "repro" in proc.stdout and "demo" in proc.stdout
@@ -264,3 +294,16 @@ def test_repro_settings_errors(tmp_path):
         repro.ef21w_settings(max_scale=0.5)
     with pytest.raises(ValueError, match="multipliers has unknown runs"):
         repro.repro_ef21(tmp_path / "x.txt", multipliers={"ef22": 2.0})
+
+
+def test_demo_table_gives_ef21sgdm_its_eta_and_every_line_its_own_style():
+    from torchkit.demo import format_table, line_styles
+
+    run = dict(label="EF21-SGDM", final_loss=0.4, test_accuracy=0.7, dense_bytes_per_worker=100)
+    run.update(bytes_sent_per_worker=2, compress_seconds=0.1, params=10, lr=1.0, eta=0.1)
+    cfg = dict(workers=4, backend="gloo", steps=10, ratio=0.01, powersgd_rank=1, lr=None)
+    assert "| EF21-SGDM | 1 (eta 0.1) |" in format_table({"config": cfg, "runs": {"ef21sgdm": run}})
+    styles = [tuple(sorted(s.items())) for s in line_styles(6)]
+    assert len(set(styles)) == 6
+    for key in ("color", "linestyle", "marker"):  # and no two neighbours share any one of them
+        assert all(a[key] != b[key] for a, b in zip(line_styles(6), line_styles(6)[1:]))

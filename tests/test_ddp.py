@@ -208,7 +208,10 @@ def _static_and_view(rank):
 
 def _nonfinite(rank):
     model = _ddp(_net())
-    state = tk.ddp.register(model, FEEDBACKS["ef21"](), min_compression_rate=0, nonfinite="sanitize")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # sanitize needs the scaler that skips the NaN step
+    state = tk.ddp.register(
+        model, FEEDBACKS["ef21"](), min_compression_rate=0, nonfinite="sanitize", grad_scaler=scaler
+    )
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     grads = []
     for t in range(3):
@@ -216,10 +219,13 @@ def _nonfinite(rank):
         loss = _loss(model, *_data(rank, t))
         if t == 2 and rank == 1:
             loss = loss * float("inf")
-        loss.backward()
+        scaler.scale(loss).backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        scaler.step(opt)
+        scaler.update()
     finite_state = all(torch.isfinite(v).all() for views in state._params.values() for v in views.values())
-    return grads, finite_state
+    finite_params = all(torch.isfinite(p).all() for p in model.parameters())
+    return grads, finite_state and finite_params
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,9 @@ def test_a_dead_peer_raises_in_the_survivors_loop(front):
     res = out[0]
     assert res["step"] == FAULT_STEP, res
     assert res["seconds"] < 20, res  # detected from the closed connection, not at the 30 s timeout
+    # the first error, not nested once per future callback
+    assert res["error"].count("Got the following error when running the callback") <= 1, res["error"]
+    assert "Unable to cast" not in res["error"] and "by peer" in res["error"], res["error"]  # Gloo: reset / closed
 
 
 def test_a_hung_peer_raises_at_the_process_group_timeout():

@@ -6,6 +6,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "torchkit"
 LAYER = {
     "_validation": 0,
+    "process_group": 0,  # init across torchrun restarts, destroyed at exit; the exchangers and the hook call it
     "ops": 0,
     "compress": 1,
     "theory": 1,

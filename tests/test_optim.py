@@ -279,3 +279,19 @@ def test_padded_flat_buffers_feed_the_kernels(monkeypatch, method):
     assert ops.owns_padding(blk.grads) and blk.grads.numel() == 53
     sd = opt.state_dict()["torchkit"]["params"]
     assert sum(v[next(iter(v))].numel() for v in sd.values()) == 53
+
+
+def test_inner_state_of_another_shape_is_refused_at_load():
+    """Issue 28: an inner-optimizer state of the wrong shape loaded silently and failed at the next step."""
+    a = torch.nn.Linear(4, 3)
+    opt = tk.CompressedOptimizer(a.parameters(), torch.optim.AdamW, lr=0.1, feedback=tk.EF14(tk.TopK(2)))
+    a(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    b = torch.nn.Linear(3, 4)  # same number of tensors, other shapes
+    other = tk.CompressedOptimizer(b.parameters(), torch.optim.AdamW, lr=0.1, feedback=tk.EF14(tk.TopK(2)))
+    with pytest.raises(
+        ValueError, match=r"optimizer state 'exp_avg' of parameter 0 has shape \(3, 4\), the parameter \(4, 3\)"
+    ):
+        other.load_state_dict(tk.checkpoint.without_feedback(sd))
+    assert len(other.state) == 0 and other.round.step == 0  # nothing loaded

@@ -234,46 +234,145 @@ def _sched_resume(rank, path):
 
 # --------------------------------------------------------------------------- a non-finite gradient, raised
 def _hook_raise(rank):
-    """Default policy: the bad iteration's estimate is NaN everywhere at once; every rank raises at the next one."""
-    model = DDP(_net(), bucket_cap_mb=0.0002)
-    tk.ddp.register(model, tk.EF21(tk.TopK(ratio=0.3)), min_compression_rate=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    out = {}
-    for t in range(4):
+    """Default policy: the bad iteration's estimate is NaN everywhere at once; every rank raises at the next
+    forward; the state_dict of a bad last iteration raises; the user reloads and goes on in the same process."""
+
+    def make():
+        model = DDP(_net(), bucket_cap_mb=0.0002)
+        state = tk.ddp.register(model, tk.EF21(tk.TopK(ratio=0.3)), min_compression_rate=0)
+        return model, state, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def iteration(model, opt, t, bad):
         opt.zero_grad()
         loss = model(_grad_data(rank, t, (6, 5))).pow(2).mean()
-        if t == 2 and rank == 1:
-            loss = loss * float("inf")
+        (loss * float("inf") if bad and rank == 1 else loss).backward()
+        opt.step()
+
+    model, state, opt = make()
+    out = {}
+    saved = None
+    for t in range(5):
         try:
-            loss.backward()
-        except Exception as exc:
+            iteration(model, opt, t, bad=t == 2)
+        except tk.NonFiniteGradientError as exc:
             out["raised_at"], out["error"] = t, str(exc)
+            # catch, reload, go on: the same DDP model, in this process
+            model.module.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            state.load_state_dict(saved["hook"])
+            for u in range(2, 5):
+                iteration(model, opt, u, bad=False)
             break
         out[f"grad_nan_{t}"] = all(torch.isnan(p.grad).all() for p in model.parameters())
-        opt.step()
+        if t == 1:
+            saved = copy.deepcopy(
+                {"model": model.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()}
+            )
+        if t == 2:  # the bad iteration was the last before a checkpoint: saving it raises
+            with pytest.raises(tk.NonFiniteGradientError, match="non-finite gradient"):
+                state.state_dict()
+    resumed = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    clean, _, clean_opt = make()
+    for t in range(5):
+        iteration(clean, clean_opt, t, bad=False)
+    out["resumed_equals_clean"] = torch.equal(resumed, torch.cat([p.detach().reshape(-1) for p in clean.parameters()]))
     return out
 
 
 # ------------------------------------------------------------------------------------ configured differently
+def _raises(fn) -> str:
+    try:
+        fn()
+        return "ran"
+    except ValueError as exc:
+        return str(exc)
+
+
+def _wrapper_step(rank, params, opt, t=0):
+    opt.zero_grad()
+    for p in params:
+        p.grad = _grad_data(rank, t, p.shape)
+    opt.step()
+
+
 def _misconfigured(rank):
+    """Each fault the way it was found; every rank raises (ValueError naming the difference), none hangs or drifts."""
     out = {}
     p = torch.nn.Parameter(torch.zeros(6))
     k = 2 if rank == 1 else 3
     opt = tk.CompressedOptimizer([p], torch.optim.SGD, lr=0.1, feedback=tk.EF21(tk.TopK(k)))
-    p.grad = torch.ones(6)
-    try:
-        opt.step()
-        out["wrapper"] = "stepped"
-    except ValueError as exc:
-        out["wrapper"] = str(exc)
+    out["wrapper"] = _raises(lambda: _wrapper_step(rank, [p], opt))
+
+    # a different learning rate on one rank
+    p = torch.nn.Parameter(torch.zeros(6))
+    lr = 0.2 if rank == 1 else 0.1
+    opt = tk.CompressedOptimizer([p], torch.optim.SGD, lr=lr, momentum=0.9, feedback=tk.EF14(tk.TopK(2)))
+    out["lr"] = _raises(lambda: _wrapper_step(rank, [p], opt))
+
+    # same-shaped parameters in another order on one rank
+    a, b = torch.nn.Parameter(torch.zeros(6)), torch.nn.Parameter(torch.ones(6))
+    order = [b, a] if rank == 2 else [a, b]
+    opt = tk.CompressedOptimizer(order, torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(2)))
+    out["order"] = _raises(lambda: _wrapper_step(rank, order, opt))
+
+    # a scheduler stepped differently on one rank, after the first step: the per-step check, nothing changed
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = tk.CompressedOptimizer([p], torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(2)))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5 if rank == 0 else 1.0)
+    _wrapper_step(rank, [p], opt, 0)
+    sched.step()
+    before = (p.detach().clone(), opt.round.step, {k: v.clone() for k, v in opt.feedback_state().items()})
+    out["schedule"] = _raises(lambda: _wrapper_step(rank, [p], opt, 1))
+    after = (p.detach(), opt.round.step, opt.feedback_state())
+    out["schedule_untouched"] = (
+        torch.equal(before[0], after[0])
+        and before[1] == after[1]
+        and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+    )
+
+    # the hook: a different method, start_iter, min_compression_rate, nonfinite on one rank; each raises at the forward
+    for label, kwargs in {
+        "hook": {"feedback": tk.EF14(tk.TopK(ratio=0.3)) if rank == 2 else tk.EF21(tk.TopK(ratio=0.3))},
+        "start_iter": {"start_iter": 2 if rank == 1 else 0},
+        "min_compression_rate": {"min_compression_rate": 0.0 if rank == 0 else 2.0},
+        "nonfinite": {"grad_scaler": torch.amp.GradScaler("cpu")} if rank == 1 else {},
+    }.items():
+        model = DDP(_net())
+        tk.ddp.register(model, kwargs.pop("feedback", tk.EF21(tk.TopK(ratio=0.3))), **kwargs)
+        out[label] = _raises(lambda m=model: m(torch.randn(2, 5)).sum().backward())
+    return out
+
+
+def _mixed_resume(rank, path):
+    """One rank restores its feedback state, another restarts the method: every rank raises at the next step."""
+    out = {}
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8))
+
+    def make():
+        return tk.CompressedOptimizer([p], torch.optim.SGD, lr=0.1, feedback=tk.EF21(tk.TopK(2), init="compressed"))
+
+    opt = make()
+    for t in range(3):
+        _wrapper_step(rank, [p], opt, t)
+    sd = opt.state_dict()
+    opt = make()
+    opt.load_state_dict(tk.checkpoint.without_feedback(sd) if rank == 1 else sd)
+    out["wrapper"] = _raises(lambda: _wrapper_step(rank, [p], opt, 3))
+
     model = DDP(_net())
-    fb = tk.EF14(tk.TopK(ratio=0.3)) if rank == 2 else tk.EF21(tk.TopK(ratio=0.3))
-    tk.ddp.register(model, fb, min_compression_rate=0)
-    try:
-        model(torch.randn(2, 5)).sum().backward()
-        out["hook"] = "ran"
-    except Exception as exc:
-        out["hook"] = str(exc)
+    state = tk.ddp.register(model, tk.EF21(tk.TopK(ratio=0.3), init="full"), min_compression_rate=0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    for t in range(3):
+        sgd.zero_grad()
+        model(_grad_data(rank, t, (6, 5))).pow(2).mean().backward()
+        sgd.step()
+    saved = state.state_dict()
+    model = DDP(_net())
+    state = tk.ddp.register(model, tk.EF21(tk.TopK(ratio=0.3), init="full"), min_compression_rate=0)
+    if rank != 1:  # rank 1 restarts the method
+        state.load_state_dict(saved)
+    out["hook"] = _raises(lambda: model(_grad_data(rank, 3, (6, 5))).pow(2).mean().backward())
     return out
 
 
@@ -286,7 +385,8 @@ def _worker(rank, world, path):
         "fp16": _fp16_wire(rank),
         "sched": _sched_resume(rank, path),
         "raise": _hook_raise(rank),
-        "misconfigured": _misconfigured(rank),  # last: the hook's error leaves DDP mid-backward
+        "misconfigured": _misconfigured(rank),
+        "mixed_resume": _mixed_resume(rank, path),
     }
 
 
@@ -347,15 +447,30 @@ def test_resume_with_a_scheduler_on_three_ranks(results):
     assert [r["sched"] for r in results] == [True] * WORLD
 
 
-def test_a_non_finite_gradient_raises_on_every_rank_one_iteration_later(results):
+def test_a_non_finite_gradient_raises_at_the_next_forward_and_the_run_goes_on_after_a_reload(results):
     for r in results:
         h = r["raise"]
         assert not h["grad_nan_0"] and not h["grad_nan_1"] and h["grad_nan_2"]  # NaN everywhere at once
-        assert h["raised_at"] == 3 and "non-finite gradient" in h["error"]
+        assert h["raised_at"] == 3 and "non-finite gradient" in h["error"] and "grad_scaler=scaler" in h["error"]
+        assert h["resumed_equals_clean"]  # caught, reloaded, trained on in the same process: DDP still works
 
 
 def test_ranks_configured_differently_all_raise(results):
     for r in results:
         m = r["misconfigured"]
-        assert "ranks are configured differently" in m["wrapper"] and "TopK" in m["wrapper"]
+        assert "ranks are configured differently" in m["wrapper"] and "method['compressor']['k']" in m["wrapper"]
         assert "ranks are configured differently" in m["hook"] and "method" in m["hook"]
+        assert "options[0]['lr'] 0.2" in m["lr"] or "options[0]['lr'] 0.1" in m["lr"]
+        assert "parameters[0][0]" in m["order"] and "Replicas must start identical" in m["order"]
+        assert "parameter group 0's hyper-parameters" in m["schedule"] and "step 1" in m["schedule"]
+        assert m["schedule_untouched"]
+        for setting in ("start_iter", "min_compression_rate", "nonfinite"):
+            assert "ranks are configured differently" in m[setting] and setting in m[setting], m[setting]
+
+
+def test_a_mixed_resume_raises_on_every_rank_saying_what_to_do(results):
+    for r in results:
+        for front_end in ("wrapper", "hook"):
+            msg = r["mixed_resume"][front_end]
+            assert "ranks are configured differently" in msg and "feedback" in msg, msg
+            assert "restore every rank's own state" in msg

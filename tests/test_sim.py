@@ -212,3 +212,25 @@ def test_simulate_bad_input():
         simulate(tk.EF21W(tk.TopK(1), [0.5, 0.5]), prob.grad_fn, x0, n_workers=4, steps=2, lr=0.1)
     with pytest.raises(ValueError, match="n_workers must be >= 1"):
         simulate(tk.EF21(tk.TopK(1)), prob.grad_fn, x0, n_workers=0, steps=2, lr=0.1)
+
+
+def test_a_diverged_run_warns_and_an_integer_x0_is_refused():
+    """Issue 28: an all-NaN grad_norm_sq came back without a word; an int64 x0 gave a raw dtype error."""
+    import warnings as _w
+
+    a = torch.tensor([[1.0, 2.0], [3.0, 1.0]], dtype=torch.float64)
+    grad_fn = lambda x: a * x  # noqa: E731  f_i = 0.5 a_i x^2: lr 10 diverges
+    with pytest.warns(RuntimeWarning, match=r"simulate: \|\|grad f\|\|\^2 is not finite from round \d+ on"):
+        res = tk.sim.simulate(tk.EF21(tk.TopK(1)), grad_fn, torch.ones(2, dtype=torch.float64), n_workers=2,
+                              steps=400, lr=10.0)  # fmt: skip
+    assert not torch.isfinite(res.grad_norm_sq[-1])
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # a run that trains says nothing
+        tk.sim.simulate(tk.EF21(tk.TopK(1)), grad_fn, torch.ones(2, dtype=torch.float64), n_workers=2, steps=20, lr=0.1)
+    with pytest.raises(TypeError, match="x0 must be a floating-point tensor .* got torch.int64"):
+        tk.sim.simulate(tk.EF21(tk.TopK(1)), grad_fn, torch.ones(2, dtype=torch.int64), n_workers=2, steps=2, lr=0.1)
+    with pytest.raises(TypeError, match="x0 must be a floating-point tensor"):
+        tk.sim.simulate_local(
+            tk.EF21(tk.TopK(1)), grad_fn, torch.ones(2, dtype=torch.int64), n_workers=2, rounds=1, sync_every=2,
+            inner_optimizer=0.1,
+        )  # fmt: skip

@@ -16,6 +16,7 @@ from .coupling import LocalAdam, LocalMomentum, recommended
 from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
 from .local_sgd import LocalSGD
 from .optim import CompressedOptimizer
+from .process_group import init_process_group
 
 __version__ = "0.1.0"
 
@@ -35,18 +36,23 @@ __all__ = [
     "CompressedOptimizer",
     "LocalSGD",
     "NonFiniteGradientError",
+    "init_process_group",
     "theory",
     "sim",
     "ops",
     "comm",
     "coupling",
     "ddp",
+    "checkpoint",
 ]
 
 
+_LAZY = ("ddp", "checkpoint", "integrations", "tasks")  # imported on first use (torch.distributed hook machinery, ...)
+
+
 def __getattr__(name: str):
-    if name == "ddp":  # imported on first use: it pulls in torch.distributed hook machinery
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module(".ddp", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'torchkit' has no attribute {name!r}")

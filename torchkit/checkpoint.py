@@ -29,7 +29,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["FeedbackStateful", "save_feedback", "load_feedback", "side_file", "without_feedback", "FOREIGN_RANK_HINT"]
+__all__ = [
+    "FeedbackStateful",
+    "save_feedback",
+    "load_feedback",
+    "load_dcp",
+    "side_file",
+    "without_feedback",
+    "FOREIGN_RANK_HINT",
+]
 
 SIDE_FILE_VERSION = 1
 
@@ -88,7 +96,13 @@ def load_feedback(name: str | os.PathLike, *objects: Any) -> str:
             f"no feedback state for rank {rank} at {path}: save_feedback({os.fspath(name)!r}, ...) writes one file per "
             "rank; a checkpoint saved with fewer ranks, or copied without its .rank<r>.pt files, cannot restore it"
         )
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: torch says "[Errno 22] Invalid argument" or worse
+        raise ValueError(
+            f"cannot read the per-rank feedback file {path}: {type(exc).__name__}: {exc} (a truncated copy, a file "
+            "still being written, or not written by torchkit.checkpoint.save_feedback); nothing was loaded"
+        ) from exc
     if not isinstance(payload, Mapping) or payload.get("format_version") != SIDE_FILE_VERSION:
         raise ValueError(f"{path} is not a torchkit per-rank feedback file")
     if payload.get("world_size") != world or payload.get("rank") != rank:
@@ -107,11 +121,13 @@ def load_feedback(name: str | os.PathLike, *objects: Any) -> str:
 
 
 def without_feedback(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A :class:`torchkit.CompressedOptimizer` state_dict without its feedback state: loaded on every rank, the
-    optimizer's own state is restored and the feedback method restarts at its step 0 on every rank."""
+    """A :class:`torchkit.CompressedOptimizer` (or :class:`torchkit.LocalSGD`) state_dict without its feedback
+    state: loaded on every rank, the optimizer's own state is restored and the feedback method restarts at its
+    step 0 on every rank. It says so (``"torchkit": None``), so the load does not warn as it does for a plain
+    optimizer state_dict, where the restart may be an accident."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-    return {k: v for k, v in state_dict.items() if k != "torchkit"}
+    return {**{k: v for k, v in state_dict.items() if k != "torchkit"}, "torchkit": None}
 
 
 class FeedbackStateful:
@@ -142,6 +158,11 @@ class FeedbackStateful:
         return {self.key: sd}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.owner._apply_feedback(self.check(state_dict))
+        self.owner.round.mark_restored()
+
+    def check(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` checks (rank, world size, method, layout), changing nothing."""
         if not isinstance(state_dict, Mapping) or self.key not in state_dict:
             have = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
             raise ValueError(f"no feedback state for {self.key} in this checkpoint entry (has {have})")
@@ -150,9 +171,37 @@ class FeedbackStateful:
         if isinstance(method, str):
             mine = self.owner.feedback.config()
             sd["method"] = mine if json.dumps(mine, sort_keys=True) == method else json.loads(method)
-        prepared = self.owner._prepare_feedback(sd)
-        self.owner._apply_feedback(prepared)
-        self.owner.round.mark_restored()
+        return self.owner._prepare_feedback(sd)
+
+
+class _Probe:
+    """A ``Stateful`` with a :class:`FeedbackStateful`'s keys whose load only checks (see :func:`load_dcp`)."""
+
+    def __init__(self, stateful: FeedbackStateful):
+        self.stateful = stateful
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stateful.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.stateful.check(state_dict)
+
+
+def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -> None:
+    """``torch.distributed.checkpoint.load`` that checks the feedback entries first: call it on every rank where you
+    would call ``dcp.load``, with the same arguments.
+
+    ``dcp.load`` writes the model's tensors in place as it reads them and hands a ``Stateful`` its entry only
+    afterwards, so a feedback entry rejected there (another method, another world size) would leave the model
+    overwritten. This reads every :class:`FeedbackStateful` entry of ``state_dict`` first and checks it (the
+    feedback state is read twice), raises before anything is written if one is rejected, and then runs
+    ``dcp.load`` on everything."""
+    import torch.distributed.checkpoint as dcp
+
+    probes = {k: _Probe(v) for k, v in state_dict.items() if isinstance(v, FeedbackStateful)}
+    if probes:
+        dcp.load(probes, checkpoint_id=checkpoint_id, **kwargs)
+    dcp.load(state_dict, checkpoint_id=checkpoint_id, **kwargs)
 
 
 def _owners(objects, what: str) -> list:

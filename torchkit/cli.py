@@ -147,7 +147,13 @@ def _repro(args) -> int:
 def _bench(args) -> int:
     from . import bench
 
-    result = bench.run_kernel_bench(args.device, [int(float(s)) for s in args.sizes], args.ratios, args.dtypes)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device cuda: this machine has no CUDA device for torch {torch.__version__}")
+    sizes = [s if isinstance(s, int) else _size(s) for s in args.sizes]  # the defaults come as text
+    result = bench.run_kernel_bench(args.device, sizes, args.ratios, args.dtypes)
     print(bench.format_table(result))
     if args.out:
         bench.save(result, args.out)
@@ -177,6 +183,31 @@ def _positive(kind: type):
     return parse
 
 
+def _fraction(text: str) -> float:
+    """A density k/d: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    """A vector length, ``1e6`` style accepted."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive length such as 1e6, got {text!r}") from None
+    if not (value >= 1 and value == int(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive length such as 1e6, got {text!r}")
+    return int(value)
+
+
+_BENCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def _non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
@@ -192,7 +223,7 @@ def _presets_epilog(paper: str) -> str:
             f"{p['bits']:g} bits/n"
             for name, p in PRESETS.items()
         ]
-        head = "presets (--preset NAME; the EF21 poster's settings, docs/algorithms.md §2.7):"
+        head = "presets (--preset NAME; the EF21 poster's settings: Richtarik, Sokolov, Fatkhullin, NeurIPS 2021):"
     else:
         rows = [f"  {name:10s} d = {p['d']:<4g} Top-1" for name, p in PRESETS.items()]
         head = (
@@ -239,7 +270,7 @@ def _repro_parsers(sub) -> None:
         parents=[common],
         help="EF21 against EF14, EControl and EF21-SGDM (EF21 poster)",
         description="||grad f||^2 against bits per worker for EF21, EF14, EControl and EF21-SGDM at multiples of the "
-        "theoretical EF21 step size (docs/algorithms.md §2.7).",
+        "theoretical EF21 step size (the EF21 paper's logistic-regression experiments, NeurIPS 2021).",
         epilog=_presets_epilog("ef21"),
         formatter_class=_Formatter,
     )
@@ -268,7 +299,7 @@ def _repro_parsers(sub) -> None:
         parents=[common],
         help="EF21 (L_QM step) against EF21-W (L_AM step) on a heterogeneous split",
         description="Rounds to ||grad f||^2 thresholds for EF21 with the quadratic-mean step and EF21-W with the "
-        "arithmetic-mean one, worker i's rows scaled by s_i (docs/algorithms.md §3).",
+        "arithmetic-mean one, worker i's rows scaled by s_i (Error Feedback Reloaded, ICLR 2024).",
         epilog=_presets_epilog("ef21w"),
         formatter_class=_Formatter,
     )
@@ -296,27 +327,32 @@ def _parser() -> argparse.ArgumentParser:
         help="train on N worker processes: uncompressed vs error feedback vs PowerSGD",
         formatter_class=_Formatter,
     )
-    d.add_argument("--workers", type=int, default=4, help="Gloo worker processes")
-    d.add_argument("--steps", type=int, default=600, help="training steps per method")
-    d.add_argument("--ratio", type=float, default=0.01, help="TopK density per DDP bucket")
+    d.add_argument("--workers", type=_positive(int), default=4, help="Gloo worker processes")
+    d.add_argument("--steps", type=_positive(int), default=600, help="training steps per method")
+    d.add_argument("--ratio", type=_fraction, default=0.01, help="TopK density per DDP bucket, in (0, 1]")
     d.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to train, in order")
     d.add_argument("--out", default="torchkit-demo", help="folder for results.json, table.md and the PNG")
-    d.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
-    d.add_argument("--batch", type=int, default=64, help="batch size per worker")
+    d.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data and the model")
+    d.add_argument("--batch", type=_positive(int), default=64, help="batch size per worker")
     d.add_argument(
-        "--lr", type=float, default=None, help="one SGD learning rate for all methods (default: each one's tuned lr)"
+        "--lr",
+        type=_positive(float),
+        default=None,
+        help="one SGD learning rate for all methods (default: each one's tuned lr)",
     )
-    d.add_argument("--powersgd-rank", type=int, default=1, help="rank of PyTorch's PowerSGD hook")
+    d.add_argument("--powersgd-rank", type=_positive(int), default=1, help="rank of PyTorch's PowerSGD hook")
     d.add_argument("--noniid", action="store_true", help="label-sorted shards instead of interleaved ones")
     d.set_defaults(fn=_demo)
 
     _repro_parsers(sub)
 
     b = sub.add_parser("bench", help="kernel microbenchmarks on this machine's device", formatter_class=_Formatter)
-    b.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when available)")
-    b.add_argument("--sizes", nargs="+", default=["1e6", "1e7"], help="vector lengths d")
-    b.add_argument("--ratios", nargs="+", type=float, default=[0.001, 0.01, 0.1], help="TopK densities k/d")
-    b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="gradient dtypes")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    b.add_argument("--sizes", nargs="+", type=_size, default=["1e6", "1e7"], help="vector lengths d")
+    b.add_argument("--ratios", nargs="+", type=_fraction, default=[0.001, 0.01, 0.1], help="TopK densities k/d")
+    b.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=_BENCH_DTYPES, help="gradient dtypes"
+    )
     b.add_argument("--out", default=None, help="folder for kernels.json and kernels.png (default: print only)")
     b.set_defaults(fn=_bench)
     what = b.add_subparsers(dest="bench_what", metavar="{network}", help="another benchmark instead of the kernels'")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .compress import DenseMessage, Identity, Message, pack_message, unpack_message
 from .feedback import Feedback
+from .process_group import destroy_at_exit
 from .state import Block
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "aggregate_rows",
     "all_gather_rows",
     "nonfinite_flag",
+    "root_error",
 ]
 
 NonFinite = Literal["raise", "skip", "sanitize", "flag"]
@@ -140,6 +142,34 @@ def nonfinite_flag(x: Tensor, dim: int | None = None) -> Tensor:
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+_CALLBACK_PREFIX = "Got the following error when running the callback: "
+
+
+def root_error(exc: BaseException) -> BaseException:
+    """The first error of a chain of future callbacks: each ``then`` that re-raises wraps the message once more
+    ("Got the following error when running the callback: ..." and a traceback), so a dead peer used to reach the
+    user three levels deep. Returns an exception of the first error's type where it is a known one (a
+    ``torch.distributed`` error, :class:`NonFiniteGradientError`, a builtin), else a ``RuntimeError`` naming it."""
+    text = str(exc)
+    if _CALLBACK_PREFIX not in text:
+        return exc
+    root = text.rsplit(_CALLBACK_PREFIX, 1)[1].split("\n\nAt:\n", 1)[0].strip()
+    name, sep, message = root.partition(": ")
+    if not sep or not name.replace(".", "").replace("_", "").isalnum():
+        return RuntimeError(root)
+    known = {
+        "NonFiniteGradientError": NonFiniteGradientError,
+        "DistBackendError": getattr(dist, "DistBackendError", RuntimeError),
+        "DistNetworkError": getattr(dist, "DistNetworkError", RuntimeError),
+        "DistError": getattr(dist, "DistError", RuntimeError),
+        "RuntimeError": RuntimeError,
+        "ValueError": ValueError,
+        "TypeError": TypeError,
+    }
+    kind = known.get(name.rsplit(".", 1)[-1])
+    return kind(message) if kind is not None else RuntimeError(root)
+
+
 def _done(value) -> torch.futures.Future:
     fut = torch.futures.Future()
     fut.set_result(value)
@@ -185,6 +215,7 @@ class DistExchanger:
         self.group = group
         self.n_workers = dist.get_world_size(group)
         self.first_worker = dist.get_rank(group)
+        destroy_at_exit()  # a script that leaves its group alive must not abort at exit (see torchkit.process_group)
 
     def exchange(self, msg, weights, out, bad, add=False):
         flag = (bad if bad is not None else torch.zeros((), dtype=torch.bool, device=out.device)).reshape(1)

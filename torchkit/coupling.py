@@ -300,16 +300,31 @@ def recommended(
         >>> opt = tk.CompressedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3 * rec.lr_scale,
         ...                              feedback=rec.feedback, **rec.optimizer_kwargs)
     """
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(
+            f"optimizer_class must be a torch.optim.Optimizer subclass (the class, such as torch.optim.AdamW, not an "
+            f"instance), got {optimizer_class!r}"
+        )
     mu = check_unit_interval("momentum", momentum)
     if mu >= 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     adaptive = _is_adaptive(optimizer_class)
-    off = {"betas": (0.0, float(beta2))} if adaptive else {"momentum": 0.0}
     opt_name = optimizer_class.__name__
-    outer = f"{opt_name}(betas=(0, {beta2:g}))" if adaptive else f"{opt_name}(momentum=0)"
+    # by capability: what the optimizer's own momentum is called, if it has one
+    knobs = _signature_defaults(optimizer_class)
+    if "betas" in knobs:  # the Adam family
+        keep, off = {"betas": (mu, float(beta2))}, {"betas": (0.0, float(beta2))}
+        outer = f"{opt_name}(betas=(0, {beta2:g}))"
+    elif "momentum" in knobs:  # SGD, RMSprop
+        keep, off = {"momentum": mu}, {"momentum": 0.0}
+        outer = f"{opt_name}(momentum=0)"
+    else:  # no momentum of its own (Adagrad, Adadelta, Adafactor, Rprop, ASGD): nothing to change
+        keep, off = {}, {}
+        outer = f"{opt_name} (no momentum of its own)"
+    mu_outside = mu if keep else 0.0
     if method == "ef14":
-        keep = {"betas": (mu, float(beta2))} if adaptive else {"momentum": mu}
-        return Recommendation(EF14(compressor), keep, 1.0, mu, f"EF14 inside {opt_name} (momentum {mu:g})")
+        what = f"EF14 inside {opt_name}" + (f" (momentum {mu:g})" if keep else "")
+        return Recommendation(EF14(compressor), keep, 1.0, mu_outside, what)
     if method == "ef21":
         fb = LocalMomentum(EF21(compressor, init="compressed"), mu)
         return Recommendation(fb, off, 1.0, 0.0, f"EF21 on the worker's momentum {mu:g}, {outer} outside")

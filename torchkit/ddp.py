@@ -21,9 +21,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._frontend import agree
-from .comm import DistExchanger, NonFinite, NonFiniteGradientError, RoundOptions, nonfinite_flag, start_round
+from ._frontend import RESUME_HINTS, agree
+from .comm import (
+    DistExchanger,
+    NonFinite,
+    NonFiniteGradientError,
+    RoundOptions,
+    nonfinite_flag,
+    root_error,
+    start_round,
+)
 from .feedback import Feedback
+from .process_group import destroy_at_exit
 from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
 
 __all__ = ["CompressionState", "compression_hook", "register"]
@@ -54,11 +63,15 @@ class CompressionState:
             finite, no rank's feedback state changes and the estimate is NaN, so GradScaler skips the step.
         nonfinite: what a non-finite gradient does (:class:`torchkit.comm.RoundOptions`). ``"raise"`` (default
             without a scaler): the estimate is NaN on every rank at once, and :class:`~torchkit.comm.
-            NonFiniteGradientError` is raised on every rank at the next iteration's first bucket (the flag is read on
-            the host only then, when reading it costs no wait); the bad rank's feedback state may hold NaN, so restore
-            a checkpoint. ``"skip"`` (default with a scaler): the buckets wait for the last one, one flag is agreed,
-            and a bad step changes no state anywhere. ``"sanitize"``: bad entries count as the method's neutral value
-            (the state stays finite), the estimate is NaN everywhere.
+            NonFiniteGradientError` is raised on every rank at the next forward of the model (before DDP prepares
+            its backward, so the model stays usable: catch it, restore a checkpoint of model, optimizer and hook
+            state, go on), or by :meth:`state_dict` if the last iteration was the bad one; the flag is read on the
+            host only then, when reading it costs no wait. The parameters the optimizer stepped are NaN, and so may
+            be the feedback state, on every rank: restore a checkpoint. ``"skip"`` (default with a scaler): the
+            buckets wait for the last one, one flag is agreed, and a bad step changes no state anywhere.
+            ``"sanitize"``: bad entries count as the method's neutral value (the state stays finite), the estimate is
+            NaN everywhere. ``"skip"`` and ``"sanitize"`` need an enabled ``grad_scaler``: only GradScaler stops the
+            optimizer from applying the NaN estimate.
         track_error: also accumulate :attr:`error_norm_sq` (one extra pass over the state per bucket).
 
     Counters, for the last completed iteration on this rank: :attr:`bytes_sent`, :attr:`dense_bytes`
@@ -121,6 +134,13 @@ class CompressionState:
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         nonfinite = nonfinite or ("skip" if grad_scaler is not None else "raise")
         RoundOptions(wire_dtype, min_compression_rate, nonfinite)  # the round's own checks, in its words
+        if nonfinite in ("skip", "sanitize") and (grad_scaler is None or not grad_scaler.is_enabled()):
+            raise ValueError(
+                f"nonfinite={nonfinite!r} needs an enabled GradScaler as grad_scaler=: the hook cannot stop your "
+                "optimizer's step, so the NaN estimate of a bad step would reach the parameters on every rank; only "
+                "GradScaler skips it. Pass your torch.amp.GradScaler, or keep nonfinite='raise' (the default "
+                "without one): NonFiniteGradientError on every rank at the next forward"
+            )
         self.feedback = feedback
         self.process_group = process_group
         self.start_iter = start_iter
@@ -162,6 +182,7 @@ class CompressionState:
                 raise TypeError(f"sparse gradients are not supported by the DDP hook ({name} has sparse=True)")
         self._names = {id(p): normalize_name(n) for n, p in module.named_parameters()}
         self._model = weakref.ref(module)
+        destroy_at_exit()  # a script that leaves its group alive must not abort at exit (see torchkit.process_group)
         return self
 
     def _bound(self) -> torch.nn.Module | None:
@@ -209,19 +230,36 @@ class CompressionState:
             self._exchanger = DistExchanger(self.process_group)
         return self._exchanger
 
-    def _agree(self, keys, sizes) -> None:
-        """On the first compressed bucket: every rank runs the same method over the same model, or all raise."""
+    def _agree(self, keys=None, sizes=None) -> None:
+        """Before the first iteration's collectives (and the first after a load): every rank runs the same method
+        with the same settings over the same model from the same shared state, or all raise. The settings include
+        everything that decides which collective a bucket runs (``start_iter``, ``min_compression_rate``,
+        ``nonfinite``, the wire), so a difference raises instead of hanging. :func:`register` checks at the forward,
+        over every parameter's name and size; a state registered by hand checks at the first bucket, over its
+        parameters."""
+        module = self._bound()
+        if keys is None and module is not None:
+            named = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
+            keys, sizes = [normalize_name(n) for n, _ in named], [k for _, k in named]
         mine = {
             "method": self.feedback.config(),
             "wire": str(self.wire_dtype),
-            "first bucket": [list(map(str, keys)), list(sizes)],
+            "start_iter": self.start_iter,
+            "min_compression_rate": self.min_compression_rate,
+            "nonfinite": self.nonfinite,
+            "grad_scaler": self.grad_scaler is not None,
+            "parameters": [list(map(str, keys)), list(sizes)],
+            "feedback": {"iter": self.iter, "fb_origin": self.fb_origin, **self.round.shared()},
         }
         agree(mine, group=self.process_group, world_size=self.world_size, rank=self.rank,
-              what="model and CompressionState")  # fmt: skip
+              what="model and CompressionState", hints=RESUME_HINTS)  # fmt: skip
         self._agreed = True
 
     # ----------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
+        """This rank's state. Raises :class:`~torchkit.comm.NonFiniteGradientError` if the last iteration's
+        gradient was not finite on some rank (``nonfinite="raise"``): that state is not worth saving."""
+        _raise_if_flagged(self, consume=False)
         return {
             "format_version": FORMAT_VERSION,
             "rank": self.rank,
@@ -377,6 +415,9 @@ def _checked_iter(state_dict) -> int:
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP communication hook running ``state.feedback`` on every bucket (see :class:`CompressionState`)."""
     buf = bucket.buffer()
+    if not state._agreed and dist.get_world_size(state.process_group) > 1:
+        params = bucket.parameters()
+        state._agree(tuple(state._key(p) for p in params), [p.numel() for p in params])
     if state.iter < state.start_iter:
         fut = _allreduce_mean(buf, dist.get_world_size(state.process_group), state.process_group)
     else:
@@ -413,8 +454,6 @@ def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.F
         raise RuntimeError(f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {buf.numel()}")
     exchanger = state._exchange()
     n = exchanger.n_workers
-    if not state._agreed and n > 1:
-        state._agree(keys, sizes)
     blk = state.round.block(
         bucket.index(),
         keys,
@@ -436,7 +475,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.F
         state._acc = _new_counters()
     job = _Job(buf, blk, scale, acc)
     if state.nonfinite != "skip":
-        fut = _start(state, job, "flag" if state.nonfinite == "raise" else state.nonfinite)
+        fut = _start(state, job, "flag" if state.nonfinite == "raise" else state.nonfinite).then(_value_or_first_error)
         if last:
             state.round.step += 1
         return fut
@@ -456,7 +495,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.F
                 _start(state, j, None).then(_completer(j.pending))
         if not skipped:
             state.round.step += 1
-    return job.pending
+    return job.pending.then(_value_or_first_error)
 
 
 class _Job:
@@ -498,9 +537,15 @@ def _keep_flag(state: CompressionState, flag: Tensor) -> None:
         state._flags.append((host, event))
 
 
-def _raise_if_flagged(state: CompressionState) -> None:
-    """At an iteration's first bucket: raise on every rank if the previous iteration saw a non-finite gradient."""
-    flags, state._flags = state._flags, []
+def _raise_if_flagged(state: CompressionState, *, consume: bool = True) -> None:
+    """Raise on every rank if an iteration since the last check saw a non-finite gradient (the flags are agreed,
+    so every rank raises alike). Called by the model's forward pre-hook (:func:`register`), at an iteration's
+    first bucket for a state registered by hand, and by :meth:`CompressionState.state_dict` (``consume=False``:
+    the next forward raises too)."""
+    with state._lock:
+        flags = list(state._flags)
+        if consume:
+            state._flags = []
     bad = False
     for host, event in flags:
         if event is not None:
@@ -509,19 +554,37 @@ def _raise_if_flagged(state: CompressionState) -> None:
     if bad:
         raise NonFiniteGradientError(
             "non-finite gradient (NaN or Inf) on at least one rank in the previous iteration: its estimate was NaN on "
-            "every rank and the feedback state of the rank concerned may hold NaN; restore a checkpoint (pass your "
-            "GradScaler as grad_scaler= to skip such steps exactly, or nonfinite='sanitize' to keep the state finite)"
+            "every rank, so the parameters the optimizer stepped are NaN, and the feedback state may be. Restore a "
+            "checkpoint of the model, the optimizer and the hook state on every rank, then go on. Training under "
+            "torch.amp.GradScaler? Pass it: tk.ddp.register(model, feedback, grad_scaler=scaler), and steps that "
+            "overflow are skipped exactly instead"
         )
 
 
 def _completer(pending: torch.futures.Future):
+    """Complete a held bucket's future from its round's: the estimate, or the round's first error as the value
+    (:func:`_value_or_first_error` raises it, so that DDP's reducer sees a failed future, not an exception object
+    where it expects a tensor)."""
+
     def complete(fut):
         try:
             pending.set_result(fut.value())
         except Exception as exc:  # a failed round fails the bucket's future, as in plain DDP
-            pending.set_exception(exc)
+            pending.set_result(root_error(exc))
 
     return complete
+
+
+def _value_or_first_error(fut: torch.futures.Future) -> Tensor:
+    """The last callback of a bucket's future: its estimate, or the first error of the chain raised (torch wraps it
+    once more, not once per callback: a dead peer's error reads as Gloo's)."""
+    try:
+        value = fut.value()
+    except Exception as exc:
+        raise root_error(exc) from None
+    if isinstance(value, BaseException):
+        raise value
+    return value
 
 
 def _scale_of(scaler: torch.amp.GradScaler | None) -> Tensor | None:
@@ -564,4 +627,43 @@ def register(
     )
     state.bind(ddp_model)
     ddp_model.register_comm_hook(state, compression_hook)
+    # a bad gradient is reported at the next forward, before DDP prepares its backward: raising inside the backward
+    # would leave DDP's reducer half-way through an iteration and unusable in this process
+    ddp_model.register_forward_pre_hook(_ForwardCheck(state))
     return state
+
+
+class _ForwardCheck:
+    """The forward pre-hook :func:`register` installs: raises the previous iteration's non-finite flag, and makes
+    the ranks agree before the first training forward (and the first after a load). Raising here, not in the
+    backward, leaves DDP's reducer usable. At the first forward it also warns, as the optimizer wrapper does at
+    construction, when the optimizer stepping the model is one the feedback method is known not to train with."""
+
+    def __init__(self, state: CompressionState):
+        self.state = state
+        self.checked_optimizer = False
+
+    @torch.compiler.disable  # host-side bookkeeping and a collective: torch.compile runs it eagerly, unbroken
+    def __call__(self, module, args) -> None:
+        state = self.state
+        if not self.checked_optimizer:
+            self.checked_optimizer = True
+            _warn_about_the_optimizer(state.feedback, module)
+        if state._flags:
+            _raise_if_flagged(state)
+        if not state._agreed and module.training and torch.is_grad_enabled() and state.world_size > 1:
+            state._agree()  # a difference raises here, before DDP prepares its backward
+
+
+def _warn_about_the_optimizer(feedback: Feedback, module: torch.nn.Module) -> None:
+    """:func:`torchkit.coupling.warn_coupling` for the optimizers that hold ``module``'s parameters (found once,
+    among the garbage collector's objects: the hook is not told which optimizer steps the model)."""
+    import gc
+
+    from .coupling import warn_coupling
+
+    mine = {id(p) for p in module.parameters()}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.optim.Optimizer) and not hasattr(obj, "feedback"):  # not a torchkit front end
+            if any(id(p) in mine for g in obj.param_groups for p in g["params"]):
+                warn_coupling(feedback, type(obj), obj.defaults, stacklevel=2)

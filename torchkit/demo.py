@@ -163,6 +163,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
             "label": _LABELS[method],
             "config": config,
             "lr": lr,
+            "eta": getattr(fb, "eta", None) if isinstance(fb, tk.EF21SGDM) else None,  # its lr reads with its eta
             "final_loss": curve[-1][2],
             "test_accuracy": acc,
             "bytes_sent_per_worker": sent,
@@ -268,12 +269,24 @@ def format_table(result: dict) -> str:
     ]
     for r in result["runs"].values():
         ratio = r["dense_bytes_per_worker"] / max(r["bytes_sent_per_worker"], 1)
+        lr = f"{r.get('lr', cfg['lr']):g}" + (f" (eta {r['eta']:g})" if r.get("eta") is not None else "")
         lines.append(
-            f"| {r['label']} | {r.get('lr', cfg['lr']):g} | {r['final_loss']:.3f} | {r['test_accuracy']:.1%} | "
+            f"| {r['label']} | {lr} | {r['final_loss']:.3f} | {r['test_accuracy']:.1%} | "
             f"{r['bytes_sent_per_worker'] / 1e6:.2f} | {ratio:.1f}x | "
             f"{1e3 * r['compress_seconds'] / cfg['steps']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def line_styles(n: int) -> list[dict]:
+    """``n`` matplotlib styles that differ in colour, dash and marker at once, so that curves ending close together
+    (EF21 and EF21-SGDM in the demo) stay apart."""
+    dashes, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "x", "P")
+    return [
+        {"color": f"C{i % 10}", "linestyle": dashes[i % len(dashes)], "marker": markers[i % len(markers)],
+         "markersize": 4}
+        for i in range(n)
+    ]  # fmt: skip
 
 
 def plot(result: dict, path: str | Path) -> None:
@@ -283,10 +296,11 @@ def plot(result: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in result["runs"].values():
+    runs = list(result["runs"].values())
+    for r, style in zip(runs, line_styles(len(runs))):
         steps, sent, loss = zip(*r["curve"])
-        a.plot(steps, loss, label=r["label"])
-        b.plot([s / 1e6 for s in sent], loss, label=r["label"])
+        a.plot(steps, loss, label=r["label"], markevery=max(1, len(steps) // 8), **style)
+        b.plot([s / 1e6 for s in sent], loss, label=r["label"], markevery=max(1, len(steps) // 8), **style)
     a.set_xlabel("step")
     b.set_xlabel("MB sent per worker (log)")
     b.set_xscale("log")

@@ -22,11 +22,13 @@ from torch import Tensor
 
 from . import ops
 from ._frontend import (
+    RESUME_HINTS,
     WrappedOptimizer,
     agree,
     check_common_args,
     collective_device,
     grad_view,
+    group_options,
     make_exchanger,
     needs_closure,
     numel_real,
@@ -183,6 +185,7 @@ class LocalSGD(WrappedOptimizer):
                 world_size=self.world_size,
                 rank=self.rank,
                 what="model and LocalSGD",
+                hints=RESUME_HINTS,
             )
             self._agreed = True
         if not self._anchored:
@@ -203,6 +206,9 @@ class LocalSGD(WrappedOptimizer):
             "nonfinite": self.nonfinite,
             "wire_dtype": str(self.wire_dtype),
             "layout": [[str(p.dtype), list(p.shape), p.requires_grad] for g in self.param_groups for p in g["params"]],
+            "options": group_options(self.param_groups),
+            "outer options": group_options(self.outer.param_groups),
+            "feedback": {**self.round.shared(), "local step": self.local_step},
         }
 
     # ------------------------------------------------------------------------------------------------ step
@@ -393,12 +399,15 @@ class LocalSGD(WrappedOptimizer):
         method starts at its step 0."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        if "torchkit" not in state_dict:
+        if state_dict.get("torchkit") is None:
             if not {"state", "param_groups"} <= set(state_dict):
                 raise ValueError("not a LocalSGD or torch.optim state_dict (no 'state'/'param_groups')")
-            self.inner.load_state_dict(dict(state_dict))
+            self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "torchkit"})
             self.round.reset()
             self.local_step, self._anchored, self._agreed = 0, False, False
+            if "torchkit" in state_dict:  # torchkit.checkpoint.without_feedback: a restart asked for
+                log.info("LocalSGD: anchor and feedback method restarted (without_feedback)")
+                return
             warnings.warn(
                 "loaded a plain optimizer state_dict: it holds no anchor or error-feedback state, so the anchor is "
                 "taken again at the next step and the feedback method starts at its step 0",

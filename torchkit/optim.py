@@ -21,7 +21,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from ._frontend import WrappedOptimizer, agree, check_common_args, make_exchanger
+from ._frontend import (
+    RESUME_HINTS,
+    WrappedOptimizer,
+    agree,
+    check_common_args,
+    check_inner_state,
+    group_options,
+    make_exchanger,
+    options_digest,
+    parameters_fingerprint,
+)
 from ._frontend import collective_device as _collective_device
 from ._frontend import grad_view as _grad_view
 from ._frontend import is_view_of as _is_view_of
@@ -196,11 +206,21 @@ class CompressedOptimizer(WrappedOptimizer):
         if found_inf is not None:
             bads.append((found_inf.float() > 0).float().reshape(1))
         bad = torch.cat([b.to(dev) for b in bads]).amax().reshape(1) if bads else torch.zeros(1, device=dev)
-        flags = torch.cat([bad, torch.tensor(has, dtype=torch.float32, device=dev)])
+        # each group's hyper-parameters as d and -d: after MAX, max(d) == -max(-d) on every rank iff all ranks agree
+        digest = torch.tensor(options_digest(self.param_groups), dtype=torch.float64, device=dev)
+        flags = torch.cat([bad.double(), torch.tensor(has, dtype=torch.float64, device=dev), digest, -digest])
         if isinstance(self._exchanger, DistExchanger):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
         flags = flags.cpu()
-        return [bool(f) for f in flags[1:].tolist()], bool(flags[0])
+        n = len(has)
+        hi, lo = flags[1 + n : 1 + n + len(digest)], -flags[1 + n + len(digest) :]
+        if not torch.equal(hi, lo):
+            g = int((hi != lo).nonzero()[0])
+            raise ValueError(
+                f"ranks are configured differently: parameter group {g}'s hyper-parameters (lr, momentum, ...) differ "
+                f"between ranks at step {self.round.step}; nothing was changed. {RESUME_HINTS['options']}"
+            )
+        return [bool(f) for f in flags[1 : 1 + n].tolist()], bool(flags[0])
 
     def _flat_grad(self, w, grad_scale) -> Tensor:
         """The group's gradients in the persistent flat buffer (missing ones zero), unscaled when GradScaler
@@ -266,12 +286,16 @@ class CompressedOptimizer(WrappedOptimizer):
 
     # --------------------------------------------------------------------------------------- multi-rank checks
     def _agree(self, works) -> None:
-        """Every rank runs the same method over the same layout, or every rank raises naming the difference."""
+        """Every rank runs the same method with the same hyper-parameters over the same parameters, from the same
+        shared feedback state, or every rank raises naming the difference (and what to do)."""
         mine = {
             "method": self.feedback.config(),
             "optimizer": type(self.inner).__name__,
+            "options": group_options(self.param_groups),
             "wire": str(self._options.wire_dtype),
             "layout": [[w["key"][0], w["key"][1], list(w["sizes"])] for w in works],
+            "parameters": [parameters_fingerprint(w["params"]) for w in works],
+            "feedback": self.round.shared(),
         }
         agree(
             mine,
@@ -279,6 +303,7 @@ class CompressedOptimizer(WrappedOptimizer):
             world_size=self.world_size,
             rank=self.rank,
             what="model and CompressedOptimizer",
+            hints=RESUME_HINTS,
         )
         self._agreed = True
 
@@ -360,13 +385,17 @@ class CompressedOptimizer(WrappedOptimizer):
         inner = {k: v for k, v in state_dict.items() if k != "torchkit"}
         if not {"state", "param_groups"} <= set(inner):
             raise ValueError("not a CompressedOptimizer or torch.optim state_dict (no 'state'/'param_groups')")
+        check_inner_state(self.inner, inner)
         if self.round.restored():
             self.inner.load_state_dict(inner)  # the feedback state restored from this rank's own checkpoint stays
             log.info("CompressedOptimizer: kept the feedback state restored from this rank's per-rank checkpoint")
             return
-        if "torchkit" not in state_dict:
+        if state_dict.get("torchkit") is None:
             self.inner.load_state_dict(inner)
             self.round.reset()
+            if "torchkit" in state_dict:  # torchkit.checkpoint.without_feedback: a restart asked for
+                log.info("CompressedOptimizer: feedback method restarted at its step 0 (without_feedback)")
+                return
             warnings.warn(
                 "loaded a plain optimizer state_dict: it holds no error-feedback state, so the feedback method "
                 "starts again at its step 0 (torch.distributed.checkpoint's optimizer state_dict leaves it out: "

@@ -171,6 +171,18 @@ class RoundState:
         at = getattr(self, "restored_at", None)  # absent in states pickled before it existed
         return at is not None and at == self.step
 
+    def shared(self) -> dict[str, Any]:
+        """What every worker of a round holds alike: the step and a fingerprint of the server estimate (float64 sum
+        and sum of squares over every parameter's, placed or pending). Ranks that resumed from different states
+        (one restored its feedback state, another restarted the method) differ here."""
+        total = squares = 0.0
+        for views in [*self.params().values(), *self._pending.values()]:
+            server = views.get("server")
+            if server is not None:
+                x = server.detach().to(torch.float64)
+                total, squares = total + float(x.sum()), squares + float(x.square().sum())
+        return {"step": self.step, "server estimate": [total, squares]}
+
     # --------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         params = {name: {k: v.clone() for k, v in views.items()} for name, views in self.params().items()}

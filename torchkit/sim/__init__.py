@@ -3,6 +3,8 @@ gradient step) and :func:`simulate_local` (H local steps per round, error feedba
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +69,7 @@ def simulate(
     """
     check_int("n_workers", n_workers)
     check_int("steps", steps, low=0)
-    if x0.dim() != 1:
-        raise ValueError(f"x0 must be a 1-D vector, got shape {tuple(x0.shape)}")
+    _check_x0(x0)
     lr_at = lr if callable(lr) else (lambda t, _lr=float(lr): _lr)
     x = x0.clone()
     d = x.numel()
@@ -91,7 +92,29 @@ def simulate(
         bits.append(bits[-1] + feedback.value_bits(segs, t))
         wire.append(wire[-1] + feedback.wire_bytes(segs, t, value_dtype=wire_values))
     n = len(norms)
+    _warn_if_diverged(norms, "simulate")
     return SimResult(x, torch.tensor(norms, dtype=torch.float64), torch.tensor(bits[:n]), torch.tensor(wire[:n]))
+
+
+def _check_x0(x0) -> None:
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
+    if not x0.is_floating_point():
+        raise TypeError(f"x0 must be a floating-point tensor (float64 for research runs), got {x0.dtype}")
+    if x0.dim() != 1:
+        raise ValueError(f"x0 must be a 1-D vector, got shape {tuple(x0.shape)}")
+
+
+def _warn_if_diverged(norms: Sequence[float], where: str) -> None:
+    """A run whose ||grad f||^2 became NaN or Inf diverged: say so, with the first round it happened at."""
+    bad = next((t for t, v in enumerate(norms) if not math.isfinite(v)), None)
+    if bad is not None:
+        warnings.warn(
+            f"{where}: ||grad f||^2 is not finite from round {bad} on: the run diverged (a smaller lr, or the "
+            "theoretical step size of torchkit.theory, trains)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -157,8 +180,7 @@ def simulate_local(
     check_int("n_workers", n_workers)
     check_int("rounds", rounds, low=0)
     check_int("sync_every", sync_every)
-    if x0.dim() != 1:
-        raise ValueError(f"x0 must be a 1-D vector, got shape {tuple(x0.shape)}")
+    _check_x0(x0)
     d = x0.numel()
     sizes = tuple(int(n) for n in segments) if segments is not None else (d,)
     if sum(sizes) != d:
@@ -223,6 +245,7 @@ def simulate_local(
         X.copy_(anchor.expand(n_workers, d))
         bits.append(bits[-1] + feedback.value_bits(segs, r))
         wire.append(wire[-1] + feedback.wire_bytes(segs, r, value_dtype=wire_values))
+    _warn_if_diverged(norms, "simulate_local")
     return LocalSimResult(
         anchor,
         torch.tensor(norms, dtype=torch.float64),

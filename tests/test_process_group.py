@@ -1,0 +1,142 @@
+"""A script that leaves its process group alive exits cleanly: torchkit destroys the default group at interpreter
+exit (torchkit.process_group), unless TORCHKIT_KEEP_PROCESS_GROUP=1; the README's torchrun blocks run repeatedly in
+tests/test_readme.py."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.dist_utils import _free_port
+
+# The probe is registered before torchkit binds to the group, so it runs after torchkit's handler (atexit runs
+# handlers in reverse order): it sees whether the group is still initialised when the interpreter exits.
+SCRIPT = textwrap.dedent(
+    """
+    import atexit, os
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    atexit.register(lambda: print("initialised at exit:", dist.is_initialized(), flush=True))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    import torchkit as tk
+
+    model = DDP(torch.nn.Linear(8, 2))
+    state = tk.ddp.register(model, tk.EF21(tk.TopK(ratio=0.5)), min_compression_rate=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+    print("trained", flush=True)
+    {end}
+    """
+)
+
+
+def _run(end: str, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(end=end)], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "end, keep, initialised",
+    [
+        ("", "0", False),  # the script leaves its group alive: torchkit destroys it at exit
+        ("dist.destroy_process_group()", "0", False),  # the script destroyed it: the handler does nothing
+        ("", "1", True),  # TORCHKIT_KEEP_PROCESS_GROUP=1: left to the script and to torch
+    ],
+)
+def test_the_default_group_is_destroyed_at_exit_unless_the_script_did(end, keep, initialised):
+    res = _run(end, TORCHKIT_KEEP_PROCESS_GROUP=keep)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trained" in res.stdout
+    assert f"initialised at exit: {initialised}" in res.stdout, res.stdout
+
+
+# A LocalSGD job under torchrun --max-restarts 1 whose rank 1 dies once at step 13; every rank resumes from the
+# per-rank checkpoint of step 10 (issue 19: restarts failed in Gloo's connectFullMesh, "Connection refused", when
+# a restarted worker read the address its dead predecessor had published in torchrun's agent store).
+RESTART_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    import torchkit as tk
+
+    tk.init_process_group("gloo")
+    rank, attempt = dist.get_rank(), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    crash = sys.argv[1] == "crash"
+    ck = f"ck.{rank}.pt"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(20, 1)
+    opt = tk.LocalSGD(
+        model.parameters(), torch.optim.SGD, lr=0.05, feedback=tk.EF14(tk.TopK(ratio=0.1)), sync_every=4
+    )
+    start = 0
+    if attempt > 0:
+        saved = torch.load(ck, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        start = saved["step"]
+    for step in range(start, 20):
+        if crash and attempt == 0 and rank == 1 and step == 13:
+            os._exit(1)
+        x = torch.randn(16, 20, generator=torch.Generator().manual_seed(100 * rank + step))
+        opt.zero_grad()
+        (model(x) - x.sum(1, keepdim=True)).pow(2).mean().backward()
+        opt.step()
+        if step == 9:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": 10}, ck + ".tmp")
+            os.replace(ck + ".tmp", ck)
+    with open(f"final.{rank}.txt", "w") as f:  # a file per rank: the ranks' stdout lines interleave
+        f.write(f"attempt {attempt} weights {model.weight.sum().item()!r} {model.bias.item()!r}")
+    dist.destroy_process_group()
+    """
+)
+
+
+def _torchrun(tmp_path, *args, restarts=1):
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--max-restarts={restarts}"]
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _finals(tmp_path):
+    return [
+        (tmp_path / f"final.{r}.txt").read_text() if (tmp_path / f"final.{r}.txt").exists() else None for r in (0, 1)
+    ]
+
+
+def _restarts(tmp_path, runs):
+    straight = _torchrun(tmp_path, "straight", restarts=0)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    want = [w.replace("attempt 0", "attempt 1") for w in _finals(tmp_path)]
+    for run in range(runs):
+        for f in [*tmp_path.glob("ck.*"), *tmp_path.glob("final.*")]:
+            f.unlink()
+        res = _torchrun(tmp_path, "crash")
+        assert "connectFullMesh" not in res.stderr, (
+            f"run {run}: a restarted worker met a stale address\n{res.stderr[-3000:]}"
+        )
+        # both ranks resumed in the second attempt and ended where the run without a crash ends, bit for bit
+        assert _finals(tmp_path) == want, (run, _finals(tmp_path), res.stderr[-3000:])
+
+
+@pytest.mark.dist
+def test_a_restarted_torchrun_worker_resumes_with_init_process_group(tmp_path):
+    _restarts(tmp_path, runs=2)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_20_restarts_in_a_row(tmp_path):
+    _restarts(tmp_path, runs=20)
