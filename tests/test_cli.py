@@ -16,7 +16,7 @@ from torchkit.cli import _Formatter, _parser, main
 
 
 @pytest.mark.dist
-def test_demo_tiny(tmp_path, capsys):
+def test_demo_tiny(tmp_path, capfd):
     out = tmp_path / "demo"
     assert (
         main(
@@ -47,7 +47,10 @@ def test_demo_tiny(tmp_path, capsys):
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["final_loss"] > 0 for r in runs.values())
     assert (out / "loss_vs_bytes.png").stat().st_size > 10_000
     assert "| EF21 |" in (out / "table.md").read_text()
-    assert "PowerSGD" in capsys.readouterr().out
+    captured = capfd.readouterr()
+    assert "PowerSGD" in captured.out
+    # rank 0's progress is tqdm's, with the count, the elapsed time and the ETA
+    assert "EF21: 100%" in captured.err and "6/6 [" in captured.err and "<00:00" in captured.err, captured.err
 
 
 def test_repro_ef21_tiny(tmp_path, shared_data, capsys):

@@ -21,6 +21,7 @@ LAYER = {
     "ddp": 4,
     "sim": 4,
     "_results": 0,
+    "metrics": 0,  # the counters every front end keeps
     "bench": 5,
     "netbench": 5,
     "demo": 5,

@@ -57,11 +57,12 @@ def test_summary_ratios_are_powersgd_time_over_each_family():
 
 
 @pytest.mark.slow
-def test_small_run_end_to_end(tmp_path):
+def test_small_run_end_to_end(tmp_path, capfd):
     out = tmp_path / "res"
     argv = ["bench", "network", "--rates", "1gbit", "--ranks", "2", "--tasks", "digits_cnn", "--steps", "30",
             "--methods", "ddp", "ef14@0.01:int8", "local8@0.03", "--repeats", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
+    assert "network runs: 100%" in capfd.readouterr().err  # tqdm's bar, with an ETA while it runs
     (path,) = out.glob("*/network.json")
     result = json.loads(path.read_text())
     rows = {r["method"]: r for r in result["rows"]}

@@ -234,3 +234,18 @@ def test_a_diverged_run_warns_and_an_integer_x0_is_refused():
             tk.EF21(tk.TopK(1)), grad_fn, torch.ones(2, dtype=torch.int64), n_workers=2, rounds=1, sync_every=2,
             inner_optimizer=0.1,
         )  # fmt: skip
+
+
+def test_make_classification_is_a_mushrooms_shaped_problem_that_trains():
+    from torchkit.sim import make_classification
+
+    A, y = make_classification(500, 40, seed=3)
+    assert A.shape == (500, 40) and A.dtype == torch.float64 and set(A.unique().tolist()) == {0.0, 1.0}
+    assert set(y.unique().tolist()) == {-1.0, 1.0} and 0.3 < (y > 0).double().mean() < 0.7
+    assert torch.equal(make_classification(500, 40, seed=3)[0], A)  # seeded
+    prob = LogisticRegression(A, y, n_workers=5)
+    res = simulate(tk.EF21(tk.TopK(2)), prob.grad_fn, torch.zeros(40, dtype=torch.float64), n_workers=5, steps=300,
+                   lr=16 * tk.theory.ef21_stepsize(*prob.smoothness(), alpha=2 / 40))  # fmt: skip
+    assert res.grad_norm_sq[-1] < 1e-3 * res.grad_norm_sq[0]
+    with pytest.raises(ValueError, match="density must be in"):
+        make_classification(10, 4, density=0.0)

@@ -15,6 +15,7 @@ from .compress import Identity, RandK, ScaledSign, TopK
 from .coupling import LocalAdam, LocalMomentum, recommended
 from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
 from .local_sgd import LocalSGD
+from .metrics import CommMetrics
 from .optim import CompressedOptimizer
 from .process_group import init_process_group
 
@@ -37,6 +38,7 @@ __all__ = [
     "LocalSGD",
     "NonFiniteGradientError",
     "init_process_group",
+    "CommMetrics",
     "theory",
     "sim",
     "ops",

@@ -100,6 +100,11 @@ class RoundResult:
     distortion_sq: Tensor | None = None
     nonfinite: Tensor | None = None  # 0-d bool on the estimate's device: some worker's input was not finite
 
+    @property
+    def dense(self) -> bool:
+        """Whether this round went dense: the method's dense round, or the Identity fallback (not skipped ones)."""
+        return not self.skipped and (self.message is None or isinstance(self.message, DenseMessage))
+
 
 # --------------------------------------------------------------------------------------------- exchangers
 class Exchanger(Protocol):

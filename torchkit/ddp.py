@@ -32,6 +32,7 @@ from .comm import (
     start_round,
 )
 from .feedback import Feedback
+from .metrics import CommMetrics
 from .process_group import destroy_at_exit
 from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
 
@@ -112,6 +113,8 @@ class CompressionState:
         "_acc",
         "_last",
         "_lock",
+        "metrics",
+        "_warm",
     )
 
     def __init__(
@@ -164,6 +167,8 @@ class CompressionState:
         self._acc = _new_counters()
         self._last = _new_counters()
         self._lock = threading.Lock()  # bucket futures complete on communication threads
+        self.metrics = CommMetrics()  # cumulative and last-iteration counters, the names every front end uses
+        self._warm = 0  # bytes of this warm-up iteration's all-reduces so far
 
     # ------------------------------------------------------------------------------------ identity
     def bind(self, model: torch.nn.Module) -> CompressionState:
@@ -387,6 +392,8 @@ class CompressionState:
             "_acc",
             "_queue",
             "_flags",
+            "metrics",
+            "_warm",
         )
         out = {s: getattr(self, s) for s in self.__slots__ if s not in skip}
         out["round_state"] = self.round.state_dict()
@@ -397,6 +404,7 @@ class CompressionState:
             setattr(self, s, state.get(s))
         self.process_group, self.grad_scaler, self._model, self._exchanger, self._agreed = None, None, None, None, False
         self._keys, self._acc, self._lock, self._queue, self._flags = {}, _new_counters(), threading.Lock(), [], []
+        self.metrics, self._warm = CommMetrics(), 0
         self.round = RoundState(self.feedback)
         saved = state.get("round_state")
         if saved:
@@ -420,6 +428,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         state._agree(tuple(state._key(p) for p in params), [p.numel() for p in params])
     if state.iter < state.start_iter:
         fut = _allreduce_mean(buf, dist.get_world_size(state.process_group), state.process_group)
+        _account_warm_up(state, buf.numel() * buf.element_size(), bucket.is_last())
     else:
         fut = _compressed(state, bucket, buf)
     if bucket.is_last():
@@ -595,7 +604,22 @@ def _scale_of(scaler: torch.amp.GradScaler | None) -> Tensor | None:
 
 
 def _new_counters() -> dict[str, Any]:
-    return {"sent": 0, "dense": 0, "avoided": 0, "err": None, "calls": 0, "done": 0, "closed": False}
+    return {"sent": 0, "dense": 0, "avoided": 0, "err": None, "calls": 0, "done": 0, "closed": False, "results": []}
+
+
+def _account_warm_up(state: CompressionState, nbytes: int, last: bool) -> None:
+    """A warm-up bucket (``start_iter``): a dense all-reduce, counted as such in :attr:`metrics`."""
+    with state._lock:
+        m = state.metrics
+        m.dense_rounds += 1
+        m.bytes_sent += nbytes
+        m.dense_bytes += nbytes
+        state._warm += nbytes
+        if last:
+            m.steps += 1
+            m.rounds += 1
+            m.last_bytes_sent = m.last_dense_bytes = state._warm
+            state._warm = 0
 
 
 def _account(state: CompressionState, acc: dict[str, Any], res) -> None:
@@ -608,9 +632,18 @@ def _account(state: CompressionState, acc: dict[str, Any], res) -> None:
         if res is not None and res.distortion_sq is not None:
             acc["err"] = res.distortion_sq if acc["err"] is None else acc["err"] + res.distortion_sq
         acc["done"] += 1
+        if res is not None:
+            acc["results"].append(res)
         if acc["closed"] and acc["done"] == acc["calls"]:
             state._last = acc
             state.bytes_sent, state.dense_bytes, state.error_norm_sq = acc["sent"], acc["dense"], acc["err"]
+            state.metrics.steps += 1
+            if acc["results"]:
+                state.metrics.record_round(acc["results"])
+            else:  # nonfinite="skip": no bucket's round ran, on any rank
+                state.metrics.skipped_steps += 1
+                state.metrics.skipped_rounds += 1
+            acc["results"] = []  # the rounds' messages are not kept alive
 
 
 def register(

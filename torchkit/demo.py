@@ -136,6 +136,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=lr, **opt_kw)
         gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
         sent, curve, t_start = 0, [], time.perf_counter()
+        bar = _bar(_LABELS[method], cfg["steps"]) if rank == 0 else None
         window = torch.zeros(2, device=device)  # loss sum and count since the last logged point
         for step in range(cfg["steps"]):
             idx = torch.randint(0, x.shape[0], (cfg["batch"],), generator=gen).to(device)
@@ -154,8 +155,9 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
                 dist.all_reduce(window)  # mean training loss over the interval and the workers
                 curve.append((step + 1, sent, float(window[0] / window[1])))
                 window.zero_()
-                if rank == 0:
-                    _progress(_LABELS[method], step + 1, cfg["steps"], curve[-1][2])
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)
+                    bar.set_postfix(loss=f"{curve[-1][2]:.3f}")
         wall = time.perf_counter() - t_start
         with torch.no_grad():
             acc = float((model.module(xt.to(device)).argmax(1) == yt.to(device)).float().mean())
@@ -173,23 +175,21 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
             "curve": curve,
             "params": d,
         }
-        if rank == 0:
-            sys.stderr.write("\n")
+        if bar is not None:
+            bar.close()
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _progress(label: str, done: int, total: int, loss: float) -> None:
-    width = 30
-    fill = int(width * done / total)
-    line = f"{label:>12s} [{'#' * fill}{'.' * (width - fill)}] {done:4d}/{total} loss {loss:.3f}"
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + line)
-    elif done == total:
-        sys.stderr.write(line)
-    sys.stderr.flush()
+def _bar(label: str, total: int):
+    """tqdm's bar with an ETA on rank 0: live on a terminal, a line every 10 s elsewhere (a log file, CI)."""
+    from tqdm import tqdm
+
+    live = sys.stderr.isatty()
+    return tqdm(total=total, desc=f"{label:>12s}", unit="step", file=sys.stderr, mininterval=0.1 if live else 10.0,
+                dynamic_ncols=live)  # fmt: skip
 
 
 def _free_port() -> int:

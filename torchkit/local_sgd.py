@@ -37,6 +37,7 @@ from ._frontend import (
 from ._validation import check_int
 from .comm import DistExchanger, RoundOptions, start_round
 from .feedback import Feedback
+from .metrics import CommMetrics
 from .state import FORMAT_VERSION, RoundState, check_envelope
 
 __all__ = ["LocalSGD"]
@@ -134,6 +135,7 @@ class LocalSGD(WrappedOptimizer):
         self.synced = False  # whether the last step() ended with a synchronisation
         self.skipped_steps = 0
         self.skipped_rounds = 0
+        self.metrics = CommMetrics()
         self.bytes_sent = 0  # payload this rank put on the wire, over all rounds
         self.dense_bytes = 0  # what dense rounds would have sent
         self._bad_pending = False  # a local step was left out under nonfinite="raise" on several ranks
@@ -224,6 +226,7 @@ class LocalSGD(WrappedOptimizer):
         found_inf = getattr(self, "found_inf", None)
         self._start()
         self.synced = False
+        self.metrics.steps += 1
         if self._local_bad(grads, grad_scale, found_inf):
             if found_inf is None and self.nonfinite == "raise":
                 if self.world_size == 1:
@@ -234,6 +237,7 @@ class LocalSGD(WrappedOptimizer):
                 self._bad_pending = True  # every rank raises at the synchronisation
             else:
                 self.skipped_steps += 1
+                self.metrics.skipped_steps += 1
                 log.warning("non-finite gradient: local step skipped on this rank")
         else:
             self.inner.step()
@@ -293,14 +297,16 @@ class LocalSGD(WrappedOptimizer):
                     "(pass nonfinite='skip' to skip such rounds instead)"
                 )
             self.skipped_rounds += 1
+            self.metrics.skipped_rounds += 1
             log.warning("non-finite pseudo-gradient: round skipped on every rank, back at the anchor")
             return
         futures = [
             start_round(self.feedback, self._exchanger, self._block(w), w["flat"], self.round.step, self._options)
             for w in works
         ]
-        for fut in futures:
-            res = fut.wait()
+        results = [fut.wait() for fut in futures]
+        self.metrics.record_round(results)
+        for res in results:
             self.bytes_sent += res.sent_bytes
             self.dense_bytes += res.dense_bytes
         for w in works:

@@ -295,6 +295,11 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         rows, targets = _load(out_dir, set(args.methods), set(rates), set(args.ranks), set(args.tasks), set(seeds),
                               set(args.lr))  # fmt: skip
+    from tqdm import tqdm
+
+    total = len(order) * len(args.ranks) * len(args.tasks) * len(seeds) * len(args.methods) * len(args.lr)
+    bar = tqdm(total=total, desc="network runs", unit="run", file=sys.stderr, mininterval=0.1 if sys.stderr.isatty()
+               else 10.0)  # fmt: skip  # shown at once, with an ETA from the runs done
     try:
         for rate in order:
             ns = shaped_namespace(rate) if shaped else None
@@ -313,12 +318,15 @@ def run(args: argparse.Namespace) -> int:
                                 cfg = {"task": task, "split": args.split, "method": m, "steps": args.steps,
                                        "lr": lr, "momentum": args.momentum, "seed": rep, "task_kwargs": kw,
                                        "rate": rate, "ranks": n}  # fmt: skip
+                                bar.set_postfix_str(f"{rate} n={n} {task} {m} lr={lr:g}", refresh=False)
                                 try:
                                     res = run_one(ns, n, cfg, args.timeout)
                                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                                     print(f"  {rate} n={n} {task} {m}: {exc}", flush=True)
                                     rows.append({**cfg, "failed": str(exc)})
                                     continue
+                                finally:
+                                    bar.update(1)
                                 if m == "ddp" and lr == args.lr[0] and key not in targets:
                                     at = max(20, int(0.6 * len(res["losses"])))
                                     targets[key] = statistics.fmean(res["losses"][at - 20 : at])
@@ -336,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
                     if ns in _NAMESPACES:
                         _NAMESPACES.remove(ns)
     finally:
+        bar.close()
         _cleanup()
     print(summary(rows))
     return 0

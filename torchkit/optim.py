@@ -40,6 +40,7 @@ from ._frontend import real_dtype as _real_dtype
 from .comm import DistExchanger, RoundOptions, nonfinite_flag, start_round
 from .coupling import warn_coupling
 from .feedback import Feedback
+from .metrics import CommMetrics
 from .state import FORMAT_VERSION, RoundState, check_envelope, split_flat
 
 __all__ = ["CompressedOptimizer"]
@@ -115,6 +116,7 @@ class CompressedOptimizer(WrappedOptimizer):
         self.nonfinite = nonfinite
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0
+        self.metrics = CommMetrics()
         self.round = RoundState(feedback)
         self._exchanger = make_exchanger(process_group)
         self._agreed = False
@@ -139,9 +141,12 @@ class CompressedOptimizer(WrappedOptimizer):
         active, bad = self._active_and_bad(works, grad_scale, found_inf)
         if found_inf is not None:
             self._share_found_inf(bad)
+        self.metrics.steps += 1
         if bad:
             if found_inf is not None or self.nonfinite == "skip":
                 self.skipped_steps += 1
+                self.metrics.skipped_steps += 1
+                self.metrics.skipped_rounds += 1
                 log.warning("non-finite gradient: step skipped on every rank, feedback state unchanged")
                 return loss
             raise ValueError(
@@ -154,8 +159,7 @@ class CompressedOptimizer(WrappedOptimizer):
         for w in works:
             pick = [i for i, on in zip(w["ids"], active) if on]
             futures.append(self._round(w, pick))
-        for fut in futures:
-            fut.wait()
+        self.metrics.record_round([fut.wait() for fut in futures])
         self.round.step += 1
         self.inner.step()
         return loss

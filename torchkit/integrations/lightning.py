@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 
@@ -36,7 +37,7 @@ from ..checkpoint import load_feedback, save_feedback, side_file, without_feedba
 from ..feedback import Feedback
 from ..optim import CompressedOptimizer
 
-__all__ = ["DDPStrategy", "side_file_name"]
+__all__ = ["DDPStrategy", "CommMetrics", "side_file_name"]
 
 _MARK = "torchkit_feedback"  # checkpoint key: the feedback state is in per-rank side files
 
@@ -133,3 +134,38 @@ class DDPStrategy(_LightningDDPStrategy):
         path = side_file(side_file_name(filepath), self.global_rank)
         if os.path.exists(path):
             os.remove(path)
+
+
+class CommMetrics(Callback):
+    """Log torchkit's communication counters (:class:`torchkit.CommMetrics`) through ``LightningModule.log_dict``
+    after every training batch, so they appear in whatever logger the Trainer has (TensorBoard, CSV, W&B, ...).
+
+    It finds the hook's state (this module's :class:`DDPStrategy`) and every :class:`torchkit.CompressedOptimizer`
+    or :class:`torchkit.LocalSGD` among the Trainer's optimizers. One source logs as ``torchkit/<name>``; several as
+    ``torchkit/hook/<name>``, ``torchkit/optimizer<i>/<name>``. Values are this rank's (``sync_dist=False``).
+
+    Example::
+
+        trainer = L.Trainer(strategy=DDPStrategy(feedback=tk.EF14(tk.TopK(ratio=0.01))), callbacks=[CommMetrics()])
+    """
+
+    def __init__(self, prefix: str = "torchkit/"):
+        super().__init__()
+        self.prefix = prefix
+
+    def sources(self, trainer) -> dict[str, Any]:
+        found = {}
+        state = getattr(trainer.strategy, "compression_state", None)
+        if state is not None:
+            found["hook"] = state.metrics
+        for i, opt in enumerate(trainer.optimizers):
+            inner = getattr(opt, "_optimizer", opt)
+            if hasattr(inner, "metrics") and hasattr(inner, "feedback"):
+                found[f"optimizer{i}"] = inner.metrics
+        return found
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        found = self.sources(trainer)
+        for name, metrics in found.items():
+            prefix = self.prefix if len(found) == 1 else f"{self.prefix}{name}/"
+            pl_module.log_dict(metrics.as_dict(prefix), on_step=True, on_epoch=False, sync_dist=False)

@@ -16,7 +16,7 @@ from .._validation import check_int
 from ..comm import LocalExchanger, RoundOptions, run_round
 from ..feedback import Feedback
 from .libsvm import load_libsvm
-from .problems import LogisticRegression, contiguous_split
+from .problems import LogisticRegression, contiguous_split, make_classification
 
 __all__ = [
     "simulate",
@@ -26,6 +26,7 @@ __all__ = [
     "load_libsvm",
     "LogisticRegression",
     "contiguous_split",
+    "make_classification",
 ]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["LogisticRegression", "contiguous_split"]
+__all__ = ["LogisticRegression", "contiguous_split", "make_classification"]
 
 
 def contiguous_split(m: int, n: int) -> list[tuple[int, int]]:
@@ -25,6 +25,24 @@ def contiguous_split(m: int, n: int) -> list[tuple[int, int]]:
     bounds = [(i * size, (i + 1) * size) for i in range(n)]
     bounds[-1] = (bounds[-1][0], m)
     return bounds
+
+
+def make_classification(m: int, d: int, *, density: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A generated binary problem shaped like the papers' LIBSVM sets (mushrooms: 8124 x 112, 0/1 features):
+    ``A`` ``[m, d]`` float64 with entries 1 at the given density and 0 elsewhere, labels ``y`` in {-1, +1} from a
+    random hyperplane with 10% of the labels flipped. For examples and tests without a LIBSVM file."""
+    for name, v in (("m", m), ("d", d)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.rand(m, d, generator=g, dtype=torch.float64) < density).to(torch.float64)
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    margin = A @ w - (A @ w).median()
+    y = torch.where(margin >= 0, 1.0, -1.0).to(torch.float64)
+    flip = torch.rand(m, generator=g) < 0.1
+    return A, torch.where(flip, -y, y)
 
 
 @dataclass

@@ -1,0 +1,82 @@
+"""What a front end has communicated on this rank, with the same names in every front end.
+
+:class:`CommMetrics` is ``.metrics`` of :class:`torchkit.CompressedOptimizer`, :class:`torchkit.LocalSGD` and the
+DDP hook's :class:`torchkit.ddp.CompressionState`. A *step* is what the front end is called for (an optimizer
+step, a hook iteration, a LocalSGD call); a *round* is one exchange (the wrapper's and the hook's every step,
+LocalSGD's every ``sync_every`` steps). Counters run from the object's construction in this process (checkpoints
+do not carry them); ``last_*`` describe the last step that ran a round.
+
+Log them where you look::
+
+    writer = torch.utils.tensorboard.SummaryWriter()       # TensorBoard
+    opt.metrics.log_to(writer, step)
+    self.log_dict(opt.metrics.as_dict())                    # Lightning (or torchkit.integrations.lightning.CommMetrics)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["CommMetrics"]
+
+
+@dataclass
+class CommMetrics:
+    """Communication counters of one front end on this rank.
+
+    Attributes:
+        steps: steps the front end ran (skipped ones included).
+        rounds: exchanges run.
+        skipped_steps: steps this rank did not take for a non-finite gradient.
+        skipped_rounds: rounds no rank ran for a non-finite gradient (a wrapper or hook step skipped under
+            GradScaler or ``nonfinite="skip"`` counts in both).
+        dense_rounds: block or bucket rounds sent dense: the method's dense first round, or the Identity fallback
+            where compressing would not pay (``min_compression_rate``).
+        bytes_sent: payload bytes this rank put on the wire (values, indices, flags), all rounds.
+        dense_bytes: what a plain dense all-reduce of the same gradients would have sent, all rounds.
+        last_bytes_sent, last_dense_bytes: the same for the last step that ran a round.
+    """
+
+    steps: int = 0
+    rounds: int = 0
+    skipped_steps: int = 0
+    skipped_rounds: int = 0
+    dense_rounds: int = 0
+    bytes_sent: int = 0
+    dense_bytes: int = 0
+    last_bytes_sent: int = 0
+    last_dense_bytes: int = 0
+
+    @property
+    def compression(self) -> float:
+        """``dense_bytes / bytes_sent`` over all rounds (``0.0`` before the first)."""
+        return self.dense_bytes / self.bytes_sent if self.bytes_sent else 0.0
+
+    @property
+    def last_compression(self) -> float:
+        return self.last_dense_bytes / self.last_bytes_sent if self.last_bytes_sent else 0.0
+
+    def record_round(self, results: list[Any]) -> None:
+        """Count one step's round from its :class:`torchkit.comm.RoundResult` objects (one per block or bucket)."""
+        sent = sum(r.sent_bytes for r in results)
+        dense = sum(r.dense_bytes for r in results)
+        self.rounds += 1
+        self.dense_rounds += sum(1 for r in results if r.dense)
+        self.bytes_sent += sent
+        self.dense_bytes += dense
+        self.last_bytes_sent, self.last_dense_bytes = sent, dense
+
+    def as_dict(self, prefix: str = "torchkit/") -> dict[str, float]:
+        """Every counter and both ratios as floats, keyed ``<prefix><name>`` (for ``log_dict`` and loggers)."""
+        out = {f"{prefix}{f.name}": float(getattr(self, f.name)) for f in fields(self)}
+        out[f"{prefix}compression"] = self.compression
+        out[f"{prefix}last_compression"] = self.last_compression
+        return out
+
+    def log_to(self, writer: Any, step: int, prefix: str = "torchkit/") -> None:
+        """Write :meth:`as_dict` to a TensorBoard ``SummaryWriter`` (anything with ``add_scalar``) at ``step``."""
+        if not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must have add_scalar (torch.utils.tensorboard.SummaryWriter), got {writer!r}")
+        for key, value in self.as_dict(prefix).items():
+            writer.add_scalar(key, value, step)
