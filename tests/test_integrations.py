@@ -98,7 +98,7 @@ def _lightning(rank, world, path):
             "sent": straight.sent,
             "twice": twice,
             "side_file": os.path.exists(f"{path}/{'opt' if wrapped else 'hook'}.rank{rank}.pt"),
-            "inline": None if saved is None else any("torchkit" in s for s in saved["optimizer_states"]),
+            "inline": None if saved is None else any(s.get("torchkit") is not None for s in saved["optimizer_states"]),
         }
     return out
 
