@@ -60,7 +60,7 @@ def test_a_dead_peer_raises_in_the_survivors_loop(front):
     assert res["seconds"] < 20, res  # detected from the closed connection, not at the 30 s timeout
     # the first error, not nested once per future callback
     assert res["error"].count("Got the following error when running the callback") <= 1, res["error"]
-    assert "Unable to cast" not in res["error"] and "by peer" in res["error"], res["error"]  # Gloo: reset / closed
+    assert "Unable to cast" not in res["error"], res["error"]  # a failed future, not an exception object as a value
 
 
 def test_a_hung_peer_raises_at_the_process_group_timeout():
