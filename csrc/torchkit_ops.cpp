@@ -6,7 +6,9 @@
 //   pass 2: collect (index, v) above the k-th value's bin and the candidates inside it
 //           (EControl writes e <- e + g - h here, after reading the old e);
 //   resolve: exact mode picks the r largest candidates (two more radix levels, ties to the lower index),
-//            approximate mode the first r in index order; then the sparse state update.
+//            approximate mode the first r in index order (a quota per chunk, no copy); a threshold bin of
+//            heavy ties (zeros, g - h = 0, bf16-rounded values) is resolved by one or two refining passes over
+//            the data instead of a copy of the bin; then the sparse state update.
 // Bytes per element (fp32): EF14 16, EF21 16, EControl 28, top-k 8. Chunks are walked in index
 // order, so results do not depend on the thread count.
 #include <torch/extension.h>
@@ -46,6 +48,13 @@ struct Step {
   inline float pass1(int64_t i) const {
     if constexpr (mode == kTopK) return static_cast<float>(g[i]);
     if constexpr (mode == kEF14) { float v = e[i] + static_cast<float>(g[i]); e[i] = v; return v; }
+    if constexpr (mode == kEF21) return static_cast<float>(g[i]) - h[i];
+    if constexpr (mode == kEControl) { float t = static_cast<float>(g[i]) - h[i]; float a = e[i] * eta; return a + t; }
+  }
+  // v again without writing anything (after pass 1: EF14's e holds it); for the refining passes over ties
+  inline float value(int64_t i) const {
+    if constexpr (mode == kTopK) return static_cast<float>(g[i]);
+    if constexpr (mode == kEF14) return e[i];
     if constexpr (mode == kEF21) return static_cast<float>(g[i]) - h[i];
     if constexpr (mode == kEControl) { float t = static_cast<float>(g[i]) - h[i]; float a = e[i] * eta; return a + t; }
   }
@@ -101,66 +110,180 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
     above += total[thr];
   }
   const int64_t need = k - above;  // taken from the threshold bin
+  const int64_t cand = total[thr];
 
-  // each chunk's histogram gives its exact output counts: pass 2 writes straight to final positions
-  std::vector<int64_t> hi_off(nchunks + 1, 0), cand_off(nchunks + 1, 0);
+  // How the threshold bin is resolved. Every path keeps one output order: the entries above the bin in index
+  // order, then the ones taken from the bin in index order (ties to the lower index).
+  //  - few candidates (exact): copied out, resolved by two more radix levels over the copies;
+  //  - approximate: each chunk takes the first of its bin entries in index order up to its quota, in pass 2;
+  //  - many candidates (exact; a bin of heavy ties: zeros, g - h = 0, bf16-rounded values): the exact k-th key t
+  //    is found by refining passes over the data restricted to the bin (bits 9..19, then 0..8, the second only
+  //    when the bin holds different keys), and pass 2 takes the keys above t and each chunk's quota of keys
+  //    equal to t. No copy of the bin, so a bin of all d entries costs one or two more reading passes.
+  const bool refine = !approx && cand > std::max<int64_t>(4 * need, int64_t(1) << 16);
+  std::vector<int64_t> take(nchunks, 0);  // per chunk: bin entries taken (approx), or keys == t taken (refine)
+  std::vector<int64_t> gt(nchunks, 0);    // refine: per chunk, the bin's keys above t
+  uint32_t t_key = 0;
+  if (approx) {
+    int64_t left = need;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      take[c] = std::min<int64_t>(hist[c * kBins + thr], left);
+      left -= take[c];
+    }
+  } else if (refine) {
+    // level 2: bits 9..19 of the keys in the bin (four interleaved sub-histograms, as in pass 1: a bin of equal
+    // keys would otherwise serialise on one counter), and whether the chunk's keys in the bin are all one key
+    std::vector<int64_t> h2(static_cast<size_t>(nchunks) * kBins, 0);
+    std::vector<uint32_t> first(nchunks, 0xFFFFFFFFu);
+    std::vector<char> same(nchunks, 1);
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        std::vector<int32_t> sub(4 * kBins, 0);
+        const int64_t begin = c * chunk, end = std::min(d, (c + 1) * chunk);
+        uint32_t one = 0xFFFFFFFFu;
+        bool alike = true;
+        for (int64_t i = begin; i < end; ++i) {
+          const uint32_t key = key_of(s.value(i));
+          if (bin_of(key) != thr) continue;
+          if (one == 0xFFFFFFFFu) one = key;
+          alike &= (key == one);
+          ++sub[(i & 3) * kBins + static_cast<int>((key >> 9) & 0x7FF)];
+        }
+        int64_t* hc = h2.data() + c * kBins;
+        for (int b = 0; b < kBins; ++b) hc[b] = sub[b] + sub[kBins + b] + sub[2 * kBins + b] + sub[3 * kBins + b];
+        first[c] = one;
+        same[c] = alike;
+      }
+    });
+    std::vector<int64_t> t2(kBins, 0);
+    for (int64_t c = 0; c < nchunks; ++c)
+      for (int b = 0; b < kBins; ++b) t2[b] += h2[c * kBins + b];
+    int64_t want = need;
+    int b2 = kBins - 1;
+    for (; b2 > 0 && t2[b2] < want; --b2) want -= t2[b2];
+    uint32_t one = 0xFFFFFFFFu;
+    bool uniform = true;  // the whole bin is one key (zeros, g - h = 0, a constant): no third level needed
+    for (int64_t c = 0; c < nchunks; ++c) {
+      if (first[c] == 0xFFFFFFFFu) continue;
+      if (one == 0xFFFFFFFFu) one = first[c];
+      uniform = uniform && same[c] && first[c] == one;
+    }
+    const uint32_t p3 = (static_cast<uint32_t>(thr) << 11) | static_cast<uint32_t>(b2);
+    std::vector<int64_t> eq(nchunks, 0);
+    for (int64_t c = 0; c < nchunks; ++c)
+      for (int b = b2 + 1; b < kBins; ++b) gt[c] += h2[c * kBins + b];
+    if (uniform) {  // one key in the bin: it is the k-th
+      t_key = one;
+      for (int64_t c = 0; c < nchunks; ++c) eq[c] = h2[c * kBins + b2];
+    } else {  // level 3: bits 0..8 of the keys in the sub-bin
+      std::vector<int64_t> h3(static_cast<size_t>(nchunks) * 512, 0);
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          int64_t* hc = h3.data() + c * 512;
+          const int64_t end = std::min(d, (c + 1) * chunk);
+          for (int64_t i = c * chunk; i < end; ++i) {
+            const uint32_t key = key_of(s.value(i));
+            if ((key >> 9) == p3) ++hc[key & 0x1FF];
+          }
+        }
+      });
+      std::vector<int64_t> t3(512, 0);
+      for (int64_t c = 0; c < nchunks; ++c)
+        for (int b = 0; b < 512; ++b) t3[b] += h3[c * 512 + b];
+      int b3 = 511;
+      for (; b3 > 0 && t3[b3] < want; --b3) want -= t3[b3];
+      t_key = (p3 << 9) | static_cast<uint32_t>(b3);
+      for (int64_t c = 0; c < nchunks; ++c) {
+        eq[c] = h3[c * 512 + b3];
+        for (int b = b3 + 1; b < 512; ++b) gt[c] += h3[c * 512 + b];
+      }
+    }
+    for (int64_t c = 0; c < nchunks; ++c) {  // `want` keys equal to t, the lowest indices first
+      take[c] = std::min<int64_t>(eq[c], want);
+      want -= take[c];
+    }
+  }
+
+  // each chunk's counts give its exact output positions: pass 2 writes straight to final positions
+  std::vector<int64_t> hi_off(nchunks + 1, 0), cand_off(nchunks + 1, 0), lo_off(nchunks + 1, 0);
   for (int64_t c = 0; c < nchunks; ++c) {
     int64_t n_hi = 0;
     for (int b = thr + 1; b < kBins; ++b) n_hi += hist[c * kBins + b];
     hi_off[c + 1] = hi_off[c] + n_hi;
-    cand_off[c + 1] = cand_off[c] + hist[c * kBins + thr];
+    cand_off[c + 1] = cand_off[c] + ((approx || refine) ? 0 : hist[c * kBins + thr]);
   }
   Picked out, all;
   out.idx.resize(k);
   out.val.resize(k);
   all.idx.resize(cand_off[nchunks]);
   all.val.resize(cand_off[nchunks]);
+  if (refine) {  // the bin's entries taken per chunk: its keys above t and its quota of keys equal to t
+    for (int64_t c = 0; c < nchunks; ++c) lo_off[c + 1] = lo_off[c] + gt[c] + take[c];
+  } else if (approx) {
+    for (int64_t c = 0; c < nchunks; ++c) lo_off[c + 1] = lo_off[c] + take[c];
+  }
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t end = std::min(d, (c + 1) * chunk);
-      int64_t ph = hi_off[c], pc = cand_off[c];
+      int64_t ph = hi_off[c], pc = cand_off[c], pl = above + lo_off[c], left = take[c];
       for (int64_t i = c * chunk; i < end; ++i) {
         const float v = s.pass2(i);
-        const int b = bin_of(key_of(v));
+        const uint32_t key = key_of(v);
+        const int b = bin_of(key);
         if (b > thr) {
           out.idx[ph] = i;
           out.val[ph++] = v;
         } else if (b == thr) {
-          all.idx[pc] = i;
-          all.val[pc++] = v;
+          if (refine) {
+            if (key > t_key || (key == t_key && left-- > 0)) {
+              out.idx[pl] = i;
+              out.val[pl++] = v;
+            }
+          } else if (approx) {
+            if (left-- > 0) {
+              out.idx[pl] = i;
+              out.val[pl++] = v;
+            }
+          } else {
+            all.idx[pc] = i;
+            all.val[pc++] = v;
+          }
         }
       }
     }
   });
-  std::vector<int64_t> chosen;
-  if (approx || static_cast<int64_t>(all.idx.size()) == need) {
-    for (int64_t j = 0; j < need; ++j) chosen.push_back(j);
+  if (!approx && !refine) {
+    std::vector<int64_t> chosen;
+    if (static_cast<int64_t>(all.idx.size()) == need) {
+      for (int64_t j = 0; j < need; ++j) chosen.push_back(j);
+    } else {
+      // the exact k-th key among the candidates by two more radix levels (bits 9..19, then 0..8): every candidate
+      // above it, then the first ones equal to it in index order (ties to the lower index); linear, no sort
+      const int64_t n = static_cast<int64_t>(all.idx.size());
+      std::vector<int64_t> h2(kBins, 0), h3(512, 0);
+      for (int64_t j = 0; j < n; ++j) ++h2[(key_of(all.val[j]) >> 9) & 0x7FF];
+      int64_t want = need, b2 = kBins - 1;
+      for (; b2 > 0 && h2[b2] < want; --b2) want -= h2[b2];
+      const uint32_t p3 = (static_cast<uint32_t>(thr) << 11) | static_cast<uint32_t>(b2);
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t key = key_of(all.val[j]);
+        if ((key >> 9) == p3) ++h3[key & 0x1FF];
+      }
+      int64_t b3 = 511;
+      for (; b3 > 0 && h3[b3] < want; --b3) want -= h3[b3];
+      const uint32_t t = (p3 << 9) | static_cast<uint32_t>(b3);  // the k-th largest key; `want` of it are taken
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t key = key_of(all.val[j]);
+        if (key > t || (key == t && want-- > 0)) chosen.push_back(j);
+      }
+    }
+    int64_t pos = above;
+    for (int64_t j : chosen) {
+      out.idx[pos] = all.idx[j];
+      out.val[pos++] = all.val[j];
+    }
   } else {
-    // the exact k-th key among the candidates by two more radix levels (bits 9..19, then 0..8): every candidate
-    // above it, then the first ones equal to it in index order (ties to the lower index); linear, no sort, so
-    // a bin of heavy ties (a gradient of zeros) costs two more passes over the candidates, not a sort of them
-    const int64_t n = static_cast<int64_t>(all.idx.size());
-    std::vector<int64_t> h2(kBins, 0), h3(512, 0);
-    for (int64_t j = 0; j < n; ++j) ++h2[(key_of(all.val[j]) >> 9) & 0x7FF];
-    int64_t want = need, b2 = kBins - 1;
-    for (; b2 > 0 && h2[b2] < want; --b2) want -= h2[b2];
-    const uint32_t p3 = (static_cast<uint32_t>(thr) << 11) | static_cast<uint32_t>(b2);
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t key = key_of(all.val[j]);
-      if ((key >> 9) == p3) ++h3[key & 0x1FF];
-    }
-    int64_t b3 = 511;
-    for (; b3 > 0 && h3[b3] < want; --b3) want -= h3[b3];
-    const uint32_t t = (p3 << 9) | static_cast<uint32_t>(b3);  // the k-th largest key; `want` of it are taken
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t key = key_of(all.val[j]);
-      if (key > t || (key == t && want-- > 0)) chosen.push_back(j);
-    }
-  }
-  int64_t pos = above;
-  for (int64_t j : chosen) {
-    out.idx[pos] = all.idx[j];
-    out.val[pos++] = all.val[j];
+    TORCH_CHECK(lo_off[nchunks] == need, "torchkit: internal count mismatch in the threshold bin");
   }
   TORCH_CHECK(hi_off[nchunks] == above, "torchkit: internal count mismatch");
 

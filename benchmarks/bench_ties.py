@@ -1,0 +1,79 @@
+"""Selection on tied input against random input (issue 21 item 1): the C++ CPU kernel's EF21 step, exact and
+approximate, at d = 2^24 and TopK 1%.
+
+Inputs: random normal (the reference), g - h = 0 everywhere (a bucket of experts that got no token, a gradient
+that did not change), all equal, mostly zero (0.5% nonzero: fewer nonzeros than k), bf16-rounded normal. Each
+input is timed 7 times, interleaved with the others; the medians (wall clock, ``time.perf_counter`` around one
+call; the call returns when the kernel has finished) and the ranges are printed and written to
+``benchmarks/results/<device>/ties.json``.
+
+    python benchmarks/bench_ties.py [--threads 2] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from torchkit import bench, ops
+from torchkit._results import device_slug, save_result
+
+
+def inputs(d: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(d, generator=g)
+    mostly_zero = torch.zeros(d)
+    picked = torch.randperm(d, generator=g)[: d // 200]
+    mostly_zero[picked] = r[picked]
+    return {
+        "random": r,
+        "g - h = 0": torch.zeros(d),
+        "all equal": torch.full((d,), 0.75),
+        "mostly zero (0.5% nonzero)": mostly_zero,
+        "bf16-rounded": r.bfloat16().float(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log2d", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not ops.build_extension():
+        raise SystemExit("the csrc extension did not build")
+    d = 1 << args.log2d
+    k = d // 100
+    xs = inputs(d)
+    result = {"device": bench.device_name(torch.device("cpu")), "threads": args.threads, "d": d, "k": k, "runs": {}}
+    for approx in (False, True):
+        times: dict[str, list[float]] = {n: [] for n in xs}
+        for _ in range(args.repeats):
+            for name, x in xs.items():
+                h = torch.zeros(d)
+                t0 = time.perf_counter()
+                ops.ef21_step_(x, h, k, approx=approx, impl="cpp")
+                times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times["random"])
+        mode = "approximate" if approx else "exact"
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            result["runs"][f"{mode}/{name}"] = {
+                "median_ms": 1e3 * med,
+                "min_ms": 1e3 * min(ts),
+                "max_ms": 1e3 * max(ts),
+                "x_random": med / base,
+            }
+            print(f"{mode:11s} {name:28s} {1e3 * med:7.1f} ms  {med / base:4.2f}x random  "
+                  f"[{1e3 * min(ts):.1f}, {1e3 * max(ts):.1f}]")  # fmt: skip
+    folder = save_result(result, f"{args.out}/{device_slug(result['device'])}", "ties", None)
+    print(f"device: {result['device']}; wrote {folder}/ties.json")
+
+
+if __name__ == "__main__":
+    main()
