@@ -360,8 +360,149 @@ def test_gpu_kernels_never_read_device_values_on_the_host(impl, approx, method):
 
 
 def _lowest_index_topk(v: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest |v|, ties to the lower index, sorted: a stable sort keeps index order among equal magnitudes."""
-    return torch.argsort(-v.abs(), stable=True)[:k].sort().values
+    """The selection rule, written out: largest |v| first, ties to the lower index (float64 keys, stable sort)."""
+    order = torch.sort(-v.double().abs().cpu(), stable=True).indices
+    return order[:k].sort().values
+
+
+@pytest.mark.parametrize("impl", ["cpp"] + GPU_KERNELS)
+@pytest.mark.parametrize("kind,d,k", [("randn", 70_001, 700), ("ties", 70_001, 700), ("ties", 5000, 4321)])
+def test_exact_selection_is_largest_then_lowest_index(impl, kind, d, k):
+    x = _data(d, kind, _device_of(impl))
+    if kind == "ties":  # the k-th magnitude is tied and its bin overflows the candidate buffer
+        kth = torch.topk(x.abs(), k).values[-1]
+        assert int((x.abs() == kth).sum()) > 1
+    _, idx = ops.topk(x, k, impl=impl)
+    assert torch.equal(idx.long().sort().values.cpu(), _lowest_index_topk(x, k))
+
+
+@pytest.mark.parametrize("impl", ["cpp"] + GPU_KERNELS)
+def test_approx_mode_fills_the_threshold_bin_by_lowest_index(impl):
+    d, k = 40_000, 1000
+    dev = _device_of(impl)
+    g, e = _data(d, "randn", dev), torch.zeros(d, device=dev)
+    _, idx = ops.ef14_step_(g, e, k, approx=True, impl=impl)
+    key = (g.float().cpu().view(torch.int32) & 0x7FFFFFFF) >> 20  # the level-1 bin of every entry
+    thr = int(key[idx.long().cpu()].min())
+    above = (key > thr).nonzero().flatten()
+    in_bin = (key == thr).nonzero().flatten()[: k - above.numel()]
+    assert torch.equal(idx.long().sort().values.cpu(), torch.cat([above, in_bin]).sort().values)
+
+
+def _shuffled_program_order(monkeypatch, seed):
+    """Make the interpreter run each grid's programs in a random order (as a GPU may schedule them)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    real = builder.set_grid_idx
+    rng = torch.Generator().manual_seed(seed)
+    perm = {}
+
+    def set_grid_idx(x, y, z):
+        n = builder.grid_dim[0]
+        if n not in perm or x == 0:
+            perm[n] = torch.randperm(n, generator=rng).tolist()
+        real(perm[n][x], y, z)
+
+    monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
+
+
+@pytest.mark.parametrize("approx", [False, True])
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_triton_result_does_not_depend_on_program_order(monkeypatch, approx, kind):
+    """Five program orders (shuffled in the interpreter; on a GPU, five runs): the same values, indices, order
+    and state, bit for bit."""
+    dev = _triton_device()
+    d, k = 200_003, 2000
+    g = _data(d, kind, dev, torch.bfloat16)  # bf16: many ties at the k-th magnitude
+    e0 = _data(d + 1, "randn", dev)[:d].contiguous()
+    runs = []
+    for seed in range(5):
+        with monkeypatch.context() as m:
+            if INTERPRETED:
+                _shuffled_program_order(m, seed)
+            e, h = e0.clone(), e0.clone() * 0.5
+            vals, idx = ops.econtrol_step_(g, e, h, k, 0.3, approx=approx, impl="triton")
+            runs.append((vals.cpu(), idx.cpu(), e.cpu(), h.cpu()))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("impl", ["triton"] + (["cuda"] if HAS_CUDA else []))
+def test_float64_goes_to_the_reference(impl):
+    dev = _device_of(impl)
+    x = _data(1001, "randn", dev).double()
+    e, e_ref = torch.randn(1001, dtype=torch.float64, device=dev), None
+    e_ref = e.clone()
+    vals, idx = ops.topk(x, 10, impl=impl)
+    assert vals.dtype == torch.float64 and torch.equal(vals, x[idx.long()])
+    for _ in range(2):  # the second step used to fail on fp64 state
+        v1, i1 = ops.ef14_step_(x, e, 10, impl=impl)
+        v2, i2 = _reference.ef14_step_(x, e_ref, 10)
+        assert torch.equal(e, e_ref) and v1.dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------- padded flat vectors (item 6)
+def _padded_copy(t, tail):
+    """``t`` in a :func:`ops.padded_zeros` buffer whose padding holds ``tail`` (garbage the kernels must ignore)."""
+    p = ops.padded_zeros(t.numel(), dtype=t.dtype, device=t.device).copy_(t)
+    p._base[t.numel() :] = tail
+    assert ops.owns_padding(p) and p._base.numel() % ops.PAD == 0
+    return p
+
+
+@pytest.mark.parametrize("impl", GPU_KERNELS)
+@pytest.mark.parametrize("pad", ["s", "gs"])
+@pytest.mark.parametrize("approx", [False, True])
+@pytest.mark.parametrize("method", ["topk", "ef14", "ef21", "econtrol"])
+@pytest.mark.parametrize("kind", ["randn", "zeros"])
+def test_padded_vectors_select_and_update_as_plain_ones(impl, pad, approx, method, kind):
+    """Launches over the padded length (the kernels read and overwrite the tail) select the same entries and leave
+    the same state as plain vectors, bit for bit, even with NaN and huge values in the padding (NaN ranks above
+    every number) and with an all-zero vector and k = d, where every entry ties with the zero padding."""
+    if method == "topk" and pad == "s":
+        pytest.skip("top-k has no state to pad")
+    dev = _device_of(impl)
+    d = 1003  # 13 entries of padding
+    g = _data(d, "randn", dev) if kind == "randn" else torch.zeros(d, device=dev)
+    e0, h0 = (torch.zeros(d, device=dev) if kind == "zeros" else _data(d + 1, "randn", dev)[:d] * s for s in (1, 0.5))
+    k = 50 if kind == "randn" else d
+    runs = []
+    for padded in (False, True):
+        gg = _padded_copy(g, float("nan")) if padded and "g" in pad else g.clone()
+        e, h = (_padded_copy(t, torch.tensor([1e30, float("nan")]).repeat(8)[: 16 - d % 16]) for t in (e0, h0))
+        if not (padded and "s" in pad):
+            e, h = e.clone(), h.clone()
+        vals, idx = _step(method, gg, e, h, k, approx, impl)()
+        assert int(idx.max()) < d
+        runs.append((vals.cpu(), idx.cpu(), e.cpu(), h.cpu()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    if kind == "zeros":
+        assert torch.equal(runs[1][1].long().sort().values, torch.arange(d))
+
+
+@pytest.mark.parametrize("impl", GPU_KERNELS)
+def test_only_the_padded_vector_itself_owns_its_padding(impl):
+    """A shorter view at the same address, a clone, a deep copy or an unpickled copy is an ordinary tensor: the
+    kernels never write past its end (here the EF14 pass that stores v = e + g over the launch length)."""
+    import copy
+    import gc
+    import pickle
+
+    dev = _device_of(impl)
+    n = 100
+    e = ops.padded_zeros(n, device=dev)
+    e._base[n - 1 :] = 7.0  # the last entry and the padding
+    shorter = e[: n - 1]
+    assert ops.owns_padding(e) and not ops.owns_padding(shorter)
+    assert not any(ops.owns_padding(c) for c in (e.clone(), copy.deepcopy(e), pickle.loads(pickle.dumps(e))))
+    g = _data(n - 1, "randn", dev)
+    ops.ef14_step_(g, shorter, 5, impl=impl)
+    assert torch.equal(e._base[n - 1 :].cpu(), torch.full((ops.PAD - n % ops.PAD + 1,), 7.0))
+    entries = len(ops._padding._owned)
+    del e, shorter
+    gc.collect()
+    assert len(ops._padding._owned) == entries - 1  # the registry forgets a freed buffer
 
 
 def _tied_inputs(d):
