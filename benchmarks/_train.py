@@ -15,9 +15,9 @@ import time
 
 import torch
 
+from torchkit.apps.tasks import Task
 from torchkit.comm import LocalExchanger, run_round
 from torchkit.feedback import Feedback
-from torchkit.tasks import Task
 
 
 class PowerSGD:

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from torchkit import bench, ops
+from torchkit import ops
 from torchkit._results import device_slug
+from torchkit.apps import bench
 from torchkit.compress import SparseMessage, pack_message, unpack_message
 
 DENSITIES = [0.001, 0.01, 0.05, 0.1, 0.2, 0.35, 0.5]

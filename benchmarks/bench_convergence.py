@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from torchkit import registry
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OUT = Path(__file__).resolve().parent / "results" / "convergence"
@@ -45,16 +47,14 @@ LRS = {
     ("digits_cnn", "adamw"): [1e-3, 3e-3, 1e-2],
 }
 DENSITIES = (0.01, 0.001)
-METHODS = ("dense", "powersgd", "ef14", "ef21", "ef21sgdm", "econtrol")
+# every method of torchkit.registry with a recommended configuration, next to dense training and PowerSGD
+METHODS = ("dense", "powersgd", *registry.recommendable())
 NAIVE = ("naive_ef21", "naive_ef21sgdm", "naive_econtrol")
 VARIANTS = ("ef14_local",)  # at 1% only: EF14 behind the worker-side optimizer (tk.LocalMomentum / tk.LocalAdam)
 LABELS = {
     "dense": "dense",
     "powersgd": "PowerSGD r1",
-    "ef14": "EF14",
-    "ef21": "EF21",
-    "ef21sgdm": "EF21-SGDM",
-    "econtrol": "EControl",
+    **{m: registry.get(m).label for m in registry.recommendable()},
     "naive_ef21": "EF21 naive",
     "naive_ef21sgdm": "EF21-SGDM naive",
     "naive_econtrol": "EControl naive",
@@ -91,7 +91,7 @@ def _run_job(job: dict) -> dict:
     torch.set_num_threads(1)
     from _train import run
 
-    from torchkit.tasks import char_lm, digits_cnn
+    from torchkit.apps.tasks import char_lm, digits_cnn
 
     task = {"char_lm": char_lm, "digits_cnn": digits_cnn}[job["task"]](4, job["split"])
     comp, inner_name, scale, desc = build(job["method"], job["inner"], job["density"])

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchkit as tk
-from torchkit import bench
 from torchkit._results import device_slug, save_result
+from torchkit.apps import bench
 
 
 class Block(torch.nn.Module):

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 import torchkit as tk
-from torchkit import bench, ops
+from torchkit import ops
 from torchkit._results import device_slug, save_result
+from torchkit.apps import bench
 
 METHODS = {
     "ef14": (lambda c: tk.EF14(c), lambda g, st, k: ops.ef14_step_(g, st["error"], k)),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from torchkit import bench
 from torchkit._results import device_slug
+from torchkit.apps import bench
 
 
 def main() -> None:

@@ -33,8 +33,8 @@ import torch
 
 import torchkit as tk
 from torchkit._results import save_result
-from torchkit.bench import device_name
-from torchkit.demo import make_data
+from torchkit.apps.bench import device_name
+from torchkit.apps.demo import make_data
 from torchkit.sim import simulate_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,7 +350,7 @@ def main(argv=None):
         "seconds": round(elapsed),
         "command": " ".join(["python", "benchmarks/bench_local_sgd.py", *(argv if argv is not None else sys.argv[1:])]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "task": f"MLP 32-{HIDDEN}-{HIDDEN}-10 ({D} parameters) on torchkit.demo.make_data (seed = run seed), "
+        "task": f"MLP 32-{HIDDEN}-{HIDDEN}-10 ({D} parameters) on torchkit.apps.demo.make_data (seed = run seed), "
         f"{args.n_train} training examples split iid over {args.workers} workers, batch {args.batch} per worker, "
         "AdamW inner steps (weight decay 0), loss = cross-entropy on 4096 training examples at the anchor",
         "bytes": "payload one worker sends, Feedback.wire_bytes: ddp 4 d per step; diloco 4 d per round (fp32); "

@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from torchkit import bench, ops
+from torchkit import ops
 from torchkit._results import device_slug, save_result
+from torchkit.apps import bench
 
 
 def inputs(d: int) -> dict[str, torch.Tensor]:

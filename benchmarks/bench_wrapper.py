@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import torchkit as tk
-from torchkit import bench, ops
+from torchkit import ops
 from torchkit._results import device_slug, save_result
+from torchkit.apps import bench
 
 
 def transformer(vocab=8192, dim=512, layers=7, heads=8) -> torch.nn.Module:

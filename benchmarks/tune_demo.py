@@ -1,6 +1,6 @@
 """Learning rates for ``torchkit demo``: each method in its recommended configuration on the demo's own
 model and data (4 workers simulated in one process, global TopK 1% over the model as the demo's single
-DDP bucket), over the same grid; the best value per method goes into ``torchkit.demo.TUNED_LR``.
+DDP bucket), over the same grid; the best value per method goes into ``torchkit.apps.demo.TUNED_LR``.
 
     python benchmarks/tune_demo.py     # writes results/demo/lr_sweep.json
 """
@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _train import run  # noqa: E402
 
-from torchkit import demo  # noqa: E402
-from torchkit.tasks import Task  # noqa: E402
+from torchkit.apps import demo  # noqa: E402
+from torchkit.apps.tasks import Task  # noqa: E402
 
 GRID = (0.03, 0.1, 0.3)
 OUT = Path(__file__).resolve().parent / "results" / "demo" / "lr_sweep.json"

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 import torchkit.ops as ops
-from torchkit import bench
 from torchkit._results import device_slug
+from torchkit.apps import bench
 from torchkit.ops import _cuda
 
 VARIANTS = {

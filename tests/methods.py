@@ -1,19 +1,20 @@
-"""The one registry of feedback methods for every test, with the float64 reference of each.
+"""The tests' view of the method registry (:mod:`torchkit.registry`), with the float64 reference of each method.
 
-Adding a method to the library is one class (in ``torchkit/feedback.py``) and one line here: every front-end
-test (simulator against its reference, optimizer and hook against the simulator, resume) then runs it.
-:class:`DecayedEF14` below is defined in the test suite only, to show that this holds.
+Adding a method is one class, one :func:`torchkit.registry.register` call and one reference in
+``tests/refs.py``: every front-end test (simulator against its reference, optimizer, hook and LocalSGD against
+the simulator, resume, coupling, the CLI's choices) then runs it. :class:`DecayedEF14` below is defined and
+registered in the test suite only, to show that this holds: no library file names it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 import torchkit as tk
 from torchkit.feedback import Feedback, _dense_of
+from torchkit.registry import MethodSpec, Recipe, register
 
 ETA = 0.3  # EF21-SGDM's and EControl's eta in every test
 DECAY = 0.9
@@ -23,20 +24,17 @@ class DecayedEF14(Feedback):
     """EF14 whose error decays by ``beta`` every round: ``u = C(e + g)``, ``e <- beta (e + g - u)``.
 
     A test-only method: it exists to show that one class, fulfilling :class:`~torchkit.feedback.Feedback`'s
-    contract, runs through every front end.
+    contract, runs through every front end. Its update is its own (:meth:`_step`), not one of the declared kinds.
     """
 
     state_names = ("error",)
     absorb_rule = (("error", 1.0),)
     server_state = False
-    full_first_round = False
+    options = ("beta",)
 
     def __init__(self, compressor, beta: float = DECAY, *, granularity="global"):
         super().__init__(compressor, granularity=granularity)
         self.beta = float(beta)
-
-    def _config_extra(self):
-        return {"beta": self.beta}
 
     def _step(self, state, g, step, worker, segments):
         e = state["error"]
@@ -49,31 +47,43 @@ class DecayedEF14(Feedback):
         return state["error"].pow(2).sum()
 
 
+register(
+    "decayed_ef14",
+    MethodSpec(
+        DecayedEF14,
+        "EF14 with an error that decays by beta per round (test-only)",
+        reference="decayed_ef14",
+        recommended=lambda c, mu: Recipe(DecayedEF14(c), False, description="decayed EF14 inside {optimizer}{kept}"),
+    ),
+)
+
+
 def _weights(n: int) -> list[float]:
     w = torch.arange(1, n + 1, dtype=torch.float64)
     return (w / w.sum()).tolist()
 
 
-@dataclass(frozen=True)
-class Method:
-    make: Callable[..., Feedback]  # (compressor, n_workers, granularity) -> Feedback
-    reference: str  # the method name in tests/refs.py's run_reference
-    extra: dict  # keyword arguments of run_reference for this method
-
-
-METHODS: dict[str, Method] = {
-    "ef14": Method(lambda c, n, gr: tk.EF14(c, granularity=gr), "ef14", {}),
-    "ef21": Method(lambda c, n, gr: tk.EF21(c, granularity=gr), "ef21", {}),
-    "ef21w": Method(lambda c, n, gr: tk.EF21W(c, _weights(n), granularity=gr), "ef21w", {"weights": "n"}),
-    "ef21sgdm": Method(lambda c, n, gr: tk.EF21SGDM(c, eta=ETA, granularity=gr), "ef21sgdm", {"eta": ETA}),
-    "econtrol": Method(lambda c, n, gr: tk.EControl(c, eta=ETA, granularity=gr), "econtrol", {"eta": ETA}),
-    "decayed_ef14": Method(lambda c, n, gr: DecayedEF14(c, granularity=gr), "decayed_ef14", {"beta": DECAY}),
+# The options the tests give a method (the same keyword arguments go to tests/refs.py's run_reference); a method
+# not named here runs with its defaults.
+_OPTIONS: dict[str, Callable[[int], dict]] = {
+    "ef21w": lambda n: {"weights": _weights(n)},  # unequal weights
+    "ef21sgdm": lambda n: {"eta": ETA},
+    "econtrol": lambda n: {"eta": ETA},
+    "decayed_ef14": lambda n: {"beta": DECAY},
 }
+
+#: Every registered method that has a float64 reference, by name.
+METHODS: dict[str, MethodSpec] = {name: spec for name, spec in tk.registry.METHODS.items() if spec.reference}
+
+
+def options(name: str, n: int) -> dict:
+    """The options the tests give method ``name`` for ``n`` workers."""
+    return _OPTIONS[name](n) if name in _OPTIONS else {}
 
 
 def make(name: str, compressor: tk.compress.Compressor, *, n_workers: int = 1, granularity: str = "global"):
-    """The registry's method ``name`` with this compressor, for ``n_workers`` workers."""
-    return METHODS[name].make(compressor, n_workers, granularity)
+    """The registry's method ``name`` with this compressor and the tests' options, for ``n_workers`` workers."""
+    return METHODS[name].make(compressor, n_workers, granularity=granularity, **options(name, n_workers))
 
 
 def factories(compressor_of: Callable[[], tk.compress.Compressor], **kw) -> dict[str, Callable[[], Feedback]]:
@@ -83,7 +93,4 @@ def factories(compressor_of: Callable[[], tk.compress.Compressor], **kw) -> dict
 
 def reference_kwargs(name: str, n: int) -> dict:
     """The keyword arguments of ``run_reference`` that ``name`` needs."""
-    out = {}
-    for k, v in METHODS[name].extra.items():
-        out[k] = _weights(n) if v == "n" else v
-    return out
+    return options(name, n)

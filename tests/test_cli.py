@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import torchkit
-from torchkit import cli
-from torchkit.cli import _Formatter, _parser, main
+from torchkit.apps import cli
+from torchkit.apps.cli import _Formatter, _parser, main
 
 
 @pytest.mark.dist
@@ -71,7 +71,7 @@ def test_repro_ef21_tiny(tmp_path, shared_data, capsys):
 
 
 def test_repro_one_seed_reproduces_the_single_run(tmp_path, shared_data):
-    from torchkit.repro import repro_ef21
+    from torchkit.apps.repro import repro_ef21
 
     data = shared_data / "phishing.txt"
     both = repro_ef21(data, preset="phishing", bits=320, seeds=[3, 5])
@@ -278,7 +278,7 @@ def test_module_entry_point():
 
 
 def test_repro_settings_errors(tmp_path):
-    from torchkit import repro
+    from torchkit.apps import repro
 
     cases = [
         (dict(preset="covtype"), "preset must be one of ['a9a', 'mushrooms', 'phishing', 'w8a'] or None"),
@@ -300,7 +300,7 @@ def test_repro_settings_errors(tmp_path):
 
 
 def test_demo_table_gives_ef21sgdm_its_eta_and_every_line_its_own_style():
-    from torchkit.demo import format_table, line_styles
+    from torchkit.apps.demo import format_table, line_styles
 
     run = dict(label="EF21-SGDM", final_loss=0.4, test_accuracy=0.7, dense_bytes_per_worker=100)
     run.update(bytes_sent_per_worker=2, compress_seconds=0.1, params=10, lr=1.0, eta=0.1)

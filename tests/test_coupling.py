@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchkit as tk
+from tests.methods import DecayedEF14
 from torchkit.coupling import CouplingWarning, coupling_advice
 from torchkit.sim import LogisticRegression, simulate
 
-METHODS = ("ef14", "ef21", "ef21sgdm", "econtrol")
+METHODS = tuple(tk.registry.recommendable())  # every method with a recommended configuration, the tests' own too
 OPTS = {"sgdm": (torch.optim.SGD, 0.1, {"momentum": 0.9}), "adamw": (torch.optim.AdamW, 3e-3, {})}
 
 
@@ -106,6 +107,7 @@ def test_naive_ef21_inside_adamw_warns_and_trains_worse():
         (tk.EF21SGDM(tk.TopK(ratio=0.01)), torch.optim.AdamW, {}, "double momentum"),
         (tk.LocalMomentum(tk.EF21(tk.TopK(ratio=0.01))), torch.optim.SGD, {"momentum": 0.5}, "double momentum"),
         (tk.LocalAdam(tk.EF14(tk.TopK(ratio=0.01))), torch.optim.Adam, {"betas": (0.9, 0.99)}, "double momentum"),
+        (tk.LocalMomentum(DecayedEF14(tk.TopK(ratio=0.01))), torch.optim.SGD, {"momentum": 0.9}, "double momentum"),
     ],
 )
 def test_known_failures_warn_once_at_construction(feedback, cls, kw, match):
@@ -130,6 +132,8 @@ def test_known_failures_warn_once_at_construction(feedback, cls, kw, match):
         (tk.EF21SGDM(tk.TopK(ratio=0.01)), torch.optim.SGD, {}),
         (tk.EF21SGDM(tk.TopK(ratio=0.01)), torch.optim.AdamW, {"betas": (0.0, 0.999)}),
         (tk.LocalAdam(tk.EF21(tk.TopK(ratio=0.01))), torch.optim.SGD, {"weight_decay": 0.01}),
+        (DecayedEF14(tk.TopK(ratio=0.01)), torch.optim.AdamW, {}),  # no stale server estimate, like EF14
+        (tk.LocalMomentum(DecayedEF14(tk.TopK(ratio=0.01))), torch.optim.SGD, {}),
     ],
 )
 def test_good_pairs_do_not_warn(feedback, cls, kw):
@@ -256,7 +260,7 @@ OPTIMIZERS = sorted(
 )
 def test_recommended_hands_out_arguments_every_torch_optimizer_takes(optimizer_class):
     """By capability: betas (the Adam family), momentum (SGD, RMSprop, Muon) or nothing to change (Adagrad, ...)."""
-    for method in ("ef14", "ef21", "ef21sgdm", "econtrol"):
+    for method in METHODS:
         rec = tk.recommended(method, tk.TopK(ratio=0.5), optimizer_class)
         w = torch.nn.Parameter(torch.ones(4, 3))
         optimizer_class([w], lr=0.01, **rec.optimizer_kwargs)  # the optimizer accepts them
@@ -305,3 +309,23 @@ def test_the_hook_warns_like_the_wrapper_about_its_optimizer():
             model(torch.randn(3, 4)).sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_every_registered_method_is_recommended_or_says_why_not():
+    """tk.recommended reads the registry: the tests' DecayedEF14 is offered like a built-in method, a method without
+    a recommended configuration (EF21-W) or an unknown name is refused with the list of those that have one."""
+    assert "decayed_ef14" in METHODS and {"ef14", "ef21", "ef21sgdm", "econtrol"} <= set(METHODS)
+    rec = tk.recommended("decayed_ef14", tk.TopK(ratio=0.1), torch.optim.SGD, momentum=0.5)
+    assert isinstance(rec.feedback, DecayedEF14) and rec.optimizer_kwargs == {"momentum": 0.5}
+    assert rec.description == "decayed EF14 inside SGD (momentum 0.5)" and rec.momentum == 0.5
+    for bad in ("ef21w", "nope"):
+        with pytest.raises(ValueError, match=r"method must be one of 'ef14', 'ef21', .*'decayed_ef14', got"):
+            tk.recommended(bad, tk.TopK(ratio=0.1))
+
+
+def test_the_advice_names_the_registered_method_of_the_nearest_class():
+    """EF21-W has no recommended configuration of its own: the advice points at EF21's, the class it derives from."""
+    msg = coupling_advice(tk.EF21W(tk.TopK(ratio=0.01), [0.5, 0.5]), torch.optim.AdamW)
+    assert "tk.recommended('ef21', compressor, torch.optim.AdamW)" in msg and "tk.LocalMomentum(EF21W(" in msg
+    msg = coupling_advice(tk.EControl(tk.TopK(ratio=0.01)), torch.optim.SGD, {"momentum": 0.9})
+    assert "tk.recommended('econtrol', compressor, torch.optim.SGD)" in msg

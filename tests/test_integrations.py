@@ -1,6 +1,8 @@
 """Lightning and Accelerate on 2 Gloo ranks (CPU): torchkit's hook installed, bytes on the wire, a checkpoint
 saved the frameworks' way (rank 0 writes it, torchkit's per-rank side files next to it) and a resume that continues
-bit-exactly. Needs the integrations extra (pip install -e ".[test,integrations]"); skipped without it."""
+bit-exactly, for the hook, the optimizer wrapper and LocalSGD (saved in the middle of a period, where every rank's
+parameters and inner state are its own). Needs the integrations extra (pip install -e ".[test,integrations]");
+skipped without it."""
 
 import os
 import warnings
@@ -56,7 +58,12 @@ def _lightning(rank, world, path):
             self.sent.append(state.bytes_sent if state is not None else None)
 
         def configure_optimizers(self):
-            if self.wrapped:  # the optimizer wrapper communicates; DDP's noop_hook turns its all-reduce off
+            # the optimizer front ends communicate; DDP's noop_hook turns its all-reduce off
+            if self.wrapped == "local":  # 4 steps per epoch: a checkpoint after one epoch is mid-period
+                return tk.LocalSGD(
+                    self.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sync_every=3, feedback=_fb()
+                )
+            if self.wrapped:
                 return tk.CompressedOptimizer(self.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, feedback=_fb())
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
@@ -85,10 +92,11 @@ def _lightning(rank, world, path):
         return trainer, module, twice
 
     out = {}
-    for wrapped in (False, True):
+    for wrapped in (False, True, "local"):
+        name = {False: "hook", True: "opt", "local": "local"}[wrapped]
         _, straight, twice = fit(wrapped, 2)
         trainer, _, _ = fit(wrapped, 1)
-        ckpt = f"{path}/{'opt' if wrapped else 'hook'}.ckpt"
+        ckpt = f"{path}/{name}.ckpt"
         trainer.save_checkpoint(ckpt)
         _, resumed, _ = fit(wrapped, 2, ckpt)
         saved = torch.load(ckpt, weights_only=False) if rank == 0 else None
@@ -97,7 +105,7 @@ def _lightning(rank, world, path):
             "resumed": _flat(resumed.net),
             "sent": straight.sent,
             "twice": twice,
-            "side_file": os.path.exists(f"{path}/{'opt' if wrapped else 'hook'}.rank{rank}.pt"),
+            "side_file": os.path.exists(f"{path}/{name}.rank{rank}.pt"),
             "inline": None if saved is None else any(s.get("torchkit") is not None for s in saved["optimizer_states"]),
         }
     return out
@@ -107,7 +115,7 @@ def test_lightning_strategy_installs_the_hook_and_resumes_exactly(tmp_path):
     pytest.importorskip("lightning", reason="Lightning is in the integrations extra: pip install -e '.[integrations]'")
     out = run_dist(_lightning, WORLD, str(tmp_path))
     for r in range(WORLD):
-        for wrapped in (False, True):
+        for wrapped in (False, True, "local"):
             res = out[r][wrapped]
             assert torch.equal(res["straight"], res["resumed"]), f"rank {r}, wrapped={wrapped}: resume not exact"
             assert res["side_file"]
@@ -115,7 +123,8 @@ def test_lightning_strategy_installs_the_hook_and_resumes_exactly(tmp_path):
         hook = out[r][False]
         assert len(hook["sent"]) == 8 and all(s > 0 for s in hook["sent"])  # installed on CPU: bytes on the wire
         assert out[r][True]["sent"] == [None] * 8
-    assert out[0][False]["inline"] is False and out[0][True]["inline"] is False  # rank 0's copy is in its side file
+    assert all(out[0][w]["inline"] is False for w in (False, True, "local"))  # rank 0's copy is in its side file
+    assert not torch.equal(out[0]["local"]["straight"], out[1]["local"]["straight"])  # ended mid-period: own params
     # the same method through the hook and through the wrapper (with DDP's all-reduce off): the same training
     torch.testing.assert_close(out[0][False]["straight"], out[0][True]["straight"], rtol=1e-12, atol=1e-14)
 
@@ -160,6 +169,38 @@ def _accelerate(rank, world, path):
     epoch(*run, [])
     out["resumed"] = _flat(run[1].module)
 
+    # LocalSGD under Accelerate (DDP's all-reduce off), saved mid-period: every rank resumes its own parameters
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+
+    def local_setup():
+        accelerator = Accelerator(cpu=True)
+        net = _net()
+        opt = tk.LocalSGD(net.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sync_every=3, feedback=_fb())
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=BATCH)
+        model, opt, loader = accelerator.prepare(net, opt, loader)
+        model.register_comm_hook(None, noop_hook)
+        keep_feedback_per_rank(accelerator, opt)
+        return accelerator, model, opt, loader
+
+    def local_epoch(accelerator, model, opt, loader):
+        for x, y in loader:
+            opt.zero_grad()
+            accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+            opt.step()
+
+    run = local_setup()
+    for _ in range(2):
+        local_epoch(*run)
+    out["local_straight"] = _flat(run[1].module)
+    run = local_setup()
+    local_epoch(*run)
+    run[0].save_state(f"{path}/local")
+    run[0].wait_for_everyone()
+    run = local_setup()
+    run[0].load_state(f"{path}/local")
+    local_epoch(*run)
+    out["local_resumed"] = _flat(run[1].module)
+
     # the optimizer wrapper under Accelerate's DDP: warned, once, about the double communication
     accelerator = Accelerator(cpu=True)
     net = _net()
@@ -182,7 +223,9 @@ def test_accelerate_register_resumes_exactly(tmp_path):
     out = run_dist(_accelerate, WORLD, str(tmp_path))
     for r in range(WORLD):
         assert torch.equal(out[r]["straight"], out[r]["resumed"]), f"rank {r}: resume not bit-exact"
+        assert torch.equal(out[r]["local_straight"], out[r]["local_resumed"]), f"rank {r}: LocalSGD resume not exact"
         assert len(out[r]["sent"]) == 8 and all(s > 0 for s in out[r]["sent"])
         assert len(out[r]["twice"]) == 1
+    assert not torch.equal(out[0]["local_straight"], out[1]["local_straight"])  # ended mid-period
     files = os.listdir(tmp_path / "ckpt")
     assert "torchkit_feedback.rank0.pt" in files and "torchkit_feedback.rank1.pt" in files

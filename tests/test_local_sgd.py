@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import torchkit as tk
+from tests.methods import METHODS, make
 from torchkit.sim import simulate, simulate_local
 
 SIZES = (12, 5)  # a 3x4 weight and a bias
@@ -17,12 +18,8 @@ D = sum(SIZES)
 NESTEROV = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
 INNER = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
-FEEDBACKS = {
-    "ef14": lambda n: tk.EF14(tk.TopK(3)),
-    "ef21": lambda n: tk.EF21(tk.TopK(3)),
-    "ef21w": lambda n: tk.EF21W(tk.TopK(3), [2 * (i + 1) / (n * (n + 1)) for i in range(n)]),  # unequal weights
-    "ef21sgdm": lambda n: tk.EF21SGDM(tk.TopK(3), eta=0.4),
-    "econtrol": lambda n: tk.EControl(tk.TopK(3), eta=0.3),
+FEEDBACKS = {  # every registered method (the tests' DecayedEF14 included), then other compressors
+    **{name: (lambda n, name=name: make(name, tk.TopK(3), n_workers=n)) for name in METHODS},
     "econtrol_sign": lambda n: tk.EControl(tk.ScaledSign(), eta=0.3),
     "ef21_randk_tensor": lambda n: tk.EF21(tk.RandK(ratio=0.3, seed=5), granularity="tensor"),
     "identity": lambda n: tk.EF14(tk.Identity()),
@@ -409,7 +406,7 @@ def test_bad_input_gets_clear_errors():
     p[0].grad = torch.zeros(3).to_sparse()
     with pytest.raises(TypeError, match="sparse gradients are not supported"):
         opt.step()
-    assert opt.local_step == 0 and not opt._anchored  # refused before anything happened
+    assert opt.local_step == 0 and not opt._anchor.taken  # refused before anything happened
 
 
 def test_bad_simulate_local_input():
@@ -482,8 +479,12 @@ def test_failed_loads_change_nothing():
     with pytest.raises(ValueError, match="no 'local_sgd' entry"):
         opt.load_state_dict(comp.state_dict())
     other = [torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(6))]
-    with pytest.raises(ValueError, match=r"checkpoint anchor '0.1' is \(5,\)"):  # another layout
+    with pytest.raises(ValueError, match=r"'exp_avg' of parameter 1 has shape \(5,\)"):  # another layout
         _make(other, "econtrol").load_state_dict(good)
+    alone = good["torchkit"]
+    alone = {**alone, "local_sgd": {**alone["local_sgd"], "inner": None}}  # as saved before inner state was kept
+    with pytest.raises(ValueError, match=r"checkpoint anchor '0.1' is \(5,\)"):  # its feedback state alone
+        _make(other, "econtrol").load_feedback_state_dict(alone)
 
 
 def test_a_plain_optimizer_state_dict_loads_with_a_warning_and_restarts_the_method():
@@ -492,7 +493,7 @@ def test_a_plain_optimizer_state_dict_loads_with_a_warning_and_restarts_the_meth
     opt = _make(ps)
     _drive(opt, ps, a[0], b[0], 6)
     plain = torch.optim.AdamW(_params(), lr=0.5).state_dict()
-    with pytest.warns(UserWarning, match="holds no anchor or error-feedback state"):
+    with pytest.warns(UserWarning, match="holds no error-feedback state, so the anchor is taken again"):
         opt.load_state_dict(plain)
     assert opt.param_groups[0]["lr"] == 0.5 and opt.rounds == 0 and opt.local_step == 0
     with torch.no_grad():

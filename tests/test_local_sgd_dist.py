@@ -94,6 +94,63 @@ def _resume(rank, path):
     return torch.equal(_flat(ps), want), wrong_rank
 
 
+def _set_flat(ps, flat):
+    with torch.no_grad():
+        off = 0
+        for p in ps:
+            p.copy_(flat[off : off + p.numel()].reshape(p.shape))
+            off += p.numel()
+
+
+def _per_rank_checkpoints(rank, path):
+    """Issue 20: LocalSGD's per-rank state (feedback state, inner state, anchors, outer optimizer, the place in the
+    period and, mid-period, this rank's parameters) kept in side files and in DCP. Saved in the middle of a period;
+    resumed with rank 0's model and rank 0's optimizer state_dict handed to every rank afterwards, as Lightning,
+    Accelerate and DCP's deduplicated model state do; every rank must continue bit for bit."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from torchkit.checkpoint import load_dcp, load_feedback, save_feedback
+
+    a, b = _problem(WORLD)
+
+    def build():
+        ps = _params()
+        opt = tk.LocalSGD(
+            ps, torch.optim.AdamW, lr=0.02, feedback=tk.EF21(tk.TopK(4)), sync_every=4, outer_optimizer=NESTEROV
+        )
+        return ps, opt
+
+    ps, opt = build()
+    _drive(opt, ps, a[rank], b[rank], 9)  # local step 1 of 4: every rank's parameters and inner state its own
+    save_feedback(f"{path}/side", opt)
+    dcp.save({"feedback": opt.feedback_stateful()}, checkpoint_id=f"{path}/dcp")
+    if rank == 0:  # a framework's checkpoint: rank 0's model and optimizer state
+        torch.save({"model": _flat(ps), "opt": opt.state_dict()}, f"{path}/rank0.pt")
+    _drive(opt, ps, a[rank], b[rank], 9)
+    want = _flat(ps)
+    dist.barrier()
+    rank0 = torch.load(f"{path}/rank0.pt", weights_only=True)
+    out = {}
+    for how in ("side", "dcp"):
+        ps, opt = build()
+        if how == "side":
+            load_feedback(f"{path}/side", opt)
+        else:
+            load_dcp({"feedback": opt.feedback_stateful()}, checkpoint_id=f"{path}/dcp")
+        _set_flat(ps, rank0["model"])  # the framework loads rank 0's model ...
+        opt.load_state_dict(rank0["opt"])  # ... and rank 0's optimizer state, on every rank
+        _drive(opt, ps, a[rank], b[rank], 9)
+        out[how] = torch.equal(_flat(ps), want)
+    ps, opt = build()  # without this rank's own state, rank 0's is refused on the others
+    try:
+        opt.load_state_dict(rank0["opt"])
+        out["rank0"] = "loaded"
+    except ValueError as exc:
+        out["rank0"] = str(exc)
+    return out
+
+
 def _nonfinite(rank, policy):
     a, b = _problem(WORLD)
     ps = _params()
@@ -158,6 +215,7 @@ def _worker(rank, world, path):
         "sim": _equal_sim(rank),
         "h1": _h1(rank),
         "resume": _resume(rank, path),
+        "per_rank": _per_rank_checkpoints(rank, path),
         "skip": _nonfinite(rank, "skip"),
         "raise": _nonfinite(rank, "raise"),
         "scaler": _scaler(rank),
@@ -208,6 +266,17 @@ def test_resume_with_inner_and_outer_schedulers_on_three_ranks(results):
         exact, wrong_rank = r["resume"]
         assert exact
         assert "cannot load LocalSGD state" in wrong_rank and "saved by rank" in wrong_rank
+
+
+def test_side_files_and_dcp_resume_mid_period_bit_exactly_with_rank0_checkpoints(results):
+    for r, res in enumerate(results):
+        assert res["per_rank"]["side"], f"rank {r}: resume from side files is not bit-exact"
+        assert res["per_rank"]["dcp"], f"rank {r}: resume from DCP is not bit-exact"
+        if r == 0:
+            assert res["per_rank"]["rank0"] == "loaded"
+        else:
+            assert "saved by rank 0, loaded on rank" in res["per_rank"]["rank0"]
+            assert "torchkit.checkpoint.save_feedback" in res["per_rank"]["rank0"]
 
 
 def test_nonfinite_on_one_rank(results):

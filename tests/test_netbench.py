@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from torchkit import netbench
-from torchkit.cli import main
+from torchkit.apps import netbench
+from torchkit.apps.cli import main
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """torchkit: communication-efficient training with error feedback.
 
 Compressors (:class:`TopK`, :class:`RandK`, :class:`ScaledSign`, :class:`Identity`), error-feedback
-methods (:class:`EF14`, :class:`EF21`, :class:`EF21W`, :class:`EF21SGDM`, :class:`EControl`) and four
+methods (:class:`EF14`, :class:`EF21`, :class:`EF21W`, :class:`EF21SGDM`, :class:`EControl`; by name in
+:mod:`torchkit.registry`, where a method defined elsewhere registers itself) and four
 front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit.ddp`, :class:`LocalSGD`
 (compressed local SGD: error feedback on DiLoCo-style outer steps) and the simulator
 (:func:`torchkit.sim.simulate`, :func:`torchkit.sim.simulate_local`).
@@ -9,11 +10,12 @@ front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit
 
 from __future__ import annotations
 
-from . import comm, coupling, ops, sim, theory
+from . import comm, coupling, ops, registry, sim, theory
 from .comm import NonFiniteGradientError
 from .compress import Identity, RandK, ScaledSign, TopK
-from .coupling import LocalAdam, LocalMomentum, recommended
+from .coupling import recommended
 from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
+from .feedback_local import LocalAdam, LocalMomentum
 from .local_sgd import LocalSGD
 from .metrics import CommMetrics
 from .optim import CompressedOptimizer
@@ -44,12 +46,13 @@ __all__ = [
     "ops",
     "comm",
     "coupling",
+    "registry",
     "ddp",
     "checkpoint",
 ]
 
 
-_LAZY = ("ddp", "checkpoint", "integrations", "tasks")  # imported on first use (torch.distributed hook machinery, ...)
+_LAZY = ("ddp", "checkpoint", "integrations")  # imported on first use (torch.distributed hook machinery, ...)
 
 
 def __getattr__(name: str):

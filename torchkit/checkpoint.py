@@ -1,7 +1,8 @@
 """Checkpointing the per-rank error-feedback state: DCP, per-rank side files, and a consistent restart.
 
-The feedback state of :class:`torchkit.CompressedOptimizer` and of the DDP hook's
-:class:`torchkit.ddp.CompressionState` differs on every rank and cannot be re-sharded. Three ways to keep it:
+The feedback state of every front end (:class:`torchkit.CompressedOptimizer`, :class:`torchkit.LocalSGD`, the DDP
+hook's :class:`torchkit.ddp.CompressionState`) differs on every rank and cannot be re-sharded. Three ways to keep
+it, each through the front-end contract (:class:`torchkit.frontend.FrontEnd`) alone:
 
 - **Every rank saves its own** ``opt.state_dict()`` / ``state.state_dict()`` (``torch.save`` on every rank).
 - **torch.distributed.checkpoint (DCP)**: put ``opt.feedback_stateful()`` / ``state.feedback_stateful()`` next to
@@ -22,12 +23,13 @@ restarting the others would leave the ranks with different server estimates and 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from .frontend import FOREIGN_RANK_HINT, FeedbackStateful, FrontEnd
 
 __all__ = [
     "FeedbackStateful",
@@ -41,17 +43,6 @@ __all__ = [
 
 SIDE_FILE_VERSION = 1
 
-FOREIGN_RANK_HINT = (
-    "The feedback state is per rank and this checkpoint holds another rank's, as when a framework saves from rank 0 "
-    "only (Lightning, Accelerate). To resume exactly, keep every rank's feedback state in per-rank side files: "
-    "torchkit.checkpoint.save_feedback(name, *objs) on every rank when saving and "
-    "torchkit.checkpoint.load_feedback(name, *objs) on every rank before this load (Lightning: "
-    "torchkit.integrations.lightning.DDPStrategy; Accelerate: "
-    "torchkit.integrations.accelerate.keep_feedback_per_rank), "
-    "use DCP with .feedback_stateful(), or save the state_dict on every rank. To restart the method at its step 0 on "
-    "every rank instead: {restart}"
-)
-
 
 def side_file(name: str | os.PathLike, rank: int) -> str:
     """The per-rank side file of checkpoint ``name``: ``<name>.rank<rank>.pt``."""
@@ -59,7 +50,8 @@ def side_file(name: str | os.PathLike, rank: int) -> str:
 
 
 def save_feedback(name: str | os.PathLike, *objects: Any) -> str:
-    """Write this rank's feedback state of ``objects`` (optimizers, hook states) to ``<name>.rank<r>.pt``.
+    """Write this rank's feedback state of ``objects`` (front ends: optimizers, LocalSGD, hook states) to
+    ``<name>.rank<r>.pt``.
 
     Call it on every rank, with the same objects in the same order as :func:`load_feedback`. The file is written
     atomically (a temporary file, then a rename). Returns its path.
@@ -113,10 +105,9 @@ def load_feedback(name: str | os.PathLike, *objects: Any) -> str:
     kinds = [type(o).__name__ for o in owners]
     if payload.get("kinds") != kinds:
         raise ValueError(f"{path} holds the feedback state of {payload.get('kinds')}, load_feedback was given {kinds}")
-    prepared = [o._prepare_feedback(sd) for o, sd in zip(owners, payload["states"])]  # everything checked first
-    for o, p in zip(owners, prepared):
-        o._apply_feedback(p)
-        o.round.mark_restored()
+    plans = [o.check_feedback_state_dict(sd) for o, sd in zip(owners, payload["states"])]  # everything checked first
+    for plan in plans:
+        plan.apply(restored=True)
     return path
 
 
@@ -128,50 +119,6 @@ def without_feedback(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     return {**{k: v for k, v in state_dict.items() if k != "torchkit"}, "torchkit": None}
-
-
-class FeedbackStateful:
-    """This rank's feedback state as a ``torch.distributed.checkpoint.stateful.Stateful``.
-
-    ``state_dict()`` is ``{"rank<r>": <the front end's feedback state>}`` covering every parameter (state a
-    parameter does not have yet is what its first round would start from), with the method's identity as one JSON
-    string, so that the keys depend only on the rank, the parameters and the method's state vectors. ``dcp.save``
-    then writes every rank's own tensors and ``dcp.load`` reads back this rank's; ``load_state_dict`` checks rank,
-    world size, method and layout before anything changes. A checkpoint from fewer ranks fails in ``dcp.load``
-    with DCP's ``Missing key in checkpoint state_dict: <key>.rank<r>...``; one from more ranks raises
-    ``ValueError: ... saved with world_size=...``.
-
-    Get it from :meth:`torchkit.CompressedOptimizer.feedback_stateful` or
-    :meth:`torchkit.ddp.CompressionState.feedback_stateful`.
-    """
-
-    def __init__(self, owner: Any):
-        self.owner = _owners([owner], "FeedbackStateful")[0]
-
-    @property
-    def key(self) -> str:
-        return f"rank{self.owner.rank}"
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = dict(self.owner._feedback_state_dict_for_layout())
-        sd["method"] = json.dumps(sd["method"], sort_keys=True)
-        return {self.key: sd}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.owner._apply_feedback(self.check(state_dict))
-        self.owner.round.mark_restored()
-
-    def check(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        """Everything :meth:`load_state_dict` checks (rank, world size, method, layout), changing nothing."""
-        if not isinstance(state_dict, Mapping) or self.key not in state_dict:
-            have = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-            raise ValueError(f"no feedback state for {self.key} in this checkpoint entry (has {have})")
-        sd = dict(state_dict[self.key])
-        method = sd.get("method")
-        if isinstance(method, str):
-            mine = self.owner.feedback.config()
-            sd["method"] = mine if json.dumps(mine, sort_keys=True) == method else json.loads(method)
-        return self.owner._prepare_feedback(sd)
 
 
 class _Probe:
@@ -204,19 +151,21 @@ def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -
     dcp.load(state_dict, checkpoint_id=checkpoint_id, **kwargs)
 
 
-def _owners(objects, what: str) -> list:
+def _owners(objects, what: str) -> list[FrontEnd]:
     if not objects:
-        raise TypeError(f"{what} needs at least one CompressedOptimizer or CompressionState")
+        raise TypeError(
+            f"{what} needs at least one torchkit front end (CompressedOptimizer, LocalSGD, CompressionState)"
+        )
     out = []
     for i, o in enumerate(objects):
         inner = o
         for attr in ("optimizer", "_optimizer"):  # Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer
-            if not hasattr(inner, "_prepare_feedback") and hasattr(inner, attr):
+            if not isinstance(inner, FrontEnd) and hasattr(inner, attr):
                 inner = getattr(inner, attr)
-        if not hasattr(inner, "_prepare_feedback"):
+        if not isinstance(inner, FrontEnd):
             raise TypeError(
-                f"{what}: argument {i} is a {type(o).__name__}, not a torchkit.CompressedOptimizer or "
-                "torchkit.ddp.CompressionState"
+                f"{what}: argument {i} is a {type(o).__name__}, not a torchkit front end (CompressedOptimizer, "
+                "LocalSGD, torchkit.ddp.CompressionState)"
             )
         out.append(inner)
     return out

@@ -11,6 +11,7 @@ compression does not pay, and the policy for non-finite gradients (:class:`Round
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,10 +38,14 @@ __all__ = [
     "aggregate_rows",
     "all_gather_rows",
     "nonfinite_flag",
+    "agree_max",
+    "settle_nonfinite",
     "root_error",
 ]
 
-NonFinite = Literal["raise", "skip", "sanitize", "flag"]
+log = logging.getLogger(__name__)
+
+NonFinite = Literal["raise", "skip", "sanitize", "flag"]  # a front end's policy; a round reports "flag"/"sanitize"
 #: what a message's values may travel as (int8: one fp32 scale per chunk or segment, sparse messages only)
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8)
 
@@ -60,15 +65,14 @@ class RoundOptions:
         min_compression_rate: run the method with the Identity compressor (an exact round over ``all_reduce``)
             when the dense payload is less than this many times the compressed one, ``n * wire bytes``.
             ``0`` always compresses.
-        nonfinite: what a non-finite gradient on any worker does. ``"raise"``:
-            :class:`NonFiniteGradientError` on every rank (the worker whose gradient was bad may be left with
-            non-finite state: reload a checkpoint). ``"skip"``: the workers first agree on a flag (one small extra
-            collective), and on a bad round no state changes anywhere and the estimate is NaN. ``"sanitize"``:
-            bad entries count as the method's neutral value (no new information, so the state stays finite and
-            unchanged there), the estimate is NaN on every rank. ``"flag"``: as ``"raise"`` but nothing is read on
-            the host: the estimate is NaN on every rank and :attr:`RoundResult.nonfinite` holds the agreed flag, for
-            the caller to check when a read costs nothing (the DDP hook: at its next iteration). ``None``: the caller
-            has checked.
+        nonfinite: how the round itself reports a non-finite gradient on any worker, without reading anything on
+            the host (the front ends agree on it before a round with :func:`agree_max` and act on it with
+            :func:`settle_nonfinite`; this is for a round that must start before that is known, the DDP hook's).
+            ``"flag"``: the estimate is NaN on every rank and :attr:`RoundResult.nonfinite` holds the agreed flag,
+            for the caller to check when a read costs nothing (the DDP hook: at its next iteration; the worker
+            whose gradient was bad may be left with non-finite state). ``"sanitize"``: bad entries count as the
+            method's neutral value (no new information, so the state stays finite and unchanged there), the estimate
+            is NaN on every rank. ``None``: the caller has checked.
         track_error: also compute :meth:`Feedback.distortion_sq` after the worker step (one pass over the state).
     """
 
@@ -83,8 +87,8 @@ class RoundOptions:
         rate = self.min_compression_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate >= 0 and math.isfinite(rate)):
             raise ValueError(f"min_compression_rate must be >= 0, got {rate!r}")
-        if self.nonfinite not in (None, "raise", "skip", "sanitize", "flag"):
-            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'sanitize', got {self.nonfinite!r}")
+        if self.nonfinite not in (None, "sanitize", "flag"):
+            raise ValueError(f"a round's nonfinite must be 'flag', 'sanitize' or None, got {self.nonfinite!r}")
 
 
 @dataclass
@@ -189,6 +193,7 @@ class LocalExchanger:
     """All n workers live in this process; their messages come as one n-row message."""
 
     first_worker = 0
+    device = torch.device("cpu")
 
     def __init__(self, n_workers: int):
         self.n_workers = n_workers
@@ -249,10 +254,44 @@ class DistExchanger:
 
         return work.get_future().then(finish_sparse), packed.numel()
 
+    @property
+    def device(self) -> torch.device:
+        """Where a small tensor of this group's collectives lives (NCCL: this rank's GPU)."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def any_true(self, flag):
         t = flag.reshape(1).to(torch.float32)
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return work.get_future().then(lambda fut: (fut.wait(), t[0] > 0)[1])
+
+
+# ------------------------------------------------------------------------------------ non-finite input
+# One protocol for every front end: each worker flags its own input (nonfinite_flag), the workers agree on the flag
+# before any state changes (agree_max, in one small collective with whatever else they agree on), and every worker
+# then settles it alike (settle_nonfinite: skip, or NonFiniteGradientError on every rank). The DDP hook, whose rounds
+# must start before the flag is known, lets the round carry it instead (RoundOptions.nonfinite="flag"/"sanitize").
+
+
+def agree_max(exchanger: Exchanger, flags: Tensor) -> Tensor:
+    """The elementwise MAX of a small vector over every worker, on the host: one collective (none alone)."""
+    if isinstance(exchanger, DistExchanger):
+        t = flags.to(exchanger.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=exchanger.group)
+        return t.cpu()
+    return flags.cpu()
+
+
+def settle_nonfinite(policy: NonFinite, *, scaled: bool, what: str, unchanged: str, unit: str = "steps") -> None:
+    """Some worker's ``what`` was not finite, agreed on every worker: raise :class:`NonFiniteGradientError` on every
+    rank (``policy="raise"`` without a GradScaler), else return and let the caller skip (and count) it."""
+    if policy == "raise" and not scaled:
+        raise NonFiniteGradientError(
+            f"non-finite {what} (NaN or Inf) on at least one rank: {unchanged} (pass nonfinite='skip' to skip such "
+            f"{unit} instead)"
+        )
+    log.warning("non-finite %s: %s, skipped", what, unchanged)
 
 
 # ------------------------------------------------------------------------------------------------ the round
@@ -280,15 +319,6 @@ def start_round(
     d = grad.shape[-1]
     dense_bytes = d * grad.element_size()
     use = _method_for_round(feedback, block.segments, step, n, grad, options)
-    if options.nonfinite == "skip":
-        bad = nonfinite_flag(grad)
-
-        def after_flag(fut):
-            if bool(fut.value()):  # some worker's gradient was not finite: nothing changes anywhere
-                return RoundResult(out.fill_(float("nan")), None, 0, dense_bytes, skipped=True)
-            return _exchange(feedback, use, exchanger, block, grad, step, options, out, None, dense_bytes).wait()
-
-        return exchanger.any_true(bad).then(after_flag)
     bad = None
     if options.nonfinite is not None and (options.nonfinite == "sanitize" or not use.compressor.reveals_nonfinite):
         bad = nonfinite_flag(grad.reshape(-1, d), dim=1)
@@ -325,13 +355,8 @@ def run_round(
 
 
 def _loose_block(feedback, state, server, d, segments) -> Block:
-    blk = Block.__new__(Block)
-    blk.names, blk.sizes = ("x",), (d,)
-    blk.numel, blk.state, blk.spans = d, state, {"x": (0, d)}
-    blk.segments = tuple(segments) if segments is not None else (d,)
-    blk.server = server if feedback.server_state else None
-    blk.scratch = {}
-    return blk
+    server = server if feedback.server_state else None
+    return Block(feedback, ("x",), (d,), state=state, server=server, segments=segments or (d,))
 
 
 def _method_for_round(feedback, segments, step, n, grad, options) -> Feedback:
@@ -377,13 +402,7 @@ def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, de
         if est is not out:
             out.copy_(est)
         if options.nonfinite is not None and any_bad is not None:
-            if options.nonfinite == "raise" and bool(any_bad):
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or Inf) on at least one worker in round {step}; every rank raises "
-                    "(use nonfinite='skip' to skip such rounds, or pass your GradScaler to the front end)"
-                )
-            if sanitize or options.nonfinite == "flag":
-                out.masked_fill_(any_bad, float("nan"))  # every rank: GradScaler then skips the step everywhere
+            out.masked_fill_(any_bad, float("nan"))  # every rank: GradScaler then skips the step everywhere
         return RoundResult(out, msg, sent, dense_bytes, distortion_sq=err, nonfinite=any_bad)
 
     return fut.then(finish)

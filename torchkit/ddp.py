@@ -21,27 +21,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._frontend import RESUME_HINTS, agree
 from .comm import (
     DistExchanger,
     NonFinite,
     NonFiniteGradientError,
     RoundOptions,
+    agree_max,
     nonfinite_flag,
     root_error,
     start_round,
 )
 from .feedback import Feedback
+from .frontend import RESUME_HINTS, FrontEnd, agree, live_instances
 from .metrics import CommMetrics
 from .process_group import destroy_at_exit
-from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
+from .state import RoundState, check_envelope, normalize_name
 
 __all__ = ["CompressionState", "compression_hook", "register"]
 
 log = logging.getLogger(__name__)
 
 
-class CompressionState:
+class CompressionState(FrontEnd):
     r"""Per-rank state of :func:`compression_hook`.
 
     Args:
@@ -86,36 +87,17 @@ class CompressionState:
 
     __slots__ = (
         # configuration (the process group and the scaler are never pickled)
-        "feedback",
-        "process_group",
-        "start_iter",
-        "min_compression_rate",
-        "wire_dtype",
-        "grad_scaler",
-        "nonfinite",
+        "feedback", "process_group", "start_iter", "min_compression_rate", "wire_dtype", "grad_scaler", "nonfinite",
         "track_error",
         # progress: iteration counter, and the iteration that is the method's step 0
-        "iter",
-        "fb_origin",
+        "iter", "fb_origin",
         # feedback state (flat blocks per bucket, keyed by parameter name), the bound model, the exchanger
-        "round",
-        "_keys",
-        "_names",
-        "_model",
-        "_exchanger",
-        "_agreed",
-        "_queue",
-        "_flags",
+        "round", "_keys", "_names", "_model", "_exchanger", "_agreed", "_queue", "_flags",
         # counters of the last completed iteration, and the running ones
-        "bytes_sent",
-        "dense_bytes",
-        "error_norm_sq",
-        "_acc",
-        "_last",
-        "_lock",
-        "metrics",
-        "_warm",
-    )
+        "bytes_sent", "dense_bytes", "error_norm_sq", "_acc", "_last", "_lock", "metrics", "_warm",
+    )  # fmt: skip
+    _TRANSIENT = ("process_group", "grad_scaler", "round", "_keys", "_model", "_exchanger", "_agreed", "_lock", "_acc",
+                  "_queue", "_flags", "metrics", "_warm")  # fmt: skip
 
     def __init__(
         self,
@@ -129,21 +111,7 @@ class CompressionState:
         nonfinite: NonFinite | None = None,
         track_error: bool = False,
     ):
-        if not isinstance(feedback, Feedback):
-            raise TypeError(f"feedback must be a torchkit feedback method (EF21, ...), got {type(feedback).__name__}")
-        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-        nonfinite = nonfinite or ("skip" if grad_scaler is not None else "raise")
-        RoundOptions(wire_dtype, min_compression_rate, nonfinite)  # the round's own checks, in its words
-        if nonfinite in ("skip", "sanitize") and (grad_scaler is None or not grad_scaler.is_enabled()):
-            raise ValueError(
-                f"nonfinite={nonfinite!r} needs an enabled GradScaler as grad_scaler=: the hook cannot stop your "
-                "optimizer's step, so the NaN estimate of a bad step would reach the parameters on every rank; only "
-                "GradScaler skips it. Pass your torch.amp.GradScaler, or keep nonfinite='raise' (the default "
-                "without one): NonFiniteGradientError on every rank at the next forward"
-            )
+        nonfinite = _checked_options(feedback, start_iter, min_compression_rate, wire_dtype, grad_scaler, nonfinite)
         self.feedback = feedback
         self.process_group = process_group
         self.start_iter = start_iter
@@ -177,14 +145,7 @@ class CompressionState:
         bound = self._bound()
         if bound is not None and bound is not module:
             raise ValueError("this CompressionState is already registered on another model; make one per model")
-        for name, p in module.named_parameters():
-            if p.is_complex():
-                raise TypeError(
-                    f"complex parameters are not supported by the DDP hook ({name}); use CompressedOptimizer"
-                )
-        for name, m in module.named_modules():
-            if getattr(m, "sparse", False) is True:
-                raise TypeError(f"sparse gradients are not supported by the DDP hook ({name} has sparse=True)")
+        _check_module(module)
         self._names = {id(p): normalize_name(n) for n, p in module.named_parameters()}
         self._model = weakref.ref(module)
         destroy_at_exit()  # a script that leaves its group alive must not abort at exit (see torchkit.process_group)
@@ -235,64 +196,22 @@ class CompressionState:
             self._exchanger = DistExchanger(self.process_group)
         return self._exchanger
 
-    def _agree(self, keys=None, sizes=None) -> None:
-        """Before the first iteration's collectives (and the first after a load): every rank runs the same method
-        with the same settings over the same model from the same shared state, or all raise. The settings include
-        everything that decides which collective a bucket runs (``start_iter``, ``min_compression_rate``,
-        ``nonfinite``, the wire), so a difference raises instead of hanging. :func:`register` checks at the forward,
-        over every parameter's name and size; a state registered by hand checks at the first bucket, over its
-        parameters."""
-        module = self._bound()
-        if keys is None and module is not None:
-            named = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
-            keys, sizes = [normalize_name(n) for n, _ in named], [k for _, k in named]
-        mine = {
-            "method": self.feedback.config(),
-            "wire": str(self.wire_dtype),
-            "start_iter": self.start_iter,
-            "min_compression_rate": self.min_compression_rate,
-            "nonfinite": self.nonfinite,
-            "grad_scaler": self.grad_scaler is not None,
-            "parameters": [list(map(str, keys)), list(sizes)],
-            "feedback": {"iter": self.iter, "fb_origin": self.fb_origin, **self.round.shared()},
-        }
-        agree(mine, group=self.process_group, world_size=self.world_size, rank=self.rank,
-              what="model and CompressionState", hints=RESUME_HINTS)  # fmt: skip
-        self._agreed = True
-
     # ----------------------------------------------------------------------------------- checkpoint
+    # the envelope, its checks and the load are the front-end contract's (torchkit.frontend); this front end adds
+    # its iteration counter and the iteration that is the method's step 0
+    kind = "CompressionState"
+    restart_hint = "state.load_state_dict(state_dict, reset_on_mismatch=True) on every rank"
+
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state. Raises :class:`~torchkit.comm.NonFiniteGradientError` if the last iteration's
-        gradient was not finite on some rank (``nonfinite="raise"``): that state is not worth saving."""
-        _raise_if_flagged(self, consume=False)
-        return {
-            "format_version": FORMAT_VERSION,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "iter": self.iter,
-            "fb_origin": self.fb_origin,
-            **self.round.state_dict(),
-        }
+        """This rank's state (all of it is feedback state: :meth:`feedback_state_dict`)."""
+        return self.feedback_state_dict()
 
     def feedback_state_dict(self) -> dict[str, Any]:
-        """The same as :meth:`state_dict` (all of this state is feedback state); for :mod:`torchkit.checkpoint`."""
-        return self.state_dict()
-
-    def load_feedback_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load this rank's own state strictly; like a state restored by :func:`torchkit.checkpoint.load_feedback`
-        or DCP, it is then kept when another rank's state_dict is loaded next, before the next iteration."""
-        self._apply_feedback(self._prepare_feedback(state_dict))
-        self.round.mark_restored()
-
-    def feedback_stateful(self):
-        """This rank's state as a DCP ``Stateful`` (:class:`torchkit.checkpoint.FeedbackStateful`), keyed by rank::
-
-        dcp.save({"model": model_sd, "optim": optim_sd, "hook": state.feedback_stateful()}, checkpoint_id=path)
-        dcp.load({"model": model_sd, "optim": optim_sd, "hook": state.feedback_stateful()}, checkpoint_id=path)
-        """
-        from .checkpoint import FeedbackStateful
-
-        return FeedbackStateful(self)
+        """This rank's state, for every parameter of the bound model. Raises
+        :class:`~torchkit.comm.NonFiniteGradientError` if the last iteration's gradient was not finite on some rank
+        (``nonfinite="raise"``): that state is not worth saving."""
+        _raise_if_flagged(self, consume=False)
+        return super().feedback_state_dict()
 
     def load_state_dict(
         self, state_dict: dict[str, Any], *, reset_on_mismatch: bool = False, strict: bool = True
@@ -310,92 +229,52 @@ class CompressionState:
         (a framework handing every rank rank 0's checkpoint).
         """
         problems = check_envelope(
-            state_dict, kind="CompressionState", rank=self.rank, world_size=self.world_size, feedback=self.feedback
+            state_dict, kind=self.kind, rank=self.rank, world_size=self.world_size, feedback=self.feedback
         )
         if self.round.restored():
             log.info("CompressionState: kept the state restored from this rank's per-rank checkpoint")
             return [], []
         it = _checked_iter(state_dict)
-        if reset_on_mismatch and self._on_any_rank(bool(problems)):
+        if reset_on_mismatch and _on_any_rank(self, bool(problems)):
             why = "; ".join(problems) if problems else "another rank's checkpoint state did not match"
             log.warning("CompressionState: %s; feedback state reset on every rank", why)
             self.round.reset()
             self.iter, self.fb_origin = it, max(it, self.start_iter)
             return [], []
-        prepared = self._prepare_feedback(state_dict, strict=strict)
-        self._apply_feedback(prepared)
-        return prepared["missing"], prepared["unexpected"]
+        plan = self.check_feedback_state_dict(state_dict, strict=strict)
+        plan.apply()
+        return plan.missing, plan.unexpected
 
-    def _prepare_feedback(self, state_dict: Any, *, strict: bool = True) -> dict[str, Any]:
-        """Check a state_dict completely; the input of :meth:`_apply_feedback`."""
-        from .checkpoint import FOREIGN_RANK_HINT
+    def _feedback_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]] | None:
+        module = self._bound()
+        if module is None:
+            return None  # registered by hand: the names are known once the buckets run
+        return {
+            normalize_name(n): (p.numel(), self.feedback.state_dtype(p.dtype), p.device)
+            for n, p in module.named_parameters()
+            if p.requires_grad
+        }
 
-        problems = check_envelope(
-            state_dict, kind="CompressionState", rank=self.rank, world_size=self.world_size, feedback=self.feedback
-        )
-        it = _checked_iter(state_dict)
-        if problems:
-            restart = "state.load_state_dict(state_dict, reset_on_mismatch=True) on every rank"
-            foreign = state_dict.get("world_size") == self.world_size and state_dict.get("rank") != self.rank
-            hint = FOREIGN_RANK_HINT.format(restart=restart) if foreign else f"to restart the method: {restart}"
-            raise ValueError("cannot load CompressionState: " + "; ".join(problems) + ". " + hint)
-        sd = dict(state_dict)
-        if sd["format_version"] == 1:
-            sd["step"] = max(0, it - int(sd.get("fb_origin", 0)))
-        sizes = self._sizes() if self._bound() is not None else None
-        prepared = self.round.check(sd, sizes=sizes, strict=strict)
+    def _extras(self) -> dict[str, Any]:
+        return {"iter": self.iter, "fb_origin": self.fb_origin}
+
+    def _migrate(self, sd):
+        if sd.get("format_version") == 1:  # format 1 had no step: the iterations since the method's step 0
+            sd = {**sd, "step": max(0, _checked_iter(sd) - int(sd.get("fb_origin", 0)))}
+        return sd
+
+    def _check_extras(self, sd) -> tuple[int, int]:
+        it = _checked_iter(sd)
         origin = sd.get("fb_origin")
         if isinstance(origin, bool) or not isinstance(origin, int) or origin < 0:
             raise ValueError(f"CompressionState state_dict fb_origin must be an int >= 0, got {origin!r}")
-        prepared["iter"], prepared["fb_origin"] = it, origin
-        return prepared
+        return it, origin
 
-    def _apply_feedback(self, prepared: dict[str, Any]) -> None:
-        self.round.apply(prepared)
-        self.iter, self.fb_origin = prepared["iter"], prepared["fb_origin"]
-        self._agreed = False
-
-    def _on_any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank of the process group (itself when there is no group)."""
-        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
-            return flag
-        on_cuda = dist.get_backend(self.process_group) == "nccl"
-        t = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_cuda else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(t.item())
-
-    def _feedback_state_dict_for_layout(self) -> dict[str, Any]:
-        """:meth:`state_dict` with every parameter of the bound model present (what its first round starts from
-        where no bucket has run yet): DCP loads into a template with the same keys."""
-        sd = self.state_dict()
-        module = self._bound()
-        if module is not None:
-            layout = {n: (p.numel(), p.dtype, p.device) for n, p in module.named_parameters() if p.requires_grad}
-            with_server = self.feedback.server_state and self.world_size > 1
-            sd.update(self.round.state_dict_for(layout, with_server=with_server))
-        return sd
-
-    def _sizes(self) -> dict[str, int]:
-        module = self._bound()
-        return {normalize_name(n): p.numel() for n, p in module.named_parameters() if p.requires_grad}
+    def _apply_extras(self, checked: tuple[int, int]) -> None:
+        self.iter, self.fb_origin = checked
 
     def __getstate__(self) -> dict[str, Any]:
-        skip = (
-            "process_group",
-            "grad_scaler",
-            "round",
-            "_keys",
-            "_model",
-            "_exchanger",
-            "_agreed",
-            "_lock",
-            "_acc",
-            "_queue",
-            "_flags",
-            "metrics",
-            "_warm",
-        )
-        out = {s: getattr(self, s) for s in self.__slots__ if s not in skip}
+        out = {s: getattr(self, s) for s in self.__slots__ if s not in self._TRANSIENT}
         out["round_state"] = self.round.state_dict()
         return out
 
@@ -412,6 +291,71 @@ class CompressionState:
         log.info("CompressionState unpickled: process group reset to the default group, grad_scaler and model unset")
 
 
+def _checked_options(feedback, start_iter, min_compression_rate, wire_dtype, grad_scaler, nonfinite) -> NonFinite:
+    """:class:`CompressionState`'s checks, each error naming its argument; the non-finite policy (its default)."""
+    if not isinstance(feedback, Feedback):
+        raise TypeError(f"feedback must be a torchkit feedback method (EF21, ...), got {type(feedback).__name__}")
+    if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
+        raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+    nonfinite = nonfinite or ("skip" if grad_scaler is not None else "raise")
+    if nonfinite not in ("raise", "skip", "sanitize"):
+        raise ValueError(f"nonfinite must be 'raise', 'skip' or 'sanitize', got {nonfinite!r}")
+    RoundOptions(wire_dtype, min_compression_rate)  # the round's own checks, in its words
+    if nonfinite in ("skip", "sanitize") and (grad_scaler is None or not grad_scaler.is_enabled()):
+        raise ValueError(
+            f"nonfinite={nonfinite!r} needs an enabled GradScaler as grad_scaler=: the hook cannot stop your "
+            "optimizer's step, so the NaN estimate of a bad step would reach the parameters on every rank; only "
+            "GradScaler skips it. Pass your torch.amp.GradScaler, or keep nonfinite='raise' (the default "
+            "without one): NonFiniteGradientError on every rank at the next forward"
+        )
+    return nonfinite
+
+
+def _agree(state: CompressionState, keys=None, sizes=None) -> None:
+    """Before the first iteration's collectives (and the first after a load): every rank runs the same method
+    with the same settings over the same model from the same shared state, or all raise. The settings include
+    everything that decides which collective a bucket runs (``start_iter``, ``min_compression_rate``,
+    ``nonfinite``, the wire), so a difference raises instead of hanging. :func:`register` checks at the forward,
+    over every parameter's name and size; a state registered by hand checks at the first bucket, over its
+    parameters."""
+    module = state._bound()
+    if keys is None and module is not None:
+        named = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
+        keys, sizes = [normalize_name(n) for n, _ in named], [k for _, k in named]
+    mine = {
+        "method": state.feedback.config(),
+        "wire": str(state.wire_dtype),
+        "start_iter": state.start_iter,
+        "min_compression_rate": state.min_compression_rate,
+        "nonfinite": state.nonfinite,
+        "grad_scaler": state.grad_scaler is not None,
+        "parameters": [list(map(str, keys)), list(sizes)],
+        "feedback": {"iter": state.iter, "fb_origin": state.fb_origin, **state.round.shared()},
+    }
+    agree(mine, group=state.process_group, world_size=state.world_size, rank=state.rank,
+          what="model and CompressionState", hints=RESUME_HINTS)  # fmt: skip
+    state._agreed = True
+
+
+def _on_any_rank(state: CompressionState, flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank of the state's process group (itself when there is no group)."""
+    if not (dist.is_available() and dist.is_initialized()) or state.world_size == 1:
+        return flag
+    return bool(agree_max(state._exchange(), torch.tensor([float(flag)]))[0] > 0)
+
+
+def _check_module(module: torch.nn.Module) -> None:
+    """What the hook does not support, refused when it is registered."""
+    for name, p in module.named_parameters():
+        if p.is_complex():
+            raise TypeError(f"complex parameters are not supported by the DDP hook ({name}); use CompressedOptimizer")
+    for name, m in module.named_modules():
+        if getattr(m, "sparse", False) is True:
+            raise TypeError(f"sparse gradients are not supported by the DDP hook ({name} has sparse=True)")
+
+
 def _checked_iter(state_dict) -> int:
     it = state_dict.get("iter")
     if isinstance(it, bool) or not isinstance(it, int) or it < 0:
@@ -425,7 +369,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     buf = bucket.buffer()
     if not state._agreed and dist.get_world_size(state.process_group) > 1:
         params = bucket.parameters()
-        state._agree(tuple(state._key(p) for p in params), [p.numel() for p in params])
+        _agree(state, tuple(state._key(p) for p in params), [p.numel() for p in params])
     if state.iter < state.start_iter:
         fut = _allreduce_mean(buf, dist.get_world_size(state.process_group), state.process_group)
         _account_warm_up(state, buf.numel() * buf.element_size(), bucket.is_last())
@@ -685,18 +629,16 @@ class _ForwardCheck:
         if state._flags:
             _raise_if_flagged(state)
         if not state._agreed and module.training and torch.is_grad_enabled() and state.world_size > 1:
-            state._agree()  # a difference raises here, before DDP prepares its backward
+            _agree(state)  # a difference raises here, before DDP prepares its backward
 
 
 def _warn_about_the_optimizer(feedback: Feedback, module: torch.nn.Module) -> None:
     """:func:`torchkit.coupling.warn_coupling` for the optimizers that hold ``module``'s parameters (found once,
     among the garbage collector's objects: the hook is not told which optimizer steps the model)."""
-    import gc
-
     from .coupling import warn_coupling
 
     mine = {id(p) for p in module.parameters()}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.optim.Optimizer) and not hasattr(obj, "feedback"):  # not a torchkit front end
+    for obj in live_instances(torch.optim.Optimizer):
+        if not isinstance(obj, FrontEnd):  # a torchkit front end warns for itself
             if any(id(p) in mine for g in obj.param_groups for p in g["params"]):
                 warn_coupling(feedback, type(obj), obj.defaults, stacklevel=2)

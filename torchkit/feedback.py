@@ -12,13 +12,21 @@ A round, for worker i with gradient :math:`g_i` (see :func:`torchkit.comm.run_ro
 2. ``agg = sum_i a_i decode(msg_i)`` with aggregation weights :math:`a_i` (``1/n``, or ``w_i`` for EF21-W),
 3. ``estimate = agg`` (EF14) or ``estimate += agg`` (the EF21 family keeps the server shift
    :math:`g = \sum_i a_i g_i`).
+
+A method is declared, not programmed: it names its state, its options (:meth:`Feedback.config` and the
+repr read them), its step 0 (``init``), the vector it compresses about (:meth:`Feedback._direction`) and the
+kind of update it runs on that vector (:attr:`Feedback.update`, a key of :data:`UPDATES`); the base class runs
+the round and :data:`UPDATES` routes each kind to its fused kernel (:mod:`torchkit.ops`) or its plain torch form.
+The worker-side optimizers that wrap a method are in :mod:`torchkit.feedback_local`, the registry of methods by
+name in :mod:`torchkit.registry`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -40,7 +48,7 @@ from .compress import (
     segment_wire_bytes,
 )
 
-__all__ = ["Feedback", "EF14", "EF21", "EF21W", "EF21SGDM", "EControl"]
+__all__ = ["Feedback", "Update", "UPDATES", "EF14", "EF21", "EF21W", "EF21SGDM", "EControl"]
 
 Granularity = Literal["global", "tensor"]
 Init = Literal["full", "compressed", "zero"]
@@ -50,38 +58,114 @@ _granularity_doc = """granularity: ``"global"`` compresses the whole vector the 
             tensor on its own (k_l = ceil(ratio * d_l)), which makes the result independent of how
             parameters are grouped or bucketed."""
 
+# Option values the repr leaves out (the default behaviour), as the reprs were when checkpoint format 1 stored
+# them (torchkit.state.check_envelope compares them); ``None`` is left out too. Every other option is shown.
+_REPR_QUIET = {"granularity": "global", "init": "full", "momentum_init": "gradient", "nesterov": False}
+
+
+# ------------------------------------------------------------------------------------------------ updates
+def _compress_fn(fb: Feedback, segments, worker: int, step: int) -> Callable[[Tensor], Message]:
+    return lambda v: fb._compress(v, segments, worker, step)
+
+
+def _ef14_plain(x: Tensor, e: Tensor, *, compress) -> Message:
+    e.add_(x.to(e.dtype))
+    msg = compress(e)
+    e.sub_(_dense_of(msg, e))
+    return msg
+
+
+def _ef21_plain(x: Tensor, h: Tensor, *, compress) -> Message:
+    msg = compress(x.to(h.dtype) - h)
+    h.add_(_dense_of(msg, h))
+    return msg
+
+
+def _econtrol_plain(x: Tensor, e: Tensor, h: Tensor, eta: float, *, compress) -> Message:
+    t = x.to(e.dtype) - h
+    msg = compress(e * eta + t)
+    delta = _dense_of(msg, e)
+    e.add_(t).sub_(delta)
+    h.add_(delta)
+    return msg
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a method computes in a compressed round, on the vector ``x`` it compresses about.
+
+    Attributes:
+        states: the state vectors it updates, in the order ``fused`` and ``plain`` take them.
+        fused: the fused op of :mod:`torchkit.ops` (``fn(x, *states, k, *params, approx=)`` returning
+            ``(values, indices)``), run when the compressor declares it (``Compressor.fused_topk``).
+        plain: the same update in torch ops for any compressor: ``plain(x, *states, *params, compress=C)``.
+        formula: the update in words, for the docs.
+    """
+
+    states: tuple[str, ...]
+    fused: Callable | None
+    plain: Callable[..., Message]
+    formula: str
+
+
+#: The update kinds, keyed by :attr:`Feedback.update`: the one place that picks a fused kernel.
+UPDATES: dict[str, Update] = {
+    "ef14": Update(("error",), ops.ef14_step_, _ef14_plain, "u = C(e + x), e <- e + x - u"),
+    "ef21": Update(("shift",), ops.ef21_step_, _ef21_plain, "c = C(x - h), h <- h + c"),
+    "econtrol": Update(
+        ("error", "shift"), ops.econtrol_step_, _econtrol_plain, "D = C(eta e + x - h), e <- e + x - h - D, h <- h + D"
+    ),
+}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
 
 class Feedback:
     """Base class of the error-feedback methods: a configuration, no per-worker state.
 
-    The contract a subclass fulfils (one class in this file and one line in the tests' registry add a method
-    to every front end):
+    The contract a subclass fulfils (one class, one :func:`torchkit.registry.register` call and one float64
+    reference in the tests add a method to every front end):
 
     - ``state_names``: the per-worker state vectors, each of the vector's length (fp32, fp64 for fp64 input),
       created zero by :meth:`init_state` and checkpointed by every front end.
     - ``server_state``: whether the server keeps a running estimate (the EF21 family) or uses the fresh
       aggregate of the round (EF14).
-    - ``full_first_round``: whether step 0 sends the full gradient.
     - ``estimate_state``: the state vector that equals the server estimate when there is one worker (so a
-      single worker keeps no separate server copy), or ``None``.
+      single worker keeps no separate server copy), or ``None``. ``init="full"`` sets it to the gradient.
     - ``neutral_state``: the state vector that, used as the gradient, carries no new information (what a
       non-finite gradient entry is replaced by under ``nonfinite="sanitize"``), or ``None`` for zero.
     - ``absorb_rule``: how a value rounded away on the wire is kept: ``(state name, sign)`` pairs.
-    - :meth:`_step` (the worker's update, returning the message) and :meth:`distortion_sq`.
+    - ``options``: the constructor's options (attributes of the same name) that :meth:`config` records and
+      the repr shows, in order.
+    - ``init``: step 0. ``"compressed"`` (the class default): an ordinary compressed round from zero state;
+      ``"full"``: the dense gradient, which becomes :attr:`estimate_state`; ``"zero"``: nothing is sent. The
+      base class runs it (:meth:`worker_step`); a method with the option sets it with :meth:`_set_init`.
+    - ``momentum_inside``: whether the method applies a momentum (or an optimizer) before compression, so
+      that the optimizer outside must not (:func:`torchkit.coupling.coupling_advice`).
+    - what it computes: :meth:`_direction` (the vector compressed about, the gradient by default) and
+      ``update``, a key of :data:`UPDATES`; or, for an update of its own, :meth:`_step`. Then
+      :meth:`distortion_sq`.
     - the class docstring, in which ``{granularity}`` is replaced by the shared text of that option.
     """
 
     state_names: tuple[str, ...] = ()
     server_state: bool = True
-    full_first_round: bool = True
     estimate_state: str | None = None
     neutral_state: str | None = None
     absorb_rule: tuple[tuple[str, float], ...] = ()
+    options: tuple[str, ...] = ()
+    init: Init = "compressed"
+    momentum_inside: bool = False
+    update: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.__doc__ and "{granularity}" in cls.__doc__:
             cls.__doc__ = cls.__doc__.replace("{granularity}", _granularity_doc)
+        if cls.update is not None and cls.update not in UPDATES:
+            raise TypeError(f"{cls.__name__}.update must be one of {sorted(UPDATES)} or None, got {cls.update!r}")
 
     def __init__(self, compressor: Compressor, *, granularity: Granularity = "global"):
         if not isinstance(compressor, Compressor):
@@ -93,6 +177,18 @@ class Feedback:
         self.compressor = compressor.contractive()
         self.granularity = granularity
 
+    def _set_init(self, init: Init) -> None:
+        if init not in ("full", "compressed", "zero"):
+            raise ValueError(f"init must be 'full', 'compressed' or 'zero', got {init!r}")
+        if init == "full" and self.estimate_state is None:
+            raise ValueError(f"{type(self).__name__} has no estimate state for init='full'")
+        self.init = init
+
+    @property
+    def full_first_round(self) -> bool:
+        """Whether step 0 sends the full gradient (``init="full"``)."""
+        return self.init == "full"
+
     def config(self) -> dict:
         """The method's identity as plain data: checkpoints record it and front ends compare it across ranks."""
         return {
@@ -103,7 +199,24 @@ class Feedback:
         }
 
     def _config_extra(self) -> dict:
-        return {}
+        return {name: _plain(getattr(self, name)) for name in self.options}
+
+    def __repr__(self) -> str:
+        """``Name(<first argument>, option=value, ...)`` from :meth:`config`: the constructor's options in its
+        order, without those that keep the default behaviour (``init="full"``, ``granularity="global"``, ...)."""
+        cfg = self.config()
+        params = list(inspect.signature(type(self).__init__).parameters.values())[1:]
+        parts = [repr(getattr(self, params[0].name, self.compressor))] if params else [repr(self.compressor)]
+        for p in params[1:]:
+            if p.name not in cfg or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            value = cfg[p.name]
+            if value is None or (p.name in _REPR_QUIET and value == _REPR_QUIET[p.name]):
+                continue
+            if isinstance(p.default, tuple) and isinstance(value, list):
+                value = tuple(value)
+            parts.append(f"{p.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # ----------------------------------------------------------------------------------------- state
     @staticmethod
@@ -132,7 +245,11 @@ class Feedback:
     # -------------------------------------------------------------------------------------- accounting
     def sends_in_round(self, step: int) -> str:
         """'dense', 'none' or 'compressed': what one worker sends in round ``step``."""
-        return "dense" if step == 0 and self.full_first_round else "compressed"
+        if step == 0 and self.init == "full":
+            return "dense"
+        if step == 0 and self.init == "zero":
+            return "none"
+        return "compressed"
 
     def value_bits(self, segments: Sequence[int], step: int) -> int:
         kind = self.sends_in_round(step)
@@ -176,7 +293,38 @@ class Feedback:
         g = self._scaled_input(grad, worker, n_workers, first.dtype if first is not None else torch.float32)
         if sanitize:
             g = torch.where(torch.isfinite(g), g, self._neutral(state, step, g))
-        return self._step(state, g, step, worker, segments)
+        return self._round(state, g, step, worker, segments)
+
+    def _round(self, state, g, step, worker, segments) -> Message | None:
+        """The round on the method's input ``g``: :meth:`_direction` (every round, step 0 included), then step 0
+        as ``init`` says, else the compressed update :meth:`_step` on the direction."""
+        x = self._direction(state, g, step)
+        if step == 0 and self.init == "full":
+            h = state[self.estimate_state]  # type: ignore[index]
+            h.copy_(g)
+            return DenseMessage(_rows(h).clone())
+        if step == 0 and self.init == "zero":
+            return None
+        return self._step(state, x, step, worker, segments)
+
+    def _direction(self, state, g: Tensor, step: int) -> Tensor:
+        """The vector the method compresses about (updating any state that forms it): the gradient itself."""
+        return g
+
+    def _update_params(self, segments) -> tuple:
+        """The scalar parameters the :attr:`update` kind takes after the state vectors (EControl: ``eta``)."""
+        return ()
+
+    def _step(self, state, x, step, worker, segments) -> Message | None:
+        """The compressed round on ``x``: the declared :attr:`update`, fused where the compressor allows."""
+        if self.update is None:
+            raise NotImplementedError(f"{type(self).__name__} declares no update kind and does not define _step")
+        upd = UPDATES[self.update]
+        tensors = [state[name] for name in upd.states]
+        params = self._update_params(segments)
+        if upd.fused is not None and self._fused(tensors[0], segments):
+            return self._fused_segments(upd.fused, [x, *tensors], segments, extra=params)
+        return upd.plain(x, *tensors, *params, compress=_compress_fn(self, segments, worker, step))
 
     def round_values_(self, state: dict[str, Tensor], msg: Message | None, dtype: torch.dtype) -> Message | None:
         """Round the message's values to the wire ``dtype``; what the rounding removed stays in the state.
@@ -225,9 +373,6 @@ class Feedback:
         if step > 0 and self.neutral_state is not None:
             return state[self.neutral_state].to(g.dtype)
         return torch.zeros((), dtype=g.dtype, device=g.device)
-
-    def _step(self, state, g, step, worker, segments) -> Message | None:
-        raise NotImplementedError
 
     # helpers shared by the subclasses ----------------------------------------------------------------
     def _fused(self, state_vec: Tensor, segments) -> bool:
@@ -279,10 +424,6 @@ class Feedback:
     def _compress(self, x: Tensor, segments, worker: int, step: int) -> Message:
         return compress_segments(self.compressor, x, segments, worker=worker, step=step)
 
-    def _first_round(self, state: dict[str, Tensor], g: Tensor, shift: str) -> DenseMessage:
-        state[shift].copy_(g)
-        return DenseMessage(_rows(state[shift]).clone())
-
     def with_compressor(self, compressor: Compressor) -> Feedback:
         """The same method and options with another compressor (the DDP hook's dense rounds use Identity)."""
         import copy
@@ -300,13 +441,6 @@ class Feedback:
 
     def _shift_distortion_sq(self, state, src: Tensor) -> Tensor:
         return (src.to(state["shift"].dtype) - state["shift"]).pow(2).sum()
-
-    def __repr__(self) -> str:
-        extra = "" if self.granularity == "global" else ", granularity='tensor'"
-        return f"{type(self).__name__}({self.compressor!r}{self._repr_extra()}{extra})"
-
-    def _repr_extra(self) -> str:
-        return ""
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -340,40 +474,13 @@ class EF14(Feedback):
     state_names = ("error",)
     absorb_rule = (("error", 1.0),)
     server_state = False
-    full_first_round = False
+    update = "ef14"
 
     def distortion_sq(self, state, grad=None, *, worker=0, n_workers=1):
         return state["error"].pow(2).sum()
 
-    def _step(self, state, g, step, worker, segments):
-        e = state["error"]
-        if self._fused(e, segments):
-            return self._fused_segments(ops.ef14_step_, [g, e], segments)
-        e.add_(g.to(e.dtype))
-        msg = self._compress(e, segments, worker, step)
-        e.sub_(_dense_of(msg, e))
-        return msg
 
-
-class _LearnedShift(Feedback):
-    """A method that learns a shift h, with ``init`` choosing its step 0: "full" sends the gradient dense (h
-    starts at g), "compressed" sends C(g) (h starts at C(g)), "zero" sends nothing (h starts at 0)."""
-
-    init: Init = "full"
-
-    def _set_init(self, init: Init) -> None:
-        if init not in ("full", "compressed", "zero"):
-            raise ValueError(f"init must be 'full', 'compressed' or 'zero', got {init!r}")
-        self.init = init
-        self.full_first_round = init == "full"
-
-    def sends_in_round(self, step: int) -> str:
-        if step == 0 and self.init == "zero":
-            return "none"
-        return super().sends_in_round(step)
-
-
-class EF21(_LearnedShift):
+class EF21(Feedback):
     r"""EF21 (Richtárik, Sokolov, Fatkhullin, NeurIPS 2021; arXiv:2106.05203).
 
     .. math::
@@ -399,6 +506,8 @@ class EF21(_LearnedShift):
     absorb_rule = (("shift", -1.0),)
     estimate_state = "shift"
     neutral_state = "shift"
+    options = ("init",)
+    update = "ef21"
 
     def distortion_sq(self, state, grad=None, *, worker=0, n_workers=1):
         return self._shift_distortion_sq(state, self._scaled_input(grad, worker, n_workers, state["shift"].dtype))
@@ -406,24 +515,6 @@ class EF21(_LearnedShift):
     def __init__(self, compressor: Compressor, init: Init = "full", *, granularity: Granularity = "global"):
         super().__init__(compressor, granularity=granularity)
         self._set_init(init)
-
-    def _step(self, state, g, step, worker, segments):
-        h = state["shift"]
-        if step == 0 and self.init == "full":
-            return self._first_round(state, g, "shift")
-        if step == 0 and self.init == "zero":
-            return None
-        if self._fused(h, segments):
-            return self._fused_segments(ops.ef21_step_, [g, h], segments)
-        msg = self._compress(g.to(h.dtype) - h, segments, worker, step)
-        h.add_(_dense_of(msg, h))
-        return msg
-
-    def _repr_extra(self) -> str:
-        return "" if self.init == "full" else f", init={self.init!r}"
-
-    def _config_extra(self) -> dict:
-        return {"init": self.init}
 
 
 class EF21W(EF21):
@@ -446,6 +537,8 @@ class EF21W(EF21):
         init: as for :class:`EF21`.
         {granularity}
     """
+
+    options = ("init", "weights")
 
     def __init__(self, compressor, weights, init: Init = "full", *, granularity: Granularity = "global"):
         super().__init__(compressor, init, granularity=granularity)
@@ -472,15 +565,12 @@ class EF21W(EF21):
         self._check_n(n_workers)
         return list(self.weights)
 
-    def _repr_extra(self) -> str:
-        return f", weights={list(self.weights)}" + super()._repr_extra()
 
-    def _config_extra(self) -> dict:
-        return {**super()._config_extra(), "weights": list(self.weights)}
-
-
-class _WithEta(_LearnedShift):
+class _WithEta(Feedback):
     """A method with one extra weight ``eta`` in [0, 1] and EF21's choice of step 0 (``init``)."""
+
+    estimate_state = "shift"
+    options = ("eta", "init")
 
     def __init__(
         self, compressor: Compressor, eta: float = 0.1, *, init: Init = "full", granularity: Granularity = "global"
@@ -488,12 +578,6 @@ class _WithEta(_LearnedShift):
         super().__init__(compressor, granularity=granularity)
         self.eta = check_unit_interval("eta", eta)
         self._set_init(init)
-
-    def _repr_extra(self) -> str:
-        return f", eta={self.eta}" + ("" if self.init == "full" else f", init={self.init!r}")
-
-    def _config_extra(self) -> dict:
-        return {"eta": self.eta, "init": self.init}
 
 
 class EF21SGDM(_WithEta):
@@ -523,8 +607,10 @@ class EF21SGDM(_WithEta):
 
     state_names = ("momentum", "shift")
     absorb_rule = (("shift", -1.0),)
-    estimate_state = "shift"
     neutral_state = "momentum"
+    options = ("eta", "init", "momentum_init")
+    momentum_inside = True
+    update = "ef21"
 
     def distortion_sq(self, state, grad=None, *, worker=0, n_workers=1):
         return self._shift_distortion_sq(state, state["momentum"])
@@ -543,29 +629,15 @@ class EF21SGDM(_WithEta):
             raise ValueError(f"momentum_init must be 'gradient' or 'zero', got {momentum_init!r}")
         self.momentum_init = momentum_init
 
-    def _repr_extra(self) -> str:
-        return super()._repr_extra() + ("" if self.momentum_init == "gradient" else ", momentum_init='zero'")
-
-    def _config_extra(self) -> dict:
-        return {**super()._config_extra(), "momentum_init": self.momentum_init}
-
-    def _step(self, state, g, step, worker, segments):
-        v, h = state["momentum"], state["shift"]
+    def _direction(self, state, g, step):
+        v = state["momentum"]
         if step == 0:
             v.copy_(g)
             if self.momentum_init == "zero":
                 v.mul_(self.eta)
-            if self.init == "full":
-                return self._first_round(state, g, "shift")
-            if self.init == "zero":
-                return None
         else:
             v.mul_(1.0 - self.eta).add_(g.to(v.dtype), alpha=self.eta)
-        if self._fused(h, segments):
-            return self._fused_segments(ops.ef21_step_, [v, h], segments)
-        msg = self._compress(v - h, segments, worker, step)
-        h.add_(_dense_of(msg, h))
-        return msg
+        return v
 
 
 class EControl(_WithEta):
@@ -594,8 +666,8 @@ class EControl(_WithEta):
 
     state_names = ("error", "shift")
     absorb_rule = (("error", 1.0), ("shift", -1.0))
-    estimate_state = "shift"
     neutral_state = "shift"
+    update = "econtrol"
 
     def distortion_sq(self, state, grad=None, *, worker=0, n_workers=1):
         return state["error"].pow(2).sum()
@@ -619,22 +691,5 @@ class EControl(_WithEta):
             return self.eta
         return min(self._alpha_of.alpha(n) for n in segments)
 
-    def _repr_extra(self) -> str:
-        eta = "" if self.eta is None else f", eta={self.eta}"
-        return eta + ("" if self.init == "full" else f", init={self.init!r}")
-
-    def _step(self, state, g, step, worker, segments):
-        e, h = state["error"], state["shift"]
-        if step == 0 and self.init == "full":
-            return self._first_round(state, g, "shift")
-        if step == 0 and self.init == "zero":
-            return None
-        eta = self.eta_for(segments)
-        if self._fused(e, segments):
-            return self._fused_segments(ops.econtrol_step_, [g, e, h], segments, extra=(eta,))
-        t = g.to(e.dtype) - h
-        msg = self._compress(e * eta + t, segments, worker, step)
-        delta = _dense_of(msg, e)
-        e.add_(t).sub_(delta)
-        h.add_(delta)
-        return msg
+    def _update_params(self, segments) -> tuple:
+        return (self.eta_for(segments),)

@@ -45,22 +45,39 @@ class Block:
         names: Sequence[Any],
         sizes: Sequence[int],
         *,
-        dtype: torch.dtype,
-        device: torch.device | str | None,
-        with_server: bool,
-        rows: int | None = None,
+        state: dict[str, Tensor],
+        server: Tensor | None,
+        segments: Sequence[int] | None = None,
     ):
+        """A block over existing vectors (``state``: the method's, by name; ``server``: the server estimate or
+        ``None``); :meth:`zeros` allocates them."""
         self.names, self.sizes = tuple(names), tuple(int(n) for n in sizes)
         self.numel = sum(self.sizes)
-        self.segments = feedback.segments_for(self.sizes)
-        self.state = feedback.init_state(self.numel, rows=rows, dtype=dtype, device=device)
-        self.server = torch.zeros(self.numel, dtype=feedback.state_dtype(dtype), device=device) if with_server else None
+        self.segments = tuple(segments) if segments is not None else feedback.segments_for(self.sizes)
+        self.state, self.server = state, server
         offs = [0]
         for n in self.sizes:
             offs.append(offs[-1] + n)
         self.spans = dict(zip(self.names, zip(offs[:-1], offs[1:])))
         self.scratch: dict[torch.dtype, Tensor] = {}
-        self.grads: Tensor | None = None  # a front end's persistent flat gradient buffer, when it keeps one
+
+    @classmethod
+    def zeros(
+        cls,
+        feedback: Feedback,
+        names: Sequence[Any],
+        sizes: Sequence[int],
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+        with_server: bool,
+        rows: int | None = None,
+    ) -> Block:
+        """A block whose vectors are the method's zeroed state (``rows``: one row per worker, the simulator's)."""
+        numel = sum(int(n) for n in sizes)
+        state = feedback.init_state(numel, rows=rows, dtype=dtype, device=device)
+        server = torch.zeros(numel, dtype=feedback.state_dtype(dtype), device=device) if with_server else None
+        return cls(feedback, names, sizes, state=state, server=server)
 
     def aggregate_buffer(self, out: Tensor, dtype: torch.dtype) -> Tensor:
         """Where a round's aggregate goes: ``out`` itself when it has the state dtype, else a buffer kept
@@ -73,13 +90,11 @@ class Block:
         return buf
 
     def __getstate__(self) -> dict[str, Any]:
-        # buffers that alias each other (a front end's gradient buffer and its views) are rebuilt, not pickled:
-        # pickle would copy each view's storage apart from the buffer
-        return {k: v for k, v in self.__dict__.items() if k not in ("grads", "grad_views", "scratch")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("scratch",)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.grads, self.scratch = None, {}
+        self.scratch = {}
         self.state = {k: _repadded(v) for k, v in self.state.items()}  # unpickled vectors own no padding
 
     def vectors(self) -> dict[str, Tensor]:
@@ -123,7 +138,7 @@ class RoundState:
             and next(iter(blk.vectors().values())).dtype == self.feedback.state_dtype(dtype)
         ):
             return blk
-        new = Block(self.feedback, names, sizes, dtype=dtype, device=device, with_server=with_server, rows=rows)
+        new = Block.zeros(self.feedback, names, sizes, dtype=dtype, device=device, with_server=with_server, rows=rows)
         for name in names:
             old = self.param_views(name)
             if old is None:
@@ -256,7 +271,7 @@ class RoundState:
         """A standalone block holding copies of some parameters' state (a round over a subset of them)."""
         sizes = [blk.spans[n][1] - blk.spans[n][0] for n in names]
         some = next(iter(blk.vectors().values()))
-        sub = Block(
+        sub = Block.zeros(
             self.feedback,
             names,
             sizes,

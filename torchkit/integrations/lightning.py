@@ -4,7 +4,8 @@ Lightning's own ``DDPStrategy(ddp_comm_hook=...)`` registers the hook only on CU
 and ``Trainer.save_checkpoint`` writes rank 0's state only, which holds rank 0's error-feedback state. This strategy
 
 - installs torchkit's hook (``feedback=``) or any ``ddp_comm_hook`` on CPU and GPU alike;
-- writes every rank's feedback state (the hook's and that of any :class:`torchkit.CompressedOptimizer`) to
+- writes every rank's feedback state (the hook's, and that of any :class:`torchkit.CompressedOptimizer` or
+  :class:`torchkit.LocalSGD`) to
   ``<checkpoint without suffix>.rank<r>.pt`` next to each checkpoint (:func:`torchkit.checkpoint.save_feedback`),
   leaves rank 0's copy out of the checkpoint, and reads this rank's file back on ``fit(ckpt_path=...)``;
 - removes the side files with the checkpoint (``ModelCheckpoint(save_top_k=...)``).
@@ -35,7 +36,7 @@ from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 from .. import ddp as tk_ddp
 from ..checkpoint import load_feedback, save_feedback, side_file, without_feedback
 from ..feedback import Feedback
-from ..optim import CompressedOptimizer
+from ..frontend import FrontEnd
 
 __all__ = ["DDPStrategy", "CommMetrics", "side_file_name"]
 
@@ -92,7 +93,7 @@ class DDPStrategy(_LightningDDPStrategy):
     # ------------------------------------------------------------------------------------------ checkpoints
     def _feedback_objects(self) -> list:
         objs = [getattr(o, "_optimizer", o) for o in self.optimizers]
-        objs = [o for o in objs if isinstance(o, CompressedOptimizer)]
+        objs = [o for o in objs if isinstance(o, FrontEnd)]  # CompressedOptimizer, LocalSGD
         if self.compression_state is not None:
             objs.append(self.compression_state)
         return objs

@@ -162,7 +162,7 @@ def _bench(args) -> int:
 
 
 def _build(args) -> int:
-    from .ops import _ext
+    from ..ops import _ext
 
     ok = _ext.build(verbose=args.verbose)
     print("csrc extension built and loaded" if ok else f"build failed: {_ext.error()}")
@@ -313,8 +313,10 @@ def _repro_parsers(sub) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .demo import METHODS
+    from .. import __version__
+    from .demo import choices
+
+    methods = choices()  # read from the method registry now: a method registered before this call is offered
 
     p = argparse.ArgumentParser(
         prog="torchkit", description="communication-efficient training with error feedback", formatter_class=_Formatter
@@ -330,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=_positive(int), default=4, help="Gloo worker processes")
     d.add_argument("--steps", type=_positive(int), default=600, help="training steps per method")
     d.add_argument("--ratio", type=_fraction, default=0.01, help="TopK density per DDP bucket, in (0, 1]")
-    d.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to train, in order")
+    d.add_argument("--methods", nargs="+", default=list(methods), choices=methods, help="methods to train, in order")
     d.add_argument("--out", default="torchkit-demo", help="folder for results.json, table.md and the PNG")
     d.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data and the model")
     d.add_argument("--batch", type=_positive(int), default=64, help="batch size per worker")

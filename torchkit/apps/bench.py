@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import ops
-from ._results import save_result
-from .ops import _reference
+from .. import ops
+from .._results import save_result
+from ..ops import _reference
 
 __all__ = ["device_name", "time_fn", "copy_bandwidth", "run_kernel_bench", "format_table", "plot_kernel_bench"]
 
@@ -161,7 +161,7 @@ def _git_commit() -> str:
 def _gpu_impls(dev: torch.device) -> list[str]:
     if dev.type != "cuda":
         return ["cpp"] if ops.build_extension() else []
-    from .ops import _cuda
+    from ..ops import _cuda
 
     _cuda.build()
     return [i for i in ("triton", "cuda") if i in ops.available_impls(dev)]

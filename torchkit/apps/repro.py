@@ -12,6 +12,7 @@ repeated for several seeds (the seed draws x0) and reported as a mean with its r
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,11 +20,11 @@ from typing import Protocol
 
 import torch
 
-from . import theory
-from ._results import save_result
-from .compress import TopK
-from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
-from .sim import LogisticRegression, contiguous_split, load_libsvm, simulate
+from .. import registry, theory
+from .._results import save_result
+from ..compress import TopK
+from ..feedback import EF21W
+from ..sim import LogisticRegression, contiguous_split, load_libsvm, simulate
 
 __all__ = ["PRESETS", "ProgressBar", "ef21_settings", "ef21w_settings", "describe", "repro_ef21", "repro_ef21w"]
 
@@ -279,15 +280,17 @@ def repro_ef21(
     for twin, base in (("ef14@ef21", "ef14"), ("econtrol@ef14", "econtrol")):
         if mult[twin] == mult[base]:
             del mult[twin]
-    make = {
-        "ef21": lambda: EF21(TopK(k)),
-        "ef14": lambda: EF14(TopK(k)),
-        "ef14@ef21": lambda: EF14(TopK(k)),
-        "econtrol": lambda: EControl(TopK(k), eta=k / prob.d),
-        "econtrol@ef14": lambda: EControl(TopK(k), eta=k / prob.d),
-        "econtrol(eta=0.1)": lambda: EControl(TopK(k), eta=0.1),
-        "ef21sgdm": lambda: EF21SGDM(TopK(k), eta=0.5),
+    alpha = k / prob.d
+    spec = {  # label -> (the method's name in torchkit.registry, its options)
+        "ef21": ("ef21", {}),
+        "ef14": ("ef14", {}),
+        "ef14@ef21": ("ef14", {}),
+        "econtrol": ("econtrol", {"eta": alpha}),
+        "econtrol@ef14": ("econtrol", {"eta": alpha}),
+        "econtrol(eta=0.1)": ("econtrol", {"eta": 0.1}),
+        "ef21sgdm": ("ef21sgdm", {"eta": 0.5}),
     }
+    make = {label: functools.partial(registry.make, m, TopK(k), n_workers, **kw) for label, (m, kw) in spec.items()}
     bar = progress(len(mult) * len(s["seeds"]) * (steps + 1)) if progress else None
     every = max(1, steps // 400)
     runs = {}
@@ -380,7 +383,7 @@ def repro_ef21w(
     g_qm = theory.ef21_stepsize(L, L_i, alpha)
     g_am = theory.ef21_stepsize(L, L_i, alpha, weighted=True)
     methods = (
-        ("EF21 (L_QM step)", lambda: EF21(TopK(k)), g_qm),
+        ("EF21 (L_QM step)", lambda: registry.make("ef21", TopK(k), n_workers), g_qm),
         ("EF21-W (L_AM step)", lambda: EF21W.from_smoothness(TopK(k), L_i), g_am),
     )
     bar = progress(len(methods) * len(s["seeds"]) * (steps + 1)) if progress else None

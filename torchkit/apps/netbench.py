@@ -8,7 +8,7 @@ For each link rate it creates a network namespace of its own (``ip netns add``),
 shapes it with ``tc qdisc add dev lo root tbf rate R burst ... latency ...``, and runs N Gloo ranks with
 ``torch.distributed.run`` inside it, one training run per method: DDP's all-reduce, PyTorch's PowerSGD hook (rank 1
 and 4) and torchkit's hook with each method's recommended configuration (``torchkit.coupling.recommended``) at
-1% and 0.1%. Every run trains the same model on the same per-rank batches (``torchkit.tasks``); every method runs
+1% and 0.1%. Every run trains the same model on the same per-rank batches (``torchkit.apps.tasks``); every method runs
 at every learning rate of ``--lr`` (one grid for all), and runs are interleaved over the repeats. A method at one
 learning rate is one configuration; the tables take each family's best configuration. Measured per run: the
 median step time, the bytes on the wire (the namespace's loopback counters, so protocol overhead included), the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the folder holding the torchkit package, for the workers' path
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the torchkit package, for the workers' path
 METHODS = ("ddp", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
 # compressed local SGD (LocalSGD): "local<H>@<ratio>" = EF14 on the pseudo-gradient every H steps,
 # TopK per 65536-chunk with int8 values (the compact wire format), averaging outer step; "diloco<H>" = the same
@@ -101,7 +102,7 @@ def run_one(ns: str | None, n: int, cfg: dict, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {**cfg, "out": os.path.join(tmp, "result.json")}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "torchkit.netbench", "--worker",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "torchkit.apps.netbench", "--worker",
                json.dumps(cfg)]  # fmt: skip
         if ns:
             cmd = ["ip", "netns", "exec", ns] + cmd
@@ -125,13 +126,16 @@ def worker(cfg: dict) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from . import ddp, tasks
-    from .comm import NonFiniteGradientError
-    from .compress import Identity, TopK
-    from .coupling import recommended
-    from .feedback import EF14
-    from .local_sgd import LocalSGD
+    from .. import ddp
+    from ..comm import NonFiniteGradientError
+    from ..compress import Identity, TopK
+    from ..coupling import recommended
+    from ..feedback import EF14
+    from ..local_sgd import LocalSGD
+    from . import tasks
 
+    for module in cfg.get("registering_modules", ()):  # methods registered outside torchkit, as in the driver
+        importlib.import_module(module)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -219,7 +223,7 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
                    help="tc tbf link rates (unshaped: a namespace without tc)")  # fmt: skip
     p.add_argument("--ranks", nargs="+", type=int, default=[2, 4], help="Gloo processes per run")
     p.add_argument("--tasks", nargs="+", default=["char_lm", "digits_cnn"], choices=["char_lm", "digits_cnn"],
-                   help="models from torchkit.tasks: the character transformer and the digits CNN")  # fmt: skip
+                   help="models from torchkit.apps.tasks: the character transformer and the digits CNN")  # fmt: skip
     p.add_argument("--lm-width", type=int, default=256, help="char_lm's width (256 with 4 layers: 3.2M parameters)")
     p.add_argument("--lm-layers", type=int, default=4, help="char_lm's transformer layers")
     p.add_argument("--split", default="iid", choices=["iid", "noniid"], help="how the data is split among ranks")
@@ -251,16 +255,20 @@ def main(argv=None, out: str = "torchkit-network") -> int:
 
 
 def check_method(m: str) -> str:
-    """``m`` if the benchmark knows it: ddp, powersgd<rank>, <ef14|ef21|ef21sgdm|econtrol>@<density>,
+    """``m`` if the benchmark knows it: ddp, powersgd<rank>, <method>@<density> (a method of
+    :mod:`torchkit.registry` with a recommended configuration: ef14, ef21, ef21sgdm, econtrol, ...),
     local<H>@<density> or diloco<H>; otherwise a ValueError naming --methods."""
     import re
 
+    from .. import registry
+
+    names = registry.recommendable()
     ok = re.fullmatch(r"ddp|powersgd[1-9]\d*|diloco[1-9]\d*|local[1-9]\d*@(0?\.\d+)|"
-                      r"(ef14|ef21|ef21sgdm|econtrol)@(0?\.\d+)(:bf16|:int8)?", m)  # fmt: skip
+                      rf"({'|'.join(map(re.escape, names))})@(0?\.\d+)(:bf16|:int8)?", m)  # fmt: skip
     if not ok or ("@" in m and not 0 < float(m.split("@")[1].split(":")[0]) < 1):
         raise ValueError(
             f"--methods: unknown method {m!r}; expected ddp, powersgd<rank>, <method>@<density>[:bf16|:int8] "
-            "(method one of ef14, ef21, ef21sgdm, econtrol; density in (0, 1); the wire's values, fp32 without "
+            f"(method one of {', '.join(names)}; density in (0, 1); the wire's values, fp32 without "
             "a suffix), local<H>@<density> or diloco<H>"
         )
     return m
@@ -270,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
     if args.worker is not None:
         worker(json.loads(args.worker))
         return 0
+    from .. import registry
+
     for m in args.methods:
         check_method(m)
     for r in args.rates:
@@ -318,6 +328,9 @@ def run(args: argparse.Namespace) -> int:
                                 cfg = {"task": task, "split": args.split, "method": m, "steps": args.steps,
                                        "lr": lr, "momentum": args.momentum, "seed": rep, "task_kwargs": kw,
                                        "rate": rate, "ranks": n}  # fmt: skip
+                                extra = registry.external_modules([m.partition("@")[0]])
+                                if extra:  # a method registered outside torchkit: the workers import its module
+                                    cfg["registering_modules"] = extra
                                 bar.set_postfix_str(f"{rate} n={n} {task} {m} lr={lr:g}", refresh=False)
                                 try:
                                     res = run_one(ns, n, cfg, args.timeout)
@@ -478,8 +491,8 @@ def step_table(rows: list[dict], rate: str = "unshaped") -> str:
 def _result_dir(out_dir: Path) -> tuple[str, Path]:
     import torch
 
+    from .._results import device_slug
     from . import bench
-    from ._results import device_slug
 
     name = bench.device_name(torch.device("cpu"))
     return name, out_dir / device_slug(name)
@@ -499,8 +512,8 @@ def _load(out_dir: Path, methods: set, rates: set, ranks: set, tasks: set, seeds
 def _save(rows, targets, out_dir: Path, shaped: bool) -> None:
     import torch
 
+    from .._results import save_result
     from . import bench
-    from ._results import save_result
 
     name, where = _result_dir(out_dir)
     result = {

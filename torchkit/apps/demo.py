@@ -1,5 +1,6 @@
 """``torchkit demo``: real DDP training on N worker processes, uncompressed against error feedback
-(EF14, EF21, EF21-SGDM, EControl on TopK, through :mod:`torchkit.ddp`) and PyTorch's PowerSGD hook.
+(every method of :mod:`torchkit.registry` with a recommended configuration: EF14, EF21, EF21-SGDM, EControl on
+TopK, through :mod:`torchkit.ddp`) and PyTorch's PowerSGD hook.
 
 Data: a generated 10-class problem (labels from a random teacher network; nothing is downloaded),
 split across workers. Model: an MLP. Every method starts from the same weights and sees the same
@@ -8,6 +9,7 @@ batches. Output: a table, ``results.json`` and ``loss_vs_bytes.png`` in the outp
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -23,17 +25,31 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-__all__ = ["METHODS", "run_demo", "format_table", "plot"]
+__all__ = ["choices", "run_demo", "format_table", "plot"]
 
-METHODS = ("none", "ef14", "ef21", "ef21sgdm", "econtrol", "powersgd")
-_LABELS = {
-    "none": "uncompressed",
-    "ef14": "EF14",
-    "ef21": "EF21",
-    "ef21sgdm": "EF21-SGDM",
-    "econtrol": "EControl",
-    "powersgd": "PowerSGD",
-}
+_BASELINES = {"none": "uncompressed", "powersgd": "PowerSGD"}  # the runs besides torchkit's methods
+
+
+def choices() -> tuple[str, ...]:
+    """The demo's runs: uncompressed, every method of :mod:`torchkit.registry` with a recommended configuration
+    (read now, so a method registered before the call is one of them), and PyTorch's PowerSGD."""
+    from .. import registry
+
+    return ("none", *registry.recommendable(), "powersgd")
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # the current choices(), for code that reads the demo's list as a constant
+        return choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _label(method: str) -> str:
+    from .. import registry
+
+    return _BASELINES[method] if method in _BASELINES else registry.get(method).label
+
+
 IN, HIDDEN, CLASSES = 32, 256, 10
 
 
@@ -59,7 +75,7 @@ def make_model(seed: int = 0) -> torch.nn.Module:
 #: Learning rate per method (SGD, the method's recommended momentum placement), tuned on this demo's model
 #: and data over {0.03, 0.1, 0.3} by final training loss, iid and label-sorted shards
 #: (benchmarks/tune_demo.py, benchmarks/results/demo/lr_sweep.json). EF21-SGDM's is in torch's convention
-#: (its eta parametrisation gets 1/eta on top, see :func:`torchkit.recommended`).
+#: (its eta parametrisation gets 1/eta on top, see :func:`torchkit.recommended`). A method not listed runs at 0.1.
 TUNED_LR = {"none": 0.1, "ef14": 0.1, "ef21": 0.1, "ef21sgdm": 0.1, "econtrol": 0.03, "powersgd": 0.03}
 
 
@@ -97,6 +113,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
 
     import torchkit as tk
 
+    for module in cfg.get("registering_modules", ()):  # methods registered outside torchkit, as in the parent
+        importlib.import_module(module)
     x, y, xt, yt = make_data(cfg["seed"])
     shard = torch.arange(rank, x.shape[0], world)  # interleaved shards
     if cfg["noniid"]:
@@ -107,7 +125,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
     for method in cfg["methods"]:
         model = DDP(make_model(cfg["seed"]).to(device), device_ids=[rank] if use_cuda else None)
         fb, opt_kw, lr_scale, config = _config(method, cfg["ratio"])
-        lr = (cfg["lr"] if cfg["lr"] is not None else TUNED_LR[method]) * lr_scale
+        lr = (cfg["lr"] if cfg["lr"] is not None else TUNED_LR.get(method, 0.1)) * lr_scale
         d = sum(p.numel() for p in model.parameters())
         state = None
         if method == "none":
@@ -136,7 +154,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=lr, **opt_kw)
         gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
         sent, curve, t_start = 0, [], time.perf_counter()
-        bar = _bar(_LABELS[method], cfg["steps"]) if rank == 0 else None
+        bar = _bar(_label(method), cfg["steps"]) if rank == 0 else None
         window = torch.zeros(2, device=device)  # loss sum and count since the last logged point
         for step in range(cfg["steps"]):
             idx = torch.randint(0, x.shape[0], (cfg["batch"],), generator=gen).to(device)
@@ -162,7 +180,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
         with torch.no_grad():
             acc = float((model.module(xt.to(device)).argmax(1) == yt.to(device)).float().mean())
         results[method] = {
-            "label": _LABELS[method],
+            "label": _label(method),
             "config": config,
             "lr": lr,
             "eta": getattr(fb, "eta", None) if isinstance(fb, tk.EF21SGDM) else None,  # its lr reads with its eta
@@ -202,7 +220,7 @@ def run_demo(
     workers: int = 4,
     steps: int = 600,
     ratio: float = 0.01,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     out: str | Path = "torchkit-demo",
     *,
     seed: int = 0,
@@ -218,9 +236,13 @@ def run_demo(
     ``lr`` overrides it for every method. ``noniid=True`` sorts the training set by label before
     sharding, so each worker holds two or three of the ten classes.
     """
-    bad = [m for m in methods if m not in METHODS]
+    from .. import registry
+
+    known = choices()
+    methods = known if methods is None else tuple(methods)
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise ValueError(f"methods must be among {METHODS}, got {bad}")
+        raise ValueError(f"methods must be among {known}, got {bad}")
     if workers < 2:
         raise ValueError(f"workers must be >= 2 for a distributed demo, got {workers}")
     if not (0 < ratio <= 1):
@@ -231,6 +253,7 @@ def run_demo(
         steps=steps,
         ratio=ratio,
         methods=list(methods),
+        registering_modules=registry.external_modules(methods),
         batch=batch,
         lr=lr,
         powersgd_rank=powersgd_rank,

@@ -1,0 +1,478 @@
+"""What the optimizer front ends share (:class:`~torchkit.CompressedOptimizer`, :class:`~torchkit.LocalSGD`).
+
+:class:`WrappedOptimizer` builds the inner optimizer and lets it own ``param_groups``, ``state`` and ``defaults``
+(``ZeroRedundancyOptimizer``'s convention, so LR schedulers drive it), and loads an optimizer state_dict once for
+both: the inner optimizer's part, and the feedback state under ``"torchkit"`` through the front-end contract
+(:class:`torchkit.frontend.FrontEnd`). :class:`Work` is one typed record of parameters that share a round and
+:class:`FlatGrads` keeps each one's persistent flat buffer with every parameter's view of it; the functions check
+the constructor arguments with one wording and make hyper-parameters comparable between ranks. The front ends
+themselves do not import each other.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .feedback import Feedback
+from .frontend import FrontEnd, make_exchanger
+
+__all__ = [
+    "WrappedOptimizer",
+    "Work",
+    "collect_works",
+    "FlatGrads",
+    "unscaled_and_bad",
+    "check_common_args",
+    "needs_closure",
+    "real_dtype",
+    "numel_real",
+    "grad_view",
+    "is_view_of",
+    "group_options",
+    "options_digest",
+    "parameters_fingerprint",
+    "check_inner_state",
+]
+
+log = logging.getLogger("torchkit")
+
+
+def _inner_property(name: str) -> property:
+    def get(self):
+        return getattr(self.inner, name) if self.__dict__.get("_ready") else self.__dict__.get("_pre_" + name)
+
+    def set_(self, value):
+        if self.__dict__.get("_ready"):
+            setattr(self.inner, name, value)
+        else:  # torch.optim.Optimizer.__init__ assigns placeholders before the inner optimizer takes over
+            self.__dict__["_pre_" + name] = value
+
+    return property(get, set_)
+
+
+class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
+    """A torch optimizer around ``self.inner``, which owns ``param_groups``, ``state`` and ``defaults``.
+
+    Subclasses call :meth:`_wrap` first in ``__init__``, and keep ``process_group`` and ``_exchanger``
+    (rebuilt on unpickling: a process group does not pickle). Their state_dict is ``torch.optim``'s layout (the
+    inner optimizer's ``state`` and ``param_groups``) with this rank's feedback state dict under ``"torchkit"``.
+    """
+
+    restart_hint = "opt.load_state_dict(torchkit.checkpoint.without_feedback(state_dict)) on every rank"
+    #: whether the inner optimizer's state differs between ranks (LocalSGD's local steps): the feedback state dict
+    #: then holds it, and a state_dict loaded after this rank's own was restored does not replace it
+    inner_state_per_rank = False
+    #: what a plain optimizer state_dict restarts, in the warning that says so
+    plain_load_restarts = "the feedback method starts again at its step 0"
+
+    def _wrap(self, optimizer_class: type[torch.optim.Optimizer], params, defaults: dict[str, Any]) -> None:
+        self.__dict__["_ready"] = False
+        self.inner = optimizer_class(params, **defaults)
+        torch.optim.Optimizer.__init__(self, self.inner.param_groups, self.inner.defaults)
+        self.__dict__["_ready"] = True  # from here on param_groups, state and defaults are the inner optimizer's
+        self._flat = FlatGrads()
+
+    param_groups = _inner_property("param_groups")
+    state = _inner_property("state")
+    defaults = _inner_property("defaults")
+
+    @property
+    def world_size(self) -> int:
+        return self._exchanger.n_workers
+
+    @property
+    def rank(self) -> int:
+        return self._exchanger.first_worker
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self.__dict__.get("_ready"):
+            return super().add_param_group(param_group)
+        self.inner.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s layout (the inner optimizer's ``state`` and ``param_groups``) plus this rank's feedback
+        state dict under ``"torchkit"`` (:meth:`feedback_state_dict`).
+
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps ``state`` and ``param_groups``
+        only; save the feedback state with DCP through :meth:`feedback_stateful`."""
+        sd = self.inner.state_dict()
+        sd["torchkit"] = self.feedback_state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of this class; everything is checked before anything changes.
+
+        A plain optimizer's state_dict (``set_optimizer_state_dict`` hands over one) loads with a warning: the
+        feedback method restarts (:func:`torchkit.checkpoint.without_feedback` says that is meant, and does not
+        warn). Feedback state of another rank or world size raises ``ValueError`` saying how to keep per-rank
+        state. When this rank's feedback state was just restored from its own side file or DCP entry
+        (:mod:`torchkit.checkpoint`) and no step has run since, that state is kept and only the inner optimizer's
+        state is loaded."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = self._migrate_optimizer_state(state_dict)
+        inner = {k: v for k, v in state_dict.items() if k != "torchkit"}
+        if not {"state", "param_groups"} <= set(inner):
+            raise ValueError(f"not a {self.kind} or torch.optim state_dict (no 'state'/'param_groups')")
+        check_inner_state(self.inner, inner)
+        check_groups("inner", self.inner, inner)  # what torch's load_state_dict refuses, refused before any change
+        if self.round.restored():  # the state restored from this rank's own checkpoint stays
+            if not self.inner_state_per_rank:
+                self.inner.load_state_dict(inner)
+            self._kept_restored_state()
+            log.info("%s: kept the feedback state restored from this rank's per-rank checkpoint", self.kind)
+            return
+        if state_dict.get("torchkit") is None:
+            self.inner.load_state_dict(inner)
+            self._restart()
+            if "torchkit" in state_dict:  # torchkit.checkpoint.without_feedback: a restart asked for
+                log.info("%s: feedback method restarted at its step 0 (without_feedback)", self.kind)
+                return
+            warnings.warn(
+                f"loaded a plain optimizer state_dict: it holds no error-feedback state, so {self.plain_load_restarts} "
+                "(torch.distributed.checkpoint's optimizer state_dict leaves it out: load it with "
+                "opt.feedback_stateful(); see torchkit.checkpoint)",
+                stacklevel=2,
+            )
+            return
+        plan = self.check_feedback_state_dict(state_dict["torchkit"])
+        plan.apply()  # its extras may still refuse (LocalSGD's outer optimizer), before anything changed
+        self.inner.load_state_dict(inner)  # checked above: cannot refuse
+
+    def _init_inner_state_for_dcp(self):
+        """``get_optimizer_state_dict`` steps a fresh optimizer on zero gradients with lr 0 to create its state:
+        that step initialises the inner optimizer only; no round runs and no state of this front end changes."""
+        return self.inner.step()
+
+    def _kept_restored_state(self) -> None:
+        """A state_dict came after this rank's own state was restored (a framework's rank-0 checkpoint)."""
+
+    def _restart(self) -> None:
+        """A plain optimizer state_dict was loaded: the feedback method starts again at its step 0."""
+        self.round.reset()
+        self._agreed = False
+
+    def _migrate_optimizer_state(self, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+        """An older format's state_dict in the current one."""
+        return state_dict
+
+    def _feedback_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]]:
+        return {n: (s, self.feedback.state_dtype(w.dtype), w.device) for w in self._works() for n, s in w.sized()}
+
+    def _placed(self) -> None:
+        for w in self._works():  # place the loaded state now, so that it can be inspected before the next step
+            self._block(w)
+
+    def _block(self, w: Work):
+        """The round's block of work item ``w``."""
+        return self.round.block(
+            w.key,
+            w.names,
+            w.sizes,
+            dtype=self.feedback.state_dtype(w.dtype),
+            device=w.device,
+            with_server=self._with_server(),
+        )
+
+    def _works(self) -> list[Work]:
+        raise NotImplementedError
+
+    def feedback_state(self, group: int = 0) -> dict[str, Tensor]:
+        """This rank's flat feedback state of one parameter group (views, for inspection)."""
+        for key, blk in self.round.blocks.items():
+            if key[0] == group:
+                return dict(blk.state)
+        return {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out.pop("process_group", None)
+        out.pop("_exchanger", None)
+        out["_flat"] = FlatGrads()  # views of the flat buffers are rebuilt, not pickled apart from them
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.process_group = None
+        self._exchanger = make_exchanger(None)  # the default group if initialised, else a single worker
+        self._agreed = False
+        self.__dict__.setdefault("_flat", FlatGrads())
+
+
+@dataclass
+class Work:
+    """Parameters of one parameter group, dtype and device: they go through one round together, in one flat buffer.
+
+    ``like`` are the tensors the buffer's views are shaped as (the parameters, or LocalSGD's anchors); ``dtype`` is
+    the buffer's (real) dtype; ``first`` is the index of the first parameter among all of the wrapper's."""
+
+    key: tuple
+    names: tuple
+    params: list
+    like: list
+    sizes: tuple
+    dtype: torch.dtype
+    device: torch.device
+    first: int
+    flat: Tensor | None = None  # this step's flat gradient (or pseudo-gradient), once gathered
+
+    def sized(self):
+        return zip(self.names, self.sizes)
+
+    def grads(self) -> list[Tensor]:
+        """The gradients its parameters have (complex ones viewed as real)."""
+        return [
+            torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad for p in self.params if p.grad is not None
+        ]
+
+    @property
+    def ids(self) -> range:
+        return range(self.first, self.first + len(self.params))
+
+
+def collect_works(param_groups, like_of=None) -> list[Work]:
+    """One :class:`Work` per (parameter group, dtype, device) of the parameters that train, named
+    ``"<group>.<index>"``. ``like_of(group_index)`` gives the tensors the flat buffer is shaped as (default: the
+    parameters). Gradients are checked first: sparse ones raise ``TypeError``, a wrong shape ``ValueError``."""
+    works, first = [], 0
+    for gi, group in enumerate(param_groups):
+        likes = group["params"] if like_of is None else like_of(gi)
+        by_kind: dict[tuple, list] = {}
+        for pi, (p, like) in enumerate(zip(group["params"], likes)):
+            if not p.requires_grad:
+                continue
+            g = p.grad
+            if g is not None:
+                if g.is_sparse or g.layout != torch.strided:
+                    raise TypeError(f"sparse gradients are not supported (parameter {gi}.{pi})")
+                if g.shape != p.shape:
+                    raise ValueError(f"parameter {gi}.{pi} has a gradient of shape {tuple(g.shape)}")
+            by_kind.setdefault((p.dtype, p.device), []).append((f"{gi}.{pi}", p, like))
+        for (dtype, device), named in by_kind.items():
+            works.append(
+                Work(
+                    key=(gi, str(dtype), str(device)),
+                    names=tuple(n for n, _, _ in named),
+                    params=[p for _, p, _ in named],
+                    like=[t for _, _, t in named],
+                    sizes=tuple(numel_real(p) for _, p, _ in named),
+                    dtype=real_dtype(named[0][2].dtype),
+                    device=device,
+                    first=first,
+                )
+            )
+            first += len(named)
+    return works
+
+
+def unscaled_and_bad(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
+    """Unscale the gradients in place when GradScaler asked the front end to (as its ``unscale_`` would); whether
+    this rank's gradient is non-finite (GradScaler's ``found_inf`` when it has one): one host read per device."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    if grad_scale is not None:
+        inv = grad_scale.double().reciprocal().float()
+        for device, gs in by_device.items():
+            torch._foreach_mul_(gs, inv.to(device))
+    if found_inf is not None:
+        return bool(found_inf.item() > 0)
+    flags = [torch.stack([torch.isfinite(g).all() for g in gs]).all().cpu() for gs in by_device.values()]
+    return not all(bool(f) for f in flags)
+
+
+class FlatGrads:
+    """A persistent flat buffer per work item (padded as the fused kernels want it), with each tensor's view of it.
+
+    The buffer is built once per layout (names and sizes) and reused every step; ``p.grad`` can then view it."""
+
+    def __init__(self):
+        self._bufs: dict[Any, tuple[tuple, Tensor, list[Tensor]]] = {}
+
+    def get(self, w: Work) -> tuple[Tensor, list[Tensor]]:
+        ident = (w.names, w.sizes, w.dtype, str(w.device))
+        entry = self._bufs.get(w.key)
+        if entry is None or entry[0] != ident:
+            buf = ops.padded_zeros(sum(w.sizes), dtype=w.dtype, device=w.device)  # the kernels own the tail
+            views, a = [], 0
+            for n, t in zip(w.sizes, w.like):
+                views.append(grad_view(buf, a, a + n, t))
+                a += n
+            entry = self._bufs[w.key] = (ident, buf, views)
+        return entry[1], entry[2]
+
+
+def called_from_dcp_init() -> bool:
+    """Whether ``torch.distributed.checkpoint.state_dict._init_optim_state`` is calling :meth:`step`."""
+    frame = sys._getframe(2)  # the caller of step()
+    for _ in range(8):  # step's decorators (no_grad, the optimizer's profiling hook) sit in between
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
+            "torch.distributed.checkpoint"
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def check_groups(label: str, opt: torch.optim.Optimizer, sd: Any) -> None:
+    """What ``Optimizer.load_state_dict`` checks, checked before anything is loaded."""
+    if not isinstance(sd, Mapping) or not isinstance(sd.get("param_groups"), list) or "state" not in sd:
+        raise ValueError(f"the {label} optimizer's state_dict lacks 'state'/'param_groups'")
+    saved = [len(g.get("params", ())) for g in sd["param_groups"]]
+    mine = [len(g["params"]) for g in opt.param_groups]
+    if saved != mine:
+        raise ValueError(f"the {label} optimizer's saved parameter groups have sizes {saved}, this one {mine}")
+
+
+def check_common_args(
+    cls_name: str, feedback: Any, optimizer_class: Any, nonfinite: Any, grad_scaler: Any = None
+) -> None:
+    """The constructor checks both front ends make, each error naming its argument."""
+    if not isinstance(feedback, Feedback):
+        raise TypeError(f"feedback must be a torchkit feedback method (EF21, ...), got {type(feedback).__name__}")
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+    if needs_closure(optimizer_class):
+        raise TypeError(
+            f"{optimizer_class.__name__}.step needs a closure that re-evaluates the loss several times per step; "
+            f"{cls_name} runs one communication round per step and does not support it"
+        )
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+
+
+def needs_closure(cls: type[torch.optim.Optimizer]) -> bool:
+    param = inspect.signature(cls.step).parameters.get("closure")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}.get(
+        dtype, dtype
+    )
+
+
+def numel_real(p: Tensor) -> int:
+    return p.numel() * (2 if p.is_complex() else 1)
+
+
+def grad_view(buf: Tensor, a: int, b: int, p: Tensor) -> Tensor:
+    """The slice of the flat buffer that is ``p``'s gradient (complex parameters: viewed as complex)."""
+    piece = buf[a:b]
+    if p.is_complex():
+        return torch.view_as_complex(piece.view(*p.shape, 2))
+    return piece.view_as(p)
+
+
+def is_view_of(g: Tensor, view: Tensor) -> bool:
+    return g.data_ptr() == view.data_ptr() and g.shape == view.shape and g.stride() == view.stride()
+
+
+_NOT_OPTIONS = ("params", "param_names")
+
+
+def _plain(value: Any) -> Any:
+    """A hyper-parameter as data that compares equal across processes (a tensor by its values, an object by type)."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return type(value).__qualname__  # a callable or other object: its address would differ on every rank
+
+
+def group_options(param_groups) -> list[dict[str, Any]]:
+    """Each parameter group's hyper-parameters (lr, momentum, betas, ...) and parameter names where the optimizer
+    has them, as plain data: what every rank must set alike."""
+    out = []
+    for g in param_groups:
+        opts = {k: _plain(v) for k, v in sorted(g.items()) if k not in _NOT_OPTIONS}
+        if "param_names" in g:
+            opts["param_names"] = list(g["param_names"])
+        out.append(opts)
+    return out
+
+
+def _numbers(value: Any):
+    if isinstance(value, bool):
+        yield float(value)
+    elif isinstance(value, (int, float)):
+        yield float(value)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+
+
+def options_digest(param_groups) -> list[float]:
+    """One number per parameter group summing its numeric hyper-parameters with distinct weights: ranks that
+    digest alike set them alike (what a scheduler changes every step), at the cost of two floats per group in a
+    collective the step runs anyway."""
+    out = []
+    for g in group_options(param_groups):
+        total, w = 0.0, 1.0
+        for key in sorted(g):
+            for x in _numbers(g[key]):
+                total += w * x
+                w *= 1.6180339887
+        out.append(total)
+    return out
+
+
+def parameters_fingerprint(params) -> list[list]:
+    """Each parameter's shape and the float64 sum and sum of squares of its values: replicas start alike and step
+    alike, so a difference means another model, another parameter order or another initialisation on some rank."""
+    out = []
+    for p in params:
+        x = p.detach().reshape(-1)
+        x = torch.view_as_real(x) if x.is_complex() else x
+        x = x.to(torch.float64)
+        out.append([list(p.shape), float(x.sum()), float(x.square().sum())])
+    return out
+
+
+#: per-parameter buffers of torch.optim's optimizers that have the parameter's shape (Adafactor's row and column
+#: factors do not, and are not listed)
+_PARAMETER_SHAPED = (
+    "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "grad_avg", "acc_delta", "sum",
+    "exp_inf", "ax", "prev", "step_size", "momentum",
+)  # fmt: skip
+
+
+def check_inner_state(inner: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """A ``torch.optim`` state_dict whose per-parameter buffers have another parameter's shape (another model, or
+    parameters in another order) raises ``ValueError`` naming the first, before anything is loaded; torch's own
+    ``load_state_dict`` takes it and the next step fails far from the cause."""
+    params = [p for g in inner.param_groups for p in g["params"]]
+    ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+    for i, pid in enumerate(ids):
+        entry = state_dict.get("state", {}).get(pid)
+        if i >= len(params) or not isinstance(entry, dict):
+            continue
+        for key in _PARAMETER_SHAPED:
+            t = entry.get(key)
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape != params[i].shape:
+                raise ValueError(
+                    f"optimizer state {key!r} of parameter {i} has shape {tuple(t.shape)}, the parameter "
+                    f"{tuple(params[i].shape)}: this state_dict belongs to another model or parameter order; "
+                    "nothing was loaded"
+                )
