@@ -25,7 +25,7 @@ python3 -c "import torchkit.ops._cuda as c; print('CUDA kernels built:', c.build
 stage_tests() {
   wait $cpp; cat /tmp/cpp_build.txt >> "$log"
   timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" -rfE \
-    tests/test_ops.py tests/test_gpu.py 2>&1 | tail -80 > "$OUT/pytest.txt"
+    tests/test_ops.py tests/test_gpu.py tests/test_custom_ops.py 2>&1 | tail -80 > "$OUT/pytest.txt"
   tail -5 "$OUT/pytest.txt" | tee -a "$log"
 }
 stage_bench() {

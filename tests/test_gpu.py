@@ -135,11 +135,14 @@ def _batches(n):
     ]
 
 
-FEEDBACKS = {
-    "ef14": lambda: tk.EF14(tk.TopK(ratio=0.05), granularity="tensor"),
-    "ef21": lambda: tk.EF21(tk.TopK(ratio=0.05), granularity="tensor"),
-    "econtrol": lambda: tk.EControl(tk.TopK(ratio=0.05), eta=0.05, granularity="tensor"),
-}
+def _registered():
+    """Every registered method (the test suite's own DecayedEF14 too), per tensor, TopK 5%, the tests' options."""
+    from tests.methods import METHODS, make
+
+    return {name: (lambda name=name: make(name, tk.TopK(ratio=0.05), granularity="tensor")) for name in METHODS}
+
+
+FEEDBACKS = _registered()
 
 
 @pytest.mark.parametrize("method", list(FEEDBACKS))
@@ -180,3 +183,39 @@ def test_optimizer_on_cuda_with_amp_trains(nccl_group):
     assert sum(losses[-8:]) < 0.7 * sum(losses[:8])
     state = opt.feedback_state()
     assert all(v.dtype == torch.float32 and v.is_cuda and torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_registered_ops_pass_opcheck_on_cuda(impl):
+    """Issue 21 item 2 on the GPU: the CUDA and Triton kernels behind ``torch.ops.torchkit.*`` against their fake
+    implementations (shapes, dtypes, devices, mutation) and the dispatcher."""
+    d, k = 100_003, 1001
+    g, e, h = _rand(d, 1), _rand(d, 2), _rand(d, 3)
+    for name, args in (
+        ("topk", (g, k)),
+        ("ef14_step_", (g, e.clone(), k, False)),
+        ("ef21_step_", (g, h.clone(), k, True)),
+        ("econtrol_step_", (g, e.clone(), h.clone(), k, 0.3, False)),
+    ):
+        torch.library.opcheck(getattr(torch.ops.torchkit, name), (*args, impl))
+
+
+def test_worker_step_compiles_fullgraph_with_inductor_on_cuda():
+    """The worker step (fused op, wire rounding) compiled with inductor, fullgraph: the eager state and message."""
+    fb = tk.EF14(tk.TopK(ratio=0.01))
+    d = 1 << 22
+    state_a, state_b = fb.init_state(d, device="cuda"), fb.init_state(d, device="cuda")
+
+    def step(state, grad):
+        msg = fb.round_values_(
+            state, fb.worker_step(state, grad, 1, worker=0, n_workers=1, segments=(d,)), torch.bfloat16
+        )
+        return msg.values, msg.indices
+
+    compiled = torch.compile(step, fullgraph=True)
+    for seed in range(3):
+        g = _rand(d, 10 + seed)
+        va, ia = step(state_a, g.clone())
+        vb, ib = compiled(state_b, g.clone())
+        assert torch.equal(va, vb) and torch.equal(ia, ib)
+    assert torch.equal(state_a["error"], state_b["error"])

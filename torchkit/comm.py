@@ -130,7 +130,7 @@ def aggregate_rows(msg: Message, weights: Sequence[float] | Tensor, out: Tensor,
     """``out = sum_w weights[w] * decode(msg_w)`` over the message's rows, in row order (``add``: ``out +=``)."""
     if not add:
         out.zero_()
-    w = torch.as_tensor(weights, dtype=torch.float64)
+    w = weights if isinstance(weights, Tensor) else [float(x) for x in weights]  # a list: no tensor to read back
     return msg.add_to_(out, w)
 
 

@@ -1,12 +1,13 @@
 """Hot-path kernels: exact/approximate top-k fused with the error-feedback state update.
 
-Dispatch lives here and only here. ``impl="auto"`` picks, for CUDA tensors, the CUDA C++ kernels (compiled
-with nvcc on first use, once per machine) from ``AUTO_CUDA_MIN_D`` elements up and the plain-torch reference
-below; for CPU tensors, the compiled csrc kernel when it has been built (``torchkit.ops.build_extension()``),
-else the reference (:mod:`torchkit.ops._reference`). ``impl="triton"`` runs the Triton kernels (on CPU
-tensors too under ``TRITON_INTERPRET=1``). A named ``impl`` that is unavailable raises. Every implementation selects
-the same entries (ties at the k-th magnitude to the lowest indices; the reference's ``torch.topk`` breaks
-ties its own way); inputs a kernel does not take (fp64, d >= 2**30 on the GPU) run the reference.
+Dispatch lives here and only here; each launch is one ``torch.library`` custom op (``torch.ops.torchkit.*``,
+:mod:`torchkit.ops._library`) that ``torch.compile`` traces as one node. ``impl="auto"`` picks, for CUDA tensors,
+the CUDA C++ kernels (compiled with nvcc on first use, once per machine) from ``AUTO_CUDA_MIN_D`` elements up and
+the plain-torch reference below; for CPU tensors, the compiled csrc kernel when it has been built
+(``torchkit.ops.build_extension()``), else the reference (:mod:`torchkit.ops._reference`). ``impl="triton"`` runs
+the Triton kernels (on CPU tensors too under ``TRITON_INTERPRET=1``). A named ``impl`` that is unavailable raises.
+Every implementation selects the same entries (ties at the k-th magnitude to the lowest indices; the reference's
+``torch.topk`` breaks ties its own way); inputs a kernel does not take (fp64, d >= 2**30 on the GPU) run the reference.
 
 Flat state that torchkit allocates (:func:`padded_zeros`: every front end's per-parameter-group or per-bucket
 feedback vectors, and the optimizer's flat gradient) runs on to a multiple of 16 elements. The Triton kernels
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_dense_float, check_int, check_unit_interval
-from . import _cuda, _ext, _reference
+from . import _cuda, _ext, _library, _reference
 from ._padding import PAD, owns_padding, padded_zeros
 from ._reference import index_dtype
 
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 Impl = Literal["auto", "reference", "triton", "cuda", "cpp"]
+_ext.available()  # look for a built csrc extension once, now: the dispatch below stays cheap and traceable
 AUTO_CUDA_MIN_D = 1 << 21  # smallest d for which impl="auto" runs the CUDA kernels (see _choose)
 
 
@@ -150,7 +152,7 @@ def topk(x: Tensor, k: int, *, impl: Impl = "auto") -> tuple[Tensor, Tensor]:
     """Exact top-|x| along the last dim: ``(values, indices)``, indices int32 while d < 2**31, any order."""
     rows = _check_vector("x", x)
     _check_k(k, x.shape[-1])
-    return _kernels(_choose(impl, x, rows)).topk(x, k)
+    return _library.topk(x, k, _choose(impl, x, rows))
 
 
 def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False, *, impl: Impl = "auto"):
@@ -162,8 +164,7 @@ def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False, *, imp
     rows = _check_vector("grad", grad)
     _check_state("error", error, grad)
     _check_k(k, grad.shape[-1])
-    name = _choose(impl, grad, rows)
-    return _kernels(name).ef14_step_(grad, error, k, **({"approx": approx} if name != "reference" else {}))
+    return _library.ef14_step_(grad, error, k, bool(approx), _choose(impl, grad, rows))
 
 
 def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False, *, impl: Impl = "auto"):
@@ -171,8 +172,7 @@ def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False, *, 
     rows = _check_vector("grad", grad)
     _check_state("estimate", estimate, grad)
     _check_k(k, grad.shape[-1])
-    name = _choose(impl, grad, rows)
-    return _kernels(name).ef21_step_(grad, estimate, k, **({"approx": approx} if name != "reference" else {}))
+    return _library.ef21_step_(grad, estimate, k, bool(approx), _choose(impl, grad, rows))
 
 
 def econtrol_step_(grad, error, shift, k: int, eta: float, approx: bool = False, *, impl: Impl = "auto"):
@@ -183,9 +183,7 @@ def econtrol_step_(grad, error, shift, k: int, eta: float, approx: bool = False,
     _check_state("shift", shift, grad)
     _check_k(k, grad.shape[-1])
     check_unit_interval("eta", eta)
-    name = _choose(impl, grad, rows)
-    extra = {"approx": approx} if name != "reference" else {}
-    return _kernels(name).econtrol_step_(grad, error, shift, k, float(eta), **extra)
+    return _library.econtrol_step_(grad, error, shift, k, float(eta), bool(approx), _choose(impl, grad, rows))
 
 
 def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor = 1.0, *, impl: Impl = "auto"):
@@ -198,5 +196,7 @@ def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale: float | Ten
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
     if values.numel() == 0:
         return out
-    name = _choose(impl, out, False)
-    return _kernels(name).accumulate_(out, values.contiguous(), indices.contiguous(), scale)
+    values = values.contiguous()
+    scales = _reference._scales(scale, values.reshape(-1, values.shape[-1]).shape[0])
+    _library.accumulate_(out, values, indices.contiguous(), scales, _choose(impl, out, False))
+    return out

@@ -6,6 +6,7 @@ importing torchkit never compiles; ``build()`` (or ``python -m torchkit build-ex
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -23,8 +24,10 @@ _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _CPU_SOURCES = ["torchkit_ops.cpp"]
 _module = None
 _error: str | None = None
+_looked = False  # whether _try_load has looked on disk (a build found later comes through build())
 
 
+@functools.cache
 def _name() -> str:
     h = hashlib.sha1(torch.__version__.encode())
     for src in _CPU_SOURCES:
@@ -41,9 +44,10 @@ def _build_dir() -> Path:
 
 
 def _try_load() -> None:
-    global _module, _error
-    if _module is not None:
+    global _module, _error, _looked
+    if _module is not None or _looked:
         return
+    _looked = True
     so = next(iter(sorted(_build_dir().glob(f"{_name()}*.so"))), None) if _build_dir().exists() else None
     if so is None:
         _error = f"not built (run torchkit.ops.build_extension(); sources in {_CSRC})"

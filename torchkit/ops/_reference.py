@@ -67,7 +67,11 @@ def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale: float | Ten
     return out
 
 
-def _scales(scale: float | Tensor, n: int) -> list:
+def _scales(scale: float | Tensor | list, n: int) -> list:
+    if isinstance(scale, (list, tuple)):
+        if len(scale) != n:
+            raise ValueError(f"scale must have one entry per worker row ({n}), got {len(scale)}")
+        return [float(s) for s in scale]
     if isinstance(scale, Tensor):
         if scale.numel() != n:
             raise ValueError(f"scale must have one entry per worker row ({n}), got {scale.numel()}")

@@ -1,0 +1,159 @@
+"""Issue 21, items 2-3 on the CPU: the fused ops are ``torch.library`` operators (``torch.ops.torchkit.*``) with fake
+implementations; ``opcheck`` passes for each implementation this machine runs; ``torch.compile(fullgraph=True)``
+traces a round's device work (worker step, wire rounding, packing, decode) as one graph that computes what eager
+computes; and a dispatch counter sees every launch, a size-independent number of them per work item and bucket."""
+
+import collections
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchkit as tk
+from torchkit.comm import aggregate_rows
+from torchkit.compress import pack_message, unpack_message
+from torchkit.ops import _library
+from torchkit.state import Block
+
+
+def _impls():
+    tk.ops.build_extension()
+    return [i for i in tk.ops.available_impls("cpu") if i in ("reference", "cpp")]
+
+
+def _args(name, rows=None, d=300, k=7):
+    g = torch.Generator().manual_seed(1)
+    shape = (d,) if rows is None else (rows, d)
+    x = torch.randn(shape, generator=g)
+    s1, s2 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    if name == "topk":
+        return (x, k)
+    if name in ("ef14_step_", "ef21_step_"):
+        return (x, s1, k, False)
+    if name == "econtrol_step_":
+        return (x, s1, s2, k, 0.3, False)
+    idx = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(rows or 1)]).int()
+    return (torch.zeros(d), torch.randn(rows or 1, k, generator=g), idx, [0.5] * (rows or 1))
+
+
+@pytest.mark.parametrize("name", sorted(_library.SCHEMAS))
+def test_opcheck_passes_for_every_op_and_implementation(name):
+    op = getattr(torch.ops.torchkit, name)
+    for impl in _impls():
+        torch.library.opcheck(op, (*_args(name), impl))
+        torch.library.opcheck(op, (*_args(name, d=4096, k=41), impl))
+    torch.library.opcheck(op, (*_args(name, rows=3), "reference"))  # the simulator's [rows, d] form
+
+
+def test_the_public_ops_go_through_the_registered_operators():
+    seen = _count(lambda: tk.ops.ef14_step_(torch.randn(100), torch.zeros(100), 5))
+    assert seen["torchkit.ef14_step_"] == 1
+    out = torch.zeros(10)
+    seen = _count(lambda: tk.ops.accumulate_(out, torch.ones(2, 3), torch.tensor([[0, 1, 2], [1, 2, 3]]), [1.0, 2.0]))
+    assert seen["torchkit.accumulate_"] == 1
+    torch.testing.assert_close(out, torch.tensor([1.0, 3, 3, 2, 0, 0, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("method", ["ef14", "ef21", "econtrol"])
+@pytest.mark.parametrize("wire", [torch.float32, torch.bfloat16])
+def test_a_rounds_device_work_compiles_fullgraph_and_equals_eager(method, wire):
+    """The worker step, the wire rounding, packing and the decode of one round, compiled with fullgraph=True (any
+    graph break raises) through functionalization and fake tensors (aot_eager): state and estimate equal eager's."""
+    fb = {
+        "ef14": tk.EF14(tk.TopK(ratio=0.1)),
+        "ef21": tk.EF21(tk.TopK(ratio=0.1)),
+        "econtrol": tk.EControl(tk.TopK(ratio=0.1), eta=0.3),
+    }[method]
+    d = 1000
+
+    def round_(blk, g, step: int):
+        msg = fb.worker_step(blk.state, g, step, worker=0, n_workers=1, segments=blk.segments)
+        msg = fb.round_values_(blk.state, msg, wire)
+        packed, layout = pack_message(msg)
+        out = torch.zeros(d)
+        aggregate_rows(unpack_message(packed.reshape(1, -1), layout), [1.0], out)
+        return packed, out
+
+    eager, compiled = (Block.zeros(fb, ["x"], [d], dtype=torch.float32, device="cpu", with_server=False) for _ in "ab")
+    fn = torch.compile(round_, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    for step in range(1, 4):  # step 0 of the EF21 family is a dense round over all_reduce: not packed
+        g = torch.randn(d)
+        p1, o1 = round_(eager, g.clone(), step)
+        p2, o2 = fn(compiled, g.clone(), step)
+        assert torch.equal(p1, p2) and torch.equal(o1, o2)
+    for k in eager.state:
+        assert torch.equal(eager.state[k], compiled.state[k])
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(fn):
+    with _Count() as c:
+        fn()
+    return c.ops
+
+
+def _wrapper_step_ops(sizes, fb):
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    opt = tk.CompressedOptimizer(ps, torch.optim.SGD, lr=0.1, foreach=True, feedback=fb)
+    for _ in range(2):  # past the first step (agreement, buffers, EF21's dense round)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    return _count(opt.step)
+
+
+@pytest.mark.parametrize(
+    "make, fused",
+    [
+        # EF14: the worker step and the decode of the message into the estimate
+        (lambda: tk.EF14(tk.TopK(ratio=0.01)), {"torchkit.ef14_step_": 1, "torchkit.accumulate_": 1}),
+        # EF21 alone: its shift is the estimate, nothing to decode
+        (lambda: tk.EF21(tk.TopK(ratio=0.01)), {"torchkit.ef21_step_": 1}),
+    ],
+)
+def test_the_wrapper_launches_a_size_independent_number_of_ops_per_work_item(make, fused):
+    """The fused launches per parameter group, and the same ops whatever the sizes and however many parameters
+    share the group (their gradients are copied with one multi-tensor op)."""
+    counts = [_wrapper_step_ops(sizes, make()) for sizes in ([1000], [100_000], [10] * 5, [20_000] * 5)]
+    assert all(c == counts[0] for c in counts), [sum(c.values()) for c in counts]
+    assert {k: v for k, v in counts[0].items() if k.startswith("torchkit.")} == fused
+    assert counts[0]["aten._foreach_copy_"] == 1
+
+
+def test_the_hook_launches_one_worker_step_and_one_decode_per_bucket(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        out = {}
+        for width in (16, 256):
+            torch.manual_seed(0)
+            net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 3))
+            model = DDP(net, bucket_cap_mb=width * 8 * 4 / 2**20)  # about one bucket per layer
+            state = tk.ddp.register(model, tk.EF14(tk.TopK(ratio=0.05)), min_compression_rate=0)
+            x = torch.randn(4, 8)
+            for _ in range(2):
+                model(x).sum().backward()
+            model.zero_grad()
+            loss = model(x).sum()
+            seen = _count(loss.backward)
+            out[width] = (seen, len(state.round.blocks))
+        for width, (seen, buckets) in out.items():
+            assert seen["torchkit.ef14_step_"] == buckets and seen["torchkit.accumulate_"] == buckets, (width, seen)
+        assert out[16][1] == out[256][1]
+        hook_ops = [{k: v for k, v in s.items() if not k.startswith(("aten.mm", "aten.t"))} for s, _ in out.values()]
+        assert sum(hook_ops[0].values()) == sum(hook_ops[1].values())  # the same launches at 16x the size
+    finally:
+        dist.destroy_process_group()
