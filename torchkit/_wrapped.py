@@ -32,6 +32,9 @@ __all__ = [
     "collect_works",
     "FlatGrads",
     "unscaled_and_bad",
+    "local_of",
+    "grad_like",
+    "shard_count",
     "check_common_args",
     "needs_closure",
     "real_dtype",
@@ -244,13 +247,44 @@ class Work:
         return range(self.first, self.first + len(self.params))
 
 
+def _dtensor_type():
+    """``DTensor`` when ``torch.distributed.tensor`` has been imported (no DTensor can exist before), else None."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def local_of(t: Tensor | None) -> Tensor | None:
+    """A ``DTensor``'s local shard (FSDP2's sharded parameters and gradients), else ``t`` itself."""
+    dtensor = _dtensor_type()
+    return t._local_tensor if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def grad_like(p: Tensor, view: Tensor) -> Tensor:
+    """``view`` as ``p``'s gradient: itself, or for a ``DTensor`` parameter a ``DTensor`` whose local shard it is."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(p, dtensor):
+        return view
+    return dtensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def shard_count(params) -> int:
+    """How many ranks share each parameter (FSDP2's shard group size; 1 for plain tensors)."""
+    dtensor = _dtensor_type()
+    counts = {p.device_mesh.size() for p in params if dtensor is not None and isinstance(p, dtensor)}
+    if len(counts) > 1:
+        raise ValueError(f"parameters are sharded over meshes of different sizes {sorted(counts)}")
+    if counts and any(not isinstance(p, dtensor) for p in params):
+        raise TypeError("some parameters are DTensors (fully_shard) and others are not: shard the whole model")
+    return counts.pop() if counts else 1
+
+
 def collect_works(param_groups, like_of=None) -> list[Work]:
     """One :class:`Work` per (parameter group, dtype, device) of the parameters that train, named
     ``"<group>.<index>"``. ``like_of(group_index)`` gives the tensors the flat buffer is shaped as (default: the
     parameters). Gradients are checked first: sparse ones raise ``TypeError``, a wrong shape ``ValueError``."""
     works, first = [], 0
     for gi, group in enumerate(param_groups):
-        likes = group["params"] if like_of is None else like_of(gi)
+        likes = [local_of(p) for p in group["params"]] if like_of is None else like_of(gi)
         by_kind: dict[tuple, list] = {}
         for pi, (p, like) in enumerate(zip(group["params"], likes)):
             if not p.requires_grad:
@@ -269,7 +303,7 @@ def collect_works(param_groups, like_of=None) -> list[Work]:
                     names=tuple(n for n, _, _ in named),
                     params=[p for _, p, _ in named],
                     like=[t for _, _, t in named],
-                    sizes=tuple(numel_real(p) for _, p, _ in named),
+                    sizes=tuple(numel_real(local_of(p)) for _, p, _ in named),
                     dtype=real_dtype(named[0][2].dtype),
                     device=device,
                     first=first,
@@ -443,6 +477,7 @@ def parameters_fingerprint(params) -> list[list]:
     alike, so a difference means another model, another parameter order or another initialisation on some rank."""
     out = []
     for p in params:
+        p = local_of(p)  # a shard: the ranks that compare it hold the same one
         x = p.detach().reshape(-1)
         x = torch.view_as_real(x) if x.is_complex() else x
         x = x.to(torch.float64)

@@ -122,16 +122,20 @@ def without_feedback(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _Probe:
-    """A ``Stateful`` with a :class:`FeedbackStateful`'s keys whose load only checks (see :func:`load_dcp`)."""
+    """A ``Stateful`` with a :class:`FeedbackStateful`'s keys (``header``: without its tensors) whose load only
+    checks (see :func:`load_dcp`)."""
 
-    def __init__(self, stateful: FeedbackStateful):
-        self.stateful = stateful
+    def __init__(self, stateful: FeedbackStateful, *, header: bool = False):
+        self.stateful, self.header = stateful, header
 
     def state_dict(self) -> dict[str, Any]:
-        return self.stateful.state_dict()
+        return self.stateful.header() if self.header else self.stateful.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.stateful.check(state_dict)
+        if self.header:
+            self.stateful.check_header(state_dict)
+        else:
+            self.stateful.check(state_dict)
 
 
 def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -> None:
@@ -140,14 +144,18 @@ def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -
 
     ``dcp.load`` writes the model's tensors in place as it reads them and hands a ``Stateful`` its entry only
     afterwards, so a feedback entry rejected there (another method, another world size) would leave the model
-    overwritten. This reads every :class:`FeedbackStateful` entry of ``state_dict`` first and checks it (the
-    feedback state is read twice), raises before anything is written if one is rejected, and then runs
-    ``dcp.load`` on everything."""
+    overwritten. This reads every :class:`FeedbackStateful` entry of ``state_dict`` first and checks it (its
+    header, then its tensors: the feedback state is read twice), raises before anything is written if one is
+    rejected, and then runs ``dcp.load`` on everything."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    probes = {k: _Probe(v) for k, v in state_dict.items() if isinstance(v, FeedbackStateful)}
-    if probes:
-        dcp.load(probes, checkpoint_id=checkpoint_id, **kwargs)
+    feedback = {k: v for k, v in state_dict.items() if isinstance(v, FeedbackStateful)}
+    if feedback:  # the header first: DCP refuses tensors of another size before a check could say why
+        headers = {k: _Probe(v, header=True) for k, v in feedback.items()}
+        partial = {**kwargs, "planner": DefaultLoadPlanner(allow_partial_load=True)}  # older ones lack optional keys
+        dcp.load(headers, checkpoint_id=checkpoint_id, **partial)
+        dcp.load({k: _Probe(v) for k, v in feedback.items()}, checkpoint_id=checkpoint_id, **kwargs)
     dcp.load(state_dict, checkpoint_id=checkpoint_id, **kwargs)
 
 
@@ -172,7 +180,7 @@ def _owners(objects, what: str) -> list[FrontEnd]:
 
 
 def _rank_world(owners) -> tuple[int, int]:
-    ranks = {(o.rank, o.world_size) for o in owners}
+    ranks = {(o.process_rank, o.process_count) for o in owners}
     if len(ranks) != 1:
         raise ValueError(f"the objects run on different process groups (rank, world_size): {sorted(ranks)}")
     return next(iter(ranks))

@@ -229,7 +229,7 @@ class CompressionState(FrontEnd):
         (a framework handing every rank rank 0's checkpoint).
         """
         problems = check_envelope(
-            state_dict, kind=self.kind, rank=self.rank, world_size=self.world_size, feedback=self.feedback
+            state_dict, kind=self.kind, rank=self.process_rank, world_size=self.process_count, feedback=self.feedback
         )
         if self.round.restored():
             log.info("CompressionState: kept the state restored from this rank's per-rank checkpoint")

@@ -65,6 +65,7 @@ class FrontEnd:
 
     kind: ClassVar[str] = "front end"
     restart_hint: ClassVar[str] = ""
+    optional_keys: ClassVar[tuple[str, ...]] = ()  # extras only some runs write (a sharded model's mesh)
     round: RoundState
     feedback: Any
     _agreed: bool
@@ -77,6 +78,18 @@ class FrontEnd:
     @property
     def world_size(self) -> int:
         raise NotImplementedError
+
+    @property
+    def process_rank(self) -> int:
+        """This process's rank in the default group (its exchange rank when there is none): the identity of its
+        checkpoint. It differs from :attr:`rank` when the exchange runs over a subgroup (the replicas of a sharded
+        model, where several processes hold the same exchange rank and different shards)."""
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else self.rank
+
+    @property
+    def process_count(self) -> int:
+        """The default group's size (the exchange's when there is none)."""
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else self.world_size
 
     def _feedback_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]] | None:
         """Every parameter the feedback state covers: name -> (numel, dtype, device); ``None`` when not known yet
@@ -121,8 +134,8 @@ class FrontEnd:
             body = self.round.state_dict_for(layout, with_server=self._with_server())
         return {
             "format_version": FORMAT_VERSION,
-            "rank": self.rank,
-            "world_size": self.world_size,
+            "rank": self.process_rank,
+            "world_size": self.process_count,
             **self._extras(),
             **body,
         }
@@ -130,23 +143,28 @@ class FrontEnd:
     def check_feedback_state_dict(self, state_dict: Any, *, strict: bool = True) -> FeedbackPlan:
         """Everything a load checks (envelope, method, extras, parameter names and sizes), without changing
         anything: a :class:`FeedbackPlan` whose :meth:`~FeedbackPlan.apply` loads it."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"a {self.kind} feedback state_dict must be a mapping, got {type(state_dict).__name__}")
-        sd = self._migrate(state_dict)
-        problems = check_envelope(
-            sd, kind=self.kind, rank=self.rank, world_size=self.world_size, feedback=self.feedback
-        )
-        problems += self._extra_problems(sd)
-        if problems:
-            foreign = sd.get("world_size") == self.world_size and sd.get("rank") != self.rank
-            restart = self.restart_hint
-            hint = FOREIGN_RANK_HINT.format(restart=restart) if foreign else f"to restart the method: {restart}"
-            raise ValueError(f"cannot load {self.kind} state: " + "; ".join(problems) + ". " + hint)
+        sd = self.check_header(state_dict)
         extras = self._check_extras(sd)
         layout = self._feedback_layout()
         sizes = None if layout is None else {n: v[0] for n, v in layout.items()}
         checked = self.round.check(sd, sizes=sizes, strict=strict)
         return FeedbackPlan(self, checked, extras)
+
+    def check_header(self, state_dict: Any) -> Mapping[str, Any]:
+        """The checks that need no tensor (format, rank, world size, method, the extras' configuration): raises
+        ``ValueError`` saying what to do; returns the state dict in the current format."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"a {self.kind} feedback state_dict must be a mapping, got {type(state_dict).__name__}")
+        sd = self._migrate(state_dict)
+        rank, world = self.process_rank, self.process_count
+        problems = check_envelope(sd, kind=self.kind, rank=rank, world_size=world, feedback=self.feedback)
+        problems += self._extra_problems(sd)
+        if problems:
+            foreign = sd.get("world_size") == world and sd.get("rank") != rank
+            restart = self.restart_hint
+            hint = FOREIGN_RANK_HINT.format(restart=restart) if foreign else f"to restart the method: {restart}"
+            raise ValueError(f"cannot load {self.kind} state: " + "; ".join(problems) + ". " + hint)
+        return sd
 
     def load_feedback_state_dict(self, state_dict: Any) -> None:
         """Load this rank's own feedback state (strictly; nothing changes when a check fails). Like a state
@@ -217,7 +235,7 @@ class FeedbackStateful:
 
     @property
     def key(self) -> str:
-        return f"rank{self.owner.rank}"
+        return f"rank{self.owner.process_rank}"
 
     def state_dict(self) -> dict[str, Any]:
         sd = self.owner.feedback_state_dict()
@@ -234,6 +252,20 @@ class FeedbackStateful:
 
     def check(self, state_dict: Mapping[str, Any]) -> FeedbackPlan:
         """Everything :meth:`load_state_dict` checks (rank, world size, method, extras, layout), changing nothing."""
+        return self.owner.check_feedback_state_dict(self._decoded(state_dict))
+
+    def header(self) -> dict[str, Any]:
+        """:meth:`state_dict` without the per-parameter tensors: what :meth:`check_header` needs (with the front
+        end's optional keys, ``None`` where this run has none, so that a checkpoint that has them fills them)."""
+        sd = {k: v for k, v in self.state_dict()[self.key].items() if k != "params"}
+        return {self.key: {**{k: None for k in self.owner.optional_keys}, **sd}}
+
+    def check_header(self, state_dict: Mapping[str, Any]) -> None:
+        """The checks that need no tensor (:meth:`FrontEnd.check_header`): DCP checks tensor sizes before anything
+        else, so a checkpoint of another mesh or world size would fail there without saying why."""
+        self.owner.check_header(self._decoded(state_dict))
+
+    def _decoded(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(state_dict, Mapping) or self.key not in state_dict:
             have = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
             raise ValueError(f"no feedback state for {self.key} in this checkpoint entry (has {have})")
@@ -245,7 +277,7 @@ class FeedbackStateful:
         for k, v in sd.items():
             if isinstance(v, bytes):
                 sd[k] = torch.load(io.BytesIO(v), map_location="cpu", weights_only=True)
-        return self.owner.check_feedback_state_dict(sd)
+        return sd
 
 
 def live_instances(cls: type):

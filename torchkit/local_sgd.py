@@ -30,6 +30,7 @@ from ._wrapped import (
     collect_works,
     group_options,
     needs_closure,
+    shard_count,
     unscaled_and_bad,
 )
 from .comm import RoundOptions, agree_max, nonfinite_flag, settle_nonfinite, start_round
@@ -119,6 +120,11 @@ class LocalSGD(WrappedOptimizer):
             )
         self._options = RoundOptions(wire_dtype=wire_dtype)  # checks wire_dtype; finiteness is checked before
         self._wrap(optimizer_class, params, defaults)
+        if shard_count([p for g in self.param_groups for p in g["params"]]) > 1:
+            raise TypeError(
+                "LocalSGD over sharded (fully_shard) parameters is not supported yet; use tk.CompressedOptimizer "
+                "over the replicas' group for HSDP, or LocalSGD on a replicated model"
+            )
         self.feedback = feedback
         self.sync_every = sync_every
         self.process_group = process_group

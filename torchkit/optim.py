@@ -24,10 +24,13 @@ from ._wrapped import (
     called_from_dcp_init,
     check_common_args,
     collect_works,
+    grad_like,
     group_options,
     is_view_of,
+    local_of,
     options_digest,
     parameters_fingerprint,
+    shard_count,
 )
 from .comm import RoundOptions, agree_max, nonfinite_flag, settle_nonfinite, start_round
 from .coupling import warn_coupling
@@ -190,7 +193,7 @@ class CompressedOptimizer(WrappedOptimizer):
         buf, views = self._flat.get(w)
         copies_src, copies_dst = [], []
         for p, view in zip(w.params, views):
-            g = p.grad
+            g = local_of(p.grad)
             if g is None:
                 view.zero_()
             elif not is_view_of(g, view):
@@ -211,7 +214,7 @@ class CompressedOptimizer(WrappedOptimizer):
             fut = _partial_round(self, blk, w, chosen)
         views = self._flat.get(w)[1]
         for i in chosen:
-            w.params[i].grad = views[i]  # the estimate, in the flat buffer: the next step finds it in place
+            w.params[i].grad = grad_like(w.params[i], views[i])  # the estimate, in the flat buffer, found in place
         return fut
 
     # --------------------------------------------------------------------------------------- multi-rank checks
@@ -258,9 +261,22 @@ class CompressedOptimizer(WrappedOptimizer):
     # the envelope, its checks and the load are the front-end contract's (torchkit.frontend, torchkit._wrapped);
     # this front end adds its counter of skipped steps and the migration of format 1
     kind = "CompressedOptimizer"
+    optional_keys = ("mesh",)
 
     def _extras(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps}
+        return {"skipped_steps": self.skipped_steps, **({"mesh": self._mesh()} if self._mesh() else {})}
+
+    def _mesh(self) -> dict[str, int] | None:
+        """Replicas x shards of a sharded model (FSDP2 inside each replica), else None."""
+        shards = shard_count([p for g in self.param_groups for p in g["params"]])
+        return {"replicas": self.world_size, "shards": shards} if shards > 1 else None
+
+    def _extra_problems(self, sd) -> list[str]:
+        saved, mine = sd.get("mesh"), self._mesh()
+        if saved == mine:
+            return []
+        describe = lambda m: f"{m['replicas']} replicas x {m['shards']} shards" if m else "unsharded"  # noqa: E731
+        return [f"saved {describe(saved)}, this run is {describe(mine)} (sharded feedback state cannot be re-sharded)"]
 
     def _check_extras(self, sd) -> int:
         return int(sd.get("skipped_steps", 0))

@@ -1,0 +1,206 @@
+"""Issue 23: HSDP with a compressed replica exchange on 4 Gloo ranks as a 2 x 2 mesh (2 replicas x 2 shards).
+
+Parameters are sharded inside each replica by FSDP2 (``fully_shard`` over the mesh's ``shard`` dimension: the
+reduce-scatter averages the replica's gradient onto each rank's shard); ``tk.CompressedOptimizer`` over the mesh's
+``replicate`` group runs the feedback method's round on each rank's local shard. With a TopK whose chunks tile the
+shards (``TopK(chunk=...)`` per tensor), that is the same selection as on the full parameters, so the trajectory
+must equal the replicated reference (the wrapper on full parameters, one worker per replica, each with its replica's
+gradient) to floating-point tolerance, for every registered method; the feedback state per rank is the full model's
+divided by the shard count; a DCP restart on the same mesh resumes bit-exactly, another mesh shape raises."""
+
+import pytest
+import torch
+
+import torchkit as tk
+from tests.dist_utils import run_dist
+
+pytestmark = pytest.mark.dist
+REPLICAS, SHARDS, STEPS = 2, 2, 4
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8)).double()
+
+
+def _data(replica, shard, t):
+    g = torch.Generator().manual_seed(100 * replica + 10 * shard + t)
+    return torch.randn(5, 8, generator=g).double(), torch.randn(5, 8, generator=g).double()
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _feedback(name):
+    from tests.methods import make
+
+    return make(name, tk.TopK(ratio=0.5, chunk=4), n_workers=REPLICAS, granularity="tensor")  # chunks tile shards
+
+
+def _sharded(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    net = _net()
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh["shard"])
+    fully_shard(net, mesh=mesh["shard"])
+    return net
+
+
+def _state_numel(opt):
+    return sum(t.numel() for blk in opt.round.blocks.values() for t in blk.vectors().values())
+
+
+def _hsdp(rank, world, path):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tests.methods import METHODS
+
+    mesh = init_device_mesh("cpu", (REPLICAS, SHARDS), mesh_dim_names=("replicate", "shard"))
+    replica, shard = mesh["replicate"].get_local_rank(), mesh["shard"].get_local_rank()
+    replicas = mesh.get_group("replicate")
+    out = {"replica": replica, "shard": shard}
+    for name in METHODS:
+        net = _sharded(mesh)
+        opt = tk.CompressedOptimizer(
+            net.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, feedback=_feedback(name), process_group=replicas
+        )
+        for t in range(STEPS):
+            opt.zero_grad()
+            _loss(net, *_data(replica, shard, t)).backward()
+            opt.step()
+        full = torch.cat([p.full_tensor().reshape(-1) for p in net.parameters()])
+        ref = None
+        if shard == 0:  # the replicated reference: full parameters, one worker per replica, over the same group
+            model = _net()
+            ropt = tk.CompressedOptimizer(
+                model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, feedback=_feedback(name),
+                process_group=replicas,
+            )  # fmt: skip
+            for t in range(STEPS):
+                ropt.zero_grad()
+                for s in range(SHARDS):  # the replica's gradient: the mean over its shards' micro-batches
+                    (_loss(model, *_data(replica, s, t)) / SHARDS).backward()
+                ropt.step()
+            ref = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            out.setdefault("ref_state", {})[name] = _state_numel(ropt)
+        out.setdefault("full", {})[name] = full
+        out.setdefault("ref", {})[name] = ref
+        out.setdefault("state", {})[name] = _state_numel(opt)
+    out["dcp"] = _dcp_restart(mesh, replica, shard, path)
+    out["errors"] = _bad_input(mesh)
+    return out
+
+
+def _dcp_restart(mesh, replica, shard, path):
+    """Save model, optimizer and feedback state with DCP on the 2 x 2 mesh, restart into fresh objects, continue:
+    bit-exact. The same checkpoint on a 4 x 1 mesh (the feedback state of other shards) raises, nothing loaded."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from torchkit.checkpoint import load_dcp
+
+    def build(m):
+        net = _sharded(m)
+        opt = tk.CompressedOptimizer(
+            net.parameters(), torch.optim.AdamW, lr=0.01, feedback=_feedback("ef21sgdm"),
+            process_group=m.get_group("replicate"),
+        )  # fmt: skip
+        return net, opt
+
+    def train(net, opt, steps):
+        for t in steps:
+            opt.zero_grad()
+            _loss(net, *_data(replica, shard, t)).backward()
+            opt.step()
+
+    def entries(net, opt):
+        model_sd, optim_sd = get_state_dict(net, opt)
+        return {"model": model_sd, "optim": optim_sd, "feedback": opt.feedback_stateful()}
+
+    net, opt = build(mesh)
+    train(net, opt, range(3))
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(entries(net, opt), checkpoint_id=f"{path}/dcp")
+    train(net, opt, range(3, 6))
+    want = [p.to_local().clone() for p in net.parameters()]
+    net, opt = build(mesh)
+    sd = entries(net, opt)
+    load_dcp(sd, checkpoint_id=f"{path}/dcp")
+    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    train(net, opt, range(3, 6))
+    exact = all(torch.equal(p.to_local(), w) for p, w in zip(net.parameters(), want))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    other = init_device_mesh("cpu", (REPLICAS * SHARDS, 1), mesh_dim_names=("replicate", "shard"))
+    net, opt = build(other)
+    try:
+        load_dcp(entries(net, opt), checkpoint_id=f"{path}/dcp")
+        wrong = "loaded"
+    except ValueError as exc:
+        wrong = str(exc)
+    return exact, wrong
+
+
+def _bad_input(mesh):
+    """Parameters sharded and plain in one optimizer: a clear error naming the cause."""
+    net = _sharded(mesh)
+    plain = torch.nn.Linear(2, 2).double()
+    try:
+        tk.CompressedOptimizer(
+            [*net.parameters(), *plain.parameters()], torch.optim.SGD, lr=0.1, feedback=_feedback("ef14"),
+            process_group=mesh.get_group("replicate"),
+        ).state_dict()  # fmt: skip
+        mixed = "accepted"
+    except TypeError as exc:
+        mixed = str(exc)
+    try:
+        tk.LocalSGD(net.parameters(), torch.optim.SGD, lr=0.1, feedback=_feedback("ef14"), sync_every=2)
+        local = "accepted"
+    except TypeError as exc:
+        local = str(exc)
+    return mixed, local
+
+
+@pytest.fixture(scope="module")
+def hsdp(tmp_path_factory):
+    return run_dist(_hsdp, REPLICAS * SHARDS, str(tmp_path_factory.mktemp("hsdp")))
+
+
+def test_hsdp_follows_the_replicated_reference_for_every_method(hsdp):
+    from tests.methods import METHODS
+
+    refs = {r["replica"]: r["ref"] for r in hsdp if r["shard"] == 0}
+    for r in hsdp:
+        for name in METHODS:
+            torch.testing.assert_close(r["full"][name], refs[r["replica"]][name], rtol=1e-12, atol=1e-12, msg=name)
+    for name in METHODS:  # the replicas agree
+        assert torch.equal(hsdp[0]["full"][name], hsdp[-1]["full"][name]) or torch.allclose(
+            hsdp[0]["full"][name], hsdp[-1]["full"][name], rtol=1e-12, atol=1e-12
+        )
+
+
+def test_dcp_restart_on_the_same_mesh_is_bit_exact_and_another_mesh_raises(hsdp):
+    for r in hsdp:
+        exact, wrong = r["dcp"]
+        assert exact, f"rank {r['replica']}.{r['shard']}: the DCP restart is not bit-exact"
+        assert "saved 2 replicas x 2 shards, this run is unsharded" in wrong, wrong
+
+
+def test_bad_input_gets_clear_errors(hsdp):
+    for r in hsdp:
+        mixed, local = r["errors"]
+        assert "some parameters are DTensors (fully_shard) and others are not" in mixed
+        assert "LocalSGD over sharded (fully_shard) parameters is not supported yet" in local
+
+
+def test_feedback_state_per_rank_is_the_full_models_over_the_shards(hsdp):
+    from tests.methods import METHODS
+
+    for r in hsdp:
+        for name in METHODS:
+            full = next(x for x in hsdp if x["shard"] == 0)["ref_state"][name]
+            # each rank's state: its shard of every parameter (padded vectors count their logical length)
+            assert r["state"][name] * SHARDS == full, (name, r["state"][name], full)
