@@ -1,4 +1,5 @@
-"""Issue 23: HSDP with a compressed replica exchange on 4 Gloo ranks as a 2 x 2 mesh (2 replicas x 2 shards).
+"""Issue 23: HSDP with a compressed replica exchange, and LocalSGD over FSDP2, on 4 Gloo ranks as a 2 x 2 mesh (2
+replicas x 2 shards).
 
 Parameters are sharded inside each replica by FSDP2 (``fully_shard`` over the mesh's ``shard`` dimension: the
 reduce-scatter averages the replica's gradient onto each rank's shard); ``tk.CompressedOptimizer`` over the mesh's
@@ -89,9 +90,80 @@ def _hsdp(rank, world, path):
         out.setdefault("full", {})[name] = full
         out.setdefault("ref", {})[name] = ref
         out.setdefault("state", {})[name] = _state_numel(opt)
+    out["local"] = _local_sgd(mesh, replica, shard)
     out["dcp"] = _dcp_restart(mesh, replica, shard, path)
+    out["local_dcp"] = _local_dcp_restart(mesh, replica, shard, path)
     out["errors"] = _bad_input(mesh)
     return out
+
+
+def _local_sgd(mesh, replica, shard):
+    """LocalSGD over FSDP2: inner steps on each replica's sharded model, every H steps the compressed outer round
+    on the local shards of the pseudo-gradient, the anchors sharded too; against LocalSGD on full parameters with
+    one worker per replica (its inner gradient the mean over the replica's shards' micro-batches)."""
+    from tests.methods import METHODS
+
+    replicas, out = mesh.get_group("replicate"), {}
+    nesterov = {"outer_optimizer": lambda groups: torch.optim.SGD(groups, lr=0.7, momentum=0.9, nesterov=True)}
+    for name in METHODS:
+        net = _sharded(mesh)
+        opt = tk.LocalSGD(net.parameters(), torch.optim.AdamW, lr=0.02, feedback=_feedback(name), sync_every=2,
+                          process_group=replicas, **nesterov)  # fmt: skip
+        for t in range(5):  # two rounds, then one local step
+            opt.zero_grad()
+            _loss(net, *_data(replica, shard, t)).backward()
+            opt.step()
+        full = torch.cat([p.full_tensor().reshape(-1) for p in net.parameters()])
+        ref = None
+        if shard == 0:
+            model = _net()
+            ropt = tk.LocalSGD(model.parameters(), torch.optim.AdamW, lr=0.02, feedback=_feedback(name), sync_every=2,
+                               process_group=replicas, **nesterov)  # fmt: skip
+            for t in range(5):
+                ropt.zero_grad()
+                for s in range(SHARDS):
+                    (_loss(model, *_data(replica, s, t)) / SHARDS).backward()
+                ropt.step()
+            ref = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        out[name] = (full, ref, opt.rounds)
+    return out
+
+
+def _local_dcp_restart(mesh, replica, shard, path):
+    """LocalSGD over FSDP2 saved with DCP in the middle of a period (every rank's parameters its own; DCP keeps
+    one replica's model shards), restarted: bit-exact on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from torchkit.checkpoint import load_dcp
+
+    def build():
+        net = _sharded(mesh)
+        opt = tk.LocalSGD(net.parameters(), torch.optim.AdamW, lr=0.02, feedback=_feedback("ef14"), sync_every=2,
+                          process_group=mesh.get_group("replicate"))  # fmt: skip
+        return net, opt
+
+    def train(net, opt, steps):
+        for t in steps:
+            opt.zero_grad()
+            _loss(net, *_data(replica, shard, t)).backward()
+            opt.step()
+
+    def entries(net, opt):
+        model_sd, optim_sd = get_state_dict(net, opt)
+        return {"model": model_sd, "optim": optim_sd, "feedback": opt.feedback_stateful()}
+
+    net, opt = build()
+    train(net, opt, range(3))  # mid-period
+    dcp.save(entries(net, opt), checkpoint_id=f"{path}/local-dcp")
+    train(net, opt, range(3, 7))
+    want = [p.to_local().clone() for p in net.parameters()]
+    net, opt = build()
+    sd = entries(net, opt)
+    load_dcp(sd, checkpoint_id=f"{path}/local-dcp")
+    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    train(net, opt, range(3, 7))
+    return all(torch.equal(p.to_local(), w) for p, w in zip(net.parameters(), want))
 
 
 def _dcp_restart(mesh, replica, shard, path):
@@ -157,7 +229,8 @@ def _bad_input(mesh):
     except TypeError as exc:
         mixed = str(exc)
     try:
-        tk.LocalSGD(net.parameters(), torch.optim.SGD, lr=0.1, feedback=_feedback("ef14"), sync_every=2)
+        tk.LocalSGD([*net.parameters(), *plain.parameters()], torch.optim.SGD, lr=0.1, feedback=_feedback("ef14"),
+                    sync_every=2)  # fmt: skip
         local = "accepted"
     except TypeError as exc:
         local = str(exc)
@@ -189,11 +262,28 @@ def test_dcp_restart_on_the_same_mesh_is_bit_exact_and_another_mesh_raises(hsdp)
         assert "saved 2 replicas x 2 shards, this run is unsharded" in wrong, wrong
 
 
+def test_local_sgd_over_fsdp2_follows_its_replicated_reference_for_every_method(hsdp):
+    from tests.methods import METHODS
+
+    refs = {r["replica"]: r["local"] for r in hsdp if r["shard"] == 0}
+    for r in hsdp:
+        for name in METHODS:
+            full, _, rounds = r["local"][name]
+            assert rounds == 2
+            torch.testing.assert_close(full, refs[r["replica"]][name][1], rtol=1e-12, atol=1e-12, msg=name)
+    # ended mid-period: the replicas' parameters are their own
+    assert not torch.equal(refs[0]["ef14"][1], refs[1]["ef14"][1])
+
+
+def test_local_sgd_over_fsdp2_resumes_mid_period_from_dcp_bit_exactly(hsdp):
+    assert all(r["local_dcp"] for r in hsdp)
+
+
 def test_bad_input_gets_clear_errors(hsdp):
     for r in hsdp:
         mixed, local = r["errors"]
         assert "some parameters are DTensors (fully_shard) and others are not" in mixed
-        assert "LocalSGD over sharded (fully_shard) parameters is not supported yet" in local
+        assert "some parameters are DTensors (fully_shard) and others are not" in local
 
 
 def test_feedback_state_per_rank_is_the_full_models_over_the_shards(hsdp):

@@ -161,6 +161,24 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         that step initialises the inner optimizer only; no round runs and no state of this front end changes."""
         return self.inner.step()
 
+    optional_keys = ("mesh",)
+
+    def _mesh(self) -> dict[str, int] | None:
+        """Replicas x shards of a sharded model (FSDP2 inside each replica), else None."""
+        shards = shard_count([p for g in self.param_groups for p in g["params"]])
+        return {"replicas": self.world_size, "shards": shards} if shards > 1 else None
+
+    def _mesh_extra(self) -> dict[str, Any]:
+        mesh = self._mesh()
+        return {"mesh": mesh} if mesh else {}
+
+    def _mesh_problems(self, sd) -> list[str]:
+        saved, mine = sd.get("mesh"), self._mesh()
+        if saved == mine:
+            return []
+        describe = lambda m: f"{m['replicas']} replicas x {m['shards']} shards" if m else "unsharded"  # noqa: E731
+        return [f"saved {describe(saved)}, this run is {describe(mine)} (sharded feedback state cannot be re-sharded)"]
+
     def _kept_restored_state(self) -> None:
         """A state_dict came after this rank's own state was restored (a framework's rank-0 checkpoint)."""
 
@@ -220,8 +238,9 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
 class Work:
     """Parameters of one parameter group, dtype and device: they go through one round together, in one flat buffer.
 
-    ``like`` are the tensors the buffer's views are shaped as (the parameters, or LocalSGD's anchors); ``dtype`` is
-    the buffer's (real) dtype; ``first`` is the index of the first parameter among all of the wrapper's."""
+    ``like`` are the tensors the buffer's views are shaped as (the parameters, or LocalSGD's anchors; a ``DTensor``'s
+    local shard); ``dtype`` is the buffer's (real) dtype; ``first`` is the index of the first parameter among all
+    of the wrapper's."""
 
     key: tuple
     names: tuple
@@ -284,7 +303,7 @@ def collect_works(param_groups, like_of=None) -> list[Work]:
     parameters). Gradients are checked first: sparse ones raise ``TypeError``, a wrong shape ``ValueError``."""
     works, first = [], 0
     for gi, group in enumerate(param_groups):
-        likes = [local_of(p) for p in group["params"]] if like_of is None else like_of(gi)
+        likes = group["params"] if like_of is None else like_of(gi)
         by_kind: dict[tuple, list] = {}
         for pi, (p, like) in enumerate(zip(group["params"], likes)):
             if not p.requires_grad:
@@ -304,7 +323,7 @@ def collect_works(param_groups, like_of=None) -> list[Work]:
                     params=[p for _, p, _ in named],
                     like=[t for _, _, t in named],
                     sizes=tuple(numel_real(local_of(p)) for _, p, _ in named),
-                    dtype=real_dtype(named[0][2].dtype),
+                    dtype=real_dtype(local_of(named[0][2]).dtype),
                     device=device,
                     first=first,
                 )
@@ -344,7 +363,7 @@ class FlatGrads:
             buf = ops.padded_zeros(sum(w.sizes), dtype=w.dtype, device=w.device)  # the kernels own the tail
             views, a = [], 0
             for n, t in zip(w.sizes, w.like):
-                views.append(grad_view(buf, a, a + n, t))
+                views.append(grad_view(buf, a, a + n, local_of(t)))
                 a += n
             entry = self._bufs[w.key] = (ident, buf, views)
         return entry[1], entry[2]

@@ -28,7 +28,9 @@ from ._wrapped import (
     check_groups,
     check_inner_state,
     collect_works,
+    grad_like,
     group_options,
+    local_of,
     needs_closure,
     shard_count,
     unscaled_and_bad,
@@ -120,11 +122,7 @@ class LocalSGD(WrappedOptimizer):
             )
         self._options = RoundOptions(wire_dtype=wire_dtype)  # checks wire_dtype; finiteness is checked before
         self._wrap(optimizer_class, params, defaults)
-        if shard_count([p for g in self.param_groups for p in g["params"]]) > 1:
-            raise TypeError(
-                "LocalSGD over sharded (fully_shard) parameters is not supported yet; use tk.CompressedOptimizer "
-                "over the replicas' group for HSDP, or LocalSGD on a replicated model"
-            )
+        shard_count([p for g in self.param_groups for p in g["params"]])  # sharded and plain mixed: refused
         self.feedback = feedback
         self.sync_every = sync_every
         self.process_group = process_group
@@ -259,15 +257,16 @@ class LocalSGD(WrappedOptimizer):
             "inner": self.inner.state_dict(),  # per rank too: each rank's inner steps are its own (no copy is saved)
             **self._anchor.state_dict(self.param_groups, mid_period=self.local_step > 0),
         }
-        return {"skipped_steps": self.skipped_steps, "local_sgd": local}
+        return {"skipped_steps": self.skipped_steps, "local_sgd": local, **self._mesh_extra()}
 
     def _extra_problems(self, sd) -> list[str]:
         local = sd.get("local_sgd")
         if not isinstance(local, Mapping):
             raise ValueError("not a LocalSGD state_dict (no 'local_sgd' entry; a CompressedOptimizer's?)")
+        problems = self._mesh_problems(sd)
         if local.get("sync_every") != self.sync_every:
-            return [f"saved with sync_every={local.get('sync_every')!r}, this run has {self.sync_every}"]
-        return []
+            problems.append(f"saved with sync_every={local.get('sync_every')!r}, this run has {self.sync_every}")
+        return problems
 
     def _check_extras(self, sd) -> dict[str, Any]:
         local = sd["local_sgd"]
@@ -330,13 +329,14 @@ class _Anchor:
         self.outer.add_param_group({"params": [_new_anchor(p) for p in params]})
 
     def take(self, param_groups, group) -> None:
-        """Rank 0's parameters on every rank (``group``: the process group, ``False`` alone), and the anchor at them."""
+        """Rank 0's parameters on every rank (``group``: the process group, ``False`` alone), and the anchor at them
+        (a sharded parameter: its local shard, from the rank 0 of the replicas holding the same shard)."""
         for g, pg in enumerate(param_groups):
             for p, a in zip(pg["params"], self.of(g)):
                 if group is not False:
                     src = dist.get_global_rank(group, 0) if group is not None else 0
-                    dist.broadcast(p.data, src=src, group=group)
-                a.copy_(p.detach())
+                    dist.broadcast(local_of(p.detach()), src=src, group=group)
+                local_of(a).copy_(local_of(p.detach()))
         self.taken = True
 
     @staticmethod
@@ -344,6 +344,7 @@ class _Anchor:
         """``anchor - x`` of the work item's parameters, in its persistent flat buffer (also ``w.flat``)."""
         buf, views = flat.get(w)
         for p, a, view in zip(w.params, w.like, views):
+            p, a = local_of(p.detach()), local_of(a)
             view.copy_(a)
             view.sub_(p if p.dtype == a.dtype else p.to(a.dtype))
         w.flat = buf
@@ -353,7 +354,7 @@ class _Anchor:
         """The outer step on the round's estimate (each anchor's view of it)."""
         for w, views in estimates:
             for a, view in zip(w.like, views):
-                a.grad = view
+                a.grad = grad_like(a, view)
         self.outer.step()
         for w, _ in estimates:
             for a in w.like:
@@ -363,18 +364,18 @@ class _Anchor:
     def reset(works: list[Work]) -> None:
         for w in works:
             for p, a in zip(w.params, w.like):
-                p.copy_(a)
+                local_of(p.detach()).copy_(local_of(a))
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self, param_groups, *, mid_period: bool) -> dict[str, Any]:
         names, params = _named(param_groups)
         return {
             "anchored": self.taken,
-            "anchors": {n: a.detach().clone() for n, a in zip(names, self.all())},
+            "anchors": {n: local_of(a).detach().clone() for n, a in zip(names, self.all())},
             "outer": self.outer.state_dict(),
             # between synchronisations each rank's parameters are its own, and a framework's (or DCP's) model
             # checkpoint holds one rank's: keep this rank's
-            "params": {n: p.detach().clone() for n, p in zip(names, params)} if mid_period else None,
+            "params": {n: local_of(p.detach()).clone() for n, p in zip(names, params)} if mid_period else None,
         }
 
     def check(self, saved: Mapping[str, Any], param_groups) -> dict[str, Any]:
@@ -382,9 +383,9 @@ class _Anchor:
         names, params = _named(param_groups)
         if not isinstance(saved.get("anchors"), Mapping):
             raise ValueError("LocalSGD state_dict has no 'anchors' mapping")
-        anchors = _checked_tensors("anchor", saved["anchors"], names, self.all())
+        anchors = _checked_tensors("anchor", saved["anchors"], names, [local_of(a) for a in self.all()])
         local = saved.get("params")
-        local = None if local is None else _checked_tensors("parameter", local, names, params)
+        local = None if local is None else _checked_tensors("parameter", local, names, [local_of(p) for p in params])
         return {"outer": saved["outer"], "anchors": anchors, "params": local, "anchored": saved.get("anchored", True)}
 
     def apply(self, checked: dict[str, Any], param_groups) -> None:
@@ -393,7 +394,7 @@ class _Anchor:
         except Exception as exc:
             raise ValueError(f"cannot load LocalSGD state: the outer optimizer refused its state ({exc!r})") from exc
         for a, t in zip(self.all(), checked["anchors"]):  # nothing below can fail
-            a.copy_(t)
+            local_of(a).copy_(t)
         self.taken = bool(checked["anchored"])
         self.local_params = checked["params"]
         self.put_back(param_groups)
@@ -403,7 +404,7 @@ class _Anchor:
         if self.local_params is not None:
             with torch.no_grad():
                 for p, t in zip(_named(param_groups)[1], self.local_params):
-                    p.copy_(t)
+                    local_of(p.detach()).copy_(t)
 
 
 def _configuration(opt: LocalSGD) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from ._wrapped import (
     local_of,
     options_digest,
     parameters_fingerprint,
-    shard_count,
 )
 from .comm import RoundOptions, agree_max, nonfinite_flag, settle_nonfinite, start_round
 from .coupling import warn_coupling
@@ -261,22 +260,12 @@ class CompressedOptimizer(WrappedOptimizer):
     # the envelope, its checks and the load are the front-end contract's (torchkit.frontend, torchkit._wrapped);
     # this front end adds its counter of skipped steps and the migration of format 1
     kind = "CompressedOptimizer"
-    optional_keys = ("mesh",)
 
     def _extras(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps, **({"mesh": self._mesh()} if self._mesh() else {})}
-
-    def _mesh(self) -> dict[str, int] | None:
-        """Replicas x shards of a sharded model (FSDP2 inside each replica), else None."""
-        shards = shard_count([p for g in self.param_groups for p in g["params"]])
-        return {"replicas": self.world_size, "shards": shards} if shards > 1 else None
+        return {"skipped_steps": self.skipped_steps, **self._mesh_extra()}
 
     def _extra_problems(self, sd) -> list[str]:
-        saved, mine = sd.get("mesh"), self._mesh()
-        if saved == mine:
-            return []
-        describe = lambda m: f"{m['replicas']} replicas x {m['shards']} shards" if m else "unsharded"  # noqa: E731
-        return [f"saved {describe(saved)}, this run is {describe(mine)} (sharded feedback state cannot be re-sharded)"]
+        return self._mesh_problems(sd)
 
     def _check_extras(self, sd) -> int:
         return int(sd.get("skipped_steps", 0))
