@@ -6,7 +6,9 @@ One rank (Gloo on CPU, NCCL on a GPU), one bucket of d fp32 elements, TopK at ``
 op alone (``ef14_step_``/``ef21_step_``/``econtrol_step_``); "hook" is :func:`torchkit.ddp.compression_hook` on
 that bucket until its future completes (worker step, non-finite detection, exchange, estimate written into the
 bucket). Every call starts from the same gradient and feedback state (restored untimed), the two interleaved.
-Writes ``<out>/<device>/hook.json``.
+Times are wall-clock per call (``torchkit.apps.bench.time_interleaved``: CUDA events on a GPU, ``perf_counter``
+on the CPU); at small sizes (``--sizes 4096 65536 --name hook_small``) the kernel is tiny and the difference
+hook - kernel is the host work per bucket. Writes ``<out>/<device>/<name>.json``.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--name", default="hook", help="result file name (hook_small: the host time at small sizes)")
     args = p.parse_args()
     dev = torch.device(
         "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -136,8 +139,8 @@ def main() -> None:
         "rows": rows,
     }
     slug = device_slug(result["device"])
-    save_result(result, Path(args.out) / slug, "hook", None)
-    print(f"saved {Path(args.out) / slug / 'hook.json'}")
+    save_result(result, Path(args.out) / slug, args.name, None)
+    print(f"saved {Path(args.out) / slug / args.name}.json")
 
 
 if __name__ == "__main__":

@@ -186,7 +186,10 @@ def _done(value) -> torch.futures.Future:
 
 
 def _any_row(bad: Tensor | None) -> Tensor | None:
-    return None if bad is None else bad.reshape(-1).any()
+    """Whether any worker's flag is set (a 0-d flag is one worker's: itself)."""
+    if bad is None or bad.dim() == 0:
+        return bad
+    return bad.reshape(-1).any()
 
 
 class LocalExchanger:
@@ -243,8 +246,7 @@ class DistExchanger:
                 return out, red[d] > 0
 
             return work.get_future().then(finish_dense), red.numel() * red.element_size()
-        packed, layout = pack_message(msg)
-        packed = torch.cat([packed, flag.to(torch.uint8)])
+        packed, layout = pack_message(msg, trailer=flag.to(torch.uint8))  # the flag travels in the same bytes
         gathered, work = all_gather_rows(packed, self.n_workers, self.group, async_op=True)
 
         def finish_sparse(fut):
@@ -318,7 +320,7 @@ def start_round(
     n = exchanger.n_workers
     d = grad.shape[-1]
     dense_bytes = d * grad.element_size()
-    use = _method_for_round(feedback, block.segments, step, n, grad, options)
+    use = _method_for_round(feedback, block, step, n, grad, options)
     bad = None
     if options.nonfinite is not None and (options.nonfinite == "sanitize" or not use.compressor.reveals_nonfinite):
         bad = nonfinite_flag(grad.reshape(-1, d), dim=1)
@@ -359,15 +361,19 @@ def _loose_block(feedback, state, server, d, segments) -> Block:
     return Block(feedback, ("x",), (d,), state=state, server=server, segments=segments or (d,))
 
 
-def _method_for_round(feedback, segments, step, n, grad, options) -> Feedback:
-    """The feedback method itself, or it with the Identity compressor when compressing would not pay."""
+def _method_for_round(feedback, block, step, n, grad, options) -> Feedback:
+    """The feedback method itself, or it with the Identity compressor when compressing would not pay; decided once
+    per block, wire and group size (the byte count depends on nothing else)."""
     if feedback.sends_in_round(step) != "compressed" or options.min_compression_rate <= 0:
         return feedback
     wire = options.wire_dtype or grad.dtype
-    dense = grad.shape[-1] * grad.element_size()
-    if dense < options.min_compression_rate * n * feedback.wire_bytes(segments, step, wire):
-        return feedback.with_compressor(Identity())
-    return feedback
+    key = (id(feedback), wire, grad.dtype, n, options.min_compression_rate)
+    use = block.plans.get(key)
+    if use is None:
+        dense = grad.shape[-1] * grad.element_size()
+        pays = dense >= options.min_compression_rate * n * feedback.wire_bytes(block.segments, step, wire)
+        use = block.plans[key] = feedback if pays else feedback.with_compressor(Identity())
+    return use
 
 
 def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, dense_bytes):
@@ -384,7 +390,7 @@ def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, de
         else None
     )
     if options.nonfinite is not None and bad is None and msg is not None:
-        bad = ~msg.is_finite()  # the compressor keeps every non-finite entry: the message shows it
+        bad = msg.nonfinite()  # the compressor keeps every non-finite entry: the message shows it
     into_server = feedback.server_state and block.server is not None  # the aggregate is added to it directly
     agg = block.server if into_server else block.aggregate_buffer(out, feedback.state_dtype(grad.dtype))
     if feedback.server_state and block.server is None and n == 1:  # one worker: its shift is the estimate

@@ -103,8 +103,8 @@ class SparseMessage:
     def value_bits(self) -> int:
         return self.values.shape[1] * _VALUE_BITS
 
-    def is_finite(self) -> Tensor:
-        return torch.isfinite(self.values).all()
+    def nonfinite(self) -> Tensor:
+        return any_nonfinite(self.values)
 
     def group_bases(self, device=None) -> Tensor:
         """Each entry's group start (the base of its 16-bit offset)."""
@@ -115,9 +115,9 @@ class SparseMessage:
 
     kind = "sparse"
 
-    def pack(self, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
+    def pack(self, value_dtype: torch.dtype | None = None, trailer: Tensor | None = None) -> tuple[Tensor, WireLayout]:
         """Row 0 as bytes: values (int8 with their scales when quantised, else in ``value_dtype``), then
-        indices (16-bit offsets within their chunk, or int32)."""
+        indices (16-bit offsets within their chunk, or int32), then ``trailer`` (bytes the caller adds)."""
         if self.q is not None:
             parts = [self.q[0].contiguous().view(torch.uint8), self.scales[0].float().contiguous().view(torch.uint8)]
             vdtype = torch.int8
@@ -131,7 +131,7 @@ class SparseMessage:
         layout = WireLayout(
             self.kind, self.numel, self.values.shape[1], vdtype, idx.dtype, (), self.groups, self.q is not None
         )
-        return torch.cat(parts), layout
+        return torch.cat(parts if trailer is None else [*parts, trailer]), layout
 
     @staticmethod
     def unpack(buf: Tensor, layout: WireLayout) -> SparseMessage:
@@ -196,8 +196,8 @@ class DenseMessage:
     def value_bits(self) -> int:
         return self.numel * _VALUE_BITS
 
-    def is_finite(self) -> Tensor:
-        return torch.isfinite(self.values).all()
+    def nonfinite(self) -> Tensor:
+        return any_nonfinite(self.values)
 
 
 @dataclass
@@ -235,16 +235,17 @@ class SignMessage:
     def value_bits(self) -> int:
         return self.numel + _VALUE_BITS * len(self.segments)
 
-    def is_finite(self) -> Tensor:
-        return torch.isfinite(self.scales).all()
+    def nonfinite(self) -> Tensor:
+        return any_nonfinite(self.scales)
 
     kind = "sign"
 
-    def pack(self, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
-        """Row 0 as bytes: the packed bits, then the fp32 scales (``value_dtype`` does not apply)."""
+    def pack(self, value_dtype: torch.dtype | None = None, trailer: Tensor | None = None) -> tuple[Tensor, WireLayout]:
+        """Row 0 as bytes: the packed bits, then the fp32 scales (``value_dtype`` does not apply), then ``trailer``."""
         scales = self.scales[0].contiguous()
         layout = WireLayout(self.kind, self.numel, self.bits.shape[1], scales.dtype, None, self.segments)
-        return torch.cat([self.bits[0], scales.view(torch.uint8)]), layout
+        parts = [self.bits[0], scales.view(torch.uint8)]
+        return torch.cat(parts if trailer is None else [*parts, trailer]), layout
 
     @staticmethod
     def unpack(buf: Tensor, layout: WireLayout) -> SignMessage:
@@ -270,6 +271,15 @@ def _pack_bits(mask: Tensor) -> Tensor:
 def _unpack_bits(bits: Tensor, n: int) -> Tensor:
     w = _BIT_WEIGHTS.to(bits.device)
     return (bits.unsqueeze(-1) & w).ne(0).reshape(bits.shape[0], -1)[:, :n]
+
+
+def any_nonfinite(t: Tensor) -> Tensor:
+    """0-d bool: whether ``t`` holds a NaN or an Inf, in three small launches (``~isfinite(t).all()`` takes six):
+    the float64 sum of fp32/bf16/fp16 values cannot overflow (fewer than 2**31 terms, each below 3.5e38), a NaN or
+    an Inf anywhere makes it NaN or Inf, and times zero that is NaN, never zero."""
+    if t.dtype == torch.float64:
+        return ~torch.isfinite(t).all()
+    return t.sum(dtype=torch.float64).mul(0).ne(0)
 
 
 def _scale_list(scale: float | Tensor, n: int) -> list[float]:
@@ -578,11 +588,14 @@ def chunk_wire_bytes(comp: _Sparsifier, segments: Sequence[int], value_dtype=tor
 
 
 # ------------------------------------------------------------------------------------------- wire packing
-def pack_message(msg: Message, value_dtype: torch.dtype | None = None) -> tuple[Tensor, WireLayout]:
-    """One row of ``msg`` as a flat byte tensor (one collective carries values and indices together)."""
+def pack_message(
+    msg: Message, value_dtype: torch.dtype | None = None, trailer: Tensor | None = None
+) -> tuple[Tensor, WireLayout]:
+    """One row of ``msg`` as a flat byte tensor (one collective carries values and indices together), with
+    ``trailer`` (uint8) appended in the same copy."""
     if _MESSAGE_KINDS.get(getattr(msg, "kind", None)) is not type(msg):
         raise TypeError(f"cannot pack {type(msg).__name__}: not a registered message type")
-    return msg.pack(value_dtype)
+    return msg.pack(value_dtype, trailer)
 
 
 def unpack_message(buf: Tensor, layout: WireLayout) -> Message:

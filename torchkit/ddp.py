@@ -94,10 +94,10 @@ class CompressionState(FrontEnd):
         # feedback state (flat blocks per bucket, keyed by parameter name), the bound model, the exchanger
         "round", "_keys", "_names", "_model", "_exchanger", "_agreed", "_queue", "_flags",
         # counters of the last completed iteration, and the running ones
-        "bytes_sent", "dense_bytes", "error_norm_sq", "_acc", "_last", "_lock", "metrics", "_warm",
+        "bytes_sent", "dense_bytes", "error_norm_sq", "_acc", "_last", "_lock", "metrics", "_warm", "_options",
     )  # fmt: skip
     _TRANSIENT = ("process_group", "grad_scaler", "round", "_keys", "_model", "_exchanger", "_agreed", "_lock", "_acc",
-                  "_queue", "_flags", "metrics", "_warm")  # fmt: skip
+                  "_queue", "_flags", "metrics", "_warm", "_options")  # fmt: skip
 
     def __init__(
         self,
@@ -137,6 +137,7 @@ class CompressionState(FrontEnd):
         self._lock = threading.Lock()  # bucket futures complete on communication threads
         self.metrics = CommMetrics()  # cumulative and last-iteration counters, the names every front end uses
         self._warm = 0  # bytes of this warm-up iteration's all-reduces so far
+        self._options: dict[tuple, RoundOptions] = {}  # the rounds' options by bucket dtype and policy, made once
 
     # ------------------------------------------------------------------------------------ identity
     def bind(self, model: torch.nn.Module) -> CompressionState:
@@ -283,7 +284,7 @@ class CompressionState(FrontEnd):
             setattr(self, s, state.get(s))
         self.process_group, self.grad_scaler, self._model, self._exchanger, self._agreed = None, None, None, None, False
         self._keys, self._acc, self._lock, self._queue, self._flags = {}, _new_counters(), threading.Lock(), [], []
-        self.metrics, self._warm = CommMetrics(), 0
+        self.metrics, self._warm, self._options = CommMetrics(), 0, {}
         self.round = RoundState(self.feedback)
         saved = state.get("round_state")
         if saved:
@@ -463,7 +464,11 @@ class _Job:
 
 def _start(state: CompressionState, job: _Job, nonfinite) -> torch.futures.Future[Tensor]:
     buf = job.buf
-    options = RoundOptions(state.wire_dtype or buf.dtype, state.min_compression_rate, nonfinite, state.track_error)
+    key = (buf.dtype, nonfinite, state.wire_dtype, state.min_compression_rate, state.track_error)
+    options = state._options.get(key)
+    if options is None:
+        options = RoundOptions(state.wire_dtype or buf.dtype, state.min_compression_rate, nonfinite, state.track_error)
+        state._options[key] = options
 
     def done(fut):
         res = fut.value()

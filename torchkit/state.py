@@ -60,6 +60,7 @@ class Block:
             offs.append(offs[-1] + n)
         self.spans = dict(zip(self.names, zip(offs[:-1], offs[1:])))
         self.scratch: dict[torch.dtype, Tensor] = {}
+        self.plans: dict[tuple, Feedback] = {}  # the round's method per wire and group size (comm), decided once
 
     @classmethod
     def zeros(
@@ -90,11 +91,11 @@ class Block:
         return buf
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("scratch",)}
+        return {k: v for k, v in self.__dict__.items() if k not in ("scratch", "plans")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.scratch = {}
+        self.scratch, self.plans = {}, {}
         self.state = {k: _repadded(v) for k, v in self.state.items()}  # unpickled vectors own no padding
 
     def vectors(self) -> dict[str, Tensor]:
