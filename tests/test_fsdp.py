@@ -129,13 +129,44 @@ def _local_sgd(mesh, replica, shard):
     return out
 
 
+def _dcp_entries(net, opt):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(net, opt)
+    return {"model": model_sd, "optim": optim_sd, "feedback": opt.feedback_stateful()}
+
+
+def _resumes_bit_exactly(build, replica, shard, where, saved_after, resumed_steps):
+    """Train ``saved_after`` steps, save model, optimizer and feedback state with DCP, train on; then a fresh
+    ``build()`` loads the checkpoint (``load_dcp`` and ``set_state_dict``) and trains the same steps: whether every
+    rank's shards end bit-equal."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from torchkit.checkpoint import load_dcp
+
+    def train(net, opt, steps):
+        for t in steps:
+            opt.zero_grad()
+            _loss(net, *_data(replica, shard, t)).backward()
+            opt.step()
+
+    net, opt = build()
+    train(net, opt, range(saved_after))
+    dcp.save(_dcp_entries(net, opt), checkpoint_id=where)
+    train(net, opt, resumed_steps)
+    want = [p.to_local().clone() for p in net.parameters()]
+    net, opt = build()
+    sd = _dcp_entries(net, opt)
+    load_dcp(sd, checkpoint_id=where)
+    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    train(net, opt, resumed_steps)
+    return all(torch.equal(p.to_local(), w) for p, w in zip(net.parameters(), want))
+
+
 def _local_dcp_restart(mesh, replica, shard, path):
     """LocalSGD over FSDP2 saved with DCP in the middle of a period (every rank's parameters its own; DCP keeps
     one replica's model shards), restarted: bit-exact on every rank."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from torchkit.checkpoint import load_dcp
 
     def build():
         net = _sharded(mesh)
@@ -143,37 +174,17 @@ def _local_dcp_restart(mesh, replica, shard, path):
                           process_group=mesh.get_group("replicate"))  # fmt: skip
         return net, opt
 
-    def train(net, opt, steps):
-        for t in steps:
-            opt.zero_grad()
-            _loss(net, *_data(replica, shard, t)).backward()
-            opt.step()
-
-    def entries(net, opt):
-        model_sd, optim_sd = get_state_dict(net, opt)
-        return {"model": model_sd, "optim": optim_sd, "feedback": opt.feedback_stateful()}
-
-    net, opt = build()
-    train(net, opt, range(3))  # mid-period
-    dcp.save(entries(net, opt), checkpoint_id=f"{path}/local-dcp")
-    train(net, opt, range(3, 7))
-    want = [p.to_local().clone() for p in net.parameters()]
-    net, opt = build()
-    sd = entries(net, opt)
-    load_dcp(sd, checkpoint_id=f"{path}/local-dcp")
-    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    train(net, opt, range(3, 7))
-    return all(torch.equal(p.to_local(), w) for p, w in zip(net.parameters(), want))
+    return _resumes_bit_exactly(build, replica, shard, f"{path}/local-dcp", 3, range(3, 7))  # saved mid-period
 
 
 def _dcp_restart(mesh, replica, shard, path):
     """Save model, optimizer and feedback state with DCP on the 2 x 2 mesh, restart into fresh objects, continue:
     bit-exact. The same checkpoint on a 4 x 1 mesh (the feedback state of other shards) raises, nothing loaded."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
 
     from torchkit.checkpoint import load_dcp
 
-    def build(m):
+    def build(m=mesh):
         net = _sharded(m)
         opt = tk.CompressedOptimizer(
             net.parameters(), torch.optim.AdamW, lr=0.01, feedback=_feedback("ef21sgdm"),
@@ -181,35 +192,11 @@ def _dcp_restart(mesh, replica, shard, path):
         )  # fmt: skip
         return net, opt
 
-    def train(net, opt, steps):
-        for t in steps:
-            opt.zero_grad()
-            _loss(net, *_data(replica, shard, t)).backward()
-            opt.step()
-
-    def entries(net, opt):
-        model_sd, optim_sd = get_state_dict(net, opt)
-        return {"model": model_sd, "optim": optim_sd, "feedback": opt.feedback_stateful()}
-
-    net, opt = build(mesh)
-    train(net, opt, range(3))
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(entries(net, opt), checkpoint_id=f"{path}/dcp")
-    train(net, opt, range(3, 6))
-    want = [p.to_local().clone() for p in net.parameters()]
-    net, opt = build(mesh)
-    sd = entries(net, opt)
-    load_dcp(sd, checkpoint_id=f"{path}/dcp")
-    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    train(net, opt, range(3, 6))
-    exact = all(torch.equal(p.to_local(), w) for p, w in zip(net.parameters(), want))
-    from torch.distributed.device_mesh import init_device_mesh
-
+    exact = _resumes_bit_exactly(build, replica, shard, f"{path}/dcp", 3, range(3, 6))
     other = init_device_mesh("cpu", (REPLICAS * SHARDS, 1), mesh_dim_names=("replicate", "shard"))
     net, opt = build(other)
     try:
-        load_dcp(entries(net, opt), checkpoint_id=f"{path}/dcp")
+        load_dcp(_dcp_entries(net, opt), checkpoint_id=f"{path}/dcp")
         wrong = "loaded"
     except ValueError as exc:
         wrong = str(exc)
