@@ -215,12 +215,14 @@ def test_the_hooks_round_on_a_bucket_is_seven_device_launches(tmp_path, d):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("wire", [None, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_round_that_flags_a_nonfinite_gradient_on_one_worker(n, bad):
+def test_a_round_that_flags_a_nonfinite_gradient_on_one_worker(n, bad, wire):
     """``nonfinite="flag"`` on one worker and on the simulator's three: the flag is set and the estimate is NaN
     everywhere when one worker's gradient holds a NaN or an Inf, and neither when all are finite (the 0-d flag of
-    one worker and the rows' flags go through the same path)."""
+    one worker and the rows' flags go through the same path; a bf16/fp16 wire clamps an Inf to a finite value, so
+    the flag is taken before the rounding)."""
     from torchkit.comm import LocalExchanger, RoundOptions, start_round
 
     fb = tk.EF14(tk.TopK(ratio=0.1))
@@ -232,7 +234,8 @@ def test_a_round_that_flags_a_nonfinite_gradient_on_one_worker(n, bad):
         if poison:
             g.view(-1)[17] = bad
         out = torch.empty(d)
-        res = start_round(fb, LocalExchanger(n), blk, g, 1, RoundOptions(nonfinite="flag"), out=out).wait()
+        options = RoundOptions(wire_dtype=wire, nonfinite="flag")
+        res = start_round(fb, LocalExchanger(n), blk, g, 1, options, out=out).wait()
         assert bool(res.nonfinite) == poison
         assert bool(torch.isnan(res.estimate).all()) == poison
         assert bool(torch.isfinite(res.estimate).all()) != poison

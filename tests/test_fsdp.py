@@ -200,7 +200,25 @@ def _dcp_restart(mesh, replica, shard, path):
         wrong = "loaded"
     except ValueError as exc:
         wrong = str(exc)
-    return exact, wrong
+    # the other way round: a checkpoint of an unsharded model (no mesh recorded) into the sharded run
+    import torch.distributed.checkpoint as dcp
+
+    plain = _net()
+    popt = tk.CompressedOptimizer(plain.parameters(), torch.optim.AdamW, lr=0.01, feedback=_feedback("ef21sgdm"),
+                                  process_group=mesh.get_group("replicate"))  # fmt: skip
+    dcp.save({"feedback": popt.feedback_stateful()}, checkpoint_id=f"{path}/plain")
+    net, opt = build()
+    try:
+        load_dcp({"feedback": opt.feedback_stateful()}, checkpoint_id=f"{path}/plain")
+        unsharded = "loaded"
+    except ValueError as exc:
+        unsharded = str(exc)
+    # a format-2 state_dict (before process identities) of a subgroup run recorded the exchange rank and size
+    old = {**popt.feedback_state_dict(), "format_version": 2, "rank": popt.rank, "world_size": popt.world_size}
+    fresh = tk.CompressedOptimizer(_net().parameters(), torch.optim.AdamW, lr=0.01, feedback=_feedback("ef21sgdm"),
+                                   process_group=mesh.get_group("replicate"))  # fmt: skip
+    fresh.load_feedback_state_dict(old)
+    return exact, wrong, unsharded, fresh.round.step == popt.round.step
 
 
 def _bad_input(mesh):
@@ -244,9 +262,11 @@ def test_hsdp_follows_the_replicated_reference_for_every_method(hsdp):
 
 def test_dcp_restart_on_the_same_mesh_is_bit_exact_and_another_mesh_raises(hsdp):
     for r in hsdp:
-        exact, wrong = r["dcp"]
+        exact, wrong, unsharded, old_format = r["dcp"]
         assert exact, f"rank {r['replica']}.{r['shard']}: the DCP restart is not bit-exact"
         assert "saved 2 replicas x 2 shards, this run is unsharded" in wrong, wrong
+        assert "saved unsharded, this run is 2 replicas x 2 shards" in unsharded, unsharded
+        assert old_format
 
 
 def test_local_sgd_over_fsdp2_follows_its_replicated_reference_for_every_method(hsdp):

@@ -501,3 +501,19 @@ def test_a_plain_optimizer_state_dict_loads_with_a_warning_and_restarts_the_meth
             p.fill_(3.0)
     _drive(opt, ps, a[0], b[0], 1)
     assert all(torch.equal(t, torch.full_like(t, 3.0)) for t in opt.anchors)  # taken again
+
+
+def test_a_restored_state_is_kept_only_until_the_next_step():
+    """After this rank's own state is restored (a side file, DCP), a state_dict handed over before any step is the
+    framework's rank-0 copy and is not loaded; after a step, a load is the user's and must load (it was swallowed
+    for the rest of LocalSGD's period: the restored mark followed the round step, which moves only at a sync)."""
+    a, b = _problem(1)
+    ps = _params()
+    opt = _make(ps)
+    _drive(opt, ps, a[0], b[0], 1)
+    saved = copy.deepcopy(opt.state_dict())  # local step 1 of 3
+    opt.load_feedback_state_dict(saved["torchkit"])
+    _drive(opt, ps, a[0], b[0], 1)
+    assert opt.local_step == 2
+    opt.load_state_dict(copy.deepcopy(saved))
+    assert opt.local_step == 1  # loaded, not kept

@@ -253,3 +253,17 @@ def test_fp16_wire_keeps_the_overflow_in_the_state():
     assert sorted(sent.values[0].float().tolist()) == [-65504.0, 65504.0]
     assert torch.isfinite(state["error"]).all()
     assert state["error"][:2].tolist() == [7e4 - 65504.0, -9e4 + 65504.0]
+
+
+def test_a_state_dict_of_state_not_yet_placed_is_a_copy():
+    """Loaded state waits, unplaced, for its block (the hook until its first bucket); its state_dict must not hand
+    out the live tensors: DCP loads into the template in place, and a rejected checkpoint would have changed the
+    state (issue 20 review)."""
+    from torchkit.state import RoundState
+
+    fb = tk.EF14(tk.TopK(ratio=0.5))
+    rs = RoundState(fb)
+    rs.apply(rs.check({"method": fb.config(), "step": 3, "params": {"w": {"error": torch.ones(4)}}}))
+    sd = rs.state_dict()
+    sd["params"]["w"]["error"].fill_(float("nan"))
+    assert torch.equal(rs.state_dict()["params"]["w"]["error"], torch.ones(4))

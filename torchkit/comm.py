@@ -382,6 +382,8 @@ def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, de
     msg = use.worker_step(
         block.state, grad, step, worker=exchanger.first_worker, n_workers=n, segments=block.segments, sanitize=sanitize
     )
+    if options.nonfinite is not None and bad is None and msg is not None:
+        bad = msg.nonfinite()  # the compressor keeps every non-finite entry; before the wire clamps an Inf
     if options.wire_dtype is not None:
         msg = use.round_values_(block.state, msg, options.wire_dtype)
     err = (
@@ -389,8 +391,6 @@ def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, de
         if options.track_error
         else None
     )
-    if options.nonfinite is not None and bad is None and msg is not None:
-        bad = msg.nonfinite()  # the compressor keeps every non-finite entry: the message shows it
     into_server = feedback.server_state and block.server is not None  # the aggregate is added to it directly
     agg = block.server if into_server else block.aggregate_buffer(out, feedback.state_dtype(grad.dtype))
     if feedback.server_state and block.server is None and n == 1:  # one worker: its shift is the estimate

@@ -230,8 +230,9 @@ class CompressionState(FrontEnd):
         (a framework handing every rank rank 0's checkpoint).
         """
         problems = check_envelope(
-            state_dict, kind=self.kind, rank=self.process_rank, world_size=self.process_count, feedback=self.feedback
-        )
+            state_dict, kind=self.kind, rank=self.process_rank, world_size=self.process_count, feedback=self.feedback,
+            exchange=(self.rank, self.world_size),
+        )  # fmt: skip
         if self.round.restored():
             log.info("CompressionState: kept the state restored from this rank's per-rank checkpoint")
             return [], []
@@ -368,6 +369,7 @@ def _checked_iter(state_dict) -> int:
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP communication hook running ``state.feedback`` on every bucket (see :class:`CompressionState`)."""
     buf = bucket.buffer()
+    state.round.restored_at = None  # an iteration runs: a restored state is no longer kept against a later load
     if not state._agreed and dist.get_world_size(state.process_group) > 1:
         params = bucket.parameters()
         _agree(state, tuple(state._key(p) for p in params), [p.numel() for p in params])

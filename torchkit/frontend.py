@@ -157,6 +157,8 @@ class FrontEnd:
             raise TypeError(f"a {self.kind} feedback state_dict must be a mapping, got {type(state_dict).__name__}")
         sd = self._migrate(state_dict)
         rank, world = self.process_rank, self.process_count
+        if isinstance(sd.get("format_version"), int) and sd["format_version"] < 3:
+            rank, world = self.rank, self.world_size  # formats 1-2 recorded the exchange group's identity
         problems = check_envelope(sd, kind=self.kind, rank=rank, world_size=world, feedback=self.feedback)
         problems += self._extra_problems(sd)
         if problems:
@@ -255,10 +257,11 @@ class FeedbackStateful:
         return self.owner.check_feedback_state_dict(self._decoded(state_dict))
 
     def header(self) -> dict[str, Any]:
-        """:meth:`state_dict` without the per-parameter tensors: what :meth:`check_header` needs (with the front
-        end's optional keys, ``None`` where this run has none, so that a checkpoint that has them fills them)."""
+        """:meth:`state_dict` without the per-parameter tensors: what :meth:`check_header` needs, the front end's
+        optional keys set to ``None`` (what a checkpoint without them means): a checkpoint that has them fills them,
+        one that has not leaves ``None`` to compare with this run's."""
         sd = {k: v for k, v in self.state_dict()[self.key].items() if k != "params"}
-        return {self.key: {**{k: None for k in self.owner.optional_keys}, **sd}}
+        return {self.key: {**sd, **{k: None for k in self.owner.optional_keys}}}  # None unless the checkpoint has it
 
     def check_header(self, state_dict: Mapping[str, Any]) -> None:
         """The checks that need no tensor (:meth:`FrontEnd.check_header`): DCP checks tensor sizes before anything

@@ -183,6 +183,7 @@ class LocalSGD(WrappedOptimizer):
                 loss = closure()
         grads = [g for w in self._works() for g in w.grads()]  # checked first: nothing changed before that
         self._anchor.local_params = None  # restored parameters (a resume mid-period) are in place now
+        self.round.restored_at = None  # a step runs: a restored state is no longer kept against a later load
         found_inf = getattr(self, "found_inf", None)
         self._start()
         self.synced = False

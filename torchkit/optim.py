@@ -130,6 +130,7 @@ class CompressedOptimizer(WrappedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         works = self._works()  # validation first: nothing below changes state before every check passed
+        self.round.restored_at = None  # a step runs: a restored state is no longer kept against a later load
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if not self._agreed and self.world_size > 1:

@@ -21,7 +21,7 @@ from .feedback import Feedback
 
 __all__ = ["Block", "RoundState", "FORMAT_VERSION", "normalize_name", "check_envelope"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: rank and world_size are the process's in the default group (2: the exchange group's)
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel / DataParallel and by torch.compile
 
 
@@ -202,7 +202,7 @@ class RoundState:
     # --------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         params = {name: {k: v.clone() for k, v in views.items()} for name, views in self.params().items()}
-        params.update({k: v for k, v in self._pending.items() if k not in params})
+        params.update({k: {n: t.clone() for n, t in v.items()} for k, v in self._pending.items() if k not in params})
         return {"method": self.feedback.config(), "step": self.step, "params": params}
 
     def state_dict_for(
@@ -325,13 +325,19 @@ def _checked_params(sd: Mapping[str, Any], feedback: Feedback) -> dict[Any, dict
     return out
 
 
-def check_envelope(sd: Any, *, kind: str, rank: int, world_size: int, feedback: Feedback) -> list[str]:
-    """The per-rank checks every front end makes before loading: returns the problems, in one wording."""
+def check_envelope(
+    sd: Any, *, kind: str, rank: int, world_size: int, feedback: Feedback, exchange: tuple[int, int] | None = None
+) -> list[str]:
+    """The per-rank checks every front end makes before loading: returns the problems, in one wording. ``rank`` and
+    ``world_size`` are the process's (format 3); ``exchange`` (rank, size in the exchange group) is what formats 1-2
+    recorded, which differs for a front end exchanging over a subgroup."""
     if not isinstance(sd, Mapping) or "format_version" not in sd:
         raise ValueError(f"not a torchkit {kind} state_dict (no format_version)")
     version = sd["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{kind} state_dict format_version {version!r} is newer than this torchkit ({FORMAT_VERSION})")
+    if version < 3 and exchange is not None:
+        rank, world_size = exchange
     problems = []
     if sd.get("world_size") != world_size:
         problems.append(

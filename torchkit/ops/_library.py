@@ -4,7 +4,7 @@ Every public op of :mod:`torchkit.ops` checks its arguments and picks an impleme
 of these with the implementation's name: one dispatcher call per launch, which ``torch.compile`` traces as one node
 (no graph break; the fake implementation gives it the output shapes, and the mutated arguments are functionalized
 as for any custom op), ``torch.library.opcheck`` tests, and a ``TorchDispatchMode`` or the profiler sees as
-``torchkit::<op>``. The kernels are registered for the CPU and CUDA dispatch keys directly (not through
+``torchkit::<op>``. The kernels are registered for every backend (``CompositeExplicitAutograd``; not through
 ``torch.library.custom_op``, whose Python wrappers cost about 45 us a call on the 2-core machine against about
 6 us here); which implementation runs (reference, C++ CPU kernel, CUDA C++ kernels, Triton) is the ``impl`` argument.
 None has an autograd formula: they run on gradients, under ``no_grad``.
@@ -87,8 +87,7 @@ _KERNELS = {
 _LIB = torch.library.Library("torchkit", "DEF")  # kept alive: dropping it would unregister the ops
 for _name, _schema in SCHEMAS.items():
     _LIB.define(_schema)
-    for _key in ("CPU", "CUDA"):
-        _LIB.impl(_name, _KERNELS[_name], _key)
+    _LIB.impl(_name, _KERNELS[_name], "CompositeExplicitAutograd")  # every backend (CPU, CUDA, MPS, ...)
     torch.library.register_fake(f"torchkit::{_name}", _FAKES[_name], lib=_LIB)
 
 topk = torch.ops.torchkit.topk
