@@ -132,12 +132,17 @@ class FrontEnd:
             body = self.round.state_dict()
         else:
             body = self.round.state_dict_for(layout, with_server=self._with_server())
+        return {**self._envelope(), "params": body["params"]}
+
+    def _envelope(self) -> dict[str, Any]:
+        """:meth:`feedback_state_dict` without the per-parameter state (nothing cloned or allocated for it)."""
         return {
             "format_version": FORMAT_VERSION,
             "rank": self.process_rank,
             "world_size": self.process_count,
             **self._extras(),
-            **body,
+            "method": self.feedback.config(),
+            "step": self.round.step,
         }
 
     def check_feedback_state_dict(self, state_dict: Any, *, strict: bool = True) -> FeedbackPlan:
@@ -240,14 +245,7 @@ class FeedbackStateful:
         return f"rank{self.owner.process_rank}"
 
     def state_dict(self) -> dict[str, Any]:
-        sd = self.owner.feedback_state_dict()
-        sd["method"] = json.dumps(sd["method"], sort_keys=True)
-        for k, v in sd.items():
-            if k != "params" and isinstance(v, Mapping):
-                buf = io.BytesIO()
-                torch.save(v, buf)
-                sd[k] = buf.getvalue()  # DCP keeps a non-tensor leaf as it is; a nested optimizer state would not be
-        return {self.key: sd}
+        return {self.key: self._encoded(self.owner.feedback_state_dict())}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.check(state_dict).apply(restored=True)
@@ -260,13 +258,25 @@ class FeedbackStateful:
         """:meth:`state_dict` without the per-parameter tensors: what :meth:`check_header` needs, the front end's
         optional keys set to ``None`` (what a checkpoint without them means): a checkpoint that has them fills them,
         one that has not leaves ``None`` to compare with this run's."""
-        sd = {k: v for k, v in self.state_dict()[self.key].items() if k != "params"}
+        sd = self._encoded(self.owner._envelope())
         return {self.key: {**sd, **{k: None for k in self.owner.optional_keys}}}  # None unless the checkpoint has it
 
     def check_header(self, state_dict: Mapping[str, Any]) -> None:
         """The checks that need no tensor (:meth:`FrontEnd.check_header`): DCP checks tensor sizes before anything
         else, so a checkpoint of another mesh or world size would fail there without saying why."""
         self.owner.check_header(self._decoded(state_dict))
+
+    @staticmethod
+    def _encoded(sd: dict[str, Any]) -> dict[str, Any]:
+        """The method as one JSON string, every other mapping but ``params`` as one serialised blob: DCP keeps a
+        non-tensor leaf as it is, but would split a nested optimizer state into entries of its own."""
+        sd["method"] = json.dumps(sd["method"], sort_keys=True)
+        for k, v in sd.items():
+            if k != "params" and isinstance(v, Mapping):
+                buf = io.BytesIO()
+                torch.save(v, buf)
+                sd[k] = buf.getvalue()
+        return sd
 
     def _decoded(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(state_dict, Mapping) or self.key not in state_dict:
