@@ -94,6 +94,33 @@ def _hsdp(rank, world, path):
     out["dcp"] = _dcp_restart(mesh, replica, shard, path)
     out["local_dcp"] = _local_dcp_restart(mesh, replica, shard, path)
     out["errors"] = _bad_input(mesh)
+    out["misconfigured"] = _one_rank_differs(mesh, replica, shard)
+    return out
+
+
+def _one_rank_differs(mesh, replica, shard):
+    """A NaN in one rank's gradient, and a learning rate set differently on one rank: under HSDP the reduce-scatter
+    carries the NaN into one shard only, so one replicate group alone would see it; every rank must raise (the
+    flags are agreed over every rank that holds the model), none may step or hang. Each case returns what this rank
+    raised, before any further collective."""
+    out = {}
+    for case in ("nan", "lr"):
+        net = _sharded(mesh)
+        lr = 0.2 if case == "lr" and (replica, shard) == (1, 1) else 0.1
+        opt = tk.CompressedOptimizer(net.parameters(), torch.optim.SGD, lr=lr, feedback=_feedback("ef14"),
+                                     process_group=mesh.get_group("replicate"))  # fmt: skip
+        opt.zero_grad()
+        x, y = _data(replica, shard, 0)
+        if case == "nan" and (replica, shard) == (0, 1):
+            x[0, 0] = float("nan")
+        before = [p.to_local().clone() for p in net.parameters()]
+        _loss(net, x, y).backward()
+        try:
+            opt.step()
+            out[case] = "stepped"
+        except ValueError as exc:
+            unchanged = all(torch.equal(p.to_local(), b) for p, b in zip(net.parameters(), before))
+            out[case] = (type(exc).__name__, str(exc)[:120], unchanged)
     return out
 
 
@@ -284,6 +311,13 @@ def test_local_sgd_over_fsdp2_follows_its_replicated_reference_for_every_method(
 
 def test_local_sgd_over_fsdp2_resumes_mid_period_from_dcp_bit_exactly(hsdp):
     assert all(r["local_dcp"] for r in hsdp)
+
+
+def test_a_nan_or_a_setting_on_one_rank_raises_on_every_rank(hsdp):
+    for r in hsdp:
+        nan, lr = r["misconfigured"]["nan"], r["misconfigured"]["lr"]
+        assert nan != "stepped" and nan[0] == "NonFiniteGradientError" and nan[2], (r["replica"], r["shard"], nan)
+        assert lr != "stepped" and "configured differently" in lr[1] and lr[2], (r["replica"], r["shard"], lr)
 
 
 def test_bad_input_gets_clear_errors(hsdp):

@@ -163,6 +163,25 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
 
     optional_keys = ("mesh",)
 
+    @property
+    def _agreement(self):
+        """Who agrees on a step's flags (non-finite input, hyper-parameters): the exchange group, or for a sharded
+        model every rank, since FSDP's reduce-scatter carries one rank's NaN into one shard, which one replicate group
+        alone would see."""
+        if shard_count([p for g in self.param_groups for p in g["params"]]) == 1:
+            return self._exchanger
+        if self.__dict__.get("_world") is None:  # the default group
+            from .comm import DistExchanger
+
+            self.__dict__["_world"] = DistExchanger(None)
+        return self.__dict__["_world"]
+
+    def _everyone(self):
+        """For :func:`torchkit.frontend.agree`: the exchanger beyond the exchange group that must hear of a
+        difference (a sharded model's), else None."""
+        agreement = self._agreement
+        return None if agreement is self._exchanger else agreement
+
     def _mesh(self) -> dict[str, int] | None:
         """Replicas x shards of a sharded model (FSDP2 inside each replica), else None."""
         shards = shard_count([p for g in self.param_groups for p in g["params"]])
@@ -223,6 +242,7 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         out = dict(self.__dict__)
         out.pop("process_group", None)
         out.pop("_exchanger", None)
+        out.pop("_world", None)
         out["_flat"] = FlatGrads()  # views of the flat buffers are rebuilt, not pickled apart from them
         return out
 

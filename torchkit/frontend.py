@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .comm import DistExchanger, LocalExchanger
+from .comm import DistExchanger, LocalExchanger, agree_max
 from .state import FORMAT_VERSION, RoundState, check_envelope
 
 __all__ = [
@@ -318,21 +318,41 @@ def make_exchanger(group):
     return LocalExchanger(1)
 
 
-def agree(mine: dict[str, Any], *, group, world_size: int, rank: int, what: str, hints: dict[str, str] | None = None):
+def agree(
+    mine: dict[str, Any],
+    *,
+    group,
+    world_size: int,
+    rank: int,
+    what: str,
+    hints: dict[str, str] | None = None,
+    everyone=None,
+):
     """Every rank has the same configuration ``mine``, or every rank raises ``ValueError`` naming the first
-    difference. ``what`` names what each rank must build alike; ``hints`` add advice for some keys."""
+    difference. ``what`` names what each rank must build alike; ``hints`` add advice for some keys. ``everyone``
+    (an exchanger over more ranks than ``group``: a sharded model's, whose replicate groups compare their own
+    shards) hears of a difference in any group, so that no rank goes on to a collective the others left."""
     theirs = [None] * world_size
     dist.all_gather_object(theirs, mine, group=group)
+    error = None
     for r, other in enumerate(theirs):
         diff = [k for k in mine if other.get(k) != mine[k]]
         if diff:
             key = diff[0]
             where, a, b = _first_difference(key, other.get(key), mine[key])
             hint = (hints or {}).get(key)
-            raise ValueError(
+            error = ValueError(
                 f"ranks are configured differently: rank {r} has {where} {a!r}, rank {rank} has {b!r}; every rank must "
                 f"build the same {what}" + (f". {hint}" if hint else "")
             )
+            break
+    if everyone is not None and bool(agree_max(everyone, torch.tensor([float(error is not None)]))[0] > 0):
+        error = error or ValueError(
+            f"ranks are configured differently: the ranks of another group of replicas differ (their error names "
+            f"the difference); every rank must build the same {what}"
+        )
+    if error is not None:
+        raise error
 
 
 #: advice for the differences that a resume (not the model) causes, shared by the front ends

@@ -166,7 +166,7 @@ class LocalSGD(WrappedOptimizer):
         """At the first step (and after a load): compare the ranks, take the anchor (from rank 0)."""
         if self.world_size > 1 and not self._agreed:
             agree(_configuration(self), group=self.process_group, world_size=self.world_size, rank=self.rank,
-                  what="model and LocalSGD", hints=RESUME_HINTS)  # fmt: skip
+                  what="model and LocalSGD", hints=RESUME_HINTS, everyone=self._everyone())  # fmt: skip
             self._agreed = True
         if not self._anchor.taken:
             self._anchor.take(self.param_groups, self.process_group if self.world_size > 1 else False)
@@ -207,7 +207,7 @@ class LocalSGD(WrappedOptimizer):
         works = self._works()
         bad = [nonfinite_flag(self._anchor.pseudo_gradient(w, self._flat)).float().cpu() for w in works]
         bad = torch.stack([*bad, torch.tensor(float(self._bad_pending))]).amax()
-        if bool(agree_max(self._exchanger, bad.reshape(1))[0] > 0):
+        if bool(agree_max(self._agreement, bad.reshape(1))[0] > 0):
             self._bad_pending = False
             self._back_to_anchor(works)
             unchanged = (

@@ -169,14 +169,15 @@ class CompressedOptimizer(WrappedOptimizer):
             w.flat = self._flat_grad(w, grad_scale)
             has += [p.grad is not None for p in w.params]
             bads.append(nonfinite_flag(w.flat).float().reshape(1))
-        dev = self._exchanger.device
+        agreement = self._agreement
+        dev = agreement.device
         if found_inf is not None:
             bads.append((found_inf.float() > 0).float().reshape(1))
         bad = torch.cat([b.to(dev) for b in bads]).amax().reshape(1) if bads else torch.zeros(1, device=dev)
         # each group's hyper-parameters as d and -d: after MAX, max(d) == -max(-d) on every rank iff all ranks agree
         digest = torch.tensor(options_digest(self.param_groups), dtype=torch.float64, device=dev)
         has_t = torch.tensor(has, dtype=torch.float64, device=dev)
-        flags = agree_max(self._exchanger, torch.cat([bad.double(), has_t, digest, -digest]))
+        flags = agree_max(agreement, torch.cat([bad.double(), has_t, digest, -digest]))
         n = len(has)
         hi, lo = flags[1 + n : 1 + n + len(digest)], -flags[1 + n + len(digest) :]
         if not torch.equal(hi, lo):
@@ -237,6 +238,7 @@ class CompressedOptimizer(WrappedOptimizer):
             rank=self.rank,
             what="model and CompressedOptimizer",
             hints=RESUME_HINTS,
+            everyone=self._everyone(),
         )
         self._agreed = True
 
