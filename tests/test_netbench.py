@@ -94,6 +94,10 @@ def test_a_lucky_single_seed_does_not_beat_a_median_of_three_and_the_table_shows
     text = netbench.table(rows)
     assert "| char_lm | 2 | 100mbit | `ddp` 100.0 s (1 seed) | `powersgd1` 11.0 s [10.0-12.0] (3 seeds) |" in text
     assert text.endswith("| not reached | `local32@0.03` 7.0 s [6.0-8.0] (3 seeds) | - | 0.64 |")
+    assert "DDP bf16" not in text  # a column only where it ran
+    with_bf16 = netbench.table([*rows, row("ddp_bf16", 60.0)])
+    assert with_bf16.startswith("| task | ranks | link | DDP | DDP bf16 | PowerSGD |")
+    assert "| `ddp` 100.0 s (1 seed) | `ddp_bf16` 60.0 s (1 seed) | `powersgd1`" in with_bf16
 
 
 def test_step_table_is_the_median_over_seeds_against_ddp():

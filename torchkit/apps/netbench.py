@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the torchkit package, for the workers' path
-METHODS = ("ddp", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
+METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
 # compressed local SGD (LocalSGD): "local<H>@<ratio>" = EF14 on the pseudo-gradient every H steps,
 # TopK per 65536-chunk with int8 values (the compact wire format), averaging outer step; "diloco<H>" = the same
 # without compression (Identity, fp32)
@@ -58,28 +58,51 @@ def _on_signal(signum, frame):  # noqa: ARG001
 
 
 def shaped_namespace(rate: str) -> str:
-    """A fresh namespace whose loopback runs at ``rate`` (tbf: a burst of 1 ms of traffic or two MTUs, 50 ms queue)."""
+    """A fresh namespace whose loopback runs at ``rate`` (tbf: a burst of 1 ms of traffic or two MTUs, 50 ms queue),
+    and, for ``rate/<delay>ms``, delays every packet by ``delay`` first (netem, tbf beneath it). On the loopback a
+    request and its answer each pass the delay once, so the round trip is twice it: ``100mbit/25ms`` is a 100 Mbit
+    link with a 50 ms round trip."""
     name = f"tkbench{os.getpid()}_{len(_NAMESPACES)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     _NAMESPACES.append(name)
+    tc = ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo"]
     subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
     if rate != "unshaped":
         bits = _bits_per_second(rate)
+        bw, delay_ms = _rate_and_delay(rate)
+        parent = ["root"]
+        if delay_ms:  # netem holds a delay's worth of packets: its queue must too (the default is 1000)
+            limit = max(1000, int(bits / 8 * delay_ms / 1000 / 1500) * 4)
+            netem = subprocess.run([*tc, "root", "handle", "1:", "netem", "delay", f"{delay_ms}ms", "limit",
+                                    str(limit)], capture_output=True, text=True)  # fmt: skip
+            if netem.returncode != 0:
+                raise RuntimeError(f"--rates {rate}: tc could not add a netem delay ({netem.stderr.strip()}); this "
+                                   "kernel may lack sch_netem: leave out the /<delay>")  # fmt: skip
+            parent = ["parent", "1:", "handle", "2:"]
         burst = max(2 * 65536, bits // 8 // 1000)  # a millisecond of traffic, and at least two loopback MTUs:
         # tbf drops every packet larger than its burst, and the loopback's packets are up to 64 KiB
-        subprocess.run(
-            ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
-             "burst", str(burst), "latency", "50ms"],
-            check=True,
-        )  # fmt: skip
+        subprocess.run([*tc, *parent, "tbf", "rate", bw, "burst", str(burst), "latency", "50ms"], check=True)
     return name
 
 
+def _rate_and_delay(rate: str) -> tuple[str, float]:
+    """``"100mbit/25ms"`` -> ``("100mbit", 25.0)``; no suffix: no delay."""
+    bw, _, delay = rate.partition("/")
+    if not delay:
+        return bw, 0.0
+    if not delay.endswith("ms") or not delay[:-2].replace(".", "", 1).isdigit() or float(delay[:-2]) <= 0:
+        raise ValueError(
+            f"--rates: a delay looks like 100mbit/25ms (one way; the round trip is twice it), got {rate!r}"
+        )
+    return bw, float(delay[:-2])
+
+
 def _bits_per_second(rate: str) -> int:
+    bw, _ = _rate_and_delay(rate)
     units = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
     for u, f in units.items():
-        if rate.lower().endswith(u):
-            return int(float(rate[: -len(u)]) * f)
+        if bw.lower().endswith(u):
+            return int(float(bw[: -len(u)]) * f)
     raise ValueError(f"--rates: a rate looks like 100mbit or 1gbit (or unshaped), got {rate!r}")
 
 
@@ -111,7 +134,8 @@ def run_one(ns: str | None, n: int, cfg: dict, timeout: float) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         wire = _lo_bytes(ns) - before
         if proc.returncode != 0 or not Path(cfg["out"]).exists():
-            log = Path(tempfile.gettempdir()) / f"bench_network_{cfg['method']}_{cfg['rate']}_{cfg['ranks']}.log"
+            rate = cfg["rate"].replace("/", "+")  # 100mbit/25ms: no folder in the name
+            log = Path(tempfile.gettempdir()) / f"bench_network_{cfg['method']}_{rate}_{cfg['ranks']}.log"
             log.write_text(proc.stdout + proc.stderr)
             raise RuntimeError(f"run {cfg['method']} failed (exit {proc.returncode}); its output: {log}")
         res = json.loads(Path(cfg["out"]).read_text())
@@ -162,6 +186,10 @@ def worker(cfg: dict) -> None:
                           lr=lr, momentum=cfg["momentum"])  # fmt: skip
     elif method == "ddp":
         pass
+    elif method == "ddp_bf16":  # what practitioners run: DDP's own bf16 all-reduce (half the bytes)
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif method.startswith("powersgd"):
         state = powersgd.PowerSGDState(
             process_group=None, matrix_approximation_rank=int(method[-1]), start_powerSGD_iter=2, random_seed=0
@@ -220,7 +248,8 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     """The benchmark's options (``torchkit bench network`` and ``benchmarks/bench_network.py`` share them)."""
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rates", nargs="+", default=["10gbit", "1gbit", "100mbit"],
-                   help="tc tbf link rates (unshaped: a namespace without tc)")  # fmt: skip
+                   help="tc tbf link rates (unshaped: a namespace without tc); rate/<d>ms adds a one-way delay of d "
+                        "ms (netem; round trip 2d), e.g. 100mbit/25ms")  # fmt: skip
     p.add_argument("--ranks", nargs="+", type=int, default=[2, 4], help="Gloo processes per run")
     p.add_argument("--tasks", nargs="+", default=["char_lm", "digits_cnn"], choices=["char_lm", "digits_cnn"],
                    help="models from torchkit.apps.tasks: the character transformer and the digits CNN")  # fmt: skip
@@ -228,7 +257,8 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     p.add_argument("--lm-layers", type=int, default=4, help="char_lm's transformer layers")
     p.add_argument("--split", default="iid", choices=["iid", "noniid"], help="how the data is split among ranks")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
-                   help="ddp, powersgd<rank>, <ef14|ef21|...>@<density>[:bf16|:int8] (the wire's values), "
+                   help="ddp, ddp_bf16 (DDP's bf16_compress_hook), powersgd<rank>, "
+                        "<ef14|ef21|...>@<density>[:bf16|:int8] (the wire's values), "
                         "local<H>@<density>, diloco<H>")  # fmt: skip
     p.add_argument("--steps", type=int, default=300, help="training steps per run")
     p.add_argument("--repeats", type=int, default=2, help="seeds per configuration, run interleaved")
@@ -263,11 +293,11 @@ def check_method(m: str) -> str:
     from .. import registry
 
     names = registry.recommendable()
-    ok = re.fullmatch(r"ddp|powersgd[1-9]\d*|diloco[1-9]\d*|local[1-9]\d*@(0?\.\d+)|"
+    ok = re.fullmatch(r"ddp|ddp_bf16|powersgd[1-9]\d*|diloco[1-9]\d*|local[1-9]\d*@(0?\.\d+)|"
                       rf"({'|'.join(map(re.escape, names))})@(0?\.\d+)(:bf16|:int8)?", m)  # fmt: skip
     if not ok or ("@" in m and not 0 < float(m.split("@")[1].split(":")[0]) < 1):
         raise ValueError(
-            f"--methods: unknown method {m!r}; expected ddp, powersgd<rank>, <method>@<density>[:bf16|:int8] "
+            f"--methods: unknown method {m!r}; expected ddp, ddp_bf16, powersgd<rank>, <method>@<density>[:bf16|:int8] "
             f"(method one of {', '.join(names)}; density in (0, 1); the wire's values, fp32 without "
             "a suffix), local<H>@<density> or diloco<H>"
         )
@@ -387,6 +417,7 @@ def _line(r: dict) -> str:
 
 FAMILIES = {
     "DDP": lambda k: k == "ddp",
+    "DDP bf16": lambda k: k == "ddp_bf16",
     "PowerSGD": lambda k: k.startswith("powersgd"),
     "EF": lambda k: "@" in k and not k.startswith("local"),  # torchkit's hook, a round every step
     "local": lambda k: k.startswith(("local", "diloco")),  # torchkit's LocalSGD
@@ -456,8 +487,12 @@ def table(rows: list[dict]) -> str:
         rate, n, task = key
         return task, n, -_bits_per_second(rate) if rate != "unshaped" else -float("inf")
 
-    lines = ["| task | ranks | link | DDP | PowerSGD | torchkit per step (EF) | torchkit local SGD | EF / PowerSGD "
-             "| local / PowerSGD |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    names = {"DDP": "DDP", "DDP bf16": "DDP bf16", "PowerSGD": "PowerSGD", "EF": "torchkit per step (EF)",
+             "local": "torchkit local SGD"}  # fmt: skip
+    ran = {r["method"] for r in rows if "failed" not in r}
+    families = [f for f in FAMILIES if f != "DDP bf16" or any(FAMILIES[f](m) for m in ran)]  # bf16: where it ran
+    head = [names[f] for f in families] + ["EF / PowerSGD", "local / PowerSGD"]
+    lines = ["| task | ranks | link | " + " | ".join(head) + " |", "|---|---|---|" + "---|" * len(head)]
     best_all = best_by_family(rows)
     for key in sorted(best_all, key=rate_order):
         rate, n, task = key
@@ -465,7 +500,7 @@ def table(rows: list[dict]) -> str:
         psgd = best["PowerSGD"][0]
         ratios = [f"{best[f][0] / psgd:.2f}" if psgd < float("inf") and best[f][0] < float("inf") else "-"
                   for f in ("EF", "local")]  # fmt: skip
-        cells = [cell(*best[f]) for f in FAMILIES]
+        cells = [cell(*best[f]) for f in families]
         lines.append(f"| {task} | {n} | {rate} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
@@ -548,7 +583,7 @@ def plot(result: dict, path) -> None:
             for m in sorted({label(r) for r in rows}):
                 pts = {}
                 for r in rows:
-                    ok = "failed" not in r and r["rate"] != "unshaped"
+                    ok = "failed" not in r and r["rate"] != "unshaped" and "/" not in r["rate"]  # x: the rate alone
                     if ok and r["task"] == task and r["ranks"] == n and label(r) == m:
                         sec = r["reached"]["seconds"] if r.get("reached") else float("nan")
                         pts.setdefault(_bits_per_second(r["rate"]), []).append(sec)
