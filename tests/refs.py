@@ -17,10 +17,9 @@ def topk_np(v: np.ndarray, k: int) -> np.ndarray:
 
 
 def run_reference(
-    method: str, grad_fn, x0, *, n, steps, lr, k, eta=0.1, weights=None, init="full", comp=None, beta=1.0
+    method: str, grad_fn, x0, *, n, steps, lr, k, eta=0.1, weights=None, init="full", comp=None, beta=1.0, k_at=None
 ):
-    """Returns the list of iterates x_0..x_steps (float64 numpy)."""
-    C = comp or (lambda v: topk_np(v, k))
+    """Returns the list of iterates x_0..x_steps (float64 numpy). ``k_at(t)``: round t's k (a density warm-up)."""
     x = np.array(x0, dtype=np.float64)
     d = x.size
     w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -30,6 +29,8 @@ def run_reference(
     server = np.zeros(d)
     xs = [x.copy()]
     for t in range(steps):
+        kt = k_at(t) if k_at else k
+        C = comp or (lambda v, kt=kt: topk_np(v, kt))
         G = np.asarray(grad_fn(x), dtype=np.float64)
         if method in ("ef14", "decayed_ef14"):
             u = np.stack([C(e[i] + G[i]) for i in range(n)])

@@ -1,6 +1,6 @@
 """torchkit: communication-efficient training with error feedback.
 
-Compressors (:class:`TopK`, :class:`RandK`, :class:`ScaledSign`, :class:`Identity`), error-feedback
+Compressors (:class:`TopK`, :class:`RandK`, :class:`CyclicTopK`, :class:`ScaledSign`, :class:`Identity`), error-feedback
 methods (:class:`EF14`, :class:`EF21`, :class:`EF21W`, :class:`EF21SGDM`, :class:`EControl`; by name in
 :mod:`torchkit.registry`, where a method defined elsewhere registers itself) and four
 front ends that run the same round: :class:`CompressedOptimizer`, :mod:`torchkit.ddp`, :class:`LocalSGD`
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import comm, coupling, ops, registry, sim, theory
 from .comm import NonFiniteGradientError
-from .compress import Identity, RandK, ScaledSign, TopK
+from .compress import CyclicTopK, DensityWarmup, Identity, RandK, ScaledSign, TopK
 from .coupling import recommended
 from .feedback import EF14, EF21, EF21SGDM, EF21W, EControl
 from .feedback_local import LocalAdam, LocalMomentum
@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "TopK",
     "RandK",
+    "CyclicTopK",
+    "DensityWarmup",
     "ScaledSign",
     "Identity",
     "EF14",

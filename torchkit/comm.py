@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .compress import DenseMessage, Identity, Message, pack_message, unpack_message
+from . import ops
+from .compress import DenseMessage, Identity, Message, SparseMessage, pack_message, support_exchange, unpack_message
 from .feedback import Feedback
 from .process_group import destroy_at_exit
 from .state import Block
@@ -41,6 +42,8 @@ __all__ = [
     "agree_max",
     "settle_nonfinite",
     "root_error",
+    "check_wire",
+    "received_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,8 @@ class RoundOptions:
             fp32 scale per chunk or segment; sparse messages only, dense rounds go in the state dtype). What
             rounding removes stays in the feedback state (:meth:`Feedback.round_values_`).
         min_compression_rate: run the method with the Identity compressor (an exact round over ``all_reduce``)
-            when the dense payload is less than this many times the compressed one, ``n * wire bytes``.
+            when the dense payload is less than this many times the compressed one, ``n * wire bytes`` (a shared
+            support, summed by ``all_reduce``: ``wire bytes``).
             ``0`` always compresses.
         nonfinite: how the round itself reports a non-finite gradient on any worker, without reading anything on
             the host (the front ends agree on it before a round with :func:`agree_max` and act on it with
@@ -179,6 +183,34 @@ def root_error(exc: BaseException) -> BaseException:
     return kind(message) if kind is not None else RuntimeError(root)
 
 
+class _InCaller:
+    """What :meth:`DistExchanger.exchange` returns with ``in_caller=True``: the subset of ``torch.futures.Future``
+    that :func:`start_round` and the front ends use (``wait``, ``value``, ``then``), run in the thread that waits,
+    once. A chained ``then`` runs when the chain is waited for, in order; an error is raised by every later wait, as
+    a torch future's."""
+
+    def __init__(self, run: Callable[[], Any]):
+        self._run: Callable[[], Any] | None = run
+        self._outcome: tuple[bool, Any] | None = None
+
+    def wait(self) -> Any:
+        if self._outcome is None:
+            run, self._run = self._run, None
+            try:
+                self._outcome = (True, run())
+            except BaseException as exc:
+                self._outcome = (False, exc)
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+    value = wait
+
+    def then(self, callback: Callable[[_InCaller], Any]) -> _InCaller:
+        return _InCaller(lambda: callback(self))
+
+
 def _done(value) -> torch.futures.Future:
     fut = torch.futures.Future()
     fut.set_result(value)
@@ -214,20 +246,41 @@ class LocalExchanger:
     def any_true(self, flag):
         return _done(flag.reshape(-1).any())
 
+    def share_support(self, indices, leader, k, dtype, device):
+        if indices is None:  # every worker is a row of this process's batch, so the leader's row is here too
+            raise ValueError(f"worker {leader} holds no support in a batch of {self.n_workers} workers")
+        return indices
+
 
 class DistExchanger:
-    """One worker per rank: sparse and sign messages are all-gathered (fixed sizes), dense ones all-reduced.
+    """One worker per rank: sparse and sign messages are all-gathered (fixed sizes), dense ones all-reduced, and
+    a shared support's values (:attr:`~torchkit.compress.SparseMessage.shared`) all-reduced at their common indices.
 
     Gathered messages are decoded in rank order on every rank, so every rank computes the same aggregate, equal
     bit for bit to :class:`LocalExchanger`'s. Dense rounds use ``all_reduce`` (whose summation order is the
     backend's), so they agree to rounding. Each worker's ``bad`` flag travels with its message. A collective that
     fails (a peer died, the group timed out) raises from the future, as in plain DDP.
+
+    ``in_caller=True`` (the optimizer front ends, which wait for every round before their step returns): the round
+    is finished in the thread that waits for it (:class:`_InCaller`) instead of in a callback on the backend's
+    thread, and the collective's work object is kept until the next one of this exchanger has been waited for.
+    A Python callback on a Gloo thread, and the Python tensors its work holds, are released by that thread after
+    the waiting thread has already been woken; when that was a script's last round, the thread could still need
+    the GIL once the interpreter was finalising, and Python ends such a thread inside a C++ destructor:
+    ``terminate called without an active exception`` (exit status -6) after the script's work was done (4 of 49
+    restarted LocalSGD jobs on 2 CPU ranks, 0 of 57 since; backtrace: ``PythonFutureWrapper::then``'s callback or
+    ``~AsyncAllgatherWork`` -> ``THPVariable_clear`` -> ``take_gil`` -> ``pthread_exit``). The process group does
+    not protect it: ``destroy_process_group`` leaves the Gloo threads running whenever torch modules imported after
+    ``init_process_group`` hold the default group (``torch.optim``'s first use imports some that do). The DDP hook
+    keeps torch futures (DDP chains its own continuation on them).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, *, in_caller: bool = False):
         self.group = group
         self.n_workers = dist.get_world_size(group)
         self.first_worker = dist.get_rank(group)
+        self.in_caller = in_caller
+        self._settled = None  # in_caller: the last work waited for, freed by this thread rather than by Gloo's
         destroy_at_exit()  # a script that leaves its group alive must not abort at exit (see torchkit.process_group)
 
     def exchange(self, msg, weights, out, bad, add=False):
@@ -240,21 +293,66 @@ class DistExchanger:
             red[d] = flag.to(red.dtype)[0]
             work = dist.all_reduce(red, group=self.group, async_op=True)
 
-            def finish_dense(fut):
-                fut.wait()  # a failed collective raises here, on every rank
+            def finish_dense():
                 out.add_(red[:d]) if add else out.copy_(red[:d])
                 return out, red[d] > 0
 
-            return work.get_future().then(finish_dense), red.numel() * red.element_size()
+            return self._finished(work, finish_dense), red.numel() * red.element_size()
+        if isinstance(msg, SparseMessage) and msg.shared:
+            return self._sum_shared(msg, weights, out, flag, add)
         packed, layout = pack_message(msg, trailer=flag.to(torch.uint8))  # the flag travels in the same bytes
         gathered, work = all_gather_rows(packed, self.n_workers, self.group, async_op=True)
 
-        def finish_sparse(fut):
-            fut.wait()
+        def finish_sparse():
             aggregate_rows(unpack_message(gathered[:, :-1], layout), weights, out, add=add)
             return out, gathered[:, -1].bool().any()
 
-        return work.get_future().then(finish_sparse), packed.numel()
+        return self._finished(work, finish_sparse), packed.numel()
+
+    def _finished(self, work, finish):
+        """A future of ``finish()`` once ``work`` has completed; a failed collective raises from it, on every rank."""
+        if not self.in_caller:
+
+            def on_backend_thread(fut):
+                fut.wait()
+                return finish()
+
+            return work.get_future().then(on_backend_thread)
+
+        def in_caller():
+            work.wait()
+            self._settled = work  # the one before is freed here: its Gloo thread let it go when it completed
+            return finish()
+
+        return _InCaller(in_caller)
+
+    def _sum_shared(self, msg: SparseMessage, weights, out: Tensor, flag: Tensor, add: bool):
+        """Every worker's values sit at the same indices: sum them with one ``all_reduce`` of k values (and the
+        flag) in the aggregate's dtype (:func:`check_wire`), and add the sum at the shared indices."""
+        k = msg.values.shape[1]
+        red = torch.empty(k + 1, dtype=out.dtype, device=out.device)
+        torch.mul(msg.values[0], weights[self.first_worker], out=red[:k])
+        red[k] = flag.to(red.dtype)[0]
+        work = dist.all_reduce(red, group=self.group, async_op=True)
+        idx = msg.indices[:1]
+
+        def finish_shared():
+            if not add:
+                out.zero_()
+            ops.accumulate_(out, red[:k].to(out.dtype).unsqueeze(0), idx)
+            return out, red[k] > 0
+
+        sent = red.numel() * red.element_size()
+        if msg.leader == self.first_worker:
+            sent += idx.numel() * idx.element_size()  # the support this rank broadcast in the worker step
+        return self._finished(work, finish_shared), sent
+
+    def share_support(self, indices, leader, k, dtype, device):
+        """The leader's indices, broadcast from it (one collective of k indices) onto every rank's ``device``."""
+        buf = indices if indices is not None else torch.empty(k, dtype=dtype, device=device)
+        src = leader if self.group is None else dist.get_global_rank(self.group, leader)  # torch < 2.6: no group_src
+        dist.broadcast(buf, src=src, group=self.group)
+        return buf
 
     @property
     def device(self) -> torch.device:
@@ -267,6 +365,20 @@ class DistExchanger:
         t = flag.reshape(1).to(torch.float32)
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return work.get_future().then(lambda fut: (fut.wait(), t[0] > 0)[1])
+
+
+def received_bytes(collective: Literal["all_reduce", "all_gather", "broadcast"], n: int, nbytes: int) -> float:
+    """Bytes one rank receives in a collective of ``nbytes`` per rank among ``n``, with the bandwidth-optimal
+    algorithms (ring all-reduce: a reduce-scatter and an all-gather of ``nbytes / n`` pieces; ring all-gather;
+    a broadcast's ``nbytes`` reach the ``n - 1`` others, ``(n - 1) / n`` of it per rank on average). Checked
+    against Gloo on a loopback's counters by ``benchmarks/bench_exchange.py``."""
+    if collective == "all_reduce":
+        return 2 * (n - 1) / n * nbytes
+    if collective == "all_gather":
+        return (n - 1) * nbytes
+    if collective == "broadcast":
+        return (n - 1) / n * nbytes
+    raise ValueError(f"collective must be 'all_reduce', 'all_gather' or 'broadcast', got {collective!r}")
 
 
 # ------------------------------------------------------------------------------------ non-finite input
@@ -296,6 +408,18 @@ def settle_nonfinite(policy: NonFinite, *, scaled: bool, what: str, unchanged: s
     log.warning("non-finite %s: %s, skipped", what, unchanged)
 
 
+def check_wire(feedback: Feedback, wire_dtype: torch.dtype | None) -> None:
+    """A front end's check of its wire against its method. Values summed by ``all_reduce`` (a shared support) travel
+    and are summed in the aggregate's dtype (a sum in bf16 would round the aggregate after each worker kept its own
+    rounding, so the EF21 family's server estimate would drift from the workers' mean shift): a float wire dtype is
+    not used for them, and int8, whose scale is each worker's own, is refused."""
+    if wire_dtype == torch.int8 and feedback.compressor.shared_support:
+        raise ValueError(
+            f"wire_dtype=torch.int8 cannot carry {feedback.compressor!r}, whose values are summed by all_reduce "
+            "(each worker's int8 values have their own scale); leave wire_dtype=None"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ the round
 def start_round(
     feedback: Feedback,
@@ -320,7 +444,8 @@ def start_round(
     n = exchanger.n_workers
     d = grad.shape[-1]
     dense_bytes = d * grad.element_size()
-    use = _method_for_round(feedback, block, step, n, grad, options)
+    check_wire(feedback, options.wire_dtype)
+    use = _method_for_round(feedback.at(step), block, step, n, grad, options)
     bad = None
     if options.nonfinite is not None and (options.nonfinite == "sanitize" or not use.compressor.reveals_nonfinite):
         bad = nonfinite_flag(grad.reshape(-1, d), dim=1)
@@ -371,7 +496,8 @@ def _method_for_round(feedback, block, step, n, grad, options) -> Feedback:
     use = block.plans.get(key)
     if use is None:
         dense = grad.shape[-1] * grad.element_size()
-        pays = dense >= options.min_compression_rate * n * feedback.wire_bytes(block.segments, step, wire)
+        gathered = 1 if feedback.compressor.shared_support else n  # all_reduce of k values, like the dense one
+        pays = dense >= options.min_compression_rate * gathered * feedback.wire_bytes(block.segments, step, wire)
         use = block.plans[key] = feedback if pays else feedback.with_compressor(Identity())
     return use
 
@@ -379,12 +505,14 @@ def _method_for_round(feedback, block, step, n, grad, options) -> Feedback:
 def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, dense_bytes):
     n = exchanger.n_workers
     sanitize = options.nonfinite == "sanitize"
-    msg = use.worker_step(
-        block.state, grad, step, worker=exchanger.first_worker, n_workers=n, segments=block.segments, sanitize=sanitize
-    )
+    with support_exchange(exchanger):  # a compressor that agrees on its support across workers does it here
+        msg = use.worker_step(
+            block.state, grad, step, worker=exchanger.first_worker, n_workers=n, segments=block.segments,
+            sanitize=sanitize,
+        )  # fmt: skip
     if options.nonfinite is not None and bad is None and msg is not None:
         bad = msg.nonfinite()  # the compressor keeps every non-finite entry; before the wire clamps an Inf
-    if options.wire_dtype is not None:
+    if options.wire_dtype is not None and not use.compressor.shared_support:  # summed in the aggregate's dtype
         msg = use.round_values_(block.state, msg, options.wire_dtype)
     err = (
         feedback.distortion_sq(block.state, grad, worker=exchanger.first_worker, n_workers=n)

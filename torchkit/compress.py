@@ -7,8 +7,11 @@ sends in the papers' convention (32 bits per value, indices free) and its exact 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -20,6 +23,10 @@ __all__ = [
     "Compressor",
     "TopK",
     "RandK",
+    "CyclicTopK",
+    "DensityWarmup",
+    "SupportExchange",
+    "support_exchange",
     "ScaledSign",
     "Identity",
     "Message",
@@ -83,6 +90,10 @@ class SparseMessage:
     local_indices: bool = False  # the groups are chunks of at most 65536 entries
     q: Tensor | None = None  # [rows, k] int8
     scales: Tensor | None = None  # [rows, n_groups] fp32 steps
+    #: every worker's message of this round has the same indices (a shared support): the values can be summed by
+    #: ``all_reduce`` instead of gathered. ``leader``: the worker whose indices they are (``None``: a shared seed).
+    shared: bool = False
+    leader: int | None = None
 
     @property
     def rows(self) -> int:
@@ -96,7 +107,11 @@ class SparseMessage:
         return ops.accumulate_(out, self.values, self.indices, scale)
 
     def wire_bytes(self) -> int:
-        """Bytes one row puts on the wire."""
+        """Bytes one row puts on the wire (a shared support's: its values, and its indices where a leader chose
+        them)."""
+        if self.shared:
+            ibytes = 0 if self.leader is None else self.indices.element_size()
+            return self.values.shape[1] * (max(4, self.values.element_size()) + ibytes)
         buf, _ = self.pack()
         return buf.numel()
 
@@ -331,10 +346,28 @@ class Compressor:
     fused_topk: bool = False
     #: True when a non-finite input entry always shows in the message (so the message reveals it)
     reveals_nonfinite: bool = True
+    #: True when every worker's message of a round has the same indices (:attr:`SparseMessage.shared`), so that
+    #: the exchange sums values with ``all_reduce``: the bytes a rank receives do not grow with the worker count
+    shared_support: bool = False
 
     def config(self) -> dict:
         """The compressor's identity as plain data (checkpoints compare these, not ``repr``)."""
         return {"type": type(self).__name__}
+
+    def at(self, step: int) -> Compressor:
+        """The compressor of round ``step`` (itself; :class:`DensityWarmup` keeps more early on)."""
+        return self
+
+    def compress_segments(self, x: Tensor, segments: Sequence[int], *, worker: int = 0, step: int = 0) -> Message:
+        """Compress each segment of the last dim on its own (per-tensor granularity) into one message."""
+        if len(segments) == 1:
+            return self.compress(x, worker=worker, step=step)
+        x2 = _rows(x)
+        msgs, off = [], 0
+        for n in segments:
+            msgs.append(self.compress(x2[:, off : off + n], worker=worker, step=step))
+            off += n
+        return concat_messages(msgs, segments)
 
 
 class _Sparsifier(Compressor):
@@ -352,11 +385,20 @@ class _Sparsifier(Compressor):
         return self.k_for(check_int("d", d)) / d
 
     def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
+        return self.k_for(d) * (self.value_bytes(value_dtype) + self.index_bytes(d))
+
+    def value_bytes(self, value_dtype: torch.dtype) -> int:
+        """Bytes of one value on the wire: the wire dtype's, or for values summed by ``all_reduce`` (a shared
+        support) the aggregate's, fp32 at least (a sum in a narrower dtype would round the aggregate)."""
         itemsize = torch.empty((), dtype=value_dtype).element_size()
-        return self.k_for(d) * (itemsize + ops.index_dtype(d).itemsize)
+        return max(4, itemsize) if self.shared_support else itemsize
 
     def value_bits(self, d: int) -> int:
         return self.k_for(d) * _VALUE_BITS
+
+    def index_bytes(self, d: int) -> int:
+        """Bytes of one index on the wire for a vector of length ``d`` (0 where the indices travel not at all)."""
+        return ops.index_dtype(d).itemsize
 
     def _arg(self) -> str:
         return f"k={self.k}" if self.k is not None else f"ratio={self.ratio}"
@@ -444,29 +486,56 @@ class RandK(_Sparsifier):
     The coordinates are drawn from a generator seeded with ``(seed, worker, step)``, so every front
     end (and a resumed run) draws the same ones. Unbiased: ``omega = d/k - 1``; error feedback uses the
     contractive form ``Q/(omega+1)``, i.e. the unscaled kept coordinates, with ``alpha = k/d``.
+
+    ``shared=True``: every worker draws the same coordinates in a round (seeded with ``(seed, step)``), so the
+    values are summed by ``all_reduce`` and no index travels (:attr:`Compressor.shared_support`). Each worker's
+    compressor is still RandK, so ``alpha`` and ``omega`` hold for every worker as before.
     """
 
-    def __init__(self, k: int | None = None, *, ratio: float | None = None, seed: int = 0, unbiased: bool = True):
+    def __init__(
+        self,
+        k: int | None = None,
+        *,
+        ratio: float | None = None,
+        seed: int = 0,
+        unbiased: bool = True,
+        shared: bool = False,
+    ):
         super().__init__(k, ratio)
+        if not isinstance(shared, bool):
+            raise TypeError(f"shared must be a bool, got {type(shared).__name__} {shared!r}")
         self.seed = check_int("seed", seed, low=0)
         self.unbiased = bool(unbiased)
+        self.shared = shared
 
     reveals_nonfinite = False  # the random coordinates may miss a non-finite entry
+
+    @property
+    def shared_support(self) -> bool:  # type: ignore[override]
+        return self.shared
 
     def omega(self, d: int) -> float:
         return d / self.k_for(d) - 1.0
 
+    def index_bytes(self, d: int) -> int:
+        return 0 if self.shared else super().index_bytes(d)
+
     def config(self) -> dict:
-        return {**super().config(), "seed": self.seed, "unbiased": self.unbiased}
+        shared = {"shared": True} if self.shared else {}  # absent by default: older checkpoints compare equal
+        return {**super().config(), "seed": self.seed, "unbiased": self.unbiased, **shared}
 
     def contractive(self) -> RandK:
         if not self.unbiased:
             return self
-        return RandK(self.k, ratio=self.ratio, seed=self.seed, unbiased=False)
+        return RandK(self.k, ratio=self.ratio, seed=self.seed, unbiased=False, shared=self.shared)
 
     def indices(self, d: int, rows: int, *, worker: int, step: int) -> Tensor:
         k = self.k_for(d)
         out = torch.empty(rows, k, dtype=torch.int64)
+        if self.shared:  # one draw for every worker: -1 is no worker's own stream
+            g = torch.Generator().manual_seed(hash((self.seed, -1, step)) & 0x7FFF_FFFF_FFFF_FFFF)
+            out[:] = torch.randperm(d, generator=g)[:k]
+            return out
         for r in range(rows):
             g = torch.Generator().manual_seed(hash((self.seed, worker + r, step)) & 0x7FFF_FFFF_FFFF_FFFF)
             out[r] = torch.randperm(d, generator=g)[:k]
@@ -479,10 +548,101 @@ class RandK(_Sparsifier):
         values = x2.gather(1, idx)
         if self.unbiased:
             values = values * (d / self.k_for(d))
-        return SparseMessage(values, idx.to(ops.index_dtype(d)), d)
+        return SparseMessage(values, idx.to(ops.index_dtype(d)), d, shared=self.shared)
 
     def __repr__(self) -> str:
-        return f"RandK({self._arg()}, seed={self.seed}, unbiased={self.unbiased})"
+        shared = ", shared=True" if self.shared else ""
+        return f"RandK({self._arg()}, seed={self.seed}, unbiased={self.unbiased}{shared})"
+
+
+class SupportExchange(Protocol):
+    """How the workers of a round agree on a shared support (the exchangers of :mod:`torchkit.comm`)."""
+
+    n_workers: int
+    first_worker: int
+
+    def share_support(
+        self, indices: Tensor | None, leader: int, k: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """The ``[k]`` indices worker ``leader`` chose (``indices`` where this process holds the leader, else
+        ``None``), on every worker, on ``device``."""
+        ...
+
+
+_SUPPORT: ContextVar[SupportExchange | None] = ContextVar("torchkit_shared_support", default=None)
+
+
+@contextmanager
+def support_exchange(exchange: SupportExchange) -> Iterator[None]:
+    """Within this block, compressors that agree on a support across workers (:class:`CyclicTopK`) do it through
+    ``exchange``; the round (:func:`torchkit.comm.start_round`) installs its exchanger around the worker step, so
+    the methods need not know. Outside of it, the rows of the compressed batch are all the workers."""
+    token = _SUPPORT.set(exchange)
+    try:
+        yield
+    finally:
+        _SUPPORT.reset(token)
+
+
+class CyclicTopK(_Sparsifier):
+    """TopK on a support that every worker shares: in round ``t`` worker ``t mod n`` (the leader) picks the k
+    entries of largest magnitude of its own vector, and every worker sends its values at those k indices
+    (ScaleCom's cyclic local top-k, Chen et al., NeurIPS 2020).
+
+    The workers' values are then summed by ``all_reduce``: a rank receives k values and the leader's k indices
+    whatever the number of workers, where an all-gathered :class:`TopK` brings it ``(n - 1) k`` pairs.
+
+    Contraction: the leader's compressor is its TopK (``alpha = k/d``, what :meth:`alpha` returns). Another
+    worker keeps ``||x_S||^2`` of its ``||x||^2`` on the leader's support ``S``, which is no less than ``k/d`` of
+    it only as far as the workers' vectors share their large entries (error feedback makes them alike; a worst
+    case keeps nothing): the per-worker contraction the EF21 analyses assume is an assumption here, not a bound
+    (``docs/algorithms.md`` §6.7).
+
+    Args:
+        k: entries kept per vector (1 <= k <= d).
+        ratio: alternatively the kept fraction in (0, 1]; ``k = ceil(ratio * d)``.
+    """
+
+    shared_support = True
+    reveals_nonfinite = False  # the leader's support may miss another worker's non-finite entry
+
+    def __init__(self, k: int | None = None, *, ratio: float | None = None):
+        super().__init__(k, ratio)
+
+    def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
+        return self.compress_segments(x, (x.shape[-1],), worker=worker, step=step)
+
+    def compress_segments(self, x: Tensor, segments: Sequence[int], *, worker: int = 0, step: int = 0) -> SparseMessage:
+        """Per segment, k_l = k_for(d_l) of the leader's entries; the leader's indices travel once for all."""
+        x2 = _input_rows(x)
+        rows, d = x2.shape
+        exchange = _SUPPORT.get()
+        n = exchange.n_workers if exchange is not None else rows
+        first = exchange.first_worker if exchange is not None else 0
+        leader = step % n
+        here = leader - first  # the leader's row in this batch, when this process holds it
+        idt = ops.index_dtype(d)
+        idx = None
+        if 0 <= here < rows:
+            parts, off = [], 0
+            for m in segments:
+                _, i = ops.topk(x2[here : here + 1, off : off + m].contiguous(), self.k_for(m))
+                parts.append(i.to(idt).reshape(-1) + off)
+                off += m
+            idx = torch.cat(parts)
+        k = sum(self.k_for(m) for m in segments)
+        if exchange is not None and rows < n:
+            idx = exchange.share_support(idx, leader, k, idt, x2.device)
+        idx = idx.reshape(1, k).expand(rows, k).contiguous()
+        groups = None
+        if len(segments) > 1:
+            offs = [sum(segments[:j]) for j in range(len(segments))]
+            groups = tuple((o, self.k_for(m)) for o, m in zip(offs, segments))
+        values = x2.gather(1, idx.long())
+        return SparseMessage(values, idx, d, groups, shared=True, leader=leader)
+
+    def __repr__(self) -> str:
+        return f"CyclicTopK({self._arg()})"
 
 
 class ScaledSign(Compressor):
@@ -531,16 +691,101 @@ class Identity(Compressor):
         return "Identity()"
 
 
+class DensityWarmup(Compressor):
+    """Deep Gradient Compression's density warm-up (Lin et al., ICLR 2018): a sparsifier given by ratio keeps more
+    in the first rounds, its density falling exponentially from ``start`` to its own ratio in ``stages`` equal
+    stages over ``steps`` rounds (DGC: 25%, 6.25%, 1.5625%, 0.4% over the first four epochs, then 0.1%).
+
+    Round ``t`` uses the sparsifier with ratio ``start * (ratio / start) ** (s / stages)``, ``s = min(stages,
+    t * stages // steps)``: messages change size only between stages, every rank alike (the round's step is
+    agreed), and a resumed run continues in its stage. ``alpha``, ``wire_bytes`` and ``value_bits`` are those after
+    the warm-up (the smallest density, so ``alpha`` holds in every round); a method counts a round's bytes with
+    :meth:`at` (:meth:`torchkit.feedback.Feedback.wire_bytes`).
+
+    Args:
+        compressor: :class:`TopK`, :class:`RandK` or :class:`CyclicTopK`, given by ``ratio``.
+        start: the density of the first stage, in (ratio, 1].
+        steps: rounds the warm-up takes.
+        stages: the number of density steps down to ``ratio`` (4, DGC's).
+    """
+
+    def __init__(self, compressor: Compressor, *, start: float = 0.25, steps: int, stages: int = 4):
+        if not isinstance(compressor, _Sparsifier) or isinstance(compressor, DensityWarmup):
+            raise TypeError(f"compressor must be a TopK, RandK or CyclicTopK, got {type(compressor).__name__}")
+        if compressor.ratio is None:
+            raise ValueError("DensityWarmup needs a compressor given by ratio (its density falls to that ratio)")
+        start = check_ratio("start", start)
+        if start <= compressor.ratio:
+            raise ValueError(f"start must be above the compressor's ratio {compressor.ratio}, got {start!r}")
+        self.compressor = compressor
+        self.start = start
+        self.steps = check_int("steps", steps)
+        self.stages = check_int("stages", stages)
+        self._by_stage: dict[int, Compressor] = {}  # one compressor per stage: the round's plans key on it
+
+    ratio = property(lambda self: self.compressor.ratio)
+    k = None  # given by ratio, so per-tensor granularity (k_l = ceil(ratio * d_l)) applies
+    reveals_nonfinite = property(lambda self: self.compressor.reveals_nonfinite)  # type: ignore[assignment]
+    shared_support = property(lambda self: self.compressor.shared_support)  # type: ignore[assignment]
+
+    def stage(self, step: int) -> int:
+        return min(self.stages, step * self.stages // self.steps)
+
+    def ratio_at(self, step: int) -> float:
+        """The density of round ``step``."""
+        s = self.stage(step)
+        if s == self.stages:
+            return self.compressor.ratio
+        return self.start * (self.compressor.ratio / self.start) ** (s / self.stages)
+
+    def at(self, step: int) -> Compressor:
+        s = self.stage(step)
+        if s not in self._by_stage:
+            import copy
+
+            comp = self.compressor if s == self.stages else copy.copy(self.compressor)
+            comp.ratio = self.ratio_at(step)
+            self._by_stage[s] = comp
+        return self._by_stage[s]
+
+    def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> Message:
+        return self.at(step).compress(x, worker=worker, step=step)
+
+    def compress_segments(self, x, segments, *, worker=0, step=0) -> Message:
+        return self.at(step).compress_segments(x, segments, worker=worker, step=step)
+
+    def contractive(self) -> DensityWarmup:
+        inner = self.compressor.contractive()
+        if inner is self.compressor:
+            return self
+        return DensityWarmup(inner, start=self.start, steps=self.steps, stages=self.stages)
+
+    def alpha(self, d: int) -> float:
+        return self.compressor.alpha(d)
+
+    def k_for(self, d: int) -> int:
+        return self.compressor.k_for(d)
+
+    def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
+        return self.compressor.wire_bytes(d, value_dtype)
+
+    def value_bits(self, d: int) -> int:
+        return self.compressor.value_bits(d)
+
+    def config(self) -> dict:
+        return {**super().config(), "compressor": self.compressor.config(), "start": self.start,
+                "steps": self.steps, "stages": self.stages}  # fmt: skip
+
+    def __getstate__(self):
+        return {**self.__dict__, "_by_stage": {}}  # rebuilt on use; copies do not share a stage's compressor
+
+    def __repr__(self) -> str:
+        return f"DensityWarmup({self.compressor!r}, start={self.start}, steps={self.steps}, stages={self.stages})"
+
+
 def compress_segments(comp: Compressor, x: Tensor, segments: Sequence[int], *, worker: int, step: int) -> Message:
     """Compress each segment of the last dim on its own (per-tensor granularity) into one message."""
-    if len(segments) == 1:
-        return comp.compress(x, worker=worker, step=step)
-    x2 = _rows(x)
-    msgs, off = [], 0
-    for n in segments:
-        msgs.append(comp.compress(x2[:, off : off + n], worker=worker, step=step))
-        off += n
-    return concat_messages(msgs, segments)
+    return comp.compress_segments(x, tuple(segments), worker=worker, step=step)
 
 
 def concat_messages(msgs: list[Message], segments: Sequence[int]) -> Message:
@@ -556,7 +801,10 @@ def concat_messages(msgs: list[Message], segments: Sequence[int]) -> Message:
             (a + o, c) for m, o in zip(msgs, offs) for a, c in (m.groups or ((0, m.values.shape[1]),))
         )  # a chunked message keeps its chunks; a plain one is one group per segment
         local = all(m.local_indices for m in msgs)
-        return SparseMessage(torch.cat([m.values for m in msgs], dim=1), idx, d, groups, local)
+        shared = all(m.shared for m in msgs)
+        return SparseMessage(
+            torch.cat([m.values for m in msgs], dim=1), idx, d, groups, local, shared=shared, leader=first.leader
+        )
     if isinstance(first, DenseMessage):
         return DenseMessage(torch.cat([m.values for m in msgs], dim=1))
     if isinstance(first, SignMessage):
@@ -583,9 +831,9 @@ def chunk_wire_bytes(comp: _Sparsifier, segments: Sequence[int], value_dtype=tor
     chunked = getattr(comp, "chunk", None) is not None
     groups = [k for n in segments for _, _, k in comp.chunks(n)] if chunked else [comp.k_for(n) for n in segments]
     k = sum(groups)
-    vbytes = torch.empty((), dtype=value_dtype).element_size()
+    vbytes = comp.value_bytes(value_dtype)
     scale_bytes = 4 * len(groups) if value_dtype == torch.int8 else 0
-    ibytes = 2 if chunked else ops.index_dtype(d).itemsize
+    ibytes = 2 if chunked else comp.index_bytes(d)
     return k * (vbytes + ibytes) + scale_bytes
 
 

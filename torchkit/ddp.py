@@ -27,6 +27,7 @@ from .comm import (
     NonFiniteGradientError,
     RoundOptions,
     agree_max,
+    check_wire,
     nonfinite_flag,
     root_error,
     start_round,
@@ -54,7 +55,8 @@ class CompressionState(FrontEnd):
             feedback state is keyed by parameter and carried over when DDP rebuilds its buckets after the
             first iteration, so ``0`` is correct (unlike PowerSGD's ``start_powerSGD_iter >= 2``).
         min_compression_rate: a bucket is compressed only when its dense payload is at least this many times
-            the compressed one, ``rate * n_ranks * wire bytes`` (values and indices); other buckets run the method
+            the compressed one, ``rate * n_ranks * wire bytes`` (values and indices; ``rate * wire bytes`` for a shared
+            support, whose values are summed by ``all_reduce``); other buckets run the method
             with the Identity compressor over ``all_reduce``, which keeps the feedback state consistent. ``0``
             compresses every bucket.
         wire_dtype: dtype of the sent values; ``None`` uses the bucket's dtype. What rounding to it
@@ -305,6 +307,7 @@ def _checked_options(feedback, start_iter, min_compression_rate, wire_dtype, gra
     if nonfinite not in ("raise", "skip", "sanitize"):
         raise ValueError(f"nonfinite must be 'raise', 'skip' or 'sanitize', got {nonfinite!r}")
     RoundOptions(wire_dtype, min_compression_rate)  # the round's own checks, in its words
+    check_wire(feedback, wire_dtype)
     if nonfinite in ("skip", "sanitize") and (grad_scaler is None or not grad_scaler.is_enabled()):
         raise ValueError(
             f"nonfinite={nonfinite!r} needs an enabled GradScaler as grad_scaler=: the hook cannot stop your "

@@ -257,7 +257,7 @@ class Feedback:
             return 0
         if kind == "dense":
             return 32 * sum(segments)
-        return segment_value_bits(self.compressor, segments)
+        return segment_value_bits(self.compressor.at(step), segments)
 
     def wire_bytes(self, segments: Sequence[int], step: int, value_dtype=torch.float32) -> int:
         kind = self.sends_in_round(step)
@@ -265,7 +265,19 @@ class Feedback:
             return 0
         if kind == "dense":
             return sum(segments) * torch.empty((), dtype=value_dtype).element_size()
-        return segment_wire_bytes(self.compressor, segments, value_dtype)
+        return segment_wire_bytes(self.compressor.at(step), segments, value_dtype)
+
+    def at(self, step: int) -> Feedback:
+        """The method as it runs in round ``step``: itself, or, under a :class:`~torchkit.compress.DensityWarmup`,
+        with the compressor of that round's stage (one object per stage, so the round's per-block plans keep)."""
+        comp = self.compressor.at(step)
+        if comp is self.compressor:
+            return self
+        cache = self.__dict__.setdefault("_stages", {})
+        key = repr(comp)  # not id(): a copied method's compressors are new objects
+        if key not in cache:
+            cache[key] = self.with_compressor(comp)
+        return cache[key]
 
     # ------------------------------------------------------------------------------------------- step
     def worker_step(

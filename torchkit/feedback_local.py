@@ -8,10 +8,13 @@ what torchkit recommends per method: :mod:`torchkit.coupling`.
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from ._validation import check_unit_interval
-from .compress import Compressor
+from .compress import Compressor, SparseMessage
 from .feedback import Feedback
 
 __all__ = ["LocalMomentum", "LocalAdam"]
@@ -81,24 +84,62 @@ class LocalMomentum(_Local):
     - ``LocalMomentum(EF21(C), mu)`` is EF21-SGDM (Fatkhullin, Tyurin, Richtárik 2023, arXiv:2305.15155)
       with ``eta = 1 - mu`` and the step size scaled by ``1/eta`` (TopK and scaled sign are positively
       homogeneous), except that step 0 sends ``g`` rather than ``eta g``.
-    - ``LocalMomentum(EF14(C), mu)`` is DGC's momentum correction (Lin et al. 2018, arXiv:1712.01887)
-      without momentum-factor masking.
+    - ``LocalMomentum(EF14(C), mu, clip=c, mask=True)`` is DGC's momentum correction (Lin et al. 2018,
+      arXiv:1712.01887) with its local gradient clipping and momentum factor masking; with
+      ``DensityWarmup(C, ...)`` it has DGC's density warm-up too.
 
     Args:
         method: the error-feedback method that compresses the momentum.
         momentum: ``mu`` in [0, 1).
         nesterov: send ``g + mu b`` as ``SGD(nesterov=True)`` steps.
+        clip: local gradient clipping: each segment of the worker's gradient (each parameter tensor with
+            ``granularity="tensor"``, else the vector the front end hands over) is scaled down to this norm
+            before it enters the momentum. DGC clips at the global threshold times ``n_workers ** -0.5``.
+        mask: momentum factor masking: where a sparse message sent an entry, the momentum restarts from zero,
+            so a sent coordinate does not keep pushing (dense rounds, step 0 and the Identity fallback, leave it).
     """
 
     _local_names = ("local_m",)
     options = ("momentum", "nesterov")
 
-    def __init__(self, method: Feedback, momentum: float = 0.9, *, nesterov: bool = False):
+    def __init__(
+        self,
+        method: Feedback,
+        momentum: float = 0.9,
+        *,
+        nesterov: bool = False,
+        clip: float | None = None,
+        mask: bool = False,
+    ):
         super().__init__(method)
         self.momentum = check_unit_interval("momentum", momentum)
         if self.momentum >= 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.nesterov = bool(nesterov)
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+                                 or not math.isfinite(clip)):  # fmt: skip
+            raise ValueError(f"clip must be a positive finite norm or None, got {clip!r}")
+        if not isinstance(mask, bool):
+            raise TypeError(f"mask must be a bool, got {type(mask).__name__} {mask!r}")
+        self.clip = None if clip is None else float(clip)
+        self.mask = mask
+
+    def _config_extra(self) -> dict:
+        extra = super()._config_extra()  # clip and mask only when set: older checkpoints compare equal
+        if self.clip is not None:
+            extra["clip"] = self.clip
+        if self.mask:
+            extra["mask"] = True
+        return extra
+
+    def _round(self, state, g, step, worker, segments):
+        if self.clip is not None:
+            g = _clipped(g, segments, self.clip)
+        msg = super()._round(state, g, step, worker, segments)
+        if self.mask and isinstance(msg, SparseMessage):
+            b, idx = state["local_m"], msg.indices.long()
+            b.index_fill_(0, idx[0], 0.0) if b.dim() == 1 else b.scatter_(1, idx, 0.0)
+        return msg
 
     def _direction(self, state, g, step):
         b = state["local_m"]
@@ -110,6 +151,17 @@ class LocalMomentum(_Local):
 
     def _last_direction(self, state) -> Tensor:
         return state["local_m"]
+
+
+def _clipped(g: Tensor, segments, clip: float) -> Tensor:
+    """``g`` with each segment of each row scaled to a norm of at most ``clip`` (a new tensor; NaN stays NaN)."""
+    rows = g if g.dim() == 2 else g.unsqueeze(0)
+    parts = []
+    for seg in rows.split(list(segments), dim=1):
+        norm = torch.linalg.vector_norm(seg.to(torch.promote_types(seg.dtype, torch.float32)), dim=1, keepdim=True)
+        parts.append(seg * (clip / norm).clamp(max=1.0).to(seg.dtype))
+    out = torch.cat(parts, dim=1)
+    return out if g.dim() == 2 else out[0]
 
 
 class LocalAdam(_Local):

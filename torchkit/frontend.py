@@ -312,9 +312,11 @@ def live_instances(cls: type):
 
 
 def make_exchanger(group):
+    """The exchanger of an optimizer front end, which waits for its rounds itself (``in_caller``: no Python callback
+    on the backend's threads, see :class:`~torchkit.comm.DistExchanger`)."""
     if group is not None or (dist.is_available() and dist.is_initialized()):
         if dist.get_world_size(group) > 1:
-            return DistExchanger(group)
+            return DistExchanger(group, in_caller=True)
     return LocalExchanger(1)
 
 

@@ -35,7 +35,7 @@ from ._wrapped import (
     shard_count,
     unscaled_and_bad,
 )
-from .comm import RoundOptions, agree_max, nonfinite_flag, settle_nonfinite, start_round
+from .comm import RoundOptions, agree_max, check_wire, nonfinite_flag, settle_nonfinite, start_round
 from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree, make_exchanger
 from .metrics import CommMetrics
@@ -121,6 +121,7 @@ class LocalSGD(WrappedOptimizer):
                 f"functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)), got {outer_optimizer!r}"
             )
         self._options = RoundOptions(wire_dtype=wire_dtype)  # checks wire_dtype; finiteness is checked before
+        check_wire(feedback, wire_dtype)
         self._wrap(optimizer_class, params, defaults)
         shard_count([p for g in self.param_groups for p in g["params"]])  # sharded and plain mixed: refused
         self.feedback = feedback

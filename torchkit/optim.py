@@ -31,7 +31,7 @@ from ._wrapped import (
     options_digest,
     parameters_fingerprint,
 )
-from .comm import RoundOptions, agree_max, nonfinite_flag, settle_nonfinite, start_round
+from .comm import RoundOptions, agree_max, check_wire, nonfinite_flag, settle_nonfinite, start_round
 from .coupling import warn_coupling
 from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree, live_instances, make_exchanger
@@ -106,6 +106,7 @@ class CompressedOptimizer(WrappedOptimizer):
         warn_coupling(feedback, optimizer_class, defaults)  # known-bad pairs warn once, naming the fix
         self._wrap(optimizer_class, params, defaults)  # the inner optimizer owns param_groups, state, defaults
         self._options = RoundOptions(wire_dtype=wire_dtype)  # finiteness is checked (and agreed) before the round
+        check_wire(feedback, wire_dtype)
         self.feedback = feedback
         self.process_group = process_group
         self.nonfinite = nonfinite
