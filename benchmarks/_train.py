@@ -10,8 +10,12 @@ averages the gradients; PowerSGD is the single-process equivalent of PyTorch's `
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing as mp
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -179,3 +183,18 @@ def run(
         "wall_s": wall,
         "params": d,
     }
+
+
+def run_jobs(todo: list[dict], done: dict, path: Path, procs: int, run_job: Callable[[dict], dict],
+             key: Callable[[dict], tuple], describe: Callable[[dict], str]) -> None:  # fmt: skip
+    """Run ``todo`` in a pool of ``procs`` spawned processes, each result appended to ``path`` (JSON lines, so a
+    study resumes where it stopped) and to ``done`` under ``key(result)`` as it arrives, with a progress line."""
+    if not todo:
+        return
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(procs) as pool, path.open("a") as f:
+        for i, r in enumerate(pool.imap_unordered(run_job, todo)):
+            done[key(r)] = r
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            print(f"[{i + 1}/{len(todo)} {time.time() - t0:.0f}s] {describe(r)}", flush=True)

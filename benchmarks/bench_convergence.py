@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -125,21 +124,13 @@ def _load(path: Path) -> dict:
 
 
 def _run_many(jobs, done, path, procs):
+    from _train import run_jobs
+
     todo = [j for j in jobs if _key(j) not in done]
     todo.sort(key=lambda j: j["task"] != "char_lm")  # long jobs first
-    if not todo:
-        return
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(procs) as pool, path.open("a") as f:
-        for i, r in enumerate(pool.imap_unordered(_run_job, todo)):
-            done[_key(r)] = r
-            f.write(json.dumps(r) + "\n")
-            f.flush()
-            print(
-                f"[{i + 1}/{len(todo)} {time.time() - t0:.0f}s] {r['task']} {r['inner']} {r['split']} "
-                f"{r['method']} {r['density']} lr={r['lr']} seed={r['seed']}: {r['train_loss']:.3f}",
-                flush=True,
-            )
+    run_jobs(todo, done, path, procs, _run_job, _key, lambda r: (
+        f"{r['task']} {r['inner']} {r['split']} {r['method']} {r['density']} lr={r['lr']} seed={r['seed']}: "
+        f"{r['train_loss']:.3f}"))  # fmt: skip
 
 
 def _best_lr(done, cell) -> float | None:

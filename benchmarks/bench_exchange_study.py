@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -115,17 +113,11 @@ def _load(path: Path) -> dict:
 
 
 def _run_many(jobs, done, path, procs):
-    todo = [j for j in jobs if _key(j) not in done]
-    if not todo:
-        return
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(procs) as pool, path.open("a") as f:
-        for i, r in enumerate(pool.imap_unordered(_run_job, todo)):
-            done[_key(r)] = r
-            f.write(json.dumps(r) + "\n")
-            f.flush()
-            print(f"[{i + 1}/{len(todo)} {time.time() - t0:.0f}s] n={r['workers']} {r['split']} {r['method']} "
-                  f"{r['exchange']} lr={r['lr']} seed={r['seed']}: {r['train_loss']:.4f}", flush=True)  # fmt: skip
+    from _train import run_jobs
+
+    run_jobs([j for j in jobs if _key(j) not in done], done, path, procs, _run_job, _key, lambda r: (
+        f"n={r['workers']} {r['split']} {r['method']} {r['exchange']} {r.get('density')} lr={r['lr']} "
+        f"seed={r['seed']}: {r['train_loss']:.4f}"))  # fmt: skip
 
 
 def _loss(r):
