@@ -49,7 +49,9 @@ DENSITIES = (0.01, 0.001)
 # every method of torchkit.registry with a recommended configuration, next to dense training and PowerSGD
 METHODS = ("dense", "powersgd", *registry.recommendable())
 NAIVE = ("naive_ef21", "naive_ef21sgdm", "naive_econtrol")
-VARIANTS = ("ef14_local",)  # at 1% only: EF14 behind the worker-side optimizer (tk.LocalMomentum / tk.LocalAdam)
+VARIANTS = ("ef14_local", "ef14_dgc")  # EF14 behind the worker-side optimizer (tk.LocalMomentum / tk.LocalAdam),
+# at 1%; and DGC's worker (its momentum correction, density warm-up and momentum factor masking), SGD only, 1% and 0.1%
+DGC_WARMUP = 60  # rounds of density warm-up from 25%, in 4 stages (a fifth of the transformer's 300 steps)
 LABELS = {
     "dense": "dense",
     "powersgd": "PowerSGD r1",
@@ -58,6 +60,7 @@ LABELS = {
     "naive_ef21sgdm": "EF21-SGDM naive",
     "naive_econtrol": "EControl naive",
     "ef14_local": "EF14 worker-side opt.",
+    "ef14_dgc": "EF14 + DGC warm-up, masking",
 }
 SEEDS = (0, 1, 2)
 
@@ -70,6 +73,10 @@ def build(method: str, inner: str, density: float | None):
     if method in ("dense", "powersgd"):
         return method, inner, 1.0, f"{method} + {inner}"
     comp = tk.TopK(ratio=density)
+    if method == "ef14_dgc":
+        warm = tk.DensityWarmup(comp, start=0.25, steps=DGC_WARMUP, stages=4)
+        desc = "DGC: LocalMomentum(EF14(DensityWarmup(TopK)), mask=True), SGD"
+        return tk.LocalMomentum(tk.EF14(warm), 0.9, mask=True), "sgd", 1.0, desc
     if method == "ef14_local" and inner == "sgdm":
         return tk.LocalMomentum(tk.EF14(comp), 0.9), "sgd", 1.0, "LocalMomentum(EF14) (DGC's momentum correction), SGD"
     if method == "ef14_local":
@@ -110,7 +117,10 @@ def _cells(tasks):
                     for dens in (None,) if m in ("dense", "powersgd") else DENSITIES:
                         yield dict(task=task, inner=inner, split=split, method=m, density=dens)
                 for m in NAIVE + VARIANTS:
-                    yield dict(task=task, inner=inner, split=split, method=m, density=0.01)
+                    if m == "ef14_dgc" and inner != "sgdm":
+                        continue  # DGC is a momentum-SGD worker
+                    for dens in DENSITIES if m == "ef14_dgc" else (0.01,):
+                        yield dict(task=task, inner=inner, split=split, method=m, density=dens)
 
 
 def _load(path: Path) -> dict:
