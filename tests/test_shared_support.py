@@ -289,3 +289,20 @@ def test_a_rank_sends_k_values_whatever_the_number_of_ranks(world):
     assert sent[1 % n] == values + flag + index  # step 1: rank 1 leads (it broadcast the support)
     assert all(s == values + flag for i, s in enumerate(sent) if i != 1 % n)
     assert all(r["sent"][1] == k for r in results)  # the aggregate lives on the leader's k indices
+
+
+def test_the_byte_model_is_the_ring_algorithms():
+    """Per rank: ring all-reduce 2(n-1)/n m, ring all-gather (n-1) m, broadcast (n-1)/n m (checked against Gloo's
+    traffic by benchmarks/bench_exchange.py); at 1% of d = 1e8, n = 64 over n = 8: 1.12x against 9x."""
+    assert tk.comm.received_bytes("all_reduce", 4, 100) == 150
+    assert tk.comm.received_bytes("all_gather", 4, 100) == 300
+    assert tk.comm.received_bytes("broadcast", 4, 100) == 75
+    k = 10**6
+
+    def cyclic(n):
+        return tk.comm.received_bytes("all_reduce", n, 4 * k) + tk.comm.received_bytes("broadcast", n, 4 * k)
+
+    assert cyclic(64) / cyclic(8) == pytest.approx(1.125)
+    assert tk.comm.received_bytes("all_gather", 64, 8 * k) / tk.comm.received_bytes("all_gather", 8, 8 * k) == 9
+    with pytest.raises(ValueError, match="collective"):
+        tk.comm.received_bytes("reduce_scatter", 4, 100)

@@ -591,6 +591,8 @@ class CyclicTopK(_Sparsifier):
 
     The workers' values are then summed by ``all_reduce``: a rank receives k values and the leader's k indices
     whatever the number of workers, where an all-gathered :class:`TopK` brings it ``(n - 1) k`` pairs.
+    :meth:`wire_bytes` counts both for every worker (what each receives); what a rank sends, as the front ends count
+    it, is the k values, plus the k indices in the rounds it leads.
 
     Contraction: the leader's compressor is its TopK (``alpha = k/d``, what :meth:`alpha` returns). Another
     worker keeps ``||x_S||^2`` of its ``||x||^2`` on the leader's support ``S``, which is no less than ``k/d`` of
