@@ -155,6 +155,47 @@ def _best_lr(done, cell) -> float | None:
     return min(scores)[1]
 
 
+def _fractions(done: dict, cell: dict, lr: float, seeds) -> list[float]:
+    """Per seed, the cell's share of dense training's loss reduction against dense training with the same seed
+    (the same initial weights) at dense's best rate."""
+    dense_cell = {**cell, "method": "dense", "density": None}
+    dense_lr = _best_lr(done, dense_cell)
+    fracs = []
+    for seed in seeds:
+        r = done.get(_key({**cell, "lr": lr, "seed": seed}))
+        dr = done.get(_key({**dense_cell, "lr": dense_lr, "seed": seed})) if dense_lr is not None else None
+        if r is None or dr is None:
+            continue
+        loss = math.inf if r["diverged"] else r["train_loss"]
+        fracs.append((r["L0"] - loss) / (dr["L0"] - dr["train_loss"]))
+    return fracs
+
+
+# DGC's worker at 1% against EF14 with the momentum on the worker at 3%: about the same bytes in the transformer's
+# 300 steps (the warm-up's 25% stages cost DGC three times EF14's 1% bytes)
+EQUAL_BYTES = (("ef14_dgc", 0.01), ("ef14_local", 0.03))
+
+
+def equal_bytes(done: dict, path: Path, procs: int) -> str:
+    """Run and report the equal-bytes comparison of DGC's worker (``EQUAL_BYTES``) on the transformer, SGD."""
+    cells = [dict(task="char_lm", inner="sgdm", split=split, method=m, density=d)
+             for split in ("iid", "noniid") for m, d in EQUAL_BYTES]  # fmt: skip
+    _run_many([{**c, "lr": lr, "seed": 0} for c in cells for lr in LRS[("char_lm", "sgdm")]], done, path, procs)
+    _run_many([{**c, "lr": _best_lr(done, c), "seed": s} for c in cells for s in SEEDS[1:]], done, path, procs)
+    lines = ["# DGC at equal bytes (char_lm, SGD momentum 0.9, 4 workers, 300 steps, 3 seeds)", "",
+             "| split | configuration | density | MB per worker | best lr | share of dense's loss reduction |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for c in cells:
+        lr = _best_lr(done, c)
+        fr = _fractions(done, c, lr, SEEDS)
+        mb = done[_key({**c, "lr": lr, "seed": 0})]["bytes_per_worker"] / 1e6
+        lines.append(f"| {c['split']} | {LABELS[c['method']]} | {c['density']:.0%} | {mb:.2f} | {lr:g} | "
+                     f"{statistics.median(fr):.1%} [{min(fr):.1%}, {max(fr):.1%}] |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    (OUT / "equal_bytes.md").write_text(text)
+    return text
+
+
 def device_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -198,16 +239,7 @@ def report(done: dict, tasks) -> dict:
             "curve_seed0": runs[0]["curve"],
         }
     for s in summary.values():  # per seed against dense training with the same seed (same initial weights)
-        dense_cell = {**s, "method": "dense", "density": None}
-        dense_lr = _best_lr(done, dense_cell)
-        fracs = []
-        for seed in SEEDS[: s["seeds"]]:
-            r = done.get(_key({**s, "lr": s["best_lr"], "seed": seed}))
-            dr = done.get(_key({**dense_cell, "lr": dense_lr, "seed": seed})) if dense_lr is not None else None
-            if r is None or dr is None:
-                continue
-            loss = math.inf if r["diverged"] else r["train_loss"]
-            fracs.append((r["L0"] - loss) / (dr["L0"] - dr["train_loss"]))
+        fracs = _fractions(done, s, s["best_lr"], SEEDS[: s["seeds"]])
         if fracs:
             s["fraction_of_dense"] = statistics.median(fracs)
             s["fraction_range"] = [min(fracs), max(fracs)]
@@ -376,10 +408,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="+", default=["char_lm", "digits_cnn"])
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="only rebuild the reports from runs.jsonl")
+    ap.add_argument("--equal-bytes", action="store_true", help="DGC at 1%% against EF14 at 3%% (equal_bytes.md)")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "runs.jsonl"
     done = _load(path)
+    if args.equal_bytes:
+        print(equal_bytes(done, path, args.procs))
+        return 0
     if not args.report:
         cells = list(_cells(args.tasks))
         tune = [{**c, "lr": lr, "seed": 0} for c in cells for lr in LRS[(c["task"], c["inner"])]]
