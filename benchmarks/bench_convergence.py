@@ -49,8 +49,10 @@ DENSITIES = (0.01, 0.001)
 # every method of torchkit.registry with a recommended configuration, next to dense training and PowerSGD
 METHODS = ("dense", "powersgd", *registry.recommendable())
 NAIVE = ("naive_ef21", "naive_ef21sgdm", "naive_econtrol")
-VARIANTS = ("ef14_local", "ef14_dgc")  # EF14 behind the worker-side optimizer (tk.LocalMomentum / tk.LocalAdam),
-# at 1%; and DGC's worker (its momentum correction, density warm-up and momentum factor masking), SGD only, 1% and 0.1%
+VARIANTS = ("ef14_local", "ef14_dgc", "ef14_warmup", "ef14_mask")
+# EF14 behind the worker-side optimizer (tk.LocalMomentum / tk.LocalAdam),
+# at 1%; and DGC's worker (its momentum correction, density warm-up and momentum factor masking), SGD only, 1% and 0.1%,
+# with each of its two techniques alone at 1% (SGD)
 DGC_WARMUP = 60  # rounds of density warm-up from 25%, in 4 stages (a fifth of the transformer's 300 steps)
 LABELS = {
     "dense": "dense",
@@ -61,6 +63,8 @@ LABELS = {
     "naive_econtrol": "EControl naive",
     "ef14_local": "EF14 worker-side opt.",
     "ef14_dgc": "EF14 + DGC warm-up, masking",
+    "ef14_warmup": "EF14 + DGC warm-up only",
+    "ef14_mask": "EF14 + DGC masking only",
 }
 SEEDS = (0, 1, 2)
 
@@ -73,10 +77,12 @@ def build(method: str, inner: str, density: float | None):
     if method in ("dense", "powersgd"):
         return method, inner, 1.0, f"{method} + {inner}"
     comp = tk.TopK(ratio=density)
-    if method == "ef14_dgc":
-        warm = tk.DensityWarmup(comp, start=0.25, steps=DGC_WARMUP, stages=4)
-        desc = "DGC: LocalMomentum(EF14(DensityWarmup(TopK)), mask=True), SGD"
-        return tk.LocalMomentum(tk.EF14(warm), 0.9, mask=True), "sgd", 1.0, desc
+    if method in ("ef14_dgc", "ef14_warmup", "ef14_mask"):
+        warm = method != "ef14_mask"
+        mask = method != "ef14_warmup"
+        c = tk.DensityWarmup(comp, start=0.25, steps=DGC_WARMUP, stages=4) if warm else comp
+        desc = f"DGC: LocalMomentum(EF14({'DensityWarmup(TopK)' if warm else 'TopK'}), mask={mask}), SGD"
+        return tk.LocalMomentum(tk.EF14(c), 0.9, mask=mask), "sgd", 1.0, desc
     if method == "ef14_local" and inner == "sgdm":
         return tk.LocalMomentum(tk.EF14(comp), 0.9), "sgd", 1.0, "LocalMomentum(EF14) (DGC's momentum correction), SGD"
     if method == "ef14_local":
@@ -117,7 +123,7 @@ def _cells(tasks):
                     for dens in (None,) if m in ("dense", "powersgd") else DENSITIES:
                         yield dict(task=task, inner=inner, split=split, method=m, density=dens)
                 for m in NAIVE + VARIANTS:
-                    if m == "ef14_dgc" and inner != "sgdm":
+                    if m in ("ef14_dgc", "ef14_warmup", "ef14_mask") and inner != "sgdm":
                         continue  # DGC is a momentum-SGD worker
                     for dens in DENSITIES if m == "ef14_dgc" else (0.01,):
                         yield dict(task=task, inner=inner, split=split, method=m, density=dens)
