@@ -47,13 +47,6 @@ EXCHANGES = {
 }
 
 
-def _lo_bytes() -> int:
-    for line in Path("/proc/net/dev").read_text().splitlines():
-        if line.strip().startswith("lo:"):
-            return int(line.split(":")[1].split()[8])  # transmitted = received on the loopback
-    raise RuntimeError("no loopback in /proc/net/dev")
-
-
 def _worker(rank: int, world: int, port: int, d: int, rounds: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -72,12 +65,12 @@ def _worker(rank: int, world: int, port: int, d: int, rounds: int, out: str) -> 
         marks = []
         for _ in range(2):
             dist.barrier()
-            marks.append(_lo_bytes())
+            marks.append(netbench._lo_bytes(None))  # this process's namespace: transmitted = received on lo
         dist.barrier()
         for _ in range(rounds):
             fn()
         dist.barrier()
-        marks.append(_lo_bytes())
+        marks.append(netbench._lo_bytes(None))
         barrier = marks[1] - marks[0]  # one barrier's bytes
         return marks[2] - marks[1] - barrier
 

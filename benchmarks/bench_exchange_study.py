@@ -50,16 +50,10 @@ def density_of(exchange: str, n: int, density: float) -> float:
 
 
 def received_per_step(exchange: str, n: int, d: int, density: float) -> float:
-    from torchkit import TopK
-    from torchkit.comm import received_bytes
+    """Bytes a rank receives per step: ``bench_exchange.model`` (checked against Gloo there) at the density sent."""
+    from bench_exchange import model
 
-    if exchange == "dense":
-        return received_bytes("all_reduce", n, 4 * d)
-    k = TopK(ratio=density_of(exchange, n, density)).k_for(d)
-    if exchange == "allgather":
-        return received_bytes("all_gather", n, 8 * k)
-    idx = received_bytes("broadcast", n, 4 * k) if exchange == "cyclic" else 0
-    return received_bytes("all_reduce", n, 4 * k) + idx
+    return model(exchange, n, d, 1.0 if exchange == "dense" else density_of(exchange, n, density))
 
 
 def build(method: str, exchange: str, n: int, density: float):

@@ -37,25 +37,6 @@ METHODS = {
 }
 
 
-class _Bucket:
-    """What the hook reads of a ``dist.GradBucket``: one bucket holding one parameter."""
-
-    def __init__(self, buf: torch.Tensor, param: torch.Tensor):
-        self._buf, self._params = buf, [param]
-
-    def buffer(self):
-        return self._buf
-
-    def parameters(self):
-        return self._params
-
-    def index(self):
-        return 0
-
-    def is_last(self):
-        return True
-
-
 def _restore(pairs):
     for live, saved in pairs:
         live.copy_(saved)
@@ -75,7 +56,7 @@ def measure(d: int, ratio: float, repeats: int, dev: torch.device, log=print) ->
         param = torch.nn.Parameter(torch.zeros(d, device=dev))
         buf = g0.clone()
         state = tk.ddp.CompressionState(fb, min_compression_rate=0)
-        bucket = _Bucket(buf, param)
+        bucket = bench.OneBucket(buf, param)
         for _ in range(2):  # step 0 (dense for the EF21 family) and one compressed round: state in place
             buf.copy_(g0 + torch.randn(d, generator=gen, device=dev))
             _hook_call(state, bucket)

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchkit as tk
+from torchkit.apps.bench import OneBucket
 from torchkit.comm import aggregate_rows
 from torchkit.compress import pack_message, unpack_message
 from torchkit.ops import _library
@@ -175,25 +176,6 @@ def test_the_hook_launches_one_worker_step_and_one_decode_per_bucket(tmp_path):
         dist.destroy_process_group()
 
 
-class _Bucket:
-    """What the hook reads of a ``dist.GradBucket``: one bucket holding one parameter."""
-
-    def __init__(self, buf, param):
-        self._buf, self._params = buf, [param]
-
-    def buffer(self):
-        return self._buf
-
-    def parameters(self):
-        return self._params
-
-    def index(self):
-        return 0
-
-    def is_last(self):
-        return True
-
-
 @pytest.mark.parametrize("d", [4096, 65536])
 def test_the_hooks_round_on_a_bucket_is_seven_device_launches(tmp_path, d):
     """Every launch of one bucket's round on one rank (the future completes inside the call): the fused step, the
@@ -202,7 +184,7 @@ def test_the_hooks_round_on_a_bucket_is_seven_device_launches(tmp_path, d):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         state = tk.ddp.CompressionState(tk.EF14(tk.TopK(ratio=0.01)))  # default min_compression_rate: the probe
-        bucket = _Bucket(torch.randn(d), torch.nn.Parameter(torch.zeros(d)))
+        bucket = OneBucket(torch.randn(d), torch.nn.Parameter(torch.zeros(d)))
         for _ in range(2):
             tk.ddp.compression_hook(state, bucket).wait()
         seen = _count(lambda: tk.ddp.compression_hook(state, bucket).wait())

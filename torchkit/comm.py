@@ -287,11 +287,7 @@ class DistExchanger:
         flag = (bad if bad is not None else torch.zeros((), dtype=torch.bool, device=out.device)).reshape(1)
         if msg is None or isinstance(msg, DenseMessage):
             d = out.numel()
-            red = torch.zeros(d + 1, dtype=out.dtype, device=out.device)  # out is in the state dtype
-            if msg is not None:
-                red[:d].copy_(msg.values[0]).mul_(weights[self.first_worker])
-            red[d] = flag.to(red.dtype)[0]
-            work = dist.all_reduce(red, group=self.group, async_op=True)
+            red, work = self._sum_with_flag(None if msg is None else msg.values[0], weights, d, flag, out)
 
             def finish_dense():
                 out.add_(red[:d]) if add else out.copy_(red[:d])
@@ -330,10 +326,7 @@ class DistExchanger:
         """Every worker's values sit at the same indices: sum them with one ``all_reduce`` of k values (and the
         flag) in the aggregate's dtype (:func:`check_wire`), and add the sum at the shared indices."""
         k = msg.values.shape[1]
-        red = torch.empty(k + 1, dtype=out.dtype, device=out.device)
-        torch.mul(msg.values[0], weights[self.first_worker], out=red[:k])
-        red[k] = flag.to(red.dtype)[0]
-        work = dist.all_reduce(red, group=self.group, async_op=True)
+        red, work = self._sum_with_flag(msg.values[0], weights, k, flag, out)
         idx = msg.indices[:1]
 
         def finish_shared():
@@ -346,6 +339,15 @@ class DistExchanger:
         if msg.leader == self.first_worker:
             sent += idx.numel() * idx.element_size()  # the support this rank broadcast in the worker step
         return self._finished(work, finish_shared), sent
+
+    def _sum_with_flag(self, values: Tensor | None, weights, n: int, flag: Tensor, out: Tensor):
+        """Start one ``all_reduce`` of this worker's weighted ``n`` values (zeros for ``None``) and its flag, in
+        ``out``'s dtype (the state's): ``(buffer, work)``, the flag's sum last."""
+        red = torch.zeros(n + 1, dtype=out.dtype, device=out.device)
+        if values is not None:
+            red[:n].copy_(values).mul_(weights[self.first_worker])
+        red[n] = flag.to(red.dtype)[0]
+        return red, dist.all_reduce(red, group=self.group, async_op=True)
 
     def share_support(self, indices, leader, k, dtype, device):
         """The leader's indices, broadcast from it (one collective of k indices) onto every rank's ``device``."""

@@ -7,6 +7,7 @@ sends in the papers' convention (32 bits per value, indices free) and its exact 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -111,7 +112,7 @@ class SparseMessage:
         them)."""
         if self.shared:
             ibytes = 0 if self.leader is None else self.indices.element_size()
-            return self.values.shape[1] * (max(4, self.values.element_size()) + ibytes)
+            return self.values.shape[1] * (summed_value_bytes(self.values.dtype) + ibytes)
         buf, _ = self.pack()
         return buf.numel()
 
@@ -288,6 +289,12 @@ def _unpack_bits(bits: Tensor, n: int) -> Tensor:
     return (bits.unsqueeze(-1) & w).ne(0).reshape(bits.shape[0], -1)[:, :n]
 
 
+def summed_value_bytes(dtype: torch.dtype) -> int:
+    """Bytes of one value that ``all_reduce`` sums (a shared support): the aggregate's dtype, fp32 at least, as
+    :meth:`torchkit.comm.DistExchanger` sends it (a sum in a narrower dtype would round the aggregate)."""
+    return max(4, torch.empty((), dtype=dtype).element_size())
+
+
 def any_nonfinite(t: Tensor) -> Tensor:
     """0-d bool: whether ``t`` holds a NaN or an Inf, in three small launches (``~isfinite(t).all()`` takes six):
     the float64 sum of fp32/bf16/fp16 values cannot overflow (fewer than 2**31 terms, each below 3.5e38), a NaN or
@@ -390,8 +397,9 @@ class _Sparsifier(Compressor):
     def value_bytes(self, value_dtype: torch.dtype) -> int:
         """Bytes of one value on the wire: the wire dtype's, or for values summed by ``all_reduce`` (a shared
         support) the aggregate's, fp32 at least (a sum in a narrower dtype would round the aggregate)."""
-        itemsize = torch.empty((), dtype=value_dtype).element_size()
-        return max(4, itemsize) if self.shared_support else itemsize
+        if self.shared_support:
+            return summed_value_bytes(value_dtype)
+        return torch.empty((), dtype=value_dtype).element_size()
 
     def value_bits(self, d: int) -> int:
         return self.k_for(d) * _VALUE_BITS
@@ -624,22 +632,20 @@ class CyclicTopK(_Sparsifier):
         leader = step % n
         here = leader - first  # the leader's row in this batch, when this process holds it
         idt = ops.index_dtype(d)
+        offs = [0, *itertools.accumulate(segments)][:-1]
+        ks = [self.k_for(m) for m in segments]
         idx = None
         if 0 <= here < rows:
-            parts, off = [], 0
-            for m in segments:
-                _, i = ops.topk(x2[here : here + 1, off : off + m].contiguous(), self.k_for(m))
-                parts.append(i.to(idt).reshape(-1) + off)
-                off += m
+            parts = []
+            for o, m, km in zip(offs, segments, ks):
+                _, i = ops.topk(x2[here : here + 1, o : o + m].contiguous(), km)
+                parts.append(i.to(idt).reshape(-1) + o)
             idx = torch.cat(parts)
-        k = sum(self.k_for(m) for m in segments)
+        k = sum(ks)
         if exchange is not None and rows < n:
             idx = exchange.share_support(idx, leader, k, idt, x2.device)
         idx = idx.reshape(1, k).expand(rows, k).contiguous()
-        groups = None
-        if len(segments) > 1:
-            offs = [sum(segments[:j]) for j in range(len(segments))]
-            groups = tuple((o, self.k_for(m)) for o, m in zip(offs, segments))
+        groups = tuple(zip(offs, ks)) if len(segments) > 1 else None
         values = x2.gather(1, idx.long())
         return SparseMessage(values, idx, d, groups, shared=True, leader=leader)
 

@@ -273,11 +273,10 @@ class Feedback:
         comp = self.compressor.at(step)
         if comp is self.compressor:
             return self
-        cache = self.__dict__.setdefault("_stages", {})
-        key = repr(comp)  # not id(): a copied method's compressors are new objects
-        if key not in cache:
-            cache[key] = self.with_compressor(comp)
-        return cache[key]
+        cache = self.__dict__.setdefault("_stages", {})  # keyed by the stage's compressor itself, which it keeps alive
+        if comp not in cache:
+            cache[comp] = self.with_compressor(comp)
+        return cache[comp]
 
     # ------------------------------------------------------------------------------------------- step
     def worker_step(

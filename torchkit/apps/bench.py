@@ -22,7 +22,9 @@ from .. import ops
 from .._results import save_result
 from ..ops import _reference
 
-__all__ = ["device_name", "time_fn", "copy_bandwidth", "run_kernel_bench", "format_table", "plot_kernel_bench"]
+__all__ = [
+    "OneBucket", "device_name", "time_fn", "copy_bandwidth", "run_kernel_bench", "format_table", "plot_kernel_bench",
+]  # fmt: skip
 
 # bytes per element a single fused pass must move, by op and gradient dtype size (state is fp32)
 _FLOOR_BYTES = {
@@ -31,6 +33,26 @@ _FLOOR_BYTES = {
     "econtrol": lambda gb: gb + 4 + 4 + 4,  # read g, e, h; write e
     "topk": lambda gb: gb,  # read x
 }
+
+
+class OneBucket:
+    """What :func:`torchkit.ddp.compression_hook` reads of a ``dist.GradBucket``: one bucket holding one parameter,
+    to drive the hook outside DDP (``benchmarks/bench_hook.py``, the launch count in ``tests/test_custom_ops.py``)."""
+
+    def __init__(self, buf: torch.Tensor, param: torch.Tensor):
+        self._buf, self._params = buf, [param]
+
+    def buffer(self) -> torch.Tensor:
+        return self._buf
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._params
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
 
 
 def device_name(device: torch.device) -> str:
