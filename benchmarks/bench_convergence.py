@@ -188,7 +188,7 @@ def equal_bytes(done: dict, path: Path, procs: int) -> str:
              for split in ("iid", "noniid") for m, d in EQUAL_BYTES]  # fmt: skip
     _run_many([{**c, "lr": lr, "seed": 0} for c in cells for lr in LRS[("char_lm", "sgdm")]], done, path, procs)
     _run_many([{**c, "lr": _best_lr(done, c), "seed": s} for c in cells for s in SEEDS[1:]], done, path, procs)
-    lines = ["# DGC at equal bytes (char_lm, SGD momentum 0.9, 4 workers, 300 steps, 3 seeds)", "",
+    lines = [f"# DGC at equal bytes (char_lm, SGD momentum 0.9, 4 workers, 300 steps, 3 seeds; {device_name()})", "",
              "| split | configuration | density | MB per worker | best lr | share of dense's loss reduction |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for c in cells:

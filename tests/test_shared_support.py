@@ -176,9 +176,44 @@ def _worker(rank, world):
         out["local"][c] = p.detach().clone()
     out["sent"] = _bytes(rank, world)
     out["bf16_hook"] = _bf16_hook(rank)
+    out["nan"] = _nan_on_one_rank(rank)
+    out["misconfigured"] = _misconfigured(rank)
     if world == 4:
         out["subgroup"] = _subgroup(rank)
     return out
+
+
+def _nan_on_one_rank(rank):
+    """A NaN at entry 0 of the last rank's gradient, where the leader's TopK (the largest entries, at the end) does
+    not look, so no message shows it: the gradient itself is flagged, and every rank skips the step alike."""
+    p = torch.nn.Parameter(torch.zeros(D, dtype=torch.float64))
+    opt = tk.CompressedOptimizer([p], torch.optim.SGD, lr=0.1, nonfinite="skip", feedback=tk.EF21(tk.CyclicTopK(2)))
+    for step in range(3):
+        opt.zero_grad()
+        p.grad = torch.arange(D, dtype=torch.float64) * (step + 1)  # the leader picks the last entries
+        if step == 1 and rank == dist_world() - 1:
+            p.grad[0] = float("nan")
+        opt.step()
+    return opt.skipped_steps, p.detach().clone()
+
+
+def _misconfigured(rank):
+    """CyclicTopK on rank 0, TopK elsewhere: every rank raises at the first step, nothing changed."""
+    p = torch.nn.Parameter(torch.zeros(D, dtype=torch.float64))
+    comp = tk.CyclicTopK(4) if rank == 0 else tk.TopK(4)
+    opt = tk.CompressedOptimizer([p], torch.optim.SGD, lr=0.1, feedback=tk.EF21(comp))
+    p.grad = torch.ones(D, dtype=torch.float64)
+    try:
+        opt.step()
+    except ValueError as exc:
+        return str(exc), bool((p == 0).all())
+    return "stepped", bool((p == 0).all())
+
+
+def dist_world():
+    import torch.distributed as dist
+
+    return dist.get_world_size()
 
 
 def _bf16_hook(rank):
@@ -279,6 +314,15 @@ def test_bf16_models_under_the_hook_and_replicate_subgroups(world):
                         torch.zeros(D, dtype=torch.float64), n_workers=2, steps=STEPS, lr=LR).x  # fmt: skip
         for r in members:
             torch.testing.assert_close(results[r]["subgroup"], want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.dist
+def test_a_nan_on_one_rank_skips_everywhere_and_a_different_compressor_raises_everywhere(world):
+    n, results = world
+    assert [r["nan"][0] for r in results] == [1] * n
+    assert all(torch.equal(r["nan"][1], results[0]["nan"][1]) for r in results)
+    for message, untouched in (r["misconfigured"] for r in results):
+        assert "CyclicTopK" in message and untouched, message
 
 
 @pytest.mark.dist
