@@ -303,7 +303,7 @@ def test_demo_table_gives_ef21sgdm_its_eta_and_every_line_its_own_style():
     from torchkit.apps.demo import format_table, line_styles
 
     run = dict(label="EF21-SGDM", final_loss=0.4, test_accuracy=0.7, dense_bytes_per_worker=100)
-    run.update(bytes_sent_per_worker=2, compress_seconds=0.1, params=10, lr=1.0, eta=0.1)
+    run.update(bytes_sent_per_worker=2, backward_seconds=0.1, params=10, lr=1.0, eta=0.1)
     cfg = dict(workers=4, backend="gloo", steps=10, ratio=0.01, powersgd_rank=1, lr=None)
     assert "| EF21-SGDM | 1 (eta 0.1) |" in format_table({"config": cfg, "runs": {"ef21sgdm": run}})
     styles = [tuple(sorted(s.items())) for s in line_styles(6)]

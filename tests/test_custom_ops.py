@@ -143,8 +143,8 @@ _HOOK_KERNELS = {  # every op of the hook's path that launches device work (view
 
 
 def test_the_hook_launches_one_worker_step_and_one_decode_per_bucket(tmp_path):
-    """The ops of the hook itself, counted inside it bucket by bucket under DDP on one rank: one fused worker step
-    and one decode per bucket, and the same ops at 16x the width."""
+    """The ops of the hook itself, counted inside it over an iteration under DDP on one rank (its buckets' rounds
+    finish at the last one): one fused worker step and one decode per bucket, and the same ops at 16x the width."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         out = {}
@@ -153,24 +153,25 @@ def test_the_hook_launches_one_worker_step_and_one_decode_per_bucket(tmp_path):
             net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 3))
             model = DDP(net, bucket_cap_mb=width * 4 * 4 / 2**20)  # about one bucket per layer
             state = tk.ddp.CompressionState(tk.EF14(tk.TopK(ratio=0.05)), min_compression_rate=0).bind(model)
-            per_bucket = []
+            iteration = [collections.Counter()]
 
-            def counting(state, bucket, per_bucket=per_bucket):
+            def counting(state, bucket, iteration=iteration):
                 with _Count() as c:
                     fut = tk.ddp.compression_hook(state, bucket)
-                    fut.wait()
-                per_bucket.append(c.ops)
+                iteration[-1].update(c.ops)
+                if bucket.is_last():
+                    assert fut.done()  # every bucket's round finished at the last one, in this thread
+                    iteration.append(collections.Counter())
                 return fut
 
             model.register_comm_hook(state, counting)
             x = torch.randn(4, 8)
             for _ in range(3):
                 model(x).sum().backward()
-            out[width] = per_bucket[-len(state.round.blocks) :]
-        assert len(out[16]) == len(out[256]) >= 2
-        for width, buckets in out.items():
-            for ops in buckets:
-                assert ops["torchkit.ef14_step_"] == 1 and ops["torchkit.accumulate_"] == 1, (width, ops)
+            out[width] = (len(state.round.blocks), iteration[-2])
+        assert out[16][0] == out[256][0] >= 2
+        for width, (buckets, ops) in out.items():
+            assert ops["torchkit.ef14_step_"] == buckets and ops["torchkit.accumulate_"] == buckets, (width, ops)
         assert out[16] == out[256]  # the same launches at 16x the size
     finally:
         dist.destroy_process_group()

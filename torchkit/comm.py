@@ -184,7 +184,7 @@ def root_error(exc: BaseException) -> BaseException:
 
 
 class _InCaller:
-    """What :meth:`DistExchanger.exchange` returns with ``in_caller=True``: the subset of ``torch.futures.Future``
+    """What :meth:`DistExchanger.exchange` returns: the subset of ``torch.futures.Future``
     that :func:`start_round` and the front ends use (``wait``, ``value``, ``then``), run in the thread that waits,
     once. A chained ``then`` runs when the chain is waited for, in order; an error is raised by every later wait, as
     a torch future's."""
@@ -261,26 +261,29 @@ class DistExchanger:
     backend's), so they agree to rounding. Each worker's ``bad`` flag travels with its message. A collective that
     fails (a peer died, the group timed out) raises from the future, as in plain DDP.
 
-    ``in_caller=True`` (the optimizer front ends, which wait for every round before their step returns): the round
-    is finished in the thread that waits for it (:class:`_InCaller`) instead of in a callback on the backend's
-    thread, and the collective's work object is kept until the next one of this exchanger has been waited for.
-    A Python callback on a Gloo thread, and the Python tensors its work holds, are released by that thread after
-    the waiting thread has already been woken; when that was a script's last round, the thread could still need
-    the GIL once the interpreter was finalising, and Python ends such a thread inside a C++ destructor:
-    ``terminate called without an active exception`` (exit status -6) after the script's work was done (4 of 49
-    restarted LocalSGD jobs on 2 CPU ranks, 0 of 57 since; backtrace: ``PythonFutureWrapper::then``'s callback or
-    ``~AsyncAllgatherWork`` -> ``THPVariable_clear`` -> ``take_gil`` -> ``pthread_exit``). The process group does
-    not protect it: ``destroy_process_group`` leaves the Gloo threads running whenever torch modules imported after
-    ``init_process_group`` hold the default group (``torch.optim``'s first use imports some that do). The DDP hook
-    keeps torch futures (DDP chains its own continuation on them).
+    Every front end waits for its rounds itself, and the round is finished in the thread that waits
+    (:class:`_InCaller`), never in a callback on the backend's thread: the DDP hook too, which completes its
+    buckets' futures at the iteration's last bucket (:mod:`torchkit.ddp`). A Python callback on a Gloo thread (a
+    ``torch.futures.Future.then``), its result, and the Python tensors a collective holds are released by that
+    thread after the waiting thread has already been woken, and each release takes the GIL; when that was a
+    script's last round, the thread could still need the GIL once the interpreter was finalising, and Python ends
+    such a thread inside a C++ destructor: ``terminate called without an active exception`` (exit status -6) after
+    the script's work was done (restarted LocalSGD jobs on 2 CPU ranks: 4 of 49 runs with callbacks, 0 of 57
+    without; the README's Accelerate example with the hook: 2 of 30 and 1 of 37 runs with callbacks; backtraces:
+    ``~ConcretePyObjectHolder`` of a ``then``'s result, ``~AsyncAllgatherWork`` -> ``THPVariable_clear``, each ->
+    ``take_gil`` -> ``pthread_exit``). So the collectives' work objects waited for in a batch of rounds (the rounds
+    a step starts, then waits for) are kept, and freed by the waiting thread when the next batch starts: the Gloo
+    thread never drops the last reference to anything of Python's. The process group does not protect it:
+    ``destroy_process_group`` leaves the Gloo threads running whenever torch modules imported after
+    ``init_process_group`` hold the default group (``torch.optim``'s first use imports some that do).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, in_caller: bool = False):
+    def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         self.n_workers = dist.get_world_size(group)
         self.first_worker = dist.get_rank(group)
-        self.in_caller = in_caller
-        self._settled = None  # in_caller: the last work waited for, freed by this thread rather than by Gloo's
+        self._waited: list = []  # this batch's works, waited for: freed by this thread, not by Gloo's
+        self._batch_waited = False  # a wait came since the last collective started: the next one starts a batch
         destroy_at_exit()  # a script that leaves its group alive must not abort at exit (see torchkit.process_group)
 
     def exchange(self, msg, weights, out, bad, add=False):
@@ -306,18 +309,15 @@ class DistExchanger:
         return self._finished(work, finish_sparse), packed.numel()
 
     def _finished(self, work, finish):
-        """A future of ``finish()`` once ``work`` has completed; a failed collective raises from it, on every rank."""
-        if not self.in_caller:
-
-            def on_backend_thread(fut):
-                fut.wait()
-                return finish()
-
-            return work.get_future().then(on_backend_thread)
+        """A future of ``finish()`` once ``work`` has completed, run by the thread that waits for it; a failed
+        collective raises from it, on every rank."""
+        if self._batch_waited:  # a new batch: free the last one's works here (this thread waits again soon)
+            self._waited, self._batch_waited = [], False
 
         def in_caller():
+            self._batch_waited = True
             work.wait()
-            self._settled = work  # the one before is freed here: its Gloo thread let it go when it completed
+            self._waited.append(work)
             return finish()
 
         return _InCaller(in_caller)
@@ -339,6 +339,10 @@ class DistExchanger:
         if msg.leader == self.first_worker:
             sent += idx.numel() * idx.element_size()  # the support this rank broadcast in the worker step
         return self._finished(work, finish_shared), sent
+
+    def sum_(self, buf: Tensor):
+        """Start summing ``buf`` over the workers, in place (``all_reduce``): a future of ``buf``."""
+        return self._finished(dist.all_reduce(buf, group=self.group, async_op=True), lambda: buf)
 
     def _sum_with_flag(self, values: Tensor | None, weights, n: int, flag: Tensor, out: Tensor):
         """Start one ``all_reduce`` of this worker's weighted ``n`` values (zeros for ``None``) and its flag, in
@@ -366,7 +370,7 @@ class DistExchanger:
     def any_true(self, flag):
         t = flag.reshape(1).to(torch.float32)
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return work.get_future().then(lambda fut: (fut.wait(), t[0] > 0)[1])
+        return self._finished(work, lambda: t[0] > 0)
 
 
 def received_bytes(collective: Literal["all_reduce", "all_gather", "broadcast"], n: int, nbytes: int) -> float:

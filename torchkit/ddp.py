@@ -12,6 +12,7 @@ estimate written into the bucket.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -130,13 +131,13 @@ class CompressionState(FrontEnd):
         self._model = None  # a weak reference: DDP's reducer holds this state, so a strong one would be a cycle
         self._exchanger = None
         self._agreed = False
-        self._queue: list = []  # nonfinite="skip": this iteration's buckets, held until the last one
+        self._queue: list = []  # this iteration's buckets, finished at the last one
         self._flags: list = []  # nonfinite="raise": the last iteration's non-finite flags, read at the next one
         self.bytes_sent = self.dense_bytes = 0
         self.error_norm_sq = None
         self._acc = _new_counters()
         self._last = _new_counters()
-        self._lock = threading.Lock()  # bucket futures complete on communication threads
+        self._lock = threading.Lock()  # the counters and flags, read by other threads (a logger's)
         self.metrics = CommMetrics()  # cumulative and last-iteration counters, the names every front end uses
         self._warm = 0  # bytes of this warm-up iteration's all-reduces so far
         self._options: dict[tuple, RoundOptions] = {}  # the rounds' options by bucket dtype and policy, made once
@@ -370,19 +371,31 @@ def _checked_iter(state_dict) -> int:
 
 # ------------------------------------------------------------------------------------------- the hook
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """DDP communication hook running ``state.feedback`` on every bucket (see :class:`CompressionState`)."""
+    """DDP communication hook running ``state.feedback`` on every bucket (see :class:`CompressionState`).
+
+    A bucket's collective starts when DDP hands the bucket over, overlapping the rest of the backward; its round is
+    finished at the iteration's last bucket, in this thread, where every bucket's future is completed in bucket
+    order (DDP waits for them only after the last bucket). No round is finished in a callback on the backend's
+    thread: :class:`~torchkit.comm.DistExchanger` says why (a Gloo process aborted at exit now and then)."""
     buf = bucket.buffer()
     state.round.restored_at = None  # an iteration runs: a restored state is no longer kept against a later load
+    if bucket.index() == 0:  # DDP hands the buckets over in index order
+        state._queue = []  # an iteration whose backward raised before its last bucket is not finished
     if not state._agreed and dist.get_world_size(state.process_group) > 1:
         params = bucket.parameters()
         _agree(state, tuple(state._key(p) for p in params), [p.numel() for p in params])
+    last = bucket.is_last()
     if state.iter < state.start_iter:
-        fut = _allreduce_mean(buf, dist.get_world_size(state.process_group), state.process_group)
-        _account_warm_up(state, buf.numel() * buf.element_size(), bucket.is_last())
+        job = _Job(buf)
+        job.run = _allreduce_mean(state._exchange(), buf).wait
+        state._queue.append(job)
+        _account_warm_up(state, buf.numel() * buf.element_size(), last)
     else:
-        fut = _compressed(state, bucket, buf)
-    if bucket.is_last():
+        job = _compressed(state, bucket, buf, last)
+    fut = job.pending.then(_estimate)  # run in this thread too: the pending future is completed here
+    if last:
         state.iter += 1
+        _finish_iteration(state)
     return fut
 
 
@@ -394,17 +407,13 @@ compression_hook.__annotations__ = {
 }
 
 
-def _allreduce_mean(buf: Tensor, n: int, group) -> torch.futures.Future[Tensor]:
-    buf.div_(n)
-
-    def done(fut):
-        fut.wait()  # a failed collective raises here, as in plain DDP
-        return buf
-
-    return dist.all_reduce(buf, group=group, async_op=True).get_future().then(done)
+def _allreduce_mean(exchanger: DistExchanger, buf: Tensor):
+    """Start the dense all-reduce of a warm-up bucket: a future (waited for in this thread) of the mean, in ``buf``."""
+    buf.div_(exchanger.n_workers)
+    return exchanger.sum_(buf)
 
 
-def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.Future[Tensor]:
+def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Job:
     fb = state.feedback
     params = bucket.parameters()
     keys = tuple(state._key(p) for p in params)
@@ -428,46 +437,65 @@ def _compressed(state: CompressionState, bucket, buf: Tensor) -> torch.futures.F
     if acc["calls"] == 0 and state._flags:
         _raise_if_flagged(state)
     acc["calls"] += 1
-    last = bucket.is_last()
     if last:
         acc["closed"] = True
         state._acc = _new_counters()
     job = _Job(buf, blk, scale, acc)
+    state._queue.append(job)
     if state.nonfinite != "skip":
-        fut = _start(state, job, "flag" if state.nonfinite == "raise" else state.nonfinite).then(_value_or_first_error)
+        job.run = _start(state, job, "flag" if state.nonfinite == "raise" else state.nonfinite).wait
         if last:
             state.round.step += 1
-        return fut
+        return job
     # skip: hold every bucket until the last one, agree on one flag for the whole iteration, then run the rounds
     # (or none): a step GradScaler skips leaves every bucket's state as it was
-    job.pending = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
     job.bad = nonfinite_flag(buf)
-    state._queue.append(job)
     if last:
-        queue, state._queue = state._queue, []
+        queue = state._queue
         skipped = bool(exchanger.any_true(torch.stack([j.bad for j in queue]).any()).wait())
         for j in queue:
-            if skipped:
-                _account(state, j.acc, None)
-                j.pending.set_result(j.buf.fill_(float("nan")))
-            else:
-                _start(state, j, None).then(_completer(j.pending))
+            j.run = functools.partial(_skipped, state, j) if skipped else _start(state, j, None).wait
         if not skipped:
             state.round.step += 1
-    return job.pending.then(_value_or_first_error)
+    return job
 
 
 class _Job:
-    """One bucket's round: its buffer, block, loss scale and counters (and, when held, its future and flag)."""
+    """One bucket of an iteration: its buffer, block, loss scale and counters, the future DDP waits for
+    (``pending``), what finishes the bucket's round and returns its estimate (``run``), and a held bucket's flag."""
 
-    __slots__ = ("buf", "blk", "scale", "acc", "pending", "bad")
+    __slots__ = ("buf", "blk", "scale", "acc", "pending", "run", "bad")
 
-    def __init__(self, buf, blk, scale, acc):
+    def __init__(self, buf, blk=None, scale=None, acc=None):
         self.buf, self.blk, self.scale, self.acc = buf, blk, scale, acc
-        self.pending = self.bad = None
+        self.pending = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
+        self.run = self.bad = None
 
 
-def _start(state: CompressionState, job: _Job, nonfinite) -> torch.futures.Future[Tensor]:
+def _finish_iteration(state: CompressionState) -> None:
+    """At the iteration's last bucket: finish every bucket's round in bucket order and complete its future with the
+    estimate, or with the round's error (a dead peer's), which DDP raises from the backward as it would its own."""
+    queue, state._queue = state._queue, []
+    for job in queue:
+        try:
+            job.pending.set_result(job.run())
+        except Exception as exc:
+            job.pending.set_exception(root_error(exc))
+
+
+def _estimate(fut: torch.futures.Future) -> Tensor:
+    """The future DDP waits for: the bucket's estimate, or its round's error raised, which fails the future as a
+    failed collective fails plain DDP's (an error set as the value would reach DDP's reducer as an object)."""
+    return fut.value()
+
+
+def _skipped(state: CompressionState, job: _Job) -> Tensor:
+    """A bucket of an iteration some rank's non-finite gradient skips: NaN, so that GradScaler skips the step."""
+    _account(state, job.acc, None)
+    return job.buf.fill_(float("nan"))
+
+
+def _start(state: CompressionState, job: _Job, nonfinite):
     buf = job.buf
     key = (buf.dtype, nonfinite, state.wire_dtype, state.min_compression_rate, state.track_error)
     options = state._options.get(key)
@@ -522,32 +550,6 @@ def _raise_if_flagged(state: CompressionState, *, consume: bool = True) -> None:
             "torch.amp.GradScaler? Pass it: tk.ddp.register(model, feedback, grad_scaler=scaler), and steps that "
             "overflow are skipped exactly instead"
         )
-
-
-def _completer(pending: torch.futures.Future):
-    """Complete a held bucket's future from its round's: the estimate, or the round's first error as the value
-    (:func:`_value_or_first_error` raises it, so that DDP's reducer sees a failed future, not an exception object
-    where it expects a tensor)."""
-
-    def complete(fut):
-        try:
-            pending.set_result(fut.value())
-        except Exception as exc:  # a failed round fails the bucket's future, as in plain DDP
-            pending.set_result(root_error(exc))
-
-    return complete
-
-
-def _value_or_first_error(fut: torch.futures.Future) -> Tensor:
-    """The last callback of a bucket's future: its estimate, or the first error of the chain raised (torch wraps it
-    once more, not once per callback: a dead peer's error reads as Gloo's)."""
-    try:
-        value = fut.value()
-    except Exception as exc:
-        raise root_error(exc) from None
-    if isinstance(value, BaseException):
-        raise value
-    return value
 
 
 def _scale_of(scaler: torch.amp.GradScaler | None) -> Tensor | None:

@@ -312,11 +312,10 @@ def live_instances(cls: type):
 
 
 def make_exchanger(group):
-    """The exchanger of an optimizer front end, which waits for its rounds itself (``in_caller``: no Python callback
-    on the backend's threads, see :class:`~torchkit.comm.DistExchanger`)."""
+    """The exchanger of an optimizer front end: the group's, or one worker's where there is no group of several."""
     if group is not None or (dist.is_available() and dist.is_initialized()):
         if dist.get_world_size(group) > 1:
-            return DistExchanger(group, in_caller=True)
+            return DistExchanger(group)
     return LocalExchanger(1)
 
 
