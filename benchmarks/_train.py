@@ -10,6 +10,7 @@ averages the gradients; PowerSGD is the single-process equivalent of PyTorch's `
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import multiprocessing as mp
@@ -106,8 +107,10 @@ def run(
     log_every: int = 10,
     powersgd_rank: int = 1,
     warmup: int = 0,
+    probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
-    """Train ``task`` for ``steps`` rounds. ``compression``: a feedback object, ``"dense"`` or ``"powersgd"``."""
+    """Train ``task`` for ``steps`` rounds. ``compression``: a feedback object, ``"dense"`` or ``"powersgd"``.
+    ``probe(grads, estimate)``, if given, sees every round's ``[n, d]`` gradients and the estimate applied."""
     model = task.model(seed)
     params = [p for p in model.parameters()]
     sizes = [p.numel() for p in params]
@@ -154,6 +157,8 @@ def run(
             per = [g.reshape(n, *p.shape) for g, p in zip(grads.split(sizes, dim=1), params)]
             flat = torch.cat([e.reshape(-1) for e in psgd.round(per)])
             sent += psgd.bytes_per_step
+        if probe is not None:
+            probe(grads, flat)
         off = 0
         for p, s in zip(params, sizes):
             p.grad = flat[off : off + s].view_as(p).clone()
@@ -198,3 +203,43 @@ def run_jobs(todo: list[dict], done: dict, path: Path, procs: int, run_job: Call
             f.write(json.dumps(r) + "\n")
             f.flush()
             print(f"[{i + 1}/{len(todo)} {time.time() - t0:.0f}s] {describe(r)}", flush=True)
+
+
+def study_cli(argv, doc: str, out: Path, key: Callable[[dict], tuple]) -> tuple[argparse.Namespace, Path, dict]:
+    """A small study's command line (``--procs``, ``--report``, ``--out``): the arguments, its ``runs.jsonl`` and
+    the runs already there."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n", 1)[0])
+    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--report", action="store_true", help="only summarise runs.jsonl")
+    ap.add_argument("--out", type=Path, default=out)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "runs.jsonl"
+    return args, path, load_runs(path, key)
+
+
+def describe_run(r: dict) -> str:
+    return f"{r['config']} lr={r['lr']:g} seed={r['seed']}: loss {r['train_loss']:.4f}"
+
+
+def load_runs(path: Path, key: Callable[[dict], tuple]) -> dict:
+    """The runs a study appended to ``path`` (JSON lines; none yet: empty), by ``key``."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[key(r)] = r
+    return done
+
+
+def save_study(out: Path, summary: dict, table: Callable[[dict, str], str]) -> str:
+    """Write ``summary.json`` (with the CPU named) and ``table.md`` under ``out``, print and return the table."""
+    from torchkit.apps.bench import device_name
+
+    device = device_name(torch.device("cpu"))
+    summary["device"] = device
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = table(summary, device)
+    (out / "table.md").write_text(text)
+    print(text)
+    return text

@@ -48,6 +48,8 @@ def test_the_wrapper_counts_rounds_bytes_dense_rounds_and_skips():
         assert m.dense_bytes == 3 * d * 4  # fp32 gradients, three rounds
         assert m.last_dense_bytes == d * 4 and 0 < m.last_bytes_sent < d * 4 / 4
         assert m.compression == pytest.approx(m.dense_bytes / m.bytes_sent)
+        assert (m.numel, m.last_numel) == (3 * d, d) and m.last_bits_per_parameter == 8 * m.last_bytes_sent / d
+        assert m.bits_per_parameter == pytest.approx(32 / m.compression)  # fp32 gradients: 32 bits dense
         as_dict = m.as_dict()
         assert as_dict["torchkit/rounds"] == 3.0 and set(as_dict) >= {"torchkit/compression", "torchkit/bytes_sent"}
 

@@ -61,9 +61,9 @@ def test_shared_randk_draws_one_support_per_round_and_sends_no_index():
         tk.RandK(3, shared=1)
 
 
-def test_an_int8_wire_is_refused_where_values_are_summed():
-    """int8 values carry each worker's own scale, so they cannot be summed."""
-    wire = torch.int8
+@pytest.mark.parametrize("wire", [torch.int8, torch.int2])
+def test_an_integer_wire_is_refused_where_values_are_summed(wire):
+    """int8 and 2-bit values carry each worker's own scales, so they cannot be summed."""
     p = torch.nn.Parameter(torch.zeros(4))
     fb = tk.EF21(tk.RandK(1, shared=True))
     for build in (
@@ -72,7 +72,7 @@ def test_an_int8_wire_is_refused_where_values_are_summed():
         lambda: run_round(fb, LocalExchanger(2), fb.init_state(4, rows=2), torch.zeros(4), torch.ones(2, 4), 1,
                           options=RoundOptions(wire_dtype=wire)),
     ):  # fmt: skip
-        with pytest.raises(ValueError, match="wire_dtype=torch.int8"):
+        with pytest.raises(ValueError, match=f"wire_dtype={wire}"):
             build()
 
 

@@ -22,7 +22,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .compress import DenseMessage, Identity, Message, SparseMessage, pack_message, support_exchange, unpack_message
+from .compress import (
+    INT2,
+    DenseMessage,
+    Identity,
+    Message,
+    SparseMessage,
+    pack_message,
+    support_exchange,
+    unpack_message,
+)
 from .feedback import Feedback
 from .process_group import destroy_at_exit
 from .state import Block
@@ -49,8 +58,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NonFinite = Literal["raise", "skip", "sanitize", "flag"]  # a front end's policy; a round reports "flag"/"sanitize"
-#: what a message's values may travel as (int8: one fp32 scale per chunk or segment, sparse messages only)
-WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8)
+#: what a message's values may travel as (sparse messages only for the integers: int8 with one fp32 scale per chunk
+#: or segment, int2 codes with two fp32 magnitudes)
+WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8) + ((INT2,) if INT2 else ())
 
 
 class NonFiniteGradientError(ValueError):
@@ -62,9 +72,11 @@ class RoundOptions:
     """How a round treats the wire and bad input.
 
     Args:
-        wire_dtype: dtype of the sent values (``None``: the gradient's): a float dtype, or ``torch.int8`` (one
-            fp32 scale per chunk or segment; sparse messages only, dense rounds go in the state dtype). What
-            rounding removes stays in the feedback state (:meth:`Feedback.round_values_`).
+        wire_dtype: dtype of the sent values (``None``: the gradient's): a float dtype, ``torch.int8`` (one fp32
+            scale per chunk or segment) or ``torch.int2`` (2-bit codes: the sign and one of two fp32 magnitudes per
+            chunk or segment, :func:`~torchkit.compress.quantize_2bit`); the integers for sparse messages only,
+            dense rounds go in the state dtype. What rounding removes stays in the feedback state
+            (:meth:`Feedback.round_values_`).
         min_compression_rate: run the method with the Identity compressor (an exact round over ``all_reduce``)
             when the dense payload is less than this many times the compressed one, ``n * wire bytes`` (a shared
             support, summed by ``all_reduce``: ``wire bytes``).
@@ -418,11 +430,11 @@ def check_wire(feedback: Feedback, wire_dtype: torch.dtype | None) -> None:
     """A front end's check of its wire against its method. Values summed by ``all_reduce`` (a shared support) travel
     and are summed in the aggregate's dtype (a sum in bf16 would round the aggregate after each worker kept its own
     rounding, so the EF21 family's server estimate would drift from the workers' mean shift): a float wire dtype is
-    not used for them, and int8, whose scale is each worker's own, is refused."""
-    if wire_dtype == torch.int8 and feedback.compressor.shared_support:
+    not used for them, and int8 and int2, whose scales are each worker's own, are refused."""
+    if wire_dtype is not None and not wire_dtype.is_floating_point and feedback.compressor.shared_support:
         raise ValueError(
-            f"wire_dtype=torch.int8 cannot carry {feedback.compressor!r}, whose values are summed by all_reduce "
-            "(each worker's int8 values have their own scale); leave wire_dtype=None"
+            f"wire_dtype={wire_dtype} cannot carry {feedback.compressor!r}, whose values are summed by all_reduce "
+            f"(each worker's {wire_dtype} values have their own scale); leave wire_dtype=None"
         )
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "register_message",
     "quantize",
     "dequantize",
+    "quantize_2bit",
+    "dequantize_2bit",
 ]
 
 _VALUE_BITS = 32  # the EF21 papers count 32 bits per sent value and nothing for indices
@@ -57,7 +59,8 @@ class WireLayout:
     index_dtype: torch.dtype | None
     segments: tuple[int, ...] = ()
     groups: tuple[tuple[int, int], ...] | None = None  # sparse: (start, count) per chunk or segment
-    scaled: bool = False  # sparse: int8 values with one fp32 scale per group
+    scaled: bool = False  # sparse: int8 values with one fp32 scale per group, or 2-bit codes with two
+    index_bits: int | None = None  # sparse: offsets packed at this width (12), else whole ``index_dtype`` items
 
 
 _MESSAGE_KINDS: dict[str, type] = {}
@@ -79,9 +82,12 @@ class SparseMessage:
     """``rows`` sparse vectors of length ``numel``: k values and k indices each (indices unique per row).
 
     ``groups`` lists ``(start, count)`` per group of entries, in order: the chunks of a chunked TopK (whose
-    indices then travel as 16-bit offsets from the chunk's start), or the segments of a per-tensor message.
-    After rounding to int8 (:meth:`torchkit.feedback.Feedback.round_values_`), ``q`` holds the int8 values and
-    ``scales`` one fp32 step per group, and ``values`` is what every receiver decodes: ``q * step``.
+    indices then travel as offsets from the chunk's start: 16 bits, or ``offset_bits = 12`` packed for chunks of
+    at most 4096 entries), or the segments of a per-tensor message. After rounding to int8
+    (:meth:`torchkit.feedback.Feedback.round_values_`), ``q`` holds the int8 values and ``scales`` one fp32 step
+    per group, and ``values`` is what every receiver decodes: ``q * step``. After rounding to 2 bits
+    (``torch.int2``: :func:`quantize_2bit`), ``q`` holds uint8 codes (bit 0 the sign, bit 1 the larger magnitude)
+    and ``scales`` two fp32 magnitudes per group (the smaller, then the larger).
     """
 
     values: Tensor  # [rows, k]
@@ -89,12 +95,13 @@ class SparseMessage:
     numel: int
     groups: tuple[tuple[int, int], ...] | None = None
     local_indices: bool = False  # the groups are chunks of at most 65536 entries
-    q: Tensor | None = None  # [rows, k] int8
-    scales: Tensor | None = None  # [rows, n_groups] fp32 steps
+    q: Tensor | None = None  # [rows, k] int8 values, or uint8 2-bit codes
+    scales: Tensor | None = None  # [rows, n_groups] fp32 steps, or [rows, 2 * n_groups] magnitudes (2-bit)
     #: every worker's message of this round has the same indices (a shared support): the values can be summed by
     #: ``all_reduce`` instead of gathered. ``leader``: the worker whose indices they are (``None``: a shared seed).
     shared: bool = False
     leader: int | None = None
+    offset_bits: int = 16  # local indices: the width of an offset on the wire (12: chunks of <= 4096 entries)
 
     @property
     def rows(self) -> int:
@@ -132,32 +139,50 @@ class SparseMessage:
     kind = "sparse"
 
     def pack(self, value_dtype: torch.dtype | None = None, trailer: Tensor | None = None) -> tuple[Tensor, WireLayout]:
-        """Row 0 as bytes: values (int8 with their scales when quantised, else in ``value_dtype``), then
-        indices (16-bit offsets within their chunk, or int32), then ``trailer`` (bytes the caller adds)."""
+        """Row 0 as bytes: values (int8 or 2-bit codes with their scales when quantised, else in ``value_dtype``),
+        then indices (12- or 16-bit offsets within their chunk, or int32), then ``trailer`` (bytes the caller
+        adds)."""
         if self.q is not None:
-            parts = [self.q[0].contiguous().view(torch.uint8), self.scales[0].float().contiguous().view(torch.uint8)]
-            vdtype = torch.int8
+            two_bit = self.q.dtype == torch.uint8
+            codes = _pack_uint(self.q[:1], 2)[0] if two_bit else self.q[0].contiguous().view(torch.uint8)
+            parts = [codes, self.scales[0].float().contiguous().view(torch.uint8)]
+            vdtype = INT2 if two_bit else torch.int8
         else:
             vals = self.values[0].to(value_dtype or self.values.dtype).contiguous()
             parts, vdtype = [vals.view(torch.uint8)], vals.dtype
-        idx = self.indices[0]
+        idx, index_bits = self.indices[0], None
         if self.local_indices:
             idx = (idx - self.group_bases()).to(torch.uint16)
-        parts.append(idx.contiguous().view(torch.uint8))
+        if self.local_indices and self.offset_bits == 12:
+            parts.append(_pack_uint(idx[None], 12)[0])
+            index_bits = 12
+        else:
+            parts.append(idx.contiguous().view(torch.uint8))
         layout = WireLayout(
-            self.kind, self.numel, self.values.shape[1], vdtype, idx.dtype, (), self.groups, self.q is not None
-        )
+            self.kind, self.numel, self.values.shape[1], vdtype, idx.dtype, (), self.groups, self.q is not None,
+            index_bits,
+        )  # fmt: skip
         return torch.cat(parts if trailer is None else [*parts, trailer]), layout
 
     @staticmethod
     def unpack(buf: Tensor, layout: WireLayout) -> SparseMessage:
         rows, k = buf.shape[0], layout.k
         n_groups = len(layout.groups) if layout.groups else 1
-        vbytes = k * layout.value_dtype.itemsize + (4 * n_groups if layout.scaled else 0)
-        idx = _bytes_part(buf, vbytes, None, layout.index_dtype).reshape(rows, k)
-        msg = SparseMessage(None, None, layout.numel, layout.groups, layout.index_dtype == torch.uint16)
-        msg.indices = idx.to(torch.int32) + msg.group_bases(idx.device) if msg.local_indices else idx
-        if layout.scaled:
+        two_bit = layout.scaled and layout.value_dtype == INT2
+        code_bytes = (2 * k + 7) // 8 if two_bit else k * layout.value_dtype.itemsize
+        vbytes = code_bytes + (4 * n_groups * (2 if two_bit else 1) if layout.scaled else 0)
+        local = layout.index_dtype == torch.uint16
+        msg = SparseMessage(None, None, layout.numel, layout.groups, local, offset_bits=layout.index_bits or 16)
+        if layout.index_bits:
+            idx = _unpack_uint(buf[:, vbytes : vbytes + (layout.index_bits * k + 7) // 8], layout.index_bits, k)
+        else:
+            idx = _bytes_part(buf, vbytes, None, layout.index_dtype).reshape(rows, k)
+        msg.indices = idx.to(torch.int32) + msg.group_bases(idx.device) if local else idx
+        if two_bit:
+            msg.q = _unpack_uint(buf[:, :code_bytes], 2, k).to(torch.uint8)
+            msg.scales = _bytes_part(buf, code_bytes, vbytes, torch.float32).reshape(rows, 2 * n_groups)
+            msg.values = dequantize_2bit(msg.q, msg.scales, layout.groups, k)
+        elif layout.scaled:
             msg.q = _bytes_part(buf, 0, k, torch.int8).reshape(rows, k)
             msg.scales = _bytes_part(buf, k, vbytes, torch.float32).reshape(rows, n_groups)
             msg.values = dequantize(msg.q, msg.scales, layout.groups, k)
@@ -183,6 +208,52 @@ def dequantize(q: Tensor, steps: Tensor, groups: tuple[tuple[int, int], ...] | N
     counts = [c for _, c in groups] if groups else [k]
     per_entry = torch.repeat_interleave(steps, torch.tensor(counts, device=q.device), dim=1)
     return q.to(torch.float32) * per_entry
+
+
+#: the wire dtype of 2-bit values (``wire_dtype=torch.int2``; a torch without the dtype has no 2-bit wire)
+INT2: torch.dtype | None = getattr(torch, "int2", None)
+
+
+def _group_ids(groups: tuple[tuple[int, int], ...] | None, k: int, device) -> tuple[Tensor, int]:
+    """Each entry's group number, and the number of groups."""
+    counts = torch.tensor([c for _, c in groups] if groups else [k], device=device)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts), counts.numel()
+
+
+def quantize_2bit(values: Tensor, groups: tuple[tuple[int, int], ...] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """2-bit codes with two fp32 magnitudes per group: ``(codes, scales, dequantized)``.
+
+    A code's bit 0 is the sign, bit 1 whether the entry takes the group's larger magnitude. A group's magnitudes
+    are split at their mean, and each level is the mean of the magnitudes on its side: one step of Lloyd's
+    algorithm from the mean, so the squared error is at most that of one magnitude per group (scaled sign on the
+    kept entries), and every entry keeps its sign. ``scales`` is ``[rows, 2 * groups]``: the smaller, then the
+    larger magnitude of each group (equal where a group's magnitudes are)."""
+    rows, k = values.shape
+    gid, n_groups = _group_ids(groups, k, values.device)
+    m = values.float().abs()
+
+    def group_sum(x: Tensor) -> Tensor:
+        return m.new_zeros(rows, n_groups).index_add_(1, gid, x)
+
+    count = group_sum(torch.ones_like(m))
+    mean = group_sum(m) / count
+    large = m >= mean[:, gid]
+    n_large = group_sum(large.float())
+    levels = []
+    for side, n_side in ((~large, count - n_large), (large, n_large)):
+        levels.append(torch.where(n_side > 0, group_sum(m * side) / n_side.clamp_min(1), mean))
+    scales = torch.stack(levels, dim=2).reshape(rows, 2 * n_groups)
+    codes = (values < 0).to(torch.uint8) | (large.to(torch.uint8) << 1)
+    return codes, scales, dequantize_2bit(codes, scales, groups, k)
+
+
+def dequantize_2bit(codes: Tensor, scales: Tensor, groups: tuple[tuple[int, int], ...] | None, k: int) -> Tensor:
+    """What every receiver decodes from 2-bit ``codes`` and their groups' two magnitudes (:func:`quantize_2bit`)."""
+    gid, n_groups = _group_ids(groups, k, codes.device)
+    levels = scales.reshape(-1, n_groups, 2)
+    large = (codes >> 1).bool()
+    magnitude = torch.where(large, levels[:, gid, 1], levels[:, gid, 0])
+    return torch.where((codes & 1).bool(), -magnitude, magnitude)
 
 
 @dataclass
@@ -287,6 +358,23 @@ def _pack_bits(mask: Tensor) -> Tensor:
 def _unpack_bits(bits: Tensor, n: int) -> Tensor:
     w = _BIT_WEIGHTS.to(bits.device)
     return (bits.unsqueeze(-1) & w).ne(0).reshape(bits.shape[0], -1)[:, :n]
+
+
+_BITS = {n: torch.arange(n, dtype=torch.int32) for n in (2, 12)}
+
+
+def _pack_uint(x: Tensor, bits: int) -> Tensor:
+    """``[rows, k]`` unsigned integers below ``2**bits`` as ``[rows, ceil(k * bits / 8)]`` bytes, little-endian."""
+    shifts = _BITS[bits].to(x.device)
+    mask = (x.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return _pack_bits(mask.reshape(x.shape[0], -1))
+
+
+def _unpack_uint(buf: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of :func:`_pack_uint`: ``[rows, k]`` int32."""
+    shifts = _BITS[bits].to(buf.device)
+    mask = _unpack_bits(buf, k * bits).reshape(buf.shape[0], k, bits).to(torch.int32)
+    return (mask << shifts).sum(dim=2, dtype=torch.int32)
 
 
 def summed_value_bytes(dtype: torch.dtype) -> int:
@@ -481,7 +569,15 @@ class TopK(_Sparsifier):
             vals.append(v)
             idxs.append(i.to(torch.int32) + a)
             groups.append((a, k))
-        return SparseMessage(torch.cat(vals, 1), torch.cat(idxs, 1), d, tuple(groups), True)
+        return SparseMessage(
+            torch.cat(vals, 1), torch.cat(idxs, 1), d, tuple(groups), True, offset_bits=self.offset_bits
+        )
+
+    @property
+    def offset_bits(self) -> int:
+        """Bits of a chunk offset on the wire: 12 for chunks of at most 4096 entries (two offsets in 3 bytes),
+        else 16."""
+        return 12 if self.chunk is not None and self.chunk <= 4096 else 16
 
     def __repr__(self) -> str:
         extra = (", approx=True" if self.approx else "") + (f", chunk={self.chunk}" if self.chunk else "")
@@ -811,8 +907,9 @@ def concat_messages(msgs: list[Message], segments: Sequence[int]) -> Message:
         local = all(m.local_indices for m in msgs)
         shared = all(m.shared for m in msgs)
         return SparseMessage(
-            torch.cat([m.values for m in msgs], dim=1), idx, d, groups, local, shared=shared, leader=first.leader
-        )
+            torch.cat([m.values for m in msgs], dim=1), idx, d, groups, local, shared=shared, leader=first.leader,
+            offset_bits=max(m.offset_bits for m in msgs),
+        )  # fmt: skip
     if isinstance(first, DenseMessage):
         return DenseMessage(torch.cat([m.values for m in msgs], dim=1))
     if isinstance(first, SignMessage):
@@ -833,16 +930,20 @@ def segment_wire_bytes(comp: Compressor, segments: Sequence[int], value_dtype=to
 
 
 def chunk_wire_bytes(comp: _Sparsifier, segments: Sequence[int], value_dtype=torch.float32) -> int:
-    """Exact bytes of one packed sparse row: values (int8 plus one fp32 scale per group), indices (16-bit
-    chunk offsets, else int32 or int64 global offsets, whose width follows the whole vector)."""
+    """Exact bytes of one packed sparse row: values (int8 plus one fp32 scale per group, 2-bit codes plus two, else
+    the dtype's), indices (12- or 16-bit chunk offsets, else int32 or int64 global offsets, whose width follows
+    the whole vector)."""
     d = sum(segments)
     chunked = getattr(comp, "chunk", None) is not None
     groups = [k for n in segments for _, _, k in comp.chunks(n)] if chunked else [comp.k_for(n) for n in segments]
     k = sum(groups)
-    vbytes = comp.value_bytes(value_dtype)
-    scale_bytes = 4 * len(groups) if value_dtype == torch.int8 else 0
-    ibytes = 2 if chunked else comp.index_bytes(d)
-    return k * (vbytes + ibytes) + scale_bytes
+    if value_dtype == INT2 and INT2 is not None:
+        values = (2 * k + 7) // 8 + 8 * len(groups)
+    else:
+        values = k * comp.value_bytes(value_dtype) + (4 * len(groups) if value_dtype == torch.int8 else 0)
+    if chunked:
+        return values + (getattr(comp, "offset_bits", 16) * k + 7) // 8
+    return values + k * comp.index_bytes(d)
 
 
 # ------------------------------------------------------------------------------------------- wire packing

@@ -35,6 +35,7 @@ from torch import Tensor
 from . import ops
 from ._validation import check_unit_interval, check_weights
 from .compress import (
+    INT2,
     Compressor,
     DenseMessage,
     Message,
@@ -44,6 +45,7 @@ from .compress import (
     compress_segments,
     concat_messages,
     quantize,
+    quantize_2bit,
     segment_value_bits,
     segment_wire_bytes,
 )
@@ -345,10 +347,10 @@ class Feedback:
         """
         if msg is None or isinstance(msg, SignMessage) or msg.values.dtype == dtype:
             return msg
-        if dtype == torch.int8:
+        if dtype == torch.int8 or (dtype == INT2 and INT2 is not None):
             if not isinstance(msg, SparseMessage):
                 return msg  # dense rounds (first round, Identity fallback) are all-reduced in the state dtype
-            q, steps, values = quantize(msg.values, msg.groups)
+            q, steps, values = (quantize if dtype == torch.int8 else quantize_2bit)(msg.values, msg.groups)
             self._absorb_(state, msg, msg.values - values.to(msg.values.dtype))
             return replace(msg, values=values.to(msg.values.dtype), q=q, scales=steps)
         if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(msg.values.dtype).max:
@@ -430,7 +432,9 @@ class Feedback:
             vals.append(v.reshape(1, -1))
             idxs.append(i.to(torch.int32).reshape(1, -1) + a)
             groups.append((a, k))
-        return SparseMessage(torch.cat(vals, 1), torch.cat(idxs, 1), n, tuple(groups), True)
+        return SparseMessage(
+            torch.cat(vals, 1), torch.cat(idxs, 1), n, tuple(groups), True, offset_bits=comp.offset_bits
+        )
 
     def _compress(self, x: Tensor, segments, worker: int, step: int) -> Message:
         return compress_segments(self.compressor, x, segments, worker=worker, step=step)

@@ -76,8 +76,9 @@ class LocalSGD(WrappedOptimizer):
             next synchronisation (ranks only talk then), back at the anchor. ``"skip"``, or under GradScaler: the
             step is left out on that rank (:attr:`skipped_steps`). A non-finite pseudo-gradient on any rank makes
             every rank skip the round or raise, the anchor and the feedback state unchanged, back at the anchor.
-        wire_dtype: dtype of the values sent (``None``: the anchor's, fp32 for bf16/fp16 parameters); what the
-            rounding removes stays in the feedback state.
+        wire_dtype: dtype of the values sent (``None``: the anchor's, fp32 for bf16/fp16 parameters; ``torch.int8``
+            or ``torch.int2`` with a chunked TopK: see :class:`~torchkit.CompressedOptimizer`); what the rounding
+            removes stays in the feedback state.
         **defaults: passed to ``optimizer_class``.
 
     Do not wrap the model in ``DistributedDataParallel`` (it would all-reduce every step's gradients); build the

@@ -36,6 +36,8 @@ class CommMetrics:
         bytes_sent: payload bytes this rank put on the wire (values, indices, flags), all rounds.
         dense_bytes: what a plain dense all-reduce of the same gradients would have sent, all rounds.
         last_bytes_sent, last_dense_bytes: the same for the last step that ran a round.
+        numel, last_numel: gradient (or pseudo-gradient) entries the rounds exchanged: :attr:`bits_per_parameter`
+            is ``8 * bytes_sent / numel``, the bits per parameter per round (per sync, for LocalSGD).
     """
 
     steps: int = 0
@@ -47,6 +49,8 @@ class CommMetrics:
     dense_bytes: int = 0
     last_bytes_sent: int = 0
     last_dense_bytes: int = 0
+    numel: int = 0
+    last_numel: int = 0
 
     @property
     def compression(self) -> float:
@@ -57,6 +61,15 @@ class CommMetrics:
     def last_compression(self) -> float:
         return self.last_dense_bytes / self.last_bytes_sent if self.last_bytes_sent else 0.0
 
+    @property
+    def bits_per_parameter(self) -> float:
+        """Bits this rank sent per parameter per round, over all rounds (``0.0`` before the first)."""
+        return 8 * self.bytes_sent / self.numel if self.numel else 0.0
+
+    @property
+    def last_bits_per_parameter(self) -> float:
+        return 8 * self.last_bytes_sent / self.last_numel if self.last_numel else 0.0
+
     def record_round(self, results: list[Any]) -> None:
         """Count one step's round from its :class:`torchkit.comm.RoundResult` objects (one per block or bucket)."""
         sent = sum(r.sent_bytes for r in results)
@@ -66,12 +79,14 @@ class CommMetrics:
         self.bytes_sent += sent
         self.dense_bytes += dense
         self.last_bytes_sent, self.last_dense_bytes = sent, dense
+        self.last_numel = sum(r.estimate.shape[-1] for r in results)
+        self.numel += self.last_numel
 
     def as_dict(self, prefix: str = "torchkit/") -> dict[str, float]:
-        """Every counter and both ratios as floats, keyed ``<prefix><name>`` (for ``log_dict`` and loggers)."""
+        """Every counter and the ratios as floats, keyed ``<prefix><name>`` (for ``log_dict`` and loggers)."""
         out = {f"{prefix}{f.name}": float(getattr(self, f.name)) for f in fields(self)}
-        out[f"{prefix}compression"] = self.compression
-        out[f"{prefix}last_compression"] = self.last_compression
+        for name in ("compression", "last_compression", "bits_per_parameter", "last_bits_per_parameter"):
+            out[f"{prefix}{name}"] = getattr(self, name)
         return out
 
     def log_to(self, writer: Any, step: int, prefix: str = "torchkit/") -> None:

@@ -65,9 +65,10 @@ class CompressedOptimizer(WrappedOptimizer):
         grad_scaler: the ``torch.amp.GradScaler`` of a multi-rank run, so that every rank records the same
             ``found_inf`` and the ranks' loss scales stay equal.
         wire_dtype: what the sent values travel as (``torch.bfloat16``, ``torch.int8`` with one scale per chunk,
-            ...; ``None``: the state dtype). What rounding removes stays in the feedback state. With
-            ``TopK(ratio=..., chunk=65536)`` the indices travel as 16-bit offsets: int8 values make 3 bytes per
-            entry (:class:`torchkit.comm.RoundOptions`).
+            ``torch.int2`` with two magnitudes per chunk, ...; ``None``: the state dtype). What rounding removes
+            stays in the feedback state. With ``TopK(ratio=..., chunk=65536)`` the indices travel as 16-bit offsets
+            (12-bit for chunks of at most 4096): int8 values make 3 bytes per entry, 2-bit values with 12-bit
+            offsets 1.75 (:class:`torchkit.comm.RoundOptions`).
         **defaults: passed to ``optimizer_class``.
 
     A parameter takes part in a step's round when at least one rank has a gradient for it; a rank without one

@@ -198,9 +198,11 @@ def worker(cfg: dict) -> None:
     else:
         name, _, rest = method.partition("@")
         ratio, _, wire_name = rest.partition(":")
-        # ":int8": the compact wire (TopK per 65536-chunk, 16-bit offsets, int8 values with a per-chunk scale)
-        wire = {"": None, "bf16": torch.bfloat16, "int8": torch.int8}[wire_name]
-        topk = TopK(ratio=float(ratio), chunk=65536) if wire_name == "int8" else TopK(ratio=float(ratio))
+        # ":int8": the compact wire (TopK per 65536-chunk, 16-bit offsets, int8 values with a per-chunk scale);
+        # ":int2": TopK per 4096-chunk, 12-bit offsets, 2-bit values with two magnitudes per chunk
+        wire = {"": None, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[wire_name]
+        chunk = {"int8": 65536, "int2": 4096}.get(wire_name)
+        topk = TopK(ratio=float(ratio), chunk=chunk) if chunk else TopK(ratio=float(ratio))
         rec = recommended(name, topk, torch.optim.SGD, momentum=cfg["momentum"])
         ddp.register(model, rec.feedback, min_compression_rate=2.0, wire_dtype=wire)
         opt_kwargs = rec.optimizer_kwargs
@@ -258,7 +260,7 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     p.add_argument("--split", default="iid", choices=["iid", "noniid"], help="how the data is split among ranks")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help="ddp, ddp_bf16 (DDP's bf16_compress_hook), powersgd<rank>, "
-                        "<ef14|ef21|...>@<density>[:bf16|:int8] (the wire's values), "
+                        "<ef14|ef21|...>@<density>[:bf16|:int8|:int2] (the wire's values), "
                         "local<H>@<density>, diloco<H>")  # fmt: skip
     p.add_argument("--steps", type=int, default=300, help="training steps per run")
     p.add_argument("--repeats", type=int, default=2, help="seeds per configuration, run interleaved")
@@ -294,10 +296,11 @@ def check_method(m: str) -> str:
 
     names = registry.recommendable()
     ok = re.fullmatch(r"ddp|ddp_bf16|powersgd[1-9]\d*|diloco[1-9]\d*|local[1-9]\d*@(0?\.\d+)|"
-                      rf"({'|'.join(map(re.escape, names))})@(0?\.\d+)(:bf16|:int8)?", m)  # fmt: skip
+                      rf"({'|'.join(map(re.escape, names))})@(0?\.\d+)(:bf16|:int8|:int2)?", m)  # fmt: skip
     if not ok or ("@" in m and not 0 < float(m.split("@")[1].split(":")[0]) < 1):
         raise ValueError(
-            f"--methods: unknown method {m!r}; expected ddp, ddp_bf16, powersgd<rank>, <method>@<density>[:bf16|:int8] "
+            f"--methods: unknown method {m!r}; expected ddp, ddp_bf16, powersgd<rank>, "
+            "<method>@<density>[:bf16|:int8|:int2] "
             f"(method one of {', '.join(names)}; density in (0, 1); the wire's values, fp32 without "
             "a suffix), local<H>@<density> or diloco<H>"
         )
