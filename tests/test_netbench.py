@@ -30,7 +30,8 @@ def test_bad_arguments_are_refused_before_anything_runs(argv, named, capsys, tmp
 
 
 def test_every_default_method_is_known():
-    for m in (*netbench.METHODS, *netbench.LOCAL_METHODS, "ef21@0.01:int8", "ef14@0.0156:int2", "econtrol@.001:bf16"):
+    extra = ("ef21@0.01:int8", "ef14@0.0156:int2", "olocal8@0.03", "econtrol@.001:bf16")
+    for m in (*netbench.METHODS, *netbench.LOCAL_METHODS, *extra):
         assert netbench.check_method(m) == m
 
 

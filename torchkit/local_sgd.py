@@ -79,6 +79,12 @@ class LocalSGD(WrappedOptimizer):
         wire_dtype: dtype of the values sent (``None``: the anchor's, fp32 for bf16/fp16 parameters; ``torch.int8``
             or ``torch.int2`` with a chunked TopK: see :class:`~torchkit.CompressedOptimizer`); what the rounding
             removes stays in the feedback state.
+        overlap: run each round while the next period's inner steps run (one-period-delayed outer steps, as
+            overlapping DiLoCo): a synchronisation starts the round on this period's pseudo-gradient and goes on
+            at once, and the next one finishes it, steps the anchor on it and puts this rank at the new anchor
+            plus its own progress of the period just ended (``x = anchor - delta``). The last round is still in
+            flight after the last step: call :meth:`flush` to finish it and put every rank at the final anchor.
+            A checkpoint taken with a round in flight finishes it first (no effect on the trajectory).
         **defaults: passed to ``optimizer_class``.
 
     Do not wrap the model in ``DistributedDataParallel`` (it would all-reduce every step's gradients); build the
@@ -112,10 +118,13 @@ class LocalSGD(WrappedOptimizer):
         process_group: dist.ProcessGroup | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         wire_dtype: torch.dtype | None = None,
+        overlap: bool = False,
         **defaults: Any,
     ):
         check_common_args("LocalSGD", feedback, optimizer_class, nonfinite)
         check_int("sync_every", sync_every)
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {type(overlap).__name__} {overlap!r}")
         if outer_optimizer is not None and not callable(outer_optimizer):
             raise TypeError(
                 "outer_optimizer must build an optimizer from parameter groups (a torch.optim class, or e.g. "
@@ -132,7 +141,10 @@ class LocalSGD(WrappedOptimizer):
         self.wire_dtype = wire_dtype
         self.round = RoundState(feedback)
         self._exchanger = make_exchanger(process_group)
-        self._anchor = _Anchor(self.param_groups, outer_optimizer)
+        self.overlap = overlap
+        self._anchor = _Anchor(self.param_groups, outer_optimizer, overlap)
+        self._in_flight: list | None = None  # overlap: the round the last synchronisation started, per work item
+        self._sent = FlatGrads()  # overlap: the pseudo-gradient in flight, in its own buffers
         self.local_step = 0  # step() calls since the last synchronisation
         self.synced = False  # whether the last step() ended with a synchronisation
         self.skipped_steps = self.skipped_rounds = 0
@@ -211,6 +223,7 @@ class LocalSGD(WrappedOptimizer):
         bad = torch.stack([*bad, torch.tensor(float(self._bad_pending))]).amax()
         if bool(agree_max(self._agreement, bad.reshape(1))[0] > 0):
             self._bad_pending = False
+            self.finish_round()  # overlap: the round before was good; the anchor takes it
             self._back_to_anchor(works)
             unchanged = (
                 "the round was not run, the anchor and the feedback state are unchanged, every rank is at the anchor"
@@ -220,18 +233,46 @@ class LocalSGD(WrappedOptimizer):
             self.skipped_rounds += 1
             self.metrics.skipped_rounds += 1
             return
-        futures = [
-            start_round(self.feedback, self._exchanger, self._block(w), w.flat, self.round.step, self._options)
-            for w in works
-        ]
-        results = [fut.wait() for fut in futures]
+        if self.overlap:
+            self.finish_round()  # the round of the period before (its estimate is in the sent buffers): the anchor
+            sent = []
+            for w in works:  # this period's pseudo-gradient, in buffers of its own: the next one fills w.flat
+                buf, views = self._sent.get(w)
+                sent.append((w, buf.copy_(w.flat), views))
+            self._anchor.restart(works, [views for _, _, views in sent])  # anchor - this period's progress
+            self._in_flight = [(w, views, self._start_round(w, buf)) for w, buf, views in sent]
+            self.local_step = 0
+        else:
+            self._apply([(w, self._flat.get(w)[1], self._start_round(w, w.flat)) for w in works])
+            self._back_to_anchor(works)
+        self.round.step += 1
+        self.synced = True
+
+    def _start_round(self, w: Work, buf: Tensor):
+        return start_round(self.feedback, self._exchanger, self._block(w), buf, self.round.step, self._options)
+
+    def _apply(self, rounds: list) -> None:
+        """Wait for each work item's round (its estimate lands in its buffer) and step the anchor on them."""
+        results = [fut.wait() for _, _, fut in rounds]
         self.metrics.record_round(results)
         self.bytes_sent += sum(res.sent_bytes for res in results)
         self.dense_bytes += sum(res.dense_bytes for res in results)
-        self._anchor.step_on([(w, self._flat.get(w)[1]) for w in works])  # the estimate, in the flat buffers
-        self._back_to_anchor(works)
-        self.round.step += 1
-        self.synced = True
+        self._anchor.step_on([(w, views) for w, views, _ in rounds])
+
+    def finish_round(self) -> None:
+        """``overlap``: finish the round in flight, if any, and step the anchor on it (this rank's parameters stay
+        where they are). A failed collective (a peer died) raises here, on every rank."""
+        rounds, self._in_flight = self._in_flight, None
+        if rounds:
+            self._apply(rounds)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """``overlap``: finish the round in flight and put this rank at the new anchor, its progress since the last
+        synchronisation dropped (call it after the last step, on every rank). Without ``overlap``: nothing to do
+        at a synchronisation, and mid-period it goes back to the anchor."""
+        self.finish_round()
+        self._back_to_anchor(self._works())
 
     def _back_to_anchor(self, works: list[Work]) -> None:
         self._anchor.reset(works)
@@ -249,7 +290,12 @@ class LocalSGD(WrappedOptimizer):
     inner_state_per_rank = True  # a framework's rank-0 checkpoint holds rank 0's inner state: keep this rank's
     plain_load_restarts = "the anchor is taken again at the next step and the feedback method starts at its step 0"
 
+    def feedback_state_dict(self) -> dict[str, Any]:
+        self.finish_round()  # a round in flight is finished first: its state and the anchor's are then final
+        return super().feedback_state_dict()
+
     def _extras(self) -> dict[str, Any]:
+        self.finish_round()
         local = {
             "sync_every": self.sync_every,
             "local_step": self.local_step,
@@ -258,7 +304,8 @@ class LocalSGD(WrappedOptimizer):
             "bytes_sent": self.bytes_sent,
             "dense_bytes": self.dense_bytes,
             "inner": self.inner.state_dict(),  # per rank too: each rank's inner steps are its own (no copy is saved)
-            **self._anchor.state_dict(self.param_groups, mid_period=self.local_step > 0),
+            "overlap": self.overlap,
+            **self._anchor.state_dict(self.param_groups, mid_period=self.local_step > 0 or self.overlap),
         }
         return {"skipped_steps": self.skipped_steps, "local_sgd": local, **self._mesh_extra()}
 
@@ -269,9 +316,12 @@ class LocalSGD(WrappedOptimizer):
         problems = self._mesh_problems(sd)
         if local.get("sync_every") != self.sync_every:
             problems.append(f"saved with sync_every={local.get('sync_every')!r}, this run has {self.sync_every}")
+        if bool(local.get("overlap", False)) != self.overlap:
+            problems.append(f"saved with overlap={bool(local.get('overlap', False))}, this run has {self.overlap}")
         return problems
 
     def _check_extras(self, sd) -> dict[str, Any]:
+        self.finish_round()  # a round in flight is this run's, whatever the load: finished on every rank alike
         local = sd["local_sgd"]
         step = local.get("local_step")
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.sync_every:
@@ -297,6 +347,12 @@ class LocalSGD(WrappedOptimizer):
         super()._restart()
         self.local_step, self._anchor.taken, self._anchor.local_params = 0, False, None
 
+    def __getstate__(self) -> dict[str, Any]:
+        self.finish_round()  # a round in flight holds the backend's work: finished, then pickled as state
+        out = super().__getstate__()
+        out["_sent"], out["_in_flight"] = FlatGrads(), None
+        return out
+
     def _kept_restored_state(self) -> None:
         self._anchor.put_back(self.param_groups)  # the framework loaded rank 0's model since: this rank's again
 
@@ -305,8 +361,13 @@ class _Anchor:
     """The point every rank returns to at a synchronisation (fp32 for bf16/fp16 parameters), the outer optimizer
     that steps it on the round's estimate and, restored in the middle of a period, this rank's own parameters."""
 
-    def __init__(self, param_groups, factory: OuterFactory | None):
+    def __init__(self, param_groups, factory: OuterFactory | None, overlap: bool = False):
         groups = [{"params": [_new_anchor(p) for p in g["params"]]} for g in param_groups]
+        #: overlap: where this rank's period started (the pseudo-gradient is ``start - x``), keyed by the anchor
+        #: tensor itself (hashed by identity, which pickling and deepcopy keep)
+        self.starts: dict[Tensor, Tensor] | None = None
+        if overlap:
+            self.starts = {a: a.clone() for g in groups for a in g["params"]}
         outer = torch.optim.SGD(groups, lr=1.0) if factory is None else factory(groups)
         if not isinstance(outer, torch.optim.Optimizer):
             raise TypeError(f"outer_optimizer must return a torch.optim.Optimizer, got {type(outer).__name__}")
@@ -330,6 +391,12 @@ class _Anchor:
 
     def add_group(self, params) -> None:
         self.outer.add_param_group({"params": [_new_anchor(p) for p in params]})
+        if self.starts is not None:
+            self.starts.update({a: a.clone() for a in self.outer.param_groups[-1]["params"]})
+
+    def start_of(self, a: Tensor) -> Tensor:
+        """Where this rank's period started: the anchor, or with overlap the anchor minus its last progress."""
+        return a if self.starts is None else self.starts[a]
 
     def take(self, param_groups, group) -> None:
         """Rank 0's parameters on every rank (``group``: the process group, ``False`` alone), and the anchor at them
@@ -340,14 +407,16 @@ class _Anchor:
                     src = dist.get_global_rank(group, 0) if group is not None else 0
                     dist.broadcast(local_of(p.detach()), src=src, group=group)
                 local_of(a).copy_(local_of(p.detach()))
+                if self.starts is not None:
+                    self.starts[a].copy_(a)
         self.taken = True
 
-    @staticmethod
-    def pseudo_gradient(w: Work, flat: FlatGrads) -> Tensor:
-        """``anchor - x`` of the work item's parameters, in its persistent flat buffer (also ``w.flat``)."""
+    def pseudo_gradient(self, w: Work, flat: FlatGrads) -> Tensor:
+        """``start - x`` of the work item's parameters (the start is the anchor without overlap), in its persistent
+        flat buffer (also ``w.flat``)."""
         buf, views = flat.get(w)
         for p, a, view in zip(w.params, w.like, views):
-            p, a = local_of(p.detach()), local_of(a)
+            p, a = local_of(p.detach()), local_of(self.start_of(a))
             view.copy_(a)
             view.sub_(p if p.dtype == a.dtype else p.to(a.dtype))
         w.flat = buf
@@ -363,11 +432,21 @@ class _Anchor:
             for a in w.like:
                 a.grad = None
 
-    @staticmethod
-    def reset(works: list[Work]) -> None:
+    def reset(self, works: list[Work]) -> None:
         for w in works:
             for p, a in zip(w.params, w.like):
                 local_of(p.detach()).copy_(local_of(a))
+                if self.starts is not None:
+                    self.starts[a].copy_(a)
+
+    def restart(self, works: list[Work], deltas: list[list[Tensor]]) -> None:
+        """overlap: this rank at ``anchor - delta`` (the anchor with its own last progress), the period's start."""
+        for w, views in zip(works, deltas):
+            for p, a, view in zip(w.params, w.like, views):
+                start = self.starts[a]
+                local_of(start).copy_(local_of(a)).sub_(view.reshape(local_of(start).shape))
+                local_of(p.detach()).copy_(local_of(start))
+                local_of(start).copy_(local_of(p.detach()))  # what the parameter holds (bf16: rounded)
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self, param_groups, *, mid_period: bool) -> dict[str, Any]:
@@ -379,7 +458,9 @@ class _Anchor:
             # between synchronisations each rank's parameters are its own, and a framework's (or DCP's) model
             # checkpoint holds one rank's: keep this rank's
             "params": {n: local_of(p.detach()).clone() for n, p in zip(names, params)} if mid_period else None,
-        }
+            "starts": None if self.starts is None else {
+                n: local_of(self.starts[a]).detach().clone() for n, a in zip(names, self.all())},
+        }  # fmt: skip
 
     def check(self, saved: Mapping[str, Any], param_groups) -> dict[str, Any]:
         check_groups("outer", self.outer, saved.get("outer"))
@@ -389,7 +470,13 @@ class _Anchor:
         anchors = _checked_tensors("anchor", saved["anchors"], names, [local_of(a) for a in self.all()])
         local = saved.get("params")
         local = None if local is None else _checked_tensors("parameter", local, names, [local_of(p) for p in params])
-        return {"outer": saved["outer"], "anchors": anchors, "params": local, "anchored": saved.get("anchored", True)}
+        starts = saved.get("starts")
+        if (starts is None) != (self.starts is None):
+            raise ValueError("LocalSGD state_dict: period starts saved with overlap, or missing with it")
+        if starts is not None:
+            starts = _checked_tensors("period start", starts, names, [local_of(a) for a in self.all()])
+        return {"outer": saved["outer"], "anchors": anchors, "params": local, "anchored": saved.get("anchored", True),
+                "starts": starts}  # fmt: skip
 
     def apply(self, checked: dict[str, Any], param_groups) -> None:
         try:
@@ -398,6 +485,8 @@ class _Anchor:
             raise ValueError(f"cannot load LocalSGD state: the outer optimizer refused its state ({exc!r})") from exc
         for a, t in zip(self.all(), checked["anchors"]):  # nothing below can fail
             local_of(a).copy_(t)
+        for a, t in zip(self.all(), checked.get("starts") or ()):
+            local_of(self.starts[a]).copy_(t)
         self.taken = bool(checked["anchored"])
         self.local_params = checked["params"]
         self.put_back(param_groups)
@@ -417,6 +506,7 @@ def _configuration(opt: LocalSGD) -> dict[str, Any]:
         "optimizer": type(opt.inner).__name__,
         "outer": type(opt.outer).__name__,
         "sync_every": opt.sync_every,
+        "overlap": opt.overlap,
         "nonfinite": opt.nonfinite,
         "wire_dtype": str(opt.wire_dtype),
         "layout": [[str(p.dtype), list(p.shape), p.requires_grad] for g in opt.param_groups for p in g["params"]],

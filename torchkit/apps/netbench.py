@@ -39,7 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the torchkit package, for the workers' path
 METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
-# compressed local SGD (LocalSGD): "local<H>@<ratio>" = EF14 on the pseudo-gradient every H steps,
+# compressed local SGD (LocalSGD): "local<H>@<ratio>" = EF14 on the pseudo-gradient every H steps ("olocal": with
+# the round overlapped with the next period's inner steps, LocalSGD(overlap=True)),
 # TopK per 65536-chunk with int8 values (the compact wire format), averaging outer step; "diloco<H>" = the same
 # without compression (Identity, fp32)
 LOCAL_METHODS = ("local8@0.03", "local32@0.03", "local8@0.01", "diloco8")
@@ -167,7 +168,7 @@ def worker(cfg: dict) -> None:
     task = make_task(n_workers=n, split=cfg["split"], **cfg.get("task_kwargs", {}))
     method, lr = cfg["method"], cfg["lr"]
     opt_kwargs = {"momentum": cfg["momentum"]}
-    local = method.startswith(("local", "diloco"))
+    local = method.startswith(("local", "olocal", "diloco"))
     if local:
         model = task.model(cfg["seed"])
     elif method.startswith("powersgd"):
@@ -177,13 +178,13 @@ def worker(cfg: dict) -> None:
     else:
         model = DDP(task.model(cfg["seed"]))
     if local:
-        every = int(method.split("@")[0].removeprefix("local").removeprefix("diloco"))
+        every = int(method.split("@")[0].removeprefix("o").removeprefix("local").removeprefix("diloco"))
         if method.startswith("diloco"):
             fb, wire = EF14(Identity()), None
         else:
             fb, wire = EF14(TopK(ratio=float(method.split("@")[1]), chunk=65536)), torch.int8
         opt = LocalSGD(model.parameters(), torch.optim.SGD, feedback=fb, sync_every=every, wire_dtype=wire,
-                          lr=lr, momentum=cfg["momentum"])  # fmt: skip
+                       lr=lr, momentum=cfg["momentum"], overlap=method.startswith("olocal"))  # fmt: skip
     elif method == "ddp":
         pass
     elif method == "ddp_bf16":  # what practitioners run: DDP's own bf16 all-reduce (half the bytes)
@@ -223,6 +224,8 @@ def worker(cfg: dict) -> None:
             break
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
+    if local and opt.overlap:
+        opt.finish_round()  # the last round in flight: no collective left behind at exit
     diverged = diverged or not losses or not math.isfinite(losses[-1])
     if rank == 0:
         nan = {"loss": float("nan"), "accuracy": float("nan")}
@@ -261,7 +264,7 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help="ddp, ddp_bf16 (DDP's bf16_compress_hook), powersgd<rank>, "
                         "<ef14|ef21|...>@<density>[:bf16|:int8|:int2] (the wire's values), "
-                        "local<H>@<density>, diloco<H>")  # fmt: skip
+                        "local<H>@<density> (olocal: overlapped rounds), diloco<H>")  # fmt: skip
     p.add_argument("--steps", type=int, default=300, help="training steps per run")
     p.add_argument("--repeats", type=int, default=2, help="seeds per configuration, run interleaved")
     p.add_argument("--first-seed", type=int, default=0,
@@ -289,20 +292,20 @@ def main(argv=None, out: str = "torchkit-network") -> int:
 def check_method(m: str) -> str:
     """``m`` if the benchmark knows it: ddp, powersgd<rank>, <method>@<density> (a method of
     :mod:`torchkit.registry` with a recommended configuration: ef14, ef21, ef21sgdm, econtrol, ...),
-    local<H>@<density> or diloco<H>; otherwise a ValueError naming --methods."""
+    [o]local<H>@<density> or diloco<H>; otherwise a ValueError naming --methods."""
     import re
 
     from .. import registry
 
     names = registry.recommendable()
-    ok = re.fullmatch(r"ddp|ddp_bf16|powersgd[1-9]\d*|diloco[1-9]\d*|local[1-9]\d*@(0?\.\d+)|"
+    ok = re.fullmatch(r"ddp|ddp_bf16|powersgd[1-9]\d*|diloco[1-9]\d*|o?local[1-9]\d*@(0?\.\d+)|"
                       rf"({'|'.join(map(re.escape, names))})@(0?\.\d+)(:bf16|:int8|:int2)?", m)  # fmt: skip
     if not ok or ("@" in m and not 0 < float(m.split("@")[1].split(":")[0]) < 1):
         raise ValueError(
             f"--methods: unknown method {m!r}; expected ddp, ddp_bf16, powersgd<rank>, "
             "<method>@<density>[:bf16|:int8|:int2] "
             f"(method one of {', '.join(names)}; density in (0, 1); the wire's values, fp32 without "
-            "a suffix), local<H>@<density> or diloco<H>"
+            "a suffix), [o]local<H>@<density> or diloco<H>"
         )
     return m
 
@@ -422,8 +425,8 @@ FAMILIES = {
     "DDP": lambda k: k == "ddp",
     "DDP bf16": lambda k: k == "ddp_bf16",
     "PowerSGD": lambda k: k.startswith("powersgd"),
-    "EF": lambda k: "@" in k and not k.startswith("local"),  # torchkit's hook, a round every step
-    "local": lambda k: k.startswith(("local", "diloco")),  # torchkit's LocalSGD
+    "EF": lambda k: "@" in k and not k.startswith(("local", "olocal")),  # torchkit's hook, a round every step
+    "local": lambda k: k.startswith(("local", "olocal", "diloco")),  # torchkit's LocalSGD
 }
 
 

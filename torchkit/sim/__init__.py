@@ -153,6 +153,7 @@ def simulate_local(
     segments: Sequence[int] | None = None,
     wire_dtype: torch.dtype | None = None,
     eval_fn: Callable[[Tensor], float] | None = None,
+    overlap: bool = False,
 ) -> LocalSimResult:
     r"""Compressed local SGD on n simulated workers: the trajectory of :class:`torchkit.LocalSGD`.
 
@@ -175,12 +176,17 @@ def simulate_local(
             ``granularity="tensor"``, what is compressed on its own. Default: one vector.
         wire_dtype: dtype of the values sent; the rounding stays in the feedback state, as on the wire.
         eval_fn: called with the anchor at every round (e.g. the full training loss), into ``.evals``.
+        overlap: :class:`~torchkit.LocalSGD`'s ``overlap``: round r's estimate steps the anchor at synchronisation
+            r + 1, and each worker goes on from the anchor minus its own last pseudo-gradient; the last round is
+            applied after the last period (``LocalSGD.flush``), so ``x`` is the final anchor either way.
 
     ``x0``'s dtype is the computation's (float64 for research runs; the wire is then counted in fp32 values).
     """
     check_int("n_workers", n_workers)
     check_int("rounds", rounds, low=0)
     check_int("sync_every", sync_every)
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be a bool, got {type(overlap).__name__} {overlap!r}")
     _check_x0(x0)
     d = x0.numel()
     sizes = tuple(int(n) for n in segments) if segments is not None else (d,)
@@ -217,6 +223,15 @@ def simulate_local(
     wire_values = wire_dtype or (torch.float32 if x0.dtype == torch.float64 else x0.dtype)
     norms, bits, wire, evals = [], [0], [0], []
     delta = torch.empty(n_workers, d, dtype=sdt, device=x0.device)
+    start, pending = X.clone(), None  # overlap: each worker's period start; the estimate not applied yet
+
+    def outer_step(estimate: Tensor) -> None:
+        for v, (a, b) in zip(anchor_views, spans):
+            v.grad = estimate[a:b].to(anchor.dtype)
+        outer.step()
+        if outer_sched is not None:
+            outer_sched.step()
+
     for r in range(rounds + 1):
         if eval_fn is not None:
             evals.append(float(eval_fn(anchor)))
@@ -236,16 +251,22 @@ def simulate_local(
                 sched.step()
         if r == rounds:
             break
-        delta.copy_(anchor.expand(n_workers, d)).sub_(X)
+        delta.copy_(start if overlap else anchor.expand(n_workers, d)).sub_(X)
+        if overlap:
+            if pending is not None:
+                outer_step(pending)
+            X.copy_(anchor.expand(n_workers, d) - delta.to(X.dtype))
+            start.copy_(X)
         estimate, _ = run_round(feedback, exchanger, state, server, delta, r, segments=segs, options=options)
-        for v, (a, b) in zip(anchor_views, spans):
-            v.grad = estimate[a:b].to(anchor.dtype)
-        outer.step()
-        if outer_sched is not None:
-            outer_sched.step()
-        X.copy_(anchor.expand(n_workers, d))
+        if overlap:
+            pending = estimate.clone()
+        else:
+            outer_step(estimate)
+            X.copy_(anchor.expand(n_workers, d))
         bits.append(bits[-1] + feedback.value_bits(segs, r))
         wire.append(wire[-1] + feedback.wire_bytes(segs, r, value_dtype=wire_values))
+    if pending is not None:  # LocalSGD.flush: the last round in flight, applied
+        outer_step(pending)
     _warn_if_diverged(norms, "simulate_local")
     return LocalSimResult(
         anchor,

@@ -1,0 +1,184 @@
+"""LocalSGD with overlapped rounds (issue 26, item 2): the round of period t runs while period t+1's inner steps
+do, and the anchor takes it one period late. The trajectory equals simulate_local(overlap=True) on one process and
+on 2 Gloo ranks for every method, a checkpoint taken with a round in flight resumes bit-exactly, and a peer that
+dies while a round is in flight makes the survivor raise in its own loop, bounded in time."""
+
+import copy
+import os
+import time
+
+import pytest
+import torch
+
+import torchkit as tk
+from tests.dist_utils import run_dist, run_dist_faults
+from tests.test_local_sgd import FEEDBACKS, INNER, NESTEROV, SIZES, _drive, _flat, _params, _problem, _set_grads
+from torchkit.sim import simulate_local
+
+H, STEPS = 3, 12
+
+
+def _build(ps, make, n, **kw):
+    return tk.LocalSGD(ps, torch.optim.SGD, **INNER.keywords, feedback=make(n), sync_every=H, outer_optimizer=NESTEROV,
+                       overlap=True, **kw)  # fmt: skip
+
+
+def _sim(make, n, a, b, steps=STEPS, overlap=True):
+    return simulate_local(make(n), lambda X: a * (X - b), _flat(_params()), n_workers=n, rounds=steps // H,
+                          sync_every=H, inner_optimizer=INNER, outer_optimizer=NESTEROV, segments=SIZES,
+                          overlap=overlap)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(FEEDBACKS))
+def test_one_worker_equals_simulate_local_with_overlap(name):
+    a, b = _problem(1)
+    ps = _params()
+    opt = _build(ps, FEEDBACKS[name], 1)
+    _drive(opt, ps, a[0], b[0], STEPS)
+    assert opt.rounds == STEPS // H and opt._in_flight is not None  # the last round is still in flight
+    opt.flush()
+    res = _sim(FEEDBACKS[name], 1, a, b)
+    torch.testing.assert_close(_flat(ps), res.x, rtol=1e-12, atol=1e-13)
+    assert torch.equal(_flat(ps), torch.cat([t.reshape(-1) for t in opt.anchors]))  # flushed: at the anchor
+    assert not torch.allclose(res.x, _sim(FEEDBACKS[name], 1, a, b, overlap=False).x)  # a different trajectory
+
+
+def test_a_worker_goes_on_from_the_anchor_minus_its_own_progress():
+    """At a synchronisation with a round in flight, the worker's parameters become the anchor (stepped on the
+    round of the period before) minus this period's pseudo-gradient, and the next pseudo-gradient is measured from
+    there."""
+    a, b = _problem(1)
+    ps = _params()
+    opt = tk.LocalSGD(ps, torch.optim.SGD, lr=0.05, feedback=tk.EF14(tk.Identity()), sync_every=2, overlap=True)
+    x0 = _flat(ps).clone()
+    _drive(opt, ps, a[0], b[0], 2)  # period 0: the round starts; the anchor has not moved
+    first = x0 - _flat(ps)  # its pseudo-gradient
+    assert torch.equal(torch.cat([t.reshape(-1) for t in opt.anchors]), x0)
+    start = _flat(ps).clone()
+    _drive(opt, ps, a[0], b[0], 2)  # period 1: the anchor takes round 0 (averaging: anchor - first)
+    anchor = torch.cat([t.reshape(-1) for t in opt.anchors])
+    torch.testing.assert_close(anchor, x0 - first, rtol=0, atol=1e-15)
+    # the worker: the new anchor minus period 1's own progress
+    progress = start - _period_end(a[0], b[0], start, 2)
+    torch.testing.assert_close(_flat(ps), anchor - progress, rtol=0, atol=1e-14)
+
+
+def _period_end(a, b, x, steps, lr=0.05):
+    x = x.clone()
+    for _ in range(steps):
+        x -= lr * a * (x - b)
+    return x
+
+
+@pytest.mark.parametrize("stop", [4, 5])  # right after a synchronisation, and in the middle of a period
+def test_a_checkpoint_with_a_round_in_flight_resumes_bit_exactly(stop):
+    a, b = _problem(1)
+    make = FEEDBACKS["ef21"]
+    ps = _params()
+    opt = _build(ps, make, 1)
+    _drive(opt, ps, a[0], b[0], 10)
+    opt.flush()
+    want = _flat(ps)
+    ps = _params()
+    opt = _build(ps, make, 1)
+    _drive(opt, ps, a[0], b[0], stop)
+    assert opt._in_flight is not None
+    sd, x = copy.deepcopy(opt.state_dict()), _flat(ps).clone()  # as a file would: torch's state_dict aliases
+    assert opt._in_flight is None  # finished by the checkpoint, not dropped
+    _drive(opt, ps, a[0], b[0], 10 - stop)
+    opt.flush()
+    assert torch.equal(_flat(ps), want)  # finishing the round early changed nothing
+    ps = _params()
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(x, ps)
+    resumed = _build(ps, make, 1)
+    resumed.load_state_dict(sd)
+    _drive(resumed, ps, a[0], b[0], 10 - stop)
+    resumed.flush()
+    assert torch.equal(_flat(ps), want)
+
+
+def test_overlap_is_checked_and_agreed():
+    with pytest.raises(TypeError, match="overlap must be a bool"):
+        tk.LocalSGD(_params(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(2)), sync_every=2, overlap=1)
+    with pytest.raises(TypeError, match="overlap must be a bool"):
+        simulate_local(tk.EF14(tk.TopK(2)), lambda X: X, torch.zeros(4), n_workers=1, rounds=1, sync_every=1,
+                       inner_optimizer=0.1, overlap="yes")  # fmt: skip
+    a, b = _problem(1)
+    ps = _params()
+    blocking = tk.LocalSGD(ps, torch.optim.SGD, lr=0.05, feedback=tk.EF14(tk.TopK(3)), sync_every=2)
+    _drive(blocking, ps, a[0], b[0], 3)
+    with pytest.raises(ValueError, match="overlap=False, this run has True"):
+        _build(_params(), FEEDBACKS["ef14"], 1).load_state_dict(blocking.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ 2 Gloo ranks
+WORLD = 2
+
+
+def _ranks(rank, world, path):
+    a, b = _problem(WORLD)
+    out = {}
+    for name in ("ef14", "ef21", "econtrol"):
+        ps = _params()
+        opt = _build(ps, FEEDBACKS[name], WORLD)
+        _drive(opt, ps, a[rank], b[rank], STEPS)
+        opt.flush()
+        out[name] = _flat(ps)
+    ps = _params()  # a checkpoint in the middle of a period with a round in flight, each rank its own
+    opt = _build(ps, FEEDBACKS["ef21"], WORLD)
+    _drive(opt, ps, a[rank], b[rank], 7)
+    torch.save({"opt": opt.state_dict(), "x": _flat(ps)}, os.path.join(path, f"{rank}.pt"))
+    _drive(opt, ps, a[rank], b[rank], 5)
+    opt.flush()
+    saved = torch.load(os.path.join(path, f"{rank}.pt"), weights_only=False)
+    ps = _params()
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(saved["x"], ps)
+    resumed = _build(ps, FEEDBACKS["ef21"], WORLD)
+    resumed.load_state_dict(saved["opt"])
+    _drive(resumed, ps, a[rank], b[rank], 5)
+    resumed.flush()
+    out["resumed"] = (_flat(ps), out["ef21"])
+    return out
+
+
+@pytest.mark.dist
+def test_two_ranks_equal_simulate_local_with_overlap_and_resume_mid_round(tmp_path):
+    results = run_dist(_ranks, WORLD, str(tmp_path))
+    a, b = _problem(WORLD)
+    for name in ("ef14", "ef21", "econtrol"):
+        res = _sim(FEEDBACKS[name], WORLD, a, b)
+        for r in results:
+            torch.testing.assert_close(r[name], res.x, rtol=1e-12, atol=1e-13, msg=name)
+            assert torch.equal(r[name], results[0][name]), name  # replicas agree bit for bit
+    for r in results:
+        assert torch.equal(*r["resumed"])
+
+
+FAULT_STEP = 5  # the round of the synchronisation at step 3 is in flight
+
+
+def _until_fault(rank, world):
+    a, b = _problem(world)
+    ps = _params()
+    opt = _build(ps, FEEDBACKS["ef21"], world)
+    for t in range(12):
+        if rank == 1 and t == FAULT_STEP:
+            os._exit(1)
+        start = time.monotonic()
+        try:
+            opt.zero_grad()
+            _set_grads(ps, a[rank], b[rank])
+            opt.step()
+        except Exception as exc:
+            return {"step": t, "error": f"{type(exc).__name__}: {exc}"[:300], "seconds": time.monotonic() - start}
+    return {"step": None}
+
+
+@pytest.mark.dist
+def test_a_peer_dying_with_a_round_in_flight_raises_at_the_next_synchronisation():
+    out = run_dist_faults(_until_fault, 2, report={0}, pg_timeout=30.0)
+    res = out[0]
+    assert res["step"] == 2 * H - 1, res  # the next synchronisation after the fault
+    assert res["seconds"] < 20, res  # from the closed connection, not the 30 s timeout
