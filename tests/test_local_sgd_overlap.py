@@ -98,6 +98,34 @@ def test_a_checkpoint_with_a_round_in_flight_resumes_bit_exactly(stop):
     assert torch.equal(_flat(ps), want)
 
 
+def test_a_plain_optimizer_load_drops_the_round_in_flight():
+    """A torch.optim state_dict (DCP's set_optimizer_state_dict, without_feedback) restarts the method: the round
+    started before the load must not step the new anchor."""
+    a, b = _problem(1)
+    plain = torch.optim.SGD(_params(), lr=0.05, momentum=0.9).state_dict()
+
+    def after_load(opt, ps):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(_flat(_params()) + 1, ps)
+        with pytest.warns(UserWarning):
+            opt.load_state_dict(copy.deepcopy(plain))
+        _drive(opt, ps, a[0], b[0], 2 * H)
+        opt.flush()
+        return _flat(ps)
+
+    def build(ps, overlap=True):  # averaging: no outer state, which a plain load keeps
+        return tk.LocalSGD(ps, torch.optim.SGD, **INNER.keywords, feedback=tk.EF14(tk.TopK(3)), sync_every=H,
+                           overlap=overlap)  # fmt: skip
+
+    for overlap in (False, True):
+        ps = _params()
+        used = build(ps, overlap)
+        _drive(used, ps, a[0], b[0], 2 * H)
+        assert (used._in_flight is not None) == overlap
+        fresh_ps = _params()
+        assert torch.equal(after_load(used, ps), after_load(build(fresh_ps, overlap), fresh_ps)), overlap
+
+
 def test_overlap_is_checked_and_agreed():
     with pytest.raises(TypeError, match="overlap must be a bool"):
         tk.LocalSGD(_params(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(2)), sync_every=2, overlap=1)

@@ -344,6 +344,9 @@ class LocalSGD(WrappedOptimizer):
         self.dense_bytes = int(local.get("dense_bytes", 0))
 
     def _restart(self) -> None:
+        rounds, self._in_flight = self._in_flight, None
+        for _, _, fut in rounds or ():  # overlap: the old run's round is waited for (the collective completes,
+            fut.wait()  # its work freed here) and dropped: the method restarts at step 0
         super()._restart()
         self.local_step, self._anchor.taken, self._anchor.local_params = 0, False, None
 
