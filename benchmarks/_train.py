@@ -223,13 +223,10 @@ def describe_run(r: dict) -> str:
 
 
 def load_runs(path: Path, key: Callable[[dict], tuple]) -> dict:
-    """The runs a study appended to ``path`` (JSON lines; none yet: empty), by ``key``."""
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            done[key(r)] = r
-    return done
+    """The runs a study appended to ``path`` (JSON lines, blank ones skipped; no file yet: none), by ``key``."""
+    if not path.exists():
+        return {}
+    return {key(r): r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
 
 
 def save_study(out: Path, summary: dict, table: Callable[[dict, str], str]) -> str:

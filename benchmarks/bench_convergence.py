@@ -129,16 +129,6 @@ def _cells(tasks):
                         yield dict(task=task, inner=inner, split=split, method=m, density=dens)
 
 
-def _load(path: Path) -> dict:
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[_key(r)] = r
-    return done
-
-
 def _run_many(jobs, done, path, procs):
     from _train import run_jobs
 
@@ -418,7 +408,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "runs.jsonl"
-    done = _load(path)
+    from _train import load_runs
+
+    done = load_runs(path, _key)
     if args.equal_bytes:
         print(equal_bytes(done, path, args.procs))
         return 0

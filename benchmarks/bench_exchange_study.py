@@ -100,12 +100,6 @@ def _cells():
                         yield dict(workers=n, split=split, method=m, exchange=ex, density=density)
 
 
-def _load(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    return {_key(r): r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
-
-
 def _run_many(jobs, done, path, procs):
     from _train import run_jobs
 
@@ -173,7 +167,9 @@ def main() -> int:
     args = ap.parse_args()
     path = OUT / "runs.jsonl"
     OUT.mkdir(parents=True, exist_ok=True)
-    done = _load(path)
+    from _train import load_runs
+
+    done = load_runs(path, _key)
     if not args.report:
         _run_many([{**c, "lr": lr, "seed": 0} for c in _cells() for lr in LRS], done, path, args.procs)
         best = [{**c, "lr": _best_lr(done, c), "seed": s} for c in _cells() for s in SEEDS[1:]]

@@ -205,9 +205,7 @@ def quantize(values: Tensor, groups: tuple[tuple[int, int], ...] | None) -> tupl
 
 
 def dequantize(q: Tensor, steps: Tensor, groups: tuple[tuple[int, int], ...] | None, k: int) -> Tensor:
-    counts = [c for _, c in groups] if groups else [k]
-    per_entry = torch.repeat_interleave(steps, torch.tensor(counts, device=q.device), dim=1)
-    return q.to(torch.float32) * per_entry
+    return q.to(torch.float32) * steps[:, _group_ids(groups, k, q.device)[0]]
 
 
 #: the wire dtype of 2-bit values (``wire_dtype=torch.int2``; a torch without the dtype has no 2-bit wire)

@@ -137,7 +137,7 @@ class CompressionState(FrontEnd):
         self.error_norm_sq = None
         self._acc = _new_counters()
         self._last = _new_counters()
-        self._lock = threading.Lock()  # the counters and flags, read by other threads (a logger's)
+        self._lock = threading.Lock()  # the flags: the hook writes them on autograd's device thread on a GPU
         self.metrics = CommMetrics()  # cumulative and last-iteration counters, the names every front end uses
         self._warm = 0  # bytes of this warm-up iteration's all-reduces so far
         self._options: dict[tuple, RoundOptions] = {}  # the rounds' options by bucket dtype and policy, made once
