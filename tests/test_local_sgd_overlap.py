@@ -184,6 +184,46 @@ def test_two_ranks_equal_simulate_local_with_overlap_and_resume_mid_round(tmp_pa
         assert torch.equal(*r["resumed"])
 
 
+def _misuse(rank, world):
+    """A NaN gradient on rank 1 only, with a round in flight: every rank raises at the next synchronisation, at the
+    same step, and the run goes on with equal replicas; then rank 1 configured without overlap: every rank raises."""
+    a, b = _problem(world)
+    ps = _params()
+    opt = _build(ps, FEEDBACKS["ef21"], world)
+    raised = []
+    for t in range(4 * H):
+        opt.zero_grad()
+        _set_grads(ps, a[rank], b[rank])
+        if rank == 1 and t == H + 1:
+            ps[0].grad[0, 0] = float("nan")
+        try:
+            opt.step()
+        except ValueError as exc:
+            raised.append((t, type(exc).__name__))
+    opt.flush()
+    out = {"raised": raised, "x": _flat(ps)}
+    ps = _params()
+    other = tk.LocalSGD(ps, torch.optim.SGD, **INNER.keywords, feedback=FEEDBACKS["ef21"](world), sync_every=H,
+                        outer_optimizer=NESTEROV, overlap=rank == 0)  # fmt: skip
+    opt.zero_grad()
+    _set_grads(ps, a[rank], b[rank])
+    try:
+        other.step()
+        out["misconfigured"] = "stepped"
+    except ValueError as exc:
+        out["misconfigured"] = str(exc)
+    return out
+
+
+@pytest.mark.dist
+def test_a_nan_on_one_rank_and_a_rank_without_overlap_raise_on_every_rank():
+    results = run_dist(_misuse, WORLD)
+    assert results[0]["raised"] == results[1]["raised"] == [(2 * H - 1, "NonFiniteGradientError")]
+    assert torch.isfinite(results[0]["x"]).all() and torch.equal(results[0]["x"], results[1]["x"])
+    for r in results:
+        assert "overlap" in r["misconfigured"], r["misconfigured"]
+
+
 FAULT_STEP = 5  # the round of the synchronisation at step 3 is in flight
 
 
