@@ -39,6 +39,7 @@ LAYER = {
     "state": 3,  # the round state every front end keeps (blocks), its checkpoint format and envelope checks
     "registry": 4,  # the one registry of methods: name -> spec
     "comm": 4,  # the round, the exchangers, the non-finite protocol
+    "node": 6,  # node-aware compression: shards of a node's mean, the dense collectives inside the node
     "coupling": 5,  # which method with which optimizer: advice and recommended configurations
     "frontend": 5,  # the front-end contract: checkpoint envelope, DCP Stateful, agreement between ranks
     "_wrapped": 6,  # what the optimizer front ends share (work records, flat buffers, the state_dict load)

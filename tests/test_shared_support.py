@@ -15,7 +15,11 @@ from torchkit.comm import DistExchanger, LocalExchanger, RoundOptions, run_round
 from torchkit.sim import simulate, simulate_local
 
 D, STEPS, LR = 23, 6, 0.2
-COMPRESSORS = {"cyclic": lambda: tk.CyclicTopK(4), "shared_randk": lambda: tk.RandK(4, seed=3, shared=True)}
+COMPRESSORS = {
+    "cyclic": lambda: tk.CyclicTopK(4),
+    "shared_randk": lambda: tk.RandK(4, seed=3, shared=True),
+    "auto": lambda: tk.TopK(4, exchange="auto"),  # 2 ranks: the all-gather pays; 4 and 8: the shared support
+}
 
 
 def _feedbacks(n):
@@ -102,6 +106,40 @@ def test_the_compression_rule_counts_one_all_reduce_not_n_messages():
             _, msg = run_round(fb, LocalExchanger(n), state, None, grad, 1,
                                options=RoundOptions(min_compression_rate=2.0))  # fmt: skip
             assert isinstance(msg, tk.compress.SparseMessage) == compressed, (n, comp)
+
+
+@pytest.mark.parametrize(
+    ("n", "ratio", "wire", "chosen"),
+    [
+        (8, 0.01, torch.float32, "all-gather"),  # 8 x 10 x 8 B against 4000 B dense
+        (64, 0.01, torch.float32, "shared support"),  # 64 x 80 B do not pay, 10 x 8 B do
+        (8, 0.1, torch.float32, "shared support"),
+        (8, 0.1, torch.int8, "dense"),  # integer values carry each worker's own scale: no shared support
+        (8, 0.6, torch.float32, "dense"),  # 600 x 8 B > 4000 B
+    ],
+)
+def test_the_automatic_exchange_picks_by_the_byte_model(n, ratio, wire, chosen, caplog):
+    fb = tk.EF21(tk.TopK(ratio=ratio, exchange="auto"))
+    with caplog.at_level("INFO", logger="torchkit.comm"):
+        use = tk.comm.plan_exchange(fb, (1000,), 1, n, wire, torch.float32, 0.0, where=("0.0", "0.1"))
+    kind = use.compressor
+    got = "dense" if isinstance(kind, tk.Identity) else "shared support" if kind.shared_support else "all-gather"
+    assert got == chosen
+    assert f": {chosen}; bytes per rank: dense 4000" in caplog.text and "0.0, 0.1" in caplog.text
+    if chosen == "shared support":
+        assert kind.k_for(1000) == tk.TopK(ratio=ratio).k_for(1000)  # the same k on the leader's support
+    fixed = tk.EF21(tk.TopK(ratio=ratio))  # without auto and without min_compression_rate: always the all-gather
+    assert tk.comm.plan_exchange(fixed, (1000,), 1, n, wire, torch.float32, 0.0) is fixed
+
+
+def test_the_automatic_exchange_equals_the_chosen_compressor_in_the_simulator():
+    a, b = _problem(8)
+    x0 = torch.zeros(D, dtype=torch.float64)
+    for name, make in factories(lambda: tk.TopK(4, exchange="auto"), n_workers=8).items():
+        auto = simulate(make(), lambda x: a * (x - b), x0, n_workers=8, steps=STEPS, lr=LR).x
+        cyclic = factories(lambda: tk.CyclicTopK(4), n_workers=8)[name]()
+        want = simulate(cyclic, lambda x: a * (x - b), x0, n_workers=8, steps=STEPS, lr=LR).x
+        assert torch.equal(auto, want), name
 
 
 # --------------------------------------------------------------------------------------- every front end

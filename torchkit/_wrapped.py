@@ -168,13 +168,18 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         """Who agrees on a step's flags (non-finite input, hyper-parameters): the exchange group, or for a sharded
         model every rank, since FSDP's reduce-scatter carries one rank's NaN into one shard, which one replicate group
         alone would see."""
-        if shard_count([p for g in self.param_groups for p in g["params"]]) == 1:
+        if shard_count([p for g in self.param_groups for p in g["params"]]) == 1 and self._split() is None:
             return self._exchanger
         if self.__dict__.get("_world") is None:  # the default group
             from .comm import DistExchanger
 
             self.__dict__["_world"] = DistExchanger(None)
         return self.__dict__["_world"]
+
+    def _split(self):
+        """The :class:`torchkit.node.NodeShards` of a node-aware layout (every rank holds the full model, each
+        compresses one shard of its node's mean gradient), else None."""
+        return None
 
     def _everyone(self):
         """For :func:`torchkit.frontend.agree`: the exchanger beyond the exchange group that must hear of a
@@ -195,7 +200,7 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         saved, mine = sd.get("mesh"), self._mesh()
         if saved == mine:
             return []
-        describe = lambda m: f"{m['replicas']} replicas x {m['shards']} shards" if m else "unsharded"  # noqa: E731
+        describe = lambda m: " x ".join(f"{v} {k}" for k, v in m.items()) if m else "unsharded"  # noqa: E731
         return [f"saved {describe(saved)}, this run is {describe(mine)} (sharded feedback state cannot be re-sharded)"]
 
     def _kept_restored_state(self) -> None:
@@ -211,11 +216,15 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         return state_dict
 
     def _feedback_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]]:
-        return {n: (s, self.feedback.state_dtype(w.dtype), w.device) for w in self._works() for n, s in w.sized()}
+        return {n: (s, self.feedback.state_dtype(w.dtype), w.device) for w in self._round_works() for n, s in w.sized()}
 
     def _placed(self) -> None:
-        for w in self._works():  # place the loaded state now, so that it can be inspected before the next step
+        for w in self._round_works():  # place the loaded state now, so that it can be inspected before the next step
             self._block(w)
+
+    def _round_works(self) -> list[Work]:
+        """The work items as the rounds see them: :meth:`_works`, or this rank's shard of each (node-aware)."""
+        return self._works()
 
     def _block(self, w: Work):
         """The round's block of work item ``w``."""

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import ops
 from .compress import (
     INT2,
+    CyclicTopK,
     DenseMessage,
     Identity,
     Message,
@@ -53,6 +54,7 @@ __all__ = [
     "root_error",
     "check_wire",
     "received_bytes",
+    "plan_exchange",
 ]
 
 log = logging.getLogger(__name__)
@@ -505,19 +507,67 @@ def _loose_block(feedback, state, server, d, segments) -> Block:
 
 
 def _method_for_round(feedback, block, step, n, grad, options) -> Feedback:
-    """The feedback method itself, or it with the Identity compressor when compressing would not pay; decided once
-    per block, wire and group size (the byte count depends on nothing else)."""
-    if feedback.sends_in_round(step) != "compressed" or options.min_compression_rate <= 0:
+    """The feedback method as this round runs it (:func:`plan_exchange`), decided once per block, wire and group
+    size (the byte counts depend on nothing else)."""
+    auto = getattr(feedback.compressor, "exchange", "gather") == "auto" and n > 1
+    if feedback.sends_in_round(step) != "compressed" or (options.min_compression_rate <= 0 and not auto):
         return feedback
     wire = options.wire_dtype or grad.dtype
     key = (id(feedback), wire, grad.dtype, n, options.min_compression_rate)
     use = block.plans.get(key)
     if use is None:
-        dense = grad.shape[-1] * grad.element_size()
-        gathered = 1 if feedback.compressor.shared_support else n  # all_reduce of k values, like the dense one
-        pays = dense >= options.min_compression_rate * gathered * feedback.wire_bytes(block.segments, step, wire)
-        use = block.plans[key] = feedback if pays else feedback.with_compressor(Identity())
+        use = block.plans[key] = plan_exchange(
+            feedback, block.segments, step, n, wire, grad.dtype, options.min_compression_rate, where=block.names
+        )
     return use
+
+
+def plan_exchange(
+    feedback: Feedback,
+    segments: Sequence[int],
+    step: int,
+    n: int,
+    wire: torch.dtype,
+    dtype: torch.dtype,
+    rate: float,
+    *,
+    where: Sequence = (),
+) -> Feedback:
+    """Which exchange a block's round uses among ``n`` workers: the byte model of what each rank handles, the dense
+    all-reduce's ``d`` values against the compressed round's ``n`` messages (all-gathered) or one message (a shared
+    support, summed by ``all_reduce``). A compressed exchange is used while the dense payload is at least ``rate``
+    times its own (``min_compression_rate``; its decode work grows with its bytes, n messages against one); the
+    method runs with the Identity compressor (an exact all-reduce) otherwise.
+
+    With ``TopK(exchange="auto")`` (``rate`` at least 1) a block whose all-gather does not pay takes the same k on a
+    shared support (:class:`~torchkit.compress.CyclicTopK`) if that pays, which it does up to a density of about
+    ``1 / (1 + index bytes / value bytes)`` whatever ``n``; float wires only (integer values carry each worker's own
+    scale). The choice is logged at INFO once per block, group size and wire."""
+    comp = feedback.compressor
+    auto = getattr(comp, "exchange", "gather") == "auto" and n > 1
+    rate = max(rate, 1.0) if auto else rate
+    dense = sum(segments) * dtype.itemsize
+    gathered = 1 if comp.shared_support else n  # all_reduce of k values, like the dense one
+    cost = {"all-gather" if gathered > 1 else "shared support": gathered * feedback.wire_bytes(segments, step, wire)}
+    use = feedback if dense >= rate * next(iter(cost.values())) else None
+    if use is None and auto and wire.is_floating_point:
+        shared = feedback.with_compressor(CyclicTopK(comp.k, ratio=comp.ratio))
+        cost["shared support"] = shared.wire_bytes(segments, step, wire)
+        use = shared if dense >= rate * cost["shared support"] else None
+    use = use or feedback.with_compressor(Identity())
+    if auto or use.compressor is not comp:
+        kind = use.compressor
+        chosen = "dense" if isinstance(kind, Identity) else "shared support" if kind.shared_support else "all-gather"
+        log.info(
+            "round plan for %s (%d entries, %d ranks, %s wire): %s; bytes per rank: dense %d, %s", _where(where),
+            sum(segments), n, wire, chosen, dense, ", ".join(f"{k} {v}" for k, v in cost.items()),
+        )  # fmt: skip
+    return use
+
+
+def _where(names: Sequence) -> str:
+    names = list(names)
+    return ", ".join(map(str, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, dense_bytes):

@@ -512,12 +512,28 @@ class TopK(_Sparsifier):
         chunk: keep ``ceil(ratio * len)`` entries in every chunk of ``chunk`` consecutive entries (at most 65536),
             and send their indices as 16-bit offsets within the chunk (SparseLoCo's layout). Still contractive:
             ``alpha`` is the smallest chunk's ``k_c / len_c``, at least ``ratio``.
+        exchange: ``"gather"`` (default): each worker's own support, all-gathered. ``"auto"``: chosen per block
+            (bucket, parameter group) and group size by the round's byte model (:func:`torchkit.comm.plan_exchange`):
+            the all-gather while it pays against a dense all-reduce, else the same k on a shared support
+            (:class:`CyclicTopK`, summed by ``all_reduce``: bytes per rank that do not grow with the ranks) while
+            that pays, else dense. A shared support can cost quality on skewed data (README, "Many ranks").
     """
 
+    exchange = "gather"  # (a TopK pickled before the option existed)
+
     def __init__(
-        self, k: int | None = None, *, ratio: float | None = None, approx: bool = False, chunk: int | None = None
+        self,
+        k: int | None = None,
+        *,
+        ratio: float | None = None,
+        approx: bool = False,
+        chunk: int | None = None,
+        exchange: str = "gather",
     ):
         super().__init__(k, ratio)
+        if exchange not in ("gather", "auto"):
+            raise ValueError(f"exchange must be 'gather' or 'auto', got {exchange!r}")
+        self.exchange = exchange
         if not isinstance(approx, bool):
             raise TypeError(f"approx must be a bool, got {type(approx).__name__} {approx!r}")
         if chunk is not None:
@@ -553,7 +569,12 @@ class TopK(_Sparsifier):
         return chunk_wire_bytes(self, [d], value_dtype)
 
     def config(self) -> dict:
-        return {**super().config(), "approx": self.approx, **({"chunk": self.chunk} if self.chunk else {})}
+        return {
+            **super().config(),
+            "approx": self.approx,
+            **({"chunk": self.chunk} if self.chunk else {}),
+            **({"exchange": self.exchange} if self.exchange != "gather" else {}),
+        }
 
     def compress(self, x: Tensor, *, worker: int = 0, step: int = 0) -> SparseMessage:
         x2 = _input_rows(x)
@@ -579,6 +600,7 @@ class TopK(_Sparsifier):
 
     def __repr__(self) -> str:
         extra = (", approx=True" if self.approx else "") + (f", chunk={self.chunk}" if self.chunk else "")
+        extra += ", exchange='auto'" if self.exchange != "gather" else ""
         return f"TopK({self._arg()}{extra})"
 
 

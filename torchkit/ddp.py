@@ -27,6 +27,8 @@ from .comm import (
     NonFinite,
     NonFiniteGradientError,
     RoundOptions,
+    RoundResult,
+    _InCaller,
     agree_max,
     check_wire,
     nonfinite_flag,
@@ -36,6 +38,7 @@ from .comm import (
 from .feedback import Feedback
 from .frontend import RESUME_HINTS, FrontEnd, agree, live_instances
 from .metrics import CommMetrics
+from .node import agree_on_nodes, node_shards
 from .process_group import destroy_at_exit
 from .state import RoundState, check_envelope, normalize_name
 
@@ -78,6 +81,10 @@ class CompressionState(FrontEnd):
             NaN everywhere. ``"skip"`` and ``"sanitize"`` need an enabled ``grad_scaler``: only GradScaler stops the
             optimizer from applying the NaN estimate.
         track_error: also accumulate :attr:`error_norm_sq` (one extra pass over the state per bucket).
+        node_group: node-aware compression (:mod:`torchkit.node`): the group of this rank's node, with
+            ``process_group`` its peers on the other nodes (:func:`torchkit.node.node_groups` builds both under
+            ``torchrun``; the DDP model itself spans every rank). Each bucket is reduce-scattered inside the node,
+            each rank runs the round on its ``1/L`` shard between nodes, and the node all-gathers the estimate.
 
     Counters, for the last completed iteration on this rank: :attr:`bytes_sent`, :attr:`dense_bytes`
     (what plain DDP would have reduced for the same buckets), :attr:`dense_bytes_avoided` and, with
@@ -95,12 +102,12 @@ class CompressionState(FrontEnd):
         # progress: iteration counter, and the iteration that is the method's step 0
         "iter", "fb_origin",
         # feedback state (flat blocks per bucket, keyed by parameter name), the bound model, the exchanger
-        "round", "_keys", "_names", "_model", "_exchanger", "_agreed", "_queue", "_flags",
+        "round", "_keys", "_names", "_model", "_exchanger", "_agreed", "_queue", "_flags", "_node", "_world",
         # counters of the last completed iteration, and the running ones
         "bytes_sent", "dense_bytes", "error_norm_sq", "_acc", "_last", "_lock", "metrics", "_warm", "_options",
     )  # fmt: skip
     _TRANSIENT = ("process_group", "grad_scaler", "round", "_keys", "_model", "_exchanger", "_agreed", "_lock", "_acc",
-                  "_queue", "_flags", "metrics", "_warm", "_options")  # fmt: skip
+                  "_queue", "_flags", "metrics", "_warm", "_options", "_node", "_world")  # fmt: skip
 
     def __init__(
         self,
@@ -113,8 +120,11 @@ class CompressionState(FrontEnd):
         grad_scaler: torch.amp.GradScaler | None = None,
         nonfinite: NonFinite | None = None,
         track_error: bool = False,
+        node_group: dist.ProcessGroup | None = None,
     ):
         nonfinite = _checked_options(feedback, start_iter, min_compression_rate, wire_dtype, grad_scaler, nonfinite)
+        self._node = node_shards(node_group, process_group)
+        self._world = None
         self.feedback = feedback
         self.process_group = process_group
         self.start_iter = start_iter
@@ -200,6 +210,15 @@ class CompressionState(FrontEnd):
             self._exchanger = DistExchanger(self.process_group)
         return self._exchanger
 
+    def _everyone(self) -> DistExchanger:
+        """Every rank that holds the model: the exchange group, or node-aware the whole world (a flag or a warm-up
+        all-reduce must reach every node's every rank)."""
+        if self._node is None:
+            return self._exchange()
+        if self._world is None:
+            self._world = DistExchanger(None)
+        return self._world
+
     # ----------------------------------------------------------------------------------- checkpoint
     # the envelope, its checks and the load are the front-end contract's (torchkit.frontend); this front end adds
     # its iteration counter and the iteration that is the method's step 0
@@ -252,8 +271,8 @@ class CompressionState(FrontEnd):
 
     def _feedback_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]] | None:
         module = self._bound()
-        if module is None:
-            return None  # registered by hand: the names are known once the buckets run
+        if module is None or self._node is not None:
+            return None  # registered by hand, or node-aware (pieces of the buckets): known once the buckets run
         return {
             normalize_name(n): (p.numel(), self.feedback.state_dtype(p.dtype), p.device)
             for n, p in module.named_parameters()
@@ -279,6 +298,11 @@ class CompressionState(FrontEnd):
         self.iter, self.fb_origin = checked
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._node is not None:
+            raise TypeError(
+                "a node-aware CompressionState (node_group=...) cannot be pickled: its process groups do not pickle; "
+                "checkpoint it with state_dict() or DCP"
+            )
         out = {s: getattr(self, s) for s in self.__slots__ if s not in self._TRANSIENT}
         out["round_state"] = self.round.state_dict()
         return out
@@ -287,6 +311,7 @@ class CompressionState(FrontEnd):
         for s in self.__slots__:
             setattr(self, s, state.get(s))
         self.process_group, self.grad_scaler, self._model, self._exchanger, self._agreed = None, None, None, None, False
+        self._node = self._world = None
         self._keys, self._acc, self._lock, self._queue, self._flags = {}, _new_counters(), threading.Lock(), [], []
         self.metrics, self._warm, self._options = CommMetrics(), 0, {}
         self.round = RoundState(self.feedback)
@@ -338,10 +363,14 @@ def _agree(state: CompressionState, keys=None, sizes=None) -> None:
         "nonfinite": state.nonfinite,
         "grad_scaler": state.grad_scaler is not None,
         "parameters": [list(map(str, keys)), list(sizes)],
-        "feedback": {"iter": state.iter, "fb_origin": state.fb_origin, **state.round.shared()},
     }
-    agree(mine, group=state.process_group, world_size=state.world_size, rank=state.rank,
-          what="model and CompressionState", hints=RESUME_HINTS)  # fmt: skip
+    shared = {"feedback": {"iter": state.iter, "fb_origin": state.fb_origin, **state.round.shared()}}
+    what = "model and CompressionState"
+    if state._node is not None:
+        agree_on_nodes(mine, shared, between=state.process_group, node=state._node, what=what, hints=RESUME_HINTS)
+    else:
+        agree({**mine, **shared}, group=state.process_group, world_size=state.world_size, rank=state.rank, what=what,
+              hints=RESUME_HINTS)  # fmt: skip
     state._agreed = True
 
 
@@ -387,7 +416,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     last = bucket.is_last()
     if state.iter < state.start_iter:
         job = _Job(buf)
-        job.run = _allreduce_mean(state._exchange(), buf).wait
+        job.run = _allreduce_mean(state._everyone(), buf).wait
         state._queue.append(job)
         _account_warm_up(state, buf.numel() * buf.element_size(), last)
     else:
@@ -420,16 +449,14 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Jo
     sizes = [p.numel() for p in params]
     if sum(sizes) != buf.numel():
         raise RuntimeError(f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {buf.numel()}")
-    exchanger = state._exchange()
-    n = exchanger.n_workers
-    blk = state.round.block(
-        bucket.index(),
-        keys,
-        sizes,
-        dtype=fb.state_dtype(buf.dtype),
-        device=buf.device,
-        with_server=fb.server_state and n > 1,
-    )
+    n = state._exchange().n_workers
+    names, lengths = (keys, sizes) if state._node is None else state._node.pieces(keys, sizes)  # this rank's pieces
+    blk = None
+    if names:  # (a node-aware rank's shard of a bucket of tensors smaller than its node is empty)
+        blk = state.round.block(
+            bucket.index(), names, lengths, dtype=fb.state_dtype(buf.dtype), device=buf.device,
+            with_server=fb.server_state and n > 1,
+        )  # fmt: skip
     scale = _scale_of(state.grad_scaler)
     if scale is not None:  # the method sees the unscaled gradient; exact for GradScaler's powers of two
         buf.mul_(scale.double().reciprocal().float().to(buf.device))
@@ -441,6 +468,10 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Jo
         acc["closed"] = True
         state._acc = _new_counters()
     job = _Job(buf, blk, scale, acc)
+    if state._node is not None:  # the node's mean on this rank's shard, dense inside the node
+        job.sizes = sizes
+        job.shard = state._node.scatter_mean(buf, sizes)
+        acc["node"] += state._node.sent_bytes(sizes, buf.element_size())
     state._queue.append(job)
     if state.nonfinite != "skip":
         job.run = _start(state, job, "flag" if state.nonfinite == "raise" else state.nonfinite).wait
@@ -452,7 +483,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Jo
     job.bad = nonfinite_flag(buf)
     if last:
         queue = state._queue
-        skipped = bool(exchanger.any_true(torch.stack([j.bad for j in queue]).any()).wait())
+        skipped = bool(state._everyone().any_true(torch.stack([j.bad for j in queue]).any()).wait())
         for j in queue:
             j.run = functools.partial(_skipped, state, j) if skipped else _start(state, j, None).wait
         if not skipped:
@@ -464,12 +495,14 @@ class _Job:
     """One bucket of an iteration: its buffer, block, loss scale and counters, the future DDP waits for
     (``pending``), what finishes the bucket's round and returns its estimate (``run``), and a held bucket's flag."""
 
-    __slots__ = ("buf", "blk", "scale", "acc", "pending", "run", "bad")
+    __slots__ = ("buf", "blk", "scale", "acc", "pending", "run", "bad", "shard", "sizes")
 
     def __init__(self, buf, blk=None, scale=None, acc=None):
         self.buf, self.blk, self.scale, self.acc = buf, blk, scale, acc
         self.pending = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
         self.run = self.bad = None
+        self.shard = buf  # what the round runs on: the bucket, or node-aware this rank's shard of the node's mean
+        self.sizes = None  # node-aware: the bucket's tensors' sizes
 
 
 def _finish_iteration(state: CompressionState) -> None:
@@ -505,14 +538,27 @@ def _start(state: CompressionState, job: _Job, nonfinite):
 
     def done(fut):
         res = fut.value()
+        flag = res.nonfinite
+        if state._node is not None:  # the node gathers its shards' estimates, and their flags with them
+            flag = state._node.gather_into(job.shard, buf, job.sizes, _flag_of(res) if nonfinite else None)
         if job.scale is not None:
             buf.mul_(job.scale.to(buf.device))  # GradScaler unscales the estimate as it would the gradient
-        if nonfinite == "flag" and res.nonfinite is not None:
-            _keep_flag(state, res.nonfinite)
+        if nonfinite == "flag" and flag is not None:
+            _keep_flag(state, flag)
         _account(state, job.acc, res)
         return buf
 
-    return start_round(state.feedback, state._exchange(), job.blk, buf, state.round.step, options).then(done)
+    if job.blk is None:  # an empty shard: nothing to send between nodes, the node's gather still runs
+        fut = _InCaller(lambda: RoundResult(job.shard, None, 0, 0, skipped=True))
+    else:
+        fut = start_round(state.feedback, state._exchange(), job.blk, job.shard, state.round.step, options)
+    if state._node is not None:  # every rank of the node gathers at the finish, bucket by bucket (one order)
+        fut = _InCaller(fut.wait)
+    return fut.then(done)
+
+
+def _flag_of(res) -> Tensor | bool:
+    return res.nonfinite if res.nonfinite is not None else False
 
 
 def _keep_flag(state: CompressionState, flag: Tensor) -> None:
@@ -560,7 +606,8 @@ def _scale_of(scaler: torch.amp.GradScaler | None) -> Tensor | None:
 
 
 def _new_counters() -> dict[str, Any]:
-    return {"sent": 0, "dense": 0, "avoided": 0, "err": None, "calls": 0, "done": 0, "closed": False, "results": []}
+    return {"sent": 0, "dense": 0, "avoided": 0, "err": None, "calls": 0, "done": 0, "closed": False, "results": [],
+            "node": 0}  # fmt: skip
 
 
 def _account_warm_up(state: CompressionState, nbytes: int, last: bool) -> None:
@@ -596,6 +643,8 @@ def _account(state: CompressionState, acc: dict[str, Any], res) -> None:
             state.metrics.steps += 1
             if acc["results"]:
                 state.metrics.record_round(acc["results"])
+                if acc["node"]:
+                    state.metrics.record_node(acc["node"])
             else:  # nonfinite="skip": no bucket's round ran, on any rank
                 state.metrics.skipped_steps += 1
                 state.metrics.skipped_rounds += 1

@@ -38,6 +38,9 @@ class CommMetrics:
         last_bytes_sent, last_dense_bytes: the same for the last step that ran a round.
         numel, last_numel: gradient (or pseudo-gradient) entries the rounds exchanged: :attr:`bits_per_parameter`
             is ``8 * bytes_sent / numel``, the bits per parameter per round (per sync, for LocalSGD).
+        node_bytes, last_node_bytes: node-aware compression (``node_group=``): the dense bytes this rank sent
+            inside its node (reduce-scatter and all-gather, ring); ``bytes_sent`` then counts what crossed the
+            node boundary, for this rank's shard (whose entries ``numel`` counts).
     """
 
     steps: int = 0
@@ -51,6 +54,8 @@ class CommMetrics:
     last_dense_bytes: int = 0
     numel: int = 0
     last_numel: int = 0
+    node_bytes: int = 0
+    last_node_bytes: int = 0
 
     @property
     def compression(self) -> float:
@@ -81,6 +86,11 @@ class CommMetrics:
         self.last_bytes_sent, self.last_dense_bytes = sent, dense
         self.last_numel = sum(r.estimate.shape[-1] for r in results)
         self.numel += self.last_numel
+
+    def record_node(self, nbytes: int) -> None:
+        """Count the dense bytes one step sent inside the node (node-aware compression)."""
+        self.node_bytes += nbytes
+        self.last_node_bytes = nbytes
 
     def as_dict(self, prefix: str = "torchkit/") -> dict[str, float]:
         """Every counter and the ratios as floats, keyed ``<prefix><name>`` (for ``log_dict`` and loggers)."""

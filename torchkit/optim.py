@@ -9,6 +9,7 @@ single-worker version of the method.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -30,12 +31,23 @@ from ._wrapped import (
     local_of,
     options_digest,
     parameters_fingerprint,
+    shard_count,
 )
-from .comm import RoundOptions, agree_max, check_wire, nonfinite_flag, settle_nonfinite, start_round
+from .comm import (
+    RoundOptions,
+    RoundResult,
+    _done,
+    agree_max,
+    check_wire,
+    nonfinite_flag,
+    settle_nonfinite,
+    start_round,
+)
 from .coupling import warn_coupling
 from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree, live_instances, make_exchanger
 from .metrics import CommMetrics
+from .node import agree_on_nodes, node_shards
 from .state import RoundState, split_flat
 
 __all__ = ["CompressedOptimizer"]
@@ -64,6 +76,12 @@ class CompressedOptimizer(WrappedOptimizer):
             ``torch.amp.GradScaler`` the step is always skipped, as GradScaler does.
         grad_scaler: the ``torch.amp.GradScaler`` of a multi-rank run, so that every rank records the same
             ``found_inf`` and the ranks' loss scales stay equal.
+        node_group: node-aware compression (dense inside a node, compressed between nodes): the group of this
+            rank's node, with ``process_group`` the group of its peers on the other nodes
+            (:func:`torchkit.node.node_groups` builds both from ``torchrun``). The node's ranks reduce-scatter each
+            gradient, each runs the round on its ``1/L`` shard of the node's mean between nodes, and they all-gather
+            the estimate: each rank sends ``d/L x density`` between nodes and holds ``1/L`` of the feedback state
+            (:mod:`torchkit.node`).
         wire_dtype: what the sent values travel as (``torch.bfloat16``, ``torch.int8`` with one scale per chunk,
             ``torch.int2`` with two magnitudes per chunk, ...; ``None``: the state dtype). What rounding removes
             stays in the feedback state. With ``TopK(ratio=..., chunk=65536)`` the indices travel as 16-bit offsets
@@ -101,9 +119,11 @@ class CompressedOptimizer(WrappedOptimizer):
         nonfinite: Literal["raise", "skip"] = "raise",
         grad_scaler: torch.amp.GradScaler | None = None,
         wire_dtype: torch.dtype | None = None,
+        node_group: dist.ProcessGroup | None = None,
         **defaults: Any,
     ):
         check_common_args("CompressedOptimizer", feedback, optimizer_class, nonfinite, grad_scaler)
+        node = node_shards(node_group, process_group)
         warn_coupling(feedback, optimizer_class, defaults)  # known-bad pairs warn once, naming the fix
         self._wrap(optimizer_class, params, defaults)  # the inner optimizer owns param_groups, state, defaults
         self._options = RoundOptions(wire_dtype=wire_dtype)  # finiteness is checked (and agreed) before the round
@@ -116,6 +136,7 @@ class CompressedOptimizer(WrappedOptimizer):
         self.metrics = CommMetrics()
         self.round = RoundState(feedback)
         self._exchanger = make_exchanger(process_group)
+        self._node = node
         self._agreed = False
         self._warned: set[str] = set()
 
@@ -155,13 +176,37 @@ class CompressedOptimizer(WrappedOptimizer):
             pick = [i for i, on in zip(w.ids, active) if on]
             futures.append(self._round(w, pick))
         self.metrics.record_round([fut.wait() for fut in futures])
+        if self._node is not None:
+            self.metrics.record_node(sum(self._node.sent_bytes(w.sizes, w.flat.element_size()) for w in works))
         self.round.step += 1
         self.inner.step()
         return loss
 
     def _works(self) -> list[Work]:
         """One work item per (parameter group, dtype, device): its parameters, checked."""
-        return collect_works(self.param_groups)
+        works = collect_works(self.param_groups)
+        if self._node is not None and works and shard_count([p for w in works for p in w.params]) > 1:
+            raise ValueError("node_group is for replicated parameters; a sharded (FSDP2) model is node-aware already")
+        return works
+
+    def _split(self):
+        return self._node
+
+    def _round_works(self) -> list[Work]:
+        works = self._works()
+        if self._node is None:
+            return works
+        return [self._shard(w) for w in works]
+
+    def _shard(self, w: Work, flat: Tensor | None = None) -> Work:
+        """Work item ``w`` as this rank's round sees it, node-aware: the pieces of its parameters in its shard."""
+        names, sizes = self._node.pieces(w.names, w.sizes)
+        return dataclasses.replace(w, names=names, sizes=sizes, flat=flat)
+
+    def _mesh(self) -> dict[str, int] | None:
+        if self._node is None:
+            return super()._mesh()
+        return {"nodes": self.world_size, "ranks per node": self._node.size}
 
     def _active_and_bad(self, works, grad_scale, found_inf) -> tuple[list[bool], bool]:
         """Which parameters have a gradient on some rank, and whether any rank's gradient is non-finite (one
@@ -209,21 +254,34 @@ class CompressedOptimizer(WrappedOptimizer):
         return buf
 
     def _round(self, w: Work, pick: list[int]):
-        blk = self._block(w)
         chosen = [i - w.first for i in pick]
-        if len(chosen) == len(w.params):
-            fut = start_round(self.feedback, self._exchanger, blk, w.flat, self.round.step, self._options)
-        else:  # some parameters have no gradient on any rank: run on the others, keep the rest as it is
-            fut = _partial_round(self, blk, w, chosen)
+        if self._node is None:
+            fut = self._start(w, chosen, len(w.params))
+        else:  # node-aware: the round runs on this rank's shard of the node's mean, then the node gathers it
+            shard = self._shard(w, self._node.scatter_mean(w.flat, w.sizes))
+            on = {w.names[i] for i in chosen}
+            fut = self._start(shard, [j for j, n in enumerate(shard.names) if n in on], len(shard.names))
+            fut = self._node.gathered(fut, shard.flat, w.flat, w.sizes)
         views = self._flat.get(w)[1]
         for i in chosen:
             w.params[i].grad = grad_like(w.params[i], views[i])  # the estimate, in the flat buffer, found in place
         return fut
 
+    def _start(self, w: Work, chosen: list[int], total: int):
+        """Start the round of ``w``'s flat vector over the parameters (or pieces) ``chosen`` of its ``total``."""
+        if total == 0:  # a node-aware rank whose shard is empty (a group smaller than the node)
+            return _done(RoundResult(w.flat, None, 0, 0, skipped=True))
+        blk = self._block(w)
+        if len(chosen) == total:
+            return start_round(self.feedback, self._exchanger, blk, w.flat, self.round.step, self._options)
+        return _partial_round(self, blk, w, chosen)  # some parameters have no gradient on any rank: the rest waits
+
     # --------------------------------------------------------------------------------------- multi-rank checks
     def _agree(self, works) -> None:
         """Every rank runs the same method with the same hyper-parameters over the same parameters, from the same
-        shared feedback state, or every rank raises naming the difference (and what to do)."""
+        shared feedback state, or every rank raises naming the difference (and what to do). Node-aware, the whole
+        world holds the same model and settings, and the ranks that hold the same shard on every node the same
+        shared state of it."""
         mine = {
             "method": self.feedback.config(),
             "optimizer": type(self.inner).__name__,
@@ -233,16 +291,26 @@ class CompressedOptimizer(WrappedOptimizer):
             "parameters": [parameters_fingerprint(w.params) for w in works],
             "feedback": self.round.shared(),
         }
-        agree(
-            mine,
-            group=self.process_group,
-            world_size=self.world_size,
-            rank=self.rank,
-            what="model and CompressedOptimizer",
-            hints=RESUME_HINTS,
-            everyone=self._everyone(),
-        )
+        what = "model and CompressedOptimizer"
+        if self._node is not None:
+            shared = {"feedback": mine.pop("feedback")}
+            agree_on_nodes(mine, shared, between=self.process_group, node=self._node, what=what, hints=RESUME_HINTS)
+        else:
+            agree(mine, group=self.process_group, world_size=self.world_size, rank=self.rank, what=what,
+                  hints=RESUME_HINTS, everyone=self._everyone())  # fmt: skip
         self._agreed = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.__dict__.get("_node") is not None:
+            raise TypeError(
+                "a node-aware CompressedOptimizer (node_group=...) cannot be pickled: its process groups do not "
+                "pickle; checkpoint it with state_dict() or DCP"
+            )
+        return super().__getstate__()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_node", None)  # pickled before node-aware compression existed
 
     def _share_found_inf(self, bad: bool) -> None:
         """GradScaler records found_inf per rank; make every rank record the agreed one."""

@@ -15,6 +15,7 @@ from torch import Tensor
 from .._validation import check_int
 from ..comm import LocalExchanger, RoundOptions, run_round
 from ..feedback import Feedback
+from ..node import node_means, shard_index, shard_pieces
 from .libsvm import load_libsvm
 from .problems import LogisticRegression, contiguous_split, make_classification
 
@@ -59,6 +60,7 @@ def simulate(
     segments: Sequence[int] | None = None,
     stop_below: float | None = None,
     wire_dtype: torch.dtype | None = None,
+    local_size: int = 1,
 ) -> SimResult:
     """Run ``steps`` rounds of ``feedback`` with plain gradient descent on the server.
 
@@ -67,17 +69,27 @@ def simulate(
     for ``granularity="tensor"``. ``stop_below`` ends the run once ``||grad f||^2`` falls below it (the
     result then holds fewer values). ``wire_dtype`` rounds the sent values as a front end's wire would (the
     rounding stays in the feedback state). Works in float64 and float32 (the dtype of ``x0``).
+
+    ``local_size=L`` simulates node-aware compression (:mod:`torchkit.node`): the workers are ``n_workers / L``
+    nodes of ``L`` (rows in node order), each node's gradients are averaged, and the method runs between the nodes
+    on each of the ``L`` shards of x (shard l: the l-th of ``L`` pieces of every tensor of ``segments``), with its
+    own state per shard; ``bits`` and ``wire_bytes`` are then per rank (the shards' mean), what each rank sends
+    between nodes.
     """
     check_int("n_workers", n_workers)
     check_int("steps", steps, low=0)
+    check_int("local_size", local_size)
+    if n_workers % local_size:
+        raise ValueError(f"local_size must divide n_workers = {n_workers}, got {local_size}")
     _check_x0(x0)
     lr_at = lr if callable(lr) else (lambda t, _lr=float(lr): _lr)
     x = x0.clone()
     d = x.numel()
-    segs = feedback.segments_for(segments if segments is not None else (d,))
-    state = feedback.init_state(d, rows=n_workers, dtype=x.dtype, device=x.device)
-    server = torch.zeros(d, dtype=feedback.state_dtype(x.dtype), device=x.device)
-    exchanger = LocalExchanger(n_workers)
+    if segments is not None and sum(segments) != d:
+        raise ValueError(f"segments must add up to x0's {d} entries, got {sum(segments)}")
+    nodes = n_workers // local_size
+    shards = _Shard.split(feedback, segments if segments is not None else (d,), local_size, nodes, x)
+    exchanger = LocalExchanger(nodes)
     options = RoundOptions(wire_dtype=wire_dtype)
     wire_values = wire_dtype or (torch.float32 if x.dtype == torch.float64 else x.dtype)  # fp64 runs count fp32
     norms, bits, wire = [], [0], [0]
@@ -88,13 +100,47 @@ def simulate(
         norms.append(float(grads.mean(0).pow(2).sum()))
         if t == steps or (stop_below is not None and norms[-1] < stop_below):
             break
-        estimate, _ = run_round(feedback, exchanger, state, server, grads, t, segments=segs, options=options)
+        means = grads if local_size == 1 else node_means(grads, local_size)
+        estimate = torch.empty(d, dtype=shards[0].server.dtype, device=x.device) if local_size > 1 else None
+        for sh in shards:
+            g = means if sh.index is None else means[:, sh.index]
+            est, _ = run_round(feedback, exchanger, sh.state, sh.server, g, t, segments=sh.segs, options=options)
+            if sh.index is None:
+                estimate = est
+            else:
+                estimate[sh.index] = est
         x.sub_(estimate.to(x.dtype), alpha=lr_at(t))
-        bits.append(bits[-1] + feedback.value_bits(segs, t))
-        wire.append(wire[-1] + feedback.wire_bytes(segs, t, value_dtype=wire_values))
+        bits.append(bits[-1] + sum(feedback.value_bits(sh.segs, t) for sh in shards) / local_size)
+        wire.append(
+            wire[-1] + sum(feedback.wire_bytes(sh.segs, t, value_dtype=wire_values) for sh in shards) / local_size
+        )
     n = len(norms)
     _warn_if_diverged(norms, "simulate")
     return SimResult(x, torch.tensor(norms, dtype=torch.float64), torch.tensor(bits[:n]), torch.tensor(wire[:n]))
+
+
+@dataclass
+class _Shard:
+    """One shard of x with its own feedback state between the nodes (the whole of x without nodes)."""
+
+    index: Tensor | None  # its entries' positions in x (None: all of x)
+    segs: tuple
+    state: dict
+    server: Tensor
+
+    @classmethod
+    def split(cls, feedback: Feedback, sizes: Sequence[int], local_size: int, rows: int, x: Tensor) -> list[_Shard]:
+        out = []
+        for r in range(local_size):
+            _, pieces = shard_pieces(range(len(sizes)), sizes, local_size, r)
+            if not pieces:
+                continue
+            m = sum(pieces)
+            state = feedback.init_state(m, rows=rows, dtype=x.dtype, device=x.device)
+            server = torch.zeros(m, dtype=feedback.state_dtype(x.dtype), device=x.device)
+            index = shard_index(sizes, local_size, r).to(x.device) if local_size > 1 else None
+            out.append(cls(index, feedback.segments_for(pieces), state, server))
+        return out
 
 
 def _check_x0(x0) -> None:
