@@ -151,3 +151,30 @@ def test_merge_replaces_only_the_runs_named_including_their_learning_rate(tmp_pa
     (where / "network.json").write_text(json.dumps({"targets": {"char_lm/n=2": 3.2}, "rows": rows}))
     kept, targets = netbench._load(tmp_path, {"ef14@0.01"}, {"1gbit"}, {2}, {"char_lm"}, {0}, {0.2})
     assert kept == rows[:1] and targets == {("char_lm", 2): 3.2}
+
+
+def _bf16_ddp(rank, world):
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(64, 8))
+    model.register_comm_hook(None, netbench._bf16_hook)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(rank))
+    local = torch.autograd.grad(model.module(x).square().sum(), model.module.weight)[0]
+    model(x).square().sum().backward()
+    return local, model.module.weight.grad
+
+
+@pytest.mark.dist
+def test_the_bf16_baseline_averages_in_bf16_on_gloo():
+    """ddp_bf16 (PyTorch's bf16_compress_hook refuses Gloo): each rank's gradient cast to bf16 and halved, summed,
+    cast back; against that computed here from each rank's own gradient."""
+    import torch
+
+    from tests.dist_utils import run_dist
+
+    (g0, got0), (g1, got1) = run_dist(_bf16_ddp, 2)
+    want = ((g0.to(torch.bfloat16) / 2) + (g1.to(torch.bfloat16) / 2)).float()
+    assert torch.equal(got0, want) and torch.equal(got1, want)
+    assert not torch.equal(want, (g0 + g1) / 2)  # the rounding is there: this is not the fp32 mean

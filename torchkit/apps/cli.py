@@ -1,4 +1,5 @@
-"""Command line: ``torchkit demo | repro ef21 | repro ef21w | bench [network] | build-ext`` (``python -m torchkit``)."""
+"""Command line: ``torchkit demo | repro ef21 | repro ef21w | bench [network] | plan | build-ext``
+(``python -m torchkit``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from . import netbench
+from . import netbench, plan
 
 __all__ = ["main"]
 
@@ -366,6 +367,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     netbench.add_arguments(n)
     n.set_defaults(fn=netbench.run)
+
+    pl = sub.add_parser(
+        "plan",
+        help="will compression help here? calibrate a cost model on this machine's ranks and link, predict each method",
+        description=plan.__doc__,
+        formatter_class=_Formatter,
+    )
+    plan.add_arguments(pl)
+    pl.set_defaults(fn=plan.run)
 
     x = sub.add_parser(
         "build-ext",

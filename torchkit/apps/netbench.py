@@ -187,10 +187,8 @@ def worker(cfg: dict) -> None:
                        lr=lr, momentum=cfg["momentum"], overlap=method.startswith("olocal"))  # fmt: skip
     elif method == "ddp":
         pass
-    elif method == "ddp_bf16":  # what practitioners run: DDP's own bf16 all-reduce (half the bytes)
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif method == "ddp_bf16":  # what practitioners run: DDP's bf16 all-reduce (half the bytes)
+        model.register_comm_hook(None, _bf16_hook)
     elif method.startswith("powersgd"):
         state = powersgd.PowerSGDState(
             process_group=None, matrix_approximation_rank=int(method[-1]), start_powerSGD_iter=2, random_seed=0
@@ -246,6 +244,22 @@ def worker(cfg: dict) -> None:
         )
     dist.barrier()  # nobody leaves while a peer still has traffic in flight
     os._exit(0)  # results are written; skip the teardown (a Gloo pair can abort at interpreter exit)
+
+
+def _bf16_hook(group, bucket):
+    """PyTorch's ``bf16_compress_hook`` on any backend (PyTorch's own refuses all but NCCL and XCCL; Gloo sums
+    bf16): the bucket cast to bf16 and divided by the ranks, summed by ``all_reduce``, cast back into the bucket."""
+    import torch
+    import torch.distributed as dist
+
+    buf = bucket.buffer()
+    half = buf.to(torch.bfloat16).div_(dist.get_world_size(group))
+    fut = dist.all_reduce(half, group=group, async_op=True).get_future()
+
+    def back(f):
+        return buf.copy_(f.value()[0])
+
+    return fut.then(back)
 
 
 # ---------------------------------------------------------------------------------------------- the driver
