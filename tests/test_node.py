@@ -163,6 +163,20 @@ def _hook(prob, rank, groups):
                     hook.remove()
                 opt.step()
             out[name] = (model.module.x.detach().clone(), state.metrics.last_bytes_sent, state.metrics.last_node_bytes)
+            if name == "ef21":  # its state_dict holds this rank's pieces and loads into a fresh node-aware state
+                sd = state.state_dict()
+                fresh = tk.ddp.CompressionState(feedback, process_group=groups[0], node_group=groups[1])
+                fresh.bind(DDP(_Logreg()).module)
+                fresh.load_state_dict(sd)
+                flat = tk.ddp.CompressionState(feedback, process_group=groups[0]).bind(DDP(_Logreg()).module)
+                try:
+                    flat.load_state_dict(sd)
+                    refused = "loaded"
+                except ValueError as exc:
+                    refused = str(exc)
+                out["checkpoint"] = (
+                    sorted((k, v.numel()) for k, v in fresh.state_dict()["params"]["x"].items()), refused,
+                )  # fmt: skip
         except ValueError as exc:
             out[name] = (type(exc).__name__, t)
     return out
@@ -219,8 +233,24 @@ def _wrong_groups(rank):
     import torch.distributed as dist
 
     inside = dist.new_group([0, 1]), dist.new_group([2, 3])
+    crossed = dist.new_group([0, 3]), dist.new_group([1, 2])  # peers that hold different shards
     params = _model()
-    build = dict(lr=LR, feedback=tk.EF14(tk.TopK(2)), node_group=inside[rank // 2])
+    peers = crossed[0 if rank in (0, 3) else 1]
+    opt = tk.CompressedOptimizer(params, torch.optim.SGD, lr=LR, feedback=tk.EF14(tk.TopK(ratio=0.2)),
+                                 process_group=peers, node_group=inside[rank // 2])  # fmt: skip
+    _set_grads(params, torch.ones(D, dtype=torch.float64))
+    try:
+        opt.step()
+        misrouted = "stepped"
+    except ValueError as exc:
+        misrouted = str(exc)
+    try:
+        tk.CompressedOptimizer(params, torch.optim.SGD, lr=LR, feedback=tk.EF14(tk.TopK(2)),
+                               process_group=dist.group.WORLD, node_group=inside[rank // 2])  # fmt: skip
+        absolute = "built"
+    except ValueError as exc:
+        absolute = str(exc)
+    build = dict(lr=LR, feedback=tk.EF14(tk.TopK(ratio=0.2)), node_group=inside[rank // 2])
     try:
         tk.CompressedOptimizer(params, torch.optim.SGD, **build)
         alone = "built"
@@ -230,9 +260,9 @@ def _wrong_groups(rank):
     _set_grads(params, torch.ones(D, dtype=torch.float64))
     try:
         opt.step()
-        return "stepped", alone
+        return "stepped", alone, misrouted, absolute
     except ValueError as exc:
-        return str(exc), alone
+        return str(exc), alone, misrouted, absolute
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +298,10 @@ def test_the_ddp_hook_on_two_nodes_follows_the_simulator_for_every_method(two_no
             torch.testing.assert_close(x, want, rtol=1e-9, atol=1e-12, msg=name)  # autograd's gradient, not grad_fn's
             if name == "ef14":
                 assert sent == 2 * (8 + 4) + 1 and node_bytes == 2 * (LOCAL - 1) * (D // LOCAL) * 8
+    for out in two_nodes:
+        pieces, refused = out["hook"]["checkpoint"]
+        assert pieces == [("server", D // LOCAL), ("shift", D // LOCAL)]  # EF21: this rank's piece of g and of g_i
+        assert "2 nodes x 2 ranks per node" in refused and "unsharded" in refused
     # rank 3's NaN at step 1 reaches one shard's round; the node's gather carries the flag to every rank
     assert [out["hook"]["nan"] for out in two_nodes] == [("NonFiniteGradientError", 2)] * WORKERS
 
@@ -299,9 +333,10 @@ def test_a_nan_on_one_rank_raises_on_every_rank_with_nothing_changed(two_nodes):
 @pytest.mark.dist
 def test_groups_that_do_not_cut_the_world_into_nodes_raise_on_every_rank(two_nodes):
     for out in two_nodes:
-        raised, alone = out["wrong_groups"]
-        assert "do not split the 4 ranks" in raised
+        raised, alone, misrouted, absolute = out["wrong_groups"]
+        assert "do not split the 4 ranks" in raised and "do not split the 4 ranks" in misrouted
         assert "node_group needs process_group" in alone
+        assert "given by ratio, not k" in absolute
 
 
 def test_node_group_needs_process_group_and_a_group():

@@ -56,12 +56,12 @@ def test_predictions_add_up_the_measured_parts():
     assert predict(cal, "diloco8") == pytest.approx(0.1 + (1e-3 + 4000 / 1e6) / 8)
     msg = wire_bytes(1000, parse_method("ef14@0.01"))
     assert msg == 10 * 8 + 1  # 10 fp32 values and int32 indices, and the flag's byte
-    want = 0.1 + 0.004 + 2 * 2e-3 + msg / 5e5 + 3 * (msg / 8) * 1e-6  # the hook, the gathers, 3 more decodes
+    want = 0.1 + 0.004 + 2 * 2e-3 + msg / 5e5 + 3 * 10 * 1e-6  # the hook, the gathers, 3 more messages of 10
     assert predict(cal, "ef14@0.01") == pytest.approx(want)
     p, q, dense = powersgd_bytes([[40, 25]], 1)
     assert predict(cal, "powersgd1") == pytest.approx(0.1 + 0.002 + 3 * 1e-3 + (p + q + dense) / 1e6)
     local = wire_bytes(1000, parse_method("local8@0.03"))
-    want = 0.1 + (0.006 + 2e-3 + local / 5e5 + 4 * (local / 8) * 1e-6) / 8
+    want = 0.1 + (0.006 + 2e-3 + local / 5e5 + 4 * 30 * 1e-6) / 8  # 4 messages of 30 entries (int8 on the wire)
     assert predict(cal, "local8@0.03") == pytest.approx(want)
     out = plan(cal, ["ddp", "ef14@0.01"], 100, {"ef14@0.01": 1.5})
     assert out["recommended"] == "ddp"  # 1.5x the steps outweighs the shorter step

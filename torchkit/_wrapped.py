@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import ops
 from .feedback import Feedback
-from .frontend import FrontEnd, make_exchanger
+from .frontend import FrontEnd, make_exchanger, mesh_problems
 
 __all__ = [
     "WrappedOptimizer",
@@ -197,11 +197,7 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         return {"mesh": mesh} if mesh else {}
 
     def _mesh_problems(self, sd) -> list[str]:
-        saved, mine = sd.get("mesh"), self._mesh()
-        if saved == mine:
-            return []
-        describe = lambda m: " x ".join(f"{v} {k}" for k, v in m.items()) if m else "unsharded"  # noqa: E731
-        return [f"saved {describe(saved)}, this run is {describe(mine)} (sharded feedback state cannot be re-sharded)"]
+        return mesh_problems(sd.get("mesh"), self._mesh())
 
     def _kept_restored_state(self) -> None:
         """A state_dict came after this rank's own state was restored (a framework's rank-0 checkpoint)."""

@@ -36,7 +36,7 @@ from .comm import (
     start_round,
 )
 from .feedback import Feedback
-from .frontend import RESUME_HINTS, FrontEnd, agree, live_instances
+from .frontend import RESUME_HINTS, FrontEnd, agree, live_instances, mesh_problems
 from .metrics import CommMetrics
 from .node import agree_on_nodes, node_shards
 from .process_group import destroy_at_exit
@@ -123,7 +123,7 @@ class CompressionState(FrontEnd):
         node_group: dist.ProcessGroup | None = None,
     ):
         nonfinite = _checked_options(feedback, start_iter, min_compression_rate, wire_dtype, grad_scaler, nonfinite)
-        self._node = node_shards(node_group, process_group)
+        self._node = node_shards(node_group, process_group, feedback)
         self._world = None
         self.feedback = feedback
         self.process_group = process_group
@@ -271,16 +271,24 @@ class CompressionState(FrontEnd):
 
     def _feedback_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]] | None:
         module = self._bound()
-        if module is None or self._node is not None:
-            return None  # registered by hand, or node-aware (pieces of the buckets): known once the buckets run
-        return {
-            normalize_name(n): (p.numel(), self.feedback.state_dtype(p.dtype), p.device)
-            for n, p in module.named_parameters()
-            if p.requires_grad
-        }
+        if module is None:
+            return None  # registered by hand: the names are known once the buckets run
+        named = [(normalize_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
+        sizes = [p.numel() for _, p in named]
+        if self._node is not None:  # this rank's piece of each parameter (empty pieces hold no state)
+            sizes = [self._node.pieces([n], [k])[1][:1] or (0,) for (n, _), k in zip(named, sizes)]
+            sizes = [s[0] for s in sizes]
+        return {n: (k, self.feedback.state_dtype(p.dtype), p.device) for (n, p), k in zip(named, sizes) if k}
+
+    def _mesh(self) -> dict[str, int] | None:
+        return None if self._node is None else {"nodes": self.world_size, "ranks per node": self._node.size}
 
     def _extras(self) -> dict[str, Any]:
-        return {"iter": self.iter, "fb_origin": self.fb_origin}
+        mesh = self._mesh()
+        return {"iter": self.iter, "fb_origin": self.fb_origin, **({"mesh": mesh} if mesh else {})}
+
+    def _extra_problems(self, sd) -> list[str]:
+        return mesh_problems(sd.get("mesh"), self._mesh())
 
     def _migrate(self, sd):
         if sd.get("format_version") == 1:  # format 1 had no step: the iterations since the method's step 0
@@ -363,14 +371,16 @@ def _agree(state: CompressionState, keys=None, sizes=None) -> None:
         "nonfinite": state.nonfinite,
         "grad_scaler": state.grad_scaler is not None,
         "parameters": [list(map(str, keys)), list(sizes)],
+        "iteration": {"iter": state.iter, "fb_origin": state.fb_origin},  # decides the buckets' collectives
     }
-    shared = {"feedback": {"iter": state.iter, "fb_origin": state.fb_origin, **state.round.shared()}}
+    shared = {"feedback": state.round.shared()}
     what = "model and CompressionState"
+    hints = {**RESUME_HINTS, "iteration": RESUME_HINTS["feedback"]}
     if state._node is not None:
-        agree_on_nodes(mine, shared, between=state.process_group, node=state._node, what=what, hints=RESUME_HINTS)
+        agree_on_nodes(mine, shared, between=state.process_group, node=state._node, what=what, hints=hints)
     else:
         agree({**mine, **shared}, group=state.process_group, world_size=state.world_size, rank=state.rank, what=what,
-              hints=RESUME_HINTS)  # fmt: skip
+              hints=hints)  # fmt: skip
     state._agreed = True
 
 

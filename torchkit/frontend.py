@@ -293,6 +293,15 @@ class FeedbackStateful:
         return sd
 
 
+def mesh_problems(saved: Mapping[str, int] | None, mine: Mapping[str, int] | None) -> list[str]:
+    """A checkpoint's sharded layout (``{"replicas": 2, "shards": 2}``, ``{"nodes": 2, "ranks per node": 2}``)
+    against this run's, in the envelope's words: sharded feedback state cannot be re-sharded."""
+    if saved == mine:
+        return []
+    describe = lambda m: " x ".join(f"{v} {k}" for k, v in m.items()) if m else "unsharded"  # noqa: E731
+    return [f"saved {describe(saved)}, this run is {describe(mine)} (sharded feedback state cannot be re-sharded)"]
+
+
 def live_instances(cls: type):
     """The live objects of type ``cls``, found among the garbage collector's (a dead weak proxy is skipped: testing
     its type raises ``ReferenceError``; so is the deprecation warning some torch objects give when asked)."""

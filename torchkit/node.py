@@ -144,11 +144,16 @@ class NodeShards:
         return _InCaller(finish)
 
 
-def node_shards(node_group, process_group) -> NodeShards | None:
+def node_shards(node_group, process_group, feedback=None) -> NodeShards | None:
     """The node-aware layout of a front end given ``node_group`` (None without one, or for a node of one rank)."""
     if node_group is None:
         return None
     node = NodeShards(node_group)
+    if getattr(getattr(feedback, "compressor", None), "k", None) is not None:
+        raise ValueError(
+            f"node_group needs a compressor given by ratio, not k ({feedback.compressor!r}): the ranks of a node "
+            "compress shards of different lengths"
+        )
     if process_group is None:
         raise ValueError(
             "node_group needs process_group: the group of this rank's peers on the other nodes "
@@ -190,11 +195,18 @@ def check_layout(between: dist.ProcessGroup | None, node: NodeShards) -> None:
     """Every rank has its own (node, local rank) place on a ``nodes x L`` grid, or every rank raises ``ValueError``:
     ``process_group`` and ``node_group`` must cut the world in the two directions (:func:`node_groups`)."""
     places: list = [None] * dist.get_world_size()
-    dist.all_gather_object(places, (dist.get_rank(between), node.index, dist.get_world_size(between), node.size))
+    mine = (dist.get_rank(between), node.index, dist.get_world_size(between), node.size,
+            dist.get_process_group_ranks(between), dist.get_process_group_ranks(node.group))  # fmt: skip
+    dist.all_gather_object(places, mine)
     nodes, size = places[0][2], places[0][3]
-    sizes_agree = all(p[2:] == (nodes, size) for p in places)
-    if not sizes_agree or nodes * size != len(places) or len({p[:2] for p in places}) != len(places):
+    sizes_agree = all(p[2:4] == (nodes, size) for p in places)
+    # the peers on the other nodes hold the same shard; the ranks of a node are one node of the others
+    crossed = all(
+        all(places[m][1] == p[1] for m in p[4]) and all(places[m][0] == p[0] for m in p[5]) for p in places
+    )
+    if not (sizes_agree and crossed) or nodes * size != len(places) or len({p[:2] for p in places}) != len(places):
         raise ValueError(
             f"process_group and node_group do not split the {len(places)} ranks into nodes x ranks per node "
-            f"(rank -> (node, local rank, nodes, local size): {places}); build them with torchkit.node.node_groups()"
+            f"(rank -> (node, local rank, nodes, local size, peers, node): {places}); build them with "
+            "torchkit.node.node_groups()"
         )

@@ -123,7 +123,7 @@ class CompressedOptimizer(WrappedOptimizer):
         **defaults: Any,
     ):
         check_common_args("CompressedOptimizer", feedback, optimizer_class, nonfinite, grad_scaler)
-        node = node_shards(node_group, process_group)
+        node = node_shards(node_group, process_group, feedback)
         warn_coupling(feedback, optimizer_class, defaults)  # known-bad pairs warn once, naming the fix
         self._wrap(optimizer_class, params, defaults)  # the inner optimizer owns param_groups, state, defaults
         self._options = RoundOptions(wire_dtype=wire_dtype)  # finiteness is checked (and agreed) before the round
@@ -269,8 +269,8 @@ class CompressedOptimizer(WrappedOptimizer):
 
     def _start(self, w: Work, chosen: list[int], total: int):
         """Start the round of ``w``'s flat vector over the parameters (or pieces) ``chosen`` of its ``total``."""
-        if total == 0:  # a node-aware rank whose shard is empty (a group smaller than the node)
-            return _done(RoundResult(w.flat, None, 0, 0, skipped=True))
+        if total == 0 or not chosen:  # node-aware: an empty shard, or none of its pieces has a gradient anywhere
+            return _done(RoundResult(w.flat[:0], None, 0, 0, skipped=True))
         blk = self._block(w)
         if len(chosen) == total:
             return start_round(self.feedback, self._exchanger, blk, w.flat, self.round.step, self._options)

@@ -104,13 +104,18 @@ def wire_bytes(d: int, spec: dict) -> int:
     """One rank's message of a compressed method, as the front ends pack it (values, indices, the flag's byte)."""
     import torch
 
-    from ..compress import TopK
     from ..feedback import EF14
 
     wire = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[spec["wire"]]
+    return EF14(_topk(spec)).wire_bytes((d,), 1, value_dtype=wire) + 1
+
+
+def _topk(spec: dict):
+    """The TopK a compressed method runs (per 65536- or 4096-chunk for the int8 and int2 wires)."""
+    from ..compress import TopK
+
     chunk = {"int8": 65536, "int2": 4096}.get(spec["wire"])
-    topk = TopK(ratio=spec["ratio"], chunk=chunk) if chunk else TopK(ratio=spec["ratio"])
-    return EF14(topk).wire_bytes((d,), 1, value_dtype=wire) + 1
+    return TopK(ratio=spec["ratio"], chunk=chunk) if chunk else TopK(ratio=spec["ratio"])
 
 
 def powersgd_bytes(shapes: list[list[int]], rank: int) -> tuple[int, int, int]:
@@ -152,7 +157,7 @@ def predict(cal: dict, method: str) -> float:
     if spec["kind"] == "diloco":
         return compute + ar.time(4 * d) / spec["every"]
     msg = wire_bytes(d, spec)
-    entries = msg / (4 + 4)  # for the decode's rate, per entry of a fp32 message
+    entries = _topk(spec).k_for(d)  # what a message decodes
     if spec["kind"] == "local":  # one round every H steps, of the whole model
         round_s = cal["compress_s"][compressed_key(spec)] + ag.time(msg) + n * entries * cal["decode_s_per_entry"]
         return compute + round_s / spec["every"]
