@@ -201,9 +201,7 @@ def check_layout(between: dist.ProcessGroup | None, node: NodeShards) -> None:
     nodes, size = places[0][2], places[0][3]
     sizes_agree = all(p[2:4] == (nodes, size) for p in places)
     # the peers on the other nodes hold the same shard; the ranks of a node are one node of the others
-    crossed = all(
-        all(places[m][1] == p[1] for m in p[4]) and all(places[m][0] == p[0] for m in p[5]) for p in places
-    )
+    crossed = all(all(places[m][1] == p[1] for m in p[4]) and all(places[m][0] == p[0] for m in p[5]) for p in places)
     if not (sizes_agree and crossed) or nodes * size != len(places) or len({p[:2] for p in places}) != len(places):
         raise ValueError(
             f"process_group and node_group do not split the {len(places)} ranks into nodes x ranks per node "
