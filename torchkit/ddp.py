@@ -481,7 +481,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Jo
     if state._node is not None:  # the node's mean on this rank's shard, dense inside the node
         job.sizes = sizes
         job.shard = state._node.scatter_mean(buf, sizes)
-        acc["node"] += state._node.sent_bytes(sizes, buf.element_size())
+        acc["node"] += state._node.sent_bytes(sizes, buf.element_size()) // 2  # the reduce-scatter's half
     state._queue.append(job)
     if state.nonfinite != "skip":
         job.run = _start(state, job, "flag" if state.nonfinite == "raise" else state.nonfinite).wait
@@ -551,6 +551,8 @@ def _start(state: CompressionState, job: _Job, nonfinite):
         flag = res.nonfinite
         if state._node is not None:  # the node gathers its shards' estimates, and their flags with them
             flag = state._node.gather_into(job.shard, buf, job.sizes, _flag_of(res) if nonfinite else None)
+            with state._lock:
+                job.acc["node"] += state._node.sent_bytes(job.sizes, buf.element_size()) // 2  # the all-gather's
         if job.scale is not None:
             buf.mul_(job.scale.to(buf.device))  # GradScaler unscales the estimate as it would the gradient
         if nonfinite == "flag" and flag is not None:
@@ -651,10 +653,10 @@ def _account(state: CompressionState, acc: dict[str, Any], res) -> None:
             state._last = acc
             state.bytes_sent, state.dense_bytes, state.error_norm_sq = acc["sent"], acc["dense"], acc["err"]
             state.metrics.steps += 1
+            if acc["node"]:  # node-aware: the reduce-scatters ran, whether the rounds did or not
+                state.metrics.record_node(acc["node"])
             if acc["results"]:
                 state.metrics.record_round(acc["results"])
-                if acc["node"]:
-                    state.metrics.record_node(acc["node"])
             else:  # nonfinite="skip": no bucket's round ran, on any rank
                 state.metrics.skipped_steps += 1
                 state.metrics.skipped_rounds += 1
