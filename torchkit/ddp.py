@@ -273,15 +273,16 @@ class CompressionState(FrontEnd):
         module = self._bound()
         if module is None:
             return None  # registered by hand: the names are known once the buckets run
-        named = [(normalize_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
-        sizes = [p.numel() for _, p in named]
-        if self._node is not None:  # this rank's piece of each parameter (empty pieces hold no state)
-            sizes = [self._node.pieces([n], [k])[1][:1] or (0,) for (n, _), k in zip(named, sizes)]
-            sizes = [s[0] for s in sizes]
-        return {n: (k, self.feedback.state_dtype(p.dtype), p.device) for (n, p), k in zip(named, sizes) if k}
+        length = (lambda n: n) if self._node is None else self._node.piece_length  # node-aware: this rank's piece
+        layout = {
+            normalize_name(n): (length(p.numel()), self.feedback.state_dtype(p.dtype), p.device)
+            for n, p in module.named_parameters()
+            if p.requires_grad
+        }
+        return {n: v for n, v in layout.items() if v[0] or self._node is None}  # an empty piece holds no state
 
     def _mesh(self) -> dict[str, int] | None:
-        return None if self._node is None else {"nodes": self.world_size, "ranks per node": self._node.size}
+        return None if self._node is None else self._node.mesh(self.world_size)
 
     def _extras(self) -> dict[str, Any]:
         mesh = self._mesh()

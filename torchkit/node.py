@@ -87,6 +87,15 @@ class NodeShards:
     def pieces(self, names: Sequence, sizes: Sequence[int]) -> tuple[tuple, tuple[int, ...]]:
         return shard_pieces(names, sizes, self.size, self.index)
 
+    def piece_length(self, n: int) -> int:
+        """Entries of this rank's piece of a tensor of ``n`` (0: it holds none)."""
+        a, b = shard_span(n, self.size, self.index)
+        return b - a
+
+    def mesh(self, nodes: int) -> dict[str, int]:
+        """The layout a checkpoint records (:func:`torchkit.frontend.mesh_problems`)."""
+        return {"nodes": nodes, "ranks per node": self.size}
+
     def _layout(self, sizes: Sequence[int], device) -> tuple[Tensor, int, int]:
         """``(where, width, mine)``: each flat entry's position in the collectives' ``[L, width]`` rows (rank l's
         shard in row l, zeros after it), the row width (shard 0's, the longest), this rank's shard length."""

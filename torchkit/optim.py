@@ -206,7 +206,7 @@ class CompressedOptimizer(WrappedOptimizer):
     def _mesh(self) -> dict[str, int] | None:
         if self._node is None:
             return super()._mesh()
-        return {"nodes": self.world_size, "ranks per node": self._node.size}
+        return self._node.mesh(self.world_size)
 
     def _active_and_bad(self, works, grad_scale, found_inf) -> tuple[list[bool], bool]:
         """Which parameters have a gradient on some rank, and whether any rank's gradient is non-finite (one

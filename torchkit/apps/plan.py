@@ -102,12 +102,16 @@ def compressed_key(spec: dict) -> str:
 
 def wire_bytes(d: int, spec: dict) -> int:
     """One rank's message of a compressed method, as the front ends pack it (values, indices, the flag's byte)."""
-    import torch
 
     from ..feedback import EF14
 
-    wire = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[spec["wire"]]
-    return EF14(_topk(spec)).wire_bytes((d,), 1, value_dtype=wire) + 1
+    return EF14(_topk(spec)).wire_bytes((d,), 1, value_dtype=_wire_dtype(spec)) + 1
+
+
+def _wire_dtype(spec: dict):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[spec["wire"]]
 
 
 def _topk(spec: dict):
@@ -277,10 +281,8 @@ def worker(cfg: dict) -> None:
             hook, timers[m] = _timed_hook(powersgd.powerSGD_hook, wait=True)  # its work runs in the callbacks
         else:
             model = DDP(task.model(0), process_group=alone)
-            wire = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[spec["wire"]]
-            chunk = {"int8": 65536, "int2": 4096}.get(spec["wire"])
-            topk = TopK(ratio=spec["ratio"], chunk=chunk) if chunk else TopK(ratio=spec["ratio"])
-            rec = recommended(spec["method"], topk, torch.optim.SGD)
+            wire = None if spec["wire"] == "fp32" else _wire_dtype(spec)
+            rec = recommended(spec["method"], _topk(spec), torch.optim.SGD)
             state = ddp.CompressionState(rec.feedback, process_group=alone, min_compression_rate=2.0, wire_dtype=wire)
             state.bind(model)
             hook, timers[m] = _timed_hook(ddp.compression_hook, wait=False)  # rounds finish in its last call
@@ -297,7 +299,7 @@ def worker(cfg: dict) -> None:
     tick("compute and hooks")
     grad = torch.cat([p.grad.reshape(-1) for p in plain.module.parameters()])
     for key, spec in local:  # LocalSGD's round: the worker step with its packing (TopK per chunk, int8 values)
-        fb = EF14(TopK(ratio=spec["ratio"], chunk=65536))
+        fb = EF14(_topk(spec))  # TopK per 65536-chunk: the int8 wire's
         state = fb.init_state(d)
 
         def compress(fb=fb, state=state):
