@@ -61,6 +61,53 @@ def test_the_default_group_is_destroyed_at_exit_unless_the_script_did(end, keep,
     assert f"initialised at exit: {initialised}" in res.stdout, res.stdout
 
 
+# The abort itself, made to happen: the script's last collective finishes on Gloo's thread after the main thread has
+# dropped the work, so that thread must take the GIL to release the tensor Python also holds; the main thread keeps
+# the GIL (a long switch interval) and goes on into finalisation. Something keeps the group referenced, as DDP's
+# reducer or a Lightning strategy does, so destroy_process_group does not free it and join its threads.
+LATE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    if os.environ["GUARD"] == "1":
+        import torchkit.process_group
+
+        torchkit.process_group.destroy_at_exit()
+    held = dist.distributed_c10d._get_default_group()
+    t = torch.ones(1_000_000)
+    dist.all_reduce(t)
+    work = dist.all_reduce(t, async_op=True)
+    del work
+    sys.setswitchinterval(100)
+    """
+)
+
+
+def _late_exit(guard: str) -> list[int]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    env.update(OMP_NUM_THREADS="1", GUARD=guard)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", LATE_SCRIPT], env={**env, "RANK": str(r)}, stderr=subprocess.DEVNULL)
+        for r in (0, 1)
+    ]
+    return [p.wait(timeout=120) for p in procs]
+
+
+@pytest.mark.dist
+def test_a_gloo_thread_that_releases_the_last_work_late_does_not_abort_the_exit():
+    """Without torchkit's exit handler the script aborts (exit status -6, "terminate called without an active
+    exception") in most runs (5 of 6 here); with it, the Gloo thread gets the GIL while Python is whole."""
+    for run in range(4):
+        assert _late_exit("1") == [0, 0], f"run {run}: a rank aborted at exit with torchkit's handler"
+    statuses = []
+    while len(statuses) < 6 and not any(-6 in s for s in statuses):  # the fault is real: it aborts without
+        statuses.append(_late_exit("0"))
+    assert any(-6 in s for s in statuses), f"the unguarded script never aborted: {statuses} (torch fixed it?)"
+
+
 # A LocalSGD job under torchrun --max-restarts 1 whose rank 1 dies once at step 13; every rank resumes from the
 # per-rank checkpoint of step 10 (issue 19: restarts failed in Gloo's connectFullMesh, "Connection refused", when
 # a restarted worker read the address its dead predecessor had published in torchrun's agent store).
