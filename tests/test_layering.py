@@ -15,7 +15,7 @@ Every form of import counts, wherever it is written (module level or inside a fu
 above every front end: only ``integrations`` and ``apps`` may do it. ``torchkit/apps/`` (the command-line tools,
 demo, reproductions, benchmarks and training tasks) is the top layer: nothing in the library imports it. Imports
 through ``importlib`` are not seen here; the only one, the root's lazy ``tk.ddp``/``tk.checkpoint``/
-``tk.integrations``, is checked by :func:`test_the_root_imports_nothing_from_apps_lazily`.
+``tk.integrations``/``tk.fsdp``, is checked by :func:`test_the_root_imports_nothing_from_apps_lazily`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ LAYER = {
     "optim": 7,
     "local_sgd": 7,
     "ddp": 7,
+    "fsdp": 7,  # plain FSDP2's reduce-scatter as a round (an all-to-all of each shard's pieces)
     "sim": 7,
     ROOT: 8,  # imports the public names of every layer below
     "integrations": 9,

@@ -51,10 +51,11 @@ __all__ = [
     "registry",
     "ddp",
     "checkpoint",
+    "fsdp",
 ]
 
 
-_LAZY = ("ddp", "checkpoint", "integrations")  # imported on first use (torch.distributed hook machinery, ...)
+_LAZY = ("ddp", "checkpoint", "integrations", "fsdp")  # imported on first use (torch.distributed hook machinery, ...)
 
 
 def __getattr__(name: str):

@@ -1,0 +1,233 @@
+"""Issue 23 item 3: plain FSDP2 (one mesh dimension, every link slow) with its gradient reduce-scatter replaced by
+a feedback round (torchkit.fsdp), on 2 and 4 Gloo ranks.
+
+Every call of every module's reduce-scatter is recorded on every rank (FSDP's own input, the shard written); the
+test then gathers all ranks' inputs and recomputes each call: against a float64 EF14 written here (each shard's
+piece compressed on its own, the mean of the pieces' messages), and for every registered method against the
+simulator's round (``run_round`` over the n ranks' inputs as rows, the same segments). With the Identity
+compressor the training trajectory equals FSDP's own reduce-scatter. A NaN on one rank raises on every rank with
+the state unchanged, or (``nonfinite="skip"``) writes NaN into every shard with the state unchanged; the state is
+as long as the unsharded gradient (the memory it costs), the bytes sent are (n-1) k (4 + 4)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import torchkit as tk
+from tests.dist_utils import run_dist
+
+pytestmark = pytest.mark.dist
+STEPS = 3
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3)).double()
+
+
+def _sharded(net):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
+
+
+def _train(model, rank, steps=STEPS, poison_at=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(steps):
+        g = torch.Generator().manual_seed(100 * rank + t)
+        x, y = torch.randn(4, 6, generator=g).double(), torch.randn(4, 3, generator=g).double()
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if poison_at == t and rank == 1:
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+
+
+def _full(model):
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+class _Recording:
+    """Wraps a module's comm: every call's input and output, in order."""
+
+    def __init__(self, comm):
+        self.comm, self.calls = comm, []
+
+    def allocate(self, size, *, dtype, device):
+        return self.comm.allocate(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        x = input_tensor.clone()
+        res = self.comm(output_tensor, input_tensor, group, op, async_op)
+        self.calls.append((x, output_tensor.clone(), getattr(op, "op", op)))
+        return res
+
+
+def _rounds(rank, world, names):
+    from tests.methods import make
+
+    out = {}
+    for name in names:
+        model = _sharded(_net())
+        comms = tk.fsdp.compress_reduce_scatter(model, make(name, tk.TopK(ratio=0.3), n_workers=world))
+        recorders = {}
+        for mod_name, module in model.named_modules():
+            if mod_name in comms:
+                recorders[mod_name] = _Recording(comms[mod_name])
+                module.set_custom_reduce_scatter(recorders[mod_name])
+        _train(model, rank)
+        used = [n for n, c in comms.items() if c.state is not None]  # the root holds no parameter of its own here
+        numel = {n: comms[n].state[next(iter(comms[n].state))].numel() for n in used}
+        out[name] = ({n: recorders[n].calls for n in used}, numel, {n: comms[n].bytes_sent for n in used})
+    if world == 4:  # HSDP (2 replicas x 2 shards) is refused: its slow exchange is the replicas', not this one
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        try:
+            tk.fsdp.compress_reduce_scatter(fully_shard(_net(), mesh=mesh), tk.EF14(tk.TopK(ratio=0.3)))
+            out["hsdp"] = None
+        except ValueError as exc:
+            out["hsdp"] = str(exc)
+    return out
+
+
+def _ef14_reference(inputs: list[np.ndarray], n: int, ratio: float) -> list[list[np.ndarray]]:
+    """Float64 EF14 over a module's calls: per rank e += x; each shard piece's top-k of |e| is sent and zeroed;
+    shard j is the mean over ranks of their pieces' messages. ``inputs[t][i]``: rank i's input at call t."""
+    shard = inputs[0][0].size // n
+    k = int(np.ceil(ratio * shard))
+    errors = [np.zeros(n * shard) for _ in range(n)]
+    outs = []
+    for xs in inputs:
+        est = np.zeros((n, shard))
+        for i in range(n):
+            e = errors[i]
+            e += xs[i]
+            for j in range(n):
+                piece = e[j * shard : (j + 1) * shard]
+                top = np.argsort(-np.abs(piece), kind="stable")[:k]
+                est[j, top] += piece[top] / n
+                piece[top] = 0.0
+        outs.append(est)
+    return outs
+
+
+def _check_rounds(world, names):
+    every = run_dist(_rounds, world, names)
+    for name in names:
+        _check_method(world, name, [r[name] for r in every])
+    return every
+
+
+def _check_method(world, name, results):
+    calls = [r[0] for r in results]
+    assert len(calls[0]) == 2  # the two Linear layers
+    for mod in calls[0]:
+        count = len(calls[0][mod])
+        assert count == STEPS and all(len(c[mod]) == count for c in calls)
+        inputs = [[calls[i][mod][t][0] for i in range(world)] for t in range(count)]
+        ops = {calls[0][mod][t][2] for t in range(count)}
+        assert ops <= {dist.ReduceOp.AVG, dist.ReduceOp.SUM} and len(ops) == 1, ops
+        scale = world if ops == {dist.ReduceOp.SUM} else 1  # fp64: FSDP pre-divides and asks for the sum
+        shard = calls[0][mod][0][1].numel()
+        if name == "ef14":
+            ref = _ef14_reference([[x.numpy() for x in xs] for xs in inputs], world, 0.3)
+            for t in range(count):
+                for j in range(world):
+                    np.testing.assert_allclose(calls[j][mod][t][1].numpy(), scale * ref[t][j], rtol=1e-12, atol=1e-14)
+        # the simulator's round over the ranks' inputs as rows, the same pieces: every method
+        from tests.methods import make
+        from torchkit.comm import LocalExchanger, run_round
+
+        fb = make(name, tk.TopK(ratio=0.3), n_workers=world)
+        state = fb.init_state(world * shard, rows=world, dtype=torch.float64)
+        server = torch.zeros(world * shard, dtype=torch.float64)
+        for t in range(count):
+            est, _ = run_round(fb, LocalExchanger(world), state, server, torch.stack(inputs[t]), t,
+                               segments=(shard,) * world)  # fmt: skip
+            for j in range(world):
+                want = scale * est[j * shard : (j + 1) * shard]
+                torch.testing.assert_close(calls[j][mod][t][1], want, rtol=1e-12, atol=1e-14)
+    # the memory it costs: the worker state is as long as the unsharded gradient (the module's padded input)
+    for mod, numel in results[0][1].items():
+        assert numel == calls[0][mod][0][0].numel()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_compressed_reduce_scatter_is_ef14_on_each_shards_piece(world):
+    every = _check_rounds(world, ["ef14"])
+    results = [r["ef14"] for r in every]
+    for mod, sent in results[0][2].items():
+        shard = results[0][0][mod][0][1].numel()
+        k = int(np.ceil(0.3 * shard))
+        assert sent == (world - 1) * k * (8 + 4), (mod, sent)  # fp64 values and int32 indices to n - 1 ranks
+    if world == 4:
+        assert all("HSDP" in r["hsdp"] for r in every), [r["hsdp"] for r in every]
+
+
+def test_every_method_equals_the_simulators_round_on_2_ranks():
+    from tests.methods import METHODS
+
+    _check_rounds(2, list(METHODS))
+
+
+def _identity(rank, world):
+    plain = _sharded(_net())
+    _train(plain, rank)
+    model = _sharded(_net())
+    tk.fsdp.compress_reduce_scatter(model, tk.EF14(tk.Identity()))
+    _train(model, rank)
+    return _full(plain), _full(model)
+
+
+def test_with_the_identity_compressor_the_trajectory_is_fsdps_own():
+    for plain, compressed in run_dist(_identity, 2):
+        for a, b in zip(plain, compressed):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+def _nonfinite(rank, world, policy):
+    model = _sharded(_net())
+    comms = tk.fsdp.compress_reduce_scatter(model, tk.EF14(tk.TopK(ratio=0.3)), nonfinite=policy)
+    _train(model, rank, steps=2)
+    before = {n: c.state_dict() for n, c in comms.items()}
+    try:
+        _train(model, rank, steps=1, poison_at=0)
+        raised = None
+    except tk.comm.NonFiniteGradientError as exc:
+        raised = str(exc)
+    grads_nan = [bool(torch.isnan(p.grad.to_local()).all()) for p in model.parameters() if p.grad is not None]
+    after = {n: c.state_dict() for n, c in comms.items()}
+    unchanged = all(
+        before[n]["step"] == after[n]["step"]
+        and all(torch.equal(before[n]["state"][k], after[n]["state"][k]) for k in before[n]["state"])
+        for n in before
+    )
+    return raised, grads_nan, unchanged
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_nan_on_one_rank_raises_or_skips_on_every_rank_with_the_state_unchanged(policy):
+    for raised, grads_nan, unchanged in run_dist(_nonfinite, 2, policy):
+        assert unchanged
+        if policy == "raise":
+            assert raised is not None and "feedback state is unchanged" in raised
+        else:
+            assert raised is None and grads_nan and all(grads_nan)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(TypeError, match="feedback"):
+        tk.fsdp.CompressedReduceScatter(tk.TopK(ratio=0.1))
+    with pytest.raises(ValueError, match="nonfinite"):
+        tk.fsdp.CompressedReduceScatter(tk.EF14(tk.TopK(ratio=0.1)), nonfinite="sanitize")
+    with pytest.raises(ValueError, match="fully_shard"):
+        tk.fsdp.compress_reduce_scatter(_net(), tk.EF14(tk.TopK(ratio=0.1)))

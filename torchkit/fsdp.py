@@ -1,0 +1,219 @@
+"""Plain FSDP over slow links: FSDP2's gradient reduce-scatter as a feedback round.
+
+With FSDP2 on one mesh dimension (no replicas), every rank's gradient of a ``fully_shard``-ed module is reduced
+onto each rank's shard by one reduce-scatter. :class:`CompressedReduceScatter` (installed on every such module by
+:func:`compress_reduce_scatter`, through ``FSDPModule.set_custom_reduce_scatter``) replaces it by the feedback
+method's round: each rank runs the method's worker step on its whole reduce-scatter input (the n shards' pieces
+laid end to end, n = the group size), compressing each shard's piece on its own (per-segment granularity, ``k`` per
+piece); an all-to-all hands shard j's piece of every rank's message to rank j, which decodes the n messages in rank
+order into its shard (EF21 family: into its shard of the server estimate). The result is the method's estimate of
+the mean (``ReduceOp.AVG``, FSDP's choice for fp32/bf16) or n times it (``ReduceOp.SUM``).
+
+What it costs, and when it pays (``benchmarks/bench_fsdp_rs.py``): the worker state is a vector as
+long as the *unsharded* gradient on every rank (EF14's error, the EF21 family's shift; the server estimate is
+sharded), which is the memory FSDP exists to save: with n ranks, n times the sharded gradient. And only the
+reduce-scatter is compressed: FSDP's parameter all-gathers (one per forward, another per backward unless
+``reshard_after_forward=False``) stay dense, so even a free reduce-scatter leaves at least half of the bytes. Where
+the slow link is between nodes and the model fits a node's memory, HSDP with the compressed replica exchange
+(``CompressedOptimizer`` over the replicate group, README "FSDP2 and hybrid sharding") compresses all of the slow
+traffic and shards the state; this is for a model that needs sharding across the slow link itself.
+
+A non-finite gradient entry on any rank is agreed on first (one 1-element all-reduce per call, before anything
+changes, read on the host: a synchronisation per module on a GPU): ``nonfinite="raise"`` raises
+:class:`~torchkit.comm.NonFiniteGradientError` on every rank with the state unchanged; ``"skip"`` (with a
+GradScaler, which sees the NaN) writes NaN into every shard and leaves the state unchanged.
+
+Measured on 2 shared CPU cores (``benchmarks/results/amd-epyc-2-threads/fsdp_rs.md``): at 100 Mbit EF14 with TopK
+1% takes 0.52-0.53x FSDP's step time, the bound of a free reduce-scatter being 0.51-0.52x; at 1 Gbit 0.71-0.91x
+(bound 0.63x). Gloo's reduce-scatter moves an all-reduce's bytes, so there it is half of FSDP's traffic (a third
+with NCCL's).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import ops
+from .comm import NonFiniteGradientError, nonfinite_flag
+from .compress import DenseMessage, SparseMessage
+from .feedback import Feedback
+from .process_group import destroy_at_exit
+
+__all__ = ["CompressedReduceScatter", "compress_reduce_scatter"]
+
+
+def _reduce_scatter_base():
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    return ReduceScatter
+
+
+class CompressedReduceScatter(_reduce_scatter_base()):
+    """One ``fully_shard``-ed module's reduce-scatter as a round of ``feedback`` (its own state: one object per
+    module, which :func:`compress_reduce_scatter` makes).
+
+    Attributes: ``step`` (rounds run), ``bytes_sent`` (what this rank sent in the last round: the messages to the
+    other ranks, values and indices), ``dense_bytes`` (what the dense reduce-scatter would have sent), ``state``
+    (the method's worker vectors, unsharded length) and ``server`` (the EF21 family's estimate of this rank's shard).
+    """
+
+    def __init__(self, feedback: Feedback, *, nonfinite: Literal["raise", "skip"] = "raise", name: str = ""):
+        if not isinstance(feedback, Feedback):
+            raise TypeError(
+                f"feedback must be a torchkit feedback method (tk.EF14(...)), got {type(feedback).__name__}"
+            )
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if feedback.compressor.shared_support:
+            raise ValueError(
+                "a shared-support compressor sums values across ranks; the reduce-scatter sends each shard its "
+                "own messages"
+            )
+        self.feedback, self.nonfinite, self.name = feedback, nonfinite, name
+        self.step = 0
+        self.state: dict[str, Tensor] | None = None
+        self.server: Tensor | None = None
+        self.bytes_sent = self.dense_bytes = 0
+        self._numel: int | None = None
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: Tensor, input_tensor: Tensor, group, op, async_op: bool = False):
+        n, rank = dist.get_world_size(group), dist.get_rank(group)
+        shard = output_tensor.numel()
+        scale = self._output_scale(op, n)
+        if input_tensor.numel() != n * shard:
+            raise ValueError(f"reduce-scatter input of {input_tensor.numel()} entries for {n} shards of {shard}")
+        self._bind(input_tensor, shard)
+        bad = nonfinite_flag(input_tensor).to(torch.float32).reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)  # agreed before anything changes
+        if bool(bad.item()):
+            if self.nonfinite == "raise":
+                where = f" of {self.name}" if self.name else ""
+                raise NonFiniteGradientError(
+                    f"non-finite gradient (NaN or Inf) on at least one rank in the reduce-scatter{where}: the "
+                    "feedback state is unchanged (pass nonfinite='skip' with a GradScaler to skip such steps)"
+                )
+            output_tensor.fill_(float("nan"))  # the scaler sees it on every rank and skips the step
+            return None
+        fb = self.feedback
+        grad = input_tensor.to(self.state[next(iter(self.state))].dtype) if self.state else input_tensor
+        msg = fb.worker_step(self.state, grad, self.step, worker=rank, n_workers=n, segments=(shard,) * n)
+        est = self.server if self.server is not None else output_tensor.new_zeros(shard, dtype=grad.dtype)
+        if msg is not None:
+            received = self._exchange(msg, shard, n, group)
+            weights = fb.aggregation_weights(n)
+            if isinstance(received, DenseMessage):
+                for w in range(n):
+                    est.add_(received.values[w] * weights[w])
+            else:
+                ops.accumulate_(est, received.values, received.indices, weights)
+        self.dense_bytes = (n - 1) * shard * input_tensor.element_size()
+        self.step += 1
+        output_tensor.copy_(est if scale == 1 else est * scale)
+        return None
+
+    # --------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _output_scale(op, n: int) -> float:
+        kind = getattr(op, "op", op)  # a RedOpType or a ReduceOp
+        if kind == dist.ReduceOp.AVG:
+            return 1.0
+        if kind == dist.ReduceOp.SUM:
+            return float(n)
+        raise ValueError(f"the compressed reduce-scatter takes ReduceOp.AVG or SUM, got {op} (gradient_divide_factor?)")
+
+    def _bind(self, x: Tensor, shard: int) -> None:
+        if self._numel is None:
+            destroy_at_exit()
+            self._numel = x.numel()
+            self.state = self.feedback.init_state(x.numel(), dtype=x.dtype, device=x.device)
+            if self.feedback.server_state:
+                self.server = torch.zeros(shard, dtype=self.feedback.state_dtype(x.dtype), device=x.device)
+        elif x.numel() != self._numel:
+            raise ValueError(
+                f"the reduce-scatter{' of ' + self.name if self.name else ''} had {self._numel} entries and now "
+                f"{x.numel()}: one CompressedReduceScatter per fully_shard module (compress_reduce_scatter makes them)"
+            )
+
+    def _exchange(self, msg, shard: int, n: int, group):
+        """Shard j's piece of this rank's message to rank j, every rank's piece of this shard back: the n
+        messages of this shard, rows in rank order (sparse: indices within the shard)."""
+        if isinstance(msg, DenseMessage):  # step 0 of init="full": the dense pieces
+            send = msg.values.reshape(-1).contiguous()
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, group=group)
+            self.bytes_sent = (n - 1) * shard * send.element_size()
+            return DenseMessage(recv.reshape(n, shard))
+        if not isinstance(msg, SparseMessage) or msg.q is not None:
+            raise TypeError(f"the compressed reduce-scatter sends sparse messages, got {type(msg).__name__}")
+        k = msg.values.shape[1] // n  # the same k for every piece: the pieces have one length
+        values = msg.values.reshape(n, k).contiguous()
+        offsets = torch.arange(n, dtype=torch.int64, device=values.device).unsqueeze(1) * shard
+        indices = (msg.indices.reshape(n, k).to(torch.int64) - offsets).to(torch.int32)
+        send = torch.cat([values.view(torch.uint8), indices.view(torch.uint8)], dim=1).reshape(-1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        recv = recv.reshape(n, -1)
+        vb = k * values.element_size()
+        self.bytes_sent = (n - 1) * send.numel() // n
+        return SparseMessage(
+            recv[:, :vb].contiguous().view(values.dtype), recv[:, vb:].contiguous().view(torch.int32), shard
+        )
+
+    # ------------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """This rank's state (per rank: save it with the rank in the name, or as a DCP ``Stateful``)."""
+        return {
+            "method": self.feedback.config() if hasattr(self.feedback, "config") else repr(self.feedback),
+            "step": self.step,
+            "numel": self._numel,
+            "state": {k: v.clone() for k, v in (self.state or {}).items()},
+            "server": None if self.server is None else self.server.clone(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        mine = self.feedback.config() if hasattr(self.feedback, "config") else repr(self.feedback)
+        if sd.get("method") != mine:
+            raise ValueError(f"feedback state of {sd.get('method')!r}, this reduce-scatter runs {mine!r}")
+        if self._numel is not None and sd.get("numel") not in (None, self._numel):
+            raise ValueError(
+                f"feedback state for {sd.get('numel')} entries, this module's reduce-scatter has {self._numel}"
+            )
+        self.step = int(sd["step"])
+        self._numel = sd["numel"]
+        self.state = {k: v.clone() for k, v in sd["state"].items()} if sd["numel"] is not None else None
+        self.server = None if sd["server"] is None else sd["server"].clone()
+
+
+def compress_reduce_scatter(
+    model: torch.nn.Module, feedback: Feedback, *, nonfinite: Literal["raise", "skip"] = "raise"
+) -> dict[str, CompressedReduceScatter]:
+    """Install a :class:`CompressedReduceScatter` of ``feedback`` (a fresh copy of its state per module) on every
+    ``fully_shard``-ed module of ``model``; returns them by module name (their ``state_dict`` is this rank's)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    comms = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            if _replicated(module):
+                raise ValueError(
+                    f"module {name or '<root>'} is sharded with replicas (HSDP): compress the replica exchange with "
+                    "tk.CompressedOptimizer over the replicate group instead (README 'FSDP2 and hybrid sharding')"
+                )
+            comms[name] = CompressedReduceScatter(feedback, nonfinite=nonfinite, name=name or "<root>")
+            module.set_custom_reduce_scatter(comms[name])
+    if not comms:
+        raise ValueError("model has no fully_shard-ed module: call torch.distributed.fsdp.fully_shard on it first")
+    return comms
+
+
+def _replicated(module) -> bool:
+    from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
+
+    return any(isinstance(pg.mesh_info, DDPMeshInfo) for pg in module._get_fsdp_state()._fsdp_param_groups)
