@@ -499,10 +499,12 @@ def test_only_the_padded_vector_itself_owns_its_padding(impl):
     g = _data(n - 1, "randn", dev)
     ops.ef14_step_(g, shorter, 5, impl=impl)
     assert torch.equal(e._base[n - 1 :].cpu(), torch.full((ops.PAD - n % ops.PAD + 1,), 7.0))
-    entries = len(ops._padding._owned)
+    ptr = e.data_ptr()
+    assert ptr in ops._padding._owned
     del e, shorter
     gc.collect()
-    assert len(ops._padding._owned) == entries - 1  # the registry forgets a freed buffer
+    assert ptr not in ops._padding._owned  # the registry forgets a freed buffer (other entries may go at this
+    # collection too: buffers of earlier tests that were waiting for it, so the count is not compared)
 
 
 def _tied_inputs(d):
