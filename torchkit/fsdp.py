@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops
 from .comm import NonFiniteGradientError, nonfinite_flag
 from .compress import DenseMessage, SparseMessage
 from .feedback import Feedback
@@ -107,12 +106,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         est = self.server if self.server is not None else output_tensor.new_zeros(shard, dtype=grad.dtype)
         if msg is not None:
             received = self._exchange(msg, shard, n, group)
-            weights = fb.aggregation_weights(n)
-            if isinstance(received, DenseMessage):
-                for w in range(n):
-                    est.add_(received.values[w] * weights[w])
-            else:
-                ops.accumulate_(est, received.values, received.indices, weights)
+            received.add_to_(est, fb.aggregation_weights(n))  # in rank order, dense or sparse
         self.dense_bytes = (n - 1) * shard * input_tensor.element_size()
         self.step += 1
         output_tensor.copy_(est if scale == 1 else est * scale)
@@ -170,7 +164,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
     def state_dict(self) -> dict:
         """This rank's state (per rank: save it with the rank in the name, or as a DCP ``Stateful``)."""
         return {
-            "method": self.feedback.config() if hasattr(self.feedback, "config") else repr(self.feedback),
+            "method": self.feedback.config(),
             "step": self.step,
             "numel": self._numel,
             "state": {k: v.clone() for k, v in (self.state or {}).items()},
@@ -178,7 +172,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        mine = self.feedback.config() if hasattr(self.feedback, "config") else repr(self.feedback)
+        mine = self.feedback.config()
         if sd.get("method") != mine:
             raise ValueError(f"feedback state of {sd.get('method')!r}, this reduce-scatter runs {mine!r}")
         if self._numel is not None and sd.get("numel") not in (None, self._numel):
