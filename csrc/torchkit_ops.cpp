@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstring>
 #include <vector>
 
@@ -356,27 +358,50 @@ std::tuple<torch::Tensor, torch::Tensor> econtrol_step(torch::Tensor g, torch::T
 }
 
 // out[idx[w, j]] += scale[w] * val[w, j], worker rows in order; indices are unique within a row,
-// so the entries of one row are updated in parallel without races.
-void accumulate(torch::Tensor out, torch::Tensor values, torch::Tensor indices, torch::Tensor scales) {
+// so the entries of one row are updated in parallel without races. The decode of a round in one call:
+// `zero` starts out from zeros, and a non-finite sum of the `poison` checks (each finite exactly when its
+// worker's message was; see torchkit.ops.nonfinite_check) makes every entry NaN instead.
+void accumulate(torch::Tensor out, torch::Tensor values, torch::Tensor indices, const std::vector<double>& scales, bool zero,
+                c10::optional<torch::Tensor> poison) {
   TK_CHECK_CPU_VEC(out); TK_CHECK_F32(out);
   TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(), "values and indices must be [rows, k]");
-  auto v = values.to(torch::kFloat32).contiguous();
-  auto ix = indices.to(torch::kInt64).contiguous();
-  auto sc = scales.to(torch::kFloat64).contiguous();
-  const int64_t rows = v.size(0), k = v.size(1), d = out.numel();
+  const int64_t rows = values.size(0), k = values.size(1), d = out.numel();
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == rows, "one scale per worker row");
   float* o = out.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t* ip = ix.data_ptr<int64_t>();
-  for (int64_t w = 0; w < rows; ++w) {
-    const float s = static_cast<float>(sc.data_ptr<double>()[w]);
-    at::parallel_for(0, k, 16384, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t i = ip[w * k + j];
-        TORCH_CHECK(i >= 0 && i < d, "index ", i, " out of range for length ", d);
-        o[i] = o[i] + vp[w * k + j] * s;
-      }
-    });
+  if (poison.has_value()) {
+    auto checks = poison->to(torch::kFloat64).reshape({-1});  // the rows' checks in place: one stride apart
+    const double* cp = checks.data_ptr<double>();
+    double sum = 0.0;
+    for (int64_t i = 0; i < checks.numel(); ++i) sum += cp[i * checks.stride(0)];
+    if (!std::isfinite(sum)) {  // a worker's message held NaN or Inf: the whole estimate is NaN, nothing to add
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      at::parallel_for(0, d, 1 << 16, [&](int64_t a, int64_t b) { std::fill(o + a, o + b, nan); });
+      return;
+    }
   }
+  if (zero) at::parallel_for(0, d, 1 << 16, [&](int64_t a, int64_t b) { std::fill(o + a, o + b, 0.0f); });
+  // rows may sit apart (the rows of gathered wire bytes, read in place); each row's entries are contiguous
+  auto rowwise = [](const torch::Tensor& t, torch::ScalarType type) {
+    return t.scalar_type() == type && t.stride(1) == 1 ? t : t.to(type).contiguous();
+  };
+  auto v = rowwise(values, torch::kFloat32);  // no copy for fp32 values and int32/int64 indices
+  auto ix = rowwise(indices, indices.scalar_type() == torch::kInt32 ? torch::kInt32 : torch::kInt64);
+  const float* vp = v.data_ptr<float>();
+  const int64_t vs = v.stride(0), is = ix.stride(0);
+  auto add_rows = [&](const auto* ip) {
+    for (int64_t w = 0; w < rows; ++w) {
+      const float s = static_cast<float>(scales[w]);
+      at::parallel_for(0, k, 16384, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i = ip[w * is + j];
+          TORCH_CHECK(i >= 0 && i < d, "index ", i, " out of range for length ", d);
+          o[i] = o[i] + vp[w * vs + j] * s;
+        }
+      });
+    }
+  };
+  if (ix.scalar_type() == torch::kInt32) add_rows(ix.data_ptr<int32_t>());
+  else add_rows(ix.data_ptr<int64_t>());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

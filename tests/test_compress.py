@@ -111,23 +111,26 @@ def test_bad_input(make, exc, match):
         make()
 
 
-def test_any_nonfinite_is_exact_at_the_edges_of_the_range():
-    """The non-finite flag of a message (a float64 sum times zero, three launches): NaN and Inf of either sign
-    anywhere, alone or together, are caught; the largest finite values, many of them, of one sign, are not flagged
-    (their float64 sum cannot overflow)."""
-    from torchkit.compress import any_nonfinite
+def test_the_nonfinite_check_is_exact_at_the_edges_of_the_range():
+    """The non-finite check of a message (one float64 sum; fp64 values: 0 or NaN): NaN and Inf of either sign
+    anywhere, alone or together, make it non-finite; the largest finite values, many of them, of one sign, do not
+    (their float64 sum cannot overflow), and checks of several workers add up the same way."""
+    from torchkit.ops import nonfinite_check, poison_of
+
+    def bad(t):
+        return not math.isfinite(float(nonfinite_check(t)))
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         big = torch.finfo(dtype).max
         x = torch.full((100_000,), big, dtype=dtype)
-        assert not bool(any_nonfinite(x))
-        assert not bool(any_nonfinite(-x))
-        assert not bool(any_nonfinite(torch.zeros(7, dtype=dtype)))
-        for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not bad(x) and not bad(-x) and not bad(torch.zeros(7, dtype=dtype))
+        assert float(poison_of(torch.stack([nonfinite_check(x)] * 4))) == 0.0  # four workers' checks: finite
+        for value in (float("nan"), float("inf"), -float("inf")):
             y = torch.randn(1000).to(dtype)
-            y[123] = bad
-            assert bool(any_nonfinite(y)), (dtype, bad)
+            y[123] = value
+            assert bad(y), (dtype, value)
+            assert math.isnan(float(poison_of(torch.stack([nonfinite_check(x), nonfinite_check(y)]))))
         z = torch.randn(10).to(dtype)
         z[0], z[1] = float("inf"), -float("inf")  # their sum is NaN
-        assert bool(any_nonfinite(z))
-        assert bool(any_nonfinite(torch.randn(3, 5).to(dtype).fill_(float("nan"))))
+        assert bad(z)
+        assert bad(torch.randn(3, 5).to(dtype).fill_(float("nan")))

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchkit as tk
+from tests.dist_utils import run_dist
 from torchkit.apps.bench import OneBucket
 from torchkit.comm import aggregate_rows
 from torchkit.compress import pack_message, unpack_message
@@ -24,7 +25,7 @@ def _impls():
     return [i for i in tk.ops.available_impls("cpu") if i in ("reference", "cpp")]
 
 
-def _args(name, rows=None, d=300, k=7):
+def _args(name, rows=None, d=300, k=7, decode=False):
     g = torch.Generator().manual_seed(1)
     shape = (d,) if rows is None else (rows, d)
     x = torch.randn(shape, generator=g)
@@ -36,7 +37,11 @@ def _args(name, rows=None, d=300, k=7):
     if name == "econtrol_step_":
         return (x, s1, s2, k, 0.3, False)
     idx = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(rows or 1)]).int()
-    return (torch.zeros(d), torch.randn(rows or 1, k, generator=g), idx, [0.5] * (rows or 1))
+    out, values, scales = torch.randn(d, generator=g), torch.randn(rows or 1, k, generator=g), [0.5] * (rows or 1)
+    if not decode:  # add onto out
+        return (out, values, idx, scales, False, None)
+    checks = values.sum(dim=1, dtype=torch.float64)  # a round's whole decode: zero, add every row, poison
+    return (out, values, idx, scales, True, checks)
 
 
 @pytest.mark.parametrize("name", sorted(_library.SCHEMAS))
@@ -45,6 +50,8 @@ def test_opcheck_passes_for_every_op_and_implementation(name):
     for impl in _impls():
         torch.library.opcheck(op, (*_args(name), impl))
         torch.library.opcheck(op, (*_args(name, d=4096, k=41), impl))
+        if name == "accumulate_":
+            torch.library.opcheck(op, (*_args(name, rows=3, decode=True), impl))
     torch.library.opcheck(op, (*_args(name, rows=3), "reference"))  # the simulator's [rows, d] form
 
 
@@ -136,9 +143,11 @@ def test_the_wrapper_launches_a_size_independent_number_of_ops_per_work_item(mak
 
 
 _HOOK_KERNELS = {  # every op of the hook's path that launches device work (views, reads of host flags aside)
-    "torchkit.ef14_step_", "torchkit.accumulate_", "aten.sum", "aten.mul", "aten.ne", "aten.eq", "aten.abs",
-    "aten.all", "aten.any", "aten.bitwise_not", "aten.zero_", "aten.masked_fill_", "aten.empty", "aten.cat",
-    "aten._to_copy", "aten.copy_",
+    "torchkit.ef14_step_", "torchkit.ef21_step_", "torchkit.econtrol_step_", "torchkit.accumulate_", "aten.sum",
+    "aten.mul", "aten.ne", "aten.eq", "aten.abs", "aten.all", "aten.any", "aten.bitwise_not", "aten.zero_",
+    "aten.masked_fill_", "aten.empty", "aten.cat", "aten._to_copy", "aten.copy_", "aten.clone", "aten.isnan",
+    "aten.where", "aten.sub", "aten.fill_", "aten.add_", "aten.index_add_", "aten.scatter_add_",
+    "aten._local_scalar_dense",
 }  # fmt: skip
 
 
@@ -178,10 +187,11 @@ def test_the_hook_launches_one_worker_step_and_one_decode_per_bucket(tmp_path):
 
 
 @pytest.mark.parametrize("d", [4096, 65536])
-def test_the_hooks_round_on_a_bucket_is_seven_device_launches(tmp_path, d):
-    """Every launch of one bucket's round on one rank (the future completes inside the call): the fused step, the
-    non-finite flag (sum, mul, ne), the decode (zero, scatter-add) and the NaN mask, 7 whatever the size. It was 11
-    (a composite isfinite and its negation, a wire-size probe allocating a tensor, an any() on a 0-d flag)."""
+def test_the_hooks_round_on_a_bucket_is_three_device_launches(tmp_path, d):
+    """Every launch of one bucket's round on one rank (the future completes inside the call), whatever the size:
+    the fused step, the message's non-finite check (one float64 sum) and the decode (zero, scatter-add and the NaN
+    poison in one ``accumulate_``). It was 11, then 7 (a three-launch flag, a zero_ before the scatter-add and a
+    masked_fill_ after it), and the host read of the last iteration's flag ran a composite isfinite."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         state = tk.ddp.CompressionState(tk.EF14(tk.TopK(ratio=0.01)))  # default min_compression_rate: the probe
@@ -190,12 +200,42 @@ def test_the_hooks_round_on_a_bucket_is_seven_device_launches(tmp_path, d):
             tk.ddp.compression_hook(state, bucket).wait()
         seen = _count(lambda: tk.ddp.compression_hook(state, bucket).wait())
         kernels = {k: v for k, v in seen.items() if k in _HOOK_KERNELS}
-        assert kernels == {
-            "torchkit.ef14_step_": 1, "aten.sum": 1, "aten.mul": 1, "aten.ne": 1, "aten.zero_": 1,
-            "torchkit.accumulate_": 1, "aten.masked_fill_": 1,
-        }, seen  # fmt: skip
+        assert kernels == {"torchkit.ef14_step_": 1, "aten.sum": 1, "torchkit.accumulate_": 1}, seen
     finally:
         dist.destroy_process_group()
+
+
+def _counted_round(rank, world_size, method):
+    """The launches of one bucket's round on this rank, past the first rounds, and the estimate and flag of a
+    round where rank 1's gradient holds an Inf."""
+    tk.ops.build_extension()
+    fb = {"ef14": tk.EF14, "ef21": tk.EF21, "econtrol": lambda c: tk.EControl(c, eta=0.2)}[method](tk.TopK(ratio=0.01))
+    state = tk.ddp.CompressionState(fb, min_compression_rate=0)
+    bucket = OneBucket(torch.randn(4096), torch.nn.Parameter(torch.zeros(4096)))
+    for _ in range(3):
+        tk.ddp.compression_hook(state, bucket).wait()
+    seen = _count(lambda: tk.ddp.compression_hook(state, bucket).wait())
+    if rank == 1:
+        bucket.buffer()[123] = float("inf")
+    est = tk.ddp.compression_hook(state, bucket).wait()
+    return {k: v for k, v in seen.items() if k in _HOOK_KERNELS}, bool(est.isnan().all()), len(state._flags)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("method", ["ef14", "ef21", "econtrol"])
+def test_the_hooks_round_on_two_ranks_is_four_device_launches(method):
+    """On two ranks, around the all-gather: the fused step, the non-finite check, one packing copy (values, indices
+    and the check in one row of bytes, the check at a multiple of 8) and one decode, which reads the gathered rows
+    in place (aligned fp32 values, int32 indices and float64 checks: no unpacking copies) and zeroes, adds and
+    poisons in one call. The EF21 family decodes onto its server estimate and then copies it into the bucket and
+    poisons it there (two more). It was 14: a three-launch flag and its uint8 copy, three unpacking copies, the
+    flag's any(), a zero_ and a masked_fill_. A round that meets an Inf on one rank leaves NaN on both."""
+    for kernels, poisoned, flags in run_dist(_counted_round, 2, method):
+        want = {f"torchkit.{method}_step_": 1, "aten.sum": 1, "aten.cat": 1, "torchkit.accumulate_": 1}
+        if method != "ef14":
+            want.update({"torchkit.accumulate_": 2, "aten.copy_": 1})
+        assert kernels == want, kernels
+        assert poisoned and flags > 0
 
 
 @pytest.mark.parametrize("wire", [None, torch.bfloat16, torch.float16])

@@ -297,7 +297,7 @@ def test_the_ddp_hook_on_two_nodes_follows_the_simulator_for_every_method(two_no
             x, sent, node_bytes = out["hook"][name]
             torch.testing.assert_close(x, want, rtol=1e-9, atol=1e-12, msg=name)  # autograd's gradient, not grad_fn's
             if name == "ef14":
-                assert sent == 2 * (8 + 4) + 1 and node_bytes == 2 * (LOCAL - 1) * (D // LOCAL) * 8
+                assert sent == 2 * (8 + 4) + 8 and node_bytes == 2 * (LOCAL - 1) * (D // LOCAL) * 8
     for out in two_nodes:
         pieces, refused = out["hook"]["checkpoint"]
         assert pieces == [("server", D // LOCAL), ("shift", D // LOCAL)]  # EF21: this rank's piece of g and of g_i
@@ -311,8 +311,8 @@ def test_each_rank_sends_its_shard_compressed_between_nodes_and_holds_its_shards
     shard = D // LOCAL  # 6 + 4 entries; TopK 20%: 2 entries of fp64 values and int32 indices
     full = make("ef14", tk.TopK(ratio=0.2), n_workers=NODES).wire_bytes((D,), 1, value_dtype=torch.float64)
     for out in two_nodes:
-        assert out["sent"]["ef14"] == 2 * (8 + 4) + 1  # d/L x density entries, and the non-finite flag's byte
-        assert 2 * (out["sent"]["ef14"] - 1) == full  # the node's two ranks send what one rank of it would
+        assert out["sent"]["ef14"] == 2 * (8 + 4) + 8  # d/L x density entries, and the float64 non-finite check
+        assert 2 * (out["sent"]["ef14"] - 8) == full  # the node's two ranks send what one rank of it would
         assert out["node_bytes"]["ef14"] == 2 * (LOCAL - 1) * shard * 8  # reduce-scatter and all-gather, dense
         assert out["state"]["ef14"] == shard  # EF14's error, this rank's shard only
 

@@ -188,6 +188,63 @@ def test_accumulate(impl, rows, k, d):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("zero", [True, False])
+@pytest.mark.parametrize("poison", ["none", "finite", "nan", "inf", "opposite infs"])
+def test_accumulate_decodes_a_round_in_one_call(impl, zero, poison):
+    """A round's whole decode in one op: ``zero`` starts from zeros instead of adding onto ``out``, and float64
+    non-finite checks (one per worker) that do not sum to a finite value make every entry NaN; finite checks, even
+    the largest, change nothing. Against a float64 decode written here; the implementations agree bit for bit."""
+    dev = _device_of(impl)
+    rows, k, d = 3, 50, 4099
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(rows, k, generator=g)
+    indices = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(rows)]).int()
+    scale = [0.25, 0.5, 2.0]
+    out0 = torch.randn(d, generator=g)
+    hit = torch.zeros(d, dtype=torch.bool)
+    hit[indices.long().reshape(-1)] = True
+    out0[(~hit).nonzero()[:5, 0]] = -0.0  # the sign of a zero that nothing adds to survives
+    checks = {
+        "none": None,
+        "finite": torch.tensor([1e300, 3.0, -1e300], dtype=torch.float64),
+        "nan": torch.tensor([0.0, float("nan"), 1.0], dtype=torch.float64),
+        "inf": torch.tensor([float("inf"), 0.0, 0.0], dtype=torch.float64),
+        "opposite infs": torch.tensor([float("inf"), -float("inf"), 0.0], dtype=torch.float64),
+    }[poison]
+    expect = torch.zeros(d, dtype=torch.float64) if zero else out0.double().clone()
+    for w in range(rows):
+        for j in range(k):
+            expect[indices[w, j]] += float(values[w, j] * scale[w])
+    if poison in ("nan", "inf", "opposite infs"):
+        expect.fill_(float("nan"))
+    out = out0.clone().to(dev)
+    ops.accumulate_(out, values.to(dev), indices.to(dev), scale, zero=zero,
+                    poison=None if checks is None else checks.to(dev), impl=impl)  # fmt: skip
+    out = out.cpu()
+    torch.testing.assert_close(out.double(), expect, rtol=1e-6, atol=1e-6, equal_nan=True)
+    ref = out0.clone()
+    _reference.accumulate_(ref, values, indices, scale, zero, checks)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+    untouched = ~out.isnan() & ~hit  # (a NaN's sign bit is the implementation's)
+    assert torch.equal(out[untouched].signbit(), ref[untouched].signbit())
+
+
+def test_accumulate_refuses_a_poison_that_is_not_float64_checks():
+    out, values, indices = torch.zeros(5), torch.ones(1, 2), torch.tensor([[0, 1]])
+    with pytest.raises(TypeError, match="poison"):
+        ops.accumulate_(out, values, indices, poison=torch.zeros(1, dtype=torch.bool))
+    with pytest.raises(TypeError, match="poison"):
+        ops.accumulate_(out, values, indices, poison=1.0)
+    with pytest.raises(TypeError, match="zero"):
+        ops.accumulate_(out, values, indices, zero=1)
+    out = torch.ones(5)  # nothing to add: zero and poison still apply
+    ops.accumulate_(out, values[:, :0], indices[:, :0], zero=True)
+    assert torch.equal(out, torch.zeros(5))
+    ops.accumulate_(out, values[:, :0], indices[:, :0], poison=torch.tensor([float("inf")], dtype=torch.float64))
+    assert out.isnan().all()
+
+
 def test_rows_and_float64_use_the_reference():
     x = torch.randn(4, 33, dtype=torch.float64)
     vals, idx = ops.topk(x, 5)
@@ -256,6 +313,7 @@ def test_cuda_sources_compile_for_sm90_without_fma_contraction(tmp_path):
     functions = sass.split("Function : ")[1:]
     names = [f.splitlines()[0] for f in functions]
     assert any("tk_select" in n for n in names) and any("tk_scatter_add" in n for n in names)
+    assert any("tk_prepare" in n for n in names)
     for f in functions:
         assert "FFMA" not in f, f"FFMA in {f.splitlines()[0]}"
 
@@ -273,8 +331,8 @@ def test_triton_kernels_compile_for_sm90_without_fma_contraction():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.splitlines()[-1])
     # hist (EF14 twice) and select for 5 modes, each unpadded, with padded state, with padded g and state (top-k:
-    # g only; candidates: none), and scatter-add
-    assert len(report) == 28
+    # g only; candidates: none), scatter-add, and the decode's first pass (zeros, or out kept) with its checks
+    assert len(report) == 30
     for name, r in report.items():
         assert r["ffma"] == 0, f"FFMA in {name}"
         assert r["local_memory"] == 0, f"{name} spills to local memory"

@@ -55,7 +55,7 @@ def test_predictions_add_up_the_measured_parts():
     assert predict(cal, "ddp_bf16") == pytest.approx(0.1 + 2 * 1e-3 + 2000 / 1e6)
     assert predict(cal, "diloco8") == pytest.approx(0.1 + (1e-3 + 4000 / 1e6) / 8)
     msg = wire_bytes(1000, parse_method("ef14@0.01"))
-    assert msg == 10 * 8 + 1  # 10 fp32 values and int32 indices, and the flag's byte
+    assert msg == 10 * 8 + 8  # 10 fp32 values and int32 indices, and the float64 non-finite check
     want = 0.1 + 0.004 + 2 * 2e-3 + msg / 5e5 + 3 * 10 * 1e-6  # the hook, the gathers, 3 more messages of 10
     assert predict(cal, "ef14@0.01") == pytest.approx(want)
     p, q, dense = powersgd_bytes([[40, 25]], 1)

@@ -29,6 +29,7 @@ from .compress import (
     Identity,
     Message,
     SparseMessage,
+    _bytes_part,
     pack_message,
     support_exchange,
     unpack_message,
@@ -86,7 +87,7 @@ class RoundOptions:
         nonfinite: how the round itself reports a non-finite gradient on any worker, without reading anything on
             the host (the front ends agree on it before a round with :func:`agree_max` and act on it with
             :func:`settle_nonfinite`; this is for a round that must start before that is known, the DDP hook's).
-            ``"flag"``: the estimate is NaN on every rank and :attr:`RoundResult.nonfinite` holds the agreed flag,
+            ``"flag"``: the estimate is NaN on every rank and :attr:`RoundResult.checks` hold the agreed checks,
             for the caller to check when a read costs nothing (the DDP hook: at its next iteration; the worker
             whose gradient was bad may be left with non-finite state). ``"sanitize"``: bad entries count as the
             method's neutral value (no new information, so the state stays finite and unchanged there), the estimate
@@ -120,7 +121,14 @@ class RoundResult:
     dense_bytes: int
     skipped: bool = False
     distortion_sq: Tensor | None = None
-    nonfinite: Tensor | None = None  # 0-d bool on the estimate's device: some worker's input was not finite
+    #: float64 non-finite checks on the estimate's device (:func:`torchkit.ops.nonfinite_check`, one per worker or
+    #: already summed), agreed on every rank: not all finite when some worker's input was not
+    checks: Tensor | None = None
+
+    @property
+    def nonfinite(self) -> Tensor | None:
+        """0-d bool: some worker's input held NaN or Inf (computed from :attr:`checks` when read)."""
+        return None if self.checks is None else ~torch.isfinite(self.checks.sum())
 
     @property
     def dense(self) -> bool:
@@ -134,6 +142,10 @@ class Exchanger(Protocol):
     first_worker: int
 
     def exchange(self, msg: Message | None, weights: Sequence[float], out: Tensor, bad: Tensor | None, add: bool):
+        """Start decoding every worker's ``msg`` into ``out`` (``add``: onto it): ``(future, bytes sent)``, the
+        future's value ``(out, checks)``: every worker's ``bad`` (float64 non-finite checks,
+        :func:`torchkit.ops.nonfinite_check`), agreed, and without ``add`` ``out`` NaN everywhere when one is not
+        finite."""
         """Start writing ``sum_w weights[w] * decode(msg_w)`` over all workers into ``out`` (``add``: adding it
         to what ``out`` holds): a future of ``(out, any_bad)`` (``any_bad``: a 0-d bool tensor, True when any
         worker flagged ``bad``) and the bytes this worker sent."""
@@ -144,12 +156,14 @@ class Exchanger(Protocol):
         ...
 
 
-def aggregate_rows(msg: Message, weights: Sequence[float] | Tensor, out: Tensor, *, add: bool = False) -> Tensor:
-    """``out = sum_w weights[w] * decode(msg_w)`` over the message's rows, in row order (``add``: ``out +=``)."""
-    if not add:
-        out.zero_()
+def aggregate_rows(
+    msg: Message, weights: Sequence[float] | Tensor, out: Tensor, *, add: bool = False, poison: Tensor | None = None
+) -> Tensor:
+    """``out = sum_w weights[w] * decode(msg_w)`` over the message's rows, in row order (``add``: ``out +=``), NaN
+    everywhere when the ``poison`` checks are not all finite: one launch for a sparse message
+    (:func:`torchkit.ops.accumulate_`)."""
     w = weights if isinstance(weights, Tensor) else [float(x) for x in weights]  # a list: no tensor to read back
-    return msg.add_to_(out, w)
+    return msg.add_to_(out, w, zero=not add, poison=poison)
 
 
 def all_gather_rows(t: Tensor, n: int, group=None, *, async_op: bool = False):
@@ -231,11 +245,16 @@ def _done(value) -> torch.futures.Future:
     return fut
 
 
-def _any_row(bad: Tensor | None) -> Tensor | None:
-    """Whether any worker's flag is set (a 0-d flag is one worker's: itself)."""
-    if bad is None or bad.dim() == 0:
-        return bad
-    return bad.reshape(-1).any()
+CHECK_BYTES = 8  # a sparse message's trailer on the wire: its sender's float64 non-finite check
+
+
+def _as_checks(flag: Tensor) -> Tensor:
+    """Bool flags as float64 checks: NaN where set, 0 elsewhere."""
+    return torch.zeros(flag.shape, dtype=torch.float64, device=flag.device).masked_fill_(flag, float("nan"))
+
+
+def _zero_check(device: torch.device) -> Tensor:
+    return torch.zeros((), dtype=torch.float64, device=device)
 
 
 class LocalExchanger:
@@ -248,14 +267,14 @@ class LocalExchanger:
         self.n_workers = n_workers
 
     def exchange(self, msg, weights, out, bad, add=False):
+        poison = None if add else bad
         if msg is None:
-            if not add:
-                out.zero_()
+            ops.prepare_(out, zero=not add, poison=poison)
         else:
             if msg.rows != self.n_workers:
                 raise ValueError(f"expected a message with {self.n_workers} rows, got {msg.rows}")
-            aggregate_rows(msg, weights, out, add=add)
-        return _done((out, _any_row(bad))), 0
+            aggregate_rows(msg, weights, out, add=add, poison=poison)
+        return _done((out, bad)), 0
 
     def any_true(self, flag):
         return _done(flag.reshape(-1).any())
@@ -301,24 +320,28 @@ class DistExchanger:
         destroy_at_exit()  # a script that leaves its group alive must not abort at exit (see torchkit.process_group)
 
     def exchange(self, msg, weights, out, bad, add=False):
-        flag = (bad if bad is not None else torch.zeros((), dtype=torch.bool, device=out.device)).reshape(1)
+        check = _zero_check(out.device) if bad is None else bad if bad.dim() == 0 else bad.sum()
         if msg is None or isinstance(msg, DenseMessage):
             d = out.numel()
-            red, work = self._sum_with_flag(None if msg is None else msg.values[0], weights, d, flag, out)
+            red, work = self._sum_with_flag(None if msg is None else msg.values[0], weights, d, check, out)
 
             def finish_dense():
-                out.add_(red[:d]) if add else out.copy_(red[:d])
-                return out, red[d] > 0
+                checks = red[d:].to(torch.float64)
+                out.add_(red[:d]) if add else ops.prepare_(out.copy_(red[:d]), poison=checks)
+                return out, checks
 
             return self._finished(work, finish_dense), red.numel() * red.element_size()
         if isinstance(msg, SparseMessage) and msg.shared:
-            return self._sum_shared(msg, weights, out, flag, add)
-        packed, layout = pack_message(msg, trailer=flag.to(torch.uint8))  # the flag travels in the same bytes
+            return self._sum_shared(msg, weights, out, check, add)
+        # the check travels in the same bytes, its 8 bytes last
+        packed, layout = pack_message(msg, trailer=check.reshape(1).view(torch.uint8))
         gathered, work = all_gather_rows(packed, self.n_workers, self.group, async_op=True)
 
         def finish_sparse():
-            aggregate_rows(unpack_message(gathered[:, :-1], layout), weights, out, add=add)
-            return out, gathered[:, -1].bool().any()
+            checks = _bytes_part(gathered, -CHECK_BYTES, None, torch.float64)  # [n, 1], in place
+            rows = unpack_message(gathered[:, :-CHECK_BYTES], layout)  # fp32 values, int32 indices: in place too
+            aggregate_rows(rows, weights, out, add=add, poison=None if add else checks)
+            return out, checks
 
         return self._finished(work, finish_sparse), packed.numel()
 
@@ -336,18 +359,17 @@ class DistExchanger:
 
         return _InCaller(in_caller)
 
-    def _sum_shared(self, msg: SparseMessage, weights, out: Tensor, flag: Tensor, add: bool):
+    def _sum_shared(self, msg: SparseMessage, weights, out: Tensor, check: Tensor, add: bool):
         """Every worker's values sit at the same indices: sum them with one ``all_reduce`` of k values (and the
-        flag) in the aggregate's dtype (:func:`check_wire`), and add the sum at the shared indices."""
+        check) in the aggregate's dtype (:func:`check_wire`), and add the sum at the shared indices."""
         k = msg.values.shape[1]
-        red, work = self._sum_with_flag(msg.values[0], weights, k, flag, out)
+        red, work = self._sum_with_flag(msg.values[0], weights, k, check, out)
         idx = msg.indices[:1]
 
         def finish_shared():
-            if not add:
-                out.zero_()
-            ops.accumulate_(out, red[:k].to(out.dtype).unsqueeze(0), idx)
-            return out, red[k] > 0
+            checks = red[k:].to(torch.float64)
+            ops.accumulate_(out, red[:k].to(out.dtype).unsqueeze(0), idx, zero=not add, poison=None if add else checks)
+            return out, checks
 
         sent = red.numel() * red.element_size()
         if msg.leader == self.first_worker:
@@ -358,13 +380,13 @@ class DistExchanger:
         """Start summing ``buf`` over the workers, in place (``all_reduce``): a future of ``buf``."""
         return self._finished(dist.all_reduce(buf, group=self.group, async_op=True), lambda: buf)
 
-    def _sum_with_flag(self, values: Tensor | None, weights, n: int, flag: Tensor, out: Tensor):
-        """Start one ``all_reduce`` of this worker's weighted ``n`` values (zeros for ``None``) and its flag, in
-        ``out``'s dtype (the state's): ``(buffer, work)``, the flag's sum last."""
+    def _sum_with_flag(self, values: Tensor | None, weights, n: int, check: Tensor, out: Tensor):
+        """Start one ``all_reduce`` of this worker's weighted ``n`` values (zeros for ``None``) and its check as 0
+        or NaN, in ``out``'s dtype (the state's): ``(buffer, work)``, the checks' sum last (0 or NaN)."""
         red = torch.zeros(n + 1, dtype=out.dtype, device=out.device)
         if values is not None:
             red[:n].copy_(values).mul_(weights[self.first_worker])
-        red[n] = flag.to(red.dtype)[0]
+        red[n] = ops.poison_of(check).to(red.dtype)
         return red, dist.all_reduce(red, group=self.group, async_op=True)
 
     def share_support(self, indices, leader, k, dtype, device):
@@ -468,7 +490,7 @@ def start_round(
     use = _method_for_round(feedback.at(step), block, step, n, grad, options)
     bad = None
     if options.nonfinite is not None and (options.nonfinite == "sanitize" or not use.compressor.reveals_nonfinite):
-        bad = nonfinite_flag(grad.reshape(-1, d), dim=1)
+        bad = _as_checks(nonfinite_flag(grad.reshape(-1, d), dim=1))
     return _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, dense_bytes)
 
 
@@ -579,7 +601,7 @@ def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, de
             sanitize=sanitize,
         )  # fmt: skip
     if options.nonfinite is not None and bad is None and msg is not None:
-        bad = msg.nonfinite()  # the compressor keeps every non-finite entry; before the wire clamps an Inf
+        bad = msg.nonfinite()  # its check: the compressor keeps every non-finite entry; before the wire clamps an Inf
     if options.wire_dtype is not None and not use.compressor.shared_support:  # summed in the aggregate's dtype
         msg = use.round_values_(block.state, msg, options.wire_dtype)
     err = (
@@ -590,22 +612,23 @@ def _exchange(feedback, use, exchanger, block, grad, step, options, out, bad, de
     into_server = feedback.server_state and block.server is not None  # the aggregate is added to it directly
     agg = block.server if into_server else block.aggregate_buffer(out, feedback.state_dtype(grad.dtype))
     if feedback.server_state and block.server is None and n == 1:  # one worker: its shift is the estimate
-        fut, sent = _done((agg, _any_row(bad))), 0
+        fut, sent = _done((agg, bad)), 0
     elif n == 1:  # a one-rank group: nothing to exchange, decode the message in place
         fut, sent = LocalExchanger(1).exchange(msg, feedback.aggregation_weights(1), agg, bad, into_server)
     else:
         fut, sent = exchanger.exchange(msg, feedback.aggregation_weights(n), agg, bad, into_server)
 
     def finish(f):
-        agg, any_bad = f.value()
+        agg, checks = f.value()
         est = agg
         if feedback.server_state and block.server is None:
             est = _row(block.state[feedback.estimate_state])
         if est is not out:
             out.copy_(est)
-        if options.nonfinite is not None and any_bad is not None:
-            out.masked_fill_(any_bad, float("nan"))  # every rank: GradScaler then skips the step everywhere
-        return RoundResult(out, msg, sent, dense_bytes, distortion_sq=err, nonfinite=any_bad)
+        if options.nonfinite is not None and checks is not None and (est is not agg or into_server):
+            ops.prepare_(out, poison=checks)  # NaN on every rank: GradScaler then skips the step everywhere
+        # (otherwise the decode has done it: a decode without add poisons its own output)
+        return RoundResult(out, msg, sent, dense_bytes, distortion_sq=err, checks=checks)
 
     return fut.then(finish)
 

@@ -73,8 +73,33 @@ def register_message(cls: type) -> type:
 
 
 def _bytes_part(buf: Tensor, a: int, b: int | None, dtype: torch.dtype) -> Tensor:
-    # a fresh, aligned copy: a one-row slice counts as contiguous but may start at any byte
-    return buf[:, a:b].clone(memory_format=torch.contiguous_format).view(dtype)
+    """Bytes ``a:b`` of every row of ``buf`` as ``dtype``: a view where they are aligned for it (the part's first
+    byte in every row: its offset in the storage, whose start the allocator aligns, and the row length), else an
+    aligned copy (a view of unaligned bytes would read them with misaligned loads, or fail)."""
+    part = buf[:, a:b]
+    size = dtype.itemsize
+    if not torch.compiler.is_compiling():  # (a traced graph copies: the storage offset is not traceable)
+        aligned = part.storage_offset() % size == 0 and part.stride(0) % size == 0
+        if aligned and part.shape[1] % size == 0:
+            return part.view(dtype)
+    return part.clone(memory_format=torch.contiguous_format).view(dtype)
+
+
+_PAD: dict[torch.device, Tensor] = {}
+
+
+def _joined(parts: list[Tensor], trailer: Tensor | None) -> Tensor:
+    """One row of bytes: ``parts``, then ``trailer`` at the next multiple of 8 bytes (zeros between), so that a
+    receiver reads an 8-byte trailer, and every 4-byte part of the rows it gathers, in place."""
+    if trailer is not None:
+        pad = -sum(p.numel() for p in parts) % 8
+        if pad:
+            zeros = _PAD.get(trailer.device)
+            if zeros is None:
+                zeros = _PAD[trailer.device] = torch.zeros(8, dtype=torch.uint8, device=trailer.device)
+            parts = [*parts, zeros[:pad]]
+        parts = [*parts, trailer]
+    return torch.cat(parts)
 
 
 @dataclass
@@ -111,8 +136,8 @@ class SparseMessage:
         out = self.values.new_zeros(self.rows, self.numel, dtype=dtype or self.values.dtype)
         return out.scatter_(1, self.indices.long(), self.values.to(out.dtype))
 
-    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0) -> Tensor:
-        return ops.accumulate_(out, self.values, self.indices, scale)
+    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0, *, zero: bool = False, poison=None) -> Tensor:
+        return ops.accumulate_(out, self.values, self.indices, scale, zero=zero, poison=poison)
 
     def wire_bytes(self) -> int:
         """Bytes one row puts on the wire (a shared support's: its values, and its indices where a leader chose
@@ -127,7 +152,7 @@ class SparseMessage:
         return self.values.shape[1] * _VALUE_BITS
 
     def nonfinite(self) -> Tensor:
-        return any_nonfinite(self.values)
+        return ops.nonfinite_check(self.values)
 
     def group_bases(self, device=None) -> Tensor:
         """Each entry's group start (the base of its 16-bit offset)."""
@@ -162,7 +187,7 @@ class SparseMessage:
             self.kind, self.numel, self.values.shape[1], vdtype, idx.dtype, (), self.groups, self.q is not None,
             index_bits,
         )  # fmt: skip
-        return torch.cat(parts if trailer is None else [*parts, trailer]), layout
+        return _joined(parts, trailer), layout
 
     @staticmethod
     def unpack(buf: Tensor, layout: WireLayout) -> SparseMessage:
@@ -176,7 +201,8 @@ class SparseMessage:
         if layout.index_bits:
             idx = _unpack_uint(buf[:, vbytes : vbytes + (layout.index_bits * k + 7) // 8], layout.index_bits, k)
         else:
-            idx = _bytes_part(buf, vbytes, None, layout.index_dtype).reshape(rows, k)
+            end = vbytes + k * layout.index_dtype.itemsize  # (zeros may follow: a trailer's alignment)
+            idx = _bytes_part(buf, vbytes, end, layout.index_dtype).reshape(rows, k)
         msg.indices = idx.to(torch.int32) + msg.group_bases(idx.device) if local else idx
         if two_bit:
             msg.q = _unpack_uint(buf[:, :code_bytes], 2, k).to(torch.uint8)
@@ -269,7 +295,8 @@ class DenseMessage:
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.values.to(dtype or self.values.dtype)
 
-    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0, *, zero: bool = False, poison=None) -> Tensor:
+        ops.prepare_(out, zero=zero, poison=poison)
         scales = _scale_list(scale, self.rows)
         for w in range(self.rows):
             out.add_(self.values[w].to(out.dtype) * scales[w])
@@ -282,7 +309,7 @@ class DenseMessage:
         return self.numel * _VALUE_BITS
 
     def nonfinite(self) -> Tensor:
-        return any_nonfinite(self.values)
+        return ops.nonfinite_check(self.values)
 
 
 @dataclass
@@ -311,8 +338,8 @@ class SignMessage:
             byte0 += nb
         return torch.cat(parts, dim=1)
 
-    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0) -> Tensor:
-        return DenseMessage(self.to_dense(out.dtype)).add_to_(out, scale)
+    def add_to_(self, out: Tensor, scale: float | Tensor = 1.0, *, zero: bool = False, poison=None) -> Tensor:
+        return DenseMessage(self.to_dense(out.dtype)).add_to_(out, scale, zero=zero, poison=poison)
 
     def wire_bytes(self) -> int:
         return self.bits.shape[1] + self.scales.element_size() * len(self.segments)
@@ -321,7 +348,7 @@ class SignMessage:
         return self.numel + _VALUE_BITS * len(self.segments)
 
     def nonfinite(self) -> Tensor:
-        return any_nonfinite(self.scales)
+        return ops.nonfinite_check(self.scales)
 
     kind = "sign"
 
@@ -330,12 +357,13 @@ class SignMessage:
         scales = self.scales[0].contiguous()
         layout = WireLayout(self.kind, self.numel, self.bits.shape[1], scales.dtype, None, self.segments)
         parts = [self.bits[0], scales.view(torch.uint8)]
-        return torch.cat(parts if trailer is None else [*parts, trailer]), layout
+        return _joined(parts, trailer), layout
 
     @staticmethod
     def unpack(buf: Tensor, layout: WireLayout) -> SignMessage:
         bits = buf[:, : layout.k].contiguous()
-        scales = _bytes_part(buf, layout.k, None, layout.value_dtype).reshape(buf.shape[0], len(layout.segments))
+        end = layout.k + layout.value_dtype.itemsize * len(layout.segments)
+        scales = _bytes_part(buf, layout.k, end, layout.value_dtype).reshape(buf.shape[0], len(layout.segments))
         return SignMessage(bits, scales, layout.segments)
 
 
@@ -379,17 +407,6 @@ def summed_value_bytes(dtype: torch.dtype) -> int:
     """Bytes of one value that ``all_reduce`` sums (a shared support): the aggregate's dtype, fp32 at least, as
     :meth:`torchkit.comm.DistExchanger` sends it (a sum in a narrower dtype would round the aggregate)."""
     return max(4, torch.empty((), dtype=dtype).element_size())
-
-
-def any_nonfinite(t: Tensor) -> Tensor:
-    """0-d bool: whether ``t`` holds a NaN or an Inf, in three small launches (``~isfinite(t).all()`` takes six):
-    the float64 sum of fp32/bf16/fp16 values cannot overflow (fewer than 2**31 terms, each below 3.5e38), a NaN or
-    an Inf anywhere makes it NaN or Inf, and times zero that is NaN, never zero. For messages (k entries, where
-    launches cost more than bytes); a whole gradient takes :func:`torchkit.comm.nonfinite_flag` (one ``aminmax``
-    pass, about 12x faster than this float64 sum at 16.8M fp32 elements on the CPU)."""
-    if t.dtype == torch.float64:
-        return ~torch.isfinite(t).all()
-    return t.sum(dtype=torch.float64).mul(0).ne(0)
 
 
 def _scale_list(scale: float | Tensor, n: int) -> list[float]:
@@ -971,7 +988,7 @@ def pack_message(
     msg: Message, value_dtype: torch.dtype | None = None, trailer: Tensor | None = None
 ) -> tuple[Tensor, WireLayout]:
     """One row of ``msg`` as a flat byte tensor (one collective carries values and indices together), with
-    ``trailer`` (uint8) appended in the same copy."""
+    ``trailer`` (uint8) appended in the same copy, at the next multiple of 8 bytes."""
     if _MESSAGE_KINDS.get(getattr(msg, "kind", None)) is not type(msg):
         raise TypeError(f"cannot pack {type(msg).__name__}: not a registered message type")
     return msg.pack(value_dtype, trailer)

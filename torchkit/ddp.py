@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import weakref
 from typing import Any
@@ -549,8 +550,8 @@ def _start(state: CompressionState, job: _Job, nonfinite):
 
     def done(fut):
         res = fut.value()
-        flag = res.nonfinite
-        if state._node is not None:  # the node gathers its shards' estimates, and their flags with them
+        flag = res.checks
+        if state._node is not None:  # the node gathers its shards' estimates, and their checks with them
             flag = state._node.gather_into(job.shard, buf, job.sizes, _flag_of(res) if nonfinite else None)
             with state._lock:
                 job.acc["node"] += state._node.sent_bytes(job.sizes, buf.element_size()) // 2  # the all-gather's
@@ -571,13 +572,14 @@ def _start(state: CompressionState, job: _Job, nonfinite):
 
 
 def _flag_of(res) -> Tensor | bool:
-    return res.nonfinite if res.nonfinite is not None else False
+    return res.checks if res.checks is not None else False
 
 
 def _keep_flag(state: CompressionState, flag: Tensor) -> None:
-    """Copy a device flag to the host without waiting (pinned memory, an event to know when it landed)."""
+    """Keep a round's float64 non-finite checks for the host, copied without waiting (pinned memory, an event to
+    know when they landed): no launch on the CPU, a copy on a GPU."""
     if flag.is_cuda:
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
         host.copy_(flag, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -600,7 +602,7 @@ def _raise_if_flagged(state: CompressionState, *, consume: bool = True) -> None:
     for host, event in flags:
         if event is not None:
             event.synchronize()  # recorded an iteration ago: done already in practice
-        bad = bad or bool(host)
+        bad = bad or not all(map(math.isfinite, host.reshape(-1).tolist()))  # a host read, no kernel
     if bad:
         raise NonFiniteGradientError(
             "non-finite gradient (NaN or Inf) on at least one rank in the previous iteration: its estimate was NaN on "

@@ -122,18 +122,19 @@ class NodeShards:
 
     def gather_into(self, shard: Tensor, flat: Tensor, sizes: Sequence[int], flag=None) -> Tensor | None:
         """Every rank's shard of the estimate into ``flat`` (a dense all-gather inside the node). With ``flag``
-        (this rank's round saw a non-finite input), each rank's flag travels after its shard: whether any shard's
-        round of the node saw one (each shard's round agreed on it between nodes, so every rank learns the same)."""
+        (this rank's round's float64 non-finite checks, or ``False``), each rank's travels after its shard as 0 or
+        NaN: the checks of every shard's round of the node (each shard's round agreed on them between nodes, so every
+        rank learns the same)."""
         where, width, mine = self._layout(sizes, flat.device)
         row = width + (flag is not None)
         piece = torch.zeros(row, dtype=shard.dtype, device=shard.device)
         piece[:mine].copy_(shard)
-        if flag is not None:
-            piece[width] = float(flag) if isinstance(flag, bool) else flag.to(piece.dtype)
+        if flag is not None:  # this rank's round's checks, as 0 or NaN
+            piece[width] = 0.0 if flag is False else ops.poison_of(flag).to(piece.dtype)
         rows = torch.empty(self.size, row, dtype=flat.dtype, device=flat.device)
         _all_gather(rows.view(-1), piece, group=self.group)
         flat[: where.numel()].copy_(rows[:, :width].reshape(-1)[where])
-        return rows[:, width].gt(0).any() if flag is not None else None
+        return rows[:, width].to(torch.float64) if flag is not None else None
 
     def sent_bytes(self, sizes: Sequence[int], element_size: int) -> int:
         """Bytes this rank sends inside the node for tensors of ``sizes``: its ring reduce-scatter's and

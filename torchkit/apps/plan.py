@@ -101,11 +101,14 @@ def compressed_key(spec: dict) -> str:
 
 
 def wire_bytes(d: int, spec: dict) -> int:
-    """One rank's message of a compressed method, as the front ends pack it (values, indices, the flag's byte)."""
+    """One rank's message of a compressed method, as the front ends pack it (values, indices, zeros to a multiple
+    of 8 bytes, its sender's float64 non-finite check)."""
 
+    from ..comm import CHECK_BYTES
     from ..feedback import EF14
 
-    return EF14(_topk(spec)).wire_bytes((d,), 1, value_dtype=_wire_dtype(spec)) + 1
+    msg = EF14(_topk(spec)).wire_bytes((d,), 1, value_dtype=_wire_dtype(spec))
+    return -(-msg // 8) * 8 + CHECK_BYTES  # the check at the next multiple of 8 bytes
 
 
 def _wire_dtype(spec: dict):

@@ -36,6 +36,9 @@ __all__ = [
     "ef21_step_",
     "econtrol_step_",
     "accumulate_",
+    "nonfinite_check",
+    "poison_of",
+    "prepare_",
     "index_dtype",
     "build_extension",
     "available_impls",
@@ -186,17 +189,63 @@ def econtrol_step_(grad, error, shift, k: int, eta: float, approx: bool = False,
     return _library.econtrol_step_(grad, error, shift, k, float(eta), bool(approx), _choose(impl, grad, rows))
 
 
-def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor = 1.0, *, impl: Impl = "auto"):
-    """``out[indices[w]] += scale[w] * values[w]`` for every worker row w (indices unique within a row)."""
+def accumulate_(
+    out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    scale: float | Tensor = 1.0,
+    *,
+    zero: bool = False,
+    poison: Tensor | None = None,
+    impl: Impl = "auto",
+):
+    """``out[indices[w]] += scale[w] * values[w]`` for every worker row w (indices unique within a row), in row order.
+
+    A round's whole decode in one call: ``zero=True`` starts ``out`` from zeros, and ``poison`` (float64 checks,
+    one per worker or any number: :func:`nonfinite_check` of each worker's message) makes every entry of ``out``
+    NaN when their sum is not finite, i.e. when some worker's message held a NaN or an Inf."""
     _check_vector("out", out, allow_rows=False)
     check_dense_float("values", values)
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
     if values.shape != indices.shape:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+    if not isinstance(zero, bool):
+        raise TypeError(f"zero must be a bool, got {type(zero).__name__}")
+    if poison is not None and (not isinstance(poison, Tensor) or poison.dtype != torch.float64):
+        raise TypeError(f"poison must be a float64 tensor of non-finite checks, got {_what(poison)}")
+    if poison is not None and poison.device != out.device:
+        raise ValueError(f"poison is on {poison.device} but out is on {out.device}")
     if values.numel() == 0:
-        return out
-    values = values.contiguous()
+        return prepare_(out, zero=zero, poison=poison, impl=impl)
+    values, indices = _rowwise(values), _rowwise(indices)  # rows may sit apart: gathered wire bytes, in place
     scales = _reference._scales(scale, values.reshape(-1, values.shape[-1]).shape[0])
-    _library.accumulate_(out, values, indices.contiguous(), scales, _choose(impl, out, False))
+    _library.accumulate_(out, values, indices, scales, zero, poison, _choose(impl, out, False))
     return out
+
+
+def _rowwise(t: Tensor) -> Tensor:
+    """``t`` with each row's entries contiguous (rows may be apart, as long as each is one run)."""
+    return t if t.stride(-1) == 1 and (t.dim() == 1 or t.stride(0) >= t.shape[-1]) else t.contiguous()
+
+
+def _what(x) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+
+
+def prepare_(out: Tensor, *, zero: bool = False, poison: Tensor | None = None, impl: Impl = "auto") -> Tensor:
+    """What a decode does before it adds, alone: ``out`` zeroed (``zero``), NaN everywhere when the ``poison`` checks
+    are not all finite. One launch (:func:`accumulate_` of a message without entries)."""
+    if not zero and poison is None:
+        return out
+    _check_vector("out", out, allow_rows=False)
+    values, indices = _NO_ENTRIES.get(out.device) or _NO_ENTRIES.setdefault(
+        out.device, (torch.empty(1, 0, device=out.device), torch.empty(1, 0, dtype=torch.int32, device=out.device))
+    )
+    _library.accumulate_(out, values, indices, [1.0], zero, poison, _choose(impl, out, False))
+    return out
+
+
+_NO_ENTRIES: dict[torch.device, tuple[Tensor, Tensor]] = {}
+nonfinite_check = _reference.nonfinite_check
+poison_of = _reference.poison_of

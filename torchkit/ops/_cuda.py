@@ -34,6 +34,7 @@ _SIGNATURES = {
     "tk_threshold": [_P, _P, _I, _I, _I, _P],
     "tk_select": [_I, _I] + [_P] * 10 + [_I, _F] + [_I] * 12 + [_P],
     "tk_scatter_add": [_P, _P, _P, _F, _I, _P],
+    "tk_prepare": [_P, _P, _I, ctypes.c_longlong, _I, _P],
     "tk_block_elems": [],
 }
 
@@ -221,11 +222,18 @@ def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: 
 
 
 def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) -> None:
-    values, indices = values.float().contiguous(), indices.int().contiguous()
+    values, indices = values.float(), indices.int()
+    values, indices = (t if t.stride(-1) == 1 else t.contiguous() for t in (values, indices))  # rows may be apart
     stream = torch.cuda.current_stream(out.device).cuda_stream
     for w, s in enumerate(scales):  # one launch per worker: deterministic order
         rc = _lib.tk_scatter_add(_ptr(out), _ptr(values[w]), _ptr(indices[w]), s, values.shape[1], stream)
         _check(rc, "tk_scatter_add")
 
 
-OPS = _select.GpuOps(_run, _scatter)  # what torchkit.ops dispatches to
+def _prepare(out: Tensor, zero: bool, checks: Tensor | None) -> None:
+    stream = torch.cuda.current_stream(out.device).cuda_stream
+    n = 0 if checks is None else checks.numel()
+    _check(_lib.tk_prepare(_ptr(out), _ptr(checks), n, out.numel(), int(zero), stream), "tk_prepare")
+
+
+OPS = _select.GpuOps(_run, _scatter, _prepare)  # what torchkit.ops dispatches to

@@ -148,12 +148,11 @@ def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: floa
     return v, _int_idx(i, error.numel())
 
 
-def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0):
+def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero: bool = False, poison=None):
     from ._reference import _scales
 
     if not _kernel_takes(values, out):
-        return _ref().accumulate_(out, values, indices, scale)
-    v2 = values.reshape(-1, values.shape[-1])
-    scales = torch.tensor(_scales(scale, v2.shape[0]), dtype=torch.float64)
-    _module.accumulate(out, v2, indices.reshape(v2.shape), scales)
+        return _ref().accumulate_(out, values, indices, scale, zero, poison)
+    v2 = _ref().as_rows(values)
+    _module.accumulate(out, v2, indices.reshape(v2.shape), _scales(scale, v2.shape[0]), zero, poison)
     return out

@@ -30,7 +30,10 @@ SCHEMAS = {
         "econtrol_step_(Tensor grad, Tensor(a!) error, Tensor(b!) shift, int k, float eta, bool approx, str impl) "
         "-> (Tensor, Tensor)"
     ),
-    "accumulate_": "accumulate_(Tensor(a!) out, Tensor values, Tensor indices, float[] scales, str impl) -> ()",
+    "accumulate_": (
+        "accumulate_(Tensor(a!) out, Tensor values, Tensor indices, float[] scales, bool zero, Tensor? poison, "
+        "str impl) -> ()"
+    ),
 }
 
 
@@ -60,8 +63,8 @@ def _econtrol(grad, error, shift, k, eta, approx, impl):
     return _kernels(impl).econtrol_step_(grad, error, shift, k, eta, **_approx(impl, approx))
 
 
-def _accumulate(out, values, indices, scales, impl):
-    _kernels(impl).accumulate_(out, values, indices, scales)
+def _accumulate(out, values, indices, scales, zero, poison, impl):
+    _kernels(impl).accumulate_(out, values, indices, scales, zero, poison)
 
 
 def _out(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -74,7 +77,7 @@ _FAKES = {
     "ef14_step_": lambda grad, error, k, approx, impl: _out(error, k),
     "ef21_step_": lambda grad, estimate, k, approx, impl: _out(estimate, k),
     "econtrol_step_": lambda grad, error, shift, k, eta, approx, impl: _out(error, k),
-    "accumulate_": lambda out, values, indices, scales, impl: None,
+    "accumulate_": lambda out, values, indices, scales, zero, poison, impl: None,
 }
 _KERNELS = {
     "topk": _topk,

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["index_dtype", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
+__all__ = [
+    "index_dtype", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_", "nonfinite_check",
+    "poison_of", "prepare_",
+]  # fmt: skip
 
 
 def index_dtype(d: int) -> torch.dtype:
@@ -57,14 +60,49 @@ def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: floa
     return values, idx.to(index_dtype(error.shape[-1]))
 
 
-def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor = 1.0) -> Tensor:
-    """out[indices[w]] += scale[w] * values[w], worker by worker in row order (deterministic)."""
-    values2 = values.reshape(-1, values.shape[-1])
-    indices2 = indices.reshape(-1, indices.shape[-1]).long()
+def accumulate_(
+    out: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor = 1.0, zero: bool = False, poison=None
+) -> Tensor:
+    """out[indices[w]] += scale[w] * values[w], worker by worker in row order (deterministic); ``zero``: out starts
+    from zeros; ``poison`` (non-finite checks, :func:`nonfinite_check`): every entry NaN when one is not finite."""
+    prepare_(out, zero, poison)
+    values2, indices2 = as_rows(values), as_rows(indices).long()
     scales = _scales(scale, values2.shape[0])
     for w in range(values2.shape[0]):
         out.index_add_(0, indices2[w], values2[w].to(out.dtype) * scales[w])
     return out
+
+
+def nonfinite_check(t: Tensor) -> Tensor:
+    """0-d float64, finite exactly when ``t`` holds no NaN or Inf: one launch, ``t``'s float64 sum (fp32, bf16 and
+    fp16 sums cannot overflow in float64: fewer than 2**31 terms, each below 3.5e38; a NaN or an Inf anywhere makes
+    it NaN or Inf). Checks add up: the sum of several is finite exactly when each is. fp64 ``t``, whose sum could
+    overflow, gives 0 or NaN. For messages (k entries, where launches cost more than bytes); a whole gradient takes
+    :func:`torchkit.comm.nonfinite_flag` (one ``aminmax`` pass, about 12x faster than a float64 sum at 16.8M fp32
+    elements on the CPU)."""
+    if t.dtype == torch.float64:
+        return torch.where(torch.isfinite(t).all(), 0.0, float("nan")).to(torch.float64)
+    return t.sum(dtype=torch.float64)
+
+
+def poison_of(checks: Tensor) -> Tensor:
+    """0-d float64: 0 when every check is finite, else NaN (x - x is 0 for finite x and NaN for NaN and Inf)."""
+    p = checks.sum(dtype=torch.float64)
+    return p - p
+
+
+def prepare_(out: Tensor, zero: bool, poison: Tensor | None) -> Tensor:
+    """What a decode does to ``out`` before it adds: zero it (``zero``), and make every entry NaN when a ``poison``
+    check is not finite (then whatever is added stays NaN)."""
+    if poison is None:
+        return out.zero_() if zero else out
+    p = poison_of(poison).to(out.dtype)
+    return out.copy_(p.expand_as(out)) if zero else out.masked_fill_(p.isnan(), float("nan"))
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """A message's ``[k]`` or ``[rows, k]`` tensor as ``[rows, k]`` (a view; also when k is 0)."""
+    return t if t.dim() == 2 else t.reshape(1, -1) if t.dim() < 2 else t.reshape(-1, t.shape[-1])
 
 
 def _scales(scale: float | Tensor | list, n: int) -> list:

@@ -200,11 +200,13 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
 
 
 class GpuOps:
-    """The op set of one GPU implementation: ``run(mode, g, e, h, k, eta, approx)`` and
-    ``scatter(out, values [rows, k] fp32, indices, scales)``; inputs the kernels do not take go to the reference."""
+    """The op set of one GPU implementation: ``run(mode, g, e, h, k, eta, approx)``,
+    ``scatter(out, values [rows, k] fp32, indices, scales)`` and ``prepare(out, zero, checks)`` (one pass over
+    ``out``: zeros, or NaN everywhere when the float64 ``checks`` sum to a non-finite value); inputs the kernels
+    do not take go to the reference."""
 
-    def __init__(self, run_fn, scatter_fn):
-        self._run, self._scatter = run_fn, scatter_fn
+    def __init__(self, run_fn, scatter_fn, prepare_fn):
+        self._run, self._scatter, self._prepare = run_fn, scatter_fn, prepare_fn
 
     def topk(self, x: Tensor, k: int):
         if not kernel_takes(x):
@@ -227,9 +229,13 @@ class GpuOps:
             return _reference.econtrol_step_(grad, error, shift, k, eta)
         return self._run(ECONTROL, grad, error, shift, k, float(eta), approx)
 
-    def accumulate_(self, out: Tensor, values: Tensor, indices: Tensor, scale=1.0):
+    def accumulate_(self, out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero=False, poison=None):
         if not kernel_takes(values, out):
-            return _reference.accumulate_(out, values, indices, scale)
-        v2 = values.reshape(-1, values.shape[-1])
-        self._scatter(out, v2, indices.reshape(v2.shape), _reference._scales(scale, v2.shape[0]))
+            return _reference.accumulate_(out, values, indices, scale, zero, poison)
+        if zero or poison is not None:
+            checks = None if poison is None else poison.reshape(-1).to(torch.float64).contiguous()
+            self._prepare(out, zero, checks)
+        v2 = _reference.as_rows(values)
+        if v2.numel():
+            self._scatter(out, v2, indices.reshape(v2.shape), _reference._scales(scale, v2.shape[0]))
         return out

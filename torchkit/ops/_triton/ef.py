@@ -283,6 +283,21 @@ def _scatter_add_kernel(out_ptr, val_ptr, idx_ptr, scale, k, BLOCK: tl.constexpr
     tl.store(out_ptr + idx, cur + val * scale, mask=live)  # indices unique within one worker: no race
 
 
+@triton.jit
+def _prepare_kernel(out_ptr, checks_ptr, n_checks, d, ZERO: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr):
+    """out = 0 (``ZERO``) or left as it is, and NaN everywhere when the checks' sum is not finite."""
+    c = tl.arange(0, NC)
+    p = tl.sum(tl.load(checks_ptr + c, mask=c < n_checks, other=0.0), axis=0)
+    bad = (p - p) != 0  # x - x: 0 for finite x, NaN for NaN and Inf
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < d
+    if ZERO:
+        cur = tl.zeros([BLOCK], dtype=tl.float32)
+    else:
+        cur = tl.load(out_ptr + offs, mask=live, other=0.0)
+    tl.store(out_ptr + offs, tl.where(bad, float("nan"), cur), mask=live)
+
+
 def _block(n: int, device: torch.device) -> int:
     if device.type == "cuda":
         return 2048
@@ -373,4 +388,14 @@ def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) 
         )
 
 
-OPS = _select.GpuOps(_run, _scatter)  # what torchkit.ops dispatches to
+def _prepare(out: Tensor, zero: bool, checks: Tensor | None) -> None:
+    d = out.numel()
+    block = 1024 if out.is_cuda else max(1024, triton.next_power_of_2(min(d, 1 << 16)))
+    n = 0 if checks is None else checks.numel()
+    _prepare_kernel[(triton.cdiv(d, block),)](
+        out, out if checks is None else checks, n, d, ZERO=bool(zero), NC=triton.next_power_of_2(max(n, 1)),
+        BLOCK=block,
+    )  # fmt: skip
+
+
+OPS = _select.GpuOps(_run, _scatter, _prepare)  # what torchkit.ops dispatches to
