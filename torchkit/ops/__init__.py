@@ -20,6 +20,7 @@ EF21 8 B (read g, h; sparse write of h), EControl 16 B (read g, e, h; write e). 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -144,11 +145,15 @@ def _check_k(k: int, d: int) -> int:
 
 
 def _kernels(name: str):
-    if name == "triton":
+    kernels = _KERNEL_SETS.get(name)
+    if kernels is None:  # Triton is imported on first use
         from ._triton import ef
 
-        return ef.OPS
-    return {"cuda": _cuda.OPS, "cpp": _ext, "reference": _reference}[name]
+        kernels = _KERNEL_SETS[name] = ef.OPS
+    return kernels
+
+
+_KERNEL_SETS = {"cuda": _cuda.OPS, "cpp": _ext, "reference": _reference}
 
 
 def topk(x: Tensor, k: int, *, impl: Impl = "auto") -> tuple[Tensor, Tensor]:
@@ -219,7 +224,7 @@ def accumulate_(
     if values.numel() == 0:
         return prepare_(out, zero=zero, poison=poison, impl=impl)
     values, indices = _rowwise(values), _rowwise(indices)  # rows may sit apart: gathered wire bytes, in place
-    scales = _reference._scales(scale, values.reshape(-1, values.shape[-1]).shape[0])
+    scales = _reference._scales(scale, values.shape[0] if values.dim() == 2 else math.prod(values.shape[:-1]))
     _library.accumulate_(out, values, indices, scales, zero, poison, _choose(impl, out, False))
     return out
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import _reference
+
 __all__ = ["available", "error", "build", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
 
 log = logging.getLogger(__name__)
@@ -103,15 +105,8 @@ def build(verbose: bool = False) -> bool:
 
 
 def _int_idx(idx: Tensor, d: int) -> Tensor:
-    from ._reference import index_dtype
-
-    return idx if idx.dtype == index_dtype(d) else idx.to(index_dtype(d))
-
-
-def _ref():
-    from . import _reference
-
-    return _reference
+    want = _reference.index_dtype(d)
+    return idx if idx.dtype == want else idx.to(want)
 
 
 def _kernel_takes(grad: Tensor, *state: Tensor) -> bool:
@@ -121,7 +116,7 @@ def _kernel_takes(grad: Tensor, *state: Tensor) -> bool:
 
 def topk(x: Tensor, k: int):
     if not _kernel_takes(x):
-        return _ref().topk(x, k)
+        return _reference.topk(x, k)
     v, i = _module.topk(x, k)
     v = v.to(x.dtype)
     return v, _int_idx(i, x.numel())
@@ -129,30 +124,29 @@ def topk(x: Tensor, k: int):
 
 def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False):
     if not _kernel_takes(grad, error):
-        return _ref().ef14_step_(grad, error, k)
+        return _reference.ef14_step_(grad, error, k)
     v, i = _module.ef14_step(grad, error, k, approx)
     return v, _int_idx(i, error.numel())
 
 
 def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False):
     if not _kernel_takes(grad, estimate):
-        return _ref().ef21_step_(grad, estimate, k)
+        return _reference.ef21_step_(grad, estimate, k)
     v, i = _module.ef21_step(grad, estimate, k, approx)
     return v, _int_idx(i, estimate.numel())
 
 
 def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: float, approx: bool = False):
     if not _kernel_takes(grad, error, shift):
-        return _ref().econtrol_step_(grad, error, shift, k, eta)
+        return _reference.econtrol_step_(grad, error, shift, k, eta)
     v, i = _module.econtrol_step(grad, error, shift, k, eta, approx)
     return v, _int_idx(i, error.numel())
 
 
 def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero: bool = False, poison=None):
-    from ._reference import _scales
-
     if not _kernel_takes(values, out):
-        return _ref().accumulate_(out, values, indices, scale, zero, poison)
-    v2 = _ref().as_rows(values)
-    _module.accumulate(out, v2, indices.reshape(v2.shape), _scales(scale, v2.shape[0]), zero, poison)
+        return _reference.accumulate_(out, values, indices, scale, zero, poison)
+    v2 = _reference.as_rows(values)
+    scales = scale if type(scale) is list and len(scale) == v2.shape[0] else _reference._scales(scale, v2.shape[0])
+    _module.accumulate(out, v2, _reference.as_rows(indices), scales, zero, poison)
     return out

@@ -38,9 +38,14 @@ SCHEMAS = {
 
 
 def _kernels(name: str):
-    from . import _kernels
+    from . import _kernels  # (the package imports this module: a late import, cached after the first call)
 
+    global _kernels_of
+    _kernels_of = _kernels
     return _kernels(name)
+
+
+_kernels_of = _kernels
 
 
 def _approx(name: str, approx: bool) -> dict:
@@ -48,23 +53,23 @@ def _approx(name: str, approx: bool) -> dict:
 
 
 def _topk(x, k, impl):
-    return _kernels(impl).topk(x, k)
+    return _kernels_of(impl).topk(x, k)
 
 
 def _ef14(grad, error, k, approx, impl):
-    return _kernels(impl).ef14_step_(grad, error, k, **_approx(impl, approx))
+    return _kernels_of(impl).ef14_step_(grad, error, k, **_approx(impl, approx))
 
 
 def _ef21(grad, estimate, k, approx, impl):
-    return _kernels(impl).ef21_step_(grad, estimate, k, **_approx(impl, approx))
+    return _kernels_of(impl).ef21_step_(grad, estimate, k, **_approx(impl, approx))
 
 
 def _econtrol(grad, error, shift, k, eta, approx, impl):
-    return _kernels(impl).econtrol_step_(grad, error, shift, k, eta, **_approx(impl, approx))
+    return _kernels_of(impl).econtrol_step_(grad, error, shift, k, eta, **_approx(impl, approx))
 
 
 def _accumulate(out, values, indices, scales, zero, poison, impl):
-    _kernels(impl).accumulate_(out, values, indices, scales, zero, poison)
+    _kernels_of(impl).accumulate_(out, values, indices, scales, zero, poison)
 
 
 def _out(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
