@@ -87,12 +87,13 @@ def _worker(rank: int, world: int, port: int, d: int, rounds: int, out: str) -> 
 
 
 def model(name: str, n: int, d: int, density: float = 0.01) -> float:
-    """Bytes a rank receives in one round of ``name`` (fp32 values, int32 indices; the flag included)."""
+    """Bytes a rank receives in one round of ``name`` (fp32 values, int32 indices; the non-finite check included:
+    the all-gathered message runs on to a multiple of 8 bytes, then its 8-byte float64 check)."""
     k = tk.TopK(ratio=density).k_for(d)
     if name == "dense":
         return received_bytes("all_reduce", n, 4 * (d + 1))
     if name == "allgather":
-        return received_bytes("all_gather", n, 8 * k + 1)
+        return received_bytes("all_gather", n, 8 * k + 8)
     reduce = received_bytes("all_reduce", n, 4 * (k + 1))
     return reduce + (received_bytes("broadcast", n, 4 * k) if name == "cyclic" else 0)
 

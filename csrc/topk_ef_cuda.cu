@@ -353,14 +353,15 @@ __global__ void tk_scatter_add_kernel(float* out, const float* val, const int* i
 
 // A decode's first pass over out: zeros (zero != 0) or out as it is, and NaN everywhere when the float64 checks
 // sum to a non-finite value (a worker's message held NaN or Inf). Each thread sums the few checks itself.
-__global__ void tk_prepare_kernel(float* out, const double* checks, int n_checks, long long d, int zero) {
+__global__ void tk_prepare_kernel(float* out, const double* checks, int n_checks, long long stride, long long d,
+                                  int zero) {
   double p = 0.0;
-  for (int i = 0; i < n_checks; ++i) p += checks[i];
+  for (int i = 0; i < n_checks; ++i) p += checks[i * stride];
   const bool bad = !isfinite(p);
   if (!zero && !bad) return;
   const float v = bad ? __int_as_float(0x7fc00000) : 0.0f;
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; j < d; j += stride) out[j] = v;
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; j < d; j += step) out[j] = v;
 }
 
 template <typename G, typename F>
@@ -424,11 +425,12 @@ extern "C" int tk_scatter_add(float* out, const float* val, const int* idx, floa
   return cudaGetLastError();
 }
 
-extern "C" int tk_prepare(float* out, const double* checks, int n_checks, long long d, int zero, cudaStream_t stream) {
+extern "C" int tk_prepare(float* out, const double* checks, int n_checks, long long stride, long long d, int zero,
+                          cudaStream_t stream) {
   const int threads = 256;
   const long long want = (d + threads - 1) / threads;
   const int blocks = static_cast<int>(want < 4096 ? (want > 0 ? want : 1) : 4096);
-  tk_prepare_kernel<<<blocks, threads, 0, stream>>>(out, checks, n_checks, d, zero);
+  tk_prepare_kernel<<<blocks, threads, 0, stream>>>(out, checks, n_checks, stride, d, zero);
   return cudaGetLastError();
 }
 

@@ -56,7 +56,7 @@ def kernels():
             yield f"select[{mode}]" + _pad_name(g_pad, s_pad), ef._select_kernel, sel, cx
     scatter = {"out_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i32", "scale": "fp32", "k": "i32"}
     yield "scatter_add", ef._scatter_add_kernel, scatter, dict(BLOCK=1024)
-    prepare = {"out_ptr": "*fp32", "checks_ptr": "*fp64", "n_checks": "i32", "d": "i32"}
+    prepare = {"out_ptr": "*fp32", "checks_ptr": "*fp64", "n_checks": "i32", "stride": "i32", "d": "i32"}
     for zero in (True, False):  # a decode's first pass: zeros or out kept, NaN when a check is not finite
         yield f"prepare[{zero}]", ef._prepare_kernel, prepare, dict(ZERO=zero, NC=8, BLOCK=1024)
 

@@ -218,6 +218,8 @@ def _counted_round(rank, world_size, method):
     if rank == 1:
         bucket.buffer()[123] = float("inf")
     est = tk.ddp.compression_hook(state, bucket).wait()
+    kept = [host for host, _ in state._flags]  # values, not views that would keep the gathered rows alive
+    assert kept and not any(isinstance(h, torch.Tensor) for h in kept)
     return {k: v for k, v in seen.items() if k in _HOOK_KERNELS}, bool(est.isnan().all()), len(state._flags)
 
 

@@ -224,6 +224,33 @@ def test_a_nan_on_one_rank_raises_or_skips_on_every_rank_with_the_state_unchange
             assert raised is None and grads_nan and all(grads_nan)
 
 
+def _configured_differently(rank, world, what):
+    model = _sharded(_net())
+    ratio = 0.3 if what != "density" or rank == 0 else 0.2
+    comms = tk.fsdp.compress_reduce_scatter(model, tk.EF14(tk.TopK(ratio=ratio)))
+    if what == "resume":  # rank 1 restores a state one step behind
+        _train(model, rank, steps=2)
+        saved = {n: c.state_dict() for n, c in comms.items()}
+        _train(model, rank, steps=1)
+        if rank == 1:
+            for n, c in comms.items():
+                c.load_state_dict(saved[n])
+    try:
+        _train(model, rank, steps=1)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("what", ["density", "resume"])
+def test_ranks_configured_differently_raise_a_clear_error_on_every_rank(what):
+    """Another density on one rank (its messages would have another size in the all-to-all), or one rank resumed
+    from another step: every rank raises ValueError naming the difference, before any message is sent."""
+    for err in run_dist(_configured_differently, 2, what):
+        assert err is not None and "configured differently" in err
+        assert ("ratio" in err or "TopK" in err) if what == "density" else "step" in err
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match="feedback"):
         tk.fsdp.CompressedReduceScatter(tk.TopK(ratio=0.1))

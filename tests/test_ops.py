@@ -218,9 +218,13 @@ def test_accumulate_decodes_a_round_in_one_call(impl, zero, poison):
             expect[indices[w, j]] += float(values[w, j] * scale[w])
     if poison in ("nan", "inf", "opposite infs"):
         expect.fill_(float("nan"))
+    poison = None
+    if checks is not None:  # as the exchanger passes them: one per gathered row, a stride apart, in place
+        rows_of_bytes = torch.zeros(rows, 3, dtype=torch.float64)
+        rows_of_bytes[:, 2] = checks
+        poison = rows_of_bytes.to(dev)[:, 2:]
     out = out0.clone().to(dev)
-    ops.accumulate_(out, values.to(dev), indices.to(dev), scale, zero=zero,
-                    poison=None if checks is None else checks.to(dev), impl=impl)  # fmt: skip
+    ops.accumulate_(out, values.to(dev), indices.to(dev), scale, zero=zero, poison=poison, impl=impl)
     out = out.cpu()
     torch.testing.assert_close(out.double(), expect, rtol=1e-6, atol=1e-6, equal_nan=True)
     ref = out0.clone()
@@ -238,6 +242,13 @@ def test_accumulate_refuses_a_poison_that_is_not_float64_checks():
         ops.accumulate_(out, values, indices, poison=1.0)
     with pytest.raises(TypeError, match="zero"):
         ops.accumulate_(out, values, indices, zero=1)
+    for call in (ops.prepare_, functools.partial(ops.accumulate_, values=values, indices=indices)):
+        with pytest.raises(TypeError, match="poison"):
+            call(out, poison=torch.zeros(1))  # float32: not a check
+        with pytest.raises(TypeError, match="zero"):
+            call(out, zero=1)
+        with pytest.raises(ValueError, match="poison is on meta"):
+            call(out, poison=torch.zeros(1, dtype=torch.float64, device="meta"))
     out = torch.ones(5)  # nothing to add: zero and poison still apply
     ops.accumulate_(out, values[:, :0], indices[:, :0], zero=True)
     assert torch.equal(out, torch.zeros(5))

@@ -145,10 +145,8 @@ class Exchanger(Protocol):
         """Start decoding every worker's ``msg`` into ``out`` (``add``: onto it): ``(future, bytes sent)``, the
         future's value ``(out, checks)``: every worker's ``bad`` (float64 non-finite checks,
         :func:`torchkit.ops.nonfinite_check`), agreed, and without ``add`` ``out`` NaN everywhere when one is not
-        finite."""
-        """Start writing ``sum_w weights[w] * decode(msg_w)`` over all workers into ``out`` (``add``: adding it
-        to what ``out`` holds): a future of ``(out, any_bad)`` (``any_bad``: a 0-d bool tensor, True when any
-        worker flagged ``bad``) and the bytes this worker sent."""
+        finite: an exchanger poisons ``out`` itself (:func:`aggregate_rows` with ``poison``), the round does not
+        do it again."""
         ...
 
     def any_true(self, flag: Tensor):

@@ -995,7 +995,9 @@ def pack_message(
 
 
 def unpack_message(buf: Tensor, layout: WireLayout) -> Message:
-    """Inverse of :func:`pack_message` for ``[rows, nbytes]`` gathered bytes."""
+    """Inverse of :func:`pack_message` for ``[rows, nbytes]`` gathered bytes. Parts whose bytes are aligned for
+    their dtype (fp32 values, int32 indices at the offsets packing gives them) are views of ``buf``, not copies:
+    the message shares ``buf``'s memory, so copy it before ``buf`` is written again."""
     cls = _MESSAGE_KINDS.get(layout.kind)
     if cls is None:
         raise TypeError(f"cannot unpack message kind {layout.kind!r}: not a registered message type")

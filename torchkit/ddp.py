@@ -577,14 +577,15 @@ def _flag_of(res) -> Tensor | bool:
 
 def _keep_flag(state: CompressionState, flag: Tensor) -> None:
     """Keep a round's float64 non-finite checks for the host, copied without waiting (pinned memory, an event to
-    know when they landed): no launch on the CPU, a copy on a GPU."""
+    know when they landed): a copy on a GPU; on the CPU their values, read now (the tensor may view a round's
+    gathered bytes, which it would keep alive until the next iteration)."""
     if flag.is_cuda:
         host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
         host.copy_(flag, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
     else:
-        host, event = flag, None
+        host, event = flag.reshape(-1).tolist(), None
     with state._lock:
         state._flags.append((host, event))
 
@@ -602,7 +603,8 @@ def _raise_if_flagged(state: CompressionState, *, consume: bool = True) -> None:
     for host, event in flags:
         if event is not None:
             event.synchronize()  # recorded an iteration ago: done already in practice
-        bad = bad or not all(map(math.isfinite, host.reshape(-1).tolist()))  # a host read, no kernel
+        values = host if isinstance(host, list) else host.reshape(-1).tolist()  # a host read, no kernel
+        bad = bad or not all(map(math.isfinite, values))
     if bad:
         raise NonFiniteGradientError(
             "non-finite gradient (NaN or Inf) on at least one rank in the previous iteration: its estimate was NaN on "

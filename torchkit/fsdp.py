@@ -31,6 +31,7 @@ with NCCL's).
 
 from __future__ import annotations
 
+import zlib
 from typing import Literal
 
 import torch
@@ -40,6 +41,7 @@ from torch import Tensor
 from .comm import NonFiniteGradientError, nonfinite_flag
 from .compress import DenseMessage, SparseMessage
 from .feedback import Feedback
+from .frontend import RESUME_HINTS, agree
 from .process_group import destroy_at_exit
 
 __all__ = ["CompressedReduceScatter", "compress_reduce_scatter"]
@@ -78,6 +80,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         self.server: Tensor | None = None
         self.bytes_sent = self.dense_bytes = 0
         self._numel: int | None = None
+        self._fingerprint: float | None = None  # of this rank's configuration, compared at every call
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -89,9 +92,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         if input_tensor.numel() != n * shard:
             raise ValueError(f"reduce-scatter input of {input_tensor.numel()} entries for {n} shards of {shard}")
         self._bind(input_tensor, shard)
-        bad = nonfinite_flag(input_tensor).to(torch.float32).reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)  # agreed before anything changes
-        if bool(bad.item()):
+        if self._agreed_nonfinite(input_tensor, group, n, rank):
             if self.nonfinite == "raise":
                 where = f" of {self.name}" if self.name else ""
                 raise NonFiniteGradientError(
@@ -121,6 +122,33 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         if kind == dist.ReduceOp.SUM:
             return float(n)
         raise ValueError(f"the compressed reduce-scatter takes ReduceOp.AVG or SUM, got {op} (gradient_divide_factor?)")
+
+    def _agreed_nonfinite(self, x: Tensor, group, n: int, rank: int) -> bool:
+        """Whether any rank's input holds NaN or Inf, agreed before anything changes, in one all-reduce (MAX) that
+        also compares every rank's step and configuration (method, input size and dtype, policy): where they
+        differ (another density on one rank, one rank resumed from another step), every rank raises ``ValueError``
+        naming the difference, before messages of different sizes meet in the all-to-all, where Gloo fails
+        without saying why, or not at all."""
+        mine = self._configuration(x)
+        if self._fingerprint is None:
+            self._fingerprint = float(zlib.crc32(repr({k: v for k, v in mine.items() if k != "step"}).encode()))
+        probe = torch.tensor([0.0, self.step, -self.step, self._fingerprint, -self._fingerprint], dtype=torch.float64)
+        probe[0] = nonfinite_flag(x).to(torch.float64)
+        dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
+        if probe[1] != -probe[2] or probe[3] != -probe[4]:  # every rank sees the same: every rank goes on here
+            where = f" of {self.name}" if self.name else ""
+            what = f"compressed reduce-scatter{where} (tk.fsdp.compress_reduce_scatter with one method on every rank)"
+            agree(mine, group=group, world_size=n, rank=rank, hints=RESUME_HINTS, what=what)
+            raise ValueError(f"ranks are configured differently: every rank must build the same {what}")
+        return bool(probe[0] > 0)
+
+    def _configuration(self, x: Tensor) -> dict:
+        return {
+            "feedback": self.feedback.config(),
+            "step": self.step,
+            "reduce-scatter input": (x.numel(), str(x.dtype)),
+            "nonfinite": self.nonfinite,
+        }
 
     def _bind(self, x: Tensor, shard: int) -> None:
         if self._numel is None:

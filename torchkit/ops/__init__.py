@@ -215,12 +215,7 @@ def accumulate_(
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
     if values.shape != indices.shape:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
-    if not isinstance(zero, bool):
-        raise TypeError(f"zero must be a bool, got {type(zero).__name__}")
-    if poison is not None and (not isinstance(poison, Tensor) or poison.dtype != torch.float64):
-        raise TypeError(f"poison must be a float64 tensor of non-finite checks, got {_what(poison)}")
-    if poison is not None and poison.device != out.device:
-        raise ValueError(f"poison is on {poison.device} but out is on {out.device}")
+    _check_decode(out, zero, poison)
     if values.numel() == 0:
         return prepare_(out, zero=zero, poison=poison, impl=impl)
     values, indices = _rowwise(values), _rowwise(indices)  # rows may sit apart: gathered wire bytes, in place
@@ -234,6 +229,15 @@ def _rowwise(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 and (t.dim() == 1 or t.stride(0) >= t.shape[-1]) else t.contiguous()
 
 
+def _check_decode(out: Tensor, zero, poison) -> None:
+    if not isinstance(zero, bool):
+        raise TypeError(f"zero must be a bool, got {type(zero).__name__}")
+    if poison is not None and (not isinstance(poison, Tensor) or poison.dtype != torch.float64):
+        raise TypeError(f"poison must be a float64 tensor of non-finite checks, got {_what(poison)}")
+    if poison is not None and poison.device != out.device:
+        raise ValueError(f"poison is on {poison.device} but out is on {out.device}")
+
+
 def _what(x) -> str:
     return f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
 
@@ -241,9 +245,10 @@ def _what(x) -> str:
 def prepare_(out: Tensor, *, zero: bool = False, poison: Tensor | None = None, impl: Impl = "auto") -> Tensor:
     """What a decode does before it adds, alone: ``out`` zeroed (``zero``), NaN everywhere when the ``poison`` checks
     are not all finite. One launch (:func:`accumulate_` of a message without entries)."""
+    _check_vector("out", out, allow_rows=False)
+    _check_decode(out, zero, poison)
     if not zero and poison is None:
         return out
-    _check_vector("out", out, allow_rows=False)
     values, indices = _NO_ENTRIES.get(out.device) or _NO_ENTRIES.setdefault(
         out.device, (torch.empty(1, 0, device=out.device), torch.empty(1, 0, dtype=torch.int32, device=out.device))
     )

@@ -34,7 +34,7 @@ _SIGNATURES = {
     "tk_threshold": [_P, _P, _I, _I, _I, _P],
     "tk_select": [_I, _I] + [_P] * 10 + [_I, _F] + [_I] * 12 + [_P],
     "tk_scatter_add": [_P, _P, _P, _F, _I, _P],
-    "tk_prepare": [_P, _P, _I, ctypes.c_longlong, _I, _P],
+    "tk_prepare": [_P, _P, _I, ctypes.c_longlong, ctypes.c_longlong, _I, _P],
     "tk_block_elems": [],
 }
 
@@ -232,8 +232,8 @@ def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) 
 
 def _prepare(out: Tensor, zero: bool, checks: Tensor | None) -> None:
     stream = torch.cuda.current_stream(out.device).cuda_stream
-    n = 0 if checks is None else checks.numel()
-    _check(_lib.tk_prepare(_ptr(out), _ptr(checks), n, out.numel(), int(zero), stream), "tk_prepare")
+    n, stride = (0, 1) if checks is None else (checks.numel(), checks.stride(0))
+    _check(_lib.tk_prepare(_ptr(out), _ptr(checks), n, stride, out.numel(), int(zero), stream), "tk_prepare")
 
 
 OPS = _select.GpuOps(_run, _scatter, _prepare)  # what torchkit.ops dispatches to

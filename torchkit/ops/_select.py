@@ -202,8 +202,8 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
 class GpuOps:
     """The op set of one GPU implementation: ``run(mode, g, e, h, k, eta, approx)``,
     ``scatter(out, values [rows, k] fp32, indices, scales)`` and ``prepare(out, zero, checks)`` (one pass over
-    ``out``: zeros, or NaN everywhere when the float64 ``checks`` sum to a non-finite value); inputs the kernels
-    do not take go to the reference."""
+    ``out``: zeros, or NaN everywhere when the float64 ``checks``, a vector of any stride, sum to a non-finite
+    value); inputs the kernels do not take go to the reference."""
 
     def __init__(self, run_fn, scatter_fn, prepare_fn):
         self._run, self._scatter, self._prepare = run_fn, scatter_fn, prepare_fn
@@ -233,7 +233,7 @@ class GpuOps:
         if not kernel_takes(values, out):
             return _reference.accumulate_(out, values, indices, scale, zero, poison)
         if zero or poison is not None:
-            checks = None if poison is None else poison.reshape(-1).to(torch.float64).contiguous()
+            checks = None if poison is None else poison.reshape(-1)  # float64; gathered checks: in place, strided
             self._prepare(out, zero, checks)
         v2 = _reference.as_rows(values)
         if v2.numel():

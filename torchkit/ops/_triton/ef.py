@@ -284,10 +284,12 @@ def _scatter_add_kernel(out_ptr, val_ptr, idx_ptr, scale, k, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _prepare_kernel(out_ptr, checks_ptr, n_checks, d, ZERO: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr):
+def _prepare_kernel(
+    out_ptr, checks_ptr, n_checks, stride, d, ZERO: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr
+):
     """out = 0 (``ZERO``) or left as it is, and NaN everywhere when the checks' sum is not finite."""
     c = tl.arange(0, NC)
-    p = tl.sum(tl.load(checks_ptr + c, mask=c < n_checks, other=0.0), axis=0)
+    p = tl.sum(tl.load(checks_ptr + c * stride, mask=c < n_checks, other=0.0), axis=0)
     bad = (p - p) != 0  # x - x: 0 for finite x, NaN for NaN and Inf
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < d
@@ -391,9 +393,9 @@ def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) 
 def _prepare(out: Tensor, zero: bool, checks: Tensor | None) -> None:
     d = out.numel()
     block = 1024 if out.is_cuda else max(1024, triton.next_power_of_2(min(d, 1 << 16)))
-    n = 0 if checks is None else checks.numel()
+    n, stride = (0, 1) if checks is None else (checks.numel(), checks.stride(0))
     _prepare_kernel[(triton.cdiv(d, block),)](
-        out, out if checks is None else checks, n, d, ZERO=bool(zero), NC=triton.next_power_of_2(max(n, 1)),
+        out, out if checks is None else checks, n, stride, d, ZERO=bool(zero), NC=triton.next_power_of_2(max(n, 1)),
         BLOCK=block,
     )  # fmt: skip
 
