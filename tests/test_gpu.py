@@ -219,3 +219,37 @@ def test_worker_step_compiles_fullgraph_with_inductor_on_cuda():
         vb, ib = compiled(state_b, g.clone())
         assert torch.equal(va, vb) and torch.equal(ia, ib)
     assert torch.equal(state_a["error"], state_b["error"])
+
+
+def test_the_hooks_round_on_a_cuda_bucket_is_the_step_the_check_and_the_decode(nccl_group):
+    """One 4e6-entry CUDA bucket, one rank, EF14 TopK 1%: the dispatcher sees the fused step, the check's sum and
+    one decode (zero, scatter, poison), and the flag's copy to pinned host memory (empty, copy_); an Inf in the
+    bucket makes the estimate NaN and the next iteration raise (tests/test_custom_ops.py counts the CPU's)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torchkit.apps.bench import OneBucket
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    state = tk.ddp.CompressionState(tk.EF14(tk.TopK(ratio=0.01)), min_compression_rate=0)
+    bucket = OneBucket(torch.randn(4_000_000, device="cuda"), torch.nn.Parameter(torch.zeros(4_000_000, device="cuda")))
+    for _ in range(3):
+        tk.ddp.compression_hook(state, bucket).wait()
+    with Count() as c:
+        tk.ddp.compression_hook(state, bucket).wait()
+    views = ("aten.view", "aten.detach", "aten.unsqueeze", "aten.select", "aten.slice", "aten.reshape")
+    launched = {k: v for k, v in c.ops.items() if not k.startswith(views)}
+    assert launched == {"torchkit.ef14_step_": 1, "aten.sum": 1, "torchkit.accumulate_": 1, "aten.empty": 1,
+                        "aten.copy_": 1}, launched  # fmt: skip
+    bucket.buffer()[17] = float("inf")
+    assert torch.isnan(tk.ddp.compression_hook(state, bucket).wait()).all()
+    with pytest.raises(tk.comm.NonFiniteGradientError):
+        tk.ddp.compression_hook(state, bucket).wait()
