@@ -5,13 +5,15 @@
 #   tune    benchmarks/tune_gpu.py (CUDA build variants, per-kernel breakdown, Triton histogram cost)
 #   e2e     benchmarks/bench_e2e_gpu.py (GPT-2 small: hook and optimizer)
 #   hook    benchmarks/bench_hook.py (the hook's time per bucket against the kernel's)
+#   steady  benchmarks/bench_steady.py (the fused steps with the state carried on a trained model's gradients, the
+#           host time per call apart, and the decode of 8 messages as emitted and sorted against its floor)
 #   wrapper benchmarks/bench_wrapper.py (the wrapper's step time and memory against AdamW)
 #   ncu     Nsight Compute (speed of light, memory, occupancy) on the CUDA kernels of one step per op
 #   first   the independent cross-check, when copied to .gpu-tools/ (see benchmarks/README.md)
 # Everything lands in $OUT; T_<STAGE> bounds each stage in seconds.
 set -u
 OUT=${OUT:-/tmp/torchkit-gpu}
-STAGES=${STAGES:-tests bench tune e2e hook wrapper ncu first}
+STAGES=${STAGES:-tests bench tune e2e hook steady wrapper ncu first}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHKIT_EXT_DIR=/tmp/torchkit-ext
 log=$OUT/log.txt
@@ -38,6 +40,10 @@ stage_e2e() {
 }
 stage_hook() {
   timeout ${T_HOOK:-120} python3 benchmarks/bench_hook.py --sizes 4e6 2.7e7 1e8 --out "$OUT/res" 2>&1 | tee -a "$log"
+}
+stage_steady() {
+  timeout ${T_STEADY:-120} python3 benchmarks/bench_steady.py --device cuda --width 256 --layers 4 --steps 300 \
+    --warm 100 --out "$OUT/res" 2>&1 | tee -a "$log"
 }
 stage_wrapper() {
   timeout ${T_WRAPPER:-120} python3 benchmarks/bench_wrapper.py --device cuda --out "$OUT/res" 2>&1 | tee -a "$log"
