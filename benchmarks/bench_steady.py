@@ -2,7 +2,7 @@
 step (issue 21 item 4), against the same calls from a fresh state (the protocol of ``bench_kernels.py``, which
 restores the state before every call).
 
-    python benchmarks/bench_steady.py [--steps 300] [--warm 100] [--width 128] [--layers 2] [--ratio 0.01]
+    python benchmarks/bench_steady.py [--steps 300] [--warm 100] [--width 256] [--layers 4] [--ratio 0.01]
                                       [--workers 8] [--device auto] [--out benchmarks/results]
 
 1. Trains the char_lm transformer (one worker, AdamW) for ``--steps`` steps. At every step each method (EF14,
@@ -146,8 +146,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warm", type=int, default=100)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--ratio", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=21)

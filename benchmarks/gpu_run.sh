@@ -42,7 +42,7 @@ stage_hook() {
   timeout ${T_HOOK:-120} python3 benchmarks/bench_hook.py --sizes 4e6 2.7e7 1e8 --out "$OUT/res" 2>&1 | tee -a "$log"
 }
 stage_steady() {
-  timeout ${T_STEADY:-120} python3 benchmarks/bench_steady.py --device cuda --width 256 --layers 4 --steps 300 \
+  timeout ${T_STEADY:-120} python3 benchmarks/bench_steady.py --device cuda --steps 300 \
     --warm 100 --out "$OUT/res" 2>&1 | tee -a "$log"
 }
 stage_wrapper() {
