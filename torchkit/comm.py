@@ -81,8 +81,9 @@ class RoundOptions:
             dense rounds go in the state dtype. What rounding removes stays in the feedback state
             (:meth:`Feedback.round_values_`).
         min_compression_rate: run the method with the Identity compressor (an exact round over ``all_reduce``)
-            when the dense payload is less than this many times the compressed one, ``n * wire bytes`` (a shared
-            support, summed by ``all_reduce``: ``wire bytes``).
+            when the dense payload is less than this many times the compressed one, ``n`` packed messages (wire
+            bytes run on to a multiple of 8, and the 8-byte non-finite check; a shared support, summed by
+            ``all_reduce``: ``wire bytes``).
             ``0`` always compresses.
         nonfinite: how the round itself reports a non-finite gradient on any worker, without reading anything on
             the host (the front ends agree on it before a round with :func:`agree_max` and act on it with
@@ -567,8 +568,11 @@ def plan_exchange(
     auto = getattr(comp, "exchange", "gather") == "auto" and n > 1
     rate = max(rate, 1.0) if auto else rate
     dense = sum(segments) * dtype.itemsize
-    gathered = 1 if comp.shared_support else n  # all_reduce of k values, like the dense one
-    cost = {"all-gather" if gathered > 1 else "shared support": gathered * feedback.wire_bytes(segments, step, wire)}
+    message = feedback.wire_bytes(segments, step, wire)
+    if comp.shared_support:  # all_reduce of k values, like the dense one
+        cost = {"shared support": message}
+    else:  # n packed rows, each run on to 8 bytes and its sender's non-finite check (DistExchanger)
+        cost = {"all-gather": n * (-(-message // 8) * 8 + CHECK_BYTES)}
     use = feedback if dense >= rate * next(iter(cost.values())) else None
     if use is None and auto and wire.is_floating_point:
         shared = feedback.with_compressor(CyclicTopK(comp.k, ratio=comp.ratio))

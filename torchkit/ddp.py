@@ -60,8 +60,9 @@ class CompressionState(FrontEnd):
             feedback state is keyed by parameter and carried over when DDP rebuilds its buckets after the
             first iteration, so ``0`` is correct (unlike PowerSGD's ``start_powerSGD_iter >= 2``).
         min_compression_rate: a bucket is compressed only when its dense payload is at least this many times
-            the compressed one, ``rate * n_ranks * wire bytes`` (values and indices; ``rate * wire bytes`` for a shared
-            support, whose values are summed by ``all_reduce``); other buckets run the method
+            the compressed one, ``rate * n_ranks * packed bytes`` (values and indices, run on to a multiple of 8
+            bytes, and the 8-byte non-finite check; ``rate * wire bytes`` for a shared support, whose values are
+            summed by ``all_reduce``); other buckets run the method
             with the Identity compressor over ``all_reduce``, which keeps the feedback state consistent. ``0``
             compresses every bucket.
         wire_dtype: dtype of the sent values; ``None`` uses the bucket's dtype. What rounding to it
