@@ -116,9 +116,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="hook", help="result file name (hook_small: the host time at small sizes)")
     args = p.parse_args()
-    dev = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
+    dev = bench.resolve_device(args.device)
     if dev.type == "cpu":
         ops.build_extension()
     backend = "nccl" if dev.type == "cuda" else "gloo"

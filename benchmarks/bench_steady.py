@@ -156,9 +156,7 @@ def main() -> None:
     args = p.parse_args()
     if not 0 < args.warm < args.steps or args.workers > args.steps - args.warm:
         raise SystemExit("need 0 < --warm < --steps and --workers <= --steps - --warm")
-    dev = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
+    dev = bench.resolve_device(args.device)
     if dev.type == "cpu":
         ops.build_extension()
     torch.manual_seed(0)

@@ -129,16 +129,16 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         differ (another density on one rank, one rank resumed from another step), every rank raises ``ValueError``
         naming the difference, before messages of different sizes meet in the all-to-all, where Gloo fails
         without saying why, or not at all."""
-        mine = self._configuration(x)
-        if self._fingerprint is None:
-            self._fingerprint = float(zlib.crc32(repr({k: v for k, v in mine.items() if k != "step"}).encode()))
+        if self._fingerprint is None:  # the configuration cannot change after the first call (_bind): hashed once
+            fixed = {k: v for k, v in self._configuration(x).items() if k != "step"}
+            self._fingerprint = float(zlib.crc32(repr(fixed).encode()))
         probe = torch.tensor([0.0, self.step, -self.step, self._fingerprint, -self._fingerprint], dtype=torch.float64)
         probe[0] = nonfinite_flag(x).to(torch.float64)
         dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
         if probe[1] != -probe[2] or probe[3] != -probe[4]:  # every rank sees the same: every rank goes on here
             where = f" of {self.name}" if self.name else ""
             what = f"compressed reduce-scatter{where} (tk.fsdp.compress_reduce_scatter with one method on every rank)"
-            agree(mine, group=group, world_size=n, rank=rank, hints=RESUME_HINTS, what=what)
+            agree(self._configuration(x), group=group, world_size=n, rank=rank, hints=RESUME_HINTS, what=what)
             raise ValueError(f"ranks are configured differently: every rank must build the same {what}")
         return bool(probe[0] > 0)
 

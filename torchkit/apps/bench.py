@@ -23,7 +23,8 @@ from .._results import save_result
 from ..ops import _reference
 
 __all__ = [
-    "OneBucket", "device_name", "time_fn", "copy_bandwidth", "run_kernel_bench", "format_table", "plot_kernel_bench",
+    "OneBucket", "device_name", "resolve_device", "time_fn", "copy_bandwidth", "run_kernel_bench", "format_table",
+    "plot_kernel_bench",
 ]  # fmt: skip
 
 # bytes per element a single fused pass must move, by op and gradient dtype size (state is fp32)
@@ -189,6 +190,13 @@ def _gpu_impls(dev: torch.device) -> list[str]:
     return [i for i in ("triton", "cuda") if i in ops.available_impls(dev)]
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def run_kernel_bench(
     device: str | torch.device = "auto",
     sizes: Sequence[int] = (10**6, 10**7, 10**8),
@@ -202,9 +210,7 @@ def run_kernel_bench(
 ) -> dict:
     """Time every op for every (d, k, dtype), the variants interleaved and the state restored before every call;
     ``extra`` adds single (d, dtype, ratio) cases (d = 1e9 in bf16). Returns the JSON-ready record."""
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
     impls = _gpu_impls(dev)
     impl = impls[0] if impls else "reference"
     bw = copy_bandwidth(dev, max(sizes))
