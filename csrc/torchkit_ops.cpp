@@ -311,24 +311,52 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
 }
 
 #define TK_CHECK_CPU_VEC(t) \
-  TORCH_CHECK((t).device().is_cpu() && (t).dim() == 1 && (t).is_contiguous(), #t " must be a contiguous 1-D CPU tensor")
+  TORCH_CHECK((t).device().is_cpu() && ((t).dim() == 1 || (t).dim() == 2) && (t).is_contiguous(), \
+              #t " must be a contiguous 1-D (or [rows, d]) CPU tensor")
 #define TK_CHECK_F32(t) TORCH_CHECK((t).scalar_type() == torch::kFloat32, #t " must be float32, got ", (t).scalar_type())
+
+template <Mode mode, typename G>
+std::tuple<torch::Tensor, torch::Tensor> run_rows(const torch::Tensor& g, float* ep, float* hp, float eta, int64_t k,
+                                                  bool approx) {
+  const G* gp = g.data_ptr<G>();
+  if (g.dim() == 1) return run(Step<mode, G>{gp, ep, hp, eta, g.numel()}, k, approx, g);
+  // [rows, d]: every row its own top-k (a chunked TopK's full chunks, the simulator's workers), k per row; rows
+  // in parallel when there are enough of them (each row then runs serially: a nested parallel_for runs inline),
+  // else one after the other, each in parallel. Row-local indices.
+  const int64_t rows = g.size(0), d = g.size(1);
+  TORCH_CHECK(k <= d, "k must be in [1, d], got k=", k, " for rows of d=", d);
+  std::vector<std::tuple<torch::Tensor, torch::Tensor>> out(static_cast<size_t>(rows));
+  auto one = [&](int64_t r) {
+    out[r] = run(Step<mode, G>{gp + r * d, ep ? ep + r * d : nullptr, hp ? hp + r * d : nullptr, eta, d}, k, approx, g);
+  };
+  if (rows >= at::get_num_threads()) {
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { for (int64_t r = r0; r < r1; ++r) one(r); });
+  } else {
+    for (int64_t r = 0; r < rows; ++r) one(r);
+  }
+  std::vector<torch::Tensor> vals, idxs;
+  for (auto& [v, i] : out) { vals.push_back(v); idxs.push_back(i); }
+  return {torch::stack(vals), torch::stack(idxs)};
+}
 
 template <Mode mode>
 std::tuple<torch::Tensor, torch::Tensor> dispatch(const torch::Tensor& g, torch::Tensor e, torch::Tensor h,
                                                   int64_t k, double eta, bool approx) {
   TK_CHECK_CPU_VEC(g);
-  const int64_t d = g.numel();
+  const int64_t d = g.size(-1);
   TORCH_CHECK(k >= 1 && k <= d, "k must be in [1, d], got k=", k, " for d=", d);
+  for (const auto& t : {e, h})
+    TORCH_CHECK(!t.defined() || t.sizes() == g.sizes(), "the state must be shaped as grad, ", g.sizes());
   float* ep = e.defined() ? e.data_ptr<float>() : nullptr;
   float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
+  const float f = static_cast<float>(eta);
   switch (g.scalar_type()) {
     case torch::kFloat32:
-      return run(Step<mode, float>{g.data_ptr<float>(), ep, hp, static_cast<float>(eta), d}, k, approx, g);
+      return run_rows<mode, float>(g, ep, hp, f, k, approx);
     case torch::kBFloat16:
-      return run(Step<mode, c10::BFloat16>{g.data_ptr<c10::BFloat16>(), ep, hp, static_cast<float>(eta), d}, k, approx, g);
+      return run_rows<mode, c10::BFloat16>(g, ep, hp, f, k, approx);
     case torch::kHalf:
-      return run(Step<mode, c10::Half>{g.data_ptr<c10::Half>(), ep, hp, static_cast<float>(eta), d}, k, approx, g);
+      return run_rows<mode, c10::Half>(g, ep, hp, f, k, approx);
     default:
       TORCH_CHECK(false, "grad must be float32, bfloat16 or float16, got ", g.scalar_type());
   }

@@ -98,6 +98,32 @@ def test_a_checkpoint_with_a_round_in_flight_resumes_bit_exactly(stop):
     assert torch.equal(_flat(ps), want)
 
 
+def test_a_non_finite_round_is_undone_at_the_synchronisation_that_finishes_it():
+    """One process, nonfinite="skip": a NaN parameter in period 1 makes round 1's pseudo-gradient non-finite. The
+    synchronisation that finishes the round skips it: the feedback state, the anchor and the round count as round 1
+    found them, the rank at the anchor, and the run goes on finite."""
+    a, b = _problem(1)
+    ps = _params()
+    opt = _build(ps, FEEDBACKS["ef21"], 1, nonfinite="skip")
+    for t in range(5 * H):
+        opt.zero_grad()
+        _set_grads(ps, a[0], b[0])
+        if t == H + 1:
+            with torch.no_grad():
+                ps[0][0, 0] = float("nan")
+        opt.step()
+        if t == 2 * H - 2:  # round 0 finished now (no effect on the trajectory): the state round 1 will find
+            opt.finish_round()
+            before = _kept(opt)
+        if t == 3 * H - 1:
+            assert opt.skipped_rounds == 1
+            for got, kept in zip(_kept(opt), before, strict=True):
+                assert torch.equal(got, kept)
+            assert torch.equal(_flat(ps), torch.cat([t.reshape(-1) for t in opt.anchors]))
+    opt.flush()
+    assert torch.isfinite(_flat(ps)).all() and opt.rounds == 3
+
+
 def test_a_plain_optimizer_load_drops_the_round_in_flight():
     """A torch.optim state_dict (DCP's set_optimizer_state_dict, without_feedback) restarts the method: the round
     started before the load must not step the new anchor."""
@@ -185,13 +211,15 @@ def test_two_ranks_equal_simulate_local_with_overlap_and_resume_mid_round(tmp_pa
 
 
 def _misuse(rank, world):
-    """A NaN gradient on rank 1 only, with a round in flight: every rank raises at the next synchronisation, at the
-    same step, and the run goes on with equal replicas; then rank 1 configured without overlap: every rank raises."""
+    """A NaN gradient on rank 1 only, in period 1: rank 1's round 1 carries a non-finite check, and every rank
+    raises when that round finishes (the synchronisation after), at the same step, with the feedback state, the
+    anchor and the round count as round 1 found them and every rank at the anchor; the run goes on with equal
+    replicas. Then rank 1 configured without overlap: every rank raises."""
     a, b = _problem(world)
     ps = _params()
     opt = _build(ps, FEEDBACKS["ef21"], world)
-    raised = []
-    for t in range(4 * H):
+    raised, before, after = [], None, None
+    for t in range(5 * H):
         opt.zero_grad()
         _set_grads(ps, a[rank], b[rank])
         if rank == 1 and t == H + 1:
@@ -200,8 +228,28 @@ def _misuse(rank, world):
             opt.step()
         except ValueError as exc:
             raised.append((t, type(exc).__name__))
+            after = _kept(opt) + [_flat(ps)]
+        if t == 2 * H - 2:  # round 0 finished now (no effect on the trajectory): the state round 1 will find
+            opt.finish_round()
+            before = _kept(opt)
+        if t == 2 * H + 1:  # round 1 in flight, poisoned: each rank's checkpoint finishes and undoes it
+            saved = copy.deepcopy(opt.state_dict()), _flat(ps).clone()
     opt.flush()
-    out = {"raised": raised, "x": _flat(ps)}
+    out = {"raised": raised, "x": _flat(ps), "before": before, "after": after, "rounds": opt.rounds}
+    ps = _params()
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(saved[1], ps)
+    resumed = _build(ps, FEEDBACKS["ef21"], world)
+    resumed.load_state_dict(saved[0])
+    for t in range(2 * H + 2, 5 * H):
+        resumed.zero_grad()
+        _set_grads(ps, a[rank], b[rank])
+        try:
+            resumed.step()
+        except ValueError as exc:
+            raised.append((t, type(exc).__name__))
+    resumed.flush()
+    out["resumed"] = _flat(ps)
     ps = _params()
     other = tk.LocalSGD(ps, torch.optim.SGD, **INNER.keywords, feedback=FEEDBACKS["ef21"](world), sync_every=H,
                         outer_optimizer=NESTEROV, overlap=rank == 0)  # fmt: skip
@@ -215,11 +263,27 @@ def _misuse(rank, world):
     return out
 
 
+def _kept(opt) -> list[torch.Tensor]:
+    """The feedback state (every vector), the anchors and the round count, copied."""
+    blocks = opt.round.blocks.values()
+    state = [t.clone() for blk in blocks for t in (*blk.state.values(), blk.server) if t is not None]
+    return state + [torch.cat([t.reshape(-1) for t in opt.anchors]), torch.tensor(opt.rounds)]
+
+
 @pytest.mark.dist
 def test_a_nan_on_one_rank_and_a_rank_without_overlap_raise_on_every_rank():
     results = run_dist(_misuse, WORLD)
-    assert results[0]["raised"] == results[1]["raised"] == [(2 * H - 1, "NonFiniteGradientError")]
+    assert results[0]["raised"] == results[1]["raised"] == [(3 * H - 1, "NonFiniteGradientError")] * 2
+    for r in results:
+        *state, x = r["after"]
+        assert len(state) == len(r["before"]) == 4  # EF21: its shift, the server estimate; the anchors, the rounds
+        for got, want in zip(state, r["before"]):
+            assert torch.equal(got, want)  # round 1 undone: as it found them, bit for bit
+        assert torch.equal(x, state[-2])  # every rank at the anchor
+        assert r["rounds"] == 3  # rounds 0, 2 and 3 (flushed); round 1 not counted
     assert torch.isfinite(results[0]["x"]).all() and torch.equal(results[0]["x"], results[1]["x"])
+    for r in results:  # the checkpoint taken with the poisoned round in flight: the same raise, the same end
+        assert torch.equal(r["resumed"], r["x"])
     for r in results:
         assert "overlap" in r["misconfigured"], r["misconfigured"]
 

@@ -256,7 +256,35 @@ def test_accumulate_refuses_a_poison_that_is_not_float64_checks():
     assert out.isnan().all()
 
 
-def test_rows_and_float64_use_the_reference():
+@pytest.mark.parametrize("method", ["ef14", "ef21", "econtrol"])
+@pytest.mark.parametrize("rows,d,k", [(1, 40, 40), (3, 1000, 7), (9, 4096, 123)])
+def test_cpp_steps_on_rows_are_each_rows_step(method, rows, d, k):
+    """A [rows, d] batch (a chunked TopK's full chunks, the simulator's workers) through the C++ kernel, as "auto"
+    picks it on a CPU: every row is the 1-D step of that row (its own top-k, row-local int32 indices, ties to the
+    lowest index), and the state rows are updated as the test's own statement of the update rule says."""
+    g = torch.stack([_data(d + r, "ties" if r % 2 else "randn", "cpu")[:d] for r in range(rows)])
+    e, h = torch.randn(2, rows, d, generator=torch.Generator().manual_seed(1))
+    eta, e1, h1 = 0.3, e.clone(), h.clone()
+    call = {
+        "ef14": lambda g, e, h, **kw: ops.ef14_step_(g, e, k, **kw),
+        "ef21": lambda g, e, h, **kw: ops.ef21_step_(g, h, k, **kw),
+        "econtrol": lambda g, e, h, **kw: ops.econtrol_step_(g, e, h, k, eta, **kw),
+    }[method]
+    vals, idx = call(g, e1, h1)  # auto: the C++ kernel, batched
+    assert vals.shape == idx.shape == (rows, k) and idx.dtype == torch.int32
+    for r in range(rows):
+        er, hr = e[r].clone(), h[r].clone()
+        v1, i1 = call(g[r], er, hr, impl="cpp")  # the row alone
+        assert torch.equal(vals[r], v1) and torch.equal(idx[r], i1)
+        v, e2, h2 = _expected_after(method, g[r], e[r], h[r], idx[r].long(), eta)
+        _check_selection(vals[r], idx[r], v, k)
+        if e2 is not None:
+            assert torch.equal(e1[r], e2)
+        if h2 is not None:
+            assert torch.equal(h1[r], h2)
+
+
+def test_float64_uses_the_reference():
     x = torch.randn(4, 33, dtype=torch.float64)
     vals, idx = ops.topk(x, 5)
     assert vals.shape == (4, 5) and vals.dtype == torch.float64

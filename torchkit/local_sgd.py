@@ -76,6 +76,9 @@ class LocalSGD(WrappedOptimizer):
             next synchronisation (ranks only talk then), back at the anchor. ``"skip"``, or under GradScaler: the
             step is left out on that rank (:attr:`skipped_steps`). A non-finite pseudo-gradient on any rank makes
             every rank skip the round or raise, the anchor and the feedback state unchanged, back at the anchor.
+            With ``overlap`` the ranks learn it from the round itself (each message carries its non-finite check),
+            so they raise or skip at the synchronisation that finishes that round, one period later, and the round
+            is undone there (the feedback state is put back from a copy taken when it started).
         wire_dtype: dtype of the values sent (``None``: the anchor's, fp32 for bf16/fp16 parameters; ``torch.int8``
             or ``torch.int2`` with a chunked TopK: see :class:`~torchkit.CompressedOptimizer`); what the rounding
             removes stays in the feedback state.
@@ -84,7 +87,9 @@ class LocalSGD(WrappedOptimizer):
             at once, and the next one finishes it, steps the anchor on it and puts this rank at the new anchor
             plus its own progress of the period just ended (``x = anchor - delta``). The last round is still in
             flight after the last step: call :meth:`flush` to finish it and put every rank at the final anchor.
-            A checkpoint taken with a round in flight finishes it first (no effect on the trajectory).
+            A checkpoint taken with a round in flight finishes it first (no effect on the trajectory). No
+            collective blocks a synchronisation but the previous round's own (the ranks may drift up to a period
+            apart); the cost is one more copy of the feedback state (see ``nonfinite``).
         **defaults: passed to ``optimizer_class``.
 
     Do not wrap the model in ``DistributedDataParallel`` (it would all-reduce every step's gradients); build the
@@ -130,7 +135,8 @@ class LocalSGD(WrappedOptimizer):
                 "outer_optimizer must build an optimizer from parameter groups (a torch.optim class, or e.g. "
                 f"functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)), got {outer_optimizer!r}"
             )
-        self._options = RoundOptions(wire_dtype=wire_dtype)  # checks wire_dtype; finiteness is checked before
+        # checks wire_dtype; finiteness is agreed on before a blocking round, and carried by an overlapped one
+        self._options = RoundOptions(wire_dtype=wire_dtype, nonfinite="flag" if overlap else None)
         check_wire(feedback, wire_dtype)
         self._wrap(optimizer_class, params, defaults)
         shard_count([p for g in self.param_groups for p in g["params"]])  # sharded and plain mixed: refused
@@ -152,6 +158,8 @@ class LocalSGD(WrappedOptimizer):
         self.bytes_sent = 0  # payload this rank put on the wire, over all rounds
         self.dense_bytes = 0  # what dense rounds would have sent
         self._bad_pending = False  # a local step was left out under nonfinite="raise" on several ranks
+        self._round_failed = False  # overlap: the round finished last was not finite (undone; skipped at the sync)
+        self._undo = _Undo()  # overlap: the feedback state before the round in flight
         self._agreed = False
 
     @property
@@ -219,49 +227,74 @@ class LocalSGD(WrappedOptimizer):
 
     def _sync(self) -> None:
         works = self._works()
+        if self.overlap:
+            return self._sync_overlapped(works)
         bad = [nonfinite_flag(self._anchor.pseudo_gradient(w, self._flat)).float().cpu() for w in works]
         bad = torch.stack([*bad, torch.tensor(float(self._bad_pending))]).amax()
         if bool(agree_max(self._agreement, bad.reshape(1))[0] > 0):
-            self._bad_pending = False
-            self.finish_round()  # overlap: the round before was good; the anchor takes it
-            self._back_to_anchor(works)
-            unchanged = (
-                "the round was not run, the anchor and the feedback state are unchanged, every rank is at the anchor"
-            )
-            what = "gradient or pseudo-gradient"
-            settle_nonfinite(self.nonfinite, scaled=False, what=what, unchanged=unchanged, unit="rounds")
-            self.skipped_rounds += 1
-            self.metrics.skipped_rounds += 1
-            return
-        if self.overlap:
-            self.finish_round()  # the round of the period before (its estimate is in the sent buffers): the anchor
-            sent = []
-            for w in works:  # this period's pseudo-gradient, in buffers of its own: the next one fills w.flat
-                buf, views = self._sent.get(w)
-                sent.append((w, buf.copy_(w.flat), views))
-            self._anchor.restart(works, [views for _, _, views in sent])  # anchor - this period's progress
-            self._in_flight = [(w, views, self._start_round(w, buf)) for w, buf, views in sent]
-            self.local_step = 0
-        else:
-            self._apply([(w, self._flat.get(w)[1], self._start_round(w, w.flat)) for w in works])
-            self._back_to_anchor(works)
+            return self._skip_round(works)
+        self._apply([(w, self._flat.get(w)[1], self._start_round(w, w.flat)) for w in works])
+        self._back_to_anchor(works)
         self.round.step += 1
         self.synced = True
+
+    def _sync_overlapped(self, works: list[Work]) -> None:
+        """Finish the round of the period before (the anchor takes it), start this period's, and go on at once.
+        No collective waits here but the round's own: a non-finite pseudo-gradient travels inside the round (its
+        check, as the DDP hook's), and the synchronisation that finishes a non-finite round undoes it."""
+        self.finish_round()
+        if self._round_failed:
+            return self._skip_round(works)
+        sent = []
+        for w in works:  # this period's pseudo-gradient, in buffers of its own (kept while its round is in flight)
+            sent.append((w, self._anchor.pseudo_gradient(w, self._sent), self._sent.get(w)[1]))
+        self._anchor.restart(works, [views for _, _, views in sent])  # anchor - this period's progress
+        if self._bad_pending:  # a step left out on this rank: its round carries a non-finite check to every rank
+            for _, buf, _ in sent:
+                buf.fill_(float("nan"))
+            self._bad_pending = False
+        self._undo.save([self._block(w) for w in works])
+        self._in_flight = [(w, views, self._start_round(w, buf)) for w, buf, views in sent]
+        self.local_step = 0
+        self.round.step += 1
+        self.synced = True
+
+    def _skip_round(self, works: list[Work]) -> None:
+        """Some rank's gradient or pseudo-gradient was not finite: every rank back at the anchor, then raise or
+        skip as ``nonfinite`` says (every rank alike)."""
+        self._bad_pending = self._round_failed = False
+        self._back_to_anchor(works)
+        self.skipped_rounds += 1
+        self.metrics.skipped_rounds += 1
+        unchanged = (
+            "the round was not run, the anchor and the feedback state are unchanged, every rank is at the anchor"
+        )
+        settle_nonfinite(self.nonfinite, scaled=False, what="gradient or pseudo-gradient", unchanged=unchanged,
+                         unit="rounds")  # fmt: skip
 
     def _start_round(self, w: Work, buf: Tensor):
         return start_round(self.feedback, self._exchanger, self._block(w), buf, self.round.step, self._options)
 
     def _apply(self, rounds: list) -> None:
-        """Wait for each work item's round (its estimate lands in its buffer) and step the anchor on them."""
+        """Wait for each work item's round (its estimate lands in its buffer) and step the anchor on them; with
+        ``overlap``, a round whose checks are not finite is undone instead (:meth:`finish_round`)."""
         results = [fut.wait() for _, _, fut in rounds]
-        self.metrics.record_round(results)
+        self.metrics.record_round(results)  # sent either way: its bytes count
         self.bytes_sent += sum(res.sent_bytes for res in results)
         self.dense_bytes += sum(res.dense_bytes for res in results)
+        if self.overlap and any(bool(res.nonfinite) for res in results if res.checks is not None):
+            self._undo.restore()  # the feedback state as the round found it
+            self.round.step -= 1
+            self._round_failed = True
+            return
         self._anchor.step_on([(w, views) for w, views, _ in rounds])
 
     def finish_round(self) -> None:
         """``overlap``: finish the round in flight, if any, and step the anchor on it (this rank's parameters stay
-        where they are). A failed collective (a peer died) raises here, on every rank."""
+        where they are). A failed collective (a peer died) raises here, on every rank. A round that some rank's
+        non-finite input poisoned (its checks say so, on every rank alike) is undone: the feedback state and the
+        round count are put back and the anchor is not stepped; the next synchronisation (or :meth:`flush`) then
+        puts every rank at the anchor and raises or skips as ``nonfinite`` says."""
         rounds, self._in_flight = self._in_flight, None
         if rounds:
             self._apply(rounds)
@@ -272,6 +305,8 @@ class LocalSGD(WrappedOptimizer):
         synchronisation dropped (call it after the last step, on every rank). Without ``overlap``: nothing to do
         at a synchronisation, and mid-period it goes back to the anchor."""
         self.finish_round()
+        if self._round_failed:
+            return self._skip_round(self._works())
         self._back_to_anchor(self._works())
 
     def _back_to_anchor(self, works: list[Work]) -> None:
@@ -300,6 +335,7 @@ class LocalSGD(WrappedOptimizer):
             "sync_every": self.sync_every,
             "local_step": self.local_step,
             "bad_pending": self._bad_pending,
+            "round_failed": self._round_failed,
             "skipped_rounds": self.skipped_rounds,
             "bytes_sent": self.bytes_sent,
             "dense_bytes": self.dense_bytes,
@@ -338,6 +374,7 @@ class LocalSGD(WrappedOptimizer):
             self.inner.load_state_dict(local["inner"])
         self.local_step = local["local_step"]
         self._bad_pending = bool(local.get("bad_pending", False))
+        self._round_failed = bool(local.get("round_failed", False))
         self.skipped_steps = int(local.get("skipped_steps") or 0)
         self.skipped_rounds = int(local.get("skipped_rounds", 0))
         self.bytes_sent = int(local.get("bytes_sent", 0))
@@ -349,15 +386,35 @@ class LocalSGD(WrappedOptimizer):
             fut.wait()  # its work freed here) and dropped: the method restarts at step 0
         super()._restart()
         self.local_step, self._anchor.taken, self._anchor.local_params = 0, False, None
+        self._round_failed = False
 
     def __getstate__(self) -> dict[str, Any]:
         self.finish_round()  # a round in flight holds the backend's work: finished, then pickled as state
         out = super().__getstate__()
-        out["_sent"], out["_in_flight"] = FlatGrads(), None
+        out["_sent"], out["_in_flight"], out["_undo"] = FlatGrads(), None, _Undo()
         return out
 
     def _kept_restored_state(self) -> None:
         self._anchor.put_back(self.param_groups)  # the framework loaded rank 0's model since: this rank's again
+
+
+class _Undo:
+    """``overlap``: a copy of the feedback state as a round found it, taken before the round starts, to put back
+    if the round turns out non-finite (one more copy of the state, reused)."""
+
+    def __init__(self):
+        self._kept: list[tuple[Tensor, Tensor]] = []  # (the state vector, its copy)
+
+    def save(self, blocks: list) -> None:
+        vecs = [t for blk in blocks for t in (*blk.state.values(), blk.server) if t is not None]
+        if len(vecs) != len(self._kept) or any(v is not kept for v, (kept, _) in zip(vecs, self._kept)):
+            self._kept = [(v, torch.empty_like(v)) for v in vecs]  # a new layout (the first round, a load)
+        for v, copy in self._kept:
+            copy.copy_(v)
+
+    def restore(self) -> None:
+        for v, c in self._kept:
+            v.copy_(c)
 
 
 class _Anchor:

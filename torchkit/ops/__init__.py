@@ -81,7 +81,7 @@ def _triton_usable(device: torch.device) -> bool:
 
 def _choose(impl: Impl, x: Tensor, rows: bool) -> str:
     if impl == "auto":
-        if rows:  # batched rows ([n, d]) are the simulator's case: one vectorised reference call
+        if x.is_cuda and rows:  # batched rows ([n, d]): one vectorised reference call (the CUDA kernels take 1-D)
             return "reference"
         if x.is_cuda:
             # Measured on an H200 (benchmarks/results/nvidia-h200/kernels.json): the CUDA C++ kernels beat the

@@ -119,28 +119,28 @@ def topk(x: Tensor, k: int):
         return _reference.topk(x, k)
     v, i = _module.topk(x, k)
     v = v.to(x.dtype)
-    return v, _int_idx(i, x.numel())
+    return v, _int_idx(i, x.shape[-1])
 
 
 def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False):
     if not _kernel_takes(grad, error):
         return _reference.ef14_step_(grad, error, k)
     v, i = _module.ef14_step(grad, error, k, approx)
-    return v, _int_idx(i, error.numel())
+    return v, _int_idx(i, error.shape[-1])
 
 
 def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False):
     if not _kernel_takes(grad, estimate):
         return _reference.ef21_step_(grad, estimate, k)
     v, i = _module.ef21_step(grad, estimate, k, approx)
-    return v, _int_idx(i, estimate.numel())
+    return v, _int_idx(i, estimate.shape[-1])
 
 
 def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: float, approx: bool = False):
     if not _kernel_takes(grad, error, shift):
         return _reference.econtrol_step_(grad, error, shift, k, eta)
     v, i = _module.econtrol_step(grad, error, shift, k, eta, approx)
-    return v, _int_idx(i, error.numel())
+    return v, _int_idx(i, error.shape[-1])
 
 
 def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero: bool = False, poison=None):
