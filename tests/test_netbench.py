@@ -2,6 +2,7 @@
 small run end to end (slow: it spawns torchrun in a namespace of its own when root)."""
 
 import json
+import math
 import shutil
 import subprocess
 
@@ -45,6 +46,36 @@ def test_reached_uses_the_smoothed_loss_and_the_elapsed_time():
     assert netbench.reached(row, target=None) is None
 
 
+def test_utilisation_is_steady_state_compute_over_wall_time_with_the_drain():
+    # a synchronisation every 2 steps (steps 2, 4, 6); the first step (start-up broadcast) is left out
+    steps = [9.0, 3.0, 1.0, 2.0, 1.0, 1.5]
+    assert netbench.utilisation(steps, every=2) == 5.0 / 8.5  # compute: the median step without a sync, 1.0
+    assert netbench.utilisation(steps, every=2, tail_seconds=1.5) == 5.0 / 10.0  # a round still waited for
+    assert math.isnan(netbench.utilisation([9.0, 3.0], every=2))
+
+
+def test_the_utilisation_table_is_medians_over_seeds_per_local_configuration():
+    def row(method, seed, sync_ms, reached):
+        steps = [5.0] + [0.1 if (i + 1) % 2 else sync_ms / 1e3 for i in range(1, 9)]  # a sync every 2 steps
+        return {"rate": "10mbit", "ranks": 2, "task": "char_lm", "method": method, "seed": seed, "lr": 0.1,
+                "step_seconds": steps, "drain_seconds": 0.0, "reached": {"seconds": reached} if reached else None,
+                "utilisation": netbench.utilisation(steps, 2), "utilisation_with_drain": 0.5,
+                "diverged": False}  # fmt: skip
+
+    rows = [row("local2@0.03", s, ms, 9.0) for s, ms in enumerate((300, 100, 500))] + [
+        row("olocal2@0.03", 0, 100, None),
+        {"rate": "10mbit", "ranks": 2, "task": "char_lm", "method": "ddp", "lr": 0.1, "utilisation": None},
+        {**row("local2@0.03", 3, 100, None), "diverged": True},  # left out
+        {**row("local2@0.03", 4, 100, None), "utilisation": math.nan},  # no step without a sync: left out
+    ]
+    text = netbench.utilisation_table(rows)
+    (local,) = [line for line in text.splitlines() if "`local2@0.03`" in line]
+    # eight steps after the first: 4 without a sync (100 ms), 4 with one; the median seed syncs in 300 ms
+    assert "| 3 | 0.500 [0.333-1.000] | 0.500 [0.500-0.500] | 100 [100-100] | 300 [100-500] |" in local
+    assert local.endswith("| 9.0 [9.0-9.0] |")
+    assert "| `olocal2@0.03` | 1 | 1.000 |" in text and text.rstrip().endswith("| inf |") and "ddp" not in text
+
+
 def test_summary_ratios_are_powersgd_time_over_each_family():
     def row(method, seconds):
         return {"rate": "100mbit", "ranks": 2, "task": "char_lm", "method": method,
@@ -71,6 +102,7 @@ def test_small_run_end_to_end(tmp_path, capfd):
     assert result["targets"]["digits_cnn/n=2"] == pytest.approx(rows["ddp"]["target_set"])
     for r in rows.values():
         assert r["steps_run"] == 30 and len(r["losses"]) == 30 and r["wire_bytes_per_step"] > 0
+    assert 0 < rows["local8@0.03"]["utilisation"] <= 1 and rows["ddp"]["utilisation"] is None
     # the compressed runs put fewer bytes on the loopback than the dense all-reduce
     assert rows["ef14@0.01:int8"]["wire_bytes_total"] < rows["ddp"]["wire_bytes_total"] / 3
     assert rows["local8@0.03"]["wire_bytes_total"] < rows["ef14@0.01:int8"]["wire_bytes_total"]

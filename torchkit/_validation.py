@@ -41,6 +41,21 @@ def check_unit_interval(name: str, value: object) -> float:
     return float(value)
 
 
+def check_overlap_mix(mix: object, overlap: bool, feedback: object) -> float:
+    """LocalSGD's ``overlap_mix`` as it acts: ``None`` is 0.5 where it has an effect (``overlap`` with EF14) and 0
+    elsewhere; a value given where it has none is refused (it would be ignored)."""
+    acts = overlap and getattr(type(feedback), "update", None) == "ef14"
+    if mix is None:
+        return 0.5 if acts else 0.0
+    mix = check_unit_interval("overlap_mix", mix)
+    if not acts:
+        raise ValueError(
+            f"overlap_mix={mix} has no effect here: it moves the start of an overlapped period (overlap=True) by "
+            f"what EF14's error held back, and this run has overlap={overlap} with {type(feedback).__name__}"
+        )
+    return mix
+
+
 def check_weights(name: str, weights: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
     w = [float(x) for x in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
     if not w:

@@ -13,7 +13,8 @@ at every learning rate of ``--lr`` (one grid for all), and runs are interleaved 
 learning rate is one configuration; the tables take each family's best configuration. Measured per run: the
 median step time, the bytes on the wire (the namespace's loopback counters, so protocol overhead included), the
 steps and seconds until rank 0's smoothed training loss first reaches the target (the dense run's smoothed loss
-at 60% of its steps, on the fastest link, at the first learning rate of ``--lr``). The namespace is deleted on
+at 60% of its steps, on the fastest link, at the first learning rate of ``--lr``), and local SGD's compute
+utilisation (:func:`utilisation`). The namespace is deleted on
 every exit path. Without root or ``tc`` it says so and runs unshaped. Writes ``<out>/<device>/network.json`` and
 ``network.png``.
 """
@@ -178,7 +179,7 @@ def worker(cfg: dict) -> None:
     else:
         model = DDP(task.model(cfg["seed"]))
     if local:
-        every = int(method.split("@")[0].removeprefix("o").removeprefix("local").removeprefix("diloco"))
+        every = _sync_every(method)
         if method.startswith("diloco"):
             fb, wire = EF14(Identity()), None
         else:
@@ -222,8 +223,10 @@ def worker(cfg: dict) -> None:
             break
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
+    t0 = time.perf_counter()
     if local and opt.overlap:
         opt.finish_round()  # the last round in flight: no collective left behind at exit
+    tail = time.perf_counter() - t0  # the drain: training is not over before it
     diverged = diverged or not losses or not math.isfinite(losses[-1])
     if rank == 0:
         nan = {"loss": float("nan"), "accuracy": float("nan")}
@@ -238,12 +241,34 @@ def worker(cfg: dict) -> None:
                     "step_seconds": times,
                     "step_ms_median": 1e3 * statistics.median(times[5:] or times or [math.nan]),
                     "seconds_total": sum(times),
+                    # a local run's compute utilisation: in steady state, and with the last round's drain
+                    "utilisation": utilisation(times, every) if local else None,
+                    "utilisation_with_drain": utilisation(times, every, tail) if local else None,
+                    "drain_seconds": tail,
                     "test": ev,
                 }
             )
         )
     dist.barrier()  # nobody leaves while a peer still has traffic in flight
     os._exit(0)  # results are written; skip the teardown (a Gloo pair can abort at interpreter exit)
+
+
+def _sync_every(method: str) -> int:
+    """H of a local SGD method's name: ``local8@0.03``, ``olocal8@0.03``, ``diloco8``."""
+    return int(method.split("@")[0].removeprefix("o").removeprefix("local").removeprefix("diloco"))
+
+
+def utilisation(step_seconds: list[float], every: int, tail_seconds: float = 0.0) -> float:
+    """Compute utilisation of a local SGD run (a synchronisation every ``every`` steps) in steady state: a step's
+    compute, taken as the median of the steps without a synchronisation, times the steps, over their wall time,
+    plus ``tail_seconds`` (a round still waited for after the last step). The first step is left out: it holds
+    the start-up broadcast of the model, which DDP does in its constructor, outside the timed steps. With
+    overlapped rounds the steps without a synchronisation share the cores with the round in flight, and what that
+    costs them counts as compute here (on the 2-core machine their median was within the blocking runs' spread)."""
+    inner = [t for i, t in enumerate(step_seconds) if i > 0 and (i + 1) % every]
+    if not inner:
+        return math.nan
+    return statistics.median(inner) * (len(step_seconds) - 1) / (sum(step_seconds[1:]) + tail_seconds)
 
 
 def _bf16_hook(group, bucket):
@@ -432,7 +457,7 @@ def _line(r: dict) -> str:
     mb = r["wire_bytes_per_step"] / 1e6
     return (f"{r['rate']:>9s} n={r['ranks']} {r['task']:10s} {r['method']:11s} lr {r['lr']:<6g} "
             f"step {r['step_ms_median']:8.1f} ms  wire {mb:8.3f} MB/step  to target {when}  "
-            f"test {r['test']['loss']:.3f}")  # fmt: skip
+            f"utilisation {r.get('utilisation') or math.nan:.3f}  test {r['test']['loss']:.3f}")  # fmt: skip
 
 
 FAMILIES = {
@@ -543,6 +568,45 @@ def step_table(rows: list[dict], rate: str = "unshaped") -> str:
     return "\n".join(lines)
 
 
+def utilisation_table(rows: list[dict]) -> str:
+    """Per link, ranks, task and local SGD configuration: compute utilisation (:func:`utilisation`) in steady
+    state and with the last round's drain, the median step without and with a synchronisation, the whole run's
+    seconds and the seconds to the target, each the median [range] over the seeds (a seed that did not reach the
+    target counts as never: inf). Diverged runs are left out."""
+
+    def med(xs, fmt):
+        xs = sorted(xs)
+        spread = f" [{fmt.format(xs[0])}-{fmt.format(xs[-1])}]" if len(xs) > 1 else ""
+        return fmt.format(statistics.median(xs)) + spread
+
+    by: dict = {}
+    label = labeler(rows)
+    for r in rows:
+        u = r.get("utilisation")
+        if FAMILIES["local"](r["method"]) and u is not None and math.isfinite(u) and not r.get("diverged", True):
+            by.setdefault((r["task"], r["ranks"], r["rate"], label(r)), []).append(r)
+    lines = [
+        "| task | ranks | link | method | seeds | utilisation | with the drain | step without a sync, ms | "
+        "synchronising step, ms | run, s | to target, s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, n, rate, m), rs in sorted(by.items()):
+        every = _sync_every(rs[0]["method"])
+        inner, sync = [], []
+        for r in rs:
+            steps = r["step_seconds"]
+            inner.append(1e3 * statistics.median(t for i, t in enumerate(steps) if i > 0 and (i + 1) % every))
+            sync.append(1e3 * statistics.median(t for i, t in enumerate(steps) if i > 0 and (i + 1) % every == 0))
+        got = [r["reached"]["seconds"] if r.get("reached") else math.inf for r in rs]
+        lines.append(
+            f"| {task} | {n} | {rate} | `{m}` | {len(rs)} | {med([r['utilisation'] for r in rs], '{:.3f}')} | "
+            f"{med([r['utilisation_with_drain'] for r in rs], '{:.3f}')} | {med(inner, '{:.0f}')} | "
+            f"{med(sync, '{:.0f}')} | {med([sum(r['step_seconds']) + r['drain_seconds'] for r in rs], '{:.1f}')} | "
+            f"{med(got, '{:.1f}')} |"
+        )
+    return "\n".join(lines)
+
+
 def _result_dir(out_dir: Path) -> tuple[str, Path]:
     import torch
 
@@ -583,6 +647,8 @@ def _save(rows, targets, out_dir: Path, shaped: bool) -> None:
     text = table([r for r in rows if r["rate"] != "unshaped"])
     if any(r["rate"] == "unshaped" for r in rows):
         text += "\n\n" + step_table(rows)
+    if any(r.get("utilisation") is not None for r in rows):
+        text += "\n\n" + utilisation_table(rows)
     (where / "network.md").write_text(text + "\n")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validation import check_int
+from .._validation import check_int, check_overlap_mix
 from ..comm import LocalExchanger, RoundOptions, run_round
 from ..feedback import Feedback
 from ..node import node_means, shard_index, shard_pieces
@@ -200,6 +200,7 @@ def simulate_local(
     wire_dtype: torch.dtype | None = None,
     eval_fn: Callable[[Tensor], float] | None = None,
     overlap: bool = False,
+    overlap_mix: float | None = None,
 ) -> LocalSimResult:
     r"""Compressed local SGD on n simulated workers: the trajectory of :class:`torchkit.LocalSGD`.
 
@@ -225,6 +226,8 @@ def simulate_local(
         overlap: :class:`~torchkit.LocalSGD`'s ``overlap``: round r's estimate steps the anchor at synchronisation
             r + 1, and each worker goes on from the anchor minus its own last pseudo-gradient; the last round is
             applied after the last period (``LocalSGD.flush``), so ``x`` is the final anchor either way.
+        overlap_mix: :class:`~torchkit.LocalSGD`'s ``overlap_mix`` (EF14 with ``overlap``; ``None``: 0.5): each
+            worker's start moves by this share of what its round held back (``e_new - e_old``).
 
     ``x0``'s dtype is the computation's (float64 for research runs; the wire is then counted in fp32 values).
     """
@@ -233,6 +236,7 @@ def simulate_local(
     check_int("sync_every", sync_every)
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be a bool, got {type(overlap).__name__} {overlap!r}")
+    mix = check_overlap_mix(overlap_mix, overlap, feedback)
     _check_x0(x0)
     d = x0.numel()
     sizes = tuple(int(n) for n in segments) if segments is not None else (d,)
@@ -303,9 +307,13 @@ def simulate_local(
                 outer_step(pending)
             X.copy_(anchor.expand(n_workers, d) - delta.to(X.dtype))
             start.copy_(X)
+        kept = state["error"].clone() if mix else None
         estimate, _ = run_round(feedback, exchanger, state, server, delta, r, segments=segs, options=options)
         if overlap:
             pending = estimate.clone()
+            if kept is not None:  # each worker and its start moved by mix * what its round held back
+                X.add_(torch.sub(state["error"], kept).mul_(mix).to(X.dtype))
+                start.copy_(X)
         else:
             outer_step(estimate)
             X.copy_(anchor.expand(n_workers, d))
