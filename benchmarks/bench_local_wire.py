@@ -15,14 +15,15 @@ ranks with every wire) on ``char_lm`` (4 workers, iid), AdamW inner steps, the s
 - ``topk-int2-overlap``: the 2-bit run with overlapped rounds (``overlap=True``: each round runs during the next
   period and its outer step is applied one period late, as overlapping DiLoCo), each worker's next period started
   from half its own progress and half its own message (``overlap_mix=0.5``, the default);
-- ``topk-int2-overlap-nomix``: the same from its whole own progress (``overlap_mix=0``, the plain delayed start).
+- ``topk-int2-overlap-nomix``: the same from its whole own progress (``overlap_mix=0``, the plain delayed start);
+  ``topk-int2-overlap-mix<m>``: the same with ``overlap_mix=m`` (the sweep behind the default).
 
 Fair tuning: every configuration over the same inner learning-rate grid and seeds; its best rate is the one with
 the lowest median final loss. Reported per configuration at its best rate: the median (and range) over the seeds
 of the final training loss (a fixed sample of training batches) and of the test loss, and the bits per parameter
 per sync one worker sends (``Feedback.wire_bytes``, exact: values, offsets, scales).
 
-    python benchmarks/bench_local_wire.py [--procs 2]    # about 19 minutes on 2 CPU cores; resumes from runs.jsonl
+    python benchmarks/bench_local_wire.py [--procs 2]    # about 27 minutes on 2 CPU cores; resumes from runs.jsonl
     python benchmarks/bench_local_wire.py --report
 
 Results: ``benchmarks/results/local_wire/`` (runs.jsonl, summary.json, table.md).
@@ -44,7 +45,18 @@ H, STEPS, WORKERS = 8, 320, 4
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 SEEDS = (0, 1, 2)
 RATIO, CHUNK = 0.0156, 4096
-CONFIGS = ("diloco", "average", "topk-bf16", "topk-int8", "topk-int2", "topk-int2-overlap", "topk-int2-overlap-nomix")
+CONFIGS = (
+    "diloco",
+    "average",
+    "topk-bf16",
+    "topk-int8",
+    "topk-int2",
+    "topk-int2-overlap",
+    "topk-int2-overlap-nomix",
+    "topk-int2-overlap-mix0.25",
+    "topk-int2-overlap-mix0.75",
+    "topk-int2-overlap-mix1",
+)
 WIRES = {"bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}
 
 
@@ -54,6 +66,12 @@ def _feedback(config: str):
     if config in ("diloco", "average"):
         return tk.EF14(tk.Identity()), None
     return tk.EF14(tk.TopK(ratio=RATIO, chunk=CHUNK)), WIRES[config.split("-")[1]]
+
+
+def _mix(config: str) -> float | None:
+    if config.endswith("-nomix"):
+        return 0.0
+    return float(config.split("-mix")[1]) if "-mix" in config else None
 
 
 def run_job(job: dict) -> dict:
@@ -91,7 +109,7 @@ def run_job(job: dict) -> dict:
     res = simulate_local(
         fb, grad_fn, x0, n_workers=WORKERS, rounds=STEPS // H, sync_every=H, inner_optimizer=inner,
         outer_optimizer=outer, segments=sizes, wire_dtype=wire, overlap="-overlap" in job["config"],
-        overlap_mix=0.0 if job["config"].endswith("-nomix") else None,
+        overlap_mix=_mix(job["config"]),
     )  # fmt: skip
     rounds = STEPS // H
     wire_bytes = float(res.wire_bytes[rounds])  # one worker's, before the anchor after the last round

@@ -99,9 +99,9 @@ class LocalSGD(WrappedOptimizer):
             2502.12996), what the anchor will take from it. ``None`` (default) is ``0.5``, mixing the two as
             Streaming DiLoCo (arXiv 2501.18512) mixes local and global parameters: on the character model (TopK
             1.56%, 2-bit values, H = 8, 4 workers, 3 seeds) its final training loss is 0.2% above the blocking
-            round's (test loss 0.7%), ``0``'s 4.8% (``benchmarks/results/local_wire/``; only 0 and 0.5 were
-            compared there). Other methods (EF21, EControl, LocalMomentum) and blocking rounds have nothing to mix:
-            a value given for them is refused.
+            round's (test loss 0.7%); 0, 0.25, 0.75 and 1 end 4.8%, 2.1%, -0.1% and 1.4% from it
+            (``benchmarks/results/local_wire/``). Other methods (EF21, EControl, LocalMomentum) and blocking
+            rounds have nothing to mix: a value given for them is refused.
         **defaults: passed to ``optimizer_class``.
 
     Do not wrap the model in ``DistributedDataParallel`` (it would all-reduce every step's gradients); build the
