@@ -272,14 +272,15 @@ def test_two_ranks_equal_simulate_local_with_overlap_and_resume_mid_round(tmp_pa
         assert torch.equal(*r["resumed"])
 
 
-def _misuse(rank, world):
+def _misuse(rank, world, method):
     """A NaN gradient on rank 1 only, in period 1: rank 1's round 1 carries a non-finite check, and every rank
     raises when that round finishes (the synchronisation after), at the same step, with the feedback state, the
-    anchor and the round count as round 1 found them and every rank at the anchor; the run goes on with equal
-    replicas. Then rank 1 configured without overlap: every rank raises."""
+    anchor and the round count as round 1 found them and every rank at the anchor (with EF14, rank 0 had moved its
+    start by overlap_mix meanwhile); the run goes on with equal replicas. Then rank 1 configured without overlap,
+    and (EF14) with another overlap_mix: every rank raises."""
     a, b = _problem(world)
     ps = _params()
-    opt = _build(ps, FEEDBACKS["ef21"], world)
+    opt = _build(ps, FEEDBACKS[method], world)
     raised, before, after = [], None, None
     for t in range(5 * H):
         opt.zero_grad()
@@ -301,7 +302,7 @@ def _misuse(rank, world):
     ps = _params()
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(saved[1], ps)
-    resumed = _build(ps, FEEDBACKS["ef21"], world)
+    resumed = _build(ps, FEEDBACKS[method], world)
     resumed.load_state_dict(saved[0])
     for t in range(2 * H + 2, 5 * H):
         resumed.zero_grad()
@@ -313,15 +314,19 @@ def _misuse(rank, world):
     resumed.flush()
     out["resumed"] = _flat(ps)
     ps = _params()
-    other = tk.LocalSGD(ps, torch.optim.SGD, **INNER.keywords, feedback=FEEDBACKS["ef21"](world), sync_every=H,
-                        outer_optimizer=NESTEROV, overlap=rank == 0)  # fmt: skip
-    opt.zero_grad()
-    _set_grads(ps, a[rank], b[rank])
-    try:
-        other.step()
-        out["misconfigured"] = "stepped"
-    except ValueError as exc:
-        out["misconfigured"] = str(exc)
+    others = {"misconfigured": {"overlap": rank == 0}}
+    if method == "ef14":
+        others["mix"] = {"overlap": True, "overlap_mix": 0.5 if rank == 0 else 0.25}
+    for name, kw in others.items():
+        other = tk.LocalSGD(_params(), torch.optim.SGD, **INNER.keywords, feedback=FEEDBACKS[method](world),
+                            sync_every=H, outer_optimizer=NESTEROV, **kw)  # fmt: skip
+        other.zero_grad()
+        _set_grads(other.param_groups[0]["params"], a[rank], b[rank])
+        try:
+            other.step()
+            out[name] = "stepped"
+        except ValueError as exc:
+            out[name] = str(exc)
     return out
 
 
@@ -333,12 +338,14 @@ def _kept(opt) -> list[torch.Tensor]:
 
 
 @pytest.mark.dist
-def test_a_nan_on_one_rank_and_a_rank_without_overlap_raise_on_every_rank():
-    results = run_dist(_misuse, WORLD)
+@pytest.mark.parametrize("method", ["ef21", "ef14"])  # ef14: rank 0 moves its start (overlap_mix) meanwhile
+def test_a_nan_on_one_rank_and_a_rank_without_overlap_raise_on_every_rank(method):
+    results = run_dist(_misuse, WORLD, method)
     assert results[0]["raised"] == results[1]["raised"] == [(3 * H - 1, "NonFiniteGradientError")] * 2
     for r in results:
         *state, x = r["after"]
-        assert len(state) == len(r["before"]) == 4  # EF21: its shift, the server estimate; the anchors, the rounds
+        # EF21: its shift and the server estimate; EF14: its error; then the anchors and the round count
+        assert len(state) == len(r["before"]) == {"ef21": 4, "ef14": 3}[method]
         for got, want in zip(state, r["before"]):
             assert torch.equal(got, want)  # round 1 undone: as it found them, bit for bit
         assert torch.equal(x, state[-2])  # every rank at the anchor
@@ -348,6 +355,8 @@ def test_a_nan_on_one_rank_and_a_rank_without_overlap_raise_on_every_rank():
         assert torch.equal(r["resumed"], r["x"])
     for r in results:
         assert "overlap" in r["misconfigured"], r["misconfigured"]
+        if method == "ef14":
+            assert "overlap_mix" in r["mix"], r["mix"]
 
 
 FAULT_STEP = 5  # the round of the synchronisation at step 3 is in flight
