@@ -323,8 +323,7 @@ std::tuple<torch::Tensor, torch::Tensor> run_rows(const torch::Tensor& g, float*
   // [rows, d]: every row its own top-k (a chunked TopK's full chunks, the simulator's workers), k per row; rows
   // in parallel when there are enough of them (each row then runs serially: a nested parallel_for runs inline),
   // else one after the other, each in parallel. Row-local indices.
-  const int64_t rows = g.size(0), d = g.size(1);
-  TORCH_CHECK(k <= d, "k must be in [1, d], got k=", k, " for rows of d=", d);
+  const int64_t rows = g.size(0), d = g.size(1);  // k in [1, d]: checked by dispatch
   std::vector<std::tuple<torch::Tensor, torch::Tensor>> out(static_cast<size_t>(rows));
   auto one = [&](int64_t r) {
     out[r] = run(Step<mode, G>{gp + r * d, ep ? ep + r * d : nullptr, hp ? hp + r * d : nullptr, eta, d}, k, approx, g);

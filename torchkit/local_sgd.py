@@ -541,7 +541,6 @@ class _Anchor:
                 local_of(p.detach()).copy_(local_of(start))
                 local_of(start).copy_(local_of(p.detach()))  # what the parameter holds (bf16: rounded)
 
-    # ------------------------------------------------------------------------------------------ checkpoint
     def shift(self, works: list[Work], deltas: list[list[Tensor]]) -> None:
         """overlap: this rank's period start moved by ``delta`` (in the anchor's dtype) and the rank put there."""
         for w, views in zip(works, deltas):
@@ -551,6 +550,7 @@ class _Anchor:
                 local_of(p.detach()).copy_(start)
                 start.copy_(local_of(p.detach()))  # what the parameter holds (bf16: rounded)
 
+    # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self, param_groups, *, mid_period: bool) -> dict[str, Any]:
         names, params = _named(param_groups)
         return {

@@ -258,6 +258,14 @@ def _sync_every(method: str) -> int:
     return int(method.split("@")[0].removeprefix("o").removeprefix("local").removeprefix("diloco"))
 
 
+def _split_steps(step_seconds: list[float], every: int) -> tuple[list[float], list[float]]:
+    """The steps after the first without a synchronisation, and those with one (every ``every``-th)."""
+    inner, sync = [], []
+    for i, t in enumerate(step_seconds[1:], start=1):
+        (sync if (i + 1) % every == 0 else inner).append(t)
+    return inner, sync
+
+
 def utilisation(step_seconds: list[float], every: int, tail_seconds: float = 0.0) -> float:
     """Compute utilisation of a local SGD run (a synchronisation every ``every`` steps) in steady state: a step's
     compute, taken as the median of the steps without a synchronisation, times the steps, over their wall time,
@@ -265,7 +273,7 @@ def utilisation(step_seconds: list[float], every: int, tail_seconds: float = 0.0
     the start-up broadcast of the model, which DDP does in its constructor, outside the timed steps. With
     overlapped rounds the steps without a synchronisation share the cores with the round in flight, and what that
     costs them counts as compute here (on the 2-core machine their median was within the blocking runs' spread)."""
-    inner = [t for i, t in enumerate(step_seconds) if i > 0 and (i + 1) % every]
+    inner, _ = _split_steps(step_seconds, every)
     if not inner:
         return math.nan
     return statistics.median(inner) * (len(step_seconds) - 1) / (sum(step_seconds[1:]) + tail_seconds)
@@ -594,9 +602,9 @@ def utilisation_table(rows: list[dict]) -> str:
         every = _sync_every(rs[0]["method"])
         inner, sync = [], []
         for r in rs:
-            steps = r["step_seconds"]
-            inner.append(1e3 * statistics.median(t for i, t in enumerate(steps) if i > 0 and (i + 1) % every))
-            sync.append(1e3 * statistics.median(t for i, t in enumerate(steps) if i > 0 and (i + 1) % every == 0))
+            without, with_sync = _split_steps(r["step_seconds"], every)
+            inner.append(1e3 * statistics.median(without))
+            sync.append(1e3 * statistics.median(with_sync))
         got = [r["reached"]["seconds"] if r.get("reached") else math.inf for r in rs]
         lines.append(
             f"| {task} | {n} | {rate} | `{m}` | {len(rs)} | {med([r['utilisation'] for r in rs], '{:.3f}')} | "
