@@ -329,3 +329,34 @@ def test_the_advice_names_the_registered_method_of_the_nearest_class():
     assert "tk.recommended('ef21', compressor, torch.optim.AdamW)" in msg and "tk.LocalMomentum(EF21W(" in msg
     msg = coupling_advice(tk.EControl(tk.TopK(ratio=0.01)), torch.optim.SGD, {"momentum": 0.9})
     assert "tk.recommended('econtrol', compressor, torch.optim.SGD)" in msg
+
+
+def test_masking_is_recommended_on_shuffled_data_and_left_off_on_heterogeneous_workers():
+    """EF14 and EControl are recommended with momentum factor masking (the horizon study); EF21 and EF21-SGDM without
+    (it cost EF21 points there). ``heterogeneous=True`` turns it off and leaves the registry's recipe alone."""
+    comp = tk.TopK(ratio=0.01)
+    masked = {
+        m: tk.recommended(m, comp, torch.optim.SGD).feedback.mask for m in ("ef14", "ef21", "ef21sgdm", "econtrol")
+    }
+    assert masked == {"ef14": True, "ef21": False, "ef21sgdm": False, "econtrol": True}
+    for method in ("ef14", "econtrol"):
+        rec = tk.recommended(method, comp, torch.optim.AdamW, heterogeneous=True)
+        assert rec.feedback.mask is False and "masked" not in rec.description
+        assert rec.optimizer_kwargs == {"betas": (0.0, 0.999)}  # the momentum stays on the worker
+    # masking changes the trajectory: one worker, the same gradients
+    steps = []
+    for het in (False, True):
+        fb = tk.recommended("ef14", tk.TopK(2), torch.optim.SGD, heterogeneous=het).feedback
+        state = fb.init_state(8)
+        g = torch.Generator().manual_seed(0)
+        msgs = [fb.worker_step(state, torch.randn(8, generator=g), t) for t in range(4)]
+        steps.append(torch.stack([m.to_dense() for m in msgs]))
+    assert not torch.equal(*steps)
+    with pytest.raises(TypeError, match="heterogeneous"):
+        tk.recommended("ef14", comp, heterogeneous="yes")
+    # the unmasked copy of an object that already ran a warm-up stage keeps none of its stage copies
+    fb = tk.LocalMomentum(tk.EF14(tk.DensityWarmup(tk.TopK(ratio=0.01), steps=100)), 0.9, mask=True)
+    assert fb.at(0).mask is True
+    off = tk.coupling._unmasked(fb)
+    assert off.at(0).mask is False and off.at(30).mask is False
+    assert fb.at(0).mask is True and fb.at(30).mask is True and fb.mask is True

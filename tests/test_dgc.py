@@ -113,6 +113,57 @@ def test_local_clipping_and_momentum_masking_equal_dgc_written_from_the_paper():
             tk.LocalMomentum(tk.EF14(tk.TopK(1)), 0.9, **bad)
 
 
+def _masked_shift_reference(grads, x0, *, lr, mu, k, eta, steps):
+    """Momentum factor masking in front of EF21 (``eta`` None) or EControl (``eta``), in float64 numpy, written for
+    the test: b = mu b + g (b = g at step 0); EF21: u = TopK(b - h); EControl: u = TopK(eta e + b - h) and
+    e = e + b - h - u; then h = h + u, and where u sent an entry b restarts from zero; x -= lr * mean_i h_i.
+    ``init="compressed"``: step 0 is an ordinary round from h = e = 0, masked like any other."""
+    x = np.array(x0, dtype=np.float64)
+    n = grads(x).shape[0]
+    b, h, e = (np.zeros((n, x.size)) for _ in range(3))
+    for t in range(steps):
+        G = np.asarray(grads(x), dtype=np.float64)
+        b = G.copy() if t == 0 else mu * b + G
+        v = b - h if eta is None else eta * e + b - h
+        u = np.zeros_like(b)
+        keep = [np.argsort(-np.abs(v[i]), kind="stable")[:k] for i in range(n)]
+        for i in range(n):
+            u[i, keep[i]] = v[i, keep[i]]
+        if eta is not None:
+            e = e + b - h - u
+        h = h + u
+        for i in range(n):
+            b[i, keep[i]] = 0.0
+        x = x - lr * h.mean(0)
+    return x
+
+
+def test_momentum_masking_in_front_of_the_ef21_family_equals_its_float64_reference():
+    """Masking is not EF14's alone: EF21 and EControl on the masked worker momentum follow a float64 reference of
+    the recursion, and EF21-SGDM's own ``mask=True`` gives LocalMomentum(EF21(C), 1 - eta, mask=True)'s iterates
+    with the step size times eta (the identity its docstring states)."""
+    A, y, grad_np = logreg_problem(n=N, d=17)
+    prob = LogisticRegression(torch.tensor(A), torch.tensor(y), N)
+    x0 = torch.randn(prob.d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    comp, k, mu = tk.TopK(3), 3, 0.8
+    econtrol = tk.EControl(comp, eta=0.3, init="compressed")
+    for method, eta in ((tk.EF21(comp, init="compressed"), None), (econtrol, 0.3)):
+        fb = tk.LocalMomentum(method, mu, mask=True)
+        res = simulate(fb, prob.grad_fn, x0, n_workers=N, steps=STEPS, lr=LR)
+        want = _masked_shift_reference(grad_np, x0.numpy(), lr=LR, mu=mu, k=k, eta=eta, steps=STEPS)
+        np.testing.assert_allclose(res.x.numpy(), want, rtol=1e-10, atol=1e-12, err_msg=repr(fb))
+        plain = simulate(tk.LocalMomentum(method, mu), prob.grad_fn, x0, n_workers=N, steps=STEPS, lr=LR).x
+        assert not torch.allclose(plain, res.x)  # masking changes the trajectory
+    eta = 1 - mu
+    sgdm = tk.EF21SGDM(comp, eta=eta, init="compressed", momentum_init="zero", mask=True)
+    res = simulate(sgdm, prob.grad_fn, x0, n_workers=N, steps=STEPS, lr=LR / eta)
+    want = _masked_shift_reference(grad_np, x0.numpy(), lr=LR, mu=mu, k=k, eta=None, steps=STEPS)
+    np.testing.assert_allclose(res.x.numpy(), want, rtol=1e-10, atol=1e-12)
+    assert repr(sgdm).endswith("mask=True)") and "mask" not in tk.EF21SGDM(comp).config()  # old checkpoints load
+    with pytest.raises(TypeError, match="mask"):
+        tk.EF21SGDM(comp, mask=1)
+
+
 # ---------------------------------------------------------------------------------- front ends, resume
 D, H = 40, 2
 COMPRESSORS = {"topk": lambda: tk.TopK(ratio=0.05), "cyclic": lambda: tk.CyclicTopK(ratio=0.05)}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -104,19 +104,26 @@ def recommended(
     *,
     momentum: float = 0.9,
     beta2: float = 0.999,
+    heterogeneous: bool = False,
 ) -> Recommendation:
     """The configuration of ``method`` (a name in :mod:`torchkit.registry` with a recommended configuration)
     that trains with ``optimizer_class`` (SGD with momentum, or an adaptive optimizer such as AdamW), from the
     convergence study. The built-in methods:
 
-    - ``"ef14"``: ``EF14(compressor)`` inside the optimizer as it is.
+    - ``"ef14"``: ``LocalMomentum(EF14(compressor), momentum, mask=True)``: DGC's worker (momentum correction and
+      momentum factor masking); the optimizer without momentum (SGD ``momentum=0``, Adam ``betas=(0, beta2)``).
     - ``"ef21"``: ``LocalMomentum(EF21(compressor, init="compressed"), momentum)``; the optimizer without
-      momentum (SGD ``momentum=0``, Adam ``betas=(0, beta2)``).
+      momentum.
     - ``"ef21sgdm"``: ``EF21SGDM(compressor, eta=1 - momentum, init="compressed", momentum_init="zero")``;
       the optimizer without momentum; under SGD the learning rate times ``1/eta``. (This is the ``"ef21"``
       configuration in EF21-SGDM's parametrisation: the same iterates up to rounding.)
-    - ``"econtrol"``: ``LocalMomentum(EControl(compressor, eta=alpha, init="compressed"), momentum)``; the
-      optimizer without momentum.
+    - ``"econtrol"``: ``LocalMomentum(EControl(compressor, eta=alpha, init="compressed"), momentum, mask=True)``;
+      the optimizer without momentum.
+
+    Momentum factor masking (where a message sent an entry, the worker's momentum restarts there) is what brings
+    EF14 and EControl close to dense training on shuffled data (benchmarks/results/horizon); on workers whose data
+    differ systematically it hurt (the demo's label-sorted shards, simulated: EF14's final loss 0.360 unmasked,
+    0.507 masked; benchmarks/results/demo/lr_sweep.json), so ``heterogeneous=True`` leaves it off.
 
     Example::
 
@@ -148,7 +155,12 @@ def recommended(
     spec = registry.METHODS.get(method) if isinstance(method, str) else None
     if spec is None or spec.recommended is None:
         raise ValueError(f"method must be one of {', '.join(map(repr, registry.recommendable()))}, got {method!r}")
+    if not isinstance(heterogeneous, bool):
+        raise TypeError(f"heterogeneous must be a bool, got {type(heterogeneous).__name__} {heterogeneous!r}")
     recipe = spec.recommended(compressor, mu)
+    if heterogeneous and getattr(recipe.feedback, "mask", False):
+        recipe = replace(recipe, feedback=_unmasked(recipe.feedback), description=recipe.description.replace(
+            ", masked", ""))  # fmt: skip
     inside = recipe.momentum_inside
     scale = 1.0 if adaptive else recipe.sgd_lr_scale
     what = recipe.description.format(
@@ -157,6 +169,13 @@ def recommended(
     if inside:
         return Recommendation(recipe.feedback, off, scale, 0.0, what)
     return Recommendation(recipe.feedback, keep, scale, mu if keep else 0.0, what)
+
+
+def _unmasked(feedback: Feedback) -> Feedback:
+    """The same feedback object with momentum factor masking off (a copy; the recipe's object is left alone)."""
+    other = feedback._copy()
+    other.mask = False
+    return other
 
 
 # ------------------------------------------------------------------------------------------- warnings

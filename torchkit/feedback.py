@@ -441,10 +441,17 @@ class Feedback:
 
     def with_compressor(self, compressor: Compressor) -> Feedback:
         """The same method and options with another compressor (the DDP hook's dense rounds use Identity)."""
+        other = self._copy()
+        other.compressor = compressor.contractive()
+        return other
+
+    def _copy(self) -> Feedback:
+        """A shallow copy to change an option of, without the per-stage copies :meth:`at` keeps (they belong to
+        this object's options)."""
         import copy
 
         other = copy.copy(self)
-        other.compressor = compressor.contractive()
+        other.__dict__.pop("_stages", None)
         return other
 
     def distortion_sq(
@@ -460,6 +467,14 @@ class Feedback:
 
 def _rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.unsqueeze(0)
+
+
+def mask_sent_(buffer: Tensor, msg: Message | None) -> None:
+    """Momentum factor masking: zero ``buffer`` (``[d]`` or ``[rows, d]``) where the sparse ``msg`` sent an entry;
+    a dense message (step 0, a dense fallback) or none leaves it."""
+    if isinstance(msg, SparseMessage):
+        idx = msg.indices.long()
+        buffer.index_fill_(0, idx[0], 0.0) if buffer.dim() == 1 else buffer.scatter_(1, idx, 0.0)
 
 
 def _as_rows(values: Tensor, indices: Tensor, numel: int) -> SparseMessage:
@@ -617,6 +632,10 @@ class EF21SGDM(_WithEta):
             on the character language model (TopK 1%, 4 workers, SGD, eta 0.1, ``init="compressed"``)
             ``"gradient"`` ended at training loss 3.01-3.03 for every step size from 0.1 to 1 (the unigram
             plateau), ``"zero"`` at 2.60 (runs of the convergence study before it switched to ``"zero"``).
+        mask: momentum factor masking (DGC): where a sparse message sent an entry, the momentum restarts from
+            zero, as :class:`~torchkit.LocalMomentum`'s ``mask=True``. With ``init="compressed"`` and
+            ``momentum_init="zero"``: the same iterates as ``LocalMomentum(EF21(C, init="compressed"), 1 - eta,
+            mask=True)``, the step size times ``eta``.
         {granularity}
     """
 
@@ -637,12 +656,28 @@ class EF21SGDM(_WithEta):
         *,
         init: Init = "full",
         momentum_init: Literal["gradient", "zero"] = "gradient",
+        mask: bool = False,
         granularity: Granularity = "global",
     ):
         super().__init__(compressor, eta, init=init, granularity=granularity)
         if momentum_init not in ("gradient", "zero"):
             raise ValueError(f"momentum_init must be 'gradient' or 'zero', got {momentum_init!r}")
+        if not isinstance(mask, bool):
+            raise TypeError(f"mask must be a bool, got {type(mask).__name__} {mask!r}")
         self.momentum_init = momentum_init
+        self.mask = mask
+
+    def _config_extra(self) -> dict:
+        extra = super()._config_extra()  # mask only when set: older checkpoints compare equal
+        if self.mask:
+            extra["mask"] = True
+        return extra
+
+    def _round(self, state, g, step, worker, segments):
+        msg = super()._round(state, g, step, worker, segments)
+        if self.mask:
+            mask_sent_(state["momentum"], msg)
+        return msg
 
     def _direction(self, state, g, step):
         v = state["momentum"]

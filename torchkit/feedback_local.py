@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ._validation import check_unit_interval
-from .compress import Compressor, SparseMessage
-from .feedback import Feedback
+from .compress import Compressor
+from .feedback import Feedback, mask_sent_
 
 __all__ = ["LocalMomentum", "LocalAdam"]
 
@@ -54,9 +54,7 @@ class _Local(Feedback):
         return self.method._round(state, self._direction(state, g, step), step, worker, segments)
 
     def with_compressor(self, compressor: Compressor) -> Feedback:
-        import copy
-
-        other = copy.copy(self)
+        other = self._copy()
         other.method = self.method.with_compressor(compressor)
         other.compressor = other.method.compressor
         return other
@@ -136,9 +134,8 @@ class LocalMomentum(_Local):
         if self.clip is not None:
             g = _clipped(g, segments, self.clip)
         msg = super()._round(state, g, step, worker, segments)
-        if self.mask and isinstance(msg, SparseMessage):
-            b, idx = state["local_m"], msg.indices.long()
-            b.index_fill_(0, idx[0], 0.0) if b.dim() == 1 else b.scatter_(1, idx, 0.0)
+        if self.mask:
+            mask_sent_(state["local_m"], msg)
         return msg
 
     def _direction(self, state, g, step):

@@ -1,6 +1,6 @@
 """Small real training tasks with per-worker data splits, for convergence studies and benchmarks.
 
-Two tasks that run on a few CPU cores in minutes and need nothing downloaded:
+Three tasks of different kinds that run on a few CPU cores in minutes:
 
 - :func:`char_lm`: a character-level transformer language model trained on the Python standard
   library's own source files (``os.path.dirname(os.__file__)``), which exist on every machine that
@@ -9,6 +9,8 @@ Two tasks that run on a few CPU cores in minutes and need nothing downloaded:
 - :func:`digits_cnn`: a small CNN on scikit-learn's 8x8 digits (1,797 images) when scikit-learn is
   installed (``pip install torchkit[bench]``), else on generated 8x8 images of ten noisy class
   templates. The non-iid split sorts by label, so each worker holds two or three classes.
+- :func:`libsvm_mlp`: a two-layer MLP classifying the rows of any binary LIBSVM file by path (tabular
+  data; the repository's ``shared/data`` has mushrooms and phishing). The non-iid split sorts by label.
 
 A :class:`Task` gives the model factory, the workers' batches (a pure function of the step, so every
 method sees the same data), the loss, and the held-out evaluation::
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Task", "char_lm", "digits_cnn", "CharTransformer", "DigitsCNN", "stdlib_corpus"]
+__all__ = ["Task", "char_lm", "digits_cnn", "libsvm_mlp", "CharTransformer", "DigitsCNN", "stdlib_corpus"]
 
 Split = Literal["iid", "noniid"]
 
@@ -43,7 +45,7 @@ class Task:
     """A training task split over ``n_workers``.
 
     Attributes:
-        name: ``"char_lm"`` or ``"digits_cnn"``.
+        name: ``"char_lm"``, ``"digits_cnn"`` or ``"libsvm_mlp"``.
         split: ``"iid"`` or ``"noniid"``.
         n_workers: number of workers the training data is split over.
         model: ``model(seed) -> nn.Module``, the same initial weights for the same seed.
@@ -279,3 +281,59 @@ def digits_cnn(n_workers: int = 4, split: Split = "iid", *, batch: int = 16, see
         "batch_per_worker": batch,
     }
     return Task("digits_cnn", split, n_workers, model, batches, (x[test_idx], y[test_idx]), info)
+
+
+# -------------------------------------------------------------------------------------------- tabular data
+def libsvm_mlp(
+    path: str | os.PathLike,
+    n_workers: int = 4,
+    split: Split = "iid",
+    *,
+    batch: int = 32,
+    hidden: int = 64,
+    seed: int = 0,
+) -> Task:
+    """Binary classification of a LIBSVM file's rows (read by :func:`torchkit.sim.load_libsvm`) with a
+    ``linear(hidden) - ReLU - linear(hidden) - ReLU - linear(2)`` MLP, features scaled to zero mean and unit
+    variance over the training rows.
+
+    Every 8th row (after a seeded shuffle) is held out. ``"iid"``: a random equal partition of the rest.
+    ``"noniid"``: sorted by label, then cut into equal contiguous parts (label skew).
+    """
+    from torchkit.sim.libsvm import load_libsvm
+
+    _check(split, n_workers)
+    if not (isinstance(batch, int) and batch >= 1) or not (isinstance(hidden, int) and hidden >= 1):
+        raise ValueError(f"batch and hidden must be positive ints, got {batch!r} and {hidden!r}")
+    a, y_pm = load_libsvm(path, dtype=torch.float32)
+    y = (y_pm > 0).long()
+    perm = torch.randperm(a.shape[0], generator=_gen(seed + 32452843, 0))
+    test_idx, train_idx = perm[::8], perm[torch.arange(perm.numel()) % 8 != 0]
+    if train_idx.numel() < n_workers * batch:
+        raise ValueError(f"{train_idx.numel()} training rows cannot give {n_workers} workers batches of {batch}")
+    mean, std = a[train_idx].mean(0), a[train_idx].std(0).clamp_min(1e-6)
+    x = (a - mean) / std
+    if split == "noniid":
+        train_idx = train_idx[torch.argsort(y[train_idx], stable=True)]
+    parts = train_idx.tensor_split(n_workers)
+    xs, ys = [x[p] for p in parts], [y[p] for p in parts]
+
+    def batches(step: int) -> tuple[Tensor, Tensor]:
+        gen = _gen(seed, step)
+        picks = [torch.randint(0, xi.shape[0], (batch,), generator=gen) for xi in xs]
+        return torch.stack([xi[p] for xi, p in zip(xs, picks)]), torch.stack([yi[p] for yi, p in zip(ys, picks)])
+
+    def model(model_seed: int) -> nn.Module:
+        torch.manual_seed(model_seed)
+        layers = (nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        return nn.Sequential(*layers)
+
+    info = {
+        "source": str(path),
+        "features": int(x.shape[1]),
+        "train": int(train_idx.numel()),
+        "test": int(test_idx.numel()),
+        "positive_share_per_worker": [round(float(yi.float().mean()), 3) for yi in ys],
+        "batch_per_worker": batch,
+    }
+    return Task("libsvm_mlp", split, n_workers, model, batches, (x[test_idx], y[test_idx]), info)
