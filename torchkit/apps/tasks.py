@@ -219,6 +219,22 @@ def char_lm(
 
 
 # ------------------------------------------------------------------------------------------------- digits
+def _labelled_shards(x: Tensor, y: Tensor, train_idx: Tensor, n_workers: int, split: str, batch: int, seed: int):
+    """The workers' shards of labelled rows (``"noniid"``: sorted by label, then cut into equal contiguous parts)
+    and ``batches(step)``, each worker's ``batch`` rows drawn with replacement from its shard."""
+    if split == "noniid":
+        train_idx = train_idx[torch.argsort(y[train_idx], stable=True)]
+    parts = train_idx.tensor_split(n_workers)
+    xs, ys = [x[p] for p in parts], [y[p] for p in parts]
+
+    def batches(step: int) -> tuple[Tensor, Tensor]:
+        gen = _gen(seed, step)
+        picks = [torch.randint(0, xi.shape[0], (batch,), generator=gen) for xi in xs]
+        return torch.stack([xi[p] for xi, p in zip(xs, picks)]), torch.stack([yi[p] for yi, p in zip(ys, picks)])
+
+    return xs, ys, batches
+
+
 class DigitsCNN(nn.Module):
     """conv 3x3 (16) - conv 3x3 (32) - max-pool - linear 64 - linear 10, on 1x8x8 images."""
 
@@ -259,15 +275,7 @@ def digits_cnn(n_workers: int = 4, split: Split = "iid", *, batch: int = 16, see
     x, y, source = _digits_data(seed)
     perm = torch.randperm(x.shape[0], generator=_gen(seed + 15485863, 0))
     test_idx, train_idx = perm[:300], perm[300:]
-    if split == "noniid":
-        train_idx = train_idx[torch.argsort(y[train_idx], stable=True)]
-    parts = train_idx.tensor_split(n_workers)
-    xs, ys = [x[p] for p in parts], [y[p] for p in parts]
-
-    def batches(step: int) -> tuple[Tensor, Tensor]:
-        gen = _gen(seed, step)
-        picks = [torch.randint(0, xi.shape[0], (batch,), generator=gen) for xi in xs]
-        return torch.stack([xi[p] for xi, p in zip(xs, picks)]), torch.stack([yi[p] for yi, p in zip(ys, picks)])
+    xs, ys, batches = _labelled_shards(x, y, train_idx, n_workers, split, batch, seed)
 
     def model(model_seed: int) -> nn.Module:
         torch.manual_seed(model_seed)
@@ -313,15 +321,7 @@ def libsvm_mlp(
         raise ValueError(f"{train_idx.numel()} training rows cannot give {n_workers} workers batches of {batch}")
     mean, std = a[train_idx].mean(0), a[train_idx].std(0).clamp_min(1e-6)
     x = (a - mean) / std
-    if split == "noniid":
-        train_idx = train_idx[torch.argsort(y[train_idx], stable=True)]
-    parts = train_idx.tensor_split(n_workers)
-    xs, ys = [x[p] for p in parts], [y[p] for p in parts]
-
-    def batches(step: int) -> tuple[Tensor, Tensor]:
-        gen = _gen(seed, step)
-        picks = [torch.randint(0, xi.shape[0], (batch,), generator=gen) for xi in xs]
-        return torch.stack([xi[p] for xi, p in zip(xs, picks)]), torch.stack([yi[p] for yi, p in zip(ys, picks)])
+    xs, ys, batches = _labelled_shards(x, y, train_idx, n_workers, split, batch, seed)
 
     def model(model_seed: int) -> nn.Module:
         torch.manual_seed(model_seed)

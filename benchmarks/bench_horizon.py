@@ -1,0 +1,349 @@
+"""Momentum factor masking for every method, at 300 and 3000 steps, on three tasks (issue 24, item 2).
+
+DGC's momentum factor masking (``tk.LocalMomentum(method, 0.9, mask=True)``: where a sparse message sent an entry,
+the worker's momentum restarts from zero) had been measured on EF14 only, at 300 steps. This study puts every method
+on the worker's momentum with and without masking, next to EF14 inside the optimizer, TopK 1% (0.1% in tier D), on:
+
+- ``char_lm``: the convergence study's character transformer (120,704 parameters) on the standard library's sources;
+- ``digits_cnn``: the convergence study's CNN on scikit-learn's digits (38,282 parameters);
+- ``phishing``: a task of another kind, ``tk.apps.tasks.libsvm_mlp`` on the LIBSVM phishing file (tabular, binary,
+  8,706 parameters; ``--data`` names the file).
+
+Configurations (``C = TopK(density)``; the outer optimizer without momentum wherever the momentum sits on the worker):
+
+- ``dense``: SGD momentum 0.9 (AdamW);
+- ``ef14``: ``EF14(C)`` inside SGD momentum (AdamW) as it is; ``ef14_mask``: ``LocalMomentum(EF14(C), 0.9, mask=True)``;
+- ``ef21``: ``LocalMomentum(EF21(C, init="compressed"), 0.9)``; ``ef21_mask``: the same with ``mask=True``;
+- ``ef21sgdm``: ``EF21SGDM(C, eta=0.1, init="compressed", momentum_init="zero")``, lr x 10 under SGD (EF21 on the
+  worker's momentum re-parametrised; not run at 3000 steps on the transformer);
+- ``econtrol``: ``LocalMomentum(EControl(C, eta=alpha, init="compressed"), 0.9)``; ``econtrol_mask``: with
+  ``mask=True``.
+
+Tiers, run in this order by default (a stopped run leaves whole tiers; each tier runs its seed-0 grids first):
+
+- A: the transformer, SGD momentum: 4 workers at 300 and 3000 steps, 1 worker at 300 steps;
+- E: the transformer, AdamW, 300 steps, 4 workers and 1;
+- B: phishing, 4 workers iid and non-iid (label-sorted shards) and 1 worker, 300 and 3000 steps;
+- C: digits, the same cells as B;
+- D: the transformer at TopK 0.1% (4 workers, 300 and 3000 steps) and on its non-iid split (4 workers, 300 steps).
+
+Fair tuning as in the convergence study: every configuration runs the same learning-rate grid with seed 0, the value
+with the lowest final training loss then runs with seeds 1 and 2; a cell is the median (range) over the 3 seeds of
+the share of dense training's loss reduction, ``(L0 - L) / (L0 - L_dense)``, per seed against dense training with the
+same seed at dense's best rate of the same grid. The transformer's 3000-step grid has three values (0.03-0.3; a run
+takes 2-4 minutes on one shared core), the others four (300 steps) or three (3000).
+
+    python benchmarks/bench_horizon.py [--procs 2] [--tiers A E B C D]   # resumes from runs.jsonl
+    python benchmarks/bench_horizon.py --report                          # summary.json, table.md, curves.png
+    python benchmarks/bench_horizon.py --probe                           # resend_probe.json
+
+Results: ``benchmarks/results/horizon/``; ``edge_check.jsonl`` holds two runs outside the grid (EF14 and EControl at
+lr 0.01, 3000 steps), which checked that their best rate at the grid's lower edge is not an artefact of the grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+OUT = Path(__file__).resolve().parent / "results" / "horizon"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "phishing.txt"
+SEEDS = (0, 1, 2)
+CONFIGS = ("dense", "ef14", "ef14_mask", "ef21", "ef21_mask", "ef21sgdm", "econtrol", "econtrol_mask")
+ADAMW_CONFIGS = ("dense", "ef14", "ef14_mask", "ef21", "ef21_mask", "econtrol", "econtrol_mask")
+LONG_CONFIGS = ADAMW_CONFIGS  # the transformer's 3000 steps: EF21-SGDM is EF21 on the worker's momentum re-parametrised
+LABELS = {
+    "dense": "dense",
+    "ef14": "EF14 inside the optimizer",
+    "ef14_mask": "EF14 on the worker's momentum, masked",
+    "ef21": "EF21 on the worker's momentum",
+    "ef21_mask": "EF21 on the worker's momentum, masked",
+    "ef21sgdm": "EF21-SGDM (eta 0.1)",
+    "econtrol": "EControl on the worker's momentum",
+    "econtrol_mask": "EControl on the worker's momentum, masked",
+}
+GRIDS = {  # (task, inner, steps) -> learning rates
+    ("char_lm", "sgdm", 300): (0.01, 0.03, 0.1, 0.3),
+    ("char_lm", "sgdm", 3000): (0.03, 0.1, 0.3),
+    ("char_lm", "adamw", 300): (1e-3, 3e-3, 1e-2),
+    **{(t, "sgdm", 300): (0.01, 0.03, 0.1, 0.3) for t in ("digits_cnn", "phishing")},
+    **{(t, "sgdm", 3000): (0.01, 0.03, 0.1) for t in ("digits_cnn", "phishing")},
+}
+SETUPS = ((4, "iid"), (1, "iid"), (4, "noniid"))
+
+
+def _cells(tier: str):
+    """The cells of one tier: dicts of task, inner, workers, split, steps, density, config."""
+
+    def cells(task, inner, setups, densities, steps, configs=CONFIGS):
+        for workers, split in setups:
+            for st in steps:
+                for config in configs:
+                    for dens in (None,) if config == "dense" else densities:
+                        yield dict(task=task, inner=inner, workers=workers, split=split, steps=st, density=dens,
+                                   config=config)  # fmt: skip
+
+    if tier == "A":
+        yield from cells("char_lm", "sgdm", SETUPS[:1], (0.01,), (300,))
+        yield from cells("char_lm", "sgdm", SETUPS[:1], (0.01,), (3000,), LONG_CONFIGS)
+        yield from cells("char_lm", "sgdm", SETUPS[1:2], (0.01,), (300,))
+    elif tier == "B":
+        yield from cells("phishing", "sgdm", SETUPS, (0.01,), (300, 3000))
+    elif tier == "C":
+        yield from cells("digits_cnn", "sgdm", SETUPS, (0.01,), (300, 3000))
+    elif tier == "D":
+        yield from cells("char_lm", "sgdm", SETUPS[:1], (0.001,), (300, 3000), LONG_CONFIGS)
+        yield from cells("char_lm", "sgdm", SETUPS[2:], (0.01,), (300,))
+    elif tier == "E":
+        yield from cells("char_lm", "adamw", SETUPS[:2], (0.01,), (300,), ADAMW_CONFIGS)
+    else:
+        raise ValueError(f"tier must be one of A-E, got {tier!r}")
+
+
+def build(config: str, inner: str, density: float | None):
+    """(compression, inner optimizer name of benchmarks/_train.py, lr multiplier, description)."""
+    import torchkit as tk
+
+    adamw = inner == "adamw"
+    if config == "dense":
+        return "dense", inner, 1.0, f"dense, {inner}"
+    comp = tk.TopK(ratio=density)
+    mask = config.endswith("_mask")
+    outer = "adamw0" if adamw else "sgd"  # the momentum is on the worker
+    if config == "ef14":
+        return tk.EF14(comp), inner, 1.0, f"EF14(TopK) inside {inner}"
+    if config == "ef21sgdm":
+        fb = tk.EF21SGDM(comp, eta=0.1, init="compressed", momentum_init="zero")
+        return fb, outer, 1.0 if adamw else 10.0, f"{fb!r}, {outer}"
+    method = {
+        "ef14": lambda: tk.EF14(comp),
+        "ef21": lambda: tk.EF21(comp, init="compressed"),
+        "econtrol": lambda: tk.EControl(comp, init="compressed"),  # eta = alpha
+    }[config.removesuffix("_mask")]()
+    fb = tk.LocalMomentum(method, 0.9, mask=mask)
+    return fb, outer, 1.0, f"{fb!r}, {outer}"
+
+
+def make_task(name: str, workers: int, split: str, data: Path = DATA):
+    from torchkit.apps.tasks import char_lm, digits_cnn, libsvm_mlp
+
+    if name == "phishing":
+        return libsvm_mlp(data, workers, split)
+    return {"char_lm": char_lm, "digits_cnn": digits_cnn}[name](workers, split)
+
+
+def run_job(job: dict) -> dict:
+    torch.set_num_threads(1)
+    from _train import run
+
+    task = make_task(job["task"], job["workers"], job["split"], Path(job["data"]))
+    comp, inner, scale, desc = build(job["config"], job["inner"], job["density"])
+    r = run(task, compression=comp, inner=inner, lr=job["lr"] * scale, steps=job["steps"], seed=job["seed"],
+            log_every=max(10, job["steps"] // 100))  # fmt: skip
+    return {**job, **r, "description": desc, "inner_used": inner, "lr_used": job["lr"] * scale}
+
+
+def _key(r: dict) -> tuple:
+    return tuple(r[k] for k in ("task", "inner", "workers", "split", "steps", "density", "config", "lr", "seed"))
+
+
+def _loss(r: dict) -> float:
+    return math.inf if r["diverged"] else r["train_loss"]
+
+
+def _best_lr(done: dict, cell: dict) -> float | None:
+    """The grid value with the lowest seed-0 training loss; None until the whole grid has run."""
+    runs = [(done.get(_key({**cell, "lr": lr, "seed": 0})), lr) for lr in GRIDS[_grid(cell)]]
+    if any(r is None for r, _ in runs):
+        return None
+    return min((_loss(r), lr) for r, lr in runs)[1]
+
+
+def _grid(cell: dict) -> tuple:
+    return cell["task"], cell["inner"], cell["steps"]
+
+
+def summarize(done: dict, tiers) -> dict:
+    """Per cell: the best rate, the 3 seeds' training losses and their shares of dense's loss reduction."""
+    out = {}
+    for tier in tiers:
+        for cell in _cells(tier):
+            lr = _best_lr(done, cell)
+            runs = [done.get(_key({**cell, "lr": lr, "seed": s})) for s in SEEDS] if lr is not None else []
+            dense = {**cell, "config": "dense", "density": None}
+            dense_lr = _best_lr(done, dense)
+            refs = [done.get(_key({**dense, "lr": dense_lr, "seed": s})) for s in SEEDS] if dense_lr else []
+            pairs = [(r, d) for r, d in zip(runs, refs) if r is not None and d is not None]
+            if not pairs:
+                continue
+            fr = [(r["L0"] - _loss(r)) / (d["L0"] - d["train_loss"]) for r, d in pairs]
+            name = "/".join(str(cell[k]) for k in ("task", "inner", "workers", "split", "steps", "density", "config"))
+            out[name] = {
+                **cell,
+                "lr": lr,
+                "at_grid_edge": lr in (GRIDS[_grid(cell)][0], GRIDS[_grid(cell)][-1]),
+                "description": pairs[0][0]["description"],
+                "seeds": len(pairs),
+                "diverged_seeds": sum(r["diverged"] for r, _ in pairs),
+                "train_loss_median": statistics.median(_loss(r) for r, _ in pairs),
+                "fraction_median": statistics.median(fr),
+                "fraction_range": [min(fr), max(fr)],
+                "fraction_per_seed": fr,
+                "test_accuracy_median": statistics.median(r["test_accuracy"] for r, _ in pairs),
+                "MB_per_worker": pairs[0][0]["bytes_per_worker"] / 1e6,
+                "curve_seed0": pairs[0][0]["curve"],
+            }
+    return out
+
+
+def _fmt(s: dict | None) -> str:
+    if s is None:
+        return "-"
+    lo, hi = s["fraction_range"]
+    text = f"{s['fraction_median']:.0%}" + (f" ({lo:.0%}-{hi:.0%})" if s["seeds"] > 1 else " (1 seed)")
+    if s["diverged_seeds"]:
+        text += f", {s['diverged_seeds']} diverged"
+    return text + ("†" if s["at_grid_edge"] else "")
+
+
+def table(summary: dict, device: str) -> str:
+    lines = [
+        f"# Momentum factor masking, 300 and 3000 steps ({device})",
+        "",
+        "Share of dense training's loss reduction, median (range) over 3 seeds, each configuration at its best rate "
+        "of the same grid as dense (seed 0 chooses); † = the best rate is at an edge of the grid; - = not run.",
+    ]
+    groups = sorted({(s["task"], s["inner"]) for s in summary.values()})
+    for task, inner in groups:
+        cols = sorted({(s["workers"], s["split"], s["density"] or 0.0, s["steps"]) for s in summary.values()
+                       if (s["task"], s["inner"]) == (task, inner) and s["density"]},
+                      key=lambda c: (-c[2], c[3], -c[0], c[1]))  # fmt: skip
+        lines += ["", f"## {task}, {'SGD momentum 0.9' if inner == 'sgdm' else 'AdamW'}", "",
+                  "| configuration | " + " | ".join(f"{w}w {sp} {d:.1%} {st}" for w, sp, d, st in cols) + " |",
+                  "|---|" + "---|" * len(cols)]  # fmt: skip
+        for config in CONFIGS:
+            row = []
+            for w, sp, d, st in cols:
+                key = f"{task}/{inner}/{w}/{sp}/{st}/{None if config == 'dense' else d}/{config}"
+                row.append(_fmt(summary.get(key)))
+            if any(x != "-" for x in row):
+                lines.append(f"| {LABELS[config]} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("char_lm", 4, "iid", 3000), ("char_lm", 1, "iid", 300)]
+    panels += [(t, w, "iid", 3000) for t in ("phishing", "digits_cnn") for w in (4, 1)]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for ax, (task, w, split, steps) in zip(axes.T.flat, panels):
+        for i, config in enumerate(CONFIGS):
+            s = summary.get(f"{task}/sgdm/{w}/{split}/{steps}/{None if config == 'dense' else 0.01}/{config}")
+            if s and s["curve_seed0"]:
+                st, _, loss = zip(*s["curve_seed0"])
+                ax.plot(st, loss, label=LABELS[config], color=f"C{i}", ls="--" if config.endswith("_mask") else "-")
+        ax.set_title(f"{task}, {w} worker(s), {steps} steps, TopK 1%, seed 0 at its best lr", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (window mean)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[1, 0].legend(fontsize=7)  # the panel with every configuration
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+class ResendProbe:
+    """Per round, the entries the method sent (EF14: the nonzero entries of the applied message; the EF21 family:
+    the entries where the applied shift changed) and the share of them already sent in one of the ``window``
+    rounds before: how much of TopK's budget goes back to coordinates it has just sent."""
+
+    def __init__(self, shift: bool, window: int = 5):
+        self.shift, self.window, self.prev, self.recent, self.shares, self.sent = shift, window, None, [], [], []
+
+    def __call__(self, grads: torch.Tensor, est: torch.Tensor) -> None:
+        est = est.detach().clone()
+        sent = (est != self.prev) if self.shift and self.prev is not None else (est != 0)
+        if self.recent:
+            seen = torch.stack(self.recent).any(0)
+            self.shares.append(float((sent & seen).sum()) / max(1, int(sent.sum())))
+        self.sent.append(int(sent.sum()))
+        self.recent = [*self.recent[-(self.window - 1) :], sent] if self.window > 1 else [sent]
+        self.prev = est
+
+    def result(self) -> dict:
+        tail = self.shares[len(self.shares) // 2 :]  # the second half of the run
+        return {"resend_share": statistics.fmean(tail), "sent_per_round": statistics.fmean(self.sent)}
+
+
+def resend_probe(out: Path, lr: float = 0.1, steps: int = 300) -> dict:
+    """One worker on the transformer, TopK 1%, seed 0: the resend share of each method with and without masking."""
+    from _train import run
+
+    torch.set_num_threads(1)
+    task = make_task("char_lm", 1, "iid")
+    rows = {}
+    for config in ("ef14", "ef14_mask", "ef21", "ef21_mask", "econtrol", "econtrol_mask"):
+        comp, inner, scale, desc = build(config, "sgdm", 0.01)
+        probe = ResendProbe(shift=not config.startswith("ef14"))
+        r = run(task, compression=comp, inner=inner, lr=lr * scale, steps=steps, probe=probe)
+        rows[config] = {"description": desc, "lr": lr, "train_loss": r["train_loss"], **probe.result()}
+        print(config, rows[config], flush=True)
+    (out / "resend_probe.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from _train import describe_run, load_runs, run_jobs, save_study
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--tiers", nargs="+", default=list("AEBCD"), choices=list("ABCDE"))
+    ap.add_argument("--data", type=Path, default=DATA, help="the LIBSVM file of the tabular task")
+    ap.add_argument("--report", action="store_true", help="only summarise runs.jsonl")
+    ap.add_argument("--probe", action="store_true", help="only the resend probe (resend_probe.json)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "runs.jsonl"
+    done = load_runs(path, _key)
+    if args.probe:
+        resend_probe(args.out)
+        return 0
+
+    def go(jobs):
+        todo = [{**j, "data": str(args.data)} for j in jobs if _key(j) not in done]
+        todo.sort(key=lambda j: -j["steps"] * (30 if j["task"] == "char_lm" else 1) * j["workers"])  # long first
+        run_jobs(todo, done, path, args.procs, run_job, _key, lambda r: (
+            f"{r['task']} {r['workers']}w {r['split']} {r['steps']} {r['density']} " + describe_run(r)))  # fmt: skip
+
+    if not args.report:
+        for tier in args.tiers:
+            cells = list(_cells(tier))
+            go([{**c, "lr": lr, "seed": 0} for c in cells for lr in GRIDS[_grid(c)]])
+            go([{**c, "lr": _best_lr(done, c), "seed": s} for c in cells for s in SEEDS[1:]])
+    summary = summarize(done, list("ABCDE"))
+    save_study(args.out, {"cells": summary, "grids": {"/".join(map(str, k)): v for k, v in GRIDS.items()}},
+               lambda s, device: table(s["cells"], device))  # fmt: skip
+    try:
+        plot(summary, args.out / "curves.png")
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
