@@ -162,13 +162,13 @@ def recommended(
         raise TypeError(f"heterogeneous must be a bool, got {type(heterogeneous).__name__} {heterogeneous!r}")
     recipe = spec.recommended(compressor, mu)
     if heterogeneous and getattr(recipe.feedback, "mask", False):
-        recipe = replace(recipe, feedback=_unmasked(recipe.feedback), description=recipe.description.replace(
-            ", masked", ""))  # fmt: skip
+        recipe = replace(recipe, feedback=_unmasked(recipe.feedback))
     inside = recipe.momentum_inside
     scale = 1.0 if adaptive else recipe.sgd_lr_scale
     what = recipe.description.format(
-        optimizer=opt_name, outer=outer, momentum=mu, lr_scale=scale, kept=f" (momentum {mu:g})" if keep else ""
-    )
+        optimizer=opt_name, outer=outer, momentum=mu, lr_scale=scale, kept=f" (momentum {mu:g})" if keep else "",
+        masked=", masked" if getattr(recipe.feedback, "mask", False) else "",
+    )  # fmt: skip
     if inside:
         return Recommendation(recipe.feedback, off, scale, 0.0, what)
     return Recommendation(recipe.feedback, keep, scale, mu if keep else 0.0, what)

@@ -534,21 +534,21 @@ class _Anchor:
 
     def restart(self, works: list[Work], deltas: list[list[Tensor]]) -> None:
         """overlap: this rank at ``anchor - delta`` (the anchor with its own last progress), the period's start."""
-        for w, views in zip(works, deltas):
-            for p, a, view in zip(w.params, w.like, views):
-                start = self.starts[a]
-                local_of(start).copy_(local_of(a)).sub_(view.reshape(local_of(start).shape))
-                local_of(p.detach()).copy_(local_of(start))
-                local_of(start).copy_(local_of(p.detach()))  # what the parameter holds (bf16: rounded)
+        self._move_starts(works, deltas, lambda start, a, view: start.copy_(a).sub_(view))
 
     def shift(self, works: list[Work], deltas: list[list[Tensor]]) -> None:
         """overlap: this rank's period start moved by ``delta`` (in the anchor's dtype) and the rank put there."""
+        self._move_starts(works, deltas, lambda start, a, view: start.add_(view))
+
+    def _move_starts(self, works: list[Work], deltas: list[list[Tensor]], move) -> None:
+        """Each period start set by ``move(start, anchor, delta)`` (local shards, in the anchor's dtype), then the
+        parameter put there and the start made what the parameter holds (bf16: rounded)."""
         for w, views in zip(works, deltas):
             for p, a, view in zip(w.params, w.like, views):
                 start = local_of(self.starts[a])
-                start.add_(view.reshape(start.shape))
+                move(start, local_of(a), view.reshape(start.shape))
                 local_of(p.detach()).copy_(start)
-                start.copy_(local_of(p.detach()))  # what the parameter holds (bf16: rounded)
+                start.copy_(local_of(p.detach()))
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self, param_groups, *, mid_period: bool) -> dict[str, Any]:

@@ -51,8 +51,9 @@ class Recipe:
         sgd_lr_scale: the learning-rate factor under a non-adaptive optimizer (EF21-SGDM's ``eta``
             parametrisation: ``1/eta``); adaptive optimizers get 1.
         description: one line for tables and logs, with the format fields ``{optimizer}`` (its name),
-            ``{outer}`` (the optimizer as run outside), ``{momentum}``, ``{lr_scale}`` and ``{kept}`` (`` (momentum
-            0.9)`` when the optimizer keeps its momentum, else empty).
+            ``{outer}`` (the optimizer as run outside), ``{momentum}``, ``{lr_scale}``, ``{kept}`` (`` (momentum
+            0.9)`` when the optimizer keeps its momentum, else empty) and ``{masked}`` (``", masked"`` when the
+            feedback handed out masks its momentum, else empty).
     """
 
     feedback: Feedback
@@ -159,7 +160,7 @@ def _ef14(c: Compressor, mu: float) -> Recipe:
     # at TopK 1%, 99% of dense's loss reduction at 3000 steps against 92% for EF14 inside SGD momentum). EF21 and
     # EF21-SGDM stay unmasked: masking cost EF21 5 points there.
     fb = LocalMomentum(EF14(c), mu, mask=True)
-    return Recipe(fb, True, description="EF14 on the worker's momentum {momentum:g}, masked, {outer} outside")
+    return Recipe(fb, True, description="EF14 on the worker's momentum {momentum:g}{masked}, {outer} outside")
 
 
 def _ef21(c: Compressor, mu: float) -> Recipe:
@@ -175,7 +176,7 @@ def _ef21sgdm(c: Compressor, mu: float) -> Recipe:
 
 def _econtrol(c: Compressor, mu: float) -> Recipe:
     fb = LocalMomentum(EControl(c, init="compressed"), mu, mask=True)  # 94% against 90% unmasked (horizon study)
-    return Recipe(fb, True, description="EControl (eta=alpha) on the worker's momentum {momentum:g}, masked, {outer}")
+    return Recipe(fb, True, description="EControl (eta=alpha) on the worker's momentum {momentum:g}{masked}, {outer}")
 
 
 def _ef21w(c: Compressor, n: int, weights=None, **options) -> Feedback:
