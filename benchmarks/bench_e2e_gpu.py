@@ -3,7 +3,7 @@
     python benchmarks/bench_e2e_gpu.py [--steps 20] [--out benchmarks/results]
 
 1. Backward time of DDP over a one-rank NCCL group with the default all-reduce against torchkit's hook
-   (EF14 and EF21, TopK 1%): the hook's share of backward time is (t_hook - t_allreduce) / t_hook.
+   (EF14, EF21 and EControl, TopK 1%): the hook's share of backward time is (t_hook - t_allreduce) / t_hook.
 2. Optimizer step: fused AdamW against CompressedOptimizer wrapping fused AdamW (same methods).
 Medians over timed steps after warm-up (CUDA events), peak memory per configuration. Writes
 <out>/<gpu>/e2e.json.
@@ -70,6 +70,7 @@ def run(steps: int, warmup: int, batch: int, ctx: int, log=print) -> dict:
     methods = {
         "ef14": lambda: tk.EF14(tk.TopK(ratio=0.01)),
         "ef21": lambda: tk.EF21(tk.TopK(ratio=0.01)),
+        "econtrol": lambda: tk.EControl(tk.TopK(ratio=0.01)),
     }
     configs = [("allreduce", None)] + [(f"hook {m}", f) for m, f in methods.items()]
     records = []

@@ -138,7 +138,8 @@ def measure(model_name: str, dev: torch.device, repeats: int, log=print) -> list
     for name in METHODS:
         opt = opts[f"wrapper {name}"]
         held = sum(t.numel() * t.element_size() for b in opt.round.blocks.values() for t in b.vectors().values())
-        held += sum(b.grads.numel() * b.grads.element_size() for b in opt.round.blocks.values() if b.grads is not None)
+        held += sum(buf.numel() * buf.element_size() for _, buf, _ in opt._flat._bufs.values())  # flat gradients
+        held += sum(t.numel() * t.element_size() for b in opt.round.blocks.values() for t in b.scratch.values())
         restore()
         peak_wrapper = _peak_bytes(opt.step, dev)
         restore()

@@ -7,13 +7,14 @@
 #   hook    benchmarks/bench_hook.py (the hook's time per bucket against the kernel's)
 #   steady  benchmarks/bench_steady.py (the fused steps with the state carried on a trained model's gradients, the
 #           host time per call apart, and the decode of 8 messages as emitted and sorted against its floor)
+#   ties    benchmarks/bench_ties.py on CUDA (the EF21 step on tied input against random input, d = 2^26)
 #   wrapper benchmarks/bench_wrapper.py (the wrapper's step time and memory against AdamW)
 #   ncu     Nsight Compute (speed of light, memory, occupancy) on the CUDA kernels of one step per op
 #   first   the independent cross-check, when copied to .gpu-tools/ (see benchmarks/README.md)
-# Everything lands in $OUT; T_<STAGE> bounds each stage in seconds.
+# Everything lands in $OUT; T_<STAGE> bounds each stage in seconds; the log records each stage's seconds.
 set -u
 OUT=${OUT:-/tmp/torchkit-gpu}
-STAGES=${STAGES:-tests bench tune e2e hook steady wrapper ncu first}
+STAGES=${STAGES:-tests bench tune e2e hook steady ties wrapper ncu first}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHKIT_EXT_DIR=/tmp/torchkit-ext
 log=$OUT/log.txt
@@ -26,13 +27,13 @@ python3 -c "import torchkit.ops._cuda as c; print('CUDA kernels built:', c.build
 
 stage_tests() {
   wait $cpp; cat /tmp/cpp_build.txt >> "$log"
-  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" -rfE \
+  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -p no:logging -o addopts="" -m "not slow" -rfE \
     tests/test_ops.py tests/test_gpu.py tests/test_custom_ops.py 2>&1 | tail -80 > "$OUT/pytest.txt"
   tail -5 "$OUT/pytest.txt" | tee -a "$log"
 }
 stage_bench() {
-  timeout ${T_BENCH:-200} python3 benchmarks/bench_kernels.py --device cuda --sizes 1e6 1e7 1e8 \
-    --extra 1e9:bfloat16:0.01 --repeats 10 --out "$OUT/res" 2>&1 | tee -a "$log"
+  timeout ${T_BENCH:-200} python3 benchmarks/bench_kernels.py --device cuda ${BENCH_ARGS:---sizes 1e6 1e7 1e8 \
+    --extra 1e9:bfloat16:0.01} --repeats 10 --out "$OUT/res" 2>&1 | tee -a "$log"
 }
 stage_tune() { timeout ${T_TUNE:-200} python3 benchmarks/tune_gpu.py --out "$OUT/res" 2>&1 | tee -a "$log"; }
 stage_e2e() {
@@ -44,6 +45,9 @@ stage_hook() {
 stage_steady() {
   timeout ${T_STEADY:-120} python3 benchmarks/bench_steady.py --device cuda --steps 300 \
     --warm 100 --out "$OUT/res" 2>&1 | tee -a "$log"
+}
+stage_ties() {
+  timeout ${T_TIES:-90} python3 benchmarks/bench_ties.py --device cuda --out "$OUT/res" 2>&1 | tee -a "$log"
 }
 stage_wrapper() {
   timeout ${T_WRAPPER:-120} python3 benchmarks/bench_wrapper.py --device cuda --out "$OUT/res" 2>&1 | tee -a "$log"
@@ -62,6 +66,8 @@ stage_first() {
 }
 for s in $STAGES; do
   echo "== $s" | tee -a "$log"
+  t0=$SECONDS
   "stage_$s"
+  echo "== $s took $((SECONDS - t0)) s" | tee -a "$log"
 done
 echo "== done" | tee -a "$log"

@@ -353,12 +353,8 @@ class Feedback:
             q, steps, values = (quantize if dtype == torch.int8 else quantize_2bit)(msg.values, msg.groups)
             self._absorb_(state, msg, msg.values - values.to(msg.values.dtype))
             return replace(msg, values=values.to(msg.values.dtype), q=q, scales=steps)
-        if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(msg.values.dtype).max:
-            big = torch.finfo(dtype).max  # beyond the wire's range: send the largest value, keep the rest
-            q = msg.values.clamp(-big, big).to(dtype)
-        else:
-            q = msg.values.to(dtype)
-        self._absorb_(state, msg, msg.values - q.to(msg.values.dtype))
+        q, r = ops.wire_round(msg.values, dtype)
+        self._absorb_(state, msg, r)
         return replace(msg, values=q)
 
     def _absorb_(self, state: dict[str, Tensor], msg: Message, r: Tensor) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "ef21_step_",
     "econtrol_step_",
     "accumulate_",
+    "wire_round",
     "nonfinite_check",
     "poison_of",
     "prepare_",
@@ -240,6 +241,19 @@ def _check_decode(out: Tensor, zero, poison) -> None:
 
 def _what(x) -> str:
     return f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+
+
+def wire_round(values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(q, r)``: ``values`` rounded to the wire ``dtype`` (clamped to its range) and what the rounding removed.
+
+    Eager, the composed torch ops. Under ``torch.compile`` it is one registered operator (``torchkit::wire_round``):
+    inductor fuses a round trip through a narrower dtype away unless ``emulate_precision_casts`` is set (off by
+    default), and ``r`` would come out zero (measured on CPU and on an H200: the feedback state then differs from
+    eager's and loses what the wire rounded away).
+    """
+    if torch.compiler.is_compiling():
+        return _library.wire_round(values, dtype)
+    return _reference.wire_round(values, dtype)
 
 
 def prepare_(out: Tensor, *, zero: bool = False, poison: Tensor | None = None, impl: Impl = "auto") -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._reference import index_dtype
 
-__all__ = ["SCHEMAS", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
+__all__ = ["SCHEMAS", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_", "wire_round"]
 
 SCHEMAS = {
     "topk": "topk(Tensor x, int k, str impl) -> (Tensor, Tensor)",
@@ -34,6 +34,7 @@ SCHEMAS = {
         "accumulate_(Tensor(a!) out, Tensor values, Tensor indices, float[] scales, bool zero, Tensor? poison, "
         "str impl) -> ()"
     ),
+    "wire_round": "wire_round(Tensor values, ScalarType dtype) -> (Tensor, Tensor)",
 }
 
 
@@ -83,6 +84,7 @@ _FAKES = {
     "ef21_step_": lambda grad, estimate, k, approx, impl: _out(estimate, k),
     "econtrol_step_": lambda grad, error, shift, k, eta, approx, impl: _out(error, k),
     "accumulate_": lambda out, values, indices, scales, zero, poison, impl: None,
+    "wire_round": lambda values, dtype: (values.new_empty(values.shape, dtype=dtype), torch.empty_like(values)),
 }
 _KERNELS = {
     "topk": _topk,
@@ -90,6 +92,7 @@ _KERNELS = {
     "ef21_step_": _ef21,
     "econtrol_step_": _econtrol,
     "accumulate_": _accumulate,
+    "wire_round": lambda values, dtype: _kernels_of("reference").wire_round(values, dtype),
 }
 
 _LIB = torch.library.Library("torchkit", "DEF")  # kept alive: dropping it would unregister the ops
@@ -103,3 +106,4 @@ ef14_step_ = torch.ops.torchkit.ef14_step_
 ef21_step_ = torch.ops.torchkit.ef21_step_
 econtrol_step_ = torch.ops.torchkit.econtrol_step_
 accumulate_ = torch.ops.torchkit.accumulate_
+wire_round = torch.ops.torchkit.wire_round

@@ -73,6 +73,17 @@ def accumulate_(
     return out
 
 
+def wire_round(values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``values`` rounded to ``dtype`` (a narrower float is clamped to its largest value) and what the rounding
+    removed, in the values' dtype: ``values = q.to(values.dtype) + r`` up to the last rounding of the subtraction."""
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(values.dtype).max:
+        big = torch.finfo(dtype).max  # beyond the wire's range: send the largest value, keep the rest
+        q = values.clamp(-big, big).to(dtype)
+    else:
+        q = values.to(dtype)
+    return q, values - q.to(values.dtype)
+
+
 def nonfinite_check(t: Tensor) -> Tensor:
     """0-d float64, finite exactly when ``t`` holds no NaN or Inf: one launch, ``t``'s float64 sum (fp32, bf16 and
     fp16 sums cannot overflow in float64: fewer than 2**31 terms, each below 3.5e38; a NaN or an Inf anywhere makes
