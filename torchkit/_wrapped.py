@@ -3,16 +3,19 @@
 :class:`WrappedOptimizer` builds the inner optimizer and lets it own ``param_groups``, ``state`` and ``defaults``
 (``ZeroRedundancyOptimizer``'s convention, so LR schedulers drive it), and loads an optimizer state_dict once for
 both: the inner optimizer's part, and the feedback state under ``"torchkit"`` through the front-end contract
-(:class:`torchkit.frontend.FrontEnd`). :class:`Work` is one typed record of parameters that share a round and
-:class:`FlatGrads` keeps each one's persistent flat buffer with every parameter's view of it; the functions check
+(:class:`torchkit.frontend.FrontEnd`). :class:`Work` is one typed record of parameters that share a round,
+:class:`WorkCache` keeps the records while the parameter layout is unchanged and :class:`FlatGrads` keeps each
+one's persistent flat buffer with every parameter's view of it; the functions check
 the constructor arguments with one wording and make hyper-parameters comparable between ranks. The front ends
 themselves do not import each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
+import operator
 import sys
 import warnings
 from collections.abc import Mapping
@@ -30,6 +33,8 @@ __all__ = [
     "WrappedOptimizer",
     "Work",
     "collect_works",
+    "check_grads",
+    "WorkCache",
     "FlatGrads",
     "unscaled_and_bad",
     "local_of",
@@ -168,7 +173,11 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         """Who agrees on a step's flags (non-finite input, hyper-parameters): the exchange group, or for a sharded
         model every rank, since FSDP's reduce-scatter carries one rank's NaN into one shard, which one replicate group
         alone would see."""
-        if shard_count([p for g in self.param_groups for p in g["params"]]) == 1 and self._split() is None:
+        return self._agreement_of(shard_count([p for g in self.param_groups for p in g["params"]]))
+
+    def _agreement_of(self, shards: int):
+        """:attr:`_agreement` for parameters shared by ``shards`` ranks each (known already: no second scan)."""
+        if shards == 1 and self._split() is None:
             return self._exchanger
         if self.__dict__.get("_world") is None:  # the default group
             from .comm import DistExchanger
@@ -275,6 +284,7 @@ class Work:
     dtype: torch.dtype
     device: torch.device
     first: int
+    dtensors: bool = False  # whether some of its parameters are DTensors (gradients then go through local_of)
     flat: Tensor | None = None  # this step's flat gradient (or pseudo-gradient), once gathered
 
     def sized(self):
@@ -325,21 +335,35 @@ def shard_count(params) -> int:
 def collect_works(param_groups, like_of=None) -> list[Work]:
     """One :class:`Work` per (parameter group, dtype, device) of the parameters that train, named
     ``"<group>.<index>"``. ``like_of(group_index)`` gives the tensors the flat buffer is shaped as (default: the
-    parameters). Gradients are checked first: sparse ones raise ``TypeError``, a wrong shape ``ValueError``."""
+    parameters). Gradients are checked first (:func:`check_grads`)."""
+    check_grads(param_groups)
+    return _works_of(param_groups, like_of)
+
+
+def check_grads(param_groups) -> None:
+    """The gradients of the parameters that train: sparse ones raise ``TypeError``, a wrong shape ``ValueError``
+    (the first in parameter order)."""
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None or not p.requires_grad:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise TypeError(f"sparse gradients are not supported (parameter {gi}.{pi})")
+            if g.shape != p.shape:
+                raise ValueError(f"parameter {gi}.{pi} has a gradient of shape {tuple(g.shape)}")
+
+
+def _works_of(param_groups, like_of=None) -> list[Work]:
+    """:func:`collect_works` without the gradient checks: what depends on the parameter layout only."""
     works, first = [], 0
+    dtensor = _dtensor_type()
     for gi, group in enumerate(param_groups):
         likes = group["params"] if like_of is None else like_of(gi)
         by_kind: dict[tuple, list] = {}
         for pi, (p, like) in enumerate(zip(group["params"], likes)):
-            if not p.requires_grad:
-                continue
-            g = p.grad
-            if g is not None:
-                if g.is_sparse or g.layout != torch.strided:
-                    raise TypeError(f"sparse gradients are not supported (parameter {gi}.{pi})")
-                if g.shape != p.shape:
-                    raise ValueError(f"parameter {gi}.{pi} has a gradient of shape {tuple(g.shape)}")
-            by_kind.setdefault((p.dtype, p.device), []).append((f"{gi}.{pi}", p, like))
+            if p.requires_grad:
+                by_kind.setdefault((p.dtype, p.device), []).append((f"{gi}.{pi}", p, like))
         for (dtype, device), named in by_kind.items():
             works.append(
                 Work(
@@ -351,10 +375,69 @@ def collect_works(param_groups, like_of=None) -> list[Work]:
                     dtype=real_dtype(local_of(named[0][2]).dtype),
                     device=device,
                     first=first,
+                    dtensors=dtensor is not None and any(isinstance(p, dtensor) for _, p, _ in named),
                 )
             )
             first += len(named)
     return works
+
+
+_PLACE = operator.attrgetter("requires_grad", "shape", "dtype", "device")
+_GRAD = operator.attrgetter("grad")
+
+
+class WorkCache:
+    """:func:`collect_works` over the parameters themselves, the work items built once per parameter layout.
+
+    The layout is what the items depend on: each group's parameters (their identities, in order) and each one's
+    ``requires_grad``, shape, dtype and device (a ``DTensor``'s local shard's too). Each call compares it with the
+    one the items were built for, so whatever changes it (``add_param_group``, a group's ``params`` replaced,
+    ``p.data = ...``, a parameter frozen) builds them again; hyper-parameters and state (a loaded state_dict) are
+    not part of it. The gradients are checked on every call."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._held: tuple = ()  # the key's parameters, kept alive so that no id in the key is reused
+        self._works: list[Work] = []
+        self._shapes: list[tuple] = []
+        self._dtensors = False
+        self._shards: int | None = None
+
+    def works(self, param_groups) -> list[Work]:
+        """:func:`collect_works` (``param_groups``): fresh :class:`Work` records (``flat`` unset) of the layout."""
+        key = self._key_of(param_groups, self._dtensors)
+        if key != self._key:
+            check_grads(param_groups)
+            self._works = _works_of(param_groups)
+            self._shapes = [tuple(p.shape for p in w.params) for w in self._works]
+            self._dtensors = any(w.dtensors for w in self._works)
+            self._shards = None
+            self._held = tuple(tuple(g["params"]) for g in param_groups)
+            self._key = self._key_of(param_groups, self._dtensors)
+        else:
+            strided = torch.strided
+            for w, shapes in zip(self._works, self._shapes):
+                for g, shape in zip(map(_GRAD, w.params), shapes):
+                    if g is not None and (g.layout is not strided or g.shape != shape):
+                        check_grads(param_groups)  # raises, naming the first in parameter order
+        return [dataclasses.replace(w) for w in self._works]
+
+    @property
+    def shards(self) -> int:
+        """:func:`shard_count` of the parameters of the last :meth:`works` call."""
+        if self._shards is None:
+            self._shards = shard_count([p for group in self._held for p in group])
+        return self._shards
+
+    @staticmethod
+    def _key_of(param_groups, dtensors: bool) -> tuple:
+        key = []
+        for g in param_groups:
+            ps = g["params"]
+            key += [tuple(map(id, ps)), tuple(map(_PLACE, ps))]
+            if dtensors:
+                key.append(tuple(_PLACE(local_of(p)) for p in ps))
+        return tuple(key)
 
 
 def unscaled_and_bad(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:

@@ -21,10 +21,10 @@ from torch import Tensor
 
 from ._wrapped import (
     Work,
+    WorkCache,
     WrappedOptimizer,
     called_from_dcp_init,
     check_common_args,
-    collect_works,
     grad_like,
     group_options,
     is_view_of,
@@ -139,6 +139,7 @@ class CompressedOptimizer(WrappedOptimizer):
         self._node = node
         self._agreed = False
         self._warned: set[str] = set()
+        self._layout = WorkCache()
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -173,8 +174,7 @@ class CompressedOptimizer(WrappedOptimizer):
             return loss  # no rank has a gradient anywhere: nothing to send, nothing to step
         futures = []
         for w in works:
-            pick = [i for i, on in zip(w.ids, active) if on]
-            futures.append(self._round(w, pick))
+            futures.append(self._round(w, [i for i in w.ids if active[i]]))
         self.metrics.record_round([fut.wait() for fut in futures])
         if self._node is not None:
             self.metrics.record_node(sum(self._node.sent_bytes(w.sizes, w.flat.element_size()) for w in works))
@@ -183,9 +183,14 @@ class CompressedOptimizer(WrappedOptimizer):
         return loss
 
     def _works(self) -> list[Work]:
-        """One work item per (parameter group, dtype, device): its parameters, checked."""
-        works = collect_works(self.param_groups)
-        if self._node is not None and works and shard_count([p for w in works for p in w.params]) > 1:
+        """One work item per (parameter group, dtype, device): its parameters, checked (the items are kept while
+        the parameter layout is unchanged: :class:`torchkit._wrapped.WorkCache`)."""
+        works = self._layout.works(self.param_groups)
+        if (
+            self._node is not None
+            and any(w.dtensors for w in works)
+            and shard_count([p for w in works for p in w.params]) > 1
+        ):
             raise ValueError("node_group is for replicated parameters; a sharded (FSDP2) model is node-aware already")
         return works
 
@@ -213,10 +218,9 @@ class CompressedOptimizer(WrappedOptimizer):
         small all_reduce between ranks, one read on the host)."""
         has, bads = [], []
         for w in works:
-            w.flat = self._flat_grad(w, grad_scale)
-            has += [p.grad is not None for p in w.params]
+            w.flat = self._flat_grad(w, grad_scale, has)
             bads.append(nonfinite_flag(w.flat).float().reshape(1))
-        agreement = self._agreement
+        agreement = self._agreement_of(self._layout.shards)
         dev = agreement.device
         if found_inf is not None:
             bads.append((found_inf.float() > 0).float().reshape(1))
@@ -235,18 +239,26 @@ class CompressedOptimizer(WrappedOptimizer):
             )
         return [bool(f) for f in flags[1 : 1 + n].tolist()], bool(flags[0])
 
-    def _flat_grad(self, w: Work, grad_scale) -> Tensor:
+    def _flat_grad(self, w: Work, grad_scale, has: list[bool]) -> Tensor:
         """The group's gradients in the persistent flat buffer (missing ones zero), unscaled when GradScaler
-        asked us to."""
+        asked us to; appends to ``has`` whether each parameter has a gradient. A gradient that is its view of the
+        buffer already (``p.grad`` as the last step left it, accumulated into) is not copied."""
         buf, views = self._flat.get(w)
-        copies_src, copies_dst = [], []
-        for p, view in zip(w.params, views):
-            g = local_of(p.grad)
+        grads = [p.grad for p in w.params]
+        has += [g is not None for g in grads]
+        if w.dtensors:
+            grads = [local_of(g) for g in grads]
+        zeros, copies_src, copies_dst = [], [], []
+        for g, view in zip(grads, views):
+            if g is view:
+                continue
             if g is None:
-                view.zero_()
-            elif not is_view_of(g, view):
+                zeros.append(view)
+            elif g._base is not buf or not is_view_of(g, view):  # only a view of the buffer can be its view
                 copies_src.append(g)
                 copies_dst.append(view)
+        if zeros:
+            torch._foreach_zero_(zeros)
         if copies_dst:
             torch._foreach_copy_(copies_dst, copies_src)
         if grad_scale is not None:  # GradScaler did not unscale: do it here, as its unscale_ would
@@ -262,9 +274,14 @@ class CompressedOptimizer(WrappedOptimizer):
             on = {w.names[i] for i in chosen}
             fut = self._start(shard, [j for j, n in enumerate(shard.names) if n in on], len(shard.names))
             fut = self._node.gathered(fut, shard.flat, w.flat, w.sizes)
-        views = self._flat.get(w)[1]
-        for i in chosen:
-            w.params[i].grad = grad_like(w.params[i], views[i])  # the estimate, in the flat buffer, found in place
+        params, views, dtensors = w.params, self._flat.get(w)[1], w.dtensors
+        if len(chosen) < len(params):
+            params, views = [params[i] for i in chosen], [views[i] for i in chosen]
+        for p, view in zip(params, views):  # the estimate, in the flat buffer, found in place
+            if dtensors:
+                p.grad = grad_like(p, view)
+            elif p.grad is not view:
+                p.grad = view
         return fut
 
     def _start(self, w: Work, chosen: list[int], total: int):
@@ -306,11 +323,14 @@ class CompressedOptimizer(WrappedOptimizer):
                 "a node-aware CompressedOptimizer (node_group=...) cannot be pickled: its process groups do not "
                 "pickle; checkpoint it with state_dict() or DCP"
             )
-        return super().__getstate__()
+        out = super().__getstate__()
+        out["_layout"] = WorkCache()  # built again from the unpickled parameters
+        return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_node", None)  # pickled before node-aware compression existed
+        self.__dict__.setdefault("_layout", WorkCache())  # pickled before the work items were kept
 
     def _share_found_inf(self, bad: bool) -> None:
         """GradScaler records found_inf per rank; make every rank record the agreed one."""

@@ -10,6 +10,7 @@ does not depend on the blocks, and one validator checks it before anything is ch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,12 @@ def normalize_name(name: Any) -> Any:
         return name
     parts = [p for p in name.split(".") if p not in ("module", "_orig_mod")]
     return ".".join(parts) if parts else name
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalized(names: tuple) -> tuple:
+    """:func:`normalize_name` of each name, remembered: the front ends name the same blocks every round."""
+    return tuple(normalize_name(n) for n in names)
 
 
 class Block:
@@ -130,7 +137,7 @@ class RoundState:
     # ------------------------------------------------------------------------------------------- blocks
     def block(self, key, names, sizes, *, dtype, device, with_server: bool, rows: int | None = None) -> Block:
         """The block ``key`` over ``names``; built (or rebuilt) carrying each parameter's state by name."""
-        names = tuple(normalize_name(n) for n in names)
+        names = _normalized(tuple(names))
         blk = self.blocks.get(key)
         if (
             blk is not None
