@@ -1,7 +1,8 @@
 // torchkit CUDA kernels: the radix select fused with the error-feedback step, in CUDA C++.
 //
-// The same three launches as the Triton kernels (torchkit/ops/_triton/ef.py), sequenced by the same Python
-// driver (torchkit/ops/_select.py); loaded with ctypes (torchkit/ops/_cuda.py), so no torch headers:
+// The same three launches as the Triton kernels (torchkit/ops/_triton/ef.py); loaded with ctypes
+// (torchkit/ops/_cuda.py), so no torch headers. tk_step sequences them as the Python driver
+// (torchkit/ops/_select.py: run) does for Triton, in one host call:
 //   tk_hist:      v per element (EF14 stores v in e on the first pass), a 2048-bin shared-memory histogram
 //                 of (key >> shift_lo) over the entries whose key >> shift_hi equals a device-side prefix,
 //                 merged once per block (zero bins skipped); persistent grid.
@@ -11,6 +12,9 @@
 //                 order), by an order-preserving compaction: a block scan, then a decoupled look-back over
 //                 block tickets taken in start order. Deterministic whatever the scheduling.
 //   tk_scatter_add: out[idx] += scale * val for one worker (indices unique within a worker).
+//   tk_step:      one whole fused step: the workspace zeroed, the passes of _select.run, and the state update at
+//                 the sent entries (EF14 e = 0, EF21 h += v, EControl e -= v and h += v); about 13 launches
+//                 (exact) or 5 (approximate) issued from C++, against a Python call and ctypes call per launch.
 // Indices are int32: the driver sends d >= 2^30 to the reference (the look-back word packs two 30-bit counts).
 // Built with -fmad=false: the reference rounds e * eta and the add separately.
 #include <cuda_bf16.h>
@@ -351,6 +355,21 @@ __global__ void tk_scatter_add_kernel(float* out, const float* val, const int* i
   if (j < k) out[idx[j]] = __fadd_rn(out[idx[j]], __fmul_rn(val[j], scale));
 }
 
+// the state at the k sent entries (indices unique): what _select.run does with index_fill_/index_add_
+__global__ void tk_post_kernel(int mode, float* e, float* h, const int* idx, const float* val, int k) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= k) return;
+  const int i = idx[j];
+  if (mode == kEF14) {
+    e[i] = 0.0f;
+  } else if (mode == kEF21) {
+    h[i] = __fadd_rn(h[i], val[j]);
+  } else if (mode == kEControl) {
+    e[i] = __fsub_rn(e[i], val[j]);
+    h[i] = __fadd_rn(h[i], val[j]);
+  }
+}
+
 // A decode's first pass over out: zeros (zero != 0) or out as it is, and NaN everywhere when the float64 checks
 // sum to a non-finite value (a worker's message held NaN or Inf). Each thread sums the few checks itself.
 __global__ void tk_prepare_kernel(float* out, const double* checks, int n_checks, long long stride, long long d,
@@ -435,3 +454,106 @@ extern "C" int tk_prepare(float* out, const double* checks, int n_checks, long l
 }
 
 extern "C" int tk_block_elems() { return kSelectThreads * kItems; }
+
+// ---- tk_step: the driver of torchkit/ops/_select.py (run) in C++, slot for slot
+namespace {
+constexpr int kScalars = 32;
+constexpr int kAlways = -1;
+enum Slot { S_B1 = 0, S_ABOVE1, S_NEED1, S_N1, S_OVER, S_FITS, S_B2, S_ABOVE2, S_NEED2, S_P3, S_T, S_A, S_CAP,
+            S_ZERO, S_CTR1, S_CTR2, S_CTR3 };
+constexpr long long kHead = (3 * kBins + kScalars) / 2;  // int64 words: three histograms and the scalars
+
+struct Layout {  // the workspace, in int64 words: [head | look-back words] zeroed, then the candidates
+  int cap, n_lb, n_lbc;
+  long long zeroed, cand_val, cand_idx, words;
+};
+
+int lookback_slots(long long n) { return static_cast<int>(n < 1 ? 1 : (n + kSelectThreads * kItems - 1) / (kSelectThreads * kItems)); }
+
+Layout layout(int d, int k, int approx) {
+  Layout l;
+  const long long want = 4ll * k + 4096;  // _select.capacity
+  l.cap = approx ? 0 : static_cast<int>(want < d ? want : d);
+  l.n_lb = lookback_slots(d);
+  l.n_lbc = l.cap ? lookback_slots(l.cap) : 0;
+  l.zeroed = kHead + (approx ? l.n_lb : 2ll * l.n_lb + l.n_lbc);
+  const long long cand_words = (l.cap + 3ll) / 4 * 2;  // cap 4-byte entries, 16-byte aligned
+  l.cand_val = (l.zeroed + 1) / 2 * 2;
+  l.cand_idx = l.cand_val + cand_words;
+  l.words = l.cand_idx + cand_words;
+  return l;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+struct Step {
+  int mode, gdtype, sms;
+  const void* g;
+  float *e, *h, eta;
+  int* scal;
+  cudaStream_t stream;
+
+  int hist(int m, bool stored, float* e_or_cand, int* hist, int n, int active, int n_slot, int prefix, int shift_hi,
+           int shift_lo) const {
+    const long long want = (n + 511) / 512;
+    const int grid = static_cast<int>(want < 4ll * sms ? (want > 0 ? want : 1) : 4ll * sms);
+    const int vec = aligned16(g) && aligned16(e_or_cand) && aligned16(h);
+    return tk_hist(m, gdtype, g, e_or_cand, h, hist, scal, n, eta, stored, vec, active, n_slot, prefix, shift_hi,
+                   shift_lo, grid, stream);
+  }
+  int select(int m, float* e_or_cand, const int* ci, unsigned long long* lb, int* hi_idx, float* hi_val, int* eq_idx,
+             float* eq_val, int n, bool write_e, int active, int n_slot, int thr, int shift, int hi_base, int eq_base,
+             int cap, int ctr) const {
+    const int vec = aligned16(g) && aligned16(e_or_cand) && aligned16(h);
+    return tk_select(m, gdtype, g, e_or_cand, h, ci, scal, lb, hi_idx, hi_val, eq_idx, eq_val, n, eta, m == kEF14,
+                     write_e, vec, active, n_slot, thr, shift, hi_base, eq_base, cap, ctr, lookback_slots(n), stream);
+  }
+};
+}  // namespace
+
+// int64 words of workspace tk_step needs for (d, k, approx)
+extern "C" long long tk_step_words(int d, int k, int approx) { return layout(d, k, approx).words; }
+
+// One fused step (mode kTopK/kEF14/kEF21/kEControl) on d < 2^30 entries: writes the k selected (index, value)
+// pairs to out_idx/out_val and updates e/h in place. ws: tk_step_words(d, k, approx) int64 words of device
+// memory, used only on this stream (zeroed here; nothing is read back on the host).
+extern "C" int tk_step(int mode, int gdtype, const void* g, float* e, float* h, float eta, int d, int k, int approx,
+                       long long* ws, int* out_idx, float* out_val, int sms, cudaStream_t stream) {
+  if (mode < kTopK || mode > kEControl || d < 1 || k < 1 || k > d) return cudaErrorInvalidValue;
+  const Layout l = layout(d, k, approx);
+  cudaError_t rc = cudaMemsetAsync(ws, 0, l.zeroed * sizeof(long long), stream);
+  if (rc != cudaSuccess) return rc;
+  int* i32 = reinterpret_cast<int*>(ws);
+  int* hists[3] = {i32, i32 + kBins, i32 + 2 * kBins};
+  auto* lbs = reinterpret_cast<unsigned long long*>(ws + kHead);
+  auto* cand_val = reinterpret_cast<float*>(ws + l.cand_val);
+  auto* cand_idx = reinterpret_cast<int*>(ws + l.cand_idx);
+  const Step st{mode, gdtype, sms, g, e, h, eta, i32 + 3 * kBins, stream};
+  int err = 0;
+  auto run = [&](int r) { if (!err) err = r; };
+  run(st.hist(mode, false, e, hists[0], d, kAlways, kAlways, kAlways, 31, 20));
+  run(tk_threshold(hists[0], st.scal, k, l.cap, 1, stream));
+  if (approx) {  // the threshold bin's lowest-indexed entries fill the remaining slots
+    run(st.select(mode, e, nullptr, lbs, out_idx, out_val, out_idx, out_val, d, true, kAlways, kAlways, S_B1, 20,
+                  S_ZERO, S_ABOVE1, S_NEED1, S_CTR1));
+  } else {
+    run(st.select(mode, e, nullptr, lbs, out_idx, out_val, cand_idx, cand_val, d, true, S_FITS, kAlways, S_B1, 20,
+                  S_ZERO, S_ZERO, S_N1, S_CTR1));
+    const int levels[2][4] = {{2, 20, 9, S_B1}, {3, 9, 0, S_P3}};
+    for (const auto& lv : levels) {  // the re-read of the vector and the pass over the candidates: one runs
+      int* hist = hists[lv[0] - 1];
+      run(st.hist(mode, true, e, hist, d, S_OVER, kAlways, lv[3], lv[1], lv[2]));
+      run(st.hist(kCand, true, cand_val, hist, l.cap, S_FITS, S_N1, lv[3], lv[1], lv[2]));
+      run(tk_threshold(hist, st.scal, k, l.cap, lv[0], stream));
+    }
+    run(st.select(mode, e, nullptr, lbs + l.n_lb, out_idx, out_val, out_idx, out_val, d, true, S_OVER, kAlways, S_T,
+                  0, S_ZERO, S_A, S_CAP, S_CTR2));
+    run(st.select(kCand, cand_val, cand_idx, lbs + 2 * l.n_lb, out_idx, out_val, out_idx, out_val, l.cap, false,
+                  S_FITS, S_N1, S_T, 0, S_ABOVE1, S_A, S_CAP, S_CTR3));
+  }
+  if (mode != kTopK && !err) {
+    tk_post_kernel<<<(k + 255) / 256, 256, 0, stream>>>(mode, e, h, out_idx, out_val, k);
+    err = cudaGetLastError();
+  }
+  return err;
+}

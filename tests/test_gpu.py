@@ -112,6 +112,41 @@ def test_triton_and_cuda_agree(impl):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(h1, h2)
 
 
+@pytest.mark.parametrize("approx", [False, True])
+@pytest.mark.parametrize("mode", ["topk", "ef14", "ef21", "econtrol"])
+def test_the_c_driver_launches_what_the_python_driver_does(mode, approx):
+    """``tk_step`` (the whole step sequenced in C++, one host call, a workspace kept per stream) against the
+    Python driver over the same kernels: the same entries in the same order, the same state, on random, tied
+    (g - h = 0, all equal, mostly zero) and bf16 input, at sizes of one block, many blocks and a padded tail;
+    twice in a row, so that the second call runs on the kept workspace."""
+    from torchkit.ops import _cuda, _select
+
+    m = {"topk": _select.TOPK, "ef14": _select.EF14, "ef21": _select.EF21, "econtrol": _select.ECONTROL}[mode]
+    for d, k in ((1000, 10), (1_000_003, 10_000), ((1 << 21) + 5, 20_000)):
+        mostly_zero = torch.zeros(d, device="cuda")
+        mostly_zero[::200] = _rand(d, 4)[::200]
+        inputs = {
+            "random": _rand(d, 1),
+            "zero": torch.zeros(d, device="cuda"),
+            "equal": torch.full((d,), 0.75, device="cuda"),
+            "mostly zero": mostly_zero,
+            "bf16": _rand(d, 5, torch.bfloat16),
+        }
+        for name, g in inputs.items():
+            tied = name not in ("random", "bf16")  # state zero: v is g itself, ties and all
+            e, h = (torch.zeros(d, device="cuda"),) * 2 if tied else (_rand(d, 2), _rand(d, 3))
+            states = [(e.clone(), h.clone()) for _ in range(2)]
+            for _ in range(2):
+                outs = []
+                for run, (e1, h1) in zip((_cuda._run, _cuda._run_python), states):
+                    ee = None if m in (_select.TOPK, _select.EF21) else e1
+                    hh = None if m in (_select.TOPK, _select.EF14) else h1
+                    outs.append(run(m, g, ee, hh, k, 0.3, approx))
+                (v1, i1), (v2, i2) = outs
+                assert torch.equal(i1, i2) and torch.equal(v1, v2), (d, name)
+                assert all(torch.equal(a, b) for a, b in zip(*states)), (d, name)
+
+
 # ---------------------------------------------------------------------------------------- front ends on CUDA
 @pytest.fixture(scope="module")
 def nccl_group():

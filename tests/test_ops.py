@@ -339,22 +339,51 @@ def _sass(binary: Path) -> str:
     return proc.stdout
 
 
-def test_cuda_sources_compile_for_sm90_without_fma_contraction(tmp_path):
-    """The exact nvcc command the loader runs, for an H100/H200; EControl and scatter-add keep two roundings."""
+@pytest.fixture(scope="module")
+def sm90_build(tmp_path_factory):
+    """csrc/topk_ef_cuda.cu built for an H100/H200 with the exact nvcc command the loader runs: (library, ptxas log)."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed on this machine")
-    out = tmp_path / "libtorchkit_cuda.so"
+    out = tmp_path_factory.mktemp("sm90") / "libtorchkit_cuda.so"
     proc = subprocess.run(_cuda.nvcc_command(out, "sm_90") + ["-Xptxas", "-v"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "spill stores" in proc.stderr and " 0 bytes spill stores" in proc.stderr
-    assert "bytes spill stores" not in proc.stderr.replace(" 0 bytes spill stores", "")
+    return out, proc.stderr
+
+
+def test_cuda_sources_compile_for_sm90_without_fma_contraction(sm90_build):
+    """No spills; EControl, scatter-add and the step's state update keep two roundings (no FFMA)."""
+    out, log = sm90_build
+    assert "spill stores" in log and " 0 bytes spill stores" in log
+    assert "bytes spill stores" not in log.replace(" 0 bytes spill stores", "")
     sass = _sass(out)
     functions = sass.split("Function : ")[1:]
     names = [f.splitlines()[0] for f in functions]
     assert any("tk_select" in n for n in names) and any("tk_scatter_add" in n for n in names)
-    assert any("tk_prepare" in n for n in names)
+    assert any("tk_prepare" in n for n in names) and any("tk_post" in n for n in names)
     for f in functions:
         assert "FFMA" not in f, f"FFMA in {f.splitlines()[0]}"
+
+
+@pytest.mark.parametrize(
+    "d, k", [(1, 1), (1000, 10), (4096, 4096), (100_003, 1000), (10**8, 10**6), ((1 << 30) - 1, 7)]
+)
+def test_the_c_driver_takes_the_python_drivers_workspace_and_rejects_bad_arguments(sm90_build, d, k):
+    """Host code of the sm_90 build, run here without a GPU: ``tk_step``'s workspace is the Python driver's zeroed
+    words (three histograms, the scalars, the look-back words of each select pass: ``_select.run``) followed by
+    room for ``capacity(d, k)`` candidate values and indices, each 16-byte aligned; a mode or k out of range is
+    refused before any launch (cudaErrorInvalidValue, 1)."""
+    lib = _cuda.open_library(sm90_build[0])
+    block = lib.tk_block_elems()
+    slots = lambda n: max(1, -(-n // block))  # noqa: E731
+    head = (3 * _select.NBINS + _select.N_SCALARS) // 2
+    for approx in (0, 1):
+        cap = 0 if approx else _select.capacity(d, k)
+        zeroed = head + (slots(d) if approx else 2 * slots(d) + slots(cap))
+        room = 2 * (-(-cap // 4) * 2)  # int64 words for cap fp32 values and cap int32 indices, 16-byte aligned each
+        words = lib.tk_step_words(d, k, approx)
+        assert zeroed + room <= words <= zeroed + room + 1
+    for mode, kk in ((_select.CAND, k), (-1, k), (_select.EF14, 0), (_select.EF14, d + 1)):
+        assert lib.tk_step(mode, 0, None, None, None, 0.0, d, kk, 0, None, None, None, 1, None) == 1
 
 
 @pytest.mark.timeout(300)

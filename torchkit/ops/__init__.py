@@ -51,7 +51,7 @@ __all__ = [
 
 Impl = Literal["auto", "reference", "triton", "cuda", "cpp"]
 _ext.available()  # look for a built csrc extension once, now: the dispatch below stays cheap and traceable
-AUTO_CUDA_MIN_D = 1 << 21  # smallest d for which impl="auto" runs the CUDA kernels (see _choose)
+AUTO_CUDA_MIN_D = 10**6  # smallest d for which impl="auto" runs the CUDA kernels (see _choose)
 
 
 def build_extension(verbose: bool = False, *, cuda: bool = False) -> bool:
@@ -85,10 +85,12 @@ def _choose(impl: Impl, x: Tensor, rows: bool) -> str:
         if x.is_cuda and rows:  # batched rows ([n, d]): one vectorised reference call (the CUDA kernels take 1-D)
             return "reference"
         if x.is_cuda:
-            # Measured on an H200 (benchmarks/results/nvidia-h200/kernels.json): the CUDA C++ kernels beat the
-            # composed-torch reference at 1e7 elements (1.4x) and 1e8 (3.6x, EF14 1% fp32) and lose at 1e6
-            # (0.24 against 0.19 ms, launch-bound), so the switch sits between, at 2**21. The Triton kernels were
-            # slower than the reference at every size (tl.histogram with 2048 bins dominates): by name only.
+            # Measured on an H200 (benchmarks/results/nvidia-h200/kernels_run7.json, EF14/EF21/EControl/topk, 1%
+            # fp32): since the whole step is one host call (tk_step) the CUDA C++ kernels beat the composed-torch
+            # reference at 1e6 elements (0.13-0.15 against 0.20-0.31 ms), 1e7 (1.6-2.1x) and 1e8 (3.0-4.8x);
+            # smaller sizes were not measured, so the switch sits at 1e6 (it was 2**21 while the Python driver's
+            # launches made the kernels lose at 1e6). The Triton kernels are slower than the reference at every
+            # size (tl.histogram with 2048 bins dominates): by name only.
             return "cuda" if x.shape[-1] >= AUTO_CUDA_MIN_D and _cuda.ensure_built() else "reference"
         if x.device.type == "cpu" and _ext.available():
             return "cpp"

@@ -36,7 +36,10 @@ _SIGNATURES = {
     "tk_scatter_add": [_P, _P, _P, _F, _I, _P],
     "tk_prepare": [_P, _P, _I, ctypes.c_longlong, ctypes.c_longlong, _I, _P],
     "tk_block_elems": [],
+    "tk_step_words": [_I, _I, _I],
+    "tk_step": [_I, _I, _P, _P, _P, _F, _I, _I, _I, _P, _P, _P, _I, _P],
 }
+_RESTYPES = {"tk_step_words": ctypes.c_longlong}
 
 
 def _arch() -> str:
@@ -57,7 +60,7 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, ctypes.c_int
+        fn.argtypes, fn.restype = args, _RESTYPES.get(name, ctypes.c_int)
     return lib
 
 
@@ -217,8 +220,47 @@ class _Launcher:
         return max(1, -(-n // self.block))
 
 
-def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
+def _run_python(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
+    """The same step sequenced launch by launch from Python (``_select.run``): the specification ``tk_step``
+    follows, kept for tests and per-kernel timings."""
     return _select.run(_Launcher(g, e, h, eta), mode, g, e, h, k, approx)
+
+
+_workspaces: dict[tuple[int | None, int], Tensor] = {}
+_sms: dict[int | None, int] = {}
+
+
+def _workspace(device: torch.device, stream: int, words: int) -> Tensor:
+    """Device memory for ``tk_step``, one buffer per (device, stream) kept and grown across calls: the calls on one
+    stream run in order, so they can share it. A fresh one while a CUDA graph is being captured (the graph keeps
+    its own)."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(words, dtype=torch.int64, device=device)
+    key = (device.index, stream)
+    ws = _workspaces.get(key)
+    if ws is None or ws.numel() < words:
+        ws = _workspaces[key] = torch.empty(words, dtype=torch.int64, device=device)
+    if _select.POISON:  # tests: candidates start as NaN / -1 rather than what the last call left
+        ws.fill_(-1)
+    return ws
+
+
+def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
+    """One fused step in one host call (``tk_step``: about 13 launches issued from C++ when exact, 5 when
+    approximate); returns ``(values fp32, indices int32)``."""
+    dev, d = g.device, g.numel()
+    sms = _sms.get(dev.index)
+    if sms is None:
+        sms = _sms[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    ws = _workspace(dev, stream, _lib.tk_step_words(d, k, int(approx)))
+    idx, vals = _select._empty(k, torch.int32, dev), _select._empty(k, torch.float32, dev)
+    rc = _lib.tk_step(
+        mode, _GTYPE[g.dtype], g.data_ptr(), _ptr(e), _ptr(h), float(eta), d, k, int(approx), ws.data_ptr(),
+        idx.data_ptr(), vals.data_ptr(), sms, stream,
+    )  # fmt: skip
+    _check(rc, "tk_step")
+    return vals, idx
 
 
 def _scatter(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]) -> None:

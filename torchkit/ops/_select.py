@@ -1,8 +1,10 @@
 """The GPU radix-select driver shared by the Triton and the CUDA C++ kernels.
 
 Both implementations provide the same three launches (a :class:`Launcher`): a histogram pass, a one-program
-threshold step and an order-preserving select pass. This module sequences them; nothing here reads a device
-value on the host, so a step never synchronises and can be captured in a CUDA graph.
+threshold step and an order-preserving select pass. This module sequences them (for Triton; the CUDA build's
+``tk_step`` in csrc/topk_ef_cuda.cu is the same sequence in C++, one host call, tested against this one on a
+GPU); nothing here reads a device value on the host, so a step never synchronises and can be captured in a CUDA
+graph.
 
 Selection rule, identical to the CPU kernel's: the k entries of largest |v| (NaN above inf), ties at the k-th
 magnitude to the lowest indices. Output order: the entries above the level-1 threshold bin in index order,
