@@ -5,14 +5,14 @@
 Inputs, each stated in the output:
 
 - compute per step: GPT-2 small's forward and backward on one H200 (bf16 autocast, 8 x 1024 tokens per GPU),
-  measured (``results/nvidia-h200/e2e.json``); the 1B and 7B models scaled by their parameter counts (the same
-  tokens per GPU; a 7B model needs sharding to fit, which this table ignores);
-- the DDP hook's own work: 1.0 ms per 25 MB bucket, measured on the H200 at 4e6, 2.7e7 and 1e8 elements
-  (``results/nvidia-h200/hook.json``; it is host time, whatever the bucket's size), which gives GPT-2 small's
-  measured 21 ms per step; decode 86 ps per entry (``accumulate_`` for 8 workers, ``kernels.json``); LocalSGD's
-  worker step 7 ps per element (the fused EF14 step at 1e8, 0.70 ms);
-- PowerSGD's products: not measured on the H200; estimated as 6 d r flops at 30 TFLOP/s plus the hook's 1.0 ms per
-  bucket (one bucket per 25 MB);
+  measured (``results/nvidia-h200/e2e.json``, DDP's all-reduce over a one-rank group); the 1B and 7B models
+  scaled by their parameter counts (the same tokens per GPU; a 7B model needs sharding to fit, which this table
+  ignores);
+- the DDP hook's own work per 25 MB bucket: what it adds to GPT-2 small's measured backward (EF14 against the
+  all-reduce, ``e2e.json``) over GPT-2 small's buckets; decode 83 ps per entry (``accumulate_`` for 8 workers,
+  ``kernels_run7.json``); LocalSGD's worker step 7 ps per element (the fused EF14 step at 1e8, 0.69 ms);
+- PowerSGD's products: not measured on the H200; estimated as 6 d r flops at 30 TFLOP/s plus torchkit's hook's
+  work for one bucket (PyTorch's hook's own host work was not measured there);
 - links: a ring over every GPU at the link's rate (no node-aware layout, no NVLink inside nodes), with a per-hop
   latency of 5 us (400 Gbit InfiniBand), 20 us (25-100 Gbit Ethernet) and 10 ms (1 Gbit cross-site link).
 
@@ -31,11 +31,15 @@ from torchkit.apps.plan import parse_method, predict
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "nvidia-h200"
-GPT2_COMPUTE_S = (17.217 + 26.229) / 1e3  # e2e.json: forward + backward, one H200
-HOOK_S_PER_BUCKET = 1.0e-3  # hook.json
 BUCKET_BYTES = 25 * 2**20
-DECODE_S_PER_ENTRY = 0.69e-3 / 8e6  # kernels.json: accumulate_ of 8 workers' 1% of 1e8
-WORKER_STEP_S_PER_ELEMENT = 0.70e-3 / 1e8  # kernels.json / NOTES.md: fused EF14 step at 1e8
+_E2E = {r["config"]: r for r in json.loads((OUT / "e2e.json").read_text())["records"]}
+GPT2_COMPUTE_S = (_E2E["allreduce"]["forward_ms"] + _E2E["allreduce"]["backward_ms"]) / 1e3
+GPT2_BUCKETS = math.ceil(4 * _E2E["allreduce"]["params"] / BUCKET_BYTES)
+HOOK_S_PER_BUCKET = (_E2E["hook ef14"]["backward_ms"] - _E2E["allreduce"]["backward_ms"]) / 1e3 / GPT2_BUCKETS
+_KERNELS = {(r["op"], r["impl"]): r for r in json.loads((OUT / "kernels_run7.json").read_text())["rows"]
+            if r["d"] == 10**8}  # fmt: skip
+DECODE_S_PER_ENTRY = _KERNELS[("accumulate", "cuda")]["ms_p50"] / 1e3 / 8e6  # 8 workers' 1% of 1e8
+WORKER_STEP_S_PER_ELEMENT = _KERNELS[("ef14", "cuda")]["ms_p50"] / 1e3 / 1e8  # the fused EF14 step at 1e8
 POWERSGD_FLOPS = 30e12
 LINKS = {  # name: (bits per second, per-hop latency in seconds)
     "400 Gbit InfiniBand": (400e9, 5e-6),
