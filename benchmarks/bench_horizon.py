@@ -33,7 +33,7 @@ the share of dense training's loss reduction, ``(L0 - L) / (L0 - L_dense)``, per
 same seed at dense's best rate of the same grid. The transformer's 3000-step grid has three values (0.03-0.3; a run
 takes 2-4 minutes on one shared core), the others four (300 steps) or three (3000).
 
-    python benchmarks/bench_horizon.py [--procs 2] [--tiers A E B C D]   # resumes from runs.jsonl
+    python benchmarks/bench_horizon.py [--procs 2] [--tiers A E B C D] [--max-steps 300]   # resumes from runs.jsonl
     python benchmarks/bench_horizon.py --report                          # summary.json, table.md, curves.png
     python benchmarks/bench_horizon.py --probe                           # resend_probe.json
 
@@ -316,6 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true", help="only summarise runs.jsonl")
     ap.add_argument("--probe", action="store_true", help="only the resend probe (resend_probe.json)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--max-steps", type=int, default=None, help="only the cells of at most this many steps")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "runs.jsonl"
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
 
     if not args.report:
         for tier in args.tiers:
-            cells = list(_cells(tier))
+            cells = [c for c in _cells(tier) if args.max_steps is None or c["steps"] <= args.max_steps]
             go([{**c, "lr": lr, "seed": 0} for c in cells for lr in GRIDS[_grid(c)]])
             go([{**c, "lr": _best_lr(done, c), "seed": s} for c in cells for s in SEEDS[1:]])
     summary = summarize(done, list("ABCDE"))

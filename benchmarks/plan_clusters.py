@@ -9,8 +9,10 @@ Inputs, each stated in the output:
   scaled by their parameter counts (the same tokens per GPU; a 7B model needs sharding to fit, which this table
   ignores);
 - the DDP hook's own work per 25 MB bucket: what it adds to GPT-2 small's measured backward (EF14 against the
-  all-reduce, ``e2e.json``) over GPT-2 small's buckets; decode 83 ps per entry (``accumulate_`` for 8 workers,
-  ``kernels_run7.json``); LocalSGD's worker step 7 ps per element (the fused EF14 step at 1e8, 0.69 ms);
+  all-reduce, ``e2e.json``: medians of 15 steps, each backward within 0.1 ms of its median, the same to 0.1 ms in
+  two device calls) over GPT-2 small's buckets as this model counts them (DDP's smaller first bucket aside);
+  decode 83 ps per entry (``accumulate_`` for 8 workers, ``kernels_run7.json``); LocalSGD's worker step 7 ps
+  per element (the fused EF14 step at 1e8, 0.69 ms);
 - PowerSGD's products: not measured on the H200; estimated as 6 d r flops at 30 TFLOP/s plus torchkit's hook's
   work for one bucket (PyTorch's hook's own host work was not measured there);
 - links: a ring over every GPU at the link's rate (no node-aware layout, no NVLink inside nodes), with a per-hop

@@ -5,11 +5,13 @@ profiler over repeated calls, on any device.
 
 For each method (EF14, EF21, EControl; TopK 1%) it profiles ``--calls`` calls of the fused op alone and of
 :func:`torchkit.ddp.compression_hook` on one bucket of d fp32 elements (one rank: Gloo on CPU, NCCL on a GPU),
-after two untimed rounds. Printed and saved: the wall time per call (``time.perf_counter`` over all calls, with
-a device synchronisation at the end only: the host's rate when it is the bottleneck), the Python functions with
-the most own time per call (cProfile), and the device operations launched per call with their host and device
-time (``torch.profiler``). ``--wrapper`` adds one optimizer step over GPT-2 small's parameters: fused AdamW and
-CompressedOptimizer around it. Writes ``<out>/<device>/profile_host.json``.
+after two untimed rounds, each call on the next of 4 random gradients (the hook's copied into the bucket first, a
+copy timed with the round; the optimizer step's likewise into the gradients). Printed and saved: the wall time
+per call (``time.perf_counter`` over all calls, with a device synchronisation at the end only: the host's rate
+when it is the bottleneck), the Python functions with the most own time per call (cProfile), and the device
+operations launched per call with their host and device time (``torch.profiler``). ``--wrapper`` adds one
+optimizer step over GPT-2 small's parameters: fused AdamW and CompressedOptimizer around it. Writes
+``<out>/<device>/profile_host.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 import torchkit as tk
@@ -91,27 +94,43 @@ def _wall_us(fn, calls: int, dev: torch.device) -> float:
     return 1e6 * (time.perf_counter() - t0) / calls
 
 
+class _Gradients:
+    """A few random gradients taken in turn, so that no call runs on the state's own last input (EF21's g - h
+    would be all zeros, every entry a tie, after a round on the same gradient)."""
+
+    def __init__(self, d: int, dev: torch.device, n: int = 4):
+        self.pool, self.i = [torch.randn(d, device=dev) for _ in range(n)], 0
+
+    def __call__(self) -> Tensor:
+        self.i = (self.i + 1) % len(self.pool)
+        return self.pool[self.i]
+
+
+def _kernel_call(kernel, grads: _Gradients, state: dict, k: int) -> None:
+    kernel(grads(), state, k)
+
+
+def _hook_round(state, bucket, grads: _Gradients) -> None:
+    bucket.buffer().copy_(grads())  # as DDP would have written the bucket (one copy, timed with the round)
+    tk.ddp.compression_hook(state, bucket).wait()
+
+
 def measure(d: int, calls: int, dev: torch.device, top: int, log=print) -> list[dict]:
     rows = []
-    g0 = torch.randn(d, device=dev)
     k = max(1, d // 100)
     for name, (make, kernel) in METHODS.items():
+        grads = _Gradients(d, dev)
         state = tk.ddp.CompressionState(make(), min_compression_rate=0)
-        buf = g0.clone()
-        bucket = bench.OneBucket(buf, torch.nn.Parameter(torch.zeros(d, device=dev)))
+        bucket = bench.OneBucket(torch.empty(d, device=dev), torch.nn.Parameter(torch.zeros(d, device=dev)))
         for _ in range(2):  # step 0 (dense for the EF21 family) and one compressed round
-            buf.copy_(g0)
-            tk.ddp.compression_hook(state, bucket).wait()
+            _hook_round(state, bucket, grads)
         kstate = {n: t.clone() for n, t in state.round.blocks[0].state.items()}
-
-        hook = functools.partial(_hook_round, state, bucket)
-        for what, fn in (("kernel", functools.partial(kernel, g0, kstate, k)), ("hook", hook)):
+        for what, fn in (
+            ("kernel", functools.partial(_kernel_call, kernel, grads, kstate, k)),
+            ("hook", functools.partial(_hook_round, state, bucket, grads)),
+        ):
             rows.append(_profiled({"method": name, "what": what, "d": d}, fn, calls, dev, top, log))
     return rows
-
-
-def _hook_round(state, bucket) -> None:
-    tk.ddp.compression_hook(state, bucket).wait()
 
 
 def _profiled(rec: dict, fn, calls: int, dev: torch.device, top: int, log) -> dict:
@@ -135,8 +154,8 @@ def measure_wrapper(calls: int, dev: torch.device, top: int, log=print) -> list[
     from bench_e2e_gpu import GPT
 
     model = GPT(ctx=1024).to(dev)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
+    params = list(model.parameters())
+    pool = [[torch.randn_like(p) * 1e-3 for p in params] for _ in range(2)]
     fused = {"fused": True} if dev.type == "cuda" else {"foreach": True}
     variants = {
         "adamw": lambda: torch.optim.AdamW(model.parameters(), lr=1e-6, **fused),
@@ -150,10 +169,25 @@ def measure_wrapper(calls: int, dev: torch.device, top: int, log=print) -> list[
     rows = []
     for name, make in variants.items():
         opt = make()
-        opt.step()  # the first step: state, buffers (and the EF21 family's dense round)
-        rows.append(_profiled({"method": name, "what": "optimizer step", "d": None}, opt.step, calls, dev, top, log))
+        step = functools.partial(_step_on_fresh_gradients, opt, params, pool)
+        step()  # the first step: state, buffers (and the EF21 family's dense round)
+        rows.append(_profiled({"method": name, "what": "optimizer step", "d": None}, step, calls, dev, top, log))
         del opt
     return rows
+
+
+def _step_on_fresh_gradients(opt, params, pool) -> None:
+    """One step on the next of two gradient sets, copied into the parameters' gradients (one foreach copy, timed
+    with the step: the wrapper leaves each ``p.grad`` a view of its estimate, which a step on the same tensors
+    would take as its input)."""
+    pool.append(pool.pop(0))
+    grads = [p.grad for p in params]
+    if any(g is None for g in grads):
+        for p, g in zip(params, pool[0]):
+            p.grad = g.clone()
+    else:
+        torch._foreach_copy_(grads, pool[0])
+    opt.step()
 
 
 def main() -> None:

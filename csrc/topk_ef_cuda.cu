@@ -519,7 +519,9 @@ extern "C" long long tk_step_words(int d, int k, int approx) { return layout(d, 
 // memory, used only on this stream (zeroed here; nothing is read back on the host).
 extern "C" int tk_step(int mode, int gdtype, const void* g, float* e, float* h, float eta, int d, int k, int approx,
                        long long* ws, int* out_idx, float* out_val, int sms, cudaStream_t stream) {
-  if (mode < kTopK || mode > kEControl || d < 1 || k < 1 || k > d) return cudaErrorInvalidValue;
+  if (mode < kTopK || mode > kEControl || gdtype < kF32 || gdtype > kF16 || d < 1 || k < 1 || k > d || !g ||
+      ((mode == kEF14 || mode == kEControl) && !e) || ((mode == kEF21 || mode == kEControl) && !h))
+    return cudaErrorInvalidValue;
   const Layout l = layout(d, k, approx);
   cudaError_t rc = cudaMemsetAsync(ws, 0, l.zeroed * sizeof(long long), stream);
   if (rc != cudaSuccess) return rc;
@@ -529,31 +531,32 @@ extern "C" int tk_step(int mode, int gdtype, const void* g, float* e, float* h, 
   auto* cand_val = reinterpret_cast<float*>(ws + l.cand_val);
   auto* cand_idx = reinterpret_cast<int*>(ws + l.cand_idx);
   const Step st{mode, gdtype, sms, g, e, h, eta, i32 + 3 * kBins, stream};
-  int err = 0;
-  auto run = [&](int r) { if (!err) err = r; };
-  run(st.hist(mode, false, e, hists[0], d, kAlways, kAlways, kAlways, 31, 20));
-  run(tk_threshold(hists[0], st.scal, k, l.cap, 1, stream));
+#define TK_TRY(launch)        \
+  do {                         \
+    const int rc_ = (launch);  \
+    if (rc_) return rc_;       \
+  } while (0)
+  TK_TRY(st.hist(mode, false, e, hists[0], d, kAlways, kAlways, kAlways, 31, 20));
+  TK_TRY(tk_threshold(hists[0], st.scal, k, l.cap, 1, stream));
   if (approx) {  // the threshold bin's lowest-indexed entries fill the remaining slots
-    run(st.select(mode, e, nullptr, lbs, out_idx, out_val, out_idx, out_val, d, true, kAlways, kAlways, S_B1, 20,
+    TK_TRY(st.select(mode, e, nullptr, lbs, out_idx, out_val, out_idx, out_val, d, true, kAlways, kAlways, S_B1, 20,
                   S_ZERO, S_ABOVE1, S_NEED1, S_CTR1));
   } else {
-    run(st.select(mode, e, nullptr, lbs, out_idx, out_val, cand_idx, cand_val, d, true, S_FITS, kAlways, S_B1, 20,
+    TK_TRY(st.select(mode, e, nullptr, lbs, out_idx, out_val, cand_idx, cand_val, d, true, S_FITS, kAlways, S_B1, 20,
                   S_ZERO, S_ZERO, S_N1, S_CTR1));
     const int levels[2][4] = {{2, 20, 9, S_B1}, {3, 9, 0, S_P3}};
     for (const auto& lv : levels) {  // the re-read of the vector and the pass over the candidates: one runs
       int* hist = hists[lv[0] - 1];
-      run(st.hist(mode, true, e, hist, d, S_OVER, kAlways, lv[3], lv[1], lv[2]));
-      run(st.hist(kCand, true, cand_val, hist, l.cap, S_FITS, S_N1, lv[3], lv[1], lv[2]));
-      run(tk_threshold(hist, st.scal, k, l.cap, lv[0], stream));
+      TK_TRY(st.hist(mode, true, e, hist, d, S_OVER, kAlways, lv[3], lv[1], lv[2]));
+      TK_TRY(st.hist(kCand, true, cand_val, hist, l.cap, S_FITS, S_N1, lv[3], lv[1], lv[2]));
+      TK_TRY(tk_threshold(hist, st.scal, k, l.cap, lv[0], stream));
     }
-    run(st.select(mode, e, nullptr, lbs + l.n_lb, out_idx, out_val, out_idx, out_val, d, true, S_OVER, kAlways, S_T,
+    TK_TRY(st.select(mode, e, nullptr, lbs + l.n_lb, out_idx, out_val, out_idx, out_val, d, true, S_OVER, kAlways, S_T,
                   0, S_ZERO, S_A, S_CAP, S_CTR2));
-    run(st.select(kCand, cand_val, cand_idx, lbs + 2 * l.n_lb, out_idx, out_val, out_idx, out_val, l.cap, false,
+    TK_TRY(st.select(kCand, cand_val, cand_idx, lbs + 2 * l.n_lb, out_idx, out_val, out_idx, out_val, l.cap, false,
                   S_FITS, S_N1, S_T, 0, S_ABOVE1, S_A, S_CAP, S_CTR3));
   }
-  if (mode != kTopK && !err) {
-    tk_post_kernel<<<(k + 255) / 256, 256, 0, stream>>>(mode, e, h, out_idx, out_val, k);
-    err = cudaGetLastError();
-  }
-  return err;
+  if (mode != kTopK) tk_post_kernel<<<(k + 255) / 256, 256, 0, stream>>>(mode, e, h, out_idx, out_val, k);
+  return cudaGetLastError();
 }
+#undef TK_TRY

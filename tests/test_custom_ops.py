@@ -67,6 +67,8 @@ def test_wire_round_is_an_operator_that_keeps_what_it_rounds_away(dtype):
         big = torch.finfo(dtype).max
         assert q[0].item() == (big if dtype == torch.float16 else torch.tensor(1e6).to(dtype).item())
     torch.library.opcheck(torch.ops.torchkit.wire_round, (x, dtype))
+    torch.library.opcheck(torch.ops.torchkit.wire_round, (x.reshape(100, 10).t(), dtype))  # strided: fake = real
+    torch.library.opcheck(torch.ops.torchkit.wire_round, (x, torch.float32))  # the same dtype: no aliasing
 
 
 def test_inductor_keeps_what_the_wire_rounds_away():

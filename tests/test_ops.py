@@ -370,8 +370,8 @@ def test_cuda_sources_compile_for_sm90_without_fma_contraction(sm90_build):
 def test_the_c_driver_takes_the_python_drivers_workspace_and_rejects_bad_arguments(sm90_build, d, k):
     """Host code of the sm_90 build, run here without a GPU: ``tk_step``'s workspace is the Python driver's zeroed
     words (three histograms, the scalars, the look-back words of each select pass: ``_select.run``) followed by
-    room for ``capacity(d, k)`` candidate values and indices, each 16-byte aligned; a mode or k out of range is
-    refused before any launch (cudaErrorInvalidValue, 1)."""
+    room for ``capacity(d, k)`` candidate values and indices, each 16-byte aligned; a mode, gradient dtype or k out
+    of range, or a missing vector the mode needs, is refused before any launch (cudaErrorInvalidValue, 1)."""
     lib = _cuda.open_library(sm90_build[0])
     block = lib.tk_block_elems()
     slots = lambda n: max(1, -(-n // block))  # noqa: E731
@@ -384,6 +384,11 @@ def test_the_c_driver_takes_the_python_drivers_workspace_and_rejects_bad_argumen
         assert zeroed + room <= words <= zeroed + room + 1
     for mode, kk in ((_select.CAND, k), (-1, k), (_select.EF14, 0), (_select.EF14, d + 1)):
         assert lib.tk_step(mode, 0, None, None, None, 0.0, d, kk, 0, None, None, None, 1, None) == 1
+    p = 256  # a pointer value that is never dereferenced: each call is refused before any launch
+    for mode, gdtype, e, h in ((_select.EF14, 0, None, p), (_select.EF21, 0, p, None), (_select.ECONTROL, 0, p, None),
+                               (_select.TOPK, 3, None, None), (_select.TOPK, 0, None, None)):  # fmt: skip
+        g = None if (mode, gdtype) == (_select.TOPK, 0) else p
+        assert lib.tk_step(mode, gdtype, g, e, h, 0.0, d, k, 0, None, None, None, 1, None) == 1
 
 
 @pytest.mark.timeout(300)

@@ -2,8 +2,9 @@
 
 The source has no torch headers (plain launchers over raw pointers and the current stream), so building
 it takes one nvcc call of a few seconds, for the GPU's own architecture. ``available()`` only loads a
-library built before; :func:`build` (``torchkit build-ext --cuda``) compiles it. The launches are sequenced
-by the same driver as the Triton kernels (:mod:`torchkit.ops._select`).
+library built before; :func:`build` (``torchkit build-ext --cuda``) compiles it. A fused step is one call of
+``tk_step``, which issues the launches of the Triton kernels' driver (:mod:`torchkit.ops._select`) in C++;
+``_run_python`` sequences the same kernels from Python, the specification the GPU tests hold ``tk_step`` to.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -228,18 +230,22 @@ def _run_python(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int
 
 _workspaces: dict[tuple[int | None, int], Tensor] = {}
 _sms: dict[int | None, int] = {}
+_step_lock = threading.Lock()  # ctypes drops the GIL in tk_step: one thread at a time enqueues on a kept workspace
+KEEP_WORDS = 8 << 20  # workspaces up to 64 MiB are kept (d = 1e8 at k = 1% exact needs 32 MiB); larger ones are not
 
 
 def _workspace(device: torch.device, stream: int, words: int) -> Tensor:
-    """Device memory for ``tk_step``, one buffer per (device, stream) kept and grown across calls: the calls on one
-    stream run in order, so they can share it. A fresh one while a CUDA graph is being captured (the graph keeps
-    its own)."""
-    if torch.cuda.is_current_stream_capturing():
-        return torch.empty(words, dtype=torch.int64, device=device)
-    key = (device.index, stream)
-    ws = _workspaces.get(key)
-    if ws is None or ws.numel() < words:
-        ws = _workspaces[key] = torch.empty(words, dtype=torch.int64, device=device)
+    """Device memory for ``tk_step``, one buffer per (device, stream) kept and grown across calls (the calls on one
+    stream run in order, so they can share it) up to ``KEEP_WORDS``; larger ones, and any while a CUDA graph is
+    being captured on the device (the graph keeps its own), are allocated for the call."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or words > KEEP_WORDS:
+        ws = torch.empty(words, dtype=torch.int64, device=device)
+    else:
+        key = (device.index, stream)
+        ws = _workspaces.get(key)
+        if ws is None or ws.numel() < words:
+            ws = _workspaces[key] = torch.empty(words, dtype=torch.int64, device=device)
     if _select.POISON:  # tests: candidates start as NaN / -1 rather than what the last call left
         ws.fill_(-1)
     return ws
@@ -253,12 +259,13 @@ def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: 
     if sms is None:
         sms = _sms[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
     stream = torch.cuda.current_stream(dev).cuda_stream
-    ws = _workspace(dev, stream, _lib.tk_step_words(d, k, int(approx)))
     idx, vals = _select._empty(k, torch.int32, dev), _select._empty(k, torch.float32, dev)
-    rc = _lib.tk_step(
-        mode, _GTYPE[g.dtype], g.data_ptr(), _ptr(e), _ptr(h), float(eta), d, k, int(approx), ws.data_ptr(),
-        idx.data_ptr(), vals.data_ptr(), sms, stream,
-    )  # fmt: skip
+    with _step_lock:  # two threads on one stream must not interleave their launches over one workspace
+        ws = _workspace(dev, stream, _lib.tk_step_words(d, k, int(approx)))
+        rc = _lib.tk_step(
+            mode, _GTYPE[g.dtype], g.data_ptr(), _ptr(e), _ptr(h), float(eta), d, k, int(approx), ws.data_ptr(),
+            idx.data_ptr(), vals.data_ptr(), sms, stream,
+        )  # fmt: skip
     _check(rc, "tk_step")
     return vals, idx
 

@@ -84,7 +84,7 @@ _FAKES = {
     "ef21_step_": lambda grad, estimate, k, approx, impl: _out(estimate, k),
     "econtrol_step_": lambda grad, error, shift, k, eta, approx, impl: _out(error, k),
     "accumulate_": lambda out, values, indices, scales, zero, poison, impl: None,
-    "wire_round": lambda values, dtype: (values.new_empty(values.shape, dtype=dtype), torch.empty_like(values)),
+    "wire_round": lambda values, dtype: (torch.empty_like(values, dtype=dtype), torch.empty_like(values)),
 }
 _KERNELS = {
     "topk": _topk,

@@ -80,7 +80,9 @@ def wire_round(values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         big = torch.finfo(dtype).max  # beyond the wire's range: send the largest value, keep the rest
         q = values.clamp(-big, big).to(dtype)
     else:
-        q = values.to(dtype)
+        q = values.to(
+            dtype, copy=True
+        )  # a new tensor even in the values' own dtype (the operator's outputs alias nothing)
     return q, values - q.to(values.dtype)
 
 
