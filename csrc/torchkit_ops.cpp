@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -361,6 +362,75 @@ std::tuple<torch::Tensor, torch::Tensor> dispatch(const torch::Tensor& g, torch:
   }
 }
 
+// Consecutive segments of one 1-D vector, each its own top-k_s (a bucket of many tensors compressed tensor by
+// tensor), in one call: segments in parallel when there are enough of them (each then runs serially), else one
+// after the other, each in parallel. Values and indices concatenated in segment order, indices into the vector.
+template <Mode mode, typename G>
+std::tuple<torch::Tensor, torch::Tensor> run_segments(const torch::Tensor& g, float* ep, float* hp, float eta,
+                                                      const std::vector<int64_t>& sizes,
+                                                      const std::vector<int64_t>& ks, bool approx) {
+  const G* gp = g.data_ptr<G>();
+  const int64_t n = static_cast<int64_t>(sizes.size()), d = g.numel();
+  std::vector<int64_t> start(n + 1, 0), at(n + 1, 0);
+  for (int64_t s = 0; s < n; ++s) start[s + 1] = start[s] + sizes[s], at[s + 1] = at[s] + ks[s];
+  auto values = torch::empty({at[n]}, g.options().dtype(torch::kFloat32));
+  const bool narrow = d < (int64_t(1) << 31);
+  auto indices = torch::empty({at[n]}, g.options().dtype(narrow ? torch::kInt32 : torch::kInt64));
+  float* vp = values.data_ptr<float>();
+  auto one = [&](int64_t s) {
+    const int64_t a = start[s];
+    const std::tuple<torch::Tensor, torch::Tensor> vi =
+        run(Step<mode, G>{gp + a, ep ? ep + a : nullptr, hp ? hp + a : nullptr, eta, sizes[s]}, ks[s], approx, g);
+    const torch::Tensor& v = std::get<0>(vi);
+    const torch::Tensor i = std::get<1>(vi).to(torch::kInt64);  // segment-local indices
+    std::memcpy(vp + at[s], v.data_ptr<float>(), sizeof(float) * ks[s]);
+    const int64_t* ip = i.data_ptr<int64_t>();
+    auto copy = [&](auto* out) {
+      for (int64_t j = 0; j < ks[s]; ++j) out[at[s] + j] = static_cast<std::remove_pointer_t<decltype(out)>>(a + ip[j]);
+    };
+    if (narrow) copy(indices.data_ptr<int32_t>());
+    else copy(indices.data_ptr<int64_t>());
+  };
+  if (n >= at::get_num_threads()) {
+    at::parallel_for(0, n, 1, [&](int64_t s0, int64_t s1) { for (int64_t s = s0; s < s1; ++s) one(s); });
+  } else {
+    for (int64_t s = 0; s < n; ++s) one(s);
+  }
+  return {values, indices};
+}
+
+template <Mode mode>
+std::tuple<torch::Tensor, torch::Tensor> dispatch_segments(const torch::Tensor& g, torch::Tensor e, torch::Tensor h,
+                                                           const std::vector<int64_t>& sizes,
+                                                           const std::vector<int64_t>& ks, double eta, bool approx) {
+  TORCH_CHECK(g.device().is_cpu() && g.dim() == 1 && g.is_contiguous(), "grad must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK(sizes.size() == ks.size() && !sizes.empty(), "one k per segment, at least one segment");
+  int64_t total = 0;
+  for (size_t s = 0; s < sizes.size(); ++s) {
+    TORCH_CHECK(ks[s] >= 1 && ks[s] <= sizes[s], "segment ", s, ": k must be in [1, ", sizes[s], "], got ", ks[s]);
+    total += sizes[s];
+  }
+  TORCH_CHECK(total == g.numel(), "the segments hold ", total, " entries, grad ", g.numel());
+  for (const auto& t : {e, h}) {
+    if (!t.defined()) continue;
+    TK_CHECK_CPU_VEC(t); TK_CHECK_F32(t);
+    TORCH_CHECK(t.sizes() == g.sizes(), "the state must be shaped as grad, ", g.sizes());
+  }
+  float* ep = e.defined() ? e.data_ptr<float>() : nullptr;
+  float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
+  const float f = static_cast<float>(eta);
+  switch (g.scalar_type()) {
+    case torch::kFloat32:
+      return run_segments<mode, float>(g, ep, hp, f, sizes, ks, approx);
+    case torch::kBFloat16:
+      return run_segments<mode, c10::BFloat16>(g, ep, hp, f, sizes, ks, approx);
+    case torch::kHalf:
+      return run_segments<mode, c10::Half>(g, ep, hp, f, sizes, ks, approx);
+    default:
+      TORCH_CHECK(false, "grad must be float32, bfloat16 or float16, got ", g.scalar_type());
+  }
+}
+
 }  // namespace
 
 std::tuple<torch::Tensor, torch::Tensor> topk(torch::Tensor x, int64_t k) {
@@ -382,6 +452,26 @@ std::tuple<torch::Tensor, torch::Tensor> econtrol_step(torch::Tensor g, torch::T
   TK_CHECK_CPU_VEC(e); TK_CHECK_F32(e);
   TK_CHECK_CPU_VEC(h); TK_CHECK_F32(h);
   return dispatch<kEControl>(g, e, h, k, eta, approx);
+}
+
+// mode 1 EF14 (error), 2 EF21 (shift), 3 EControl (error, shift): as torchkit/ops/_select.py numbers them
+std::tuple<torch::Tensor, torch::Tensor> segments_step(int64_t mode, torch::Tensor g, c10::optional<torch::Tensor> e,
+                                                       c10::optional<torch::Tensor> h, std::vector<int64_t> sizes,
+                                                       std::vector<int64_t> ks, double eta, bool approx) {
+  const torch::Tensor ee = e.has_value() ? *e : torch::Tensor(), hh = h.has_value() ? *h : torch::Tensor();
+  switch (mode) {
+    case 1:
+      TORCH_CHECK(ee.defined() && !hh.defined(), "EF14 takes error only");
+      return dispatch_segments<kEF14>(g, ee, hh, sizes, ks, 0.0, approx);
+    case 2:
+      TORCH_CHECK(!ee.defined() && hh.defined(), "EF21 takes shift only");
+      return dispatch_segments<kEF21>(g, ee, hh, sizes, ks, 0.0, approx);
+    case 3:
+      TORCH_CHECK(ee.defined() && hh.defined(), "EControl takes error and shift");
+      return dispatch_segments<kEControl>(g, ee, hh, sizes, ks, eta, approx);
+    default:
+      TORCH_CHECK(false, "mode must be 1 (EF14), 2 (EF21) or 3 (EControl), got ", mode);
+  }
 }
 
 // out[idx[w, j]] += scale[w] * val[w, j], worker rows in order; indices are unique within a row,
@@ -437,4 +527,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ef21_step", &ef21_step, "fused EF21 step");
   m.def("econtrol_step", &econtrol_step, "fused EControl step");
   m.def("accumulate", &accumulate, "scatter-add of worker messages");
+  m.def("segments_step", &segments_step, "fused step on consecutive segments, each its own top-k");
 }

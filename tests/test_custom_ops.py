@@ -4,6 +4,7 @@ traces a round's device work (worker step, wire rounding, packing, decode) as on
 computes; and a dispatch counter sees every launch, a size-independent number of them per work item and bucket."""
 
 import collections
+import functools
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def _args(name, rows=None, d=300, k=7, decode=False):
     return (out, values, idx, scales, True, checks)
 
 
-@pytest.mark.parametrize("name", sorted(set(_library.SCHEMAS) - {"wire_round"}))
+@pytest.mark.parametrize("name", sorted(set(_library.SCHEMAS) - {"wire_round", "segments_step_"}))
 def test_opcheck_passes_for_every_op_and_implementation(name):
     op = getattr(torch.ops.torchkit, name)
     for impl in _impls():
@@ -91,6 +92,102 @@ def test_inductor_keeps_what_the_wire_rounds_away():
         (v1, i1), (v2, i2) = step(eager, g.clone()), fn(compiled, g.clone())
         assert torch.equal(v1, v2) and torch.equal(i1, i2)
     assert torch.equal(eager["error"], compiled["error"])
+
+
+_SEGMENT_STATE = {"ef14": 1, "ef21": 1, "econtrol": 2}
+
+
+def _per_segment(method, g, state, sizes, ks, eta, approx, impl):
+    """The segments one op call at a time (views), indices shifted to the whole vector: what segments_step_ is."""
+    vals, idxs, a = [], [], 0
+    for n, k in zip(sizes, ks):
+        views = [t[a : a + n] for t in state]
+        if method == "ef14":
+            v, i = tk.ops.ef14_step_(g[a : a + n], views[0], k, approx, impl=impl)
+        elif method == "ef21":
+            v, i = tk.ops.ef21_step_(g[a : a + n], views[0], k, approx, impl=impl)
+        else:
+            v, i = tk.ops.econtrol_step_(g[a : a + n], views[0], views[1], k, eta, approx, impl=impl)
+        vals.append(v)
+        idxs.append(i.long() + a)
+        a += n
+    return torch.cat(vals), torch.cat(idxs)
+
+
+@pytest.mark.parametrize("method", sorted(_SEGMENT_STATE))
+def test_segments_step_is_one_call_per_segment_in_one_call(method):
+    """Every implementation here, exact and approximate, fp32 and bf16 gradients, segments of 1 entry to 50k
+    (k = 1 up to a whole segment): the same values, indices (in order) and state as one op call per segment; opcheck
+    passes; bad arguments raise ValueError naming them."""
+    sizes, ks = [1, 7, 992, 30_000, 19_000], [1, 7, 10, 300, 190]
+    d = sum(sizes)
+    g0 = torch.Generator().manual_seed(5)
+    for impl in _impls():
+        for approx in (False, True):
+            for gdtype in (torch.float32, torch.bfloat16):
+                g = torch.randn(d, generator=g0).to(gdtype)
+                state = [torch.randn(d, generator=g0) for _ in range(_SEGMENT_STATE[method])]
+                twin = [t.clone() for t in state]
+                v, i = tk.ops.segments_step_(method, g, state, sizes, ks, 0.3, approx, impl=impl)
+                rv, ri = _per_segment(method, g, twin, sizes, ks, 0.3, approx, impl)
+                assert torch.equal(v, rv) and torch.equal(i.long(), ri), (impl, approx, gdtype)
+                assert i.dtype == torch.int32 and all(torch.equal(a, b) for a, b in zip(state, twin))
+        names = {"ef14": (1, 0), "ef21": (0, 1), "econtrol": (1, 1)}[method]
+        state = [torch.randn(d, generator=g0) for _ in range(_SEGMENT_STATE[method])]
+        error, shift = (state.pop(0) if has else None for has in names)
+        mode = {"ef14": 1, "ef21": 2, "econtrol": 3}[method]
+        for n in (sizes, [d]):
+            k = ks if n is sizes else [77]
+            torch.library.opcheck(torch.ops.torchkit.segments_step_, (mode, g, error, shift, n, k, 0.3, False, impl))
+    bad = [
+        (dict(method="ef22"), "method"),
+        (dict(sizes=[*sizes[:-1], sizes[-1] - 1]), "sizes add up"),
+        (dict(ks=ks[:-1]), "one length"),
+        (dict(ks=[0, *ks[1:]]), "1 <= k"),
+        (dict(ks=[2, *ks[1:]]), "1 <= k"),
+        (dict(state=[]), "takes the state"),
+    ]
+    for change, words in bad:
+        args = dict(method=method, grad=torch.randn(d), sizes=sizes, ks=ks)
+        args["state"] = [torch.zeros(d) for _ in range(_SEGMENT_STATE[method])]
+        args.update(change)
+        with pytest.raises(ValueError, match=words):
+            tk.ops.segments_step_(**args)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tk.EF14(tk.TopK(ratio=0.02), granularity="tensor"),
+        lambda: tk.EF21(tk.TopK(ratio=0.02), granularity="tensor"),
+        lambda: tk.EControl(tk.TopK(ratio=0.02), eta=0.3, granularity="tensor"),
+    ],
+)
+def test_a_bucket_of_many_tensors_compressed_tensor_by_tensor_is_one_launch(make, monkeypatch):
+    """granularity="tensor" over 40 tensors: one segments_step_ per round (was one fused op per tensor), and the
+    messages (values, indices, groups) and state equal to the per-tensor path's, round after round."""
+    from torchkit import feedback as F
+
+    sizes = [300] * 37 + [1, 5, 5000]
+    d = sum(sizes)
+    fa, fb = make(), make()
+    sa, sb = fa.init_state(d), fb.init_state(d)
+    segments = fa.segments_for(sizes)
+    assert len(segments) == len(sizes)
+    for step in range(1, 4):
+        g = torch.randn(d)
+        seen = _count(functools.partial(fa.worker_step, sa, g.clone(), step, worker=0, n_workers=1, segments=segments))
+        assert seen["torchkit.segments_step_"] == 1 and not any(
+            k in seen for k in ("torchkit.ef14_step_", "torchkit.ef21_step_", "torchkit.econtrol_step_")
+        ), seen
+        ma = fa.worker_step(sa, g.clone(), step + 10, worker=0, n_workers=1, segments=segments)
+        with monkeypatch.context() as m:
+            m.setattr(F, "_SEGMENTED", {})  # the per-tensor path: one fused op per segment
+            fb.worker_step(sb, g.clone(), step, worker=0, n_workers=1, segments=segments)
+            mb = fb.worker_step(sb, g.clone(), step + 10, worker=0, n_workers=1, segments=segments)
+        assert torch.equal(ma.values, mb.values) and torch.equal(ma.indices, mb.indices)
+        assert ma.groups == mb.groups and ma.numel == mb.numel == d
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_the_public_ops_go_through_the_registered_operators():

@@ -24,6 +24,7 @@ name in :mod:`torchkit.registry`.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -118,6 +119,7 @@ UPDATES: dict[str, Update] = {
         ("error", "shift"), ops.econtrol_step_, _econtrol_plain, "D = C(eta e + x - h), e <- e + x - h - D, h <- h + D"
     ),
 }
+_SEGMENTED = {ops.ef14_step_: "ef14", ops.ef21_step_: "ef21", ops.econtrol_step_: "econtrol"}  # segments_step_
 
 
 def _plain(value):
@@ -393,11 +395,18 @@ class Feedback:
         return state_vec.dim() == 1 or (len(segments) == 1 and getattr(comp, "chunk", None) is None)
 
     def _fused_segments(self, fn, tensors: list[Tensor], segments, extra=()) -> SparseMessage:
-        """Run a fused op on every segment (views of 1-D contiguous buffers) and join the messages."""
+        """Run a fused op on every segment (views of 1-D contiguous buffers) and join the messages: many segments
+        of a 1-D vector in one :func:`torchkit.ops.segments_step_` call."""
         comp: TopK = self.compressor  # type: ignore[assignment]
         if comp.chunk is None and len(segments) == 1:
             v, i = fn(*tensors, comp.k_for(segments[0]), *extra, approx=comp.approx)
             return _as_rows(v, i, tensors[0].shape[-1])
+        method = _SEGMENTED.get(fn)
+        if comp.chunk is None and method is not None and tensors[0].dim() == 1:
+            ks = [comp.k_for(n) for n in segments]
+            v, i = ops.segments_step_(method, tensors[0], tensors[1:], segments, ks, *extra, approx=comp.approx)
+            groups = tuple(zip(itertools.accumulate(segments[:-1], initial=0), ks))  # (segment start, count)
+            return SparseMessage(_rows(v), _rows(i), tensors[0].shape[-1], groups)
         msgs, off = [], 0
         for n in segments:
             views = [t[off : off + n] for t in tensors]

@@ -21,6 +21,7 @@ EF21 8 B (read g, h; sparse write of h), EControl 16 B (read g, e, h; write e). 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "ef21_step_",
     "econtrol_step_",
     "accumulate_",
+    "segments_step_",
     "wire_round",
     "nonfinite_check",
     "poison_of",
@@ -195,6 +197,50 @@ def econtrol_step_(grad, error, shift, k: int, eta: float, approx: bool = False,
     _check_k(k, grad.shape[-1])
     check_unit_interval("eta", eta)
     return _library.econtrol_step_(grad, error, shift, k, float(eta), bool(approx), _choose(impl, grad, rows))
+
+
+_SEGMENT_MODES = {"ef14": (1, ("error",)), "ef21": (2, ("shift",)), "econtrol": (3, ("error", "shift"))}
+
+
+def segments_step_(
+    method: str,
+    grad: Tensor,
+    state: Sequence[Tensor],
+    sizes: Sequence[int],
+    ks: Sequence[int],
+    eta: float = 0.0,
+    approx: bool = False,
+    *,
+    impl: Impl = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``method``'s fused step (``"ef14"``: state ``(error,)``; ``"ef21"``: ``(shift,)``; ``"econtrol"``:
+    ``(error, shift)`` and ``eta``) on consecutive segments of 1-D vectors (``sizes``), each its own top-``ks[i]``,
+    in one call: the segments' ``(values, indices)`` concatenated in order, indices into the whole vector. The
+    same as one call per segment (views), which is what a bucket of many tensors compressed tensor by tensor
+    (``granularity="tensor"``) needs; the C++ kernel runs the segments in one call (in parallel when there are
+    many), the GPU kernels one step per segment."""
+    if method not in _SEGMENT_MODES:
+        raise ValueError(f"method must be one of {sorted(_SEGMENT_MODES)}, got {method!r}")
+    mode, names = _SEGMENT_MODES[method]
+    _check_vector("grad", grad, allow_rows=False)
+    if len(state) != len(names):
+        raise ValueError(f"{method} takes the state {names}, got {len(state)} tensor(s)")
+    for name, t in zip(names, state):
+        _check_state(name, t, grad)
+    sizes, ks = [int(n) for n in sizes], [int(k) for k in ks]
+    if len(sizes) != len(ks) or not sizes:
+        raise ValueError(f"sizes and ks must be non-empty and of one length, got {len(sizes)} and {len(ks)}")
+    if sum(sizes) != grad.numel():
+        raise ValueError(f"sizes add up to {sum(sizes)}, grad has {grad.numel()} entries")
+    for n, k in zip(sizes, ks):
+        if n < 1 or not 1 <= k <= n:
+            raise ValueError(f"each segment needs 1 <= k <= its size, got k={k} for size {n}")
+    check_unit_interval("eta", eta)
+    named = dict(zip(names, state))
+    return _library.segments_step_(
+        mode, grad, named.get("error"), named.get("shift"), sizes, ks, float(eta), bool(approx),
+        _choose(impl, grad, False),
+    )  # fmt: skip
 
 
 def accumulate_(

@@ -143,6 +143,14 @@ def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: floa
     return v, _int_idx(i, error.shape[-1])
 
 
+def segments_step_(mode: int, grad: Tensor, error, shift, sizes, ks, eta: float = 0.0, approx: bool = False):
+    state = [t for t in (error, shift) if t is not None]
+    if not _kernel_takes(grad, *state):
+        return _reference.segments_step_(mode, grad, error, shift, sizes, ks, eta)
+    v, i = _module.segments_step(mode, grad, error, shift, list(sizes), list(ks), eta, approx)
+    return v, _int_idx(i, grad.shape[-1])
+
+
 def accumulate_(out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero: bool = False, poison=None):
     if not _kernel_takes(values, out):
         return _reference.accumulate_(out, values, indices, scale, zero, poison)

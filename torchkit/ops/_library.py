@@ -20,7 +20,16 @@ from torch import Tensor
 
 from ._reference import index_dtype
 
-__all__ = ["SCHEMAS", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_", "wire_round"]
+__all__ = [
+    "SCHEMAS",
+    "topk",
+    "ef14_step_",
+    "ef21_step_",
+    "econtrol_step_",
+    "accumulate_",
+    "wire_round",
+    "segments_step_",
+]
 
 SCHEMAS = {
     "topk": "topk(Tensor x, int k, str impl) -> (Tensor, Tensor)",
@@ -35,6 +44,10 @@ SCHEMAS = {
         "str impl) -> ()"
     ),
     "wire_round": "wire_round(Tensor values, ScalarType dtype) -> (Tensor, Tensor)",
+    "segments_step_": (
+        "segments_step_(int kind, Tensor grad, Tensor(a!)? error, Tensor(b!)? shift, int[] sizes, int[] ks, "
+        "float eta, bool approx, str impl) -> (Tensor, Tensor)"
+    ),
 }
 
 
@@ -73,6 +86,16 @@ def _accumulate(out, values, indices, scales, zero, poison, impl):
     _kernels_of(impl).accumulate_(out, values, indices, scales, zero, poison)
 
 
+def _segments(kind, grad, error, shift, sizes, ks, eta, approx, impl):  # kind: 1 EF14, 2 EF21, 3 EControl
+    return _kernels_of(impl).segments_step_(kind, grad, error, shift, sizes, ks, eta, **_approx(impl, approx))
+
+
+def _segments_out(grad, error, shift, ks) -> tuple[Tensor, Tensor]:
+    state = error if error is not None else shift
+    total = sum(ks)
+    return state.new_empty(total), state.new_empty(total, dtype=index_dtype(grad.shape[-1]))
+
+
 def _out(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
     shape = (*state.shape[:-1], k)
     return state.new_empty(shape), state.new_empty(shape, dtype=index_dtype(state.shape[-1]))
@@ -85,6 +108,9 @@ _FAKES = {
     "econtrol_step_": lambda grad, error, shift, k, eta, approx, impl: _out(error, k),
     "accumulate_": lambda out, values, indices, scales, zero, poison, impl: None,
     "wire_round": lambda values, dtype: (torch.empty_like(values, dtype=dtype), torch.empty_like(values)),
+    "segments_step_": lambda kind, grad, error, shift, sizes, ks, eta, approx, impl: _segments_out(
+        grad, error, shift, ks
+    ),
 }
 _KERNELS = {
     "topk": _topk,
@@ -93,6 +119,7 @@ _KERNELS = {
     "econtrol_step_": _econtrol,
     "accumulate_": _accumulate,
     "wire_round": lambda values, dtype: _kernels_of("reference").wire_round(values, dtype),
+    "segments_step_": _segments,
 }
 
 _LIB = torch.library.Library("torchkit", "DEF")  # kept alive: dropping it would unregister the ops
@@ -107,3 +134,4 @@ ef21_step_ = torch.ops.torchkit.ef21_step_
 econtrol_step_ = torch.ops.torchkit.econtrol_step_
 accumulate_ = torch.ops.torchkit.accumulate_
 wire_round = torch.ops.torchkit.wire_round
+segments_step_ = torch.ops.torchkit.segments_step_

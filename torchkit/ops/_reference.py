@@ -60,6 +60,37 @@ def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: floa
     return values, idx.to(index_dtype(error.shape[-1]))
 
 
+def segments_step_(
+    mode: int, grad: Tensor, error: Tensor | None, shift: Tensor | None, sizes, ks, eta: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The fused step of ``mode`` (1 EF14, 2 EF21, 3 EControl) on consecutive segments of 1-D vectors, each its own
+    top-``k``: the segments' ``(values, indices)`` concatenated in order, indices into the whole vector."""
+    return by_segments(lambda g, e, h, k: step_of(mode, g, e, h, k, eta), grad, error, shift, sizes, ks)
+
+
+def step_of(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, ops=None, **kw):
+    """``mode``'s fused step (1 EF14, 2 EF21, 3 EControl) by a kernel set's ops (a mapping by name; this module's
+    by default), ``kw`` passed on (``approx``)."""
+    ops = ops or globals()
+    if mode == 1:
+        return ops["ef14_step_"](g, e, k, **kw)
+    if mode == 2:
+        return ops["ef21_step_"](g, h, k, **kw)
+    return ops["econtrol_step_"](g, e, h, k, eta, **kw)
+
+
+def by_segments(one, grad: Tensor, error: Tensor | None, shift: Tensor | None, sizes, ks) -> tuple[Tensor, Tensor]:
+    """``one(g, e, h, k)`` on each segment's views, the results concatenated with indices into the whole vector."""
+    idt, vals, idxs, a = index_dtype(grad.numel()), [], [], 0
+    for n, k in zip(sizes, ks):
+        g, e, h = (None if t is None else t[a : a + n] for t in (grad, error, shift))
+        v, i = one(g, e, h, k)
+        vals.append(v)
+        idxs.append(i.to(idt) + a)
+        a += n
+    return torch.cat(vals), torch.cat(idxs)
+
+
 def accumulate_(
     out: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor = 1.0, zero: bool = False, poison=None
 ) -> Tensor:
