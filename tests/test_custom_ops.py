@@ -116,13 +116,16 @@ def _per_segment(method, g, state, sizes, ks, eta, approx, impl):
 
 @pytest.mark.parametrize("method", sorted(_SEGMENT_STATE))
 def test_segments_step_is_one_call_per_segment_in_one_call(method):
-    """Every implementation here, exact and approximate, fp32 and bf16 gradients, segments of 1 entry to 50k
-    (k = 1 up to a whole segment): the same values, indices (in order) and state as one op call per segment; opcheck
-    passes; bad arguments raise ValueError naming them."""
-    sizes, ks = [1, 7, 992, 30_000, 19_000], [1, 7, 10, 300, 190]
-    d = sum(sizes)
+    """Every implementation here, exact and approximate, fp32 and bf16 gradients, segments of 1 entry to 30k
+    (k = 1 up to a whole segment): the same values, indices (in order) and state as one op call per segment; the
+    GPU kernel sets' loop too, through the Triton kernels under the interpreter (smaller segments); opcheck passes;
+    bad arguments raise ValueError naming them."""
     g0 = torch.Generator().manual_seed(5)
-    for impl in _impls():
+    interpreted = "triton" in tk.ops.available_impls("cpu")
+    for impl, sizes, ks in [(i, [1, 7, 992, 30_000, 19_000], [1, 7, 10, 300, 190]) for i in _impls()] + (
+        [("triton", [1, 7, 992, 3000], [1, 7, 10, 30])] if interpreted else []
+    ):
+        d = sum(sizes)
         for approx in (False, True):
             for gdtype in (torch.float32, torch.bfloat16):
                 g = torch.randn(d, generator=g0).to(gdtype)
