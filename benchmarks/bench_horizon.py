@@ -21,7 +21,7 @@ Configurations (``C = TopK(density)``; the outer optimizer without momentum wher
 
 Tiers, run in this order by default (a stopped run leaves whole tiers; each tier runs its seed-0 grids first):
 
-- A: the transformer, SGD momentum: 4 workers at 300 and 3000 steps, 1 worker at 300 steps;
+- A: the transformer, SGD momentum: 4 workers at 300 and 3000 steps, 1 worker at 300 and 3000 steps;
 - E: the transformer, AdamW, 300 steps, 4 workers and 1;
 - B: phishing, 4 workers iid and non-iid (label-sorted shards) and 1 worker, 300 and 3000 steps;
 - C: digits, the same cells as B;
@@ -94,6 +94,7 @@ def _cells(tier: str):
         yield from cells("char_lm", "sgdm", SETUPS[:1], (0.01,), (300,))
         yield from cells("char_lm", "sgdm", SETUPS[:1], (0.01,), (3000,), LONG_CONFIGS)
         yield from cells("char_lm", "sgdm", SETUPS[1:2], (0.01,), (300,))
+        yield from cells("char_lm", "sgdm", SETUPS[1:2], (0.01,), (3000,), LONG_CONFIGS)
     elif tier == "B":
         yield from cells("phishing", "sgdm", SETUPS, (0.01,), (300, 3000))
     elif tier == "C":
