@@ -119,7 +119,7 @@ UPDATES: dict[str, Update] = {
         ("error", "shift"), ops.econtrol_step_, _econtrol_plain, "D = C(eta e + x - h), e <- e + x - h - D, h <- h + D"
     ),
 }
-_SEGMENTED = {ops.ef14_step_: "ef14", ops.ef21_step_: "ef21", ops.econtrol_step_: "econtrol"}  # segments_step_
+_SEGMENTED = {u.fused: kind for kind, u in UPDATES.items()}  # the fused ops that segments_step_ runs, by its name
 
 
 def _plain(value):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_dense_float, check_int, check_unit_interval
-from . import _cuda, _ext, _library, _reference
+from . import _cuda, _ext, _library, _reference, _select
 from ._padding import PAD, owns_padding, padded_zeros
 from ._reference import index_dtype
 
@@ -199,7 +199,11 @@ def econtrol_step_(grad, error, shift, k: int, eta: float, approx: bool = False,
     return _library.econtrol_step_(grad, error, shift, k, float(eta), bool(approx), _choose(impl, grad, rows))
 
 
-_SEGMENT_MODES = {"ef14": (1, ("error",)), "ef21": (2, ("shift",)), "econtrol": (3, ("error", "shift"))}
+_SEGMENT_MODES = {  # the operator's kind (the GPU driver's numbering, which the C++ kernel follows) and state
+    "ef14": (_select.EF14, ("error",)),
+    "ef21": (_select.EF21, ("shift",)),
+    "econtrol": (_select.ECONTROL, ("error", "shift")),
+}
 
 
 def segments_step_(

@@ -6,6 +6,8 @@ simulator uses them). Arithmetic is done in the state dtype (fp32 or fp64); ``gr
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -61,30 +63,26 @@ def econtrol_step_(grad: Tensor, error: Tensor, shift: Tensor, k: int, eta: floa
 
 
 def segments_step_(
-    mode: int, grad: Tensor, error: Tensor | None, shift: Tensor | None, sizes, ks, eta: float = 0.0
+    kind: int, grad: Tensor, error: Tensor | None, shift: Tensor | None, sizes, ks, eta: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """The fused step of ``mode`` (1 EF14, 2 EF21, 3 EControl) on consecutive segments of 1-D vectors, each its own
+    """The fused step of ``kind`` (1 EF14, 2 EF21, 3 EControl) on consecutive segments of 1-D vectors, each its own
     top-``k``: the segments' ``(values, indices)`` concatenated in order, indices into the whole vector."""
-    return by_segments(lambda g, e, h, k: step_of(mode, g, e, h, k, eta), grad, error, shift, sizes, ks)
+    return by_segments(sys.modules[__name__], kind, grad, error, shift, sizes, ks, eta)
 
 
-def step_of(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, ops=None, **kw):
-    """``mode``'s fused step (1 EF14, 2 EF21, 3 EControl) by a kernel set's ops (a mapping by name; this module's
-    by default), ``kw`` passed on (``approx``)."""
-    ops = ops or globals()
-    if mode == 1:
-        return ops["ef14_step_"](g, e, k, **kw)
-    if mode == 2:
-        return ops["ef21_step_"](g, h, k, **kw)
-    return ops["econtrol_step_"](g, e, h, k, eta, **kw)
-
-
-def by_segments(one, grad: Tensor, error: Tensor | None, shift: Tensor | None, sizes, ks) -> tuple[Tensor, Tensor]:
-    """``one(g, e, h, k)`` on each segment's views, the results concatenated with indices into the whole vector."""
+def by_segments(kernels, kind: int, grad: Tensor, error, shift, sizes, ks, eta: float, **kw) -> tuple[Tensor, Tensor]:
+    """One step per segment by a kernel set (``kernels.ef14_step_`` and its twins; ``kw``: ``approx``) on each
+    segment's views (``kind``: 1 EF14, 2 EF21, 3 EControl, as :mod:`torchkit.ops._select` numbers them), the results
+    concatenated with indices into the whole vector."""
     idt, vals, idxs, a = index_dtype(grad.numel()), [], [], 0
     for n, k in zip(sizes, ks):
         g, e, h = (None if t is None else t[a : a + n] for t in (grad, error, shift))
-        v, i = one(g, e, h, k)
+        if kind == 1:
+            v, i = kernels.ef14_step_(g, e, k, **kw)
+        elif kind == 2:
+            v, i = kernels.ef21_step_(g, h, k, **kw)
+        else:
+            v, i = kernels.econtrol_step_(g, e, h, k, eta, **kw)
         vals.append(v)
         idxs.append(i.to(idt) + a)
         a += n
@@ -110,10 +108,8 @@ def wire_round(values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(values.dtype).max:
         big = torch.finfo(dtype).max  # beyond the wire's range: send the largest value, keep the rest
         q = values.clamp(-big, big).to(dtype)
-    else:
-        q = values.to(
-            dtype, copy=True
-        )  # a new tensor even in the values' own dtype (the operator's outputs alias nothing)
+    else:  # a new tensor even in the values' own dtype (the operator's outputs alias nothing)
+        q = values.to(dtype, copy=True)
     return q, values - q.to(values.dtype)
 
 

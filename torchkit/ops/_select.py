@@ -231,13 +231,9 @@ class GpuOps:
             return _reference.econtrol_step_(grad, error, shift, k, eta)
         return self._run(ECONTROL, grad, error, shift, k, float(eta), approx)
 
-    def segments_step_(self, mode: int, grad: Tensor, error, shift, sizes, ks, eta: float = 0.0, approx=False):
+    def segments_step_(self, kind: int, grad: Tensor, error, shift, sizes, ks, eta: float = 0.0, approx=False):
         """One step per segment (launches of their own; the CPU kernel runs them in one call)."""
-        ops = {"ef14_step_": self.ef14_step_, "ef21_step_": self.ef21_step_, "econtrol_step_": self.econtrol_step_}
-        return _reference.by_segments(
-            lambda g, e, h, k: _reference.step_of(mode, g, e, h, k, eta, approx=approx, ops=ops),
-            grad, error, shift, sizes, ks,
-        )  # fmt: skip
+        return _reference.by_segments(self, kind, grad, error, shift, sizes, ks, eta, approx=approx)
 
     def accumulate_(self, out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero=False, poison=None):
         if not kernel_takes(values, out):
