@@ -24,7 +24,7 @@ NUM_WARPS = ef.NUM_WARPS
 
 
 def kernels():
-    """(name, kernel, signature, constexprs) in the configurations the driver launches."""
+    """(name, kernel, signature, constexprs[, num_warps]) in the configurations the driver launches."""
     vec = {"g_ptr": "*fp32", "e_ptr": "*fp32", "h_ptr": "*fp32"}
     for mode in range(5):
         ints = {n: "i32" for n in ef._SLOTS}
@@ -32,12 +32,15 @@ def kernels():
         hist.update({n: "i32" for n in ef._SLOTS[:5]})
         for stored in (False, True) if mode == 1 else (False,):  # EF14's first pass stores v in e
             for g_pad, s_pad in _pads(mode):
-                yield (
-                    f"hist[{mode},{stored}]" + _pad_name(g_pad, s_pad),
-                    ef._hist_kernel,
-                    hist,
-                    dict(MODE=mode, STORED=stored, BLOCK=2048, NBINS=2048, G_PAD=g_pad, S_PAD=s_pad),
-                )
+                cx = dict(MODE=mode, STORED=stored, BLOCK=2048, NBINS=2048, G_PAD=g_pad, S_PAD=s_pad)
+                yield f"hist[{mode},{stored}]" + _pad_name(g_pad, s_pad), ef._hist_kernel, hist, cx
+        if mode != ef._select.CAND:  # level 1: the prediction from a sample and the streaming pass's ladder
+            ladder = {**vec, "hist_ptr": "*i32", "scal_ptr": "*i32", "d": "i32", "eta": "fp32"}
+            for g_pad, s_pad in _pads(mode):
+                cx = dict(MODE=mode, BLOCK=ef.LADDER_BLOCK, LADDER=ef.LADDER, G_PAD=g_pad, S_PAD=s_pad)
+                yield f"ladder[{mode}]" + _pad_name(g_pad, s_pad), ef._ladder_kernel, ladder, cx
+            predict = {**vec, "scal_ptr": "*i32", "d": "i32", "eta": "fp32", "need": "i32"}
+            yield f"predict[{mode}]", ef._predict_kernel, predict, dict(MODE=mode, SAMPLE=ef.SAMPLE, LADDER=ef.LADDER)
         sel = {
             **vec,
             "ci_ptr": "*i32",
@@ -54,6 +57,8 @@ def kernels():
         for g_pad, s_pad in _pads(mode):
             cx = dict(MODE=mode, STORED=mode == 1, WRITE_E=mode == 3, BLOCK=2048, G_PAD=g_pad, S_PAD=s_pad)
             yield f"select[{mode}]" + _pad_name(g_pad, s_pad), ef._select_kernel, sel, cx
+    window = {"hist_ptr": "*i32", "scal_ptr": "*i32", "k": "i32"}
+    yield "window", ef._window_kernel, window, dict(LADDER=ef.LADDER), 1
     scatter = {"out_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i32", "scale": "fp32", "k": "i32"}
     yield "scatter_add", ef._scatter_add_kernel, scatter, dict(BLOCK=1024)
     prepare = {"out_ptr": "*fp32", "checks_ptr": "*fp64", "n_checks": "i32", "stride": "i32", "d": "i32"}
@@ -79,14 +84,14 @@ def main() -> None:
     tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn, sig, cx in kernels():
+        for name, fn, sig, cx, *warps in kernels():
             signature = {**sig, **{c: "constexpr" for c in cx}}
             constexprs = {(list(signature).index(c),): v for c, v in cx.items()}
             aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
             compiled = triton.compile(
                 ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                 target=GPUTarget("cuda", 90, 32),
-                options={"enable_fp_fusion": False, "num_warps": NUM_WARPS},
+                options={"enable_fp_fusion": False, "num_warps": warps[0] if warps else NUM_WARPS},
             )
             cubin = Path(tmp) / "k.cubin"
             cubin.write_bytes(compiled.asm["cubin"])

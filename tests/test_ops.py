@@ -404,8 +404,9 @@ def test_triton_kernels_compile_for_sm90_without_fma_contraction():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.splitlines()[-1])
     # hist (EF14 twice) and select for 5 modes, each unpadded, with padded state, with padded g and state (top-k:
-    # g only; candidates: none), scatter-add, and the decode's first pass (zeros, or out kept) with its checks
-    assert len(report) == 30
+    # g only; candidates: none), level 1's ladder pass with the same paddings and its prediction for the 4 methods,
+    # the window check, scatter-add, and the decode's first pass (zeros, or out kept) with its checks
+    assert len(report) == 46
     for name, r in report.items():
         assert r["ffma"] == 0, f"FFMA in {name}"
         assert r["local_memory"] == 0, f"{name} spills to local memory"
@@ -427,19 +428,21 @@ _READS = {
     "select[2]": (1, 1),
     "hist[3,False]": (1, 2),
     "select[3]": (1, 2),
+    **{f"ladder[{m}]": (1, n) for m, n in enumerate((0, 1, 1, 2))},
 }
 
 
 def _check_vector_width(name, r):
     """Issue 11 item 6: where the flat vectors own padding to a multiple of 16 elements, every operand the pass
     reads is loaded 128 bits at a time (8 entries per thread: two loads each) and EF14's and EControl's writes of e
-    are 128-bit; without padding, no access is."""
+    are 128-bit; without padding, no access is. The ladder's blocks hold 4 entries per thread: one load each."""
     kernel, _, pad = name.partition(" pad=")
     reads_g, n_state = _READS.get(kernel, (0, 0))
-    want_ld = 2 * (reads_g * ("g" in pad) + n_state * ("s" in pad))
-    writes_e = kernel in ("hist[1,False]", "select[3]")
+    per_thread = 1 if kernel.startswith("ladder") else 2
+    want_ld = per_thread * (reads_g * ("g" in pad) + n_state * ("s" in pad))
+    writes_e = kernel in ("hist[1,False]", "ladder[1]", "select[3]")
     assert r["ld128"] == want_ld, f"{name}: {r['ld128']} 128-bit loads, expected {want_ld}"
-    assert r["st128"] == (2 if writes_e and "s" in pad else 0), f"{name}: {r['st128']} 128-bit stores"
+    assert r["st128"] == (per_thread if writes_e and "s" in pad else 0), f"{name}: {r['st128']} 128-bit stores"
 
 
 def _step(method, g, e, h, k, approx, impl):
@@ -557,6 +560,87 @@ def test_triton_result_does_not_depend_on_program_order(monkeypatch, approx, kin
             runs.append((vals.cpu(), idx.cpu(), e.cpu(), h.cpu()))
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def _ladder_case(case, d, dev):
+    """Gradients for the level-1 ladder: where the Triton prediction samples (every d/SAMPLE-th entry) and what the
+    rest holds decide whether the k-th magnitude falls inside the predicted window."""
+    from torchkit.ops._triton import ef
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(d, generator=gen)
+    sampled = torch.arange(ef.SAMPLE, dtype=torch.int64) * d // ef.SAMPLE
+    if case == "zeros":
+        x.zero_()
+    elif case == "window_low":  # the sample sees magnitudes near 1, the top-k sit ten octaves higher
+        x = x * 0.01 + 1000.0
+        x[sampled] = 1.0
+    elif case == "window_high":  # the sample sees only huge entries, fewer of them than k
+        x = x * 1e-3
+        x[sampled] = 1000.0
+    elif case == "nan":
+        x[5] = float("nan")
+    return x.to(dev)
+
+
+@pytest.mark.parametrize("method", ["topk", "ef14"])
+@pytest.mark.parametrize("case", ["randn", "zeros", "window_low", "window_high", "nan"])
+def test_triton_level1_ladder_answers_as_the_full_histogram(method, case):
+    """Issue 21 item 6: Triton's level 1 counts a ladder of 14 bins around a threshold predicted from a sample, plus
+    one lump below and one above, instead of a 2048-bin tl.histogram; when the k-th key falls outside the window
+    the full histogram runs (a device flag). The threshold step must then find the same bin, the same count above it
+    and in it as from every key's bin counted in torch, the miss flag must be the one the sample predicts, and EF14's
+    e must hold e + g once (the fallback reads it back, it does not add g again)."""
+    from torchkit.ops._triton import ef
+
+    d = 70_001
+    k = 5000 if case == "window_high" else 700  # more than the sample's 4096 entries: the window sits too high
+    dev = _triton_device()
+    g = _ladder_case(case, d, dev)
+    e0 = (torch.randn(d, generator=torch.Generator().manual_seed(3)) * 1e-6).to(dev)
+    e = e0.clone()
+    mode = _select.EF14 if method == "ef14" else _select.TOPK
+    v = (e0 + g) if method == "ef14" else g
+    ws = torch.zeros(3 * _select.NBINS + _select.N_SCALARS, dtype=torch.int32, device=dev)
+    hist, scal = ws[: _select.NBINS], ws[3 * _select.NBINS :]
+    cap = _select.capacity(d, k)
+    level1 = _select.Hist(hist, mode, False, _select.ALWAYS, _select.ALWAYS, _select.ALWAYS, 31, 20, d)
+    ef._Launcher(g, e, e, k, 0.0).hist(scal, level1)
+    ef._Launcher(g, e, e, k, 0.0).threshold(hist, scal, k, cap, 1)
+
+    bins = (v.cpu().view(torch.int32) & 0x7FFFFFFF).long() >> 20
+    counts = torch.bincount(bins, minlength=_select.NBINS)
+    b = int(bins.sort(descending=True).values[k - 1])
+    sample = bins[torch.arange(ef.SAMPLE, dtype=torch.int64) * d // ef.SAMPLE]
+    need = -(-k * ef.SAMPLE // d)
+    predicted = int(sample.sort(descending=True).values[need - 1])
+    base = min(max(predicted - (ef.LADDER - 2) // 3, 0), 2049 - ef.LADDER)
+    miss = not base <= b < base + ef.LADDER - 2
+    assert miss == (case in ("window_low", "window_high"))  # both paths are exercised
+    got = scal.cpu()
+    assert int(got[_select.S_BASE]) == base and int(got[_select.S_MISS]) == int(miss)
+    assert int(got[_select.S_B1]) == b
+    assert int(got[_select.S_ABOVE1]) == int(counts[b + 1 :].sum())
+    assert int(got[_select.S_N1]) == int(counts[b])
+    if miss:  # the window was cleared before the full pass: every bin as counted in torch
+        assert torch.equal(hist.cpu().long(), counts)
+    else:  # the window's bins exact, everything below and above it in one bin each
+        lumped = counts.clone()
+        top = base + ef.LADDER - 2
+        lumped[top] = counts[top:].sum()
+        lumped[top + 1 :] = 0
+        if base > 0:
+            lumped[base - 1] = counts[:base].sum()
+            lumped[: base - 1] = 0
+        assert torch.equal(hist.cpu().long(), lumped)
+    if method == "ef14":
+        assert torch.equal(e.view(torch.int32), (e0 + g).view(torch.int32))  # bit for bit, the NaN too
+    # and the whole op on this input selects what the CPU kernel selects (the GPU kernels order it their own way)
+    runs = ((g, "triton"), (g.cpu(), "cpp"))
+    (vals, idx), (rvals, ridx) = (_step(method, x, e0.to(x.device, copy=True), None, k, False, i)() for x, i in runs)
+    order, rorder = idx.cpu().argsort(), ridx.argsort()
+    assert torch.equal(idx.cpu()[order], ridx[rorder])
+    assert torch.equal(vals.cpu()[order].view(torch.int32), rvals[rorder].view(torch.int32))
 
 
 @pytest.mark.parametrize("impl", ["triton"] + (["cuda"] if HAS_CUDA else []))

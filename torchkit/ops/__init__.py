@@ -91,8 +91,9 @@ def _choose(impl: Impl, x: Tensor, rows: bool) -> str:
             # fp32): since the whole step is one host call (tk_step) the CUDA C++ kernels beat the composed-torch
             # reference at 1e6 elements (0.13-0.15 against 0.20-0.31 ms), 1e7 (1.6-2.1x) and 1e8 (3.0-4.8x);
             # smaller sizes were not measured, so the switch sits at 1e6 (it was 2**21 while the Python driver's
-            # launches made the kernels lose at 1e6). The Triton kernels are slower than the reference at every
-            # size (tl.histogram with 2048 bins dominates): by name only.
+            # launches made the kernels lose at 1e6). The Triton kernels were slower than the reference at every
+            # size (tl.histogram with 2048 bins dominated); the ladder that replaced that pass is not timed on a
+            # GPU yet: by name only.
             return "cuda" if x.shape[-1] >= AUTO_CUDA_MIN_D and _cuda.ensure_built() else "reference"
         if x.device.type == "cpu" and _ext.available():
             return "cpp"

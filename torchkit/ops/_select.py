@@ -31,6 +31,7 @@ S_B1, S_ABOVE1, S_NEED1, S_N1, S_OVER, S_FITS = 0, 1, 2, 3, 4, 5
 S_B2, S_ABOVE2, S_NEED2, S_P3 = 6, 7, 8, 9
 S_T, S_A, S_CAP = 10, 11, 12
 S_ZERO, S_CTR1, S_CTR2, S_CTR3 = 13, 14, 15, 16
+S_BASE, S_MISS = 17, 18  # the Triton level-1 ladder's window base and miss flag (its launcher's own passes)
 N_SCALARS = 32
 ALWAYS = -1  # a flag or count slot that is not read: always active / the host count
 POISON = False  # tests set this: outputs and candidates start as NaN / -1 instead of uninitialised memory

@@ -4,17 +4,26 @@ kernels (:mod:`torchkit.ops._select`); this module only launches.
 
 Key of an entry: the bits of |v| (31 bits, monotone in |v|, NaN above inf). Three levels of 11 + 11 + 9 bits.
 
-1. ``_hist_kernel`` level 1 (persistent grid): v, the 2048-bin histogram of ``key >> 20``; EF14 stores v in e.
+1. Level 1, the one pass over the vector that counts (no ``tl.histogram`` there: its cost grows with the bins,
+   96 GB/s at 2048 on an H200, ``tune_gpu.json``):
+   a. ``_predict_kernel`` (one program): the bin of ``key >> 20`` (1/8 octave) that the k-th key should fall
+      in, from 4096 entries spread over the vector, found bit by bit with ``tl.sum`` counts;
+   b. ``_ladder_kernel`` (persistent grid): v (EF14 stores it in e) and a ladder of 14 bins around that bin,
+      plus one lump below and one above, counted in byte-wide fields of two 64-bit words per entry slot
+      (about 28 instructions per entry in the sm_90 SASS; the 2048-bin histogram pass it replaces ran at 96 GB/s);
+   c. ``_window_kernel`` (one program): whether the k-th key's bin fell inside the window. On a miss (a sample
+      that misjudged the tail) it clears the window and sets a device flag, and ``_hist_kernel`` counts all 2048
+      bins, re-reading v (EF14: from e). Either way the histogram answers the threshold step identically.
 2. ``_threshold_kernel`` (one program): the bin holding the k-th largest key, counts above it, and whether
    that bin fits the candidate buffer. Every scalar stays in device memory.
 3. ``_select_kernel``: entries above the bin go to the output, entries in it to the candidate buffer (exact
    mode) or straight into the remaining output slots (approximate mode: the lowest indices win). Positions
    come from an order-preserving compaction (per-program counts, decoupled look-back over program tickets),
    so the output is the same whatever order the GPU runs the programs in. EControl writes e <- e + g - h here.
-4. exact mode: levels 2 and 3 histogram the candidates (or, when the bin overflowed the buffer, the whole
-   vector, re-read) and a last select pass writes the exact k: every entry above the k-th key, then the
-   lowest-indexed entries equal to it. The pass over the path not taken is launched too and exits at once
-   (a device flag), so no host read is ever needed.
+4. exact mode: levels 2 and 3 histogram the candidates with ``tl.histogram`` (at most 4k + 4096 entries; or,
+   when the bin overflowed the buffer, the whole vector, re-read) and a last select pass writes the exact k:
+   every entry above the k-th key, then the lowest-indexed entries equal to it. The pass over the path not taken
+   is launched too and exits at once (a device flag), so no host read is ever needed.
 
 Every launch passes ``enable_fp_fusion=False``: the reference rounds ``e * eta`` and the add separately.
 """
@@ -37,6 +46,11 @@ PAD: tl.constexpr = tl.constexpr(_padding.PAD)  # what padded_zeros pads to
 FLAG_A: tl.constexpr = tl.constexpr(1 << 60)  # look-back word: this program's own counts are published
 FLAG_P: tl.constexpr = tl.constexpr(1 << 61)  # look-back word: the inclusive prefix is published
 VALS: tl.constexpr = tl.constexpr((1 << 60) - 1)  # hi count << 30 | eq count
+S_BASE: tl.constexpr = tl.constexpr(_select.S_BASE)
+S_MISS: tl.constexpr = tl.constexpr(_select.S_MISS)
+LADDER = 16  # rungs of the level-1 ladder (0: the full tl.histogram pass every time)
+SAMPLE = 4096  # entries the level-1 prediction reads
+LADDER_BLOCK = 1024  # the ladder pass's block on a GPU: 4 entries per thread
 
 
 @triton.jit
@@ -153,6 +167,102 @@ def _hist_kernel(
             acc += tl.histogram(b, NBINS) - tl.where(tl.arange(0, NBINS) == 0, dead, 0)
         bins = tl.arange(0, NBINS)
         tl.atomic_add(hist_ptr + bins, acc, mask=acc != 0, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["d", "eta"])
+def _ladder_kernel(
+    g_ptr,
+    e_ptr,
+    h_ptr,
+    hist_ptr,
+    scal_ptr,
+    d,
+    eta,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    LADDER: tl.constexpr,
+    G_PAD: tl.constexpr = False,
+    S_PAD: tl.constexpr = False,
+):
+    """Level 1's streaming pass (persistent grid; EF14 stores v in e): instead of all 2048 bins of ``key >> 20``,
+    the R - 2 bins from the predicted base (slot ``S_BASE``) on, and two lumps: every entry below the window counted
+    in bin base - 1, every entry above it in bin base + R - 2. No histogram instruction: an entry adds
+    ``1 << 8 * (rung % 8)`` to one of two 64-bit words, eight byte-wide counters each, which are unpacked and summed
+    over the block every 255 blocks (before a byte can overflow) and merged into ``hist`` once per program."""
+    base = tl.load(scal_ptr + S_BASE)
+    nblk = tl.cdiv(d, BLOCK)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, BLOCK)
+    rung = tl.arange(0, LADDER)
+    count = tl.zeros([LADDER], dtype=tl.int32)
+    for first in range(pid, nblk, nprog * 255):
+        lo = tl.zeros([BLOCK], dtype=tl.int64)  # rungs 0-7, a byte each
+        hi = tl.zeros([BLOCK], dtype=tl.int64)  # rungs 8-15
+        for blk in range(first, tl.minimum(nblk, first + nprog * 255), nprog):
+            offs = blk * BLOCK + lane  # int32: d < 2**30
+            live = offs < d
+            gm, sm = _masks(offs, live, d, G_PAD, S_PAD)
+            v = _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE, False)
+            if MODE == 1:
+                tl.store(e_ptr + offs, v, mask=sm)  # e now holds v = e + g (and the padding e + g there)
+            # the rung: 0 below the window, 1 + (bin - base) in it, R - 1 above; dead lanes add nothing
+            t = tl.minimum(tl.maximum((_key(v) >> 20) - base + 1, 0), LADDER - 1)
+            one = tl.where(live, tl.full([BLOCK], 1, tl.int64) << ((t & 7) * 8).to(tl.int64), 0)
+            lo += tl.where(t < 8, one, 0)
+            hi += tl.where(t < 8, 0, one)
+        word = tl.where(rung[:, None] < 8, lo[None, :], hi[None, :])
+        count += tl.sum(((word >> ((rung[:, None] & 7) * 8).to(tl.int64)) & 255).to(tl.int32), axis=1)
+    # count 0 is 0 when base is 0: bin -1 is never written
+    tl.atomic_add(hist_ptr + base - 1 + rung, count, mask=count != 0, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["d", "eta", "need"])
+def _predict_kernel(
+    g_ptr,
+    e_ptr,
+    h_ptr,
+    scal_ptr,
+    d,
+    eta,
+    need,
+    MODE: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    LADDER: tl.constexpr,
+):
+    """One program: the level-1 bin of the ``need``-th largest key among SAMPLE entries spread evenly over the
+    vector (all of it when d <= SAMPLE), found bit by bit with counts (no histogram); writes the ladder's base to
+    slot ``S_BASE`` so that the predicted bin sits a third of the way up the window (a sample's estimate errs low
+    when few of its entries lie above the threshold)."""
+    i = tl.arange(0, SAMPLE)
+    pos = tl.where(d <= SAMPLE, i, (i.to(tl.int64) * d // SAMPLE).to(tl.int32))
+    live = i < d
+    v = _load_v(g_ptr, e_ptr, h_ptr, pos, live, live, eta, MODE, False)
+    bins = tl.where(live, _key(v) >> 20, -1)
+    b = tl.zeros([], dtype=tl.int32)
+    for j in tl.static_range(11):  # the largest b with at least ``need`` sampled bins >= b, from the top bit down
+        c = b | (1 << (10 - j))
+        b = tl.where(tl.sum((bins >= c).to(tl.int32), axis=0) >= need, c, b)
+    base = tl.minimum(tl.maximum(b - (LADDER - 2) // 3, 0), 2049 - LADDER)
+    tl.store(scal_ptr + S_BASE, base)
+
+
+@triton.jit
+def _window_kernel(hist_ptr, scal_ptr, k, LADDER: tl.constexpr):
+    """One program after the ladder pass: whether the k-th largest key's bin lies inside the window (then the
+    level-1 histogram's bins from base - 1 on answer the threshold step exactly as the full histogram would). On a
+    miss it clears the window's bins and sets slot ``S_MISS``: the full-histogram pass runs instead."""
+    base = tl.load(scal_ptr + S_BASE)
+    r = tl.arange(0, LADDER)
+    b = base - 1 + r  # bin -1 (base 0: no lump below) is never read or written
+    w = tl.load(hist_ptr + b, mask=b >= 0, other=0)
+    at_or_above = tl.sum(tl.where(r > 0, w, 0), axis=0)  # entries in the window or above it
+    above = tl.sum(tl.where(r == LADDER - 1, w, 0), axis=0)  # entries above the window
+    miss = (at_or_above < k) | (above >= k)
+    tl.store(scal_ptr + S_MISS, miss.to(tl.int32))
+    # every lane's store depends on the sums, so on every lane's load: no lane clears a bin before it was read
+    clear = (b >= 0) & ((r * 0 + miss.to(tl.int32)) != 0)  # (a scalar & a vector: a mask the interpreter refuses)
+    tl.store(hist_ptr + b, r * 0, mask=clear)
 
 
 @triton.jit
@@ -316,11 +426,31 @@ def _programs(nblk: int, device: torch.device) -> int:
 class _Launcher:
     """The three launches the shared driver asks for (:class:`torchkit.ops._select.Launcher`)."""
 
-    def __init__(self, g: Tensor, e: Tensor, h: Tensor, eta: float):
-        self.g, self.e, self.h, self.eta = g, e, h, eta
+    def __init__(self, g: Tensor, e: Tensor, h: Tensor, k: int, eta: float):
+        self.g, self.e, self.h, self.k, self.eta = g, e, h, k, eta
         self.dev = g.device
 
     def hist(self, scal, p: _select.Hist):
+        if p.prefix_slot != _select.ALWAYS or not LADDER:
+            return self._hist(scal, p)
+        # level 1: predict the threshold's bin from a sample, count a ladder of bins around it in the streaming
+        # pass, and run the full histogram only when the k-th key fell outside (a device flag, never read here)
+        sample = min(p.n, SAMPLE)
+        need = max(1, -(-self.k * sample // p.n))
+        _predict_kernel[(1,)](
+            self.g, self.e, self.h, scal, p.n, self.eta, need, MODE=p.mode, SAMPLE=SAMPLE, LADDER=LADDER,
+            num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
+        block = LADDER_BLOCK if self.dev.type == "cuda" else _block(p.n, self.dev)
+        grid = (_programs(triton.cdiv(p.n, block), self.dev),)
+        _ladder_kernel[grid](
+            self.g, self.e, self.h, p.hist, scal, p.n, self.eta, MODE=p.mode, BLOCK=block, LADDER=LADDER,
+            G_PAD=p.pad[0], S_PAD=p.pad[1], num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
+        _window_kernel[(1,)](p.hist, scal, self.k, LADDER=LADDER, num_warps=1)
+        self._hist(scal, p._replace(active=_select.S_MISS, stored=True))
+
+    def _hist(self, scal, p: _select.Hist):
         block = _block(p.n, self.dev)
         grid = (_programs(triton.cdiv(p.n, block), self.dev),)
         e = self.e if p.cand is None else p.cand[1]
@@ -377,7 +507,7 @@ class _Launcher:
 
 def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
     dummy = g if e is None else e
-    launcher = _Launcher(g, e if e is not None else dummy, h if h is not None else dummy, eta)
+    launcher = _Launcher(g, e if e is not None else dummy, h if h is not None else dummy, k, eta)
     return _select.run(launcher, mode, g, e, h, k, approx)
 
 
