@@ -643,6 +643,29 @@ def test_triton_level1_ladder_answers_as_the_full_histogram(method, case):
     assert torch.equal(vals.cpu()[order].view(torch.int32), rvals[rorder].view(torch.int32))
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="sets the interpreter's grid (one program)")
+@pytest.mark.parametrize("kind", ["zeros", "randn"])
+def test_triton_ladder_counters_do_not_overflow_over_many_blocks(monkeypatch, kind):
+    """The ladder's byte-wide counters are unpacked every 255 blocks a program reads. One program over 300 blocks
+    of 1024 entries: zeros put every entry of every block on one rung, so each byte reaches exactly 255 before the
+    flush (one block more per flush would wrap it to 0); the counts must equal torch's."""
+    from torchkit.ops._triton import ef
+
+    monkeypatch.setattr(ef, "_programs", lambda nblk, dev: 1)
+    monkeypatch.setattr(ef, "_block", lambda n, dev: 1024)
+    d, k = 300 * 1024, 3000
+    g = torch.zeros(d) if kind == "zeros" else torch.randn(d, generator=torch.Generator().manual_seed(1))
+    ws = torch.zeros(3 * _select.NBINS + _select.N_SCALARS, dtype=torch.int32)
+    hist, scal = ws[: _select.NBINS], ws[3 * _select.NBINS :]
+    level1 = _select.Hist(hist, _select.TOPK, False, _select.ALWAYS, _select.ALWAYS, _select.ALWAYS, 31, 20, d)
+    ef._Launcher(g, g, g, k, 0.0).hist(scal, level1)
+    assert int(scal[_select.S_MISS]) == 0
+    counts = torch.bincount((g.view(torch.int32) & 0x7FFFFFFF).long() >> 20, minlength=_select.NBINS)
+    base, top = int(scal[_select.S_BASE]), int(scal[_select.S_BASE]) + ef.LADDER - 2
+    assert int(hist[top]) == int(counts[top:].sum()) and torch.equal(hist[base:top].long(), counts[base:top])
+    assert int(hist.sum()) == d
+
+
 @pytest.mark.parametrize("impl", ["triton"] + (["cuda"] if HAS_CUDA else []))
 def test_float64_goes_to_the_reference(impl):
     dev = _device_of(impl)
