@@ -1,5 +1,5 @@
 """GPU tuning experiments in one call: CUDA kernel build variants side by side, a per-kernel breakdown of the
-chosen build, and what the Triton histogram costs against its bin count.
+chosen build, what the Triton histogram costs against its bin count, and the Triton level-1 ladder against it.
 
     python benchmarks/tune_gpu.py [--d 1e8] [--out benchmarks/results]     # on an H100/H200
     python benchmarks/tune_gpu.py --ncu-target                              # one step per op, for ncu
@@ -193,20 +193,37 @@ def _read_only(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.atomic_add(out_ptr, tl.sum(acc, axis=0))
 
 
-def triton_histogram_cost(d: int, reps: int) -> list[dict]:
-    """Triton's tl.histogram over d fp32 keys, by bin count, against a kernel that only reads the same bytes."""
-    dev = torch.device("cuda")
+def triton_histogram_cost(d: int, ratio: float, reps: int, dev: torch.device | None = None) -> list[dict]:
+    """Triton's tl.histogram over d fp32 keys, by bin count, against a kernel that only reads the same bytes, and
+    the Triton path's level 1 on the same keys (top-k of ``ratio``): the ladder (prediction, streaming count, window
+    check, and the full pass it switches on only on a miss) against the full 2048-bin histogram pass it replaced.
+    ``miss``: whether the ladder's window missed on these keys (then its row includes the full pass)."""
+    from torchkit.ops import _select
+    from torchkit.ops._triton import ef
+
+    dev = dev or torch.device("cuda")
     x = torch.randn(d, device=dev)
-    grid = (4 * torch.cuda.get_device_properties(dev).multi_processor_count,)
+    grid = (4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1,)
     hist = torch.zeros(2048, dtype=torch.int32, device=dev)
     out = torch.zeros(1, device=dev)
     variants = {"read only": lambda: _read_only[grid](x, out, d, BLOCK=2048, num_warps=8)}
     for nb in (2048, 512, 256, 64):
         variants[f"histogram {nb} bins"] = lambda nb=nb: _hist_only[grid](x, hist, d, BLOCK=2048, NB=nb, num_warps=8)
-    times = bench.time_interleaved(variants, dev, reps)
+    ws = torch.zeros(3 * _select.NBINS + _select.N_SCALARS, dtype=torch.int32, device=dev)
+    scal = ws[3 * _select.NBINS :]
+    level1 = _select.Hist(ws[: _select.NBINS], _select.TOPK, False, *[_select.ALWAYS] * 3, 31, 20, d)
+    launcher = ef._Launcher(x, x, x, max(1, int(d * ratio)), 0.0)
+    variants["level 1: ladder"] = lambda: launcher.hist(scal, level1)
+    variants["level 1: full histogram"] = lambda: launcher._hist(scal, level1)
+    times = bench.time_interleaved(variants, dev, reps, setup=ws.zero_)  # the level-1 passes accumulate
+    ws.zero_()
+    launcher.hist(scal, level1)
+    miss = bool(scal[_select.S_MISS])
     rows = [dict(kernel=n, d=d, ms_p50=t[2], gb_per_s=4 * d / (t[2] / 1e3) / 1e9) for n, t in times.items()]
+    rows[-2]["miss"] = miss
     for r in rows:
-        print(f"triton {r['kernel']:22s} {r['ms_p50']:.3f} ms  {r['gb_per_s']:.0f} GB/s")
+        note = " (the window missed)" if r.get("miss") else ""
+        print(f"triton {r['kernel']:24s} {r['ms_p50']:.3f} ms  {r['gb_per_s']:.0f} GB/s{note}")
     return rows
 
 
@@ -240,7 +257,7 @@ def main() -> None:
         best = min(libs, key=lambda n: sum(r["ms_p50"] for r in rows if r["variant"] == n))
         print(f"fastest build over all rows: {best}")
         parts = breakdown(libs[best], d, args.ratio)
-    hist = triton_histogram_cost(d, args.repeats)
+    hist = triton_histogram_cost(d, args.ratio, args.repeats)
     result = {
         "device": bench.device_name(torch.device("cuda")),
         "torch": torch.__version__,

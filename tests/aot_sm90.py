@@ -1,7 +1,8 @@
 """Compile every Triton kernel of torchkit for sm_90 ahead of time and report its SASS (run by test_ops.py).
 
 Prints one JSON line: {kernel: {"ffma": count, "local_memory": count of STL/LDL, "registers": n, "ld128": count
-of 128-bit global loads, "st128": count of 128-bit global stores, "ld": count of all global loads}}. Pointers are
+of 128-bit global loads, "st128": count of 128-bit global stores, "ld": count of all global loads, "inner_loop":
+instructions in the innermost loop}}. Pointers are
 compiled as 16-byte aligned, as Triton specialises them at launch for torch's allocations. ``pad=`` in a name: the
 launch over flat vectors that own padding to a multiple of 16 elements (g, state), see torchkit.ops._padding.
 """
@@ -80,6 +81,16 @@ def _pad_name(g_pad, s_pad):
     return "" if not (g_pad or s_pad) else f" pad={'g' if g_pad else ''}{'s' if s_pad else ''}"
 
 
+def _inner_loop(sass: str) -> int | None:
+    """Instructions in the innermost loop: the shortest span a backward branch jumps over (None: no loop)."""
+    spans = [
+        (int(at, 16) - int(to, 16)) // 16 + 1
+        for at, to in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?P\w+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass)
+        if int(to, 16) < int(at, 16)
+    ]
+    return min(spans, default=None)
+
+
 def main() -> None:
     tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     report = {}
@@ -105,6 +116,7 @@ def main() -> None:
                 "ld128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
                 "st128": len(re.findall(r"\bSTG\.E\.128\b", sass)),
                 "ld": len(re.findall(r"\bLDG\.", sass)),
+                "inner_loop": _inner_loop(sass),
             }
     print(json.dumps(report))
     if len(sys.argv) > 2 and sys.argv[1] == "--out":  # a committed record: benchmarks/results/aot-sm90/sass.json

@@ -580,11 +580,13 @@ def _ladder_case(case, d, dev):
         x[sampled] = 1000.0
     elif case == "nan":
         x[5] = float("nan")
+    elif case == "many_nan":  # more NaNs than k: the window at its highest base, the NaN bin (2044) inside it
+        x[::10] = float("nan")
     return x.to(dev)
 
 
 @pytest.mark.parametrize("method", ["topk", "ef14"])
-@pytest.mark.parametrize("case", ["randn", "zeros", "window_low", "window_high", "nan"])
+@pytest.mark.parametrize("case", ["randn", "zeros", "window_low", "window_high", "nan", "many_nan"])
 def test_triton_level1_ladder_answers_as_the_full_histogram(method, case):
     """Issue 21 item 6: Triton's level 1 counts a ladder of 14 bins around a threshold predicted from a sample, plus
     one lump below and one above, instead of a 2048-bin tl.histogram; when the k-th key falls outside the window
@@ -664,6 +666,25 @@ def test_triton_ladder_counters_do_not_overflow_over_many_blocks(monkeypatch, ki
     base, top = int(scal[_select.S_BASE]), int(scal[_select.S_BASE]) + ef.LADDER - 2
     assert int(hist[top]) == int(counts[top:].sum()) and torch.equal(hist[base:top].long(), counts[base:top])
     assert int(hist.sum()) == d
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="launches one program in the interpreter")
+def test_triton_ladder_counts_the_top_byte_of_each_word():
+    """Rungs 7 and 15 sit in the top byte of their 64-bit word, where the sign bit is: one program over 300
+    blocks, every even entry on rung 7 and every odd one on rung 15, so each of those bytes reaches 255 before
+    the flush."""
+    from torchkit.ops._triton import ef
+
+    d, base = 300 * 1024, 100
+    keys = torch.where(torch.arange(d) % 2 == 0, (base + 6) << 20, (base + 20) << 20).to(torch.int32)
+    x = keys.view(torch.float32)
+    hist = torch.zeros(_select.NBINS, dtype=torch.int32)
+    scal = torch.zeros(_select.N_SCALARS, dtype=torch.int32)
+    scal[_select.S_BASE] = base
+    ef._ladder_kernel[(1,)](x, x, x, hist, scal, d, 0.0, MODE=_select.TOPK, BLOCK=1024, LADDER=ef.LADDER)
+    want = torch.zeros(_select.NBINS, dtype=torch.int32)
+    want[base + 6] = want[base + 14] = d // 2  # rung 7: bin base + 6; rung 15: the lump above, bin base + 14
+    assert torch.equal(hist, want)
 
 
 @pytest.mark.parametrize("impl", ["triton"] + (["cuda"] if HAS_CUDA else []))

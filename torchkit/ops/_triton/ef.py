@@ -5,15 +5,18 @@ kernels (:mod:`torchkit.ops._select`); this module only launches.
 Key of an entry: the bits of |v| (31 bits, monotone in |v|, NaN above inf). Three levels of 11 + 11 + 9 bits.
 
 1. Level 1, the one pass over the vector that counts (no ``tl.histogram`` there: its cost grows with the bins,
-   96 GB/s at 2048 on an H200, ``tune_gpu.json``):
+   96 GB/s at 2048 on an H200, ``triton_histogram`` in ``benchmarks/results/nvidia-h200/tune.json``):
    a. ``_predict_kernel`` (one program): the bin of ``key >> 20`` (1/8 octave) that the k-th key should fall
       in, from 4096 entries spread over the vector, found bit by bit with ``tl.sum`` counts;
    b. ``_ladder_kernel`` (persistent grid): v (EF14 stores it in e) and a ladder of 14 bins around that bin,
-      plus one lump below and one above, counted in byte-wide fields of two 64-bit words per entry slot
-      (about 28 instructions per entry in the sm_90 SASS; the 2048-bin histogram pass it replaces ran at 96 GB/s);
+      plus one lump below and one above, counted in byte-wide fields of two 64-bit words per entry slot (its
+      inner loop: 111 sm_90 SASS instructions per 4 entries a thread, ``inner_loop`` in
+      ``benchmarks/results/aot-sm90/sass.json``);
    c. ``_window_kernel`` (one program): whether the k-th key's bin fell inside the window. On a miss (a sample
       that misjudged the tail) it clears the window and sets a device flag, and ``_hist_kernel`` counts all 2048
-      bins, re-reading v (EF14: from e). Either way the histogram answers the threshold step identically.
+      bins, re-reading v (EF14: from e). Either way the histogram answers the threshold step identically, but a
+      miss costs more than the old single pass: the sample is every d/4096-th entry, so a top-k concentrated in
+      a small tensor of a flat buffer that the sample never sees misses on every step.
 2. ``_threshold_kernel`` (one program): the bin holding the k-th largest key, counts above it, and whether
    that bin fits the candidate buffer. Every scalar stays in device memory.
 3. ``_select_kernel``: entries above the bin go to the output, entries in it to the candidate buffer (exact
@@ -189,6 +192,7 @@ def _ladder_kernel(
     in bin base - 1, every entry above it in bin base + R - 2. No histogram instruction: an entry adds
     ``1 << 8 * (rung % 8)`` to one of two 64-bit words, eight byte-wide counters each, which are unpacked and summed
     over the block every 255 blocks (before a byte can overflow) and merged into ``hist`` once per program."""
+    tl.static_assert(LADDER == 16, "the counters pack 16 rungs: 8 bytes in each of two words")
     base = tl.load(scal_ptr + S_BASE)
     nblk = tl.cdiv(d, BLOCK)
     pid = tl.program_id(0)
@@ -431,7 +435,9 @@ class _Launcher:
         self.dev = g.device
 
     def hist(self, scal, p: _select.Hist):
-        if p.prefix_slot != _select.ALWAYS or not LADDER:
+        level1 = (p.prefix_slot, p.active, p.n_slot, p.shift_lo, p.stored, p.cand) == (*[_select.ALWAYS] * 3, 20,
+                                                                                     False, None)  # fmt: skip
+        if not (level1 and LADDER):
             return self._hist(scal, p)
         # level 1: predict the threshold's bin from a sample, count a ladder of bins around it in the streaming
         # pass, and run the full histogram only when the k-th key fell outside (a device flag, never read here)
@@ -447,7 +453,7 @@ class _Launcher:
             self.g, self.e, self.h, p.hist, scal, p.n, self.eta, MODE=p.mode, BLOCK=block, LADDER=LADDER,
             G_PAD=p.pad[0], S_PAD=p.pad[1], num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
-        _window_kernel[(1,)](p.hist, scal, self.k, LADDER=LADDER, num_warps=1)
+        _window_kernel[(1,)](p.hist, scal, self.k, LADDER=LADDER, num_warps=1, enable_fp_fusion=False)
         self._hist(scal, p._replace(active=_select.S_MISS, stored=True))
 
     def _hist(self, scal, p: _select.Hist):
