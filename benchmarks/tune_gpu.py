@@ -211,7 +211,7 @@ def triton_histogram_cost(d: int, ratio: float, reps: int, dev: torch.device | N
         variants[f"histogram {nb} bins"] = lambda nb=nb: _hist_only[grid](x, hist, d, BLOCK=2048, NB=nb, num_warps=8)
     ws = torch.zeros(3 * _select.NBINS + _select.N_SCALARS, dtype=torch.int32, device=dev)
     scal = ws[3 * _select.NBINS :]
-    level1 = _select.Hist(ws[: _select.NBINS], _select.TOPK, False, *[_select.ALWAYS] * 3, 31, 20, d)
+    level1 = _select.level1(ws[: _select.NBINS], _select.TOPK, d)
     launcher = ef._Launcher(x, x, x, max(1, int(d * ratio)), 0.0)
     variants["level 1: ladder"] = lambda: launcher.hist(scal, level1)
     variants["level 1: full histogram"] = lambda: launcher._hist(scal, level1)

@@ -606,7 +606,7 @@ def test_triton_level1_ladder_answers_as_the_full_histogram(method, case):
     ws = torch.zeros(3 * _select.NBINS + _select.N_SCALARS, dtype=torch.int32, device=dev)
     hist, scal = ws[: _select.NBINS], ws[3 * _select.NBINS :]
     cap = _select.capacity(d, k)
-    level1 = _select.Hist(hist, mode, False, _select.ALWAYS, _select.ALWAYS, _select.ALWAYS, 31, 20, d)
+    level1 = _select.level1(hist, mode, d)
     ef._Launcher(g, e, e, k, 0.0).hist(scal, level1)
     ef._Launcher(g, e, e, k, 0.0).threshold(hist, scal, k, cap, 1)
 
@@ -659,7 +659,7 @@ def test_triton_ladder_counters_do_not_overflow_over_many_blocks(monkeypatch, ki
     g = torch.zeros(d) if kind == "zeros" else torch.randn(d, generator=torch.Generator().manual_seed(1))
     ws = torch.zeros(3 * _select.NBINS + _select.N_SCALARS, dtype=torch.int32)
     hist, scal = ws[: _select.NBINS], ws[3 * _select.NBINS :]
-    level1 = _select.Hist(hist, _select.TOPK, False, _select.ALWAYS, _select.ALWAYS, _select.ALWAYS, 31, 20, d)
+    level1 = _select.level1(hist, _select.TOPK, d)
     ef._Launcher(g, g, g, k, 0.0).hist(scal, level1)
     assert int(scal[_select.S_MISS]) == 0
     counts = torch.bincount((g.view(torch.int32) & 0x7FFFFFFF).long() >> 20, minlength=_select.NBINS)

@@ -36,7 +36,7 @@ N_SCALARS = 32
 ALWAYS = -1  # a flag or count slot that is not read: always active / the host count
 POISON = False  # tests set this: outputs and candidates start as NaN / -1 instead of uninitialised memory
 
-__all__ = ["run", "capacity", "kernel_takes", "Hist", "Select", "Launcher", "GpuOps"]
+__all__ = ["run", "capacity", "kernel_takes", "level1", "Hist", "Select", "Launcher", "GpuOps"]
 
 
 class Hist(NamedTuple):
@@ -57,6 +57,11 @@ class Hist(NamedTuple):
 
     def slots(self) -> tuple[int, ...]:
         return self.active, self.n_slot, self.prefix_slot, self.shift_hi, self.shift_lo
+
+
+def level1(hist: Tensor | None, mode: int, n: int, pad: tuple[bool, bool] = (False, False)) -> Hist:
+    """The first pass over the method's vector: bins of ``key >> 20`` of every entry (EF14: v not stored yet)."""
+    return Hist(hist, mode, False, ALWAYS, ALWAYS, ALWAYS, 31, 20, n, pad=pad)
 
 
 class Select(NamedTuple):
@@ -134,9 +139,9 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
     state = [t for t in (e, h) if t is not None]
     pad = (owns_padding(g), bool(state) and all(owns_padding(t) for t in state))  # the passes over the vector
 
-    launcher.hist(scal, Hist(hists[0], mode, False, ALWAYS, ALWAYS, ALWAYS, 31, 20, d, pad=pad))
+    launcher.hist(scal, level1(hists[0], mode, d, pad))
     launcher.threshold(hists[0], scal, k, cap, 1)
-    level1 = dict(
+    select1 = dict(  # the level-1 select pass
         lb=lbs[:n_lb],
         hi=out,
         mode=mode,
@@ -150,10 +155,10 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
         pad=pad,
     )
     if approx:  # the threshold bin's lowest-indexed entries fill the remaining slots
-        launcher.select(scal, Select(eq=out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **level1))
+        launcher.select(scal, Select(eq=out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **select1))
     else:
         cand = (_empty(cap, idt, dev), _empty(cap, torch.float32, dev))
-        launcher.select(scal, Select(eq=cand, active=S_FITS, eq_base=S_ZERO, cap=S_N1, **level1))
+        launcher.select(scal, Select(eq=cand, active=S_FITS, eq_base=S_ZERO, cap=S_N1, **select1))
         for level, shift_hi, shift_lo, prefix in ((2, 20, 9, S_B1), (3, 9, 0, S_P3)):
             hist = hists[level - 1]  # the re-read of the vector and the pass over the candidates: one runs
             launcher.hist(scal, Hist(hist, mode, True, S_OVER, ALWAYS, prefix, shift_hi, shift_lo, d, pad=pad))

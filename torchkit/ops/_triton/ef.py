@@ -51,7 +51,7 @@ FLAG_P: tl.constexpr = tl.constexpr(1 << 61)  # look-back word: the inclusive pr
 VALS: tl.constexpr = tl.constexpr((1 << 60) - 1)  # hi count << 30 | eq count
 S_BASE: tl.constexpr = tl.constexpr(_select.S_BASE)
 S_MISS: tl.constexpr = tl.constexpr(_select.S_MISS)
-LADDER = 16  # rungs of the level-1 ladder (0: the full tl.histogram pass every time)
+LADDER = 16  # rungs of the level-1 ladder (the counters in _ladder_kernel pack exactly 16)
 SAMPLE = 4096  # entries the level-1 prediction reads
 LADDER_BLOCK = 1024  # the ladder pass's block on a GPU: 4 entries per thread
 
@@ -92,6 +92,17 @@ def _masks(offs, live, d, G_PAD: tl.constexpr, S_PAD: tl.constexpr):
     else:
         sm = live
     return gm, sm
+
+
+@triton.jit
+def _block_v(g_ptr, e_ptr, h_ptr, offs, live, d, eta, MODE: tl.constexpr, STORED: tl.constexpr,
+             G_PAD: tl.constexpr, S_PAD: tl.constexpr):  # fmt: skip
+    """v of one block of a pass over the method's vector; EF14's first pass (not STORED) stores it in e."""
+    gm, sm = _masks(offs, live, d, G_PAD, S_PAD)
+    v = _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE, STORED)
+    if MODE == 1 and not STORED:
+        tl.store(e_ptr + offs, v, mask=sm)  # e now holds v = e + g (and the padding e + g there)
+    return v
 
 
 @triton.jit
@@ -159,11 +170,7 @@ def _hist_kernel(
         for blk in range(tl.program_id(0), nblk, tl.num_programs(0)):
             offs = blk * BLOCK + lane  # int32: d < 2**30
             live = offs < n
-            gm, sm = _masks(offs, live, d, G_PAD, S_PAD)
-            v = _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE, STORED)
-            if MODE == 1 and not STORED:
-                tl.store(e_ptr + offs, v, mask=sm)  # e now holds v = e + g (and the padding e + g there)
-            key = _key(v)
+            key = _key(_block_v(g_ptr, e_ptr, h_ptr, offs, live, d, eta, MODE, STORED, G_PAD, S_PAD))
             m = live & (((key >> shift_hi) == prefix) | (prefix_slot < 0))
             b = tl.where(m, (key >> shift_lo) & width_mask, 0)
             dead = BLOCK - tl.sum(m.to(tl.int32), axis=0)
@@ -206,10 +213,7 @@ def _ladder_kernel(
         for blk in range(first, tl.minimum(nblk, first + nprog * 255), nprog):
             offs = blk * BLOCK + lane  # int32: d < 2**30
             live = offs < d
-            gm, sm = _masks(offs, live, d, G_PAD, S_PAD)
-            v = _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE, False)
-            if MODE == 1:
-                tl.store(e_ptr + offs, v, mask=sm)  # e now holds v = e + g (and the padding e + g there)
+            v = _block_v(g_ptr, e_ptr, h_ptr, offs, live, d, eta, MODE, False, G_PAD, S_PAD)
             # the rung: 0 below the window, 1 + (bin - base) in it, R - 1 above; dead lanes add nothing
             t = tl.minimum(tl.maximum((_key(v) >> 20) - base + 1, 0), LADDER - 1)
             one = tl.where(live, tl.full([BLOCK], 1, tl.int64) << ((t & 7) * 8).to(tl.int64), 0)
@@ -435,9 +439,7 @@ class _Launcher:
         self.dev = g.device
 
     def hist(self, scal, p: _select.Hist):
-        level1 = (p.prefix_slot, p.active, p.n_slot, p.shift_lo, p.stored, p.cand) == (*[_select.ALWAYS] * 3, 20,
-                                                                                     False, None)  # fmt: skip
-        if not (level1 and LADDER):
+        if p._replace(hist=None) != _select.level1(None, p.mode, p.n, p.pad):
             return self._hist(scal, p)
         # level 1: predict the threshold's bin from a sample, count a ladder of bins around it in the streaming
         # pass, and run the full histogram only when the k-th key fell outside (a device flag, never read here)
