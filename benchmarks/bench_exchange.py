@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import torchkit as tk  # noqa: E402
 from torchkit._results import device_slug  # noqa: E402
-from torchkit.apps import bench, netbench  # noqa: E402
+from torchkit.apps import bench, links  # noqa: E402
 from torchkit.comm import received_bytes  # noqa: E402
 
 EXCHANGES = {
@@ -65,12 +65,12 @@ def _worker(rank: int, world: int, port: int, d: int, rounds: int, out: str) -> 
         marks = []
         for _ in range(2):
             dist.barrier()
-            marks.append(netbench._lo_bytes(None))  # this process's namespace: transmitted = received on lo
+            marks.append(links.sent_bytes(None, "lo"))  # this process's namespace: transmitted = received on lo
         dist.barrier()
         for _ in range(rounds):
             fn()
         dist.barrier()
-        marks.append(netbench._lo_bytes(None))
+        marks.append(links.sent_bytes(None, "lo"))
         barrier = marks[1] - marks[0]  # one barrier's bytes
         return marks[2] - marks[1] - barrier
 
@@ -110,7 +110,7 @@ def main() -> int:
         return 2
     measured = {}
     for n in args.ranks:
-        ns = netbench.shaped_namespace("unshaped")
+        ns = links.shaped_namespace("unshaped")
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 f = os.path.join(tmp, "r.json")
@@ -121,11 +121,11 @@ def main() -> int:
                     "nprocs=int(sys.argv[2]), join=True)"
                 )
                 cmd = ["ip", "netns", "exec", ns, sys.executable, "-c", code, str(ROOT), str(n),
-                       str(netbench._free_port()), str(args.d), str(args.rounds), f]  # fmt: skip
+                       str(links.free_port()), str(args.d), str(args.rounds), f]  # fmt: skip
                 subprocess.run(cmd, check=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
                 measured[n] = {k: v / n for k, v in json.loads(Path(f).read_text()).items()}  # per rank
         finally:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            links.delete_namespace(ns)
     rows = []
     print(f"bytes received per rank per round, d = {args.d:.0e}, TopK 1%, fp32 values (measured / model)")
     for n in args.ranks:

@@ -2,7 +2,7 @@
 
     sudo python benchmarks/bench_fsdp_rs.py [--rates 1gbit 100mbit] [--ranks 2 4] [--steps 20] [--repeats 3]
 
-For each link rate a network namespace whose loopback is shaped by ``tc tbf`` (``torchkit.apps.netbench``'s
+For each link rate a network namespace whose loopback is shaped by ``tc tbf`` (``torchkit.apps.links``'s
 ``shaped_namespace``), and in it N Gloo ranks under ``torchrun`` training the network benchmark's character
 transformer (3.2M parameters: width 256, 4 layers), every block and the root ``fully_shard``-ed over the N ranks
 (plain FSDP2, one mesh dimension), SGD with momentum. Three reduce-scatters, the configurations interleaved over
@@ -114,17 +114,17 @@ def _Free():  # noqa: N802 - built lazily: the worker imports FSDP, the driver n
 
 
 def run_one(ns: str, n: int, cfg: dict) -> dict:
-    from torchkit.apps.netbench import _free_port, _lo_bytes
+    from torchkit.apps.links import free_port, sent_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {**cfg, "out": os.path.join(tmp, "r.json")}
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, "--worker",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker",
                json.dumps(cfg)]  # fmt: skip
-        before = _lo_bytes(ns)
+        before = sent_bytes(ns, "lo")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-        wire = _lo_bytes(ns) - before
+        wire = sent_bytes(ns, "lo") - before
         if proc.returncode != 0 or not Path(cfg["out"]).exists():
             raise RuntimeError(f"{cfg['variant']} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         res = json.loads(Path(cfg["out"]).read_text())
@@ -171,13 +171,13 @@ def main() -> None:
     if args.worker:
         return worker(json.loads(args.worker))
     from torchkit._results import device_slug, save_result
-    from torchkit.apps import netbench
+    from torchkit.apps import links
 
     variants = ["fsdp", f"fsdp+ef14@{args.density}", "fsdp+free"]
     rows = []
     try:
         for rate in args.rates:
-            ns = netbench.shaped_namespace(rate)
+            ns = links.shaped_namespace(rate)
             for n in args.ranks:
                 for seed in range(args.repeats):
                     for variant in variants:  # interleaved over the seeds
@@ -188,7 +188,7 @@ def main() -> None:
                         print(f"{rate} n={n} seed={seed} {variant}: {r['step_ms_median']:.0f} ms/step, "
                               f"{r['wire_bytes_per_step'] / 1e6:.2f} MB/step", flush=True)  # fmt: skip
     finally:
-        netbench._cleanup()
+        links.cleanup()
     device = "AMD EPYC (2 threads)" if "EPYC" in open("/proc/cpuinfo").read() else "CPU"
     result = {"device": device, "rows": [{k: v for k, v in r.items() if k != "out"} for r in rows]}
     folder = Path(args.out) / device_slug(device)

@@ -159,12 +159,35 @@ def _loss(r: dict) -> float:
     return math.inf if r["diverged"] else r["train_loss"]
 
 
+def _lrs(done: dict, cell: dict) -> list[float]:
+    """The cell's grid, extended by every rate outside it that ``--edge`` ran with seed 0 (``edge_check.jsonl``)."""
+    grid = GRIDS[_grid(cell)]
+    extra = {k[7] for k in done if k[:7] == _key({**cell, "lr": None, "seed": 0})[:7] and k[8] == 0}
+    return sorted({*grid, *extra})
+
+
 def _best_lr(done: dict, cell: dict) -> float | None:
-    """The grid value with the lowest seed-0 training loss; None until the whole grid has run."""
-    runs = [(done.get(_key({**cell, "lr": lr, "seed": 0})), lr) for lr in GRIDS[_grid(cell)]]
-    if any(r is None for r, _ in runs):
+    """The rate with the lowest seed-0 training loss, over the grid and its extensions; None until the whole grid
+    has run."""
+    if any(done.get(_key({**cell, "lr": lr, "seed": 0})) is None for lr in GRIDS[_grid(cell)]):
         return None
-    return min((_loss(r), lr) for r, lr in runs)[1]
+    return min((_loss(done[_key({**cell, "lr": lr, "seed": 0})]), lr) for lr in _lrs(done, cell))[1]
+
+
+def edge_jobs(done: dict, cells: list[dict], lr: float) -> tuple[list[dict], list[dict]]:
+    """``--edge lr``: the seed-0 runs at ``lr`` of every cell whose best rate sits at the grid's edge on ``lr``'s side
+    (the lowest value when ``lr`` is below the grid, the highest when above), and the seeds 1 and 2 at ``lr`` of every
+    such cell where ``lr`` has become the best."""
+    first, rest = [], []
+    for c in cells:
+        grid, best = GRIDS[_grid(c)], _best_lr(done, c)
+        if best is None or best != (grid[0] if lr < grid[0] else grid[-1]) and best != lr:
+            continue
+        if done.get(_key({**c, "lr": lr, "seed": 0})) is None:
+            first.append({**c, "lr": lr, "seed": 0})
+        elif best == lr:
+            rest += [{**c, "lr": lr, "seed": s} for s in SEEDS[1:]]
+    return first, rest
 
 
 def _grid(cell: dict) -> tuple:
@@ -189,7 +212,7 @@ def summarize(done: dict, tiers) -> dict:
             out[name] = {
                 **cell,
                 "lr": lr,
-                "at_grid_edge": lr in (GRIDS[_grid(cell)][0], GRIDS[_grid(cell)][-1]),
+                "at_grid_edge": lr in (_lrs(done, cell)[0], _lrs(done, cell)[-1]),
                 "description": pairs[0][0]["description"],
                 "seeds": len(pairs),
                 "diverged_seeds": sum(r["diverged"] for r, _ in pairs),
@@ -318,23 +341,32 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true", help="only the resend probe (resend_probe.json)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--max-steps", type=int, default=None, help="only the cells of at most this many steps")
+    ap.add_argument("--min-steps", type=int, default=None, help="only the cells of at least this many steps")
+    ap.add_argument("--edge", type=float, default=None, metavar="LR",
+                    help="only extend the grid: the chosen tiers' cells whose best rate is the grid's edge on LR's "
+                         "side run LR (seed 0; seeds 1 and 2 where it wins), in edge_check.jsonl")  # fmt: skip
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "runs.jsonl"
-    done = load_runs(path, _key)
+    path, edge_path = args.out / "runs.jsonl", args.out / "edge_check.jsonl"
+    done = {**load_runs(path, _key), **load_runs(edge_path, _key)}
     if args.probe:
         resend_probe(args.out)
         return 0
 
-    def go(jobs):
+    def go(jobs, to=path):
         todo = [{**j, "data": str(args.data)} for j in jobs if _key(j) not in done]
         todo.sort(key=lambda j: -j["steps"] * (30 if j["task"] == "char_lm" else 1) * j["workers"])  # long first
-        run_jobs(todo, done, path, args.procs, run_job, _key, lambda r: (
+        run_jobs(todo, done, to, args.procs, run_job, _key, lambda r: (
             f"{r['task']} {r['workers']}w {r['split']} {r['steps']} {r['density']} " + describe_run(r)))  # fmt: skip
 
     if not args.report:
         for tier in args.tiers:
-            cells = [c for c in _cells(tier) if args.max_steps is None or c["steps"] <= args.max_steps]
+            cells = [c for c in _cells(tier) if (args.max_steps is None or c["steps"] <= args.max_steps)
+                     and (args.min_steps is None or c["steps"] >= args.min_steps)]  # fmt: skip
+            if args.edge is not None:
+                go(edge_jobs(done, cells, args.edge)[0], edge_path)
+                go(edge_jobs(done, cells, args.edge)[1], edge_path)
+                continue
             go([{**c, "lr": lr, "seed": 0} for c in cells for lr in GRIDS[_grid(c)]])
             go([{**c, "lr": _best_lr(done, c), "seed": s} for c in cells for s in SEEDS[1:]])
     summary = summarize(done, list("ABCDE"))

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from torchkit.apps import netbench, plan
+from torchkit.apps import links, netbench, plan
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef14@0.001", "local8@0.03", "diloco8"]
@@ -46,18 +45,17 @@ def main(argv=None) -> int:
                 cfg = {"task": "char_lm", "task_kwargs": {"width": 256, "layers": 4}, "methods": args.methods,
                        "compute_steps": 15}  # fmt: skip
                 cals = [plan.calibrate(n, rate, cfg)]
-                ns = netbench.shaped_namespace(rate)
+                link = links.open_link(rate, n)
                 try:
                     measured = {}
                     for m in args.methods:
                         run = {"task": "char_lm", "split": "iid", "method": m, "steps": args.steps, "lr": 0.05,
                                "momentum": 0.9, "seed": 0, "task_kwargs": cfg["task_kwargs"], "rate": rate,
                                "ranks": n}  # fmt: skip
-                        res = netbench.run_one(ns, n, run, timeout=1800)
+                        res = netbench.run_one(link, n, run, timeout=1800)
                         measured[m] = res["step_seconds"][5:]
                 finally:
-                    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-                    netbench._NAMESPACES.remove(ns)
+                    link.close()
                 cals.append(plan.calibrate(n, rate, cfg))
                 for m in args.methods:
                     preds = [plan.predict(c, m) for c in cals]
@@ -77,7 +75,7 @@ def main(argv=None) -> int:
                     for r in rows[-len(args.methods) :]
                 ]
     finally:
-        netbench._cleanup()
+        links.cleanup()
     within = sum(abs(r["error"]) <= 0.2 for r in rows)
     result = {"device": device, "minutes": (time.time() - started) / 60, "steps": args.steps, "rows": rows,
               "within_20_percent": f"{within} of {len(rows)}"}  # fmt: skip

@@ -131,6 +131,9 @@ def test_a_lucky_single_seed_does_not_beat_a_median_of_three_and_the_table_shows
     with_bf16 = netbench.table([*rows, row("ddp_bf16", 60.0)])
     assert with_bf16.startswith("| task | ranks | link | DDP | DDP bf16 | PowerSGD |")
     assert "| `ddp` 100.0 s (1 seed) | `ddp_bf16` 60.0 s (1 seed) | `powersgd1`" in with_bf16
+    # a family that did not run on a link is "not run" there, not "not reached"
+    other = netbench.table([*rows, row("ddp_bf16", 60.0), {**row("powersgd1", 30.0), "rate": "100mbit/25ms"}])
+    assert "| char_lm | 2 | 100mbit/25ms | not run | not run | `powersgd1` 30.0 s (1 seed) | not run |" in other
 
 
 def test_step_table_is_the_median_over_seeds_against_ddp():

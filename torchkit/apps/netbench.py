@@ -5,8 +5,10 @@
     sudo python benchmarks/bench_network.py ...   # the same, writing under benchmarks/results
 
 For each link rate it creates a network namespace of its own (``ip netns add``), brings up its loopback and
-shapes it with ``tc qdisc add dev lo root tbf rate R burst ... latency ...``, and runs N Gloo ranks with
-``torch.distributed.run`` inside it, one training run per method: DDP's all-reduce, PyTorch's PowerSGD hook (rank 1
+shapes it with ``tc qdisc add dev lo root tbf rate R burst ... latency ...`` (``rate/<d>ms``: ``netem`` adds a
+one-way delay of d ms; where the kernel has no netem, :class:`torchkit.apps.links.EmulatedLink` carries the ranks'
+traffic instead: a namespace per rank, one queue at the rate, the delay), and runs N Gloo ranks with
+``torch.distributed.run`` across it, one training run per method: DDP's all-reduce, PyTorch's PowerSGD hook (rank 1
 and 4) and torchkit's hook with each method's recommended configuration (``torchkit.coupling.recommended``) at
 1% and 0.1%. Every run trains the same model on the same per-rank batches (``torchkit.apps.tasks``); every method runs
 at every learning rate of ``--lr`` (one grid for all), and runs are interleaved over the repeats. A method at one
@@ -28,15 +30,15 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from . import links
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the torchkit package, for the workers' path
 METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
@@ -45,104 +47,33 @@ METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01"
 # TopK per 65536-chunk with int8 values (the compact wire format), averaging outer step; "diloco<H>" = the same
 # without compression (Identity, fp32)
 LOCAL_METHODS = ("local8@0.03", "local32@0.03", "local8@0.01", "diloco8")
-_NAMESPACES: list[str] = []
 
 
-# ------------------------------------------------------------------------------------------------ namespaces
-def _cleanup() -> None:
-    while _NAMESPACES:
-        subprocess.run(["ip", "netns", "del", _NAMESPACES.pop()], capture_output=True)
-
-
+# --------------------------------------------------------------------------------------------------- signals
 def _on_signal(signum, frame):  # noqa: ARG001
-    _cleanup()
+    links.cleanup()
     sys.exit(128 + signum)
 
 
-def shaped_namespace(rate: str) -> str:
-    """A fresh namespace whose loopback runs at ``rate`` (tbf: a burst of 1 ms of traffic or two MTUs, 50 ms queue),
-    and, for ``rate/<delay>ms``, delays every packet by ``delay`` first (netem, tbf beneath it). On the loopback a
-    request and its answer each pass the delay once, so the round trip is twice it: ``100mbit/25ms`` is a 100 Mbit
-    link with a 50 ms round trip."""
-    name = f"tkbench{os.getpid()}_{len(_NAMESPACES)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    _NAMESPACES.append(name)
-    tc = ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo"]
-    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-    if rate != "unshaped":
-        bits = _bits_per_second(rate)
-        bw, delay_ms = _rate_and_delay(rate)
-        parent = ["root"]
-        if delay_ms:  # netem holds a delay's worth of packets: its queue must too (the default is 1000)
-            limit = max(1000, int(bits / 8 * delay_ms / 1000 / 1500) * 4)
-            netem = subprocess.run([*tc, "root", "handle", "1:", "netem", "delay", f"{delay_ms}ms", "limit",
-                                    str(limit)], capture_output=True, text=True)  # fmt: skip
-            if netem.returncode != 0:
-                raise RuntimeError(f"--rates {rate}: tc could not add a netem delay ({netem.stderr.strip()}); this "
-                                   "kernel may lack sch_netem: leave out the /<delay>")  # fmt: skip
-            parent = ["parent", "1:", "handle", "2:"]
-        burst = max(2 * 65536, bits // 8 // 1000)  # a millisecond of traffic, and at least two loopback MTUs:
-        # tbf drops every packet larger than its burst, and the loopback's packets are up to 64 KiB
-        subprocess.run([*tc, *parent, "tbf", "rate", bw, "burst", str(burst), "latency", "50ms"], check=True)
-    return name
-
-
-def _rate_and_delay(rate: str) -> tuple[str, float]:
-    """``"100mbit/25ms"`` -> ``("100mbit", 25.0)``; no suffix: no delay."""
-    bw, _, delay = rate.partition("/")
-    if not delay:
-        return bw, 0.0
-    if not delay.endswith("ms") or not delay[:-2].replace(".", "", 1).isdigit() or float(delay[:-2]) <= 0:
-        raise ValueError(
-            f"--rates: a delay looks like 100mbit/25ms (one way; the round trip is twice it), got {rate!r}"
-        )
-    return bw, float(delay[:-2])
-
-
-def _bits_per_second(rate: str) -> int:
-    bw, _ = _rate_and_delay(rate)
-    units = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
-    for u, f in units.items():
-        if bw.lower().endswith(u):
-            return int(float(bw[: -len(u)]) * f)
-    raise ValueError(f"--rates: a rate looks like 100mbit or 1gbit (or unshaped), got {rate!r}")
-
-
-def _lo_bytes(ns: str | None) -> int:
-    cmd = (["ip", "netns", "exec", ns] if ns else []) + ["cat", "/proc/net/dev"]
-    for line in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines():
-        if line.strip().startswith("lo:"):
-            return int(line.split(":")[1].split()[8])  # transmitted bytes
-    return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -------------------------------------------------------------------------------------------------- a run
-def run_one(ns: str | None, n: int, cfg: dict, timeout: float) -> dict:
+def run_one(link: links.Link, n: int, cfg: dict, timeout: float) -> dict:
+    """One training run of ``cfg`` on ``n`` ranks across ``link``: the rank 0 worker's result, with the bytes
+    that crossed the link."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {**cfg, "out": os.path.join(tmp, "result.json")}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "torchkit.apps.netbench", "--worker",
-               json.dumps(cfg)]  # fmt: skip
-        if ns:
-            cmd = ["ip", "netns", "exec", ns] + cmd
-        before = _lo_bytes(ns)
+        before = link.wire_bytes()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        wire = _lo_bytes(ns) - before
-        if proc.returncode != 0 or not Path(cfg["out"]).exists():
+        code, text = link.run(n, ["-m", "torchkit.apps.netbench", "--worker", json.dumps(cfg)], env, timeout)
+        wire = link.wire_bytes() - before
+        if code != 0 or not Path(cfg["out"]).exists():
             rate = cfg["rate"].replace("/", "+")  # 100mbit/25ms: no folder in the name
             log = Path(tempfile.gettempdir()) / f"bench_network_{cfg['method']}_{rate}_{cfg['ranks']}.log"
-            log.write_text(proc.stdout + proc.stderr)
-            raise RuntimeError(f"run {cfg['method']} failed (exit {proc.returncode}); its output: {log}")
+            log.write_text(text)
+            raise RuntimeError(f"run {cfg['method']} failed (exit {code}); its output: {log}")
         res = json.loads(Path(cfg["out"]).read_text())
     res["wire_bytes_total"] = wire
     res["wire_bytes_per_step"] = wire / max(1, res["steps_run"])
+    res["link"] = link.kind
     return res
 
 
@@ -301,7 +232,7 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rates", nargs="+", default=["10gbit", "1gbit", "100mbit"],
                    help="tc tbf link rates (unshaped: a namespace without tc); rate/<d>ms adds a one-way delay of d "
-                        "ms (netem; round trip 2d), e.g. 100mbit/25ms")  # fmt: skip
+                        "ms (round trip 2d; netem, or torchkit.apps.links' emulated link): 100mbit/25ms")  # fmt: skip
     p.add_argument("--ranks", nargs="+", type=int, default=[2, 4], help="Gloo processes per run")
     p.add_argument("--tasks", nargs="+", default=["char_lm", "digits_cnn"], choices=["char_lm", "digits_cnn"],
                    help="models from torchkit.apps.tasks: the character transformer and the digits CNN")  # fmt: skip
@@ -367,21 +298,21 @@ def run(args: argparse.Namespace) -> int:
         check_method(m)
     for r in args.rates:
         if r != "unshaped":
-            _bits_per_second(r)
+            links.bits_per_second(r)
     if not all(lr > 0 and math.isfinite(lr) for lr in args.lr):
         raise ValueError(f"--lr: learning rates must be positive and finite, got {args.lr}")
     if min(args.ranks) < 2 or args.steps < 1 or args.repeats < 1 or args.first_seed < 0:
         raise ValueError(f"--ranks must be at least 2, --steps and --repeats at least 1, --first-seed at least 0; "
                          f"got {args.ranks}, {args.steps}, {args.repeats}, {args.first_seed}")  # fmt: skip
-    shaped = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc")
+    shaped = links.privileged()
     rates = args.rates
     if not shaped:
         print("not root, or no ip/tc on this machine: running unshaped on the host's loopback", flush=True)
         rates = ["unshaped"]
-    atexit.register(_cleanup)
+    atexit.register(links.cleanup)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
-    order = sorted(rates, key=lambda r: -_bits_per_second(r) if r != "unshaped" else 0)  # fastest first
+    order = sorted(rates, key=lambda r: -links.bits_per_second(r) if r != "unshaped" else 0)  # fastest first
     rows, targets = [], {}
     out_dir = Path(args.out)
     seeds = range(args.first_seed, args.first_seed + args.repeats)
@@ -395,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
                else 10.0)  # fmt: skip  # shown at once, with an ETA from the runs done
     try:
         for rate in order:
-            ns = shaped_namespace(rate) if shaped else None
+            link = links.open_link(rate, max(args.ranks))
             try:
                 for n in args.ranks:
                     for task in args.tasks:
@@ -416,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
                                     cfg["registering_modules"] = extra
                                 bar.set_postfix_str(f"{rate} n={n} {task} {m} lr={lr:g}", refresh=False)
                                 try:
-                                    res = run_one(ns, n, cfg, args.timeout)
+                                    res = run_one(link, n, cfg, args.timeout)
                                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                                     print(f"  {rate} n={n} {task} {m}: {exc}", flush=True)
                                     rows.append({**cfg, "failed": str(exc)})
@@ -435,13 +366,10 @@ def run(args: argparse.Namespace) -> int:
                                 print(_line(res), flush=True)
                                 _save(rows, targets, out_dir, shaped)
             finally:
-                if ns:
-                    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-                    if ns in _NAMESPACES:
-                        _NAMESPACES.remove(ns)
+                link.close()
     finally:
         bar.close()
-        _cleanup()
+        links.cleanup()
     print(summary(rows))
     return 0
 
@@ -530,15 +458,16 @@ def table(rows: list[dict]) -> str:
     """:func:`summary` as a markdown table: each family's best method, its median seconds to the target with the
     range over its seeds, and torchkit's best time over PowerSGD's (below 1: torchkit sooner)."""
 
-    def cell(t, m, got):
+    def cell(t, m, got, family, key):
         if m == "-":
-            return "not reached"
+            tried = any(FAMILIES[family](r["method"]) and (r["rate"], r["ranks"], r["task"]) == key for r in rows)
+            return "not reached" if tried else "not run"
         spread = f" [{got[0]:.1f}-{got[-1]:.1f}]" if len(got) > 1 else ""
         return f"`{m}` {t:.1f} s{spread} ({len(got)} seed{'s' if len(got) > 1 else ''})"
 
     def rate_order(key):
         rate, n, task = key
-        return task, n, -_bits_per_second(rate) if rate != "unshaped" else -float("inf")
+        return task, n, -links.bits_per_second(rate) if rate != "unshaped" else -float("inf")
 
     names = {"DDP": "DDP", "DDP bf16": "DDP bf16", "PowerSGD": "PowerSGD", "EF": "torchkit per step (EF)",
              "local": "torchkit local SGD"}  # fmt: skip
@@ -553,7 +482,7 @@ def table(rows: list[dict]) -> str:
         psgd = best["PowerSGD"][0]
         ratios = [f"{best[f][0] / psgd:.2f}" if psgd < float("inf") and best[f][0] < float("inf") else "-"
                   for f in ("EF", "local")]  # fmt: skip
-        cells = [cell(*best[f]) for f in families]
+        cells = [cell(*best[f], f, key) for f in families]
         lines.append(f"| {task} | {n} | {rate} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
@@ -680,7 +609,7 @@ def plot(result: dict, path) -> None:
                     ok = "failed" not in r and r["rate"] != "unshaped" and "/" not in r["rate"]  # x: the rate alone
                     if ok and r["task"] == task and r["ranks"] == n and label(r) == m:
                         sec = r["reached"]["seconds"] if r.get("reached") else float("nan")
-                        pts.setdefault(_bits_per_second(r["rate"]), []).append(sec)
+                        pts.setdefault(links.bits_per_second(r["rate"]), []).append(sec)
                 xs = sorted(x for x in pts if all(v == v for v in pts[x]))  # rates where every seed reached it
                 if xs:
                     ys = [statistics.median(pts[x]) for x in xs]

@@ -38,16 +38,14 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import netbench
+from . import links, netbench
 
 DEFAULT_METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef14@0.001", "local8@0.03", "diloco8")
 
@@ -375,41 +373,40 @@ def _all_gather(buf, n):
 def calibrate(ranks: int, rate: str, cfg: dict, timeout: float = 600.0, bar=None) -> dict:
     """Run the calibration on ``ranks`` local Gloo processes (in a namespace shaped to ``rate`` when root); its
     JSON. ``bar``: a tqdm bar the workers' progress lines move."""
-    root = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc")
-    ns = netbench.shaped_namespace(rate) if root else None  # "unshaped": a namespace of its own, not shaped
+    link = links.open_link(rate, ranks)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = {**cfg, "out": os.path.join(tmp, "calibration.json")}
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-                   "127.0.0.1", "--master_port", str(netbench._free_port()), "-m", "torchkit.apps.plan", "--worker",
-                   json.dumps(cfg)]  # fmt: skip
-            if ns:
-                cmd = ["ip", "netns", "exec", ns, *cmd]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(netbench.ROOT)}
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            procs = link.start(ranks, ["-m", "torchkit.apps.plan", "--worker", json.dumps(cfg)], env)
             lines, start = [], time.monotonic()
-            for line in proc.stdout:
-                lines.append(line)
-                got = re.match(r"PROGRESS (\d+) (\d+) (.*)", line.strip())
-                if got and bar is not None:
-                    bar.total = bar.total or int(got[2])
-                    bar.update(int(got[1]) - bar.n)
-                    bar.set_postfix_str(got[3], refresh=False)
-                if time.monotonic() - start > timeout:
-                    proc.kill()
-                    raise RuntimeError(f"the calibration took more than {timeout:.0f} s")
-            proc.wait()
-            if proc.returncode != 0 or not Path(cfg["out"]).exists():
+            try:
+                for line in procs[0].stdout:
+                    lines.append(line)
+                    got = re.match(r"PROGRESS (\d+) (\d+) (.*)", line.strip())
+                    if got and bar is not None:
+                        bar.total = bar.total or int(got[2])
+                        bar.update(int(got[1]) - bar.n)
+                        bar.set_postfix_str(got[3], refresh=False)
+                    if time.monotonic() - start > timeout:
+                        raise RuntimeError(f"the calibration took more than {timeout:.0f} s")
+                codes = [p.wait(timeout=max(1.0, timeout - (time.monotonic() - start))) for p in procs]
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                lines += link.output().splitlines(keepends=True)
+            code = next((c for c in codes if c), 0)
+            if code != 0 or not Path(cfg["out"]).exists():
                 ranks = [line for line in lines if line.startswith("[rank")]  # the workers' tracebacks
                 tail = "".join((ranks or lines)[-40:])
-                raise RuntimeError(f"the calibration failed (exit {proc.returncode}):\n{tail}")
+                raise RuntimeError(f"the calibration failed (exit {code}):\n{tail}")
             cal = json.loads(Path(cfg["out"]).read_text())
     finally:
-        if ns:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            if ns in netbench._NAMESPACES:
-                netbench._NAMESPACES.remove(ns)
-    cal["rate"] = rate if ns or rate == "unshaped" else "unshaped (not root: the host's loopback)"
+        link.close()
+    cal["link"] = link.kind
+    cal["rate"] = rate if link.kind != "host" or rate == "unshaped" else "unshaped (not root: the host's loopback)"
     return cal
 
 
@@ -420,7 +417,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-layers", type=int, default=4, help="char_lm's transformer layers")
     p.add_argument("--ranks", type=int, default=2, help="Gloo processes to calibrate on")
     p.add_argument("--rate", default="unshaped",
-                   help="shape the ranks' loopback to this rate (root; as torchkit bench network --rates)")  # fmt: skip
+                   help="shape the link between the ranks to this rate (root; as torchkit bench network --rates: "
+                        "1gbit/10ms adds a 10 ms one-way delay)")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="as torchkit bench network's")
     p.add_argument("--steps", type=int, default=1000, help="dense training's steps to the target")
     p.add_argument("--steps-factor", nargs="*", default=[], metavar="METHOD=X",
@@ -453,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--ranks must be at least 2, --steps and --compute-steps at least 1; got {args.ranks}, "
                          f"{args.steps}, {args.compute_steps}")  # fmt: skip
     if args.rate != "unshaped":
-        netbench._bits_per_second(args.rate)
+        links.bits_per_second(args.rate)
     factors = _factors(args.steps_factor, args.methods)
     from tqdm import tqdm
 
