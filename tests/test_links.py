@@ -4,10 +4,13 @@ and ``/dev/net/tun`` (the benchmark's own requirements); the lower bounds assert
 machine, only late."""
 
 import json
+import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -48,6 +51,72 @@ def test_rates_and_delays_are_parsed_and_bad_ones_named():
             links.bits_per_second(bad)
 
 
+def _packet(dst: int, size: int) -> bytes:
+    """An IPv4-looking datagram of ``size`` bytes to rank ``dst`` (what the forwarder reads: the version nibble and
+    the destination address)."""
+    head = bytes([0x45]) + bytes(15) + bytes([10, 88, 0, dst + 1])
+    return head + bytes(size - len(head))
+
+
+def test_the_forwarder_queues_at_the_rate_delays_and_drops_past_the_queue_limit():
+    # no root: the forwarding loop between two socket pairs standing in for the TUN devices
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    for theirs, _ in pairs:
+        theirs.setblocking(False)
+    rate, delay, queue, size = 8_000_000, 0.03, 0.025, 10_000  # 10 ms per packet on the wire
+    ctx = multiprocessing.get_context("fork")
+    sent, lost = ctx.Value("Q", 0, lock=False), ctx.Value("Q", 0, lock=False)
+    fwd = ctx.Process(target=links._forward, args=([p[0].fileno() for p in pairs], rate, delay, queue, sent, lost),
+                      daemon=True)  # fmt: skip
+    fwd.start()
+    try:
+        ours0, ours1 = pairs[0][1], pairs[1][1]
+        ours1.settimeout(5)
+        t0 = time.monotonic()
+        for _ in range(6):  # a burst: 1 on the wire at once, 2 wait 10 and 20 ms, the other 3 would wait > 20 ms
+            ours0.send(_packet(1, size))
+        ours0.send(_packet(7, size))  # no such rank: not forwarded
+        arrivals = []
+        for _ in range(3):
+            assert len(ours1.recv(65536)) == size
+            arrivals.append(time.monotonic() - t0)
+        ours1.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            ours1.recv(65536)  # the three past the queue's limit were dropped
+    finally:
+        fwd.terminate()
+        fwd.join()
+    serial = size * 8 / rate
+    assert arrivals[0] >= delay + serial  # on the wire, then the delay
+    assert arrivals[1] - arrivals[0] >= 0.9 * serial and arrivals[2] - arrivals[1] >= 0.9 * serial  # one at a time
+    assert arrivals[2] < delay + 3 * serial + 0.05
+    assert sent.value == 3 * size and lost.value == 3
+
+
+class _Scripted(links.Link):
+    """A link whose ranks are given commands (no torchrun), to test how :meth:`links.Link.run` handles them."""
+
+    def __init__(self, scripts):
+        super().__init__("unshaped", None, "host")
+        self.scripts = scripts
+
+    def _torchrun(self, n, argv, env):
+        return [([sys.executable, "-c", code], env) for code in self.scripts[:n]]
+
+
+def test_run_stops_every_rank_when_one_fails_and_on_a_timeout():
+    slow = "import time; print('waiting', flush=True); time.sleep(60)"
+    t0 = time.monotonic()
+    code, text = _Scripted([slow, "import sys; print('rank 1 fails'); sys.exit(3)"]).run(2, [], dict(os.environ), 60)
+    assert code == 3 and "rank 1 fails" in text and time.monotonic() - t0 < 30  # rank 0 was not waited for
+    lines = []
+    with pytest.raises(subprocess.TimeoutExpired):
+        _Scripted([slow, slow]).run(2, [], dict(os.environ), 2, on_line=lines.append)
+    assert lines == ["waiting\n"]  # rank 0's lines as they come
+    code, text = _Scripted(["print('a')", "print('b')"]).run(2, [], dict(os.environ), 60)
+    assert code == 0 and text == "a\nb\n"  # rank 0's output first
+
+
 def test_an_emulated_link_refuses_bad_arguments_before_making_anything():
     with pytest.raises(ValueError, match="ranks"):
         links.EmulatedLink("1gbit/1ms", 0, 10**9, 0.001)
@@ -66,13 +135,13 @@ def test_the_emulated_link_delays_each_way_limits_the_rate_and_counts_the_bytes(
             out = subprocess.run(["ip", "netns", "exec", link.namespaces[0], sys.executable, "-c",
                                   CLIENT.format(addr=link.address(1), size=size)], capture_output=True, text=True,
                                  timeout=60, check=True)  # fmt: skip
-        finally:
             server.wait(30)
+        finally:
+            server.kill()
         got = json.loads(out.stdout)
         assert got["received"] == size  # TCP delivered every byte (the queue's drops were retransmitted)
-        assert got["rtt"] >= 2 * delay  # a request and its answer each wait the delay
-        assert got["rtt"] < 2 * delay + 0.5
-        assert got["seconds"] >= size * 8 / rate  # no faster than the rate
+        assert 2 * delay <= got["rtt"] < 2 * delay + 0.025  # a request and its answer each wait the delay, once
+        assert size * 8 / rate <= got["seconds"] < 3 * size * 8 / rate + 0.3  # the rate, give or take slow start
         assert link.wire_bytes() >= size  # the payload, plus headers, handshakes and acknowledgements
         made = list(link.namespaces)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -19,17 +19,20 @@ and :meth:`Link.wire_bytes` counts what crossed it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import heapq
 import itertools
 import multiprocessing
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 TUNSETIFF = 0x400454CA
@@ -48,8 +51,13 @@ def free_port() -> int:
 
 
 def _ip(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``args`` (in namespace ``ns``); with ``check``, a RuntimeError naming the command and its stderr if it
+    fails."""
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
-    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}): {done.stderr.strip()}")
+    return done
 
 
 _NAMESPACES: list[str] = []  # made here and not yet deleted: cleanup() removes them on any exit
@@ -60,7 +68,11 @@ def new_namespace(prefix: str = "tkbench") -> str:
     name = f"{prefix}{os.getpid()}_{len(_NAMESPACES)}_{time.monotonic_ns() % 10**6}"
     _ip(None, "ip", "netns", "add", name)
     _NAMESPACES.append(name)
-    _ip(name, "ip", "link", "set", "lo", "up")
+    try:
+        _ip(name, "ip", "link", "set", "lo", "up")
+    except BaseException:
+        delete_namespace(name)
+        raise
     return name
 
 
@@ -76,6 +88,25 @@ def cleanup() -> None:
         delete_namespace(_NAMESPACES[-1])
 
 
+def _exit_on_signal(signum, frame):  # noqa: ARG001
+    cleanup()
+    sys.exit(128 + signum)  # SystemExit unwinds: every Link.run kills its processes, every link closes
+
+
+@contextlib.contextmanager
+def cleaned_up():
+    """Delete the namespaces this process makes inside the block on any exit from it: an exception, or SIGINT and
+    SIGTERM, which exit with 128 + the signal (the previous handlers come back after the block)."""
+    main = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        cleanup()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def privileged() -> bool:
     """Root with ``ip`` and ``tc``: namespaces can be made and shaped."""
     import shutil
@@ -83,11 +114,15 @@ def privileged() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0 and bool(shutil.which("ip")) and bool(shutil.which("tc"))
 
 
+class NoNetem(RuntimeError):
+    """The kernel could not add a netem delay (no ``sch_netem``)."""
+
+
 def shaped_namespace(rate: str) -> str:
     """A fresh namespace whose loopback runs at ``rate`` (tbf: a burst of 1 ms of traffic or two MTUs, 50 ms queue),
     and, for ``rate/<delay>ms``, delays every packet by ``delay`` first (netem, tbf beneath it). On the loopback a
     request and its answer each pass the delay once, so the round trip is twice it: ``100mbit/25ms`` is a 100 Mbit
-    link with a 50 ms round trip. A RuntimeError if the kernel has no netem (:func:`open_link` then emulates)."""
+    link with a 50 ms round trip. :class:`NoNetem` if the kernel has no netem (:func:`open_link` then emulates)."""
     name = new_namespace()
     tc = ["tc", "qdisc", "add", "dev", "lo"]
     try:
@@ -100,8 +135,8 @@ def shaped_namespace(rate: str) -> str:
                 netem = _ip(name, *tc, "root", "handle", "1:", "netem", "delay", f"{delay_ms}ms", "limit", str(limit),
                             check=False)  # fmt: skip
                 if netem.returncode != 0:
-                    raise RuntimeError(f"--rates {rate}: tc could not add a netem delay ({netem.stderr.strip()}); "
-                                       "this kernel may lack sch_netem")  # fmt: skip
+                    raise NoNetem(f"--rates {rate}: tc could not add a netem delay ({netem.stderr.strip()}); "
+                                  "this kernel may lack sch_netem")  # fmt: skip
                 parent = ["parent", "1:", "handle", "2:"]
             burst = max(2 * 65536, bits // 8 // 1000)  # a millisecond of traffic, and at least two loopback MTUs:
             # tbf drops every packet larger than its burst, and the loopback's packets are up to 64 KiB
@@ -120,9 +155,8 @@ def open_link(rate: str, ranks: int) -> Link:
         return Link(rate, None, "host")
     try:
         return Link(rate, shaped_namespace(rate), "namespace" if rate == "unshaped" else "tc")
-    except RuntimeError:
-        if not rate_and_delay(rate)[1]:
-            raise
+    except NoNetem:
+        pass
     return EmulatedLink(rate, ranks, bits_per_second(rate), rate_and_delay(rate)[1] / 1e3)
 
 
@@ -140,54 +174,61 @@ class Link:
 
     def __init__(self, rate: str, ns: str | None, kind: str):
         self.rate, self.ns, self.kind = rate, ns, kind
-        self._logs: list = []
 
     def _torchrun(self, n: int, argv: list[str], env: dict) -> list[tuple[list[str], dict]]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), *argv]  # fmt: skip
         return [((["ip", "netns", "exec", self.ns] if self.ns else []) + cmd, env)]
 
-    def start(self, n: int, argv: list[str], env: dict) -> list[subprocess.Popen]:
-        """``python -m torch.distributed.run ... argv`` over ``n`` ranks. The first process's output (rank 0's
-        ``torchrun``) is a text pipe, stderr merged; the others' go to files that :meth:`output` reads."""
-        procs = []
-        for i, (cmd, e) in enumerate(self._torchrun(n, argv, env)):
-            if i == 0:
-                out = subprocess.PIPE
-            else:
-                out = tempfile.TemporaryFile("w+")
-                self._logs.append(out)
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=e))
-        return procs
+    def _check(self) -> None:
+        """Raise if the link cannot carry a run (the emulated link: its forwarder died)."""
 
-    def output(self) -> str:
-        """What the other ranks' ``torchrun`` printed (after they exit)."""
-        text = ""
-        for f in self._logs:
-            f.seek(0)
-            text += f.read()
-            f.close()
-        self._logs = []
-        return text
-
-    def run(self, n: int, argv: list[str], env: dict, timeout: float) -> tuple[int, str]:
-        """:meth:`start`, then wait for every process: the first nonzero exit code (0 if none) and everything they
-        printed. Past ``timeout`` seconds every process is killed and ``subprocess.TimeoutExpired`` raised."""
-        procs = self.start(n, argv, env)
+    def run(self, n: int, argv: list[str], env: dict, timeout: float, on_line=None) -> tuple[int, str]:
+        """``python -m torch.distributed.run ... argv`` over ``n`` ranks; waits for all of them and returns the first
+        nonzero exit code (0 if none) and everything they printed (rank 0's ``torchrun`` first). ``on_line`` is
+        called with each line rank 0's ``torchrun`` prints, as it prints it. When one process fails, the others are
+        killed (as one ``torchrun`` stops its workers when one fails: a rank left alone would wait for its peer until
+        Gloo's timeout). Past ``timeout`` seconds every process is killed and ``subprocess.TimeoutExpired`` raised;
+        on any exception (a signal's ``SystemExit`` too) none is left running."""
+        self._check()
+        logs = [tempfile.TemporaryFile("w+") for _ in range(n)]
+        procs, lines, reader, failed = [], [], None, None
         try:
-            text = procs[0].communicate(timeout=timeout)[0]
-            deadline = time.monotonic() + max(1.0, timeout)
-            for p in procs[1:]:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+            for i, (cmd, e) in enumerate(self._torchrun(n, argv, env)):
+                out = subprocess.PIPE if i == 0 else logs[i]
+                procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=e))
+
+            def read():  # rank 0's pipe, drained as it fills, so that it never blocks the process
+                for line in procs[0].stdout:
+                    lines.append(line)
+                    if on_line is not None:
+                        on_line(line)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            deadline = time.monotonic() + timeout
+            while None in (codes := [p.poll() for p in procs]):  # every process polled, each time
+                failed = next((c for c in codes if c not in (None, 0)), None)
+                if failed is not None:
+                    break  # one failed: the rest are killed below
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(argv, timeout)
+                time.sleep(0.05)
+        finally:
             for p in procs:
-                p.kill()
+                if p.poll() is None:
+                    p.kill()
             for p in procs:
                 p.wait()
-            self.output()
-            raise
-        codes = [p.returncode for p in procs]
-        return next((c for c in codes if c), 0), text + self.output()
+            if reader is not None:
+                reader.join(5)
+            text = "".join(lines)
+            for f in logs[1:]:
+                f.seek(0)
+                text += f.read()
+            for f in logs:
+                f.close()
+        return failed if failed is not None else next((p.returncode for p in procs if p.returncode), 0), text
 
     def wire_bytes(self) -> int:
         """Bytes sent over the link so far (the loopback's transmitted bytes)."""
@@ -208,9 +249,9 @@ class Link:
 class EmulatedLink(Link):
     """``ranks`` namespaces, rank r's TUN device at ``10.88.0.<r+1>``, and a forwarding process between them:
     every packet joins one FIFO queue served at ``bits_per_second``, leaves it, and arrives ``delay_s`` later.
-    A packet that would wait more than ``queue_s`` in the queue is dropped (TCP retransmits it, as on a real
-    link with a full buffer). The forwarder runs at real-time priority when it may, so that 2 busy cores do not
-    add their scheduling delays to the link's."""
+    A packet that would wait more than ``queue_s`` in the queue (at least two full packets' time) is dropped (TCP
+    retransmits it, as on a real link with a full buffer). The forwarder runs at real-time priority when it may, so
+    that 2 busy cores do not add their scheduling delays to the link's."""
 
     def __init__(self, rate: str, ranks: int, bits_per_second: int, delay_s: float, queue_s: float = QUEUE_SECONDS):
         if ranks < 1 or ranks > 250:
@@ -219,7 +260,9 @@ class EmulatedLink(Link):
             raise ValueError(f"bits_per_second, delay_s, queue_s: positive (delay_s >= 0), got "
                              f"{bits_per_second}, {delay_s}, {queue_s}")  # fmt: skip
         super().__init__(rate, None, "emulated")
-        tag = f"tkw{os.getpid() % 10**6}l{next(_LINKS)}r"  # unique on the host while it is made: at most 15 bytes
+        queue_s = max(queue_s, 2 * MTU * 8 / bits_per_second)  # room for two full packets, as tbf's burst
+        tag = f"tk{os.getpid() % 10**5}{next(_LINKS) % 100:02d}r"  # unique on the host while it is made; with the
+        # rank (up to 3 digits) at most 13 bytes, under the kernel's 15
         self.namespaces: list[str] = []
         self.devices = [f"{tag}{i}" for i in range(ranks)]
         self._counter = multiprocessing.get_context("fork").Value("Q", 0, lock=False)
@@ -258,6 +301,10 @@ class EmulatedLink(Link):
             runs.append((cmd, {**env, "GLOO_SOCKET_IFNAME": self.devices[r]}))
         return runs
 
+    def _check(self) -> None:
+        if not self._forwarder.is_alive():
+            raise RuntimeError(f"the emulated link's forwarder exited (code {self._forwarder.exitcode})")
+
     def address(self, r: int) -> str:
         return f"{SUBNET}.{r + 1}"
 
@@ -267,7 +314,7 @@ class EmulatedLink(Link):
 
     @property
     def dropped(self) -> int:
-        """Packets dropped at the full queue so far."""
+        """Packets lost so far: dropped at the full queue, or not accepted by the receiving device."""
         return int(self._dropped.value)
 
     def close(self) -> None:
@@ -275,6 +322,9 @@ class EmulatedLink(Link):
         if fwd is not None and fwd.is_alive():
             fwd.terminate()
             fwd.join(5)
+            if fwd.is_alive():
+                fwd.kill()
+                fwd.join()
         for ns in self.namespaces:
             delete_namespace(ns)
         self.namespaces = []
@@ -282,7 +332,21 @@ class EmulatedLink(Link):
 
 def _forward(fds, bits_per_second, delay_s, queue_s, counter, dropped) -> None:
     """The forwarding loop (its own process). A packet read from rank i's device at time t leaves the queue at
-    ``max(t, previous departure) + bytes / rate`` and is written to its destination's device ``delay_s`` later."""
+    ``max(t, previous departure) + bytes / rate`` and is written to its destination's device ``delay_s`` later.
+    It dies with the process that forked it (``PR_SET_PDEATHSIG``), and a signal ends it without running the
+    parent's handlers (they would delete the parent's namespaces from here)."""
+    import ctypes
+
+    parent = os.getppid()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    _NAMESPACES.clear()  # the parent's, not this process's to delete
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed with the parent
+    except (AttributeError, OSError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(0)
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
     except (AttributeError, PermissionError, OSError):

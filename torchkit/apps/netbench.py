@@ -24,13 +24,11 @@ every exit path. Without root or ``tc`` it says so and runs unshaped. Writes ``<
 from __future__ import annotations
 
 import argparse
-import atexit
 import importlib
 import json
 import math
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,12 +45,6 @@ METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01"
 # TopK per 65536-chunk with int8 values (the compact wire format), averaging outer step; "diloco<H>" = the same
 # without compression (Identity, fp32)
 LOCAL_METHODS = ("local8@0.03", "local32@0.03", "local8@0.01", "diloco8")
-
-
-# --------------------------------------------------------------------------------------------------- signals
-def _on_signal(signum, frame):  # noqa: ARG001
-    links.cleanup()
-    sys.exit(128 + signum)
 
 
 # -------------------------------------------------------------------------------------------------- a run
@@ -309,9 +301,6 @@ def run(args: argparse.Namespace) -> int:
     if not shaped:
         print("not root, or no ip/tc on this machine: running unshaped on the host's loopback", flush=True)
         rates = ["unshaped"]
-    atexit.register(links.cleanup)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
     order = sorted(rates, key=lambda r: -links.bits_per_second(r) if r != "unshaped" else 0)  # fastest first
     rows, targets = [], {}
     out_dir = Path(args.out)
@@ -324,52 +313,52 @@ def run(args: argparse.Namespace) -> int:
     total = len(order) * len(args.ranks) * len(args.tasks) * len(seeds) * len(args.methods) * len(args.lr)
     bar = tqdm(total=total, desc="network runs", unit="run", file=sys.stderr, mininterval=0.1 if sys.stderr.isatty()
                else 10.0)  # fmt: skip  # shown at once, with an ETA from the runs done
-    try:
-        for rate in order:
-            link = links.open_link(rate, max(args.ranks))
-            try:
-                for n in args.ranks:
-                    for task in args.tasks:
-                        key = (task, n)
-                        for rep in seeds:
-                            configs = [(m, lr) for m in args.methods for lr in args.lr]
-                            random.Random(rep).shuffle(configs)
-                            if ("ddp", args.lr[0]) in configs and key not in targets:  # it sets the target first
-                                configs.remove(("ddp", args.lr[0]))
-                                configs.insert(0, ("ddp", args.lr[0]))
-                            for m, lr in configs:
-                                kw = {"width": args.lm_width, "layers": args.lm_layers} if task == "char_lm" else {}
-                                cfg = {"task": task, "split": args.split, "method": m, "steps": args.steps,
-                                       "lr": lr, "momentum": args.momentum, "seed": rep, "task_kwargs": kw,
-                                       "rate": rate, "ranks": n}  # fmt: skip
-                                extra = registry.external_modules([m.partition("@")[0]])
-                                if extra:  # a method registered outside torchkit: the workers import its module
-                                    cfg["registering_modules"] = extra
-                                bar.set_postfix_str(f"{rate} n={n} {task} {m} lr={lr:g}", refresh=False)
-                                try:
-                                    res = run_one(link, n, cfg, args.timeout)
-                                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                                    print(f"  {rate} n={n} {task} {m}: {exc}", flush=True)
-                                    rows.append({**cfg, "failed": str(exc)})
-                                    continue
-                                finally:
-                                    bar.update(1)
-                                if m == "ddp" and lr == args.lr[0] and key not in targets:
-                                    at = max(20, int(0.6 * len(res["losses"])))
-                                    targets[key] = statistics.fmean(res["losses"][at - 20 : at])
-                                    res["target_set"] = targets[key]
-                                res.pop("out", None)
-                                rows.append(res)
-                                for row in rows:  # the target may have come after the run
-                                    if (row["task"], row["ranks"]) == key and "failed" not in row:
-                                        row["reached"] = reached(row, targets.get(key))
-                                print(_line(res), flush=True)
-                                _save(rows, targets, out_dir, shaped)
-            finally:
-                link.close()
-    finally:
-        bar.close()
-        links.cleanup()
+    with links.cleaned_up():  # no namespace left behind, whatever stops the runs
+        try:
+            for rate in order:
+                link = links.open_link(rate, max(args.ranks))
+                try:
+                    for n in args.ranks:
+                        for task in args.tasks:
+                            key = (task, n)
+                            for rep in seeds:
+                                configs = [(m, lr) for m in args.methods for lr in args.lr]
+                                random.Random(rep).shuffle(configs)
+                                if ("ddp", args.lr[0]) in configs and key not in targets:  # it sets the target first
+                                    configs.remove(("ddp", args.lr[0]))
+                                    configs.insert(0, ("ddp", args.lr[0]))
+                                for m, lr in configs:
+                                    kw = {"width": args.lm_width, "layers": args.lm_layers} if task == "char_lm" else {}
+                                    cfg = {"task": task, "split": args.split, "method": m, "steps": args.steps,
+                                           "lr": lr, "momentum": args.momentum, "seed": rep, "task_kwargs": kw,
+                                           "rate": rate, "ranks": n}  # fmt: skip
+                                    extra = registry.external_modules([m.partition("@")[0]])
+                                    if extra:  # a method registered outside torchkit: the workers import its module
+                                        cfg["registering_modules"] = extra
+                                    bar.set_postfix_str(f"{rate} n={n} {task} {m} lr={lr:g}", refresh=False)
+                                    try:
+                                        res = run_one(link, n, cfg, args.timeout)
+                                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                                        print(f"  {rate} n={n} {task} {m}: {exc}", flush=True)
+                                        rows.append({**cfg, "failed": str(exc)})
+                                        continue
+                                    finally:
+                                        bar.update(1)
+                                    if m == "ddp" and lr == args.lr[0] and key not in targets:
+                                        at = max(20, int(0.6 * len(res["losses"])))
+                                        targets[key] = statistics.fmean(res["losses"][at - 20 : at])
+                                        res["target_set"] = targets[key]
+                                    res.pop("out", None)
+                                    rows.append(res)
+                                    for row in rows:  # the target may have come after the run
+                                        if (row["task"], row["ranks"]) == key and "failed" not in row:
+                                            row["reached"] = reached(row, targets.get(key))
+                                    print(_line(res), flush=True)
+                                    _save(rows, targets, out_dir, shaped)
+                finally:
+                    link.close()
+        finally:
+            bar.close()
     print(summary(rows))
     return 0
 

@@ -39,6 +39,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -378,29 +379,23 @@ def calibrate(ranks: int, rate: str, cfg: dict, timeout: float = 600.0, bar=None
         with tempfile.TemporaryDirectory() as tmp:
             cfg = {**cfg, "out": os.path.join(tmp, "calibration.json")}
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(netbench.ROOT)}
-            procs = link.start(ranks, ["-m", "torchkit.apps.plan", "--worker", json.dumps(cfg)], env)
-            lines, start = [], time.monotonic()
+
+            def progress(line):
+                got = re.match(r"PROGRESS (\d+) (\d+) (.*)", line.strip())
+                if got and bar is not None:
+                    bar.total = bar.total or int(got[2])
+                    bar.update(int(got[1]) - bar.n)
+                    bar.set_postfix_str(got[3], refresh=False)
+
+            argv = ["-m", "torchkit.apps.plan", "--worker", json.dumps(cfg)]
             try:
-                for line in procs[0].stdout:
-                    lines.append(line)
-                    got = re.match(r"PROGRESS (\d+) (\d+) (.*)", line.strip())
-                    if got and bar is not None:
-                        bar.total = bar.total or int(got[2])
-                        bar.update(int(got[1]) - bar.n)
-                        bar.set_postfix_str(got[3], refresh=False)
-                    if time.monotonic() - start > timeout:
-                        raise RuntimeError(f"the calibration took more than {timeout:.0f} s")
-                codes = [p.wait(timeout=max(1.0, timeout - (time.monotonic() - start))) for p in procs]
-            finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait()
-                lines += link.output().splitlines(keepends=True)
-            code = next((c for c in codes if c), 0)
+                code, text = link.run(ranks, argv, env, timeout, on_line=progress)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"the calibration took more than {timeout:.0f} s") from None
             if code != 0 or not Path(cfg["out"]).exists():
-                ranks = [line for line in lines if line.startswith("[rank")]  # the workers' tracebacks
-                tail = "".join((ranks or lines)[-40:])
+                lines = text.splitlines(keepends=True)
+                tracebacks = [line for line in lines if line.startswith("[rank")]  # the workers'
+                tail = "".join((tracebacks or lines)[-40:])
                 raise RuntimeError(f"the calibration failed (exit {code}):\n{tail}")
             cal = json.loads(Path(cfg["out"]).read_text())
     finally:
@@ -457,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
 
     kw = {"width": args.lm_width, "layers": args.lm_layers} if args.task == "char_lm" else {}
     cfg = {"task": args.task, "task_kwargs": kw, "methods": args.methods, "compute_steps": args.compute_steps}
-    with tqdm(total=0, desc="calibrating", unit="step", file=sys.stderr) as bar:
+    with tqdm(total=0, desc="calibrating", unit="step", file=sys.stderr) as bar, links.cleaned_up():
         cal = calibrate(args.ranks, args.rate, cfg, bar=bar)
     result = {"calibration": cal, **plan(cal, args.methods, args.steps, factors)}
     print(report(result))
