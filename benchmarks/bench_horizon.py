@@ -36,9 +36,13 @@ takes 2-4 minutes on one shared core), the others four (300 steps) or three (300
     python benchmarks/bench_horizon.py [--procs 2] [--tiers A E B C D] [--max-steps 300]   # resumes from runs.jsonl
     python benchmarks/bench_horizon.py --report                          # summary.json, table.md, curves.png
     python benchmarks/bench_horizon.py --probe                           # resend_probe.json
+    python benchmarks/bench_horizon.py --probe --probe-density 0.001 --probe-steps 3000 --probe-lr 0.03
 
-Results: ``benchmarks/results/horizon/``; ``edge_check.jsonl`` holds two runs outside the grid (EF14 and EControl at
-lr 0.01, 3000 steps), which checked that their best rate at the grid's lower edge is not an artefact of the grid.
+    python benchmarks/bench_horizon.py --tiers D A --min-steps 3000 --edge 0.01   # the grid's edge, extended
+
+Results: ``benchmarks/results/horizon/``; ``edge_check.jsonl`` holds the runs outside the grid (``--edge``: lr 0.01
+for every 3000-step cell whose best rate was the grid's lowest, 0.03; seeds 1 and 2 where it won). They count as
+part of their cell's grid: a cell's best rate is chosen over both, and † marks the edge of the extended grid.
 """
 
 from __future__ import annotations
@@ -291,10 +295,13 @@ def plot(summary: dict, path: Path) -> None:
 class ResendProbe:
     """Per round, the entries the method sent (EF14: the nonzero entries of the applied message; the EF21 family:
     the entries where the applied shift changed) and the share of them already sent in one of the ``window``
-    rounds before: how much of TopK's budget goes back to coordinates it has just sent."""
+    rounds before: how much of TopK's budget goes back to coordinates it has just sent. For the EF21 family also
+    the share of the applied shift's squared norm held by entries unchanged for ``stale_after`` rounds or more
+    (EF14 applies fresh entries only: 0)."""
 
-    def __init__(self, shift: bool, window: int = 5):
+    def __init__(self, shift: bool, window: int = 5, stale_after: int = 20):
         self.shift, self.window, self.prev, self.recent, self.shares, self.sent = shift, window, None, [], [], []
+        self.stale_after, self.changed_at, self.stale, self.t = stale_after, None, [], 0
 
     def __call__(self, grads: torch.Tensor, est: torch.Tensor) -> None:
         est = est.detach().clone()
@@ -304,27 +311,40 @@ class ResendProbe:
             self.shares.append(float((sent & seen).sum()) / max(1, int(sent.sum())))
         self.sent.append(int(sent.sum()))
         self.recent = [*self.recent[-(self.window - 1) :], sent] if self.window > 1 else [sent]
-        self.prev = est
+        if self.shift:
+            self.changed_at = torch.zeros_like(est, dtype=torch.long) if self.changed_at is None else self.changed_at
+            self.changed_at[sent] = self.t
+            sq = est.double().pow(2)
+            old = (self.t - self.changed_at) >= self.stale_after
+            self.stale.append(float(sq[old].sum() / sq.sum().clamp_min(1e-300)))
+        self.prev, self.t = est, self.t + 1
 
     def result(self) -> dict:
-        tail = self.shares[len(self.shares) // 2 :]  # the second half of the run
-        return {"resend_share": statistics.fmean(tail), "sent_per_round": statistics.fmean(self.sent)}
+        half = lambda xs: xs[len(xs) // 2 :]  # noqa: E731  the second half of the run
+        out = {"resend_share": statistics.fmean(half(self.shares)), "sent_per_round": statistics.fmean(self.sent)}
+        if self.stale:
+            out["stale_share"] = statistics.fmean(half(self.stale))
+        return out
 
 
-def resend_probe(out: Path, lr: float = 0.1, steps: int = 300) -> dict:
-    """One worker on the transformer, TopK 1%, seed 0: the resend share of each method with and without masking."""
+def resend_probe(out: Path, lr: float = 0.1, steps: int = 300, density: float = 0.01) -> dict:
+    """One worker on the transformer, TopK ``density``, seed 0: the resend share of each method with and without
+    masking (and the EF21 family's stale share), in ``resend_probe.json`` (1%, 300 steps) or
+    ``resend_probe_<density>_<steps>.json``."""
     from _train import run
 
     torch.set_num_threads(1)
     task = make_task("char_lm", 1, "iid")
     rows = {}
     for config in ("ef14", "ef14_mask", "ef21", "ef21_mask", "econtrol", "econtrol_mask"):
-        comp, inner, scale, desc = build(config, "sgdm", 0.01)
+        comp, inner, scale, desc = build(config, "sgdm", density)
         probe = ResendProbe(shift=not config.startswith("ef14"))
         r = run(task, compression=comp, inner=inner, lr=lr * scale, steps=steps, probe=probe)
-        rows[config] = {"description": desc, "lr": lr, "train_loss": r["train_loss"], **probe.result()}
+        rows[config] = {"description": desc, "lr": lr, "density": density, "steps": steps,
+                        "train_loss": r["train_loss"], **probe.result()}  # fmt: skip
         print(config, rows[config], flush=True)
-    (out / "resend_probe.json").write_text(json.dumps(rows, indent=1))
+    name = "resend_probe.json" if (density, steps) == (0.01, 300) else f"resend_probe_{density:g}_{steps}.json"
+    (out / name).write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -339,6 +359,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=DATA, help="the LIBSVM file of the tabular task")
     ap.add_argument("--report", action="store_true", help="only summarise runs.jsonl")
     ap.add_argument("--probe", action="store_true", help="only the resend probe (resend_probe.json)")
+    ap.add_argument("--probe-density", type=float, default=0.01, help="the probe's TopK density")
+    ap.add_argument("--probe-steps", type=int, default=300, help="the probe's steps")
+    ap.add_argument("--probe-lr", type=float, default=0.1, help="the probe's learning rate")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--max-steps", type=int, default=None, help="only the cells of at most this many steps")
     ap.add_argument("--min-steps", type=int, default=None, help="only the cells of at least this many steps")
@@ -350,7 +373,7 @@ def main(argv=None) -> int:
     path, edge_path = args.out / "runs.jsonl", args.out / "edge_check.jsonl"
     done = {**load_runs(path, _key), **load_runs(edge_path, _key)}
     if args.probe:
-        resend_probe(args.out)
+        resend_probe(args.out, args.probe_lr, args.probe_steps, args.probe_density)
         return 0
 
     def go(jobs, to=path):
