@@ -99,11 +99,13 @@ def _late_exit(guard: str) -> list[int]:
 @pytest.mark.dist
 def test_a_gloo_thread_that_releases_the_last_work_late_does_not_abort_the_exit():
     """Without torchkit's exit handler the script aborts (exit status -6, "terminate called without an active
-    exception") in most runs (5 of 6 here); with it, the Gloo thread gets the GIL while Python is whole."""
+    exception") in most runs (5 of 6, and 6 of 8, on the idle development machine; a fresh-clone CI run once saw
+    none in 6, so the control tries up to 20 times, about 1.3 s each); with it, the Gloo thread gets the GIL while
+    Python is whole."""
     for run in range(4):
         assert _late_exit("1") == [0, 0], f"run {run}: a rank aborted at exit with torchkit's handler"
     statuses = []
-    while len(statuses) < 6 and not any(-6 in s for s in statuses):  # the fault is real: it aborts without
+    while len(statuses) < 20 and not any(-6 in s for s in statuses):  # the fault is real: it aborts without
         statuses.append(_late_exit("0"))
     assert any(-6 in s for s in statuses), f"the unguarded script never aborted: {statuses} (torch fixed it?)"
 
