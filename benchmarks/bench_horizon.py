@@ -212,11 +212,12 @@ def summarize(done: dict, tiers) -> dict:
             if not pairs:
                 continue
             fr = [(r["L0"] - _loss(r)) / (d["L0"] - d["train_loss"]) for r, d in pairs]
+            lrs = _lrs(done, cell)
             name = "/".join(str(cell[k]) for k in ("task", "inner", "workers", "split", "steps", "density", "config"))
             out[name] = {
                 **cell,
                 "lr": lr,
-                "at_grid_edge": lr in (_lrs(done, cell)[0], _lrs(done, cell)[-1]),
+                "at_grid_edge": lr in (lrs[0], lrs[-1]),
                 "description": pairs[0][0]["description"],
                 "seeds": len(pairs),
                 "diverged_seeds": sum(r["diverged"] for r, _ in pairs),

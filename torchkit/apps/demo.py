@@ -13,7 +13,6 @@ import importlib
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .links import free_port
 
 __all__ = ["choices", "run_demo", "format_table", "plot"]
 
@@ -204,12 +205,6 @@ def _bar(label: str, total: int):
                 dynamic_ncols=live)  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_demo(
     workers: int = 4,
     steps: int = 600,
@@ -260,7 +255,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         res_file = os.path.join(tmp, "res.json")
-        mp.spawn(_worker, args=(workers, _free_port(), cfg, res_file), nprocs=workers, join=True)
+        mp.spawn(_worker, args=(workers, free_port(), cfg, res_file), nprocs=workers, join=True)
         runs = json.loads(Path(res_file).read_text())
     result = {"config": {**cfg, "workers": workers, "backend": "nccl" if cuda else "gloo"}, "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=1))

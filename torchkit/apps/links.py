@@ -12,7 +12,7 @@ Three kinds, chosen by :func:`open_link` from the rate and what the machine allo
   it drops a packet that would wait more than 50 ms in the queue. The traffic is still the kernel's TCP between
   Gloo's sockets (``GLOO_SOCKET_IFNAME`` names the TUN device); only the wire is emulated.
 
-:meth:`Link.start` runs ``python -m torch.distributed.run`` with the given arguments across the link's ranks (one
+:meth:`Link.run` runs ``python -m torch.distributed.run`` with the given arguments across the link's ranks (one
 ``torchrun`` with ``--nproc_per_node n`` in a shared namespace, or one per rank's namespace with ``--nnodes n``),
 and :meth:`Link.wire_bytes` counts what crossed it.
 """
@@ -265,8 +265,8 @@ class EmulatedLink(Link):
         # rank (up to 3 digits) at most 13 bytes, under the kernel's 15
         self.namespaces: list[str] = []
         self.devices = [f"{tag}{i}" for i in range(ranks)]
-        self._counter = multiprocessing.get_context("fork").Value("Q", 0, lock=False)
-        self._dropped = multiprocessing.get_context("fork").Value("Q", 0, lock=False)
+        fork = multiprocessing.get_context("fork")
+        self._counter, self._dropped = fork.Value("Q", 0, lock=False), fork.Value("Q", 0, lock=False)
         fds = []
         try:
             for i, dev in enumerate(self.devices):
@@ -280,7 +280,7 @@ class EmulatedLink(Link):
                 _ip(ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", dev)
                 _ip(ns, "ip", "link", "set", dev, "mtu", str(MTU), "up")
             args = (fds, bits_per_second, delay_s, queue_s, self._counter, self._dropped)
-            self._forwarder = multiprocessing.get_context("fork").Process(target=_forward, args=args, daemon=True)
+            self._forwarder = fork.Process(target=_forward, args=args, daemon=True)
             self._forwarder.start()
         except BaseException:
             self.close()
