@@ -1,6 +1,9 @@
 """Kernel microbenchmarks: d in {1e6, 1e7, 1e8}, k in {0.1%, 1%, 10%}, fp32 and bf16 gradients.
 
-    python benchmarks/bench_kernels.py [--device cuda] [--sizes 1e6 1e7] [--extra 1e9:bfloat16:0.01] [--out DIR]
+    python benchmarks/bench_kernels.py [--device cuda] [--sizes 1e6 1e7] [--extra 1e9:bfloat16:0.01] [--passes]
+                                       [--out DIR]
+
+--passes also times each GPU implementation's other sequence (the one pass against two passes).
 
 Writes <out>/<device-slug>/kernels.json and kernels.png and prints the table.
 """
@@ -24,12 +27,14 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--extra", nargs="*", default=[], help="single cases d:dtype:ratio, e.g. 1e9:bfloat16:0.01")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--passes", action="store_true", help="also time the one pass against two passes")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     extra = [(int(float(d)), dt, float(r)) for d, dt, r in (x.split(":") for x in args.extra)]
     result = bench.run_kernel_bench(
-        args.device, [int(s) for s in args.sizes], args.ratios, args.dtypes, repeats=args.repeats, extra=extra
-    )
+        args.device, [int(s) for s in args.sizes], args.ratios, args.dtypes, repeats=args.repeats, extra=extra,
+        passes=args.passes,
+    )  # fmt: skip
     slug = device_slug(result["device"])
     folder = bench.save(result, Path(args.out) / slug)
     print(bench.format_table(result))

@@ -1,8 +1,10 @@
 // torchkit CUDA kernels: the radix select fused with the error-feedback step, in CUDA C++.
 //
-// The same three launches as the Triton kernels (torchkit/ops/_triton/ef.py); loaded with ctypes
+// The same four launches as the Triton kernels (torchkit/ops/_triton/ef.py); loaded with ctypes
 // (torchkit/ops/_cuda.py), so no torch headers. tk_step sequences them as the Python driver
 // (torchkit/ops/_select.py: run) does for Triton, in one host call:
+//   tk_predict:   one block: the lowest key the one pass collects, from the hint (what the last step found) or,
+//                 with no hint, from 4096 entries spread over the vector.
 //   tk_hist:      v per element (EF14 stores v in e on the first pass), a 2048-bin shared-memory histogram
 //                 of (key >> shift_lo) over the entries whose key >> shift_hi equals a device-side prefix,
 //                 merged once per block (zero bins skipped); persistent grid.
@@ -10,17 +12,22 @@
 //                 device.
 //   tk_select:    entries above the threshold -> one output, equal to it -> another (the first `cap` in index
 //                 order), by an order-preserving compaction: a block scan, then a decoupled look-back over
-//                 block tickets taken in start order. Deterministic whatever the scheduling.
+//                 block tickets taken in start order. Deterministic whatever the scheduling. `ge`: entries at
+//                 or above it -> the second output, counted (one atomic per block): the one pass, which also
+//                 computes v (EF14 stores it in e).
 //   tk_scatter_add: out[idx] += scale * val for one worker (indices unique within a worker).
-//   tk_step:      one whole fused step: the workspace zeroed, the passes of _select.run, and the state update at
-//                 the sent entries (EF14 e = 0, EF21 h += v, EControl e -= v and h += v); about 13 launches
-//                 (exact) or 5 (approximate) issued from C++, against a Python call and ctypes call per launch.
+//   tk_step:      one whole fused step: the workspace zeroed, the passes of _select.run (one pass or two), and the
+//                 state update at the sent entries (EF14 e = 0, EF21 h += v, EControl e -= v and h += v); 13 (two
+//                 passes) or 18 (one pass) launches when exact, 5 or 12 when approximate, the workspace's memset
+//                 and the hint's copy counted, issued from C++, against a Python and a ctypes call per launch.
+//                 Launches whose device flag is off exit at once: a one-pass hit reads the vector once.
 // Indices are int32: the driver sends d >= 2^30 to the reference (the look-back word packs two 30-bit counts).
 // Built with -fmad=false: the reference rounds e * eta and the add separately.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -35,6 +42,12 @@ constexpr int kSelectThreads = 256;
 #define TK_WARP_LOOKBACK 1
 #endif
 constexpr int kItems = TK_ITEMS;  // elements per thread in tk_select (a multiple of 4)
+constexpr int kSample = 4096;     // entries tk_predict reads at a cold start
+// int32 scalar slots in device memory: torchkit/ops/_select.py's, slot for slot (17 and 18 are Triton's own)
+enum Slot { S_B1 = 0, S_ABOVE1, S_NEED1, S_N1, S_OVER, S_FITS, S_B2, S_ABOVE2, S_NEED2, S_P3, S_T, S_A, S_CAP,
+            S_ZERO, S_CTR1, S_CTR2, S_CTR3, S_LO = 19, S_C, S_HIT, S_RESCAN, S_NC, S_REDO, S_CAPC, S_CTR4, S_HINT };
+constexpr int kMargin = 1 << 19;  // an exact one pass collects keys from 1/16 octave below the last k-th key
+enum Level { kGate = 0, kOnePassLevel1 = 4 };  // tk_threshold's one-pass steps (1-3: the radix levels)
 enum Mode { kTopK = 0, kEF14 = 1, kEF21 = 2, kEControl = 3, kCand = 4 };
 enum GType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 constexpr unsigned long long kFlagA = 1ull << 60, kFlagP = 1ull << 61, kVals = (1ull << 60) - 1;
@@ -161,10 +174,20 @@ __global__ void __launch_bounds__(kHistThreads) tk_hist(const G* g, float* e, co
   }
 }
 
-// one block of 1024 threads, two bins each, scanned from the top bin down
+// one block of 1024 threads, two bins each, scanned from the top bin down. kGate: whether the one pass's
+// candidates hold the answer; kOnePassLevel1: level 1 over what it counted (the buffer takes every entry from the
+// bin up, not only the bin's)
 __global__ void tk_threshold(const int* hist, int* scal, int k, int cap, int level) {
-  __shared__ int s[1024];
   const int t = threadIdx.x;
+  if (level == kGate) {
+    if (t == 0) {
+      const int c = scal[S_C];
+      const bool hit = c >= k && c <= cap;
+      scal[S_HIT] = hit, scal[S_RESCAN] = !hit, scal[S_NC] = c < cap ? c : cap;
+    }
+    return;
+  }
+  __shared__ int s[1024];
   const int a = hist[kBins - 1 - 2 * t], b = hist[kBins - 2 - 2 * t];
   s[t] = a + b;
   __syncthreads();
@@ -175,7 +198,8 @@ __global__ void tk_threshold(const int* hist, int* scal, int k, int cap, int lev
     __syncthreads();
   }
   const int before = t ? s[t - 1] : 0;  // entries in the bins above this thread's two
-  const int need = level == 1 ? k : scal[level == 2 ? 2 : 8];
+  const bool first = level == 1 || level == kOnePassLevel1;
+  const int need = first ? k : scal[level == 2 ? S_NEED1 : S_NEED2];
   int bin = -1, above = 0, in_bin = 0;
   if (before < need && before + a >= need) {
     bin = kBins - 1 - 2 * t, above = before, in_bin = a;
@@ -183,16 +207,53 @@ __global__ void tk_threshold(const int* hist, int* scal, int k, int cap, int lev
     bin = kBins - 2 - 2 * t, above = before + a, in_bin = b;
   }
   if (bin < 0) return;  // exactly one thread holds the threshold bin
-  if (level == 1) {
-    scal[0] = bin, scal[1] = above, scal[2] = need - above, scal[3] = in_bin;
-    scal[4] = in_bin > cap, scal[5] = in_bin <= cap;
+  if (first) {
+    const int held = level == 1 ? in_bin : above + in_bin;
+    scal[S_B1] = bin, scal[S_ABOVE1] = above, scal[S_NEED1] = need - above, scal[S_N1] = in_bin;
+    scal[S_HINT] = bin << 20;  // the bin's lowest key: the next approximate one pass's hint
+    scal[S_OVER] = held > cap, scal[S_FITS] = held <= cap;
+    if (level == kOnePassLevel1) {
+      const bool rescan = scal[S_RESCAN] != 0;
+      scal[S_REDO] = rescan && held <= cap;
+      if (rescan) scal[S_NC] = held;
+    }
   } else if (level == 2) {
-    scal[6] = bin, scal[7] = above, scal[8] = need - above, scal[9] = (scal[0] << 11) | bin;
+    scal[S_B2] = bin, scal[S_ABOVE2] = above, scal[S_NEED2] = need - above, scal[S_P3] = (scal[S_B1] << 11) | bin;
   } else {
-    scal[10] = (scal[0] << 20) | (scal[6] << 9) | bin;
-    scal[11] = k - (need - above);
-    scal[12] = need - above;
+    scal[S_T] = (scal[S_B1] << 20) | (scal[S_B2] << 9) | bin;
+    scal[S_HINT] = scal[S_T];  // the k-th key: the next exact one pass's hint
+    scal[S_A] = k - (need - above);
+    scal[S_CAP] = need - above;
   }
+}
+
+// One block of 1024 threads: slot S_LO, the lowest key the one pass collects. With a hint (>= 0): kMargin below it
+// (exact: the last k-th key), or its bin's lowest key (approximate: a whole bin); else the lowest key of the largest
+// bin from which at least `need` of kSample entries spread over the vector lie (all of it when d <= kSample), found
+// bit by bit with block counts. Slot S_CAPC: the candidate buffer's capacity.
+template <int M, typename G>
+__global__ void __launch_bounds__(1024) tk_predict(const G* g, const float* e, const float* h, int* scal,
+                                                   const int* hint, int d, float eta, int need, int cap, int approx) {
+  const int prev = hint ? *hint : -1;
+  if (threadIdx.x == 0) scal[S_CAPC] = cap;
+  if (prev >= 0) {
+    if (threadIdx.x == 0) scal[S_LO] = approx ? prev >> 20 << 20 : (prev > kMargin ? prev - kMargin : 0);
+    return;
+  }
+  int bins[kSample / 1024];
+  for (int j = 0; j < kSample / 1024; ++j) {
+    const int i = threadIdx.x + 1024 * j;
+    const int pos = d <= kSample ? i : static_cast<int>(static_cast<long long>(i) * d / kSample);
+    bins[j] = i < d ? static_cast<int>(key_of(value<M>(g, e, h, pos, eta, false)) >> 20) : -1;
+  }
+  int b = 0;
+  for (int bit = 10; bit >= 0; --bit) {
+    const int c = b | (1 << bit);
+    int n = 0;
+    for (int j = 0; j < kSample / 1024; ++j) n += __syncthreads_count(bins[j] >= c);
+    if (n >= need) b = c;
+  }
+  if (threadIdx.x == 0) scal[S_LO] = b << 20;
 }
 
 // exclusive prefix over the blocks before vpid, one predecessor at a time (run by one thread)
@@ -274,7 +335,7 @@ template <int M, typename G>
 __global__ void tk_select(const G* g, float* e, const float* h, const int* ci, int* scal, unsigned long long* lb,
                           int* hi_idx, float* hi_val, int* eq_idx, float* eq_val, int d, float eta, bool stored,
                           bool write_e, bool vec, int active_slot, int n_slot, int thr_slot, int shift, int hi_base_slot,
-                          int eq_base_slot, int cap_slot, int ctr_slot) {
+                          int eq_base_slot, int cap_slot, int ctr_slot, bool ge, int count_slot) {
   if (!on(scal, active_slot)) return;
   __shared__ int vpid_s;
   __shared__ unsigned long long excl_s;
@@ -301,7 +362,7 @@ __global__ void tk_select(const G* g, float* e, const float* h, const int* ci, i
         }
         if (write_e) *reinterpret_cast<float4*>(e + first + j) = make_float4(o[0], o[1], o[2], o[3]);
       } else {
-        value4<M>(g, e, h, first + j, eta, true, v + j);
+        value4<M>(g, e, h, first + j, eta, stored, v + j);  // EF14 not stored: stores v in e
       }
     }
   }
@@ -312,15 +373,17 @@ __global__ void tk_select(const G* g, float* e, const float* h, const int* ci, i
     if (i < n) {
       if (!whole) {
         v[j] = value<M>(g, e, h, i, eta, stored);
+        if (M == kEF14 && !stored) e[i] = v[j];
         if (M == kEControl && write_e) e[i] = __fadd_rn(e[i], __fsub_rn(to_f(g[i]), h[i]));
       }
       const unsigned b = key_of(v[j]) >> shift;
-      cls[j] = b > thr ? 1 : (b == thr ? 2 : 0);
+      cls[j] = ge ? (b >= thr ? 2 : 0) : (b > thr ? 1 : (b == thr ? 2 : 0));
       c += cls[j] == 1 ? (1 << 16) : (cls[j] == 2 ? 1 : 0);
     }
   }
   int total = 0;
   const int mine = block_exclusive_scan(c, &total);
+  if (count_slot >= 0 && threadIdx.x == 0) atomicAdd(&scal[count_slot], total & 0xFFFF);
   const unsigned long long agg =
       (static_cast<unsigned long long>(total >> 16) << 30) | static_cast<unsigned long long>(total & 0xFFFF);
   if (TK_WARP_LOOKBACK) {
@@ -427,13 +490,22 @@ extern "C" int tk_threshold(const int* hist, int* scal, int k, int cap, int leve
 extern "C" int tk_select(int mode, int gdtype, const void* g, float* e, const float* h, const int* ci, int* scal,
                          unsigned long long* lb, int* hi_idx, float* hi_val, int* eq_idx, float* eq_val, int d,
                          float eta, int stored, int write_e, int vec, int active_slot, int n_slot, int thr_slot, int shift,
-                         int hi_base_slot, int eq_base_slot, int cap_slot, int ctr_slot, int grid,
+                         int hi_base_slot, int eq_base_slot, int cap_slot, int ctr_slot, int ge, int count_slot, int grid,
                          cudaStream_t stream) {
   return dispatch(mode, gdtype, [&](auto m, auto* gt) {
     using G = std::remove_pointer_t<decltype(gt)>;
     tk_select<decltype(m)::value, G><<<grid, kSelectThreads, 0, stream>>>(
         static_cast<const G*>(g), e, h, ci, scal, lb, hi_idx, hi_val, eq_idx, eq_val, d, eta, stored, write_e, vec,
-        active_slot, n_slot, thr_slot, shift, hi_base_slot, eq_base_slot, cap_slot, ctr_slot);
+        active_slot, n_slot, thr_slot, shift, hi_base_slot, eq_base_slot, cap_slot, ctr_slot, ge, count_slot);
+  });
+}
+
+extern "C" int tk_predict(int mode, int gdtype, const void* g, const float* e, const float* h, int* scal,
+                          const int* hint, int d, float eta, int need, int cap, int approx, cudaStream_t stream) {
+  return dispatch(mode, gdtype, [&](auto m, auto* gt) {
+    using G = std::remove_pointer_t<decltype(gt)>;
+    tk_predict<decltype(m)::value, G><<<1, 1024, 0, stream>>>(static_cast<const G*>(g), e, h, scal, hint, d, eta,
+                                                              need, cap, approx);
   });
 }
 
@@ -459,29 +531,36 @@ extern "C" int tk_block_elems() { return kSelectThreads * kItems; }
 namespace {
 constexpr int kScalars = 32;
 constexpr int kAlways = -1;
-enum Slot { S_B1 = 0, S_ABOVE1, S_NEED1, S_N1, S_OVER, S_FITS, S_B2, S_ABOVE2, S_NEED2, S_P3, S_T, S_A, S_CAP,
-            S_ZERO, S_CTR1, S_CTR2, S_CTR3 };
 constexpr long long kHead = (3 * kBins + kScalars) / 2;  // int64 words: three histograms and the scalars
 
 struct Layout {  // the workspace, in int64 words: [head | look-back words] zeroed, then the candidates
-  int cap, n_lb, n_lbc;
+  int cap, n_lb, n_lbc, n_vec;
   long long zeroed, cand_val, cand_idx, words;
 };
 
 int lookback_slots(long long n) { return static_cast<int>(n < 1 ? 1 : (n + kSelectThreads * kItems - 1) / (kSelectThreads * kItems)); }
 
-Layout layout(int d, int k, int approx) {
+Layout layout(int d, int k, int approx, int one_pass) {
   Layout l;
   const long long want = 4ll * k + 4096;  // _select.capacity
-  l.cap = approx ? 0 : static_cast<int>(want < d ? want : d);
+  l.cap = approx && !one_pass ? 0 : static_cast<int>(want < d ? want : d);
   l.n_lb = lookback_slots(d);
   l.n_lbc = l.cap ? lookback_slots(l.cap) : 0;
-  l.zeroed = kHead + (approx ? l.n_lb : 2ll * l.n_lb + l.n_lbc);
+  l.n_vec = one_pass ? 3 : approx ? 1 : 2;  // select passes over the vector, each with its look-back words
+  l.zeroed = kHead + static_cast<long long>(l.n_vec) * l.n_lb + l.n_lbc;
   const long long cand_words = (l.cap + 3ll) / 4 * 2;  // cap 4-byte entries, 16-byte aligned
   l.cand_val = (l.zeroed + 1) / 2 * 2;
   l.cand_idx = l.cand_val + cand_words;
   l.words = l.cand_idx + cand_words;
   return l;
+}
+
+// _select.sample_need: the sampled rank whose bin a cold one pass predicts (k's share plus four deviations and one)
+int sample_need(int n, int k) {
+  if (n <= kSample) return k;
+  const double mean = static_cast<double>(k) * kSample / n;
+  const double want = std::ceil(mean + 4.0 * std::sqrt(mean) + 1.0);
+  return want < kSample ? static_cast<int>(want) : kSample;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -501,33 +580,44 @@ struct Step {
     return tk_hist(m, gdtype, g, e_or_cand, h, hist, scal, n, eta, stored, vec, active, n_slot, prefix, shift_hi,
                    shift_lo, grid, stream);
   }
+  // stored: EF14's v is in e already; ge: the one pass's compaction from a bin up, counted in slot `count`
   int select(int m, float* e_or_cand, const int* ci, unsigned long long* lb, int* hi_idx, float* hi_val, int* eq_idx,
              float* eq_val, int n, bool write_e, int active, int n_slot, int thr, int shift, int hi_base, int eq_base,
-             int cap, int ctr) const {
+             int cap, int ctr, bool stored = true, bool ge = false, int count = kAlways) const {
     const int vec = aligned16(g) && aligned16(e_or_cand) && aligned16(h);
-    return tk_select(m, gdtype, g, e_or_cand, h, ci, scal, lb, hi_idx, hi_val, eq_idx, eq_val, n, eta, m == kEF14,
-                     write_e, vec, active, n_slot, thr, shift, hi_base, eq_base, cap, ctr, lookback_slots(n), stream);
+    return tk_select(m, gdtype, g, e_or_cand, h, ci, scal, lb, hi_idx, hi_val, eq_idx, eq_val, n, eta,
+                     m == kEF14 && stored, write_e, vec, active, n_slot, thr, shift, hi_base, eq_base, cap, ctr, ge,
+                     count, lookback_slots(n), stream);
   }
 };
 }  // namespace
 
-// int64 words of workspace tk_step needs for (d, k, approx)
-extern "C" long long tk_step_words(int d, int k, int approx) { return layout(d, k, approx).words; }
+extern "C" int tk_sample_need(int n, int k) { return sample_need(n, k); }
+
+// int64 words of workspace tk_step needs for (d, k, approx, one_pass)
+extern "C" long long tk_step_words(int d, int k, int approx, int one_pass) {
+  return layout(d, k, approx, one_pass).words;
+}
 
 // One fused step (mode kTopK/kEF14/kEF21/kEControl) on d < 2^30 entries: writes the k selected (index, value)
-// pairs to out_idx/out_val and updates e/h in place. ws: tk_step_words(d, k, approx) int64 words of device
-// memory, used only on this stream (zeroed here; nothing is read back on the host).
+// pairs to out_idx/out_val and updates e/h in place. one_pass (not EControl): predict the lowest key to collect
+// (from *hint when hint is given and >= 0; *hint is then set for the next step: _select.hint_of) and read the vector
+// once when the prediction holds. ws: tk_step_words(d, k, approx, one_pass) int64 words of device memory, used only on
+// this stream (zeroed here; nothing is read back on the host).
 extern "C" int tk_step(int mode, int gdtype, const void* g, float* e, float* h, float eta, int d, int k, int approx,
-                       long long* ws, int* out_idx, float* out_val, int sms, cudaStream_t stream) {
+                       int one_pass, int* hint, long long* ws, int* out_idx, float* out_val, int sms,
+                       cudaStream_t stream) {
   if (mode < kTopK || mode > kEControl || gdtype < kF32 || gdtype > kF16 || d < 1 || k < 1 || k > d || !g ||
-      ((mode == kEF14 || mode == kEControl) && !e) || ((mode == kEF21 || mode == kEControl) && !h))
+      ((mode == kEF14 || mode == kEControl) && !e) || ((mode == kEF21 || mode == kEControl) && !h) ||
+      (one_pass && mode == kEControl))
     return cudaErrorInvalidValue;
-  const Layout l = layout(d, k, approx);
+  const Layout l = layout(d, k, approx, one_pass);
   cudaError_t rc = cudaMemsetAsync(ws, 0, l.zeroed * sizeof(long long), stream);
   if (rc != cudaSuccess) return rc;
   int* i32 = reinterpret_cast<int*>(ws);
   int* hists[3] = {i32, i32 + kBins, i32 + 2 * kBins};
   auto* lbs = reinterpret_cast<unsigned long long*>(ws + kHead);
+  unsigned long long* lb_cand = lbs + static_cast<long long>(l.n_vec) * l.n_lb;
   auto* cand_val = reinterpret_cast<float*>(ws + l.cand_val);
   auto* cand_idx = reinterpret_cast<int*>(ws + l.cand_idx);
   const Step st{mode, gdtype, sms, g, e, h, eta, i32 + 3 * kBins, stream};
@@ -536,25 +626,59 @@ extern "C" int tk_step(int mode, int gdtype, const void* g, float* e, float* h, 
     const int rc_ = (launch);  \
     if (rc_) return rc_;       \
   } while (0)
-  TK_TRY(st.hist(mode, false, e, hists[0], d, kAlways, kAlways, kAlways, 31, 20));
-  TK_TRY(tk_threshold(hists[0], st.scal, k, l.cap, 1, stream));
-  if (approx) {  // the threshold bin's lowest-indexed entries fill the remaining slots
-    TK_TRY(st.select(mode, e, nullptr, lbs, out_idx, out_val, out_idx, out_val, d, true, kAlways, kAlways, S_B1, 20,
-                  S_ZERO, S_ABOVE1, S_NEED1, S_CTR1));
-  } else {
-    TK_TRY(st.select(mode, e, nullptr, lbs, out_idx, out_val, cand_idx, cand_val, d, true, S_FITS, kAlways, S_B1, 20,
-                  S_ZERO, S_ZERO, S_N1, S_CTR1));
+  // levels 2 and 3 within the level-1 bin: from the candidates (n_slot of them) or the vector, re-read; one runs
+  auto levels_2_3 = [&](int n_slot) -> int {
     const int levels[2][4] = {{2, 20, 9, S_B1}, {3, 9, 0, S_P3}};
-    for (const auto& lv : levels) {  // the re-read of the vector and the pass over the candidates: one runs
+    for (const auto& lv : levels) {
       int* hist = hists[lv[0] - 1];
       TK_TRY(st.hist(mode, true, e, hist, d, S_OVER, kAlways, lv[3], lv[1], lv[2]));
-      TK_TRY(st.hist(kCand, true, cand_val, hist, l.cap, S_FITS, S_N1, lv[3], lv[1], lv[2]));
+      TK_TRY(st.hist(kCand, true, cand_val, hist, l.cap, S_FITS, n_slot, lv[3], lv[1], lv[2]));
       TK_TRY(tk_threshold(hist, st.scal, k, l.cap, lv[0], stream));
     }
-    TK_TRY(st.select(mode, e, nullptr, lbs + l.n_lb, out_idx, out_val, out_idx, out_val, d, true, S_OVER, kAlways, S_T,
-                  0, S_ZERO, S_A, S_CAP, S_CTR2));
-    TK_TRY(st.select(kCand, cand_val, cand_idx, lbs + 2 * l.n_lb, out_idx, out_val, out_idx, out_val, l.cap, false,
-                  S_FITS, S_N1, S_T, 0, S_ABOVE1, S_A, S_CAP, S_CTR3));
+    return 0;
+  };
+  if (one_pass) {
+    TK_TRY(tk_predict(mode, gdtype, g, e, h, st.scal, hint, d, eta, sample_need(d, k), l.cap, approx, stream));
+    TK_TRY(st.select(mode, e, nullptr, lbs, cand_idx, cand_val, cand_idx, cand_val, d, true, kAlways, kAlways, S_LO,
+                     0, S_ZERO, S_ZERO, S_CAPC, S_CTR1, false, true, S_C));
+    TK_TRY(tk_threshold(hists[0], st.scal, k, l.cap, kGate, stream));
+    TK_TRY(st.hist(kCand, true, cand_val, hists[0], l.cap, S_HIT, S_NC, kAlways, 31, 20));
+    TK_TRY(st.hist(mode, true, e, hists[0], d, S_RESCAN, kAlways, kAlways, 31, 20));
+    TK_TRY(tk_threshold(hists[0], st.scal, k, l.cap, kOnePassLevel1, stream));
+    TK_TRY(st.select(mode, e, nullptr, lbs + l.n_lb, cand_idx, cand_val, cand_idx, cand_val, d, true, S_REDO, kAlways,
+                     S_B1, 20, S_ZERO, S_ZERO, S_CAPC, S_CTR2, true, true));
+    unsigned long long* lb_vec = lbs + 2ll * l.n_lb;
+    if (approx) {  // the threshold bin's lowest-indexed entries fill the remaining slots
+      TK_TRY(st.select(mode, e, nullptr, lb_vec, out_idx, out_val, out_idx, out_val, d, true, S_OVER, kAlways, S_B1,
+                       20, S_ZERO, S_ABOVE1, S_NEED1, S_CTR3));
+      TK_TRY(st.select(kCand, cand_val, cand_idx, lb_cand, out_idx, out_val, out_idx, out_val, l.cap, false, S_FITS,
+                       S_NC, S_B1, 20, S_ZERO, S_ABOVE1, S_NEED1, S_CTR4));
+    } else {
+      TK_TRY(levels_2_3(S_NC));
+      TK_TRY(st.select(mode, e, nullptr, lb_vec, out_idx, out_val, out_idx, out_val, d, true, S_OVER, kAlways, S_T, 0,
+                       S_ZERO, S_A, S_CAP, S_CTR3));
+      TK_TRY(st.select(kCand, cand_val, cand_idx, lb_cand, out_idx, out_val, out_idx, out_val, l.cap, false, S_FITS,
+                       S_NC, S_T, 0, S_ZERO, S_A, S_CAP, S_CTR4));
+    }
+    if (hint) {  // the next step's prediction
+      rc = cudaMemcpyAsync(hint, st.scal + S_HINT, sizeof(int), cudaMemcpyDeviceToDevice, stream);
+      if (rc != cudaSuccess) return rc;
+    }
+  } else {
+    TK_TRY(st.hist(mode, false, e, hists[0], d, kAlways, kAlways, kAlways, 31, 20));
+    TK_TRY(tk_threshold(hists[0], st.scal, k, l.cap, 1, stream));
+    if (approx) {  // the threshold bin's lowest-indexed entries fill the remaining slots
+      TK_TRY(st.select(mode, e, nullptr, lbs, out_idx, out_val, out_idx, out_val, d, true, kAlways, kAlways, S_B1, 20,
+                       S_ZERO, S_ABOVE1, S_NEED1, S_CTR1));
+    } else {
+      TK_TRY(st.select(mode, e, nullptr, lbs, out_idx, out_val, cand_idx, cand_val, d, true, S_FITS, kAlways, S_B1, 20,
+                       S_ZERO, S_ZERO, S_N1, S_CTR1));
+      TK_TRY(levels_2_3(S_N1));
+      TK_TRY(st.select(mode, e, nullptr, lbs + l.n_lb, out_idx, out_val, out_idx, out_val, d, true, S_OVER, kAlways,
+                       S_T, 0, S_ZERO, S_A, S_CAP, S_CTR2));
+      TK_TRY(st.select(kCand, cand_val, cand_idx, lb_cand, out_idx, out_val, out_idx, out_val, l.cap, false, S_FITS,
+                       S_N1, S_T, 0, S_ABOVE1, S_A, S_CAP, S_CTR3));
+    }
   }
   if (mode != kTopK) tk_post_kernel<<<(k + 255) / 256, 256, 0, stream>>>(mode, e, h, out_idx, out_val, k);
   return cudaGetLastError();

@@ -11,10 +11,20 @@
 //            the data instead of a copy of the bin; then the sparse state update.
 // Bytes per element (fp32): EF14 16, EF21 16, EControl 28, top-k 8. Chunks are walked in index
 // order, so results do not depend on the thread count.
+//
+// The one pass (top-k, EF14, EF21; docs/kernels.md design A), when the caller keeps a hint (one int per row: the
+// last step's k-th largest key when exact, its threshold bin's lowest key when approximate): one pass computes v
+// (EF14 stores it in e) and collects every entry whose key is at least the predicted lowest key, in index order:
+// 1/16 octave below the hint (exact), or the hint's bin from its lowest key (approximate: the bin must be whole,
+// as its entries are taken in index order). When they are at least k and at most 4k + 4096, the threshold and the
+// resolve run on them only (EF14 12 B per element, EF21 8, top-k 4). Otherwise, and without a hint, the two passes
+// run (over e as stored, after a failed one pass). The hint is then set for the next step. The selection and its
+// output order are the same either way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -24,6 +34,7 @@
 namespace {
 
 constexpr int kBins = 2048;
+std::atomic<int64_t> one_pass_hits{0}, one_pass_misses{0};  // read by tests: which path the steps took
 
 inline uint32_t key_of(float v) {
   uint32_t u;
@@ -46,11 +57,17 @@ struct Step {
   float* h;       // shift/estimate (EF21, EControl)
   float eta;
   int64_t d;
+  bool stored = false;  // EF14: e holds v already (a one pass ran before the two passes)
 
   // v of pass 1; EF14 also stores it into e
   inline float pass1(int64_t i) const {
     if constexpr (mode == kTopK) return static_cast<float>(g[i]);
-    if constexpr (mode == kEF14) { float v = e[i] + static_cast<float>(g[i]); e[i] = v; return v; }
+    if constexpr (mode == kEF14) {
+      if (stored) return e[i];
+      float v = e[i] + static_cast<float>(g[i]);
+      e[i] = v;
+      return v;
+    }
     if constexpr (mode == kEF21) return static_cast<float>(g[i]) - h[i];
     if constexpr (mode == kEControl) { float t = static_cast<float>(g[i]) - h[i]; float a = e[i] * eta; return a + t; }
   }
@@ -76,8 +93,74 @@ struct Step {
   }
 };
 
+// The sparse state update on the k sent entries, and the outputs as tensors.
 template <Mode mode, typename G>
-std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, bool approx, const torch::Tensor& like) {
+std::tuple<torch::Tensor, torch::Tensor> finish(const Step<mode, G>& s, const Picked& out, int64_t k,
+                                                const torch::Tensor& like) {
+  const int64_t d = s.d;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t i = out.idx[j];
+    const float v = out.val[j];
+    if constexpr (mode == kEF14) s.e[i] = 0.0f;
+    if constexpr (mode == kEF21) s.h[i] = s.h[i] + v;
+    if constexpr (mode == kEControl) { s.e[i] = s.e[i] - v; s.h[i] = s.h[i] + v; }
+  }
+  auto values = torch::empty({k}, like.options().dtype(torch::kFloat32));
+  std::memcpy(values.data_ptr<float>(), out.val.data(), sizeof(float) * k);
+  const auto idx_dtype = d < (int64_t(1) << 31) ? torch::kInt32 : torch::kInt64;
+  auto indices = torch::empty({k}, like.options().dtype(idx_dtype));
+  if (idx_dtype == torch::kInt32) {
+    int32_t* p = indices.data_ptr<int32_t>();
+    for (int64_t j = 0; j < k; ++j) p[j] = static_cast<int32_t>(out.idx[j]);
+  } else {
+    std::memcpy(indices.data_ptr<int64_t>(), out.idx.data(), sizeof(int64_t) * k);
+  }
+  return {values, indices};
+}
+
+constexpr uint32_t kMargin = 1u << 19;  // an exact one pass collects from 1/16 octave below the last k-th key
+
+// The hint a step leaves for the next: exact, the k-th largest key (the smallest selected); approximate, the lowest
+// key of the threshold bin.
+int32_t next_hint(const Picked& out, int thr, bool approx) {
+  if (approx) return thr << 20;
+  uint32_t t = 0x7FFFFFFFu;
+  for (float v : out.val) t = std::min(t, key_of(v));
+  return static_cast<int32_t>(t);
+}
+
+// The exact k-th key among a threshold bin's entries (index order) by two more radix levels (bits 9..19, then 0..8):
+// the positions of every entry above it, then of the first ones equal to it (ties to the lower index); linear.
+std::vector<int64_t> resolve_bin(const Picked& all, int thr, int64_t need) {
+  std::vector<int64_t> chosen;
+  const int64_t n = static_cast<int64_t>(all.idx.size());
+  if (n == need) {
+    for (int64_t j = 0; j < need; ++j) chosen.push_back(j);
+    return chosen;
+  }
+  std::vector<int64_t> h2(kBins, 0), h3(512, 0);
+  for (int64_t j = 0; j < n; ++j) ++h2[(key_of(all.val[j]) >> 9) & 0x7FF];
+  int64_t want = need, b2 = kBins - 1;
+  for (; b2 > 0 && h2[b2] < want; --b2) want -= h2[b2];
+  const uint32_t p3 = (static_cast<uint32_t>(thr) << 11) | static_cast<uint32_t>(b2);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t key = key_of(all.val[j]);
+    if ((key >> 9) == p3) ++h3[key & 0x1FF];
+  }
+  int64_t b3 = 511;
+  for (; b3 > 0 && h3[b3] < want; --b3) want -= h3[b3];
+  const uint32_t t = (p3 << 9) | static_cast<uint32_t>(b3);  // the k-th largest key; `want` of it are taken
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t key = key_of(all.val[j]);
+    if (key > t || (key == t && want-- > 0)) chosen.push_back(j);
+  }
+  return chosen;
+}
+
+// The two passes (see the top of this file); `hint`, when given, receives the threshold bin.
+template <Mode mode, typename G>
+std::tuple<torch::Tensor, torch::Tensor> two_passes(const Step<mode, G>& s, int64_t k, bool approx,
+                                                    const torch::Tensor& like, int32_t* hint) {
   const int64_t d = s.d;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nchunks = std::min<int64_t>(std::max<int64_t>(1, d / 65536), 8 * nthreads);
@@ -256,32 +339,8 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
     }
   });
   if (!approx && !refine) {
-    std::vector<int64_t> chosen;
-    if (static_cast<int64_t>(all.idx.size()) == need) {
-      for (int64_t j = 0; j < need; ++j) chosen.push_back(j);
-    } else {
-      // the exact k-th key among the candidates by two more radix levels (bits 9..19, then 0..8): every candidate
-      // above it, then the first ones equal to it in index order (ties to the lower index); linear, no sort
-      const int64_t n = static_cast<int64_t>(all.idx.size());
-      std::vector<int64_t> h2(kBins, 0), h3(512, 0);
-      for (int64_t j = 0; j < n; ++j) ++h2[(key_of(all.val[j]) >> 9) & 0x7FF];
-      int64_t want = need, b2 = kBins - 1;
-      for (; b2 > 0 && h2[b2] < want; --b2) want -= h2[b2];
-      const uint32_t p3 = (static_cast<uint32_t>(thr) << 11) | static_cast<uint32_t>(b2);
-      for (int64_t j = 0; j < n; ++j) {
-        const uint32_t key = key_of(all.val[j]);
-        if ((key >> 9) == p3) ++h3[key & 0x1FF];
-      }
-      int64_t b3 = 511;
-      for (; b3 > 0 && h3[b3] < want; --b3) want -= h3[b3];
-      const uint32_t t = (p3 << 9) | static_cast<uint32_t>(b3);  // the k-th largest key; `want` of it are taken
-      for (int64_t j = 0; j < n; ++j) {
-        const uint32_t key = key_of(all.val[j]);
-        if (key > t || (key == t && want-- > 0)) chosen.push_back(j);
-      }
-    }
     int64_t pos = above;
-    for (int64_t j : chosen) {
+    for (int64_t j : resolve_bin(all, thr, need)) {
       out.idx[pos] = all.idx[j];
       out.val[pos++] = all.val[j];
     }
@@ -289,28 +348,112 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
     TORCH_CHECK(lo_off[nchunks] == need, "torchkit: internal count mismatch in the threshold bin");
   }
   TORCH_CHECK(hi_off[nchunks] == above, "torchkit: internal count mismatch");
-
-  // sparse state update on the k sent entries
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t i = out.idx[j];
-    const float v = out.val[j];
-    if constexpr (mode == kEF14) s.e[i] = 0.0f;
-    if constexpr (mode == kEF21) s.h[i] = s.h[i] + v;
-    if constexpr (mode == kEControl) { s.e[i] = s.e[i] - v; s.h[i] = s.h[i] + v; }
-  }
-  auto values = torch::empty({k}, like.options().dtype(torch::kFloat32));
-  std::memcpy(values.data_ptr<float>(), out.val.data(), sizeof(float) * k);
-  const auto idx_dtype = d < (int64_t(1) << 31) ? torch::kInt32 : torch::kInt64;
-  auto indices = torch::empty({k}, like.options().dtype(idx_dtype));
-  if (idx_dtype == torch::kInt32) {
-    int32_t* p = indices.data_ptr<int32_t>();
-    for (int64_t j = 0; j < k; ++j) p[j] = static_cast<int32_t>(out.idx[j]);
-  } else {
-    std::memcpy(indices.data_ptr<int64_t>(), out.idx.data(), sizeof(int64_t) * k);
-  }
-  return {values, indices};
+  if (hint) *hint = next_hint(out, thr, approx);
+  return finish(s, out, k, like);
 }
 
+// The one pass: v of every entry (EF14 stores it in e) and the entries from key `lo` up, collected in index order;
+// then the threshold bin and the selection from those only. False (nothing selected; EF14's e holds v) when they
+// are fewer than k or more than 4k + 4096: the caller runs the two passes. `thr`: the threshold bin found.
+template <Mode mode, typename G>
+bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picked& out, int& thr) {
+  const int64_t d = s.d;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nchunks = std::min<int64_t>(std::max<int64_t>(1, d / 65536), 8 * nthreads);
+  const int64_t chunk = (d + nchunks - 1) / nchunks;
+  std::vector<Picked> cand(nchunks);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    // a local copy of the step and a small local buffer: the loop keeps its pointers in registers, and only the
+    // rare flush into the chunk's list calls out
+    const Step<mode, G> st = s;
+    constexpr int kBuf = 256;
+    int64_t buf_i[kBuf];
+    float buf_v[kBuf];
+    for (int64_t c = c0; c < c1; ++c) {
+      Picked& p = cand[c];
+      p.idx.reserve(static_cast<size_t>(2 * k / nchunks + kBuf));  // about 1.2-1.6 k candidates in all
+      p.val.reserve(static_cast<size_t>(2 * k / nchunks + kBuf));
+      auto flush = [&](int n) {
+        p.idx.insert(p.idx.end(), buf_i, buf_i + n);
+        p.val.insert(p.val.end(), buf_v, buf_v + n);
+      };
+      const int64_t end = std::min(d, (c + 1) * chunk);
+      int n = 0;
+      for (int64_t i = c * chunk; i < end; ++i) {
+        const float v = st.pass1(i);
+        if (key_of(v) >= lo) {
+          buf_i[n] = i;
+          buf_v[n] = v;
+          if (++n == kBuf) flush(n), n = 0;
+        }
+      }
+      flush(n);
+    }
+  });
+  int64_t n = 0;
+  for (const Picked& p : cand) n += static_cast<int64_t>(p.idx.size());
+  if (n < k || n > 4 * k + 4096) return false;
+  std::vector<int64_t> total(kBins, 0);
+  for (const Picked& p : cand)
+    for (float v : p.val) ++total[bin_of(key_of(v))];
+  thr = kBins - 1;
+  int64_t above = 0;
+  for (; thr > 0; --thr) {
+    if (above + total[thr] >= k) break;
+    above += total[thr];
+  }
+  const int64_t need = k - above;
+  out.idx.resize(k);
+  out.val.resize(k);
+  Picked in_bin;  // exact: the threshold bin's candidates, resolved below
+  int64_t ph = 0, pl = above;
+  for (const Picked& p : cand) {
+    for (size_t j = 0; j < p.idx.size(); ++j) {
+      const int b = bin_of(key_of(p.val[j]));
+      if (b > thr) {
+        out.idx[ph] = p.idx[j];
+        out.val[ph++] = p.val[j];
+      } else if (b == thr) {
+        if (!approx) {
+          in_bin.idx.push_back(p.idx[j]);
+          in_bin.val.push_back(p.val[j]);
+        } else if (pl < k) {  // approximate: the bin's first entries in index order
+          out.idx[pl] = p.idx[j];
+          out.val[pl++] = p.val[j];
+        }
+      }
+    }
+  }
+  if (!approx) {
+    for (int64_t j : resolve_bin(in_bin, thr, need)) {
+      out.idx[pl] = in_bin.idx[j];
+      out.val[pl++] = in_bin.val[j];
+    }
+  }
+  TORCH_CHECK(ph == above && pl == k, "torchkit: internal count mismatch in the one pass");
+  return true;
+}
+
+// One step: the one pass when a hint is kept (not EControl, whose pass 2 writes e), else or after it failed the
+// two passes; the hint then holds this step's threshold bin.
+template <Mode mode, typename G>
+std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, bool approx, const torch::Tensor& like,
+                                             int32_t* hint) {
+  if (mode == kEControl || !hint || *hint < 0) return two_passes(s, k, approx, like, mode == kEControl ? nullptr : hint);
+  const uint32_t last = static_cast<uint32_t>(*hint);
+  const uint32_t lo = approx ? last >> 20 << 20 : (last > kMargin ? last - kMargin : 0u);
+  Picked out;
+  int thr = 0;
+  if (one_pass(s, k, approx, lo, out, thr)) {
+    ++one_pass_hits;
+    *hint = next_hint(out, thr, approx);
+    return finish(s, out, k, like);
+  }
+  ++one_pass_misses;
+  Step<mode, G> stored = s;  // EF14's e holds v now
+  stored.stored = true;
+  return two_passes(stored, k, approx, like, hint);
+}
 #define TK_CHECK_CPU_VEC(t) \
   TORCH_CHECK((t).device().is_cpu() && ((t).dim() == 1 || (t).dim() == 2) && (t).is_contiguous(), \
               #t " must be a contiguous 1-D (or [rows, d]) CPU tensor")
@@ -318,16 +461,17 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
 
 template <Mode mode, typename G>
 std::tuple<torch::Tensor, torch::Tensor> run_rows(const torch::Tensor& g, float* ep, float* hp, float eta, int64_t k,
-                                                  bool approx) {
+                                                  bool approx, int32_t* hint) {
   const G* gp = g.data_ptr<G>();
-  if (g.dim() == 1) return run(Step<mode, G>{gp, ep, hp, eta, g.numel()}, k, approx, g);
+  if (g.dim() == 1) return run(Step<mode, G>{gp, ep, hp, eta, g.numel()}, k, approx, g, hint);
   // [rows, d]: every row its own top-k (a chunked TopK's full chunks, the simulator's workers), k per row; rows
   // in parallel when there are enough of them (each row then runs serially: a nested parallel_for runs inline),
   // else one after the other, each in parallel. Row-local indices.
   const int64_t rows = g.size(0), d = g.size(1);  // k in [1, d]: checked by dispatch
   std::vector<std::tuple<torch::Tensor, torch::Tensor>> out(static_cast<size_t>(rows));
   auto one = [&](int64_t r) {
-    out[r] = run(Step<mode, G>{gp + r * d, ep ? ep + r * d : nullptr, hp ? hp + r * d : nullptr, eta, d}, k, approx, g);
+    out[r] = run(Step<mode, G>{gp + r * d, ep ? ep + r * d : nullptr, hp ? hp + r * d : nullptr, eta, d}, k, approx, g,
+                 hint ? hint + r : nullptr);
   };
   if (rows >= at::get_num_threads()) {
     at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { for (int64_t r = r0; r < r1; ++r) one(r); });
@@ -341,22 +485,30 @@ std::tuple<torch::Tensor, torch::Tensor> run_rows(const torch::Tensor& g, float*
 
 template <Mode mode>
 std::tuple<torch::Tensor, torch::Tensor> dispatch(const torch::Tensor& g, torch::Tensor e, torch::Tensor h,
-                                                  int64_t k, double eta, bool approx) {
+                                                  int64_t k, double eta, bool approx,
+                                                  const c10::optional<torch::Tensor>& hint = c10::nullopt) {
   TK_CHECK_CPU_VEC(g);
   const int64_t d = g.size(-1);
   TORCH_CHECK(k >= 1 && k <= d, "k must be in [1, d], got k=", k, " for d=", d);
   for (const auto& t : {e, h})
     TORCH_CHECK(!t.defined() || t.sizes() == g.sizes(), "the state must be shaped as grad, ", g.sizes());
+  int32_t* hint_p = nullptr;  // the one pass's hint: one int32 per row, the last step's threshold bin (-1: none)
+  if (hint.has_value() && hint->defined()) {
+    TORCH_CHECK(hint->device().is_cpu() && hint->scalar_type() == torch::kInt32 && hint->is_contiguous() &&
+                    hint->numel() == (g.dim() == 1 ? 1 : g.size(0)),
+                "hint must be a contiguous CPU int32 tensor of one entry per row");
+    hint_p = hint->data_ptr<int32_t>();
+  }
   float* ep = e.defined() ? e.data_ptr<float>() : nullptr;
   float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
   const float f = static_cast<float>(eta);
   switch (g.scalar_type()) {
     case torch::kFloat32:
-      return run_rows<mode, float>(g, ep, hp, f, k, approx);
+      return run_rows<mode, float>(g, ep, hp, f, k, approx, hint_p);
     case torch::kBFloat16:
-      return run_rows<mode, c10::BFloat16>(g, ep, hp, f, k, approx);
+      return run_rows<mode, c10::BFloat16>(g, ep, hp, f, k, approx, hint_p);
     case torch::kHalf:
-      return run_rows<mode, c10::Half>(g, ep, hp, f, k, approx);
+      return run_rows<mode, c10::Half>(g, ep, hp, f, k, approx, hint_p);
     default:
       TORCH_CHECK(false, "grad must be float32, bfloat16 or float16, got ", g.scalar_type());
   }
@@ -380,7 +532,8 @@ std::tuple<torch::Tensor, torch::Tensor> run_segments(const torch::Tensor& g, fl
   auto one = [&](int64_t s) {
     const int64_t a = start[s];
     const std::tuple<torch::Tensor, torch::Tensor> vi =
-        run(Step<mode, G>{gp + a, ep ? ep + a : nullptr, hp ? hp + a : nullptr, eta, sizes[s]}, ks[s], approx, g);
+        run(Step<mode, G>{gp + a, ep ? ep + a : nullptr, hp ? hp + a : nullptr, eta, sizes[s]}, ks[s], approx, g,
+            nullptr);
     const torch::Tensor& v = std::get<0>(vi);
     const torch::Tensor i = std::get<1>(vi).to(torch::kInt64);  // segment-local indices
     std::memcpy(vp + at[s], v.data_ptr<float>(), sizeof(float) * ks[s]);
@@ -433,18 +586,21 @@ std::tuple<torch::Tensor, torch::Tensor> dispatch_segments(const torch::Tensor& 
 
 }  // namespace
 
-std::tuple<torch::Tensor, torch::Tensor> topk(torch::Tensor x, int64_t k) {
-  return dispatch<kTopK>(x, {}, {}, k, 0.0, false);
+// `hint` (optional): the one pass's per-row int32 prediction, read and updated (see the top of this file)
+std::tuple<torch::Tensor, torch::Tensor> topk(torch::Tensor x, int64_t k, c10::optional<torch::Tensor> hint) {
+  return dispatch<kTopK>(x, {}, {}, k, 0.0, false, hint);
 }
 
-std::tuple<torch::Tensor, torch::Tensor> ef14_step(torch::Tensor g, torch::Tensor e, int64_t k, bool approx) {
+std::tuple<torch::Tensor, torch::Tensor> ef14_step(torch::Tensor g, torch::Tensor e, int64_t k, bool approx,
+                                                   c10::optional<torch::Tensor> hint) {
   TK_CHECK_CPU_VEC(e); TK_CHECK_F32(e);
-  return dispatch<kEF14>(g, e, {}, k, 0.0, approx);
+  return dispatch<kEF14>(g, e, {}, k, 0.0, approx, hint);
 }
 
-std::tuple<torch::Tensor, torch::Tensor> ef21_step(torch::Tensor g, torch::Tensor h, int64_t k, bool approx) {
+std::tuple<torch::Tensor, torch::Tensor> ef21_step(torch::Tensor g, torch::Tensor h, int64_t k, bool approx,
+                                                   c10::optional<torch::Tensor> hint) {
   TK_CHECK_CPU_VEC(h); TK_CHECK_F32(h);
-  return dispatch<kEF21>(g, {}, h, k, 0.0, approx);
+  return dispatch<kEF21>(g, {}, h, k, 0.0, approx, hint);
 }
 
 std::tuple<torch::Tensor, torch::Tensor> econtrol_step(torch::Tensor g, torch::Tensor e, torch::Tensor h, int64_t k,
@@ -521,7 +677,11 @@ void accumulate(torch::Tensor out, torch::Tensor values, torch::Tensor indices, 
   else add_rows(ix.data_ptr<int64_t>());
 }
 
+// (hits, misses) of the one pass since the module was loaded
+std::vector<int64_t> one_pass_counts() { return {one_pass_hits.load(), one_pass_misses.load()}; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("one_pass_counts", &one_pass_counts, "(hits, misses) of the one pass so far");
   m.def("topk", &topk, "exact top-|x| (values, indices)");
   m.def("ef14_step", &ef14_step, "fused EF14 step");
   m.def("ef21_step", &ef21_step, "fused EF21 step");

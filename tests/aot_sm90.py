@@ -28,7 +28,7 @@ def kernels():
     """(name, kernel, signature, constexprs[, num_warps]) in the configurations the driver launches."""
     vec = {"g_ptr": "*fp32", "e_ptr": "*fp32", "h_ptr": "*fp32"}
     for mode in range(5):
-        ints = {n: "i32" for n in ef._SLOTS}
+        ints = {n: "i32" for n in ef._SLOTS + ["count_slot"]}
         hist = {**vec, "hist_ptr": "*i32", "scal_ptr": "*i32", "d": "i32", "eta": "fp32"}
         hist.update({n: "i32" for n in ef._SLOTS[:5]})
         for stored in (False, True) if mode == 1 else (False,):  # EF14's first pass stores v in e
@@ -40,8 +40,12 @@ def kernels():
             for g_pad, s_pad in _pads(mode):
                 cx = dict(MODE=mode, BLOCK=ef.LADDER_BLOCK, LADDER=ef.LADDER, G_PAD=g_pad, S_PAD=s_pad)
                 yield f"ladder[{mode}]" + _pad_name(g_pad, s_pad), ef._ladder_kernel, ladder, cx
-            predict = {**vec, "scal_ptr": "*i32", "d": "i32", "eta": "fp32", "need": "i32"}
-            yield f"predict[{mode}]", ef._predict_kernel, predict, dict(MODE=mode, SAMPLE=ef.SAMPLE, LADDER=ef.LADDER)
+            predict = {**vec, "scal_ptr": "*i32", "hint_ptr": "*i32", "d": "i32", "eta": "fp32", "need": "i32",
+                       "cap": "i32"}  # fmt: skip
+            one_pass = ((True, False), (True, True)) if ef._select.one_pass_takes(mode) else ()
+            for one, approx in ((False, False), *one_pass):  # the ladder's; the one pass's, exact and approximate
+                cx = dict(MODE=mode, SAMPLE=ef.SAMPLE, LADDER=ef.LADDER, ONE_PASS=one, APPROX=approx)
+                yield f"predict[{mode},{one},{approx}]", ef._predict_kernel, predict, cx
         sel = {
             **vec,
             "ci_ptr": "*i32",
@@ -54,10 +58,16 @@ def kernels():
             "d": "i32",
             "eta": "fp32",
         }
-        sel.update({n: ints[n] for n in ["active", "n_slot"] + ef._SLOTS[5:]})
+        sel.update({n: ints[n] for n in ["active", "n_slot"] + ef._SLOTS[5:] + ["count_slot"]})
         for g_pad, s_pad in _pads(mode):
-            cx = dict(MODE=mode, STORED=mode == 1, WRITE_E=mode == 3, BLOCK=2048, G_PAD=g_pad, S_PAD=s_pad)
+            cx = dict(MODE=mode, STORED=mode == 1, WRITE_E=mode == 3, BLOCK=2048, G_PAD=g_pad, S_PAD=s_pad, GE=False)
             yield f"select[{mode}]" + _pad_name(g_pad, s_pad), ef._select_kernel, sel, cx
+            if mode != ef._select.CAND and ef._select.one_pass_takes(mode):  # the one pass (EF14 stores v in e)
+                cx.update(STORED=False, GE=True)
+                yield f"one_pass[{mode}]" + _pad_name(g_pad, s_pad), ef._select_kernel, sel, cx
+    threshold = {"hist_ptr": "*i32", "scal_ptr": "*i32", "k": "i32", "cap": "i32"}
+    for level in (0, 1, 2, 3, 4):  # 0 and 4: the one pass's gate and its level 1
+        yield f"threshold[{level}]", ef._threshold_kernel, threshold, dict(LEVEL=level, NBINS=2048)
     window = {"hist_ptr": "*i32", "scal_ptr": "*i32", "k": "i32"}
     yield "window", ef._window_kernel, window, dict(LADDER=ef.LADDER), 1
     scatter = {"out_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i32", "scale": "fp32", "k": "i32"}

@@ -112,14 +112,18 @@ def test_triton_and_cuda_agree(impl):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(h1, h2)
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("approx", [False, True])
 @pytest.mark.parametrize("mode", ["topk", "ef14", "ef21", "econtrol"])
-def test_the_c_driver_launches_what_the_python_driver_does(mode, approx):
+def test_the_c_driver_launches_what_the_python_driver_does(monkeypatch, mode, approx, one_pass):
     """``tk_step`` (the whole step sequenced in C++, one host call, a workspace kept per stream) against the
     Python driver over the same kernels: the same entries in the same order, the same state, on random, tied
     (g - h = 0, all equal, mostly zero) and bf16 input, at sizes of one block, many blocks and a padded tail;
-    twice in a row, so that the second call runs on the kept workspace."""
+    twice in a row, so that the second call runs on the kept workspace (and the one pass on its hint). Both
+    sequences (EControl: two passes whatever the flag)."""
     from torchkit.ops import _cuda, _select
+
+    monkeypatch.setattr(_cuda, "ONE_PASS", one_pass)
 
     m = {"topk": _select.TOPK, "ef14": _select.EF14, "ef21": _select.EF21, "econtrol": _select.ECONTROL}[mode]
     for d, k in ((1000, 10), (1_000_003, 10_000), ((1 << 21) + 5, 20_000)):

@@ -360,6 +360,7 @@ def test_cuda_sources_compile_for_sm90_without_fma_contraction(sm90_build):
     names = [f.splitlines()[0] for f in functions]
     assert any("tk_select" in n for n in names) and any("tk_scatter_add" in n for n in names)
     assert any("tk_prepare" in n for n in names) and any("tk_post" in n for n in names)
+    assert any("tk_predict" in n for n in names)  # the one pass's prediction
     for f in functions:
         assert "FFMA" not in f, f"FFMA in {f.splitlines()[0]}"
 
@@ -369,26 +370,31 @@ def test_cuda_sources_compile_for_sm90_without_fma_contraction(sm90_build):
 )
 def test_the_c_driver_takes_the_python_drivers_workspace_and_rejects_bad_arguments(sm90_build, d, k):
     """Host code of the sm_90 build, run here without a GPU: ``tk_step``'s workspace is the Python driver's zeroed
-    words (three histograms, the scalars, the look-back words of each select pass: ``_select.run``) followed by
-    room for ``capacity(d, k)`` candidate values and indices, each 16-byte aligned; a mode, gradient dtype or k out
-    of range, or a missing vector the mode needs, is refused before any launch (cudaErrorInvalidValue, 1)."""
+    words (three histograms, the scalars, the look-back words of each select pass: ``_select.run``, one pass or two)
+    followed by room for ``capacity(d, k)`` candidate values and indices, each 16-byte aligned; the one pass's
+    prediction asks the sample for the rank the Python driver does; a mode, gradient dtype or k out of range, a
+    missing vector the mode needs, or EControl in one pass, is refused before any launch (cudaErrorInvalidValue, 1)."""
     lib = _cuda.open_library(sm90_build[0])
     block = lib.tk_block_elems()
     slots = lambda n: max(1, -(-n // block))  # noqa: E731
     head = (3 * _select.NBINS + _select.N_SCALARS) // 2
-    for approx in (0, 1):
-        cap = 0 if approx else _select.capacity(d, k)
-        zeroed = head + (slots(d) if approx else 2 * slots(d) + slots(cap))
+    for approx, one_pass in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        cap = 0 if approx and not one_pass else _select.capacity(d, k)
+        n_vec = 3 if one_pass else 1 if approx else 2
+        zeroed = head + n_vec * slots(d) + (slots(cap) if cap else 0)
         room = 2 * (-(-cap // 4) * 2)  # int64 words for cap fp32 values and cap int32 indices, 16-byte aligned each
-        words = lib.tk_step_words(d, k, approx)
+        words = lib.tk_step_words(d, k, approx, one_pass)
         assert zeroed + room <= words <= zeroed + room + 1
+    for kk in {1, k, max(1, k // 100), d}:
+        assert lib.tk_sample_need(d, kk) == _select.sample_need(d, kk, _select.SAMPLE), (d, kk)
     for mode, kk in ((_select.CAND, k), (-1, k), (_select.EF14, 0), (_select.EF14, d + 1)):
-        assert lib.tk_step(mode, 0, None, None, None, 0.0, d, kk, 0, None, None, None, 1, None) == 1
+        assert lib.tk_step(mode, 0, None, None, None, 0.0, d, kk, 0, 0, None, None, None, None, 1, None) == 1
     p = 256  # a pointer value that is never dereferenced: each call is refused before any launch
-    for mode, gdtype, e, h in ((_select.EF14, 0, None, p), (_select.EF21, 0, p, None), (_select.ECONTROL, 0, p, None),
-                               (_select.TOPK, 3, None, None), (_select.TOPK, 0, None, None)):  # fmt: skip
+    for mode, gdtype, e, h, one in ((_select.EF14, 0, None, p, 0), (_select.EF21, 0, p, None, 0),
+                                    (_select.ECONTROL, 0, p, None, 0), (_select.TOPK, 3, None, None, 0),
+                                    (_select.TOPK, 0, None, None, 0), (_select.ECONTROL, 0, p, p, 1)):  # fmt: skip
         g = None if (mode, gdtype) == (_select.TOPK, 0) else p
-        assert lib.tk_step(mode, gdtype, g, e, h, 0.0, d, k, 0, None, None, None, 1, None) == 1
+        assert lib.tk_step(mode, gdtype, g, e, h, 0.0, d, k, 0, one, None, None, None, None, 1, None) == 1
 
 
 @pytest.mark.timeout(300)
@@ -404,9 +410,11 @@ def test_triton_kernels_compile_for_sm90_without_fma_contraction():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.splitlines()[-1])
     # hist (EF14 twice) and select for 5 modes, each unpadded, with padded state, with padded g and state (top-k:
-    # g only; candidates: none), level 1's ladder pass with the same paddings and its prediction for the 4 methods,
-    # the window check, scatter-add, and the decode's first pass (zeros, or out kept) with its checks
-    assert len(report) == 46
+    # g only; candidates: none), the one pass's select for top-k, EF14 and EF21 with the same paddings, level 1's
+    # ladder pass with the same paddings, its prediction for the 4 methods and the one pass's for 3 (exact and
+    # approximate), the window check, the threshold step at its 5 levels, scatter-add, and the decode's first pass
+    # (zeros, or out kept) with its checks
+    assert len(report) == 65
     for name, r in report.items():
         assert r["ffma"] == 0, f"FFMA in {name}"
         assert r["local_memory"] == 0, f"{name} spills to local memory"
@@ -428,6 +436,9 @@ _READS = {
     "select[2]": (1, 1),
     "hist[3,False]": (1, 2),
     "select[3]": (1, 2),
+    "one_pass[0]": (1, 0),
+    "one_pass[1]": (1, 1),
+    "one_pass[2]": (1, 1),
     **{f"ladder[{m}]": (1, n) for m, n in enumerate((0, 1, 1, 2))},
 }
 
@@ -437,10 +448,12 @@ def _check_vector_width(name, r):
     reads is loaded 128 bits at a time (8 entries per thread: two loads each) and EF14's and EControl's writes of e
     are 128-bit; without padding, no access is. The ladder's blocks hold 4 entries per thread: one load each."""
     kernel, _, pad = name.partition(" pad=")
+    if kernel.startswith("threshold"):  # one program reading the 2048-bin histogram, 128 bits at a time
+        return
     reads_g, n_state = _READS.get(kernel, (0, 0))
     per_thread = 1 if kernel.startswith("ladder") else 2
     want_ld = per_thread * (reads_g * ("g" in pad) + n_state * ("s" in pad))
-    writes_e = kernel in ("hist[1,False]", "ladder[1]", "select[3]")
+    writes_e = kernel in ("hist[1,False]", "ladder[1]", "select[3]", "one_pass[1]")
     assert r["ld128"] == want_ld, f"{name}: {r['ld128']} 128-bit loads, expected {want_ld}"
     assert r["st128"] == (per_thread if writes_e and "s" in pad else 0), f"{name}: {r['st128']} 128-bit stores"
 
@@ -541,9 +554,10 @@ def _shuffled_program_order(monkeypatch, seed):
     monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
 
 
+@pytest.mark.parametrize("method", ["econtrol", "ef14"])  # two passes; one pass
 @pytest.mark.parametrize("approx", [False, True])
 @pytest.mark.parametrize("kind", ["randn", "ties"])
-def test_triton_result_does_not_depend_on_program_order(monkeypatch, approx, kind):
+def test_triton_result_does_not_depend_on_program_order(monkeypatch, approx, kind, method):
     """Five program orders (shuffled in the interpreter; on a GPU, five runs): the same values, indices, order
     and state, bit for bit."""
     dev = _triton_device()
@@ -556,7 +570,10 @@ def test_triton_result_does_not_depend_on_program_order(monkeypatch, approx, kin
             if INTERPRETED:
                 _shuffled_program_order(m, seed)
             e, h = e0.clone(), e0.clone() * 0.5
-            vals, idx = ops.econtrol_step_(g, e, h, k, 0.3, approx=approx, impl="triton")
+            if method == "econtrol":
+                vals, idx = ops.econtrol_step_(g, e, h, k, 0.3, approx=approx, impl="triton")
+            else:
+                vals, idx = ops.ef14_step_(g, e, k, approx=approx, impl="triton")
             runs.append((vals.cpu(), idx.cpu(), e.cpu(), h.cpu()))
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
@@ -687,6 +704,135 @@ def test_triton_ladder_counts_the_top_byte_of_each_word():
     assert torch.equal(hist, want)
 
 
+def _kth_key(v: torch.Tensor, k: int) -> int:
+    """The key (the bits of |v|) of the k-th largest |v|, counted in torch."""
+    keys = (v.float().cpu().view(torch.int32) & 0x7FFFFFFF).long()
+    return int(keys.sort(descending=True).values[k - 1])
+
+
+def _hint_after(v: torch.Tensor, k: int, approx: bool) -> int:
+    """What a step leaves for the next one pass: the k-th key (exact), its level-1 bin's lowest key (approximate)."""
+    t = _kth_key(v, k)
+    return t >> 20 << 20 if approx else t
+
+
+# the one pass's cases: the hint (what the last step found) as the test sets it, and the input
+ONE_PASS_CASES = {
+    "cold start": (None, "randn"),  # no hint: the bin is predicted from a sample
+    "warm": ("true", "randn"),  # the last step found this step's threshold: a margin below it holds the answer
+    "hint too high": (0x7F000000, "randn"),  # fewer than k candidates: the vector is read again, the buffer refilled
+    "hint too low": (0, "randn"),  # every entry a candidate, more than the buffer holds: read again, refilled
+    "ties": (None, "ties"),  # the k-th magnitude's bin holds more than the buffer: the re-read path to the end
+}
+
+
+@pytest.mark.parametrize("approx", [False, True])
+@pytest.mark.parametrize("method", ["topk", "ef14", "ef21"])
+@pytest.mark.parametrize("case", list(ONE_PASS_CASES))
+def test_triton_one_pass_takes_each_path_and_selects_what_the_cpu_kernel_does(monkeypatch, case, method, approx):
+    """Issue 21 item 5 (design A of docs/kernels.md): top-k, EF14 and EF21 predict the level-1 bin and compact every
+    entry from it up in one streaming pass. Whichever path the device flags then take (a hit: the rest on the
+    candidates only; a rescan that refills the buffer; a rescan whose bin overflows it), the step must select the
+    CPU kernel's entries with its values, leave its state, and keep the true level-1 bin as the next step's hint."""
+    hint_set, kind = ONE_PASS_CASES[case]
+    dev = _triton_device()
+    d, k = 70_001, 700
+    g = _data(d, kind, dev)
+    e0, h0 = _data(d + 1, "randn", dev)[:d] * 0.1, _data(d + 2, "randn", dev)[:d] * 0.1
+    mode = {"topk": _select.TOPK, "ef14": _select.EF14, "ef21": _select.EF21}[method]
+    v = {"topk": g, "ef14": e0 + g, "ef21": g - h0}[method]
+    approx = approx and method != "topk"  # top-k has no approximate mode
+    after = _hint_after(v, k, approx)
+    runs = []
+    for x, impl in ((g, "triton"), (g.cpu(), "cpp")):
+        e, h = e0.to(x.device, copy=True), h0.to(x.device, copy=True)
+        trace = []
+        if impl == "triton":
+            hint = _select.hint_of(mode, x, e, h, k)
+            hint.fill_(-1 if hint_set is None else after if hint_set == "true" else hint_set)
+            monkeypatch.setattr(_select, "TRACE", trace)
+        vals, idx = _step(method, x, e, h, k, approx, impl)()
+        monkeypatch.setattr(_select, "TRACE", None)
+        runs.append((vals.cpu(), idx.cpu(), e.cpu(), h.cpu(), trace))
+    (vals, idx, e, h, trace), (rvals, ridx, re, rh, _) = runs
+    order, rorder = idx.argsort(), ridx.argsort()
+    assert torch.equal(idx[order], ridx[rorder])
+    assert torch.equal(vals[order].view(torch.int32), rvals[rorder].view(torch.int32))
+    assert torch.equal(e, re) and torch.equal(h, rh)
+    scal = trace[0].cpu()
+    hit, rescan, redo, over = (int(scal[s]) for s in (_select.S_HIT, _select.S_RESCAN, _select.S_REDO, _select.S_OVER))
+    assert (hit, rescan) == ((1, 0) if case in ("cold start", "warm") else (0, 1))
+    assert redo == int(case.startswith("hint")) and over == int(case == "ties")
+    if case == "warm":  # a margin below the k-th key, or the threshold bin's lowest key
+        assert int(scal[_select.S_LO]) == (after if approx else after - _select.MARGIN)
+    assert int(hint.cpu()) == after
+
+
+@pytest.mark.parametrize("approx", [False, True])
+@pytest.mark.parametrize("method", ["topk", "ef14", "ef21"])
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_triton_two_passes_still_select_what_the_cpu_kernel_does(monkeypatch, method, approx, kind):
+    """The sequence the one pass replaced for top-k, EF14 and EF21 (still EControl's, and what the kernel benchmark
+    times against it with ``--passes``) with the driver's flag off: the CPU kernel's entries, values and state."""
+    monkeypatch.setattr(_select, "ONE_PASS", False)
+    dev = _triton_device()
+    d, k = 70_001, 700
+    g = _data(d, kind, dev)
+    e0, h0 = _data(d + 1, "randn", dev)[:d] * 0.1, _data(d + 2, "randn", dev)[:d] * 0.1
+    trace = []
+    monkeypatch.setattr(_select, "TRACE", trace)
+    runs = []
+    for x, impl in ((g, "triton"), (g.cpu(), "cpp")):
+        e, h = e0.to(x.device, copy=True), h0.to(x.device, copy=True)
+        vals, idx = _step(method, x, e, h, k, approx, impl)()
+        runs.append((vals.cpu(), idx.cpu(), e.cpu(), h.cpu()))
+    (vals, idx, e, h), (rvals, ridx, re, rh) = runs
+    order, rorder = idx.argsort(), ridx.argsort()
+    assert torch.equal(idx[order], ridx[rorder]) and torch.equal(vals[order], rvals[rorder])
+    assert torch.equal(e, re) and torch.equal(h, rh)
+    assert int(trace[0].cpu()[_select.S_CAPC]) == 0  # the one pass's prediction never ran
+
+
+def test_the_kernel_benchmark_turns_the_sequence_flag_for_the_timed_call_only():
+    """``bench_kernels.py --passes`` times Triton's two passes and the CUDA one pass by turning each module's flag
+    around the call; the flag is restored after it, also when the call raises."""
+    from torchkit.apps import bench
+
+    seen = []
+    bench._toggled("triton", lambda: seen.append(_select.ONE_PASS))()
+    bench._toggled("cuda", lambda: seen.append(_cuda.ONE_PASS))()
+    assert seen == [not _select.ONE_PASS, not _cuda.ONE_PASS]
+
+    def fail():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        bench._toggled("triton", fail)()
+    assert _select.ONE_PASS is True
+
+
+def test_triton_one_pass_reads_the_vector_once_on_consecutive_steps():
+    """EF21 over 5 steps of a drifting gradient with the state it keeps: from the second step on the hint predicts
+    the bin and every step is a hit (the one pass is the only pass over g and h); each step's selection is the CPU
+    kernel's."""
+    dev = _triton_device()
+    d, k = 100_003, 1000
+    h, rh = torch.zeros(d, device=dev), torch.zeros(d)
+    _select.hint_of(_select.EF21, h, None, h, k).fill_(-1)  # not one left by an earlier buffer at this address
+    trace = []
+    _select.TRACE = trace
+    try:
+        for step in range(5):
+            g = _data(d + step, "randn", dev)[:d] * (1.0 + 0.05 * step)
+            vals, idx = ops.ef21_step_(g, h, k, impl="triton")
+            rvals, ridx = ops.ef21_step_(g.cpu(), rh, k, impl="cpp")
+            assert torch.equal(idx.cpu().sort().values, ridx.sort().values) and torch.equal(h.cpu(), rh)
+    finally:
+        _select.TRACE = None
+    assert [int(s[_select.S_HIT]) for s in trace] == [1] * 5
+    assert all(int(s[_select.S_LO]) == int(prev[_select.S_T]) - _select.MARGIN for prev, s in zip(trace, trace[1:]))
+
+
 @pytest.mark.parametrize("impl", ["triton"] + (["cuda"] if HAS_CUDA else []))
 def test_float64_goes_to_the_reference(impl):
     dev = _device_of(impl)
@@ -780,6 +926,60 @@ def _tied_inputs(d):
         # one 11-bit sub-bin, keys apart in their low 9 bits: the second refining level
         "one sub-bin": 1.0 + torch.randint(0, 512, (d,), generator=g).float() * 2.0**-23,
     }
+
+
+@pytest.mark.parametrize("approx", [False, True])
+@pytest.mark.parametrize("method", ["topk", "ef14", "ef21"])
+@pytest.mark.parametrize("case", list(ONE_PASS_CASES))
+def test_cpp_one_pass_selects_what_the_two_passes_do(monkeypatch, case, method, approx):
+    """The C++ CPU kernel's one pass (a hint kept per state buffer: what the last step found): whichever path the
+    hint leads to (none: the two passes; the last step's threshold: the one pass; too high or too low: a one pass
+    that finds too few or too many candidates, then the two passes over e as the pass left it), the step's values,
+    indices in order and state are bit for bit those of the two passes alone, and the hint ends on what this step
+    found (the k-th key, or when approximate its bin's lowest key)."""
+    hint_set, kind = ONE_PASS_CASES[case]
+    d, k = 70_001, 700
+    g = _data(d, kind, "cpu")
+    e0, h0 = _data(d + 1, "randn", "cpu")[:d] * 0.1, _data(d + 2, "randn", "cpu")[:d] * 0.1
+    mode = {"topk": _select.TOPK, "ef14": _select.EF14, "ef21": _select.EF21}[method]
+    v = {"topk": g, "ef14": e0 + g, "ef21": g - h0}[method]
+    approx = approx and method != "topk"  # top-k has no approximate mode
+    after = _hint_after(v, k, approx)
+    runs = []
+    for one_pass in (False, True):
+        monkeypatch.setattr(_ext, "ONE_PASS", one_pass)
+        e, h = e0.clone(), h0.clone()
+        hint = _select.hint_of(mode, g, e, h, k)
+        hint.fill_(-1 if hint_set is None else after if hint_set == "true" else hint_set)
+        before = _ext._module.one_pass_counts()
+        vals, idx = _step(method, g, e, h, k, approx, "cpp")()
+        hits, misses = (a - b for a, b in zip(_ext._module.one_pass_counts(), before))
+        runs.append((vals, idx, e, h))
+        if one_pass:
+            assert int(hint) == after
+            want = (0, 0) if hint_set is None else (1, 0) if hint_set == "true" else (0, 1)
+            assert (hits, misses) == want, case
+        else:
+            assert (hits, misses) == (0, 0)
+    for a, b in zip(*runs):
+        assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a, b.view(torch.int32)
+                           if b.is_floating_point() else b)  # fmt: skip
+
+
+def test_cpp_one_pass_hits_on_consecutive_steps_of_a_training_state():
+    """Five EF14 steps of a drifting gradient on one error buffer: the first runs the two passes and leaves the hint,
+    the next four take the one pass; each step's result is the reference's."""
+    d, k = 200_003, 2000
+    e, re = torch.zeros(d), torch.zeros(d)
+    _select.hint_of(_select.EF14, e, e, None, k).fill_(-1)  # not one left by an earlier buffer at this address
+    before = _ext._module.one_pass_counts()
+    for step in range(5):
+        g = _data(d + step, "randn", "cpu")[:d] * (1.0 + 0.05 * step)
+        vals, idx = ops.ef14_step_(g, e, k, impl="cpp")
+        rvals, ridx = _reference.ef14_step_(g, re, k)
+        assert torch.equal(idx.sort().values, ridx.int().sort().values) and torch.equal(e, re)
+    hits, misses = (a - b for a, b in zip(_ext._module.one_pass_counts(), before))
+    assert (hits, misses) == (4, 0)
 
 
 @pytest.mark.parametrize("approx", [False, True])

@@ -171,6 +171,26 @@ def _fused(op: str, impl: str, approx: bool):
     }[op]
 
 
+_OTHER_SEQUENCE = {"triton": "2p", "cuda": "1p", "cpp": "2p"}  # each kernel set's other sequence, by its label
+
+
+def _toggled(impl: str, fn: Callable, *args) -> Callable[[], object]:
+    """fn(*args) with the implementation's ONE_PASS flag (Triton: the shared driver's) turned around for the call."""
+    from ..ops import _cuda, _ext, _select
+
+    mod = {"cuda": _cuda, "cpp": _ext}.get(impl, _select)
+
+    def call():
+        was = mod.ONE_PASS
+        mod.ONE_PASS = not was
+        try:
+            return fn(*args)
+        finally:
+            mod.ONE_PASS = was
+
+    return call
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -207,9 +227,12 @@ def run_kernel_bench(
     repeats: int | None = None,
     log: Callable[[str], None] = print,
     extra: Sequence[tuple[int, str, float]] = (),
+    passes: bool = False,
 ) -> dict:
     """Time every op for every (d, k, dtype), the variants interleaved and the state restored before every call;
-    ``extra`` adds single (d, dtype, ratio) cases (d = 1e9 in bf16). Returns the JSON-ready record."""
+    ``extra`` adds single (d, dtype, ratio) cases (d = 1e9 in bf16); ``passes`` adds each kernel set's other
+    sequence for top-k, EF14 and EF21 (``triton-2p``, ``cpp-2p``: two passes; ``cuda-1p``: the one pass). Returns
+    the JSON-ready record."""
     dev = resolve_device(device)
     impls = _gpu_impls(dev)
     impl = impls[0] if impls else "reference"
@@ -239,6 +262,10 @@ def run_kernel_bench(
                 variants[name] = functools.partial(_fused(op, name, False), g, e, h, k)
                 if op != "topk":
                     variants[f"{name}-approx"] = functools.partial(_fused(op, name, True), g, e, h, k)
+                if passes and name in _OTHER_SEQUENCE and op != "econtrol":
+                    for approx in (False, True) if op != "topk" else (False,):
+                        label = f"{name}-{_OTHER_SEQUENCE[name]}" + ("-approx" if approx else "")
+                        variants[label] = _toggled(name, _fused(op, name, approx), g, e, h, k)
             if op == "topk":
                 variants["torch.topk"] = functools.partial(torch.topk, g.float().abs(), k, sorted=False)
             times = time_interleaved(variants, dev, reps, setup=restore)
@@ -300,7 +327,8 @@ def format_table(result: dict) -> str:
         by.setdefault((r["op"], r["d"], r["ratio"], r["grad_dtype"]), {})[r["impl"]] = r
     names = [n for n in ("baseline", "torch.topk") if any(n in rs for rs in by.values())]
     for i in result.get("fused_impls", [result["fused_impl"]]):
-        names += [i, f"{i}-approx"]
+        other = f"{i}-{_OTHER_SEQUENCE.get(i)}"
+        names += [i, f"{i}-approx", other, f"{other}-approx"]
     names = [n for n in names if any(n in rs for rs in by.values())]
     lines = [
         f"device: {result['device']}  (copy {result['copy_bandwidth_gb_per_s']:.1f} GB/s); median ms per call",

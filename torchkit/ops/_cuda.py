@@ -34,12 +34,14 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "tk_hist": [_I, _I, _P, _P, _P, _P, _P, _I, _F] + [_I] * 8 + [_P],
     "tk_threshold": [_P, _P, _I, _I, _I, _P],
-    "tk_select": [_I, _I] + [_P] * 10 + [_I, _F] + [_I] * 12 + [_P],
+    "tk_select": [_I, _I] + [_P] * 10 + [_I, _F] + [_I] * 14 + [_P],
+    "tk_predict": [_I, _I] + [_P] * 5 + [_I, _F, _I, _I, _I, _P],
     "tk_scatter_add": [_P, _P, _P, _F, _I, _P],
     "tk_prepare": [_P, _P, _I, ctypes.c_longlong, ctypes.c_longlong, _I, _P],
     "tk_block_elems": [],
-    "tk_step_words": [_I, _I, _I],
-    "tk_step": [_I, _I, _P, _P, _P, _F, _I, _I, _I, _P, _P, _P, _I, _P],
+    "tk_step_words": [_I, _I, _I, _I],
+    "tk_sample_need": [_I, _I],
+    "tk_step": [_I, _I, _P, _P, _P, _F, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P],
 }
 _RESTYPES = {"tk_step_words": ctypes.c_longlong}
 
@@ -153,6 +155,16 @@ def build(verbose: bool = False) -> bool:
     return available()
 
 
+# The one pass (``_select.run``'s default for top-k, EF14 and EF21) in the CUDA kernels: compiled for sm_90 and
+# checked on the host here, but not yet run on a GPU, so off unless TORCHKIT_CUDA_ONE_PASS=1 until a GPU run
+# (benchmarks/gpu_run.sh's onepass stage) shows it selects what the two passes do, and times it.
+ONE_PASS = os.environ.get("TORCHKIT_CUDA_ONE_PASS") == "1"
+
+
+def _one_pass(mode: int) -> bool:
+    return ONE_PASS and _select.one_pass_takes(mode)
+
+
 def _check(rc: int, what: str) -> None:
     if rc:
         raise RuntimeError(f"torchkit CUDA kernel {what} failed: CUDA error {rc}")
@@ -175,6 +187,12 @@ class _Launcher:
         self.stream = torch.cuda.current_stream(g.device).cuda_stream
         self.sms = torch.cuda.get_device_properties(g.device).multi_processor_count
         self.block = _lib.tk_block_elems()
+
+    def predict(self, scal, mode, n, k, cap, hint, approx):
+        need = _select.sample_need(n, k, _select.SAMPLE)
+        rc = _lib.tk_predict(mode, _GTYPE[self.g.dtype], _ptr(self.g), _ptr(self.e), _ptr(self.h), _ptr(scal),
+                             _ptr(hint), n, self.eta, need, cap, int(approx), self.stream)  # fmt: skip
+        _check(rc, "tk_predict")
 
     def hist(self, scal, p: _select.Hist):
         e = self.e if p.cand is None else p.cand[1]
@@ -209,10 +227,12 @@ class _Launcher:
             *ptrs,
             p.n,
             self.eta,
-            int(p.mode == 1),
+            int(p.mode == 1 and p.stored),
             int(p.write_e),
             _aligned(self.g, e, self.h),
             *p.slots(),
+            int(p.ge),
+            p.count,
             self.lookback_slots(p.n),
             self.stream,
         )
@@ -225,7 +245,7 @@ class _Launcher:
 def _run_python(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
     """The same step sequenced launch by launch from Python (``_select.run``): the specification ``tk_step``
     follows, kept for tests and per-kernel timings."""
-    return _select.run(_Launcher(g, e, h, eta), mode, g, e, h, k, approx)
+    return _select.run(_Launcher(g, e, h, eta), mode, g, e, h, k, approx, _one_pass(mode))
 
 
 _workspaces: dict[tuple[int | None, int], Tensor] = {}
@@ -252,19 +272,21 @@ def _workspace(device: torch.device, stream: int, words: int) -> Tensor:
 
 
 def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: float, approx: bool):
-    """One fused step in one host call (``tk_step``: about 13 launches issued from C++ when exact, 5 when
-    approximate); returns ``(values fp32, indices int32)``."""
+    """One fused step in one host call (``tk_step``: 13 launches issued from C++ when exact, 5 when approximate;
+    the one pass 18 and 12); returns ``(values fp32, indices int32)``."""
     dev, d = g.device, g.numel()
     sms = _sms.get(dev.index)
     if sms is None:
         sms = _sms[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
     stream = torch.cuda.current_stream(dev).cuda_stream
     idx, vals = _select._empty(k, torch.int32, dev), _select._empty(k, torch.float32, dev)
+    one_pass = _one_pass(mode)
+    hint = _select.hint_of(mode, g, e, h, k) if one_pass else None
     with _step_lock:  # two threads on one stream must not interleave their launches over one workspace
-        ws = _workspace(dev, stream, _lib.tk_step_words(d, k, int(approx)))
+        ws = _workspace(dev, stream, _lib.tk_step_words(d, k, int(approx), int(one_pass)))
         rc = _lib.tk_step(
-            mode, _GTYPE[g.dtype], g.data_ptr(), _ptr(e), _ptr(h), float(eta), d, k, int(approx), ws.data_ptr(),
-            idx.data_ptr(), vals.data_ptr(), sms, stream,
+            mode, _GTYPE[g.dtype], g.data_ptr(), _ptr(e), _ptr(h), float(eta), d, k, int(approx), int(one_pass),
+            _ptr(hint), ws.data_ptr(), idx.data_ptr(), vals.data_ptr(), sms, stream,
         )  # fmt: skip
     _check(rc, "tk_step")
     return vals, idx

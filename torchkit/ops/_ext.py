@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import _reference
+from . import _reference, _select
 
 __all__ = ["available", "error", "build", "topk", "ef14_step_", "ef21_step_", "econtrol_step_", "accumulate_"]
 
@@ -104,6 +104,19 @@ def build(verbose: bool = False) -> bool:
     return _module is not None
 
 
+# The one pass (csrc/torchkit_ops.cpp): top-k, EF14 and EF21 keep a per-row hint (the last step's threshold bin) and
+# read the vector once when it holds. Off: the two passes every time (benchmarks time both).
+ONE_PASS = True
+
+
+def _hint(mode: int, grad: Tensor, error, estimate, k: int):
+    """The one pass's hint for this vector (one int32 per row), or None when ONE_PASS is off."""
+    if not ONE_PASS:
+        return None
+    rows = 1 if grad.dim() == 1 else grad.shape[0]
+    return _select.hint_of(mode, grad, error, estimate, k, rows)
+
+
 def _int_idx(idx: Tensor, d: int) -> Tensor:
     want = _reference.index_dtype(d)
     return idx if idx.dtype == want else idx.to(want)
@@ -117,7 +130,7 @@ def _kernel_takes(grad: Tensor, *state: Tensor) -> bool:
 def topk(x: Tensor, k: int):
     if not _kernel_takes(x):
         return _reference.topk(x, k)
-    v, i = _module.topk(x, k)
+    v, i = _module.topk(x, k, _hint(_select.TOPK, x, None, None, k))
     v = v.to(x.dtype)
     return v, _int_idx(i, x.shape[-1])
 
@@ -125,14 +138,14 @@ def topk(x: Tensor, k: int):
 def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False):
     if not _kernel_takes(grad, error):
         return _reference.ef14_step_(grad, error, k)
-    v, i = _module.ef14_step(grad, error, k, approx)
+    v, i = _module.ef14_step(grad, error, k, approx, _hint(_select.EF14, grad, error, None, k))
     return v, _int_idx(i, error.shape[-1])
 
 
 def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False):
     if not _kernel_takes(grad, estimate):
         return _reference.ef21_step_(grad, estimate, k)
-    v, i = _module.ef21_step(grad, estimate, k, approx)
+    v, i = _module.ef21_step(grad, estimate, k, approx, _hint(_select.EF21, grad, None, estimate, k))
     return v, _int_idx(i, estimate.shape[-1])
 
 

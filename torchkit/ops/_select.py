@@ -1,18 +1,32 @@
 """The GPU radix-select driver shared by the Triton and the CUDA C++ kernels.
 
-Both implementations provide the same three launches (a :class:`Launcher`): a histogram pass, a one-program
-threshold step and an order-preserving select pass. This module sequences them (for Triton; the CUDA build's
-``tk_step`` in csrc/topk_ef_cuda.cu is the same sequence in C++, one host call, tested against this one on a
-GPU); nothing here reads a device value on the host, so a step never synchronises and can be captured in a CUDA
-graph.
+Both implementations provide the same four launches (a :class:`Launcher`): a one-program prediction, a
+histogram pass, a one-program threshold step and an order-preserving select pass. This module sequences them (for
+Triton; the CUDA build's ``tk_step`` in csrc/topk_ef_cuda.cu is the same sequence in C++, one host call, tested
+against this one on a GPU); nothing here reads a device value on the host, so a step never synchronises and can be
+captured in a CUDA graph.
+
+Two sequences (``docs/kernels.md`` section 4, designs A and B):
+
+- **one pass** (top-k, EF14, EF21): the level-1 bin of the threshold is predicted (one bin below the previous
+  step's, kept in a per-buffer ``hint``; at a cold start, from a sample), and one streaming pass computes v (EF14
+  stores it in e) and compacts every entry from that bin up into the candidate buffer, in index order. When the
+  buffer holds at least k entries and did not overflow (a hit), the rest runs on the candidates only: the vector is
+  read once. A miss reads it again (the level-1 histogram, then the compaction from the true bin), and the result
+  is the same.
+- **two passes** (EControl, whose one pass writes e <- e + g - h: v = eta e + g - h cannot be recomputed after it):
+  a level-1 histogram pass, then a select pass; both read the whole vector.
 
 Selection rule, identical to the CPU kernel's: the k entries of largest |v| (NaN above inf), ties at the k-th
-magnitude to the lowest indices. Output order: the entries above the level-1 threshold bin in index order,
-then the rest; the same on every run whatever order the GPU schedules the programs in.
+magnitude to the lowest indices. Output order, the same on every run whatever order the GPU schedules the programs
+in: exact one pass, the entries above the k-th magnitude in index order, then the ties; two passes, the entries
+above the level-1 threshold bin in index order, then the rest; approximate, the entries above that bin, then the
+lowest-indexed ones in it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Protocol
 
 import torch
@@ -32,11 +46,21 @@ S_B2, S_ABOVE2, S_NEED2, S_P3 = 6, 7, 8, 9
 S_T, S_A, S_CAP = 10, 11, 12
 S_ZERO, S_CTR1, S_CTR2, S_CTR3 = 13, 14, 15, 16
 S_BASE, S_MISS = 17, 18  # the Triton level-1 ladder's window base and miss flag (its launcher's own passes)
+# the one pass: the predicted lowest bin, the candidates it found, hit / rescan flags, the candidates in the buffer,
+# whether a rescan refills the buffer, the buffer's capacity, the fourth select pass's ticket counter
+S_LO, S_C, S_HIT, S_RESCAN, S_NC, S_REDO, S_CAPC, S_CTR4 = 19, 20, 21, 22, 23, 24, 25, 26
+S_HINT = 27  # what the step leaves for the next one's prediction (see hint_of)
+MARGIN = 1 << 19  # an exact one pass collects keys from 1/16 octave below the last step's k-th key
 N_SCALARS = 32
+SAMPLE = 4096  # entries a cold prediction reads (the CUDA kernels' kSample)
+GATE, ONE_PASS_LEVEL1 = 0, 4  # threshold steps of the one pass: the hit check, and level 1 over what it counted
 ALWAYS = -1  # a flag or count slot that is not read: always active / the host count
 POISON = False  # tests set this: outputs and candidates start as NaN / -1 instead of uninitialised memory
+TRACE: list[Tensor] | None = None  # tests set a list: each step run here appends its scalars (device memory)
+ONE_PASS = True  # run's default sequence where the mode allows it (benchmarks time the two passes by turning it off)
 
-__all__ = ["run", "capacity", "kernel_takes", "level1", "Hist", "Select", "Launcher", "GpuOps"]
+__all__ = ["run", "capacity", "kernel_takes", "level1", "hint_of", "one_pass_takes", "Hist", "Select", "Launcher",
+           "GpuOps"]  # fmt: skip
 
 
 class Hist(NamedTuple):
@@ -66,7 +90,9 @@ def level1(hist: Tensor | None, mode: int, n: int, pad: tuple[bool, bool] = (Fal
 
 class Select(NamedTuple):
     """A select pass: entries with ``key >> shift`` above the threshold slot's value go to ``hi`` from the
-    hi_base slot's value, entries equal to it to ``eq`` from the eq_base slot's value (the first ``cap``)."""
+    hi_base slot's value, entries equal to it to ``eq`` from the eq_base slot's value (the first ``cap``).
+    ``ge``: entries at or above it all go to ``eq`` (the one pass's candidates), and with ``count`` a slot, their
+    number is added there."""
 
     lb: Tensor  # look-back words, one per block
     hi: tuple[Tensor, Tensor]
@@ -84,12 +110,20 @@ class Select(NamedTuple):
     n: int
     cand: tuple[Tensor, Tensor] | None = None
     pad: tuple[bool, bool] = (False, False)
+    ge: bool = False
+    count: int = ALWAYS
+    stored: bool = True  # EF14: v is already in e (False in the one pass, which stores it)
 
     def slots(self) -> tuple[int, ...]:
         return (self.active, self.n_slot, self.thr_slot, self.shift, self.hi_base, self.eq_base, self.cap, self.ctr)
 
 
 class Launcher(Protocol):
+    def predict(self, scal: Tensor, mode: int, n: int, k: int, cap: int, hint: Tensor, approx: bool) -> None:
+        """Slot ``S_LO``: the lowest key the one pass collects. With a hint (>= 0): ``MARGIN`` below it (exact), or
+        its bin's lowest key (approximate: a whole bin); else the lowest key of the bin from which a sample of the
+        vector expects at least k entries. Slot ``S_CAPC``: ``cap``."""
+
     def hist(self, scal: Tensor, p: Hist) -> None: ...
 
     def threshold(self, hist: Tensor, scal: Tensor, k: int, cap: int, level: int) -> None: ...
@@ -121,81 +155,90 @@ def capacity(d: int, k: int) -> int:
     return min(d, 4 * k + 4096)
 
 
-def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, approx: bool):
-    """Select and update the state in place; returns ``(values fp32, indices)``."""
+def sample_need(n: int, k: int, sample: int) -> int:
+    """The sampled rank whose bin the one pass predicts at a cold start: k's share of the sample plus four standard
+    deviations and one, so that fewer than k entries lie from that bin up about 3e-5 of the time whatever the
+    distribution (binomial tail); k itself when the sample is the whole vector."""
+    if n <= sample:
+        return k
+    mean = k * sample / n
+    return min(sample, math.ceil(mean + 4 * math.sqrt(mean) + 1))
+
+
+_HINTS: dict[tuple, Tensor] = {}
+MAX_HINTS = 4096  # buffers whose hint is kept; past that the dict starts afresh (a hint is only a prediction)
+
+
+def one_pass_takes(mode: int) -> bool:
+    """Whether the one-pass sequence can run ``mode`` (not EControl: see the module docstring)."""
+    return mode != ECONTROL
+
+
+def hint_of(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, rows: int = 1) -> Tensor:
+    """The one pass's per-buffer hint: an int32 per row (one for a vector) on the vector's device holding what the
+    last step found (-1 before the first): its k-th largest key when exact, its level-1 bin's lowest key when
+    approximate. Kept per (the vector the step updates: e for EF14, h for EF21, g for top-k; its length; k). Only a
+    prediction: a stale hint, or one left by another buffer at the same address, costs a re-read, never a different
+    result."""
+    owner = e if mode == EF14 else h if mode == EF21 else g
+    key = (owner.device, owner.data_ptr(), owner.numel(), k, rows)
+    hint = _HINTS.get(key)
+    if hint is None:
+        if len(_HINTS) >= MAX_HINTS:
+            _HINTS.clear()
+        hint = _HINTS[key] = torch.full((rows,), -1, dtype=torch.int32, device=owner.device)
+    return hint
+
+
+def run(
+    launcher: Launcher,
+    mode: int,
+    g: Tensor,
+    e: Tensor | None,
+    h: Tensor | None,
+    k: int,
+    approx: bool,
+    one_pass: bool | None = None,
+    hint: Tensor | None = None,
+):
+    """Select and update the state in place; returns ``(values fp32, indices)``. ``one_pass``: the sequence
+    (default: one pass wherever it can run, unless ``ONE_PASS`` is off); ``hint``: the one pass's prediction
+    (default: :func:`hint_of`)."""
+    one_pass = ONE_PASS and one_pass_takes(mode) if one_pass is None else one_pass
+    if one_pass and not one_pass_takes(mode):
+        raise ValueError("one_pass: EControl runs two passes (its one pass would overwrite e before a rescan)")
     d = g.numel()
     dev = g.device
     idt = index_dtype(d)
-    cap = 0 if approx else capacity(d, k)
+    cap = capacity(d, k) if one_pass or not approx else 0
     n_lb = launcher.lookback_slots(d)
     n_lbc = launcher.lookback_slots(cap) if cap else 0
+    n_vec = 3 if one_pass else 1 if approx else 2  # select passes over the vector, each with its look-back words
     head = (3 * NBINS + N_SCALARS) // 2
-    ws = torch.zeros(head + (n_lb if approx else 2 * n_lb + n_lbc), dtype=torch.int64, device=dev)
+    ws = torch.zeros(head + n_vec * n_lb + (n_lbc if cap else 0), dtype=torch.int64, device=dev)
     i32 = ws[:head].view(torch.int32)
-    hists = [i32[j * NBINS : (j + 1) * NBINS] for j in range(3)]
-    scal = i32[3 * NBINS :]
     lbs = ws[head:]
-    out = (_empty(k, idt, dev), _empty(k, torch.float32, dev))
-    state = [t for t in (e, h) if t is not None]
-    pad = (owns_padding(g), bool(state) and all(owns_padding(t) for t in state))  # the passes over the vector
-
-    launcher.hist(scal, level1(hists[0], mode, d, pad))
-    launcher.threshold(hists[0], scal, k, cap, 1)
-    select1 = dict(  # the level-1 select pass
-        lb=lbs[:n_lb],
-        hi=out,
-        mode=mode,
-        write_e=True,
-        n_slot=ALWAYS,
-        thr_slot=S_B1,
-        shift=20,
-        hi_base=S_ZERO,
-        ctr=S_CTR1,
-        n=d,
-        pad=pad,
+    passes = _Passes(
+        launcher,
+        mode,
+        d,
+        k,
+        cap,
+        [i32[j * NBINS : (j + 1) * NBINS] for j in range(3)],
+        i32[3 * NBINS :],
+        [lbs[j * n_lb : (j + 1) * n_lb] for j in range(n_vec)] + [lbs[n_vec * n_lb :]],
+        (_empty(k, idt, dev), _empty(k, torch.float32, dev)),
+        (_empty(cap, idt, dev), _empty(cap, torch.float32, dev)),
+        # the passes over the vector: does each operand own padding to a multiple of 16 (see _padding)
+        (owns_padding(g), any(t is not None for t in (e, h)) and all(owns_padding(t) for t in (e, h) if t is not None)),
     )
-    if approx:  # the threshold bin's lowest-indexed entries fill the remaining slots
-        launcher.select(scal, Select(eq=out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **select1))
+    if one_pass:
+        passes.one_pass(approx, hint_of(mode, g, e, h, k) if hint is None else hint)
     else:
-        cand = (_empty(cap, idt, dev), _empty(cap, torch.float32, dev))
-        launcher.select(scal, Select(eq=cand, active=S_FITS, eq_base=S_ZERO, cap=S_N1, **select1))
-        for level, shift_hi, shift_lo, prefix in ((2, 20, 9, S_B1), (3, 9, 0, S_P3)):
-            hist = hists[level - 1]  # the re-read of the vector and the pass over the candidates: one runs
-            launcher.hist(scal, Hist(hist, mode, True, S_OVER, ALWAYS, prefix, shift_hi, shift_lo, d, pad=pad))
-            launcher.hist(scal, Hist(hist, CAND, True, S_FITS, S_N1, prefix, shift_hi, shift_lo, cap, cand))
-            launcher.threshold(hist, scal, k, cap, level)
-        exact = dict(hi=out, eq=out, thr_slot=S_T, shift=0, eq_base=S_A, cap=S_CAP)
-        launcher.select(
-            scal,
-            Select(
-                lbs[n_lb : 2 * n_lb],
-                mode=mode,
-                write_e=True,
-                active=S_OVER,
-                n_slot=ALWAYS,
-                hi_base=S_ZERO,
-                ctr=S_CTR2,
-                n=d,
-                pad=pad,
-                **exact,
-            ),
-        )
-        launcher.select(
-            scal,
-            Select(
-                lbs[2 * n_lb :],
-                mode=CAND,
-                write_e=False,
-                active=S_FITS,
-                n_slot=S_N1,
-                hi_base=S_ABOVE1,
-                ctr=S_CTR3,
-                n=cap,
-                cand=cand,
-                **exact,
-            ),
-        )
-    idx, vals = out
+        passes.two_passes(approx)
+    if TRACE is not None:
+        TRACE.append(passes.scal)
+    idx, vals = passes.out
     sent = idx.long()
     if mode == EF14:
         e.index_fill_(0, sent, 0.0)
@@ -205,6 +248,81 @@ def run(launcher: Launcher, mode: int, g: Tensor, e: Tensor | None, h: Tensor | 
         e.index_add_(0, sent, vals, alpha=-1.0)
         h.index_add_(0, sent, vals)
     return vals, idx
+
+
+class _Passes(NamedTuple):
+    """One step's launches over its workspace: histograms, scalars, look-back words per select pass (the last
+    entry: the candidates' pass), the output and the candidate buffer."""
+
+    launcher: Launcher
+    mode: int
+    d: int
+    k: int
+    cap: int
+    hists: list[Tensor]
+    scal: Tensor
+    lbs: list[Tensor]
+    out: tuple[Tensor, Tensor]
+    cand: tuple[Tensor, Tensor]
+    pad: tuple[bool, bool]
+
+    def _select(self, **kw) -> None:
+        self.launcher.select(self.scal, Select(**kw))
+
+    def _vector(self) -> dict:
+        return dict(mode=self.mode, write_e=True, n_slot=ALWAYS, n=self.d, pad=self.pad)
+
+    def _in_cand(self, n_slot: int) -> dict:
+        return dict(mode=CAND, write_e=False, active=S_FITS, n_slot=n_slot, n=self.cap, cand=self.cand)
+
+    def one_pass(self, approx: bool, hint: Tensor) -> None:
+        lch, scal, k, cap = self.launcher, self.scal, self.k, self.cap
+        lch.predict(scal, self.mode, self.d, k, cap, hint, approx)
+        into_cand = dict(hi=self.cand, eq=self.cand, ge=True, hi_base=S_ZERO, eq_base=S_ZERO, cap=S_CAPC)
+        vector = self._vector()
+        self._select(lb=self.lbs[0], active=ALWAYS, thr_slot=S_LO, shift=0, ctr=S_CTR1, count=S_C, stored=False,
+                     **vector, **into_cand)  # fmt: skip
+        lch.threshold(self.hists[0], scal, k, cap, GATE)  # a hit: k <= candidates <= cap
+        lch.hist(scal, Hist(self.hists[0], CAND, True, S_HIT, S_NC, ALWAYS, 31, 20, cap, self.cand))
+        lch.hist(scal, Hist(self.hists[0], self.mode, True, S_RESCAN, ALWAYS, ALWAYS, 31, 20, self.d, pad=self.pad))
+        lch.threshold(self.hists[0], scal, k, cap, ONE_PASS_LEVEL1)
+        self._select(lb=self.lbs[1], active=S_REDO, thr_slot=S_B1, shift=20, ctr=S_CTR2, **vector, **into_cand)
+        if approx:  # the threshold bin's lowest-indexed entries fill the remaining slots
+            fill = dict(hi=self.out, eq=self.out, thr_slot=S_B1, shift=20, hi_base=S_ZERO, eq_base=S_ABOVE1,
+                        cap=S_NEED1)  # fmt: skip
+            self._select(lb=self.lbs[2], active=S_OVER, ctr=S_CTR3, **vector, **fill)
+            self._select(lb=self.lbs[3], ctr=S_CTR4, **self._in_cand(S_NC), **fill)
+        else:
+            self._levels_2_3(S_NC)
+            exact = dict(hi=self.out, eq=self.out, thr_slot=S_T, shift=0, hi_base=S_ZERO, eq_base=S_A, cap=S_CAP)
+            self._select(lb=self.lbs[2], active=S_OVER, ctr=S_CTR3, **vector, **exact)
+            self._select(lb=self.lbs[3], ctr=S_CTR4, **self._in_cand(S_NC), **exact)
+        hint.copy_(scal[S_HINT : S_HINT + 1])  # the next step's prediction (device to device)
+
+    def two_passes(self, approx: bool) -> None:
+        lch, scal, k, cap = self.launcher, self.scal, self.k, self.cap
+        lch.hist(scal, level1(self.hists[0], self.mode, self.d, self.pad))
+        lch.threshold(self.hists[0], scal, k, cap, 1)
+        select1 = dict(lb=self.lbs[0], hi=self.out, thr_slot=S_B1, shift=20, hi_base=S_ZERO, ctr=S_CTR1)
+        if approx:  # the threshold bin's lowest-indexed entries fill the remaining slots
+            self._select(eq=self.out, active=ALWAYS, eq_base=S_ABOVE1, cap=S_NEED1, **select1, **self._vector())
+            return
+        self._select(eq=self.cand, active=S_FITS, eq_base=S_ZERO, cap=S_N1, **select1, **self._vector())
+        self._levels_2_3(S_N1)
+        exact = dict(hi=self.out, eq=self.out, thr_slot=S_T, shift=0, eq_base=S_A, cap=S_CAP)
+        self._select(lb=self.lbs[1], active=S_OVER, hi_base=S_ZERO, ctr=S_CTR2, **self._vector(), **exact)
+        self._select(lb=self.lbs[2], hi_base=S_ABOVE1, ctr=S_CTR3, **self._in_cand(S_N1), **exact)
+
+    def _levels_2_3(self, n_slot: int) -> None:
+        """The k-th key's next 11 and last 9 bits, within the level-1 bin: from the candidates (``n_slot`` of them)
+        or, when the bin overflowed the buffer, from the vector, re-read; one of the two runs."""
+        for level, shift_hi, shift_lo, prefix in ((2, 20, 9, S_B1), (3, 9, 0, S_P3)):
+            hist = self.hists[level - 1]
+            self.launcher.hist(self.scal, Hist(hist, self.mode, True, S_OVER, ALWAYS, prefix, shift_hi, shift_lo,
+                                               self.d, pad=self.pad))  # fmt: skip
+            self.launcher.hist(self.scal, Hist(hist, CAND, True, S_FITS, n_slot, prefix, shift_hi, shift_lo, self.cap,
+                                               self.cand))  # fmt: skip
+            self.launcher.threshold(hist, self.scal, self.k, self.cap, level)
 
 
 class GpuOps:

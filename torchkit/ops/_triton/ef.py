@@ -51,8 +51,17 @@ FLAG_P: tl.constexpr = tl.constexpr(1 << 61)  # look-back word: the inclusive pr
 VALS: tl.constexpr = tl.constexpr((1 << 60) - 1)  # hi count << 30 | eq count
 S_BASE: tl.constexpr = tl.constexpr(_select.S_BASE)
 S_MISS: tl.constexpr = tl.constexpr(_select.S_MISS)
+S_LO: tl.constexpr = tl.constexpr(_select.S_LO)
+S_C: tl.constexpr = tl.constexpr(_select.S_C)
+S_HIT: tl.constexpr = tl.constexpr(_select.S_HIT)
+S_RESCAN: tl.constexpr = tl.constexpr(_select.S_RESCAN)
+S_NC: tl.constexpr = tl.constexpr(_select.S_NC)
+S_REDO: tl.constexpr = tl.constexpr(_select.S_REDO)
+S_CAPC: tl.constexpr = tl.constexpr(_select.S_CAPC)
+S_HINT: tl.constexpr = tl.constexpr(_select.S_HINT)
+MARGIN: tl.constexpr = tl.constexpr(_select.MARGIN)
 LADDER = 16  # rungs of the level-1 ladder (the counters in _ladder_kernel pack exactly 16)
-SAMPLE = 4096  # entries the level-1 prediction reads
+SAMPLE = _select.SAMPLE  # entries the level-1 prediction reads
 LADDER_BLOCK = 1024  # the ladder pass's block on a GPU: 4 entries per thread
 
 
@@ -225,34 +234,50 @@ def _ladder_kernel(
     tl.atomic_add(hist_ptr + base - 1 + rung, count, mask=count != 0, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["d", "eta", "need"])
+@triton.jit(do_not_specialize=["d", "eta", "need", "cap"])
 def _predict_kernel(
     g_ptr,
     e_ptr,
     h_ptr,
     scal_ptr,
+    hint_ptr,
     d,
     eta,
     need,
+    cap,
     MODE: tl.constexpr,
     SAMPLE: tl.constexpr,
     LADDER: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    APPROX: tl.constexpr = False,
 ):
     """One program: the level-1 bin of the ``need``-th largest key among SAMPLE entries spread evenly over the
-    vector (all of it when d <= SAMPLE), found bit by bit with counts (no histogram); writes the ladder's base to
+    vector (all of it when d <= SAMPLE), found bit by bit with counts (no histogram). The ladder: writes its base to
     slot ``S_BASE`` so that the predicted bin sits a third of the way up the window (a sample's estimate errs low
-    when few of its entries lie above the threshold)."""
-    i = tl.arange(0, SAMPLE)
-    pos = tl.where(d <= SAMPLE, i, (i.to(tl.int64) * d // SAMPLE).to(tl.int32))
-    live = i < d
-    v = _load_v(g_ptr, e_ptr, h_ptr, pos, live, live, eta, MODE, False)
-    bins = tl.where(live, _key(v) >> 20, -1)
+    when few of its entries lie above the threshold). ONE_PASS: writes slot ``S_LO``, the lowest key to collect
+    (with a hint, the sample is not read: MARGIN below it, or when APPROX its bin's lowest key; else the sampled
+    bin's lowest key), and the buffer's capacity to ``S_CAPC``."""
+    prev = tl.load(hint_ptr) if ONE_PASS else -1
     b = tl.zeros([], dtype=tl.int32)
-    for j in tl.static_range(11):  # the largest b with at least ``need`` sampled bins >= b, from the top bit down
-        c = b | (1 << (10 - j))
-        b = tl.where(tl.sum((bins >= c).to(tl.int32), axis=0) >= need, c, b)
-    base = tl.minimum(tl.maximum(b - (LADDER - 2) // 3, 0), 2049 - LADDER)
-    tl.store(scal_ptr + S_BASE, base)
+    if prev < 0:
+        i = tl.arange(0, SAMPLE)
+        pos = tl.where(d <= SAMPLE, i, (i.to(tl.int64) * d // SAMPLE).to(tl.int32))
+        live = i < d
+        v = _load_v(g_ptr, e_ptr, h_ptr, pos, live, live, eta, MODE, False)
+        bins = tl.where(live, _key(v) >> 20, -1)
+        for j in tl.static_range(11):  # the largest b with at least ``need`` sampled bins >= b, from the top bit
+            c = b | (1 << (10 - j))
+            b = tl.where(tl.sum((bins >= c).to(tl.int32), axis=0) >= need, c, b)
+    if ONE_PASS:
+        if APPROX:
+            warm = prev >> 20 << 20
+        else:
+            warm = tl.maximum(prev - MARGIN, 0)
+        tl.store(scal_ptr + S_LO, tl.where(prev < 0, b << 20, warm))
+        tl.store(scal_ptr + S_CAPC, cap)
+    else:
+        base = tl.minimum(tl.maximum(b - (LADDER - 2) // 3, 0), 2049 - LADDER)
+        tl.store(scal_ptr + S_BASE, base)
 
 
 @triton.jit
@@ -275,36 +300,53 @@ def _window_kernel(hist_ptr, scal_ptr, k, LADDER: tl.constexpr):
 
 @triton.jit
 def _threshold_kernel(hist_ptr, scal_ptr, k, cap, LEVEL: tl.constexpr, NBINS: tl.constexpr):
-    """One program: the bin of the k-th largest key at this level; writes the level's scalars."""
-    r = tl.arange(0, NBINS)
-    h = tl.load(hist_ptr + r)
-    if LEVEL == 1:
-        need = k
-    elif LEVEL == 2:
-        need = tl.load(scal_ptr + 2)  # S_NEED1
+    """One program: the bin of the k-th largest key at this level; writes the level's scalars. LEVEL 0 (the one
+    pass's gate): whether its candidates hold the answer; LEVEL 4: level 1 of the one pass (the buffer must hold
+    every entry from the bin up)."""
+    if LEVEL == 0:
+        c = tl.load(scal_ptr + S_C)
+        tl.store(scal_ptr + S_HIT, ((c >= k) & (c <= cap)).to(tl.int32))
+        tl.store(scal_ptr + S_RESCAN, ((c < k) | (c > cap)).to(tl.int32))
+        tl.store(scal_ptr + S_NC, tl.minimum(c, cap))
     else:
-        need = tl.load(scal_ptr + 8)  # S_NEED2
-    at_or_above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
-    b = tl.max(tl.where(at_or_above >= need, r, -1), axis=0)
-    above = tl.sum(tl.where(r > b, h, 0), axis=0)
-    in_bin = tl.sum(tl.where(r == b, h, 0), axis=0)
-    if LEVEL == 1:
-        tl.store(scal_ptr + 0, b)  # S_B1
-        tl.store(scal_ptr + 1, above)  # S_ABOVE1
-        tl.store(scal_ptr + 2, need - above)  # S_NEED1
-        tl.store(scal_ptr + 3, in_bin)  # S_N1
-        tl.store(scal_ptr + 4, (in_bin > cap).to(tl.int32))  # S_OVER
-        tl.store(scal_ptr + 5, (in_bin <= cap).to(tl.int32))  # S_FITS
-    elif LEVEL == 2:
-        tl.store(scal_ptr + 6, b)  # S_B2
-        tl.store(scal_ptr + 7, above)  # S_ABOVE2
-        tl.store(scal_ptr + 8, need - above)  # S_NEED2
-        tl.store(scal_ptr + 9, (tl.load(scal_ptr + 0) << 11) | b)  # S_P3
-    else:
-        t = (tl.load(scal_ptr + 0) << 20) | (tl.load(scal_ptr + 6) << 9) | b
-        tl.store(scal_ptr + 10, t)  # S_T
-        tl.store(scal_ptr + 11, k - (need - above))  # S_A: entries with a key above T
-        tl.store(scal_ptr + 12, need - above)  # S_CAP: entries equal to T that are sent
+        r = tl.arange(0, NBINS)
+        h = tl.load(hist_ptr + r)
+        if LEVEL == 2:
+            need = tl.load(scal_ptr + 2)  # S_NEED1
+        elif LEVEL == 3:
+            need = tl.load(scal_ptr + 8)  # S_NEED2
+        else:
+            need = k
+        at_or_above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+        b = tl.max(tl.where(at_or_above >= need, r, -1), axis=0)
+        above = tl.sum(tl.where(r > b, h, 0), axis=0)
+        in_bin = tl.sum(tl.where(r == b, h, 0), axis=0)
+        if LEVEL == 2:
+            tl.store(scal_ptr + 6, b)  # S_B2
+            tl.store(scal_ptr + 7, above)  # S_ABOVE2
+            tl.store(scal_ptr + 8, need - above)  # S_NEED2
+            tl.store(scal_ptr + 9, (tl.load(scal_ptr + 0) << 11) | b)  # S_P3
+        elif LEVEL == 3:
+            t = (tl.load(scal_ptr + 0) << 20) | (tl.load(scal_ptr + 6) << 9) | b
+            tl.store(scal_ptr + 10, t)  # S_T
+            tl.store(scal_ptr + 11, k - (need - above))  # S_A: entries with a key above T
+            tl.store(scal_ptr + 12, need - above)  # S_CAP: entries equal to T that are sent
+            tl.store(scal_ptr + S_HINT, t)  # the k-th key: the next exact one pass's hint
+        else:
+            tl.store(scal_ptr + 0, b)  # S_B1
+            tl.store(scal_ptr + 1, above)  # S_ABOVE1
+            tl.store(scal_ptr + 2, need - above)  # S_NEED1
+            tl.store(scal_ptr + 3, in_bin)  # S_N1
+            tl.store(scal_ptr + S_HINT, b << 20)  # the bin's lowest key: the next approximate one pass's hint
+            if LEVEL == 1:  # two passes: the buffer takes the bin's entries
+                held = in_bin
+            else:  # one pass: the buffer takes every entry from the bin up
+                held = above + in_bin
+                rescan = tl.load(scal_ptr + S_RESCAN) != 0
+                tl.store(scal_ptr + S_REDO, (rescan & (held <= cap)).to(tl.int32))
+                tl.store(scal_ptr + S_NC, tl.where(rescan, held, tl.load(scal_ptr + S_NC)))
+            tl.store(scal_ptr + 4, (held > cap).to(tl.int32))  # S_OVER
+            tl.store(scal_ptr + 5, (held <= cap).to(tl.int32))  # S_FITS
 
 
 @triton.jit
@@ -328,7 +370,7 @@ def _lookback(lb_ptr, vpid, agg):
     return excl
 
 
-@triton.jit(do_not_specialize=["d", "eta", "active", "n_slot"] + _SLOTS[5:])
+@triton.jit(do_not_specialize=["d", "eta", "active", "n_slot"] + _SLOTS[5:] + ["count_slot"])
 def _select_kernel(
     g_ptr,
     e_ptr,
@@ -350,15 +392,19 @@ def _select_kernel(
     eq_base,
     cap_slot,
     ctr_slot,
+    count_slot,
     MODE: tl.constexpr,
     STORED: tl.constexpr,
     WRITE_E: tl.constexpr,
     BLOCK: tl.constexpr,
     G_PAD: tl.constexpr = False,
     S_PAD: tl.constexpr = False,
+    GE: tl.constexpr = False,
 ):
     """Entries with ``key >> shift`` above the threshold go to ``hi_*`` (from its base), entries equal to it
-    to ``eq_*`` (from its base, the first ``cap`` in index order); order-preserving compaction."""
+    to ``eq_*`` (from its base, the first ``cap`` in index order); order-preserving compaction. GE: every entry
+    at or above it goes to ``eq_*``, and (``count_slot`` >= 0) their number is added to that slot. EF14's pass that
+    is not STORED stores v in e."""
     if _flag(scal_ptr, active):
         vpid = tl.atomic_add(scal_ptr + ctr_slot, 1, sem="relaxed")  # tickets in start order: no deadlock
         n = _count(scal_ptr, d, n_slot)
@@ -367,14 +413,23 @@ def _select_kernel(
         live = offs < n
         gm, sm = _masks(offs, live, d, G_PAD, S_PAD)
         v = _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE, STORED)
+        if MODE == 1 and not STORED:
+            tl.store(e_ptr + offs, v, mask=sm)  # e now holds v = e + g (and the padding e + g there)
         if MODE == 3 and WRITE_E:
             t = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=sm, other=0.0)
             tl.store(e_ptr + offs, tl.load(e_ptr + offs, mask=sm, other=0.0) + t, mask=sm)
         b = _key(v) >> shift
         thr = tl.load(scal_ptr + thr_slot)
-        hi = (live & (b > thr)).to(tl.int32)
-        eq = (live & (b == thr)).to(tl.int32)
-        agg = (tl.sum(hi, axis=0).to(tl.int64) << 30) | tl.sum(eq, axis=0).to(tl.int64)
+        if GE:
+            hi = (live & (b < 0)).to(tl.int32)  # none: keys are non-negative
+            eq = (live & (b >= thr)).to(tl.int32)
+        else:
+            hi = (live & (b > thr)).to(tl.int32)
+            eq = (live & (b == thr)).to(tl.int32)
+        n_eq = tl.sum(eq, axis=0)
+        if count_slot >= 0:
+            tl.atomic_add(scal_ptr + count_slot, n_eq, sem="relaxed")
+        agg = (tl.sum(hi, axis=0).to(tl.int64) << 30) | n_eq.to(tl.int64)
         excl = _lookback(lb_ptr, vpid, agg)
         if MODE == 4:
             idx = tl.load(ci_ptr + offs, mask=live, other=0)
@@ -438,6 +493,13 @@ class _Launcher:
         self.g, self.e, self.h, self.k, self.eta = g, e, h, k, eta
         self.dev = g.device
 
+    def predict(self, scal, mode, n, k, cap, hint, approx):
+        _predict_kernel[(1,)](
+            self.g, self.e, self.h, scal, hint, n, self.eta, _select.sample_need(n, k, SAMPLE), cap, MODE=mode,
+            SAMPLE=SAMPLE, LADDER=LADDER, ONE_PASS=True, APPROX=bool(approx), num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+
     def hist(self, scal, p: _select.Hist):
         if p._replace(hist=None) != _select.level1(None, p.mode, p.n, p.pad):
             return self._hist(scal, p)
@@ -446,8 +508,8 @@ class _Launcher:
         sample = min(p.n, SAMPLE)
         need = max(1, -(-self.k * sample // p.n))
         _predict_kernel[(1,)](
-            self.g, self.e, self.h, scal, p.n, self.eta, need, MODE=p.mode, SAMPLE=SAMPLE, LADDER=LADDER,
-            num_warps=NUM_WARPS, enable_fp_fusion=False,
+            self.g, self.e, self.h, scal, scal, p.n, self.eta, need, 0, MODE=p.mode, SAMPLE=SAMPLE, LADDER=LADDER,
+            ONE_PASS=False, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
         block = LADDER_BLOCK if self.dev.type == "cuda" else _block(p.n, self.dev)
         grid = (_programs(triton.cdiv(p.n, block), self.dev),)
@@ -499,12 +561,14 @@ class _Launcher:
             p.n,
             self.eta,
             *p.slots(),
+            p.count,
             MODE=p.mode,
-            STORED=p.mode == 1,
+            STORED=p.stored and p.mode == 1,
             WRITE_E=p.write_e and p.mode == 3,
             BLOCK=block,
             G_PAD=p.pad[0],
             S_PAD=p.pad[1],
+            GE=p.ge,
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )
