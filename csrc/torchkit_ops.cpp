@@ -483,6 +483,15 @@ std::tuple<torch::Tensor, torch::Tensor> run_rows(const torch::Tensor& g, float*
   return {torch::stack(vals), torch::stack(idxs)};
 }
 
+// The one pass's hint (one int32 per row or segment: what its last step found, -1 for none), or null without one
+int32_t* checked_hint(const c10::optional<torch::Tensor>& hint, int64_t n, const char* what) {
+  if (!hint.has_value() || !hint->defined()) return nullptr;
+  TORCH_CHECK(hint->device().is_cpu() && hint->scalar_type() == torch::kInt32 && hint->is_contiguous() &&
+                  hint->numel() == n,
+              "hint must be a contiguous CPU int32 tensor of ", what, " (", n, ")");
+  return hint->data_ptr<int32_t>();
+}
+
 template <Mode mode>
 std::tuple<torch::Tensor, torch::Tensor> dispatch(const torch::Tensor& g, torch::Tensor e, torch::Tensor h,
                                                   int64_t k, double eta, bool approx,
@@ -492,13 +501,7 @@ std::tuple<torch::Tensor, torch::Tensor> dispatch(const torch::Tensor& g, torch:
   TORCH_CHECK(k >= 1 && k <= d, "k must be in [1, d], got k=", k, " for d=", d);
   for (const auto& t : {e, h})
     TORCH_CHECK(!t.defined() || t.sizes() == g.sizes(), "the state must be shaped as grad, ", g.sizes());
-  int32_t* hint_p = nullptr;  // the one pass's hint: one int32 per row, the last step's threshold bin (-1: none)
-  if (hint.has_value() && hint->defined()) {
-    TORCH_CHECK(hint->device().is_cpu() && hint->scalar_type() == torch::kInt32 && hint->is_contiguous() &&
-                    hint->numel() == (g.dim() == 1 ? 1 : g.size(0)),
-                "hint must be a contiguous CPU int32 tensor of one entry per row");
-    hint_p = hint->data_ptr<int32_t>();
-  }
+  int32_t* hint_p = checked_hint(hint, g.dim() == 1 ? 1 : g.size(0), "one entry per row");
   float* ep = e.defined() ? e.data_ptr<float>() : nullptr;
   float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
   const float f = static_cast<float>(eta);
@@ -520,7 +523,7 @@ std::tuple<torch::Tensor, torch::Tensor> dispatch(const torch::Tensor& g, torch:
 template <Mode mode, typename G>
 std::tuple<torch::Tensor, torch::Tensor> run_segments(const torch::Tensor& g, float* ep, float* hp, float eta,
                                                       const std::vector<int64_t>& sizes,
-                                                      const std::vector<int64_t>& ks, bool approx) {
+                                                      const std::vector<int64_t>& ks, bool approx, int32_t* hint) {
   const G* gp = g.data_ptr<G>();
   const int64_t n = static_cast<int64_t>(sizes.size()), d = g.numel();
   std::vector<int64_t> start(n + 1, 0), at(n + 1, 0);
@@ -533,7 +536,7 @@ std::tuple<torch::Tensor, torch::Tensor> run_segments(const torch::Tensor& g, fl
     const int64_t a = start[s];
     const std::tuple<torch::Tensor, torch::Tensor> vi =
         run(Step<mode, G>{gp + a, ep ? ep + a : nullptr, hp ? hp + a : nullptr, eta, sizes[s]}, ks[s], approx, g,
-            nullptr);
+            hint ? hint + s : nullptr);
     const torch::Tensor& v = std::get<0>(vi);
     const torch::Tensor i = std::get<1>(vi).to(torch::kInt64);  // segment-local indices
     std::memcpy(vp + at[s], v.data_ptr<float>(), sizeof(float) * ks[s]);
@@ -555,7 +558,8 @@ std::tuple<torch::Tensor, torch::Tensor> run_segments(const torch::Tensor& g, fl
 template <Mode mode>
 std::tuple<torch::Tensor, torch::Tensor> dispatch_segments(const torch::Tensor& g, torch::Tensor e, torch::Tensor h,
                                                            const std::vector<int64_t>& sizes,
-                                                           const std::vector<int64_t>& ks, double eta, bool approx) {
+                                                           const std::vector<int64_t>& ks, double eta, bool approx,
+                                                           const c10::optional<torch::Tensor>& hint) {
   TORCH_CHECK(g.device().is_cpu() && g.dim() == 1 && g.is_contiguous(), "grad must be a contiguous 1-D CPU tensor");
   TORCH_CHECK(sizes.size() == ks.size() && !sizes.empty(), "one k per segment, at least one segment");
   int64_t total = 0;
@@ -571,14 +575,15 @@ std::tuple<torch::Tensor, torch::Tensor> dispatch_segments(const torch::Tensor& 
   }
   float* ep = e.defined() ? e.data_ptr<float>() : nullptr;
   float* hp = h.defined() ? h.data_ptr<float>() : nullptr;
+  int32_t* hint_p = checked_hint(hint, static_cast<int64_t>(sizes.size()), "one entry per segment");
   const float f = static_cast<float>(eta);
   switch (g.scalar_type()) {
     case torch::kFloat32:
-      return run_segments<mode, float>(g, ep, hp, f, sizes, ks, approx);
+      return run_segments<mode, float>(g, ep, hp, f, sizes, ks, approx, hint_p);
     case torch::kBFloat16:
-      return run_segments<mode, c10::BFloat16>(g, ep, hp, f, sizes, ks, approx);
+      return run_segments<mode, c10::BFloat16>(g, ep, hp, f, sizes, ks, approx, hint_p);
     case torch::kHalf:
-      return run_segments<mode, c10::Half>(g, ep, hp, f, sizes, ks, approx);
+      return run_segments<mode, c10::Half>(g, ep, hp, f, sizes, ks, approx, hint_p);
     default:
       TORCH_CHECK(false, "grad must be float32, bfloat16 or float16, got ", g.scalar_type());
   }
@@ -613,18 +618,19 @@ std::tuple<torch::Tensor, torch::Tensor> econtrol_step(torch::Tensor g, torch::T
 // mode 1 EF14 (error), 2 EF21 (shift), 3 EControl (error, shift): as torchkit/ops/_select.py numbers them
 std::tuple<torch::Tensor, torch::Tensor> segments_step(int64_t mode, torch::Tensor g, c10::optional<torch::Tensor> e,
                                                        c10::optional<torch::Tensor> h, std::vector<int64_t> sizes,
-                                                       std::vector<int64_t> ks, double eta, bool approx) {
+                                                       std::vector<int64_t> ks, double eta, bool approx,
+                                                       c10::optional<torch::Tensor> hint) {
   const torch::Tensor ee = e.has_value() ? *e : torch::Tensor(), hh = h.has_value() ? *h : torch::Tensor();
   switch (mode) {
     case 1:
       TORCH_CHECK(ee.defined() && !hh.defined(), "EF14 takes error only");
-      return dispatch_segments<kEF14>(g, ee, hh, sizes, ks, 0.0, approx);
+      return dispatch_segments<kEF14>(g, ee, hh, sizes, ks, 0.0, approx, hint);
     case 2:
       TORCH_CHECK(!ee.defined() && hh.defined(), "EF21 takes shift only");
-      return dispatch_segments<kEF21>(g, ee, hh, sizes, ks, 0.0, approx);
+      return dispatch_segments<kEF21>(g, ee, hh, sizes, ks, 0.0, approx, hint);
     case 3:
       TORCH_CHECK(ee.defined() && hh.defined(), "EControl takes error and shift");
-      return dispatch_segments<kEControl>(g, ee, hh, sizes, ks, eta, approx);
+      return dispatch_segments<kEControl>(g, ee, hh, sizes, ks, eta, approx, c10::nullopt);
     default:
       TORCH_CHECK(false, "mode must be 1 (EF14), 2 (EF21) or 3 (EControl), got ", mode);
   }

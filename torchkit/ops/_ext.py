@@ -109,11 +109,11 @@ def build(verbose: bool = False) -> bool:
 ONE_PASS = True
 
 
-def _hint(mode: int, grad: Tensor, error, estimate, k: int):
-    """The one pass's hint for this vector (one int32 per row), or None when ONE_PASS is off."""
+def _hint(mode: int, grad: Tensor, error, estimate, k: int, rows: int | None = None):
+    """The one pass's hint for this vector (one int32 per row, or per segment), or None when ONE_PASS is off."""
     if not ONE_PASS:
         return None
-    rows = 1 if grad.dim() == 1 else grad.shape[0]
+    rows = rows or (1 if grad.dim() == 1 else grad.shape[0])
     return _select.hint_of(mode, grad, error, estimate, k, rows)
 
 
@@ -160,7 +160,8 @@ def segments_step_(mode: int, grad: Tensor, error, shift, sizes, ks, eta: float 
     state = [t for t in (error, shift) if t is not None]
     if not _kernel_takes(grad, *state):
         return _reference.segments_step_(mode, grad, error, shift, sizes, ks, eta)
-    v, i = _module.segments_step(mode, grad, error, shift, list(sizes), list(ks), eta, approx)
+    hint = _hint(mode, grad, error, shift, sum(ks), len(sizes)) if mode != _select.ECONTROL else None
+    v, i = _module.segments_step(mode, grad, error, shift, list(sizes), list(ks), eta, approx, hint)
     return v, _int_idx(i, grad.shape[-1])
 
 
