@@ -120,22 +120,15 @@ std::tuple<torch::Tensor, torch::Tensor> finish(const Step<mode, G>& s, const Pi
 
 constexpr uint32_t kMargin = 1u << 19;  // an exact one pass collects from 1/16 octave below the last k-th key
 
-// The hint a step leaves for the next: exact, the k-th largest key (the smallest selected); approximate, the lowest
-// key of the threshold bin.
-int32_t next_hint(const Picked& out, int thr, bool approx) {
-  if (approx) return thr << 20;
-  uint32_t t = 0x7FFFFFFFu;
-  for (float v : out.val) t = std::min(t, key_of(v));
-  return static_cast<int32_t>(t);
-}
-
 // The exact k-th key among a threshold bin's entries (index order) by two more radix levels (bits 9..19, then 0..8):
 // the positions of every entry above it, then of the first ones equal to it (ties to the lower index); linear.
-std::vector<int64_t> resolve_bin(const Picked& all, int thr, int64_t need) {
+// `t`: that key.
+std::vector<int64_t> resolve_bin(const Picked& all, int thr, int64_t need, uint32_t& t) {
   std::vector<int64_t> chosen;
   const int64_t n = static_cast<int64_t>(all.idx.size());
   if (n == need) {
-    for (int64_t j = 0; j < need; ++j) chosen.push_back(j);
+    t = 0x7FFFFFFFu;
+    for (int64_t j = 0; j < need; ++j) chosen.push_back(j), t = std::min(t, key_of(all.val[j]));
     return chosen;
   }
   std::vector<int64_t> h2(kBins, 0), h3(512, 0);
@@ -149,13 +142,16 @@ std::vector<int64_t> resolve_bin(const Picked& all, int thr, int64_t need) {
   }
   int64_t b3 = 511;
   for (; b3 > 0 && h3[b3] < want; --b3) want -= h3[b3];
-  const uint32_t t = (p3 << 9) | static_cast<uint32_t>(b3);  // the k-th largest key; `want` of it are taken
+  t = (p3 << 9) | static_cast<uint32_t>(b3);  // the k-th largest key; `want` of it are taken
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t key = key_of(all.val[j]);
     if (key > t || (key == t && want-- > 0)) chosen.push_back(j);
   }
   return chosen;
 }
+
+// The hint a step leaves for the next one pass: the k-th largest key (exact), or the threshold bin's lowest key
+int32_t next_hint(uint32_t t, int thr, bool approx) { return static_cast<int32_t>(approx ? uint32_t(thr) << 20 : t); }
 
 // The two passes (see the top of this file); `hint`, when given, receives the threshold bin.
 template <Mode mode, typename G>
@@ -340,7 +336,7 @@ std::tuple<torch::Tensor, torch::Tensor> two_passes(const Step<mode, G>& s, int6
   });
   if (!approx && !refine) {
     int64_t pos = above;
-    for (int64_t j : resolve_bin(all, thr, need)) {
+    for (int64_t j : resolve_bin(all, thr, need, t_key)) {
       out.idx[pos] = all.idx[j];
       out.val[pos++] = all.val[j];
     }
@@ -348,20 +344,22 @@ std::tuple<torch::Tensor, torch::Tensor> two_passes(const Step<mode, G>& s, int6
     TORCH_CHECK(lo_off[nchunks] == need, "torchkit: internal count mismatch in the threshold bin");
   }
   TORCH_CHECK(hi_off[nchunks] == above, "torchkit: internal count mismatch");
-  if (hint) *hint = next_hint(out, thr, approx);
+  if (hint) *hint = next_hint(t_key, thr, approx);
   return finish(s, out, k, like);
 }
 
-// The one pass: v of every entry (EF14 stores it in e) and the entries from key `lo` up, collected in index order;
-// then the threshold bin and the selection from those only. False (nothing selected; EF14's e holds v) when they
-// are fewer than k or more than 4k + 4096: the caller runs the two passes. `thr`: the threshold bin found.
+// The one pass: v of every entry (EF14 stores it in e) and the entries from key `lo` up, collected in index order
+// with a histogram of their bins per chunk; then the threshold bin and the selection from those only, chunks in
+// parallel. False (nothing selected; EF14's e holds v) when they are fewer than k or more than 4k + 4096: the caller
+// runs the two passes. `thr`: the threshold bin found; `t`: the k-th key (exact).
 template <Mode mode, typename G>
-bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picked& out, int& thr) {
+bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picked& out, int& thr, uint32_t& t) {
   const int64_t d = s.d;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nchunks = std::min<int64_t>(std::max<int64_t>(1, d / 65536), 8 * nthreads);
   const int64_t chunk = (d + nchunks - 1) / nchunks;
   std::vector<Picked> cand(nchunks);
+  std::vector<int64_t> hist(static_cast<size_t>(nchunks) * kBins, 0);  // the candidates' bins, per chunk
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     // a local copy of the step and a small local buffer: the loop keeps its pointers in registers, and only the
     // rare flush into the chunk's list calls out
@@ -388,14 +386,16 @@ bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picke
         }
       }
       flush(n);
+      int64_t* hc = hist.data() + c * kBins;
+      for (float v : p.val) ++hc[bin_of(key_of(v))];
     }
   });
   int64_t n = 0;
   for (const Picked& p : cand) n += static_cast<int64_t>(p.idx.size());
   if (n < k || n > 4 * k + 4096) return false;
   std::vector<int64_t> total(kBins, 0);
-  for (const Picked& p : cand)
-    for (float v : p.val) ++total[bin_of(key_of(v))];
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int b = 0; b < kBins; ++b) total[b] += hist[c * kBins + b];
   thr = kBins - 1;
   int64_t above = 0;
   for (; thr > 0; --thr) {
@@ -403,34 +403,49 @@ bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picke
     above += total[thr];
   }
   const int64_t need = k - above;
+  // per chunk: where its entries above the bin go, where its bin entries go (exact: into the bin's list;
+  // approximate: its quota of the remaining slots, in index order)
+  std::vector<int64_t> hi_off(nchunks + 1, 0), bin_off(nchunks + 1, 0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int64_t n_hi = 0;
+    for (int b = thr + 1; b < kBins; ++b) n_hi += hist[c * kBins + b];
+    hi_off[c + 1] = hi_off[c] + n_hi;
+    bin_off[c + 1] = bin_off[c] + hist[c * kBins + thr];
+  }
   out.idx.resize(k);
   out.val.resize(k);
   Picked in_bin;  // exact: the threshold bin's candidates, resolved below
-  int64_t ph = 0, pl = above;
-  for (const Picked& p : cand) {
-    for (size_t j = 0; j < p.idx.size(); ++j) {
-      const int b = bin_of(key_of(p.val[j]));
-      if (b > thr) {
-        out.idx[ph] = p.idx[j];
-        out.val[ph++] = p.val[j];
-      } else if (b == thr) {
-        if (!approx) {
-          in_bin.idx.push_back(p.idx[j]);
-          in_bin.val.push_back(p.val[j]);
-        } else if (pl < k) {  // approximate: the bin's first entries in index order
-          out.idx[pl] = p.idx[j];
-          out.val[pl++] = p.val[j];
+  in_bin.idx.resize(approx ? 0 : bin_off[nchunks]);
+  in_bin.val.resize(approx ? 0 : bin_off[nchunks]);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Picked& p = cand[c];
+      int64_t ph = hi_off[c], pb = bin_off[c];
+      for (size_t j = 0; j < p.idx.size(); ++j) {
+        const int b = bin_of(key_of(p.val[j]));
+        if (b > thr) {
+          out.idx[ph] = p.idx[j];
+          out.val[ph++] = p.val[j];
+        } else if (b == thr) {
+          if (!approx) {
+            in_bin.idx[pb] = p.idx[j];
+            in_bin.val[pb++] = p.val[j];
+          } else if (pb < need) {  // approximate: the bin's first `need` entries in index order
+            out.idx[above + pb] = p.idx[j];
+            out.val[above + pb++] = p.val[j];
+          }
         }
       }
     }
-  }
+  });
+  int64_t pl = approx ? above + std::min(need, bin_off[nchunks]) : above;
   if (!approx) {
-    for (int64_t j : resolve_bin(in_bin, thr, need)) {
+    for (int64_t j : resolve_bin(in_bin, thr, need, t)) {
       out.idx[pl] = in_bin.idx[j];
       out.val[pl++] = in_bin.val[j];
     }
   }
-  TORCH_CHECK(ph == above && pl == k, "torchkit: internal count mismatch in the one pass");
+  TORCH_CHECK(hi_off[nchunks] == above && pl == k, "torchkit: internal count mismatch in the one pass");
   return true;
 }
 
@@ -444,9 +459,10 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
   const uint32_t lo = approx ? last >> 20 << 20 : (last > kMargin ? last - kMargin : 0u);
   Picked out;
   int thr = 0;
-  if (one_pass(s, k, approx, lo, out, thr)) {
+  uint32_t t = 0;
+  if (one_pass(s, k, approx, lo, out, thr, t)) {
     ++one_pass_hits;
-    *hint = next_hint(out, thr, approx);
+    *hint = next_hint(t, thr, approx);
     return finish(s, out, k, like);
   }
   ++one_pass_misses;
