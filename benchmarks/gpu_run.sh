@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device checks in one call on an H100/H200, run in the order STAGES lists them (default: all):
 #   tests   tests/test_ops.py and tests/test_gpu.py on CUDA
-#   onepass the same tests with the CUDA one pass on (TORCHKIT_CUDA_ONE_PASS=1), then bench_kernels.py --passes:
+#   onepass the same tests with the GPU one pass on (TORCHKIT_GPU_ONE_PASS=1), then bench_kernels.py --passes:
 #           each implementation's one pass against its two passes (d = 1e7, 1e8; k = 0.1%, 1%; fp32)
 #   bench   benchmarks/bench_kernels.py (d = 1e6 .. 1e8, and 1e9 in bf16)
 #   tune    benchmarks/tune_gpu.py (CUDA build variants, per-kernel breakdown, Triton histogram cost)
@@ -35,7 +35,7 @@ stage_tests() {
 }
 stage_onepass() {
   wait $cpp
-  TORCHKIT_CUDA_ONE_PASS=1 timeout ${T_ONEPASS_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -p no:logging \
+  TORCHKIT_GPU_ONE_PASS=1 timeout ${T_ONEPASS_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -p no:logging \
     -o addopts="" -m "not slow" -rfE tests/test_ops.py tests/test_gpu.py 2>&1 | tail -60 > "$OUT/pytest_onepass.txt"
   tail -5 "$OUT/pytest_onepass.txt" | tee -a "$log"
   timeout ${T_ONEPASS:-150} python3 benchmarks/bench_kernels.py --device cuda --sizes 1e7 1e8 --ratios 0.001 0.01 \

@@ -351,15 +351,20 @@ std::tuple<torch::Tensor, torch::Tensor> two_passes(const Step<mode, G>& s, int6
 // The one pass: v of every entry (EF14 stores it in e) and the entries from key `lo` up, collected in index order
 // with a histogram of their bins per chunk; then the threshold bin and the selection from those only, chunks in
 // parallel. False (nothing selected; EF14's e holds v) when they are fewer than k or more than 4k + 4096: the caller
-// runs the two passes. `thr`: the threshold bin found; `t`: the k-th key (exact).
+// runs the two passes. `thr`: the threshold bin found; `t`: the k-th key (exact). Collection stops (v is still
+// computed and, for EF14, stored) once more than 4k + 4096 entries were found: the memory stays bounded.
+enum OnePass { kHit = 0, kTooFew, kTooMany };
 template <Mode mode, typename G>
-bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picked& out, int& thr, uint32_t& t) {
+OnePass one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picked& out, int& thr, uint32_t& t) {
   const int64_t d = s.d;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nchunks = std::min<int64_t>(std::max<int64_t>(1, d / 65536), 8 * nthreads);
   const int64_t chunk = (d + nchunks - 1) / nchunks;
+  const int64_t cap = 4 * k + 4096;
   std::vector<Picked> cand(nchunks);
   std::vector<int64_t> hist(static_cast<size_t>(nchunks) * kBins, 0);  // the candidates' bins, per chunk
+  std::atomic<int64_t> held{0};
+  std::atomic<bool> over{false};
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     // a local copy of the step and a small local buffer: the loop keeps its pointers in registers, and only the
     // rare flush into the chunk's list calls out
@@ -372,6 +377,11 @@ bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picke
       p.idx.reserve(static_cast<size_t>(2 * k / nchunks + kBuf));  // about 1.2-1.6 k candidates in all
       p.val.reserve(static_cast<size_t>(2 * k / nchunks + kBuf));
       auto flush = [&](int n) {
+        if (over.load(std::memory_order_relaxed)) return;
+        if (held.fetch_add(n, std::memory_order_relaxed) + n > cap) {
+          over.store(true, std::memory_order_relaxed);
+          return;
+        }
         p.idx.insert(p.idx.end(), buf_i, buf_i + n);
         p.val.insert(p.val.end(), buf_v, buf_v + n);
       };
@@ -390,9 +400,10 @@ bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picke
       for (float v : p.val) ++hc[bin_of(key_of(v))];
     }
   });
+  if (over.load()) return kTooMany;
   int64_t n = 0;
   for (const Picked& p : cand) n += static_cast<int64_t>(p.idx.size());
-  if (n < k || n > 4 * k + 4096) return false;
+  if (n < k) return kTooFew;
   std::vector<int64_t> total(kBins, 0);
   for (int64_t c = 0; c < nchunks; ++c)
     for (int b = 0; b < kBins; ++b) total[b] += hist[c * kBins + b];
@@ -446,21 +457,30 @@ bool one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picke
     }
   }
   TORCH_CHECK(hi_off[nchunks] == above && pl == k, "torchkit: internal count mismatch in the one pass");
-  return true;
+  return kHit;
 }
 
-// One step: the one pass when a hint is kept (not EControl, whose pass 2 writes e), else or after it failed the
-// two passes; the hint then holds this step's threshold bin.
+// One step: the one pass when a hint is kept (not EControl, whose pass 2 writes e), else, or after it failed, the
+// two passes; the hint then holds what this step found. A hint from which the one pass would collect everything
+// (lowest key 0: more than d - k zeros) goes straight to the two passes; after a one pass that found more entries
+// than it may hold (a threshold bin of heavy ties), the next kBackOff steps do.
+constexpr int32_t kBackOff = 16;
 template <Mode mode, typename G>
 std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, bool approx, const torch::Tensor& like,
                                              int32_t* hint) {
-  if (mode == kEControl || !hint || *hint < 0) return two_passes(s, k, approx, like, mode == kEControl ? nullptr : hint);
+  if (mode == kEControl || !hint) return two_passes(s, k, approx, like, nullptr);
+  if (*hint < -1) {  // backing off: the two passes, counting down to a cold start
+    ++*hint;
+    return two_passes(s, k, approx, like, nullptr);
+  }
   const uint32_t last = static_cast<uint32_t>(*hint);
   const uint32_t lo = approx ? last >> 20 << 20 : (last > kMargin ? last - kMargin : 0u);
+  if (*hint < 0 || lo == 0) return two_passes(s, k, approx, like, hint);
   Picked out;
   int thr = 0;
   uint32_t t = 0;
-  if (one_pass(s, k, approx, lo, out, thr, t)) {
+  const OnePass got = one_pass(s, k, approx, lo, out, thr, t);
+  if (got == kHit) {
     ++one_pass_hits;
     *hint = next_hint(t, thr, approx);
     return finish(s, out, k, like);
@@ -468,8 +488,11 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
   ++one_pass_misses;
   Step<mode, G> stored = s;  // EF14's e holds v now
   stored.stored = true;
-  return two_passes(stored, k, approx, like, hint);
+  auto result = two_passes(stored, k, approx, like, hint);
+  if (got == kTooMany) *hint = -1 - kBackOff;
+  return result;
 }
+
 #define TK_CHECK_CPU_VEC(t) \
   TORCH_CHECK((t).device().is_cpu() && ((t).dim() == 1 || (t).dim() == 2) && (t).is_contiguous(), \
               #t " must be a contiguous 1-D (or [rows, d]) CPU tensor")

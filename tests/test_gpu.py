@@ -123,7 +123,7 @@ def test_the_c_driver_launches_what_the_python_driver_does(monkeypatch, mode, ap
     sequences (EControl: two passes whatever the flag)."""
     from torchkit.ops import _cuda, _select
 
-    monkeypatch.setattr(_cuda, "ONE_PASS", one_pass)
+    monkeypatch.setattr(_select, "GPU_ONE_PASS", one_pass)
 
     m = {"topk": _select.TOPK, "ef14": _select.EF14, "ef21": _select.EF21, "econtrol": _select.ECONTROL}[mode]
     for d, k in ((1000, 10), (1_000_003, 10_000), ((1 << 21) + 5, 20_000)):

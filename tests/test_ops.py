@@ -721,7 +721,7 @@ ONE_PASS_CASES = {
     "cold start": (None, "randn"),  # no hint: the bin is predicted from a sample
     "warm": ("true", "randn"),  # the last step found this step's threshold: a margin below it holds the answer
     "hint too high": (0x7F000000, "randn"),  # fewer than k candidates: the vector is read again, the buffer refilled
-    "hint too low": (0, "randn"),  # every entry a candidate, more than the buffer holds: read again, refilled
+    "hint too low": (1 << 23, "randn"),  # every entry a candidate, more than the buffer holds: read again, refilled
     "ties": (None, "ties"),  # the k-th magnitude's bin holds more than the buffer: the re-read path to the end
 }
 
@@ -735,6 +735,7 @@ def test_triton_one_pass_takes_each_path_and_selects_what_the_cpu_kernel_does(mo
     candidates only; a rescan that refills the buffer; a rescan whose bin overflows it), the step must select the
     CPU kernel's entries with its values, leave its state, and keep the true level-1 bin as the next step's hint."""
     hint_set, kind = ONE_PASS_CASES[case]
+    monkeypatch.setattr(_select, "GPU_ONE_PASS", True)  # (on CUDA tensors it is off by default)
     dev = _triton_device()
     d, k = 70_001, 700
     g = _data(d, kind, dev)
@@ -744,11 +745,11 @@ def test_triton_one_pass_takes_each_path_and_selects_what_the_cpu_kernel_does(mo
     approx = approx and method != "topk"  # top-k has no approximate mode
     after = _hint_after(v, k, approx)
     runs = []
-    for x, impl in ((g, "triton"), (g.cpu(), "cpp")):
+    for x, impl in ((g, "triton"), (g.cpu().clone(), "cpp")):  # (top-k's hint is g's: not shared under the interpreter)
         e, h = e0.to(x.device, copy=True), h0.to(x.device, copy=True)
         trace = []
         if impl == "triton":
-            hint = _select.hint_of(mode, x, e, h, k)
+            hint = _select.hint_of(mode, x, e, h, k, approx=approx)
             hint.fill_(-1 if hint_set is None else after if hint_set == "true" else hint_set)
             monkeypatch.setattr(_select, "TRACE", trace)
         vals, idx = _step(method, x, e, h, k, approx, impl)()
@@ -759,6 +760,12 @@ def test_triton_one_pass_takes_each_path_and_selects_what_the_cpu_kernel_does(mo
     assert torch.equal(idx[order], ridx[rorder])
     assert torch.equal(vals[order].view(torch.int32), rvals[rorder].view(torch.int32))
     assert torch.equal(e, re) and torch.equal(h, rh)
+    # the one pass's output order on every path: exact, the entries above the k-th key, then its ties; approximate,
+    # the entries above its bin, then the bin's; each in index order
+    keys = (v.float().cpu().view(torch.int32) & 0x7FFFFFFF).long()[idx.long()]
+    t = _kth_key(v, k)
+    first = keys >> 20 > t >> 20 if approx else keys > t
+    assert torch.equal(idx, torch.cat([idx[first].sort().values, idx[~first].sort().values]))
     scal = trace[0].cpu()
     hit, rescan, redo, over = (int(scal[s]) for s in (_select.S_HIT, _select.S_RESCAN, _select.S_REDO, _select.S_OVER))
     assert (hit, rescan) == ((1, 0) if case in ("cold start", "warm") else (0, 1))
@@ -794,27 +801,28 @@ def test_triton_two_passes_still_select_what_the_cpu_kernel_does(monkeypatch, me
 
 
 def test_the_kernel_benchmark_turns_the_sequence_flag_for_the_timed_call_only():
-    """``bench_kernels.py --passes`` times Triton's two passes and the CUDA one pass by turning each module's flag
-    around the call; the flag is restored after it, also when the call raises."""
+    """``bench_kernels.py --passes`` times the GPU kernels' one pass and the C++ kernel's two passes by turning each
+    flag around the call; the flag is restored after it, also when the call raises."""
     from torchkit.apps import bench
 
     seen = []
-    bench._toggled("triton", lambda: seen.append(_select.ONE_PASS))()
-    bench._toggled("cuda", lambda: seen.append(_cuda.ONE_PASS))()
-    assert seen == [not _select.ONE_PASS, not _cuda.ONE_PASS]
+    bench._toggled("triton", lambda: seen.append(_select.GPU_ONE_PASS))()
+    bench._toggled("cpp", lambda: seen.append(_ext.ONE_PASS))()
+    assert seen == [not _select.GPU_ONE_PASS, not _ext.ONE_PASS]
 
     def fail():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        bench._toggled("triton", fail)()
-    assert _select.ONE_PASS is True
+        bench._toggled("cpp", fail)()
+    assert _ext.ONE_PASS is True
 
 
-def test_triton_one_pass_reads_the_vector_once_on_consecutive_steps():
+def test_triton_one_pass_reads_the_vector_once_on_consecutive_steps(monkeypatch):
     """EF21 over 5 steps of a drifting gradient with the state it keeps: from the second step on the hint predicts
     the bin and every step is a hit (the one pass is the only pass over g and h); each step's selection is the CPU
     kernel's."""
+    monkeypatch.setattr(_select, "GPU_ONE_PASS", True)  # (on CUDA tensors it is off by default)
     dev = _triton_device()
     d, k = 100_003, 1000
     h, rh = torch.zeros(d, device=dev), torch.zeros(d)
@@ -949,14 +957,14 @@ def test_cpp_one_pass_selects_what_the_two_passes_do(monkeypatch, case, method, 
     for one_pass in (False, True):
         monkeypatch.setattr(_ext, "ONE_PASS", one_pass)
         e, h = e0.clone(), h0.clone()
-        hint = _select.hint_of(mode, g, e, h, k)
+        hint = _select.hint_of(mode, g, e, h, k, approx=approx)
         hint.fill_(-1 if hint_set is None else after if hint_set == "true" else hint_set)
         before = _ext._module.one_pass_counts()
         vals, idx = _step(method, g, e, h, k, approx, "cpp")()
         hits, misses = (a - b for a, b in zip(_ext._module.one_pass_counts(), before))
         runs.append((vals, idx, e, h))
-        if one_pass:
-            assert int(hint) == after
+        if one_pass:  # after a one pass that found too many, the next 16 steps take the two passes (-1 - 16)
+            assert int(hint) == (-17 if case == "hint too low" else after)
             want = (0, 0) if hint_set is None else (1, 0) if hint_set == "true" else (0, 1)
             assert (hits, misses) == want, case
         else:
@@ -982,6 +990,31 @@ def test_cpp_one_pass_hits_on_consecutive_steps_of_a_training_state():
     assert (hits, misses) == (4, 0)
 
 
+def test_cpp_one_pass_is_not_tried_where_it_cannot_pay():
+    """A hint whose lowest key would be 0 (more than d - k zeros) runs the two passes without trying the one pass; a
+    threshold bin of heavy ties, which overflows the candidates, makes the next 16 steps take the two passes, then a
+    cold step leaves a hint and the one pass is tried again. Every step selects what the two passes alone do."""
+    d, k = 70_001, 700
+    sparse = torch.zeros(d)
+    sparse[:100] = torch.arange(1.0, 101.0)  # the k-th magnitude is 0
+    hint = _select.hint_of(_select.TOPK, sparse, None, None, k)
+    hint.fill_(0)
+    before = _ext._module.one_pass_counts()
+    ops.topk(sparse, k, impl="cpp")
+    assert _ext._module.one_pass_counts() == before and int(hint) == 0  # not tried; the hint stays the k-th key
+    ties = _data(d, "ties", "cpu")
+    hint = _select.hint_of(_select.TOPK, ties, None, None, k)
+    hint.fill_(_kth_key(ties, k))
+    want = ops.topk(ties, k, impl="reference")[0].abs().sort().values
+    attempts = []
+    for _ in range(19):
+        before = _ext._module.one_pass_counts()
+        vals, _ = ops.topk(ties, k, impl="cpp")
+        assert torch.equal(vals.abs().sort().values, want)
+        attempts.append(sum(_ext._module.one_pass_counts()) - sum(before))
+    assert attempts == [1] + [0] * 17 + [1]
+
+
 @pytest.mark.parametrize("approx", [False, True])
 @pytest.mark.parametrize("method", ["ef14", "ef21"])
 def test_cpp_segments_keep_a_hint_per_segment(monkeypatch, method, approx):
@@ -997,7 +1030,7 @@ def test_cpp_segments_keep_a_hint_per_segment(monkeypatch, method, approx):
         state = torch.zeros(d)
         error, shift = (state, None) if method == "ef14" else (None, state)
         if one_pass:
-            _select.hint_of(mode, state, error, shift, sum(ks), len(sizes)).fill_(-1)
+            _select.hint_of(mode, state, error, shift, sum(ks), len(sizes), approx).fill_(-1)
         before = _ext._module.one_pass_counts()
         outs = []
         for step in range(3):

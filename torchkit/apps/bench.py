@@ -171,22 +171,23 @@ def _fused(op: str, impl: str, approx: bool):
     }[op]
 
 
-_OTHER_SEQUENCE = {"triton": "2p", "cuda": "1p", "cpp": "2p"}  # each kernel set's other sequence, by its label
+_OTHER_SEQUENCE = {"triton": "1p", "cuda": "1p", "cpp": "2p"}  # each kernel set's other sequence, by its label
 
 
 def _toggled(impl: str, fn: Callable, *args) -> Callable[[], object]:
-    """fn(*args) with the implementation's ONE_PASS flag (Triton: the shared driver's) turned around for the call."""
-    from ..ops import _cuda, _ext, _select
+    """fn(*args) with the implementation's sequence flag turned around for the call: the GPU kernel sets' (off by
+    default) or the C++ kernel's (on)."""
+    from ..ops import _ext, _select
 
-    mod = {"cuda": _cuda, "cpp": _ext}.get(impl, _select)
+    mod, flag = (_ext, "ONE_PASS") if impl == "cpp" else (_select, "GPU_ONE_PASS")
 
     def call():
-        was = mod.ONE_PASS
-        mod.ONE_PASS = not was
+        was = getattr(mod, flag)
+        setattr(mod, flag, not was)
         try:
             return fn(*args)
         finally:
-            mod.ONE_PASS = was
+            setattr(mod, flag, was)
 
     return call
 
@@ -231,7 +232,7 @@ def run_kernel_bench(
 ) -> dict:
     """Time every op for every (d, k, dtype), the variants interleaved and the state restored before every call;
     ``extra`` adds single (d, dtype, ratio) cases (d = 1e9 in bf16); ``passes`` adds each kernel set's other
-    sequence for top-k, EF14 and EF21 (``triton-2p``, ``cpp-2p``: two passes; ``cuda-1p``: the one pass). Returns
+    sequence for top-k, EF14 and EF21 (``triton-1p``, ``cuda-1p``: the one pass; ``cpp-2p``: two passes). Returns
     the JSON-ready record."""
     dev = resolve_device(device)
     impls = _gpu_impls(dev)

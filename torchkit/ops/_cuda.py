@@ -155,14 +155,10 @@ def build(verbose: bool = False) -> bool:
     return available()
 
 
-# The one pass (``_select.run``'s default for top-k, EF14 and EF21) in the CUDA kernels: compiled for sm_90 and
-# checked on the host here, but not yet run on a GPU, so off unless TORCHKIT_CUDA_ONE_PASS=1 until a GPU run
-# (benchmarks/gpu_run.sh's onepass stage) shows it selects what the two passes do, and times it.
-ONE_PASS = os.environ.get("TORCHKIT_CUDA_ONE_PASS") == "1"
-
-
 def _one_pass(mode: int) -> bool:
-    return ONE_PASS and _select.one_pass_takes(mode)
+    """The one pass (``_select.GPU_ONE_PASS``: compiled for sm_90 and checked on the host here, not yet run on a GPU,
+    so off unless TORCHKIT_GPU_ONE_PASS=1 until benchmarks/gpu_run.sh's onepass stage has checked and timed it)."""
+    return _select.GPU_ONE_PASS and _select.one_pass_takes(mode)
 
 
 def _check(rc: int, what: str) -> None:
@@ -281,7 +277,7 @@ def _run(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, eta: 
     stream = torch.cuda.current_stream(dev).cuda_stream
     idx, vals = _select._empty(k, torch.int32, dev), _select._empty(k, torch.float32, dev)
     one_pass = _one_pass(mode)
-    hint = _select.hint_of(mode, g, e, h, k) if one_pass else None
+    hint = _select.hint_of(mode, g, e, h, k, approx=approx) if one_pass else None
     with _step_lock:  # two threads on one stream must not interleave their launches over one workspace
         ws = _workspace(dev, stream, _lib.tk_step_words(d, k, int(approx), int(one_pass)))
         rc = _lib.tk_step(

@@ -109,12 +109,12 @@ def build(verbose: bool = False) -> bool:
 ONE_PASS = True
 
 
-def _hint(mode: int, grad: Tensor, error, estimate, k: int, rows: int | None = None):
+def _hint(mode: int, grad: Tensor, error, estimate, k: int, approx: bool = False, rows: int | None = None):
     """The one pass's hint for this vector (one int32 per row, or per segment), or None when ONE_PASS is off."""
     if not ONE_PASS:
         return None
     rows = rows or (1 if grad.dim() == 1 else grad.shape[0])
-    return _select.hint_of(mode, grad, error, estimate, k, rows)
+    return _select.hint_of(mode, grad, error, estimate, k, rows, approx)
 
 
 def _int_idx(idx: Tensor, d: int) -> Tensor:
@@ -138,14 +138,14 @@ def topk(x: Tensor, k: int):
 def ef14_step_(grad: Tensor, error: Tensor, k: int, approx: bool = False):
     if not _kernel_takes(grad, error):
         return _reference.ef14_step_(grad, error, k)
-    v, i = _module.ef14_step(grad, error, k, approx, _hint(_select.EF14, grad, error, None, k))
+    v, i = _module.ef14_step(grad, error, k, approx, _hint(_select.EF14, grad, error, None, k, approx))
     return v, _int_idx(i, error.shape[-1])
 
 
 def ef21_step_(grad: Tensor, estimate: Tensor, k: int, approx: bool = False):
     if not _kernel_takes(grad, estimate):
         return _reference.ef21_step_(grad, estimate, k)
-    v, i = _module.ef21_step(grad, estimate, k, approx, _hint(_select.EF21, grad, None, estimate, k))
+    v, i = _module.ef21_step(grad, estimate, k, approx, _hint(_select.EF21, grad, None, estimate, k, approx))
     return v, _int_idx(i, estimate.shape[-1])
 
 
@@ -160,7 +160,7 @@ def segments_step_(mode: int, grad: Tensor, error, shift, sizes, ks, eta: float 
     state = [t for t in (error, shift) if t is not None]
     if not _kernel_takes(grad, *state):
         return _reference.segments_step_(mode, grad, error, shift, sizes, ks, eta)
-    hint = _hint(mode, grad, error, shift, sum(ks), len(sizes)) if mode != _select.ECONTROL else None
+    hint = _hint(mode, grad, error, shift, sum(ks), approx, len(sizes)) if mode != _select.ECONTROL else None
     v, i = _module.segments_step(mode, grad, error, shift, list(sizes), list(ks), eta, approx, hint)
     return v, _int_idx(i, grad.shape[-1])
 

@@ -8,12 +8,12 @@ captured in a CUDA graph.
 
 Two sequences (``docs/kernels.md`` section 4, designs A and B):
 
-- **one pass** (top-k, EF14, EF21): the level-1 bin of the threshold is predicted (one bin below the previous
-  step's, kept in a per-buffer ``hint``; at a cold start, from a sample), and one streaming pass computes v (EF14
-  stores it in e) and compacts every entry from that bin up into the candidate buffer, in index order. When the
+- **one pass** (top-k, EF14, EF21): the lowest key of the top k is predicted (from a per-buffer ``hint`` of what
+  the last step found, :func:`hint_of`; at a cold start, from a sample), and one streaming pass computes v (EF14
+  stores it in e) and compacts every entry from that key up into the candidate buffer, in index order. When the
   buffer holds at least k entries and did not overflow (a hit), the rest runs on the candidates only: the vector is
-  read once. A miss reads it again (the level-1 histogram, then the compaction from the true bin), and the result
-  is the same.
+  read once. A miss reads it again (the level-1 histogram, then the compaction from the true bin), with the same
+  entries, values and state. Off on CUDA tensors unless ``GPU_ONE_PASS`` (not yet run on a GPU).
 - **two passes** (EControl, whose one pass writes e <- e + g - h: v = eta e + g - h cannot be recomputed after it):
   a level-1 histogram pass, then a select pass; both read the whole vector.
 
@@ -27,6 +27,7 @@ lowest-indexed ones in it.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Protocol
 
 import torch
@@ -58,6 +59,9 @@ ALWAYS = -1  # a flag or count slot that is not read: always active / the host c
 POISON = False  # tests set this: outputs and candidates start as NaN / -1 instead of uninitialised memory
 TRACE: list[Tensor] | None = None  # tests set a list: each step run here appends its scalars (device memory)
 ONE_PASS = True  # run's default sequence where the mode allows it (benchmarks time the two passes by turning it off)
+# On CUDA tensors (Triton and the CUDA kernels) the one pass is off unless TORCHKIT_GPU_ONE_PASS=1: compiled for
+# sm_90 and tested in the interpreter, it has not run on a GPU yet (benchmarks/gpu_run.sh, stage onepass, checks it).
+GPU_ONE_PASS = os.environ.get("TORCHKIT_GPU_ONE_PASS") == "1"
 
 __all__ = ["run", "capacity", "kernel_takes", "level1", "hint_of", "one_pass_takes", "Hist", "Select", "Launcher",
            "GpuOps"]  # fmt: skip
@@ -165,8 +169,10 @@ def sample_need(n: int, k: int, sample: int) -> int:
     return min(sample, math.ceil(mean + 4 * math.sqrt(mean) + 1))
 
 
+POOL = 1 << 16  # hint slots per device (256 KiB): see hint_of
+_POOLS: dict[torch.device, Tensor] = {}
+_NEXT: dict[torch.device, int] = {}
 _HINTS: dict[tuple, Tensor] = {}
-MAX_HINTS = 4096  # buffers whose hint is kept; past that the dict starts afresh (a hint is only a prediction)
 
 
 def one_pass_takes(mode: int) -> bool:
@@ -174,19 +180,35 @@ def one_pass_takes(mode: int) -> bool:
     return mode != ECONTROL
 
 
-def hint_of(mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, rows: int = 1) -> Tensor:
-    """The one pass's per-buffer hint: an int32 per row (one for a vector) on the vector's device holding what the
-    last step found (-1 before the first): its k-th largest key when exact, its level-1 bin's lowest key when
-    approximate. Kept per (the vector the step updates: e for EF14, h for EF21, g for top-k; its length; k). Only a
-    prediction: a stale hint, or one left by another buffer at the same address, costs a re-read, never a different
-    result."""
+def hint_of(
+    mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, rows: int = 1, approx: bool = False
+) -> Tensor:
+    """The one pass's per-buffer hint: an int32 per row (or segment) on the vector's device holding what the last
+    step found (-1 before the first): its k-th largest key when exact, its level-1 bin's lowest key when approximate.
+    Kept per (the vector the step updates: e for EF14, h for EF21, g for top-k; its address and length; k; the rows;
+    the mode). Only a prediction: a stale hint, or one left by another buffer at the same address, costs a re-read,
+    never a different result. Hints are slices of one tensor per device that is never freed: when it is used up the
+    slots are handed out again from the start (their old owners then start cold), so a CUDA graph or another stream
+    still writing an old hint can garble a prediction but never memory the allocator gave to something else."""
     owner = e if mode == EF14 else h if mode == EF21 else g
-    key = (owner.device, owner.data_ptr(), owner.numel(), k, rows)
+    dev = owner.device
+    key = (dev, owner.data_ptr(), owner.numel(), k, rows, bool(approx))
     hint = _HINTS.get(key)
-    if hint is None:
-        if len(_HINTS) >= MAX_HINTS:
-            _HINTS.clear()
-        hint = _HINTS[key] = torch.full((rows,), -1, dtype=torch.int32, device=owner.device)
+    if hint is not None:
+        return hint
+    if rows > POOL:  # more rows than the pool holds: a hint for this call only
+        return torch.full((rows,), -1, dtype=torch.int32, device=dev)
+    pool = _POOLS.get(dev)
+    if pool is None:
+        pool = _POOLS[dev] = torch.full((POOL,), -1, dtype=torch.int32, device=dev)
+    at = _NEXT.get(dev, 0)
+    if at + rows > POOL:  # used up: hand the slots out again from the start
+        for old in [key_ for key_ in _HINTS if key_[0] == dev]:
+            del _HINTS[old]
+        at = 0
+    _NEXT[dev] = at + rows
+    hint = _HINTS[key] = pool[at : at + rows]
+    hint.fill_(-1)
     return hint
 
 
@@ -202,9 +224,10 @@ def run(
     hint: Tensor | None = None,
 ):
     """Select and update the state in place; returns ``(values fp32, indices)``. ``one_pass``: the sequence
-    (default: one pass wherever it can run, unless ``ONE_PASS`` is off); ``hint``: the one pass's prediction
-    (default: :func:`hint_of`)."""
-    one_pass = ONE_PASS and one_pass_takes(mode) if one_pass is None else one_pass
+    (default: one pass wherever it can run, unless ``ONE_PASS`` is off, or on CUDA tensors ``GPU_ONE_PASS``);
+    ``hint``: the one pass's prediction (default: :func:`hint_of`)."""
+    if one_pass is None:
+        one_pass = ONE_PASS and one_pass_takes(mode) and (g.device.type != "cuda" or GPU_ONE_PASS)
     if one_pass and not one_pass_takes(mode):
         raise ValueError("one_pass: EControl runs two passes (its one pass would overwrite e before a rescan)")
     d = g.numel()
@@ -233,7 +256,7 @@ def run(
         (owns_padding(g), any(t is not None for t in (e, h)) and all(owns_padding(t) for t in (e, h) if t is not None)),
     )
     if one_pass:
-        passes.one_pass(approx, hint_of(mode, g, e, h, k) if hint is None else hint)
+        passes.one_pass(approx, hint_of(mode, g, e, h, k, approx=approx) if hint is None else hint)
     else:
         passes.two_passes(approx)
     if TRACE is not None:
