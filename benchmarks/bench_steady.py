@@ -3,7 +3,12 @@ step (issue 21 item 4), against the same calls from a fresh state (the protocol 
 restores the state before every call).
 
     python benchmarks/bench_steady.py [--steps 300] [--warm 100] [--width 256] [--layers 4] [--ratio 0.01]
-                                      [--workers 8] [--device auto] [--out benchmarks/results]
+                                      [--workers 8] [--device auto] [--two-passes] [--out benchmarks/results]
+
+``--two-passes`` turns the one pass off (the C++ kernel's and the shared GPU driver's) and writes ``steady_2p.json``;
+on the CPU the record counts the one pass's hits and misses per method over the untimed steps, where each call
+continues from the last (``one_pass_trajectory``: the hint predicting each step's threshold from the last one's on
+a real training trajectory; the cold first call counts as neither).
 
 1. Trains the char_lm transformer (one worker, AdamW) for ``--steps`` steps. At every step each method (EF14,
    EF21, EControl, TopK at ``--ratio``) runs its fused step on that step's flat fp32 gradient with its own state,
@@ -68,6 +73,13 @@ def _steady_and_fresh(step, st, names, g, k, dev, rng, times) -> tuple:
     return box[0]
 
 
+def _one_pass_counts() -> list[int] | None:
+    """The C++ kernel's one-pass (hits, misses) so far; None where it is not the kernel that runs."""
+    from torchkit.ops import _ext
+
+    return list(_ext._module.one_pass_counts()) if _ext.available() and _ext.ONE_PASS else None
+
+
 def _quantiles(ts: list[float]) -> dict[str, float]:
     _, p20, p50, p80 = bench._quantiles(ts)
     return {"p20": p20, "p50": p50, "p80": p80, "n": len(ts)}
@@ -83,6 +95,7 @@ def measure(args, dev: torch.device, log=print) -> dict:
     states = {m: {n: ops.padded_zeros(d, device=dev) for n in names} for m, (_, names) in STEPS.items()}
     times = {m: {"steady": [], "fresh": [], "steady_host": []} for m in STEPS}
     messages, losses = [], []
+    trajectory = {m: [0, 0] for m in STEPS}  # the one pass's hits and misses over the untimed steps
     rng = random.Random(0)
     log(f"char_lm width {args.width} layers {args.layers}: d = {d}, k = {k}, {args.steps} steps ({args.warm} untimed)")
     for t in range(args.steps):
@@ -94,7 +107,10 @@ def measure(args, dev: torch.device, log=print) -> dict:
         g = torch.cat([p.grad.reshape(-1) for p in params])
         for m, (step, names) in STEPS.items():
             if t < args.warm:
+                before = _one_pass_counts()
                 out = step(states[m], g, k)
+                if before is not None:  # the plain trajectory: did the last step's hint predict this one?
+                    trajectory[m] = [a + b - c for a, b, c in zip(trajectory[m], _one_pass_counts(), before)]
             else:
                 out = _steady_and_fresh(step, states[m], names, g, k, dev, rng, times[m])
             if m == "ef14" and t >= args.steps - args.workers:
@@ -112,8 +128,10 @@ def measure(args, dev: torch.device, log=print) -> dict:
         rows.append(row)
         log(f"{m:9s} steady {row['steady_ms']['p50']:.3f} ms  fresh {row['fresh_ms']['p50']:.3f} ms  "
             f"steady/fresh {row['steady_over_fresh']:.2f}x")  # fmt: skip
+    if _one_pass_counts() is not None:
+        log("one pass over the untimed steps (hits, misses): " + ", ".join(f"{m} {hm}" for m, hm in trajectory.items()))
     return {"d": d, "k": k, "losses": losses[:: max(1, len(losses) // 20)], "fused": rows,
-            "accumulate": _decode(messages, d, dev, args.repeats, log)}  # fmt: skip
+            "one_pass_trajectory": trajectory, "accumulate": _decode(messages, d, dev, args.repeats, log)}  # fmt: skip
 
 
 def _decode(messages, d: int, dev: torch.device, repeats: int, log) -> dict:
@@ -152,6 +170,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--device", default="auto")
+    p.add_argument("--two-passes", action="store_true", help="the one pass off: the kernels' two passes")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     if not 0 < args.warm < args.steps or args.workers > args.steps - args.warm:
@@ -160,6 +179,10 @@ def main() -> None:
     if dev.type == "cpu":
         ops.build_extension()
     torch.manual_seed(0)
+    from torchkit.ops import _ext, _select
+
+    if args.two_passes:
+        _ext.ONE_PASS = _select.ONE_PASS = _select.GPU_ONE_PASS = False
     res = measure(args, dev)
     result = {
         "device": bench.device_name(dev),
@@ -172,8 +195,9 @@ def main() -> None:
         **res,
         "version": tk.__version__,
     }
-    save_result(result, Path(args.out) / device_slug(result["device"]), "steady", None)
-    print(f"saved {Path(args.out) / device_slug(result['device']) / 'steady'}.json")
+    stem = "steady_2p" if args.two_passes else "steady"
+    save_result(result, Path(args.out) / device_slug(result["device"]), stem, None)
+    print(f"saved {Path(args.out) / device_slug(result['device']) / stem}.json")
 
 
 if __name__ == "__main__":
