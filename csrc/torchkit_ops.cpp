@@ -460,10 +460,15 @@ OnePass one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Pi
   return kHit;
 }
 
+// The lowest key the one pass collects from a hint: kMargin below it (exact), or its bin's lowest key (approximate)
+uint32_t lowest(uint32_t hint, bool approx) { return approx ? hint >> 20 << 20 : (hint > kMargin ? hint - kMargin : 0u); }
+
 // One step: the one pass when a hint is kept (not EControl, whose pass 2 writes e), else, or after it failed, the
 // two passes; the hint then holds what this step found. A hint from which the one pass would collect everything
 // (lowest key 0: more than d - k zeros) goes straight to the two passes; after a one pass that found more entries
-// than it may hold (a threshold bin of heavy ties), the next kBackOff steps do.
+// than it may hold from where this step's own hint would start (a threshold bin of heavy ties), the next kBackOff
+// steps do; after one that found too few (the threshold fell by more than the margin), the next starts 3 margins
+// below this step's threshold.
 constexpr int32_t kBackOff = 16;
 template <Mode mode, typename G>
 std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, bool approx, const torch::Tensor& like,
@@ -473,8 +478,7 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
     ++*hint;
     return two_passes(s, k, approx, like, nullptr);
   }
-  const uint32_t last = static_cast<uint32_t>(*hint);
-  const uint32_t lo = approx ? last >> 20 << 20 : (last > kMargin ? last - kMargin : 0u);
+  const uint32_t lo = lowest(static_cast<uint32_t>(*hint), approx);
   if (*hint < 0 || lo == 0) return two_passes(s, k, approx, like, hint);
   Picked out;
   int thr = 0;
@@ -489,7 +493,12 @@ std::tuple<torch::Tensor, torch::Tensor> run(const Step<mode, G>& s, int64_t k, 
   Step<mode, G> stored = s;  // EF14's e holds v now
   stored.stored = true;
   auto result = two_passes(stored, k, approx, like, hint);
-  if (got == kTooMany) *hint = -1 - kBackOff;
+  const uint32_t now = static_cast<uint32_t>(*hint);  // what this step found
+  if (got == kTooMany && lo >= lowest(now, approx)) {
+    *hint = -1 - kBackOff;  // too many from where this step's own hint would start: a bin of ties
+  } else if (got == kTooFew && now > 2 * kMargin) {
+    *hint = static_cast<int32_t>(now - 2 * kMargin);  // the threshold fell past the margin: start wider next step
+  }
   return result;
 }
 
