@@ -150,17 +150,37 @@ std::vector<int64_t> resolve_bin(const Picked& all, int thr, int64_t need, uint3
   return chosen;
 }
 
+// Chunks a pass over d entries walks in index order (the same split in every pass: results do not depend on the
+// thread count): at least 65536 entries each, at most 8 per thread.
+int64_t chunks_of(int64_t d) {
+  return std::min<int64_t>(std::max<int64_t>(1, d / 65536), 8 * std::max<int64_t>(1, at::get_num_threads()));
+}
+
+// The bin holding the k-th largest key, from per-chunk histograms (`nchunks` x kBins): `total` gets the merged
+// histogram, `above` the entries in the bins above it.
+int threshold_bin(const std::vector<int64_t>& hist, int64_t nchunks, int64_t k, std::vector<int64_t>& total,
+                  int64_t& above) {
+  total.assign(kBins, 0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int b = 0; b < kBins; ++b) total[b] += hist[c * kBins + b];
+  int thr = kBins - 1;
+  above = 0;
+  for (; thr > 0; --thr) {
+    if (above + total[thr] >= k) break;
+    above += total[thr];
+  }
+  return thr;
+}
+
 // The hint a step leaves for the next one pass: the k-th largest key (exact), or the threshold bin's lowest key
 int32_t next_hint(uint32_t t, int thr, bool approx) { return static_cast<int32_t>(approx ? uint32_t(thr) << 20 : t); }
 
-// The two passes (see the top of this file); `hint`, when given, receives the threshold bin.
+// The two passes (see the top of this file); `hint`, when given, receives what this step found (next_hint).
 template <Mode mode, typename G>
 std::tuple<torch::Tensor, torch::Tensor> two_passes(const Step<mode, G>& s, int64_t k, bool approx,
                                                     const torch::Tensor& like, int32_t* hint) {
   const int64_t d = s.d;
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nchunks = std::min<int64_t>(std::max<int64_t>(1, d / 65536), 8 * nthreads);
-  const int64_t chunk = (d + nchunks - 1) / nchunks;
+  const int64_t nchunks = chunks_of(d), chunk = (d + nchunks - 1) / nchunks;
 
   std::vector<int64_t> hist(static_cast<size_t>(nchunks) * kBins, 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -182,15 +202,9 @@ std::tuple<torch::Tensor, torch::Tensor> two_passes(const Step<mode, G>& s, int6
       for (int b = 0; b < kBins; ++b) hc[b] = sub[b] + sub[kBins + b] + sub[2 * kBins + b] + sub[3 * kBins + b];
     }
   });
-  std::vector<int64_t> total(kBins, 0);
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int b = 0; b < kBins; ++b) total[b] += hist[c * kBins + b];
-  int thr = kBins - 1;
+  std::vector<int64_t> total;
   int64_t above = 0;
-  for (; thr > 0; --thr) {
-    if (above + total[thr] >= k) break;
-    above += total[thr];
-  }
+  const int thr = threshold_bin(hist, nchunks, k, total, above);
   const int64_t need = k - above;  // taken from the threshold bin
   const int64_t cand = total[thr];
 
@@ -350,16 +364,14 @@ std::tuple<torch::Tensor, torch::Tensor> two_passes(const Step<mode, G>& s, int6
 
 // The one pass: v of every entry (EF14 stores it in e) and the entries from key `lo` up, collected in index order
 // with a histogram of their bins per chunk; then the threshold bin and the selection from those only, chunks in
-// parallel. False (nothing selected; EF14's e holds v) when they are fewer than k or more than 4k + 4096: the caller
-// runs the two passes. `thr`: the threshold bin found; `t`: the k-th key (exact). Collection stops (v is still
+// parallel. kTooFew or kTooMany (nothing selected; EF14's e holds v) when they are fewer than k or more than
+// 4k + 4096: the caller runs the two passes. `thr`: the threshold bin found; `t`: the k-th key (exact). Collection stops (v is still
 // computed and, for EF14, stored) once more than 4k + 4096 entries were found: the memory stays bounded.
 enum OnePass { kHit = 0, kTooFew, kTooMany };
 template <Mode mode, typename G>
 OnePass one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Picked& out, int& thr, uint32_t& t) {
   const int64_t d = s.d;
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nchunks = std::min<int64_t>(std::max<int64_t>(1, d / 65536), 8 * nthreads);
-  const int64_t chunk = (d + nchunks - 1) / nchunks;
+  const int64_t nchunks = chunks_of(d), chunk = (d + nchunks - 1) / nchunks;
   const int64_t cap = 4 * k + 4096;
   std::vector<Picked> cand(nchunks);
   std::vector<int64_t> hist(static_cast<size_t>(nchunks) * kBins, 0);  // the candidates' bins, per chunk
@@ -404,15 +416,9 @@ OnePass one_pass(const Step<mode, G>& s, int64_t k, bool approx, uint32_t lo, Pi
   int64_t n = 0;
   for (const Picked& p : cand) n += static_cast<int64_t>(p.idx.size());
   if (n < k) return kTooFew;
-  std::vector<int64_t> total(kBins, 0);
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int b = 0; b < kBins; ++b) total[b] += hist[c * kBins + b];
-  thr = kBins - 1;
+  std::vector<int64_t> total;
   int64_t above = 0;
-  for (; thr > 0; --thr) {
-    if (above + total[thr] >= k) break;
-    above += total[thr];
-  }
+  thr = threshold_bin(hist, nchunks, k, total, above);
   const int64_t need = k - above;
   // per chunk: where its entries above the bin go, where its bin entries go (exact: into the bin's list;
   // approximate: its quota of the remaining slots, in index order)

@@ -412,9 +412,7 @@ def _select_kernel(
         offs = vpid * BLOCK + lane
         live = offs < n
         gm, sm = _masks(offs, live, d, G_PAD, S_PAD)
-        v = _load_v(g_ptr, e_ptr, h_ptr, offs, gm, sm, eta, MODE, STORED)
-        if MODE == 1 and not STORED:
-            tl.store(e_ptr + offs, v, mask=sm)  # e now holds v = e + g (and the padding e + g there)
+        v = _block_v(g_ptr, e_ptr, h_ptr, offs, live, d, eta, MODE, STORED, G_PAD, S_PAD)  # (the one pass stores v)
         if MODE == 3 and WRITE_E:
             t = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32) - tl.load(h_ptr + offs, mask=sm, other=0.0)
             tl.store(e_ptr + offs, tl.load(e_ptr + offs, mask=sm, other=0.0) + t, mask=sm)
