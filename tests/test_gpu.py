@@ -89,6 +89,46 @@ def test_no_synchronising_call_and_graph_capture(impl, approx):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_one_pass_captured_in_a_graph_keeps_its_hint_across_replays(monkeypatch, impl):
+    """EF21's step captured on a shift it has never seen (its hint is first asked for inside the capture, where a
+    captured fill would make every replay start cold), replayed on a drifting gradient: each replay equals the
+    reference step from the same state and leaves a hint. Triton: each replay predicts from the hint it finds (one
+    set between the replays; the step's scalars are read through ``_select.TRACE``), not from a reset one."""
+    from torchkit.ops import _select
+
+    monkeypatch.setattr(_select, "GPU_ONE_PASS", True)
+    d, k = 1 << 22, 1 << 12
+    g, h = _rand(d, 9), torch.zeros(d, device="cuda")
+    warm = torch.zeros(d, device="cuda")  # compile and load on another buffer, outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.ef21_step_(g, warm, k, impl=impl)
+    torch.cuda.current_stream().wait_stream(s)
+    monkeypatch.setattr(_select, "TRACE", [])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        v, i = ops.ef21_step_(g, h, k, impl=impl)
+    hint = _select.hint_of(_select.EF21, g, None, h, k)
+    assert hint.item() == -1  # a fresh slot of the pool the warm-up made
+    for step in range(4):
+        g.add_(_rand(d, 20 + step), alpha=0.05)
+        h_ref = h.clone()
+        rv, ri = _reference.ef21_step_(g, h_ref, k)
+        if step > 0:  # a prediction of our own, off the 1/8-octave grid the sample's predictions sit on
+            hint.fill_(int(hint.item()) - _select.MARGIN // 3)
+        set_before = int(hint.item())
+        graph.replay()
+        torch.cuda.synchronize()
+        order, rorder = i.long().argsort(), ri.long().argsort()
+        assert torch.equal(i.long()[order], ri.long()[rorder]) and torch.equal(v[order], rv[rorder].float())
+        assert torch.equal(h, h_ref)
+        assert int(hint.item()) >= 0  # the replay left its threshold for the next one
+        if impl == "triton" and step > 0:
+            assert int(_select.TRACE[0][_select.S_LO]) == max(set_before - _select.MARGIN, 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_repeated_runs_are_bit_identical(impl):
     """Ties at the k-th magnitude (bf16) in both modes: five runs, one answer (values, indices, order, state)."""
     d, k = 3_000_017, 30_000

@@ -990,6 +990,44 @@ def test_cpp_one_pass_hits_on_consecutive_steps_of_a_training_state():
     assert (hits, misses) == (4, 0)
 
 
+def test_a_hint_first_asked_for_in_a_graph_capture_is_not_written(monkeypatch):
+    """A fill of a new hint inside a CUDA graph's capture would be captured and rerun at every replay (every replay
+    would start cold). With a capture in progress (simulated): a new slot of the pool is handed out without any
+    operation that writes memory, a reused slot keeps what it held (a hint is only a prediction), and without a pool
+    the capture gets a hint for that call only instead of making the pool in the graph's memory. Outside a capture
+    a slot starts at -1."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for name in ("_POOLS", "_NEXT", "_HINTS"):
+        monkeypatch.setattr(_select, name, {})
+    a, b, c, d = (torch.randn(1000) for _ in range(4))
+    capturing = [True]
+    monkeypatch.setattr(_select, "_capturing", lambda dev: capturing[0])
+    assert _select.hint_of(_select.TOPK, a, None, None, 10).tolist() == [-1]
+    assert not _select._POOLS and not _select._HINTS  # for that call only: no pool made in the graph's memory
+
+    capturing[0] = False
+    _select.hint_of(_select.TOPK, a, None, None, 10).fill_(1234)  # the pool, slot 0: what a step left
+    capturing[0] = True
+    with Seen() as seen:
+        fresh = _select.hint_of(_select.TOPK, b, None, None, 10)
+    assert fresh.tolist() == [-1] and not {"full", "fill_", "fill", "copy_", "zero_"} & set(seen.names), seen.names
+    _select._NEXT[a.device] = _select.POOL  # used up: the next hint reuses slot 0
+    assert _select.hint_of(_select.TOPK, c, None, None, 10).tolist() == [1234]
+    capturing[0] = False
+    _select._NEXT[a.device] = _select.POOL
+    assert _select.hint_of(_select.TOPK, d, None, None, 10).tolist() == [-1]
+
+
 def test_cpp_one_pass_is_not_tried_where_it_cannot_pay():
     """A hint whose lowest key would be 0 (more than d - k zeros) runs the two passes without trying the one pass; a
     threshold bin of heavy ties, which overflows the candidates, makes the next 16 steps take the two passes, then a

@@ -189,16 +189,23 @@ def hint_of(
     the mode). Only a prediction: a stale hint, or one left by another buffer at the same address, costs a re-read,
     never a different result. Hints are slices of one tensor per device that is never freed: when it is used up the
     slots are handed out again from the start (their old owners then start cold), so a CUDA graph or another stream
-    still writing an old hint can garble a prediction but never memory the allocator gave to something else."""
+    still writing an old hint can garble a prediction but never memory the allocator gave to something else.
+
+    A new hint asked for while a CUDA graph is being captured is not initialised: a fill would be captured too and
+    rerun at every replay, so every replay would start cold. A fresh slot holds -1 already; a reused one holds some
+    other buffer's hint, again only a prediction. The pool itself is not made during a capture (its memory would come
+    from the graph's private pool, which graph trees hand out again): without one, as for more rows than it holds,
+    the capture gets a hint for that call only, cold at every replay."""
     owner = e if mode == EF14 else h if mode == EF21 else g
     dev = owner.device
     key = (dev, owner.data_ptr(), owner.numel(), k, rows, bool(approx))
     hint = _HINTS.get(key)
     if hint is not None:
         return hint
-    if rows > POOL:  # more rows than the pool holds: a hint for this call only
-        return torch.full((rows,), -1, dtype=torch.int32, device=dev)
+    capturing = _capturing(dev)
     pool = _POOLS.get(dev)
+    if rows > POOL or (pool is None and capturing):  # a hint for this call only
+        return torch.full((rows,), -1, dtype=torch.int32, device=dev)
     if pool is None:
         pool = _POOLS[dev] = torch.full((POOL,), -1, dtype=torch.int32, device=dev)
     at = _NEXT.get(dev, 0)
@@ -208,8 +215,14 @@ def hint_of(
         at = 0
     _NEXT[dev] = at + rows
     hint = _HINTS[key] = pool[at : at + rows]
-    hint.fill_(-1)
+    if not capturing:
+        hint.fill_(-1)
     return hint
+
+
+def _capturing(dev: torch.device) -> bool:
+    """Whether the current stream of ``dev`` is capturing a CUDA graph."""
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def run(
