@@ -98,7 +98,7 @@ def train_eval_loss(task: Task, model, samples: int = 4) -> float:
 def run(
     task: Task,
     *,
-    compression: Feedback | str,
+    compression: Feedback | str | Callable[[torch.Tensor, int], tuple[torch.Tensor, int]],
     inner: str,
     lr: float,
     steps: int,
@@ -109,7 +109,8 @@ def run(
     warmup: int = 0,
     probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
-    """Train ``task`` for ``steps`` rounds. ``compression``: a feedback object, ``"dense"`` or ``"powersgd"``.
+    """Train ``task`` for ``steps`` rounds. ``compression``: a feedback object, ``"dense"``, ``"powersgd"``, or a
+    callable ``(grads [n, d], step) -> (estimate [d], bytes sent per worker)`` (a method under study, not in torchkit).
     ``probe(grads, estimate)``, if given, sees every round's ``[n, d]`` gradients and the estimate applied."""
     model = task.model(seed)
     params = [p for p in model.parameters()]
@@ -127,7 +128,7 @@ def run(
         exchanger = LocalExchanger(n)
     elif compression == "powersgd":
         psgd = PowerSGD([p.shape for p in params], n, rank=powersgd_rank, seed=seed)
-    elif compression != "dense":
+    elif compression != "dense" and not callable(compression):
         raise ValueError(compression)
     sent, curve, window, diverged = 0, [], [], False
     t0 = time.perf_counter()
@@ -153,6 +154,9 @@ def run(
         elif compression == "dense":
             flat = grads.mean(0)
             sent += 4 * d
+        elif callable(compression):
+            flat, nbytes = compression(grads, step)
+            sent += nbytes
         else:
             per = [g.reshape(n, *p.shape) for g, p in zip(grads.split(sizes, dim=1), params)]
             flat = torch.cat([e.reshape(-1) for e in psgd.round(per)])
@@ -205,13 +209,21 @@ def run_jobs(todo: list[dict], done: dict, path: Path, procs: int, run_job: Call
             print(f"[{i + 1}/{len(todo)} {time.time() - t0:.0f}s] {describe(r)}", flush=True)
 
 
-def study_cli(argv, doc: str, out: Path, key: Callable[[dict], tuple]) -> tuple[argparse.Namespace, Path, dict]:
-    """A small study's command line (``--procs``, ``--report``, ``--out``): the arguments, its ``runs.jsonl`` and
-    the runs already there."""
+def study_cli(
+    argv,
+    doc: str,
+    out: Path,
+    key: Callable[[dict], tuple],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[argparse.Namespace, Path, dict]:
+    """A small study's command line (``--procs``, ``--report``, ``--out``, and the study's own arguments, which
+    ``add_arguments`` adds): the arguments, its ``runs.jsonl`` and the runs already there."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n", 1)[0])
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="only summarise runs.jsonl")
     ap.add_argument("--out", type=Path, default=out)
+    if add_arguments is not None:
+        add_arguments(ap)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "runs.jsonl"
