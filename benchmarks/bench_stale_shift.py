@@ -42,6 +42,7 @@ rate).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -75,7 +76,7 @@ class StaleShiftFix:
 
     def __init__(self, n: int, d: int, density: float, kind: str, beta: float, mu: float = 0.9):
         self.k = max(1, math.ceil(density * d))
-        self.kind, self.beta, self.mu = kind, beta, mu
+        self.beta, self.mu = beta, mu
         self.m = torch.zeros(n, d)
         self.h = torch.zeros(n, d)
         self.a = torch.zeros(n, d) if kind == "age" else None
@@ -123,6 +124,7 @@ def _key(r: dict) -> tuple:
     return tuple(r[k] for k in ("variant", "workers", "density", "steps", "lr", "seed"))
 
 
+@functools.cache  # read once per report, not once per run summarised
 def _dense(workers: int) -> dict[int, dict]:
     """The horizon study's dense runs on this cell at dense's best seed-0 rate, by seed."""
     runs = [json.loads(line) for line in HORIZON.read_text().splitlines() if line.strip()]
