@@ -16,7 +16,10 @@ Inputs, each stated in the output:
 - PowerSGD's products: not measured on the H200; estimated as 6 d r flops at 30 TFLOP/s plus torchkit's hook's
   work for one bucket (PyTorch's hook's own host work was not measured there);
 - links: a ring over every GPU at the link's rate (no node-aware layout, no NVLink inside nodes), with a per-hop
-  latency of 5 us (400 Gbit InfiniBand), 20 us (25-100 Gbit Ethernet) and 10 ms (1 Gbit cross-site link).
+  latency of 5 us (400 Gbit InfiniBand), 20 us (25-100 Gbit Ethernet) and 10 ms (1 Gbit cross-site link); a
+  broadcast pipelined along the ring (n - 1 hops, the link's rate);
+- the hook's exchange per method as the library chooses it (:func:`torchkit.apps.plan.hook_exchange`: the
+  all-gather, dense where it would not pay at ``min_compression_rate=2``, and with ``:auto`` a shared support).
 
 Per step time of each method by :func:`torchkit.apps.plan.predict`; the winner per row, and its speed-up over the
 better of dense fp32 and bf16 DDP. The steps factor is 1: a compressed method that needs more steps to the same
@@ -49,7 +52,7 @@ LINKS = {  # name: (bits per second, per-hop latency in seconds)
     "25 Gbit Ethernet": (25e9, 20e-6),
     "1 Gbit cross-site": (1e9, 10e-3),
 }
-METHODS = ["ddp", "ddp_bf16", "powersgd4", "ef14@0.01", "ef14@0.001", "local32@0.03", "diloco32"]
+METHODS = ["ddp", "ddp_bf16", "powersgd4", "ef14@0.01", "ef14@0.01:auto", "ef14@0.001", "local32@0.03", "diloco32"]
 GPUS = [8, 32, 64, 256]
 
 
@@ -88,6 +91,7 @@ def calibration(shapes: list[list[int]], compute_s: float, n: int, link: tuple[f
         # ring all-reduce: 2(n-1) hops of B/n; ring all-gather: n-1 hops of B (per rank)
         "all_reduce": {"latency_s": 2 * (n - 1) * hop, "bytes_per_s": byte_s * n / (2 * (n - 1))},
         "all_gather": {"latency_s": (n - 1) * hop, "bytes_per_s": byte_s / (n - 1)},
+        "broadcast": {"latency_s": (n - 1) * hop, "bytes_per_s": byte_s},  # pipelined along the ring
     }  # fmt: skip
 
 

@@ -70,10 +70,9 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(f"{rate:>8} n={n} {m:<12} measured {row['measured_ms']:8.1f} ms  predicted "
                           f"{row['predicted_ms']:8.1f} ms  ({100 * row['error']:+.0f}%)", flush=True)  # fmt: skip
-                rows[-len(args.methods) :] = [
-                    {**r, "calibrations": [{k: c[k] for k in ("compute_s", "all_reduce", "all_gather")} for c in cals]}
-                    for r in rows[-len(args.methods) :]
-                ]
+                keys = ("compute_s", "all_reduce", "all_gather", "broadcast")
+                kept = [{k: c[k] for k in keys if k in c} for c in cals]
+                rows[-len(args.methods) :] = [{**r, "calibrations": kept} for r in rows[-len(args.methods) :]]
     finally:
         links.cleanup()
     within = sum(abs(r["error"]) <= 0.2 for r in rows)

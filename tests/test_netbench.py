@@ -19,6 +19,8 @@ from torchkit.apps.cli import main
         (["--methods", "topk@0.01"], "--methods"),
         (["--methods", "powersgd"], "--methods"),
         (["--methods", "ef21@0.01:fp8"], "--methods"),
+        (["--methods", "ef21@0.01:auto:bf16"], "--methods"),  # the wire first, then the exchange
+        (["--methods", "ef21@0.01:int8:auto"], "--methods"),  # integer values: no shared support
         (["--rates", "fast"], "--rates"),
         (["--ranks", "1"], "--ranks"),
         (["--lr", "0.1", "-0.05"], "--lr"),
@@ -31,9 +33,11 @@ def test_bad_arguments_are_refused_before_anything_runs(argv, named, capsys, tmp
 
 
 def test_every_default_method_is_known():
-    extra = ("ef21@0.01:int8", "ef14@0.0156:int2", "olocal8@0.03", "econtrol@.001:bf16")
+    extra = ("ef21@0.01:int8", "ef14@0.0156:int2", "olocal8@0.03", "econtrol@.001:bf16", "ef14@0.1:auto")
     for m in (*netbench.METHODS, *netbench.LOCAL_METHODS, *extra):
         assert netbench.check_method(m) == m
+    assert netbench.split_method("ef14@0.01:bf16:auto") == ("ef14", 0.01, "bf16", "auto")
+    assert netbench.split_method("ef21@.001") == ("ef21", 0.001, "fp32", "gather")
 
 
 def test_reached_uses_the_smoothed_loss_and_the_elapsed_time():

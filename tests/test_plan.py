@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchkit.apps import cli
-from torchkit.apps.plan import Link, fit_link, parse_method, plan, powersgd_bytes, predict, wire_bytes
+from torchkit.apps.plan import Link, exchange_of, fit_link, parse_method, plan, powersgd_bytes, predict, wire_bytes
 
 
 def test_fit_link_recovers_latency_and_bandwidth():
@@ -25,8 +25,11 @@ def test_fit_link_recovers_latency_and_bandwidth():
 
 def test_methods_parse_as_the_network_benchmark_names_them():
     assert parse_method("powersgd4") == {"kind": "powersgd", "rank": 4}
-    assert parse_method("ef21@0.01:int8") == {"kind": "ef", "method": "ef21", "ratio": 0.01, "wire": "int8"}
-    assert parse_method("local8@0.03") == {"kind": "local", "every": 8, "ratio": 0.03, "wire": "int8"}
+    want = {"kind": "ef", "method": "ef21", "ratio": 0.01, "wire": "int8", "exchange": "gather"}
+    assert parse_method("ef21@0.01:int8") == want
+    assert parse_method("ef14@0.1:auto") == {**want, "method": "ef14", "ratio": 0.1, "wire": "fp32", "exchange": "auto"}
+    assert parse_method("local8@0.03") == {"kind": "local", "every": 8, "ratio": 0.03, "wire": "int8",
+                                           "exchange": "gather"}  # fmt: skip
     assert parse_method("diloco16") == {"kind": "diloco", "every": 16}
     with pytest.raises(ValueError, match="--methods"):
         parse_method("topk")
@@ -43,7 +46,8 @@ def test_powersgd_bytes_follow_pytorchs_rule():
 def _calibration(n=4):
     return {
         "d": 1000, "ranks": n, "buckets": 2, "shapes": [[40, 25]], "compute_s": 0.1,
-        "hook_s": {"ef14@0.01": 0.004, "powersgd1": 0.002}, "compress_s": {"0.03:int8": 0.006},
+        "hook_s": {"ef14@0.01": 0.004, "ef14@0.01:auto": 0.003, "powersgd1": 0.002},
+        "compress_s": {"0.03:int8": 0.006},
         "decode_s_per_entry": 1e-6,
         "all_reduce": {"latency_s": 1e-3, "bytes_per_s": 1e6}, "all_gather": {"latency_s": 2e-3, "bytes_per_s": 5e5},
     }  # fmt: skip
@@ -67,6 +71,28 @@ def test_predictions_add_up_the_measured_parts():
     assert out["recommended"] == "ddp"  # 1.5x the steps outweighs the shorter step
     assert math.isclose(out["rows"][1]["time_to_target_s"], 150 * predict(cal, "ef14@0.01"))
     assert Link(1.0, 2.0).time(4.0) == 3.0
+    assert exchange_of(cal, "ef14@0.01") == "all-gather" and exchange_of(cal, "ddp_bf16") == "all-reduce"
+
+
+def test_the_hooks_exchange_follows_the_librarys_byte_model_as_ranks_grow():
+    """d = 1001 in 2 buckets of 501, k = 6 each at 1%: a rank's message is 6 fp32 values and 6 int32 indices (48
+    bytes) and the float64 non-finite check (56), against 2004 bytes dense. The hook compresses while the dense
+    payload is at least twice the exchange's (``min_compression_rate=2``): the all-gather's 56 n bytes up to n = 17
+    (bf16 values: 6 x 6 bytes padded to 40, and the check: 48 n, up to n = 20); past it the hook sends dense, and
+    with ``exchange="auto"`` takes a shared support: the leader's 6 indices and the 6 values summed in fp32."""
+    cal = {**_calibration(n=17), "d": 1001}
+    assert exchange_of(cal, "ef14@0.01") == exchange_of(cal, "ef14@0.01:auto") == "all-gather"
+    cal = {**_calibration(n=18), "d": 1001}
+    assert exchange_of(cal, "ef14@0.01") == "dense" and exchange_of(cal, "ef14@0.01:auto") == "shared support"
+    assert exchange_of(cal, "ef14@0.01:bf16") == "all-gather"
+    assert exchange_of({**cal, "ranks": 21}, "ef14@0.01:bf16") == "dense"
+    assert predict(cal, "ef14@0.01") == pytest.approx(0.1 + 0.004 + 2 * 1e-3 + 4004 / 1e6)  # as DDP, and the hook
+    with pytest.raises(ValueError, match="broadcast"):  # a shared support's indices need the broadcast's times
+        predict(cal, "ef14@0.01:auto")
+    # per bucket: the 6 indices broadcast (24 bytes) and the 6 values all-reduced (24 bytes)
+    cal["broadcast"] = {"latency_s": 3e-4, "bytes_per_s": 4e6}
+    want = 0.1 + 0.003 + 2 * 3e-4 + 48 / 4e6 + 2 * 1e-3 + 48 / 1e6
+    assert predict(cal, "ef14@0.01:auto") == pytest.approx(want)
 
 
 @pytest.mark.parametrize(
@@ -88,17 +114,20 @@ def test_bad_arguments_are_named(argv, match, capsys):
 def test_a_calibration_end_to_end_on_two_processes(tmp_path, capsys):
     out = tmp_path / "plan.json"
     argv = ["plan", "--task", "digits_cnn", "--ranks", "2", "--compute-steps", "3", "--methods", "ddp", "powersgd1",
-            "ef14@0.01", "local4@0.03", "--steps", "50", "--steps-factor", "ef14@0.01=1.2",
+            "ef14@0.01", "ef14@0.2:auto", "local4@0.03", "--steps", "50", "--steps-factor", "ef14@0.01=1.2",
             "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    assert "recommended:" in text and "compute per step" in text
+    assert "recommended:" in text and "compute per step" in text and "broadcast" in text
     result = json.loads(out.read_text())
     cal = result["calibration"]
     assert cal["ranks"] == 2 and cal["d"] == sum(p.numel() for p in _digits_model().parameters())
-    assert cal["compute_s"] > 0 and set(cal["hook_s"]) == {"powersgd1", "ef14@0.01"}
+    assert cal["compute_s"] > 0 and set(cal["hook_s"]) == {"powersgd1", "ef14@0.01", "ef14@0.2:auto"}
     assert cal["all_reduce"]["bytes_per_s"] > 0 and len(cal["all_gather_sweep"]) >= 2
+    assert cal["broadcast"]["bytes_per_s"] > 0  # timed because a method asks for exchange="auto"
     rows = {r["method"]: r for r in result["rows"]}
+    # at 20%, 2 ranks: the all-gather 2 x 8 x 0.2 = 3.2 bytes per entry, the shared support 1.6, dense 4 (and rate 2)
+    assert rows["ef14@0.01"]["exchange"] == "all-gather" and rows["ef14@0.2:auto"]["exchange"] == "shared support"
     assert rows["ef14@0.01"]["time_to_target_s"] == pytest.approx(60 * rows["ef14@0.01"]["step_s"])
     assert all(r["step_s"] == pytest.approx(predict(cal, m)) for m, r in rows.items())
 

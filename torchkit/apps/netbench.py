@@ -45,6 +45,9 @@ METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01"
 # TopK per 65536-chunk with int8 values (the compact wire format), averaging outer step; "diloco<H>" = the same
 # without compression (Identity, fp32)
 LOCAL_METHODS = ("local8@0.03", "local32@0.03", "local8@0.01", "diloco8")
+# torchkit's hook compresses a bucket while its dense payload is at least this many times the compressed exchange's
+# (PyTorch's PowerSGD default; the byte model of torchkit.comm.plan_exchange), and sends it dense otherwise
+HOOK_MIN_COMPRESSION_RATE = 2.0
 
 
 # -------------------------------------------------------------------------------------------------- a run
@@ -119,15 +122,15 @@ def worker(cfg: dict) -> None:
         )
         model.register_comm_hook(state, powersgd.powerSGD_hook)
     else:
-        name, _, rest = method.partition("@")
-        ratio, _, wire_name = rest.partition(":")
+        name, ratio, wire_name, exchange = split_method(method)
         # ":int8": the compact wire (TopK per 65536-chunk, 16-bit offsets, int8 values with a per-chunk scale);
-        # ":int2": TopK per 4096-chunk, 12-bit offsets, 2-bit values with two magnitudes per chunk
-        wire = {"": None, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[wire_name]
+        # ":int2": TopK per 4096-chunk, 12-bit offsets, 2-bit values with two magnitudes per chunk;
+        # ":auto": TopK(exchange="auto"): the all-gather, a shared support or dense, by the byte model
+        wire = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[wire_name]
         chunk = {"int8": 65536, "int2": 4096}.get(wire_name)
-        topk = TopK(ratio=float(ratio), chunk=chunk) if chunk else TopK(ratio=float(ratio))
+        topk = TopK(ratio=ratio, chunk=chunk, exchange=exchange)
         rec = recommended(name, topk, torch.optim.SGD, momentum=cfg["momentum"])
-        ddp.register(model, rec.feedback, min_compression_rate=2.0, wire_dtype=wire)
+        ddp.register(model, rec.feedback, min_compression_rate=HOOK_MIN_COMPRESSION_RATE, wire_dtype=wire)
         opt_kwargs = rec.optimizer_kwargs
         lr = lr * rec.lr_scale
     if not local:
@@ -233,7 +236,8 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     p.add_argument("--split", default="iid", choices=["iid", "noniid"], help="how the data is split among ranks")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help="ddp, ddp_bf16 (DDP's bf16_compress_hook), powersgd<rank>, "
-                        "<ef14|ef21|...>@<density>[:bf16|:int8|:int2] (the wire's values), "
+                        "<ef14|ef21|...>@<density>[:bf16|:int8|:int2][:auto] (the wire's values; auto, fp32 "
+                        "and bf16 only: TopK(exchange='auto'), a shared support where the all-gather does not pay), "
                         "local<H>@<density> (olocal: overlapped rounds), diloco<H>")  # fmt: skip
     p.add_argument("--steps", type=int, default=300, help="training steps per run")
     p.add_argument("--repeats", type=int, default=2, help="seeds per configuration, run interleaved")
@@ -260,7 +264,7 @@ def main(argv=None, out: str = "torchkit-network") -> int:
 
 
 def check_method(m: str) -> str:
-    """``m`` if the benchmark knows it: ddp, powersgd<rank>, <method>@<density> (a method of
+    """``m`` if the benchmark knows it: ddp, powersgd<rank>, <method>@<density>[:<wire>][:auto] (a method of
     :mod:`torchkit.registry` with a recommended configuration: ef14, ef21, ef21sgdm, econtrol, ...),
     [o]local<H>@<density> or diloco<H>; otherwise a ValueError naming --methods."""
     import re
@@ -268,16 +272,27 @@ def check_method(m: str) -> str:
     from .. import registry
 
     names = registry.recommendable()
+    wires = r"(:bf16:auto|:bf16|:int8|:int2|:auto)?"  # the exchange after the wire, a float wire's only
     ok = re.fullmatch(r"ddp|ddp_bf16|powersgd[1-9]\d*|diloco[1-9]\d*|o?local[1-9]\d*@(0?\.\d+)|"
-                      rf"({'|'.join(map(re.escape, names))})@(0?\.\d+)(:bf16|:int8|:int2)?", m)  # fmt: skip
+                      rf"({'|'.join(map(re.escape, names))})@(0?\.\d+){wires}", m)  # fmt: skip
     if not ok or ("@" in m and not 0 < float(m.split("@")[1].split(":")[0]) < 1):
         raise ValueError(
             f"--methods: unknown method {m!r}; expected ddp, ddp_bf16, powersgd<rank>, "
-            "<method>@<density>[:bf16|:int8|:int2] "
+            "<method>@<density>[:bf16|:int8|:int2][:auto] "
             f"(method one of {', '.join(names)}; density in (0, 1); the wire's values, fp32 without "
-            "a suffix), [o]local<H>@<density> or diloco<H>"
+            "a suffix; auto: a shared support where the all-gather would not pay, float wires only), "
+            "[o]local<H>@<density> or diloco<H>"
         )
     return m
+
+
+def split_method(m: str) -> tuple[str, float, str, str]:
+    """A hook method ``<method>@<density>[:<wire>][:auto]`` as (method, density, wire, TopK's exchange)."""
+    name, _, rest = check_method(m).partition("@")
+    ratio, *suffixes = rest.split(":")
+    exchange = "auto" if "auto" in suffixes else "gather"
+    wire = next((x for x in suffixes if x != "auto"), "fp32")
+    return name, float(ratio), wire, exchange
 
 
 def run(args: argparse.Namespace) -> int:

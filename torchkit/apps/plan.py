@@ -10,8 +10,9 @@ It starts ``--ranks`` Gloo processes (in a namespace whose loopback is shaped to
 - each hook's own work on this machine, timed inside the hook in the same interleaved steps: torchkit's hook at each
   density and wire asked for (worker step, packing, bookkeeping), PyTorch's PowerSGD hook at each rank asked for
   (its products, until its future completes); LocalSGD's worker step with its packing; the decode of a message;
-- the collectives' time against message size over every rank (``all_reduce`` and ``all_gather``, up to the model's
-  size), fitted as ``latency + bytes / bandwidth`` each.
+- the collectives' time against message size over every rank (``all_reduce`` and ``all_gather``, and
+  ``broadcast`` when a method asks for ``exchange="auto"``, up to the model's size), fitted as
+  ``latency + bytes / bandwidth`` each.
 
 From these it predicts the seconds per step of each method::
 
@@ -19,7 +20,9 @@ From these it predicts the seconds per step of each method::
     ddp_bf16       compute + buckets x latency + 2 d / bandwidth
     powersgd<r>    compute + its hook's work + all_reduce(P) + all_reduce(Q) + all_reduce(what it leaves dense)
     <ef>@<rho>     compute + its hook's work + buckets x latency + one message / bandwidth (all_gather)
-                   + (n - 1) messages' decode
+                   + (n - 1) messages' decode; where the all-gather would not pay (the hook's byte model,
+                   ``min_compression_rate`` 2) DDP's all_reduce instead, or with ``:auto`` a shared support:
+                   broadcast(k indices) + all_reduce(k values) (its one decode is in the hook's work)
     local<H>@<rho> compute + (worker step + all_gather + n messages' decode) / H  (TopK per 65536-chunk, int8 values)
     diloco<H>      compute + all_reduce(4 d) / H
 
@@ -78,7 +81,8 @@ def fit_link(sizes: list[float], seconds: list[float]) -> Link:
 
 
 def parse_method(m: str) -> dict:
-    """``ddp``, ``ddp_bf16``, ``powersgd<r>``, ``<ef>@<rho>[:int8]``, ``local<H>@<rho>``, ``diloco<H>`` as a dict."""
+    """``ddp``, ``ddp_bf16``, ``powersgd<r>``, ``<ef>@<rho>[:<wire>][:auto]``, ``local<H>@<rho>``, ``diloco<H>``
+    as a dict."""
     netbench.check_method(m)
     if m in ("ddp", "ddp_bf16"):
         return {"kind": m}
@@ -86,12 +90,12 @@ def parse_method(m: str) -> dict:
         return {"kind": "powersgd", "rank": int(m[len("powersgd") :])}
     if m.startswith("diloco"):
         return {"kind": "diloco", "every": int(m[len("diloco") :])}
-    head, _, rest = m.partition("@")
-    ratio, _, wire = rest.partition(":")
+    head, _, ratio = m.partition("@")
     if head.startswith(("local", "olocal")):
         return {"kind": "local", "every": int(head.lstrip("o").removeprefix("local")), "ratio": float(ratio),
-                "wire": "int8"}  # fmt: skip
-    return {"kind": "ef", "method": head, "ratio": float(ratio), "wire": wire or "fp32"}
+                "wire": "int8", "exchange": "gather"}  # fmt: skip
+    name, ratio, wire, exchange = netbench.split_method(m)
+    return {"kind": "ef", "method": name, "ratio": ratio, "wire": wire, "exchange": exchange}
 
 
 def compressed_key(spec: dict) -> str:
@@ -121,7 +125,30 @@ def _topk(spec: dict):
     from ..compress import TopK
 
     chunk = {"int8": 65536, "int2": 4096}.get(spec["wire"])
-    return TopK(ratio=spec["ratio"], chunk=chunk) if chunk else TopK(ratio=spec["ratio"])
+    return TopK(ratio=spec["ratio"], chunk=chunk, exchange=spec["exchange"])
+
+
+def hook_exchange(d: int, n: int, buckets: int, spec: dict) -> tuple[str, int, int]:
+    """How torchkit's hook exchanges the buckets of a compressed method among ``n`` ranks, as the library decides
+    it (:func:`torchkit.comm.plan_exchange` at the benchmark's ``min_compression_rate``, for buckets of
+    ``d / buckets`` entries): ``"all-gather"`` (every rank's message), ``"dense"`` (an fp32 all-reduce: the
+    compressed exchange would not pay) or ``"shared support"`` (``exchange="auto"`` only); and for a shared support
+    the bytes of the leader's indices (broadcast) and of the values (all-reduced) over all buckets, else 0 and 0."""
+    import torch
+
+    from ..comm import plan_exchange
+    from ..compress import Identity
+    from ..feedback import EF14
+
+    size, wire = -(-d // buckets), _wire_dtype(spec)
+    comp = plan_exchange(EF14(_topk(spec)), [size], 1, n, wire, torch.float32,
+                         netbench.HOOK_MIN_COMPRESSION_RATE).compressor  # fmt: skip
+    if isinstance(comp, Identity):
+        return "dense", 0, 0
+    if not comp.shared_support:
+        return "all-gather", 0, 0
+    k = buckets * comp.k_for(size)
+    return "shared support", k * comp.index_bytes(size), k * comp.value_bytes(wire)
 
 
 def powersgd_bytes(shapes: list[list[int]], rank: int) -> tuple[int, int, int]:
@@ -167,8 +194,17 @@ def predict(cal: dict, method: str) -> float:
     if spec["kind"] == "local":  # one round every H steps, of the whole model
         round_s = cal["compress_s"][compressed_key(spec)] + ag.time(msg) + n * entries * cal["decode_s_per_entry"]
         return compute + round_s / spec["every"]
+    route, indices, values = hook_exchange(d, n, buckets, spec)
+    hook = compute + cal["hook_s"][method]  # its work on the compressed path, one message decoded: an upper bound
+    if route == "dense":
+        return hook + reduce(4 * d)
+    if route == "shared support":  # per bucket, the leader's indices broadcast and the values all-reduced
+        if "broadcast" not in cal:
+            raise ValueError(f"a calibration without a broadcast sweep cannot price {method} (a shared support)")
+        bc = Link(**cal["broadcast"])
+        return hook + buckets * bc.latency_s + indices / bc.bytes_per_s + reduce(values)
     gather = buckets * ag.latency_s + msg / ag.bytes_per_s
-    return compute + cal["hook_s"][method] + gather + (n - 1) * entries * cal["decode_s_per_entry"]
+    return hook + gather + (n - 1) * entries * cal["decode_s_per_entry"]
 
 
 def plan(cal: dict, methods: list[str], steps: int, factors: dict[str, float]) -> dict:
@@ -177,9 +213,18 @@ def plan(cal: dict, methods: list[str], steps: int, factors: dict[str, float]) -
     for m in methods:
         s = predict(cal, m)
         f = factors.get(m, 1.0)
-        rows.append({"method": m, "step_s": s, "steps_factor": f, "time_to_target_s": s * steps * f})
+        rows.append({"method": m, "step_s": s, "steps_factor": f, "time_to_target_s": s * steps * f,
+                     "exchange": exchange_of(cal, m)})  # fmt: skip
     best = min(rows, key=lambda r: r["time_to_target_s"])
     return {"rows": rows, "recommended": best["method"]}
+
+
+def exchange_of(cal: dict, method: str) -> str:
+    """How a method's collectives run among the calibration's ranks, as :func:`predict` models them."""
+    spec = parse_method(method)
+    if spec["kind"] == "ef":
+        return hook_exchange(cal["d"], cal["ranks"], cal["buckets"], spec)[0]
+    return {"local": "all-gather", "powersgd": "all-reduce (P, Q)"}.get(spec["kind"], "all-reduce")
 
 
 # ------------------------------------------------------------------------------------------ the measurements
@@ -229,7 +274,10 @@ def worker(cfg: dict) -> None:
     hooked = [m for m, s in specs.items() if s["kind"] in ("ef", "powersgd")]
     local = sorted({compressed_key(s): s for s in specs.values() if s["kind"] == "local"}.items())
     sizes = [4096 * 4**i for i in range(12) if 4096 * 4**i < 4 * d] + [4 * d]
-    total = 2 + len(local) + 1 + 2 * len(sizes)
+    collectives = [("all_reduce", _all_reduce), ("all_gather", _all_gather)]
+    if any(s.get("exchange") == "auto" for s in specs.values()):  # a shared support's indices are broadcast
+        collectives.append(("broadcast", _broadcast))
+    total = 2 + len(local) + 1 + len(collectives) * len(sizes)
     done = 0
     warm, steps = 5, cfg["compute_steps"]
     batches = [tuple(b[rank] for b in task.batches(step)) for step in range(warm + steps)]
@@ -285,7 +333,8 @@ def worker(cfg: dict) -> None:
             model = DDP(task.model(0), process_group=alone)
             wire = None if spec["wire"] == "fp32" else _wire_dtype(spec)
             rec = recommended(spec["method"], _topk(spec), torch.optim.SGD)
-            state = ddp.CompressionState(rec.feedback, process_group=alone, min_compression_rate=2.0, wire_dtype=wire)
+            state = ddp.CompressionState(rec.feedback, process_group=alone, wire_dtype=wire,
+                                         min_compression_rate=netbench.HOOK_MIN_COMPRESSION_RATE)  # fmt: skip
             state.bind(model)
             hook, timers[m] = _timed_hook(ddp.compression_hook, wait=False)  # rounds finish in its last call
         model.register_comm_hook(state, hook)
@@ -319,7 +368,7 @@ def worker(cfg: dict) -> None:
     out["decode_s_per_entry"] = decode / (n * msg.values.shape[-1])
     tick("decode")
     # the collectives against message size, every rank at once
-    for name, coll in (("all_reduce", _all_reduce), ("all_gather", _all_gather)):
+    for name, coll in collectives:
         secs = []
         for nbytes in sizes:
             buf = torch.zeros(max(1, nbytes // 4))
@@ -360,6 +409,12 @@ def _all_reduce(buf, n):
     import torch.distributed as dist
 
     dist.all_reduce(buf)
+
+
+def _broadcast(buf, n):
+    import torch.distributed as dist
+
+    dist.broadcast(buf, src=n - 1)  # rank 0 keeps the times: a receiver's, as most ranks are in a round
 
 
 def _all_gather(buf, n):
@@ -470,16 +525,19 @@ def report(result: dict) -> str:
         f"  all_reduce {1e3 * ar['latency_s']:.2f} ms + bytes / {ar['bytes_per_s'] / 1e6:.1f} MB/s; all_gather "
         f"{1e3 * ag['latency_s']:.2f} ms + bytes per rank / {ag['bytes_per_s'] / 1e6:.1f} MB/s",
     ]
+    if "broadcast" in cal:
+        bc = cal["broadcast"]
+        lines.append(f"  broadcast {1e3 * bc['latency_s']:.2f} ms + bytes / {bc['bytes_per_s'] / 1e6:.1f} MB/s")
     lines.append(f"  DDP buckets: {cal['buckets']}")
     for m, s in cal["hook_s"].items():
         lines.append(f"  {m}: the hook's own work {1e3 * s:.1f} ms per step")
     for key, s in cal["compress_s"].items():
         lines.append(f"  LocalSGD's worker step and packing at {key}: {1e3 * s:.1f} ms per round")
     lines.append("predicted (the additive model, no overlap credited):")
-    lines.append(f"  {'method':<16} {'ms/step':>9} {'steps x':>8} {'to target':>10}")
+    lines.append(f"  {'method':<16} {'ms/step':>9} {'steps x':>8} {'to target':>10}  exchange")
     for r in sorted(result["rows"], key=lambda r: r["time_to_target_s"]):
         lines.append(f"  {r['method']:<16} {1e3 * r['step_s']:>9.1f} {r['steps_factor']:>8.2f} "
-                     f"{r['time_to_target_s']:>9.1f}s")  # fmt: skip
+                     f"{r['time_to_target_s']:>9.1f}s  {r['exchange']}")  # fmt: skip
     lines.append(f"recommended: {result['recommended']} (fastest to the target with the steps factors given)")
     return "\n".join(lines)
 
