@@ -80,7 +80,7 @@ def worker(cfg: dict) -> None:
 
     from .. import ddp
     from ..comm import NonFiniteGradientError
-    from ..compress import Identity, TopK
+    from ..compress import Identity
     from ..coupling import recommended
     from ..feedback import EF14
     from ..local_sgd import LocalSGD
@@ -109,7 +109,7 @@ def worker(cfg: dict) -> None:
         if method.startswith("diloco"):
             fb, wire = EF14(Identity()), None
         else:
-            fb, wire = EF14(TopK(ratio=float(method.split("@")[1]), chunk=65536)), torch.int8
+            fb, wire = EF14(topk_for(float(method.split("@")[1]), "int8")), torch.int8
         opt = LocalSGD(model.parameters(), torch.optim.SGD, feedback=fb, sync_every=every, wire_dtype=wire,
                        lr=lr, momentum=cfg["momentum"], overlap=method.startswith("olocal"))  # fmt: skip
     elif method == "ddp":
@@ -123,14 +123,10 @@ def worker(cfg: dict) -> None:
         model.register_comm_hook(state, powersgd.powerSGD_hook)
     else:
         name, ratio, wire_name, exchange = split_method(method)
-        # ":int8": the compact wire (TopK per 65536-chunk, 16-bit offsets, int8 values with a per-chunk scale);
-        # ":int2": TopK per 4096-chunk, 12-bit offsets, 2-bit values with two magnitudes per chunk;
         # ":auto": TopK(exchange="auto"): the all-gather, a shared support or dense, by the byte model
-        wire = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[wire_name]
-        chunk = {"int8": 65536, "int2": 4096}.get(wire_name)
-        topk = TopK(ratio=ratio, chunk=chunk, exchange=exchange)
-        rec = recommended(name, topk, torch.optim.SGD, momentum=cfg["momentum"])
-        ddp.register(model, rec.feedback, min_compression_rate=HOOK_MIN_COMPRESSION_RATE, wire_dtype=wire)
+        rec = recommended(name, topk_for(ratio, wire_name, exchange), torch.optim.SGD, momentum=cfg["momentum"])
+        ddp.register(model, rec.feedback, min_compression_rate=HOOK_MIN_COMPRESSION_RATE,
+                     wire_dtype=wire_dtype(wire_name))  # fmt: skip
         opt_kwargs = rec.optimizer_kwargs
         lr = lr * rec.lr_scale
     if not local:
@@ -293,6 +289,21 @@ def split_method(m: str) -> tuple[str, float, str, str]:
     exchange = "auto" if "auto" in suffixes else "gather"
     wire = next((x for x in suffixes if x != "auto"), "fp32")
     return name, float(ratio), wire, exchange
+
+
+def topk_for(ratio: float, wire: str, exchange: str = "gather"):
+    """The TopK a compressed method runs on its wire: per 65536-chunk with 16-bit offsets for int8 values (one
+    scale per chunk), per 4096-chunk with 12-bit offsets for int2 (two magnitudes per chunk), else one TopK."""
+    from ..compress import TopK
+
+    return TopK(ratio=ratio, chunk={"int8": 65536, "int2": 4096}.get(wire), exchange=exchange)
+
+
+def wire_dtype(wire: str):
+    """A wire's value dtype as the front ends take it (``None``: the gradient's own, fp32 here)."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[wire]
 
 
 def run(args: argparse.Namespace) -> int:

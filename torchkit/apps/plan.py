@@ -117,15 +117,11 @@ def wire_bytes(d: int, spec: dict) -> int:
 def _wire_dtype(spec: dict):
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int2": torch.int2}[spec["wire"]]
+    return netbench.wire_dtype(spec["wire"]) or torch.float32
 
 
 def _topk(spec: dict):
-    """The TopK a compressed method runs (per 65536- or 4096-chunk for the int8 and int2 wires)."""
-    from ..compress import TopK
-
-    chunk = {"int8": 65536, "int2": 4096}.get(spec["wire"])
-    return TopK(ratio=spec["ratio"], chunk=chunk, exchange=spec["exchange"])
+    return netbench.topk_for(spec["ratio"], spec["wire"], spec["exchange"])
 
 
 def hook_exchange(d: int, n: int, buckets: int, spec: dict) -> tuple[str, int, int]:
@@ -331,9 +327,9 @@ def worker(cfg: dict) -> None:
             hook, timers[m] = _timed_hook(powersgd.powerSGD_hook, wait=True)  # its work runs in the callbacks
         else:
             model = DDP(task.model(0), process_group=alone)
-            wire = None if spec["wire"] == "fp32" else _wire_dtype(spec)
             rec = recommended(spec["method"], _topk(spec), torch.optim.SGD)
-            state = ddp.CompressionState(rec.feedback, process_group=alone, wire_dtype=wire,
+            state = ddp.CompressionState(rec.feedback, process_group=alone,
+                                         wire_dtype=netbench.wire_dtype(spec["wire"]),
                                          min_compression_rate=netbench.HOOK_MIN_COMPRESSION_RATE)  # fmt: skip
             state.bind(model)
             hook, timers[m] = _timed_hook(ddp.compression_hook, wait=False)  # rounds finish in its last call
