@@ -3,6 +3,7 @@ accumulation, checkpoints. One spawn runs every scenario (process start-up domin
 
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -379,5 +380,21 @@ def test_the_hook_state_does_not_keep_the_model_alive(tmp_path):
         gc.collect()
         assert alive() is None
         assert state.state_dict()["iter"] == 2  # the state outlives its model and still saves
+    finally:
+        dist.destroy_process_group()
+
+
+def test_register_warns_where_ddp_drops_an_unused_parameters_estimate(tmp_path):
+    """find_unused_parameters=True: DDP does not write the estimate of a parameter no rank used into its gradient,
+    so an error-carrying method's sent error for it would be lost: register says so (the EF21 family carries no
+    error and is not warned about)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match="no rank used in an iteration"):
+            tk.ddp.register(DDP(_net(), find_unused_parameters=True), FEEDBACKS["ef14"]())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tk.ddp.register(DDP(_net(), find_unused_parameters=True), tk.EF21(tk.TopK(ratio=0.1)))
+            tk.ddp.register(DDP(_net()), FEEDBACKS["ef14"]())
     finally:
         dist.destroy_process_group()

@@ -251,6 +251,38 @@ def test_ranks_configured_differently_raise_a_clear_error_on_every_rank(what):
         assert ("ratio" in err or "TopK" in err) if what == "density" else "step" in err
 
 
+def _loaded_from_another_rank(rank, world, who):
+    """Each rank saves its state; fresh modules load a state saved by another rank (``who``: every rank, or only
+    rank 1; the other loads its own); the next step raises."""
+    model = _sharded(_net())
+    comms = tk.fsdp.compress_reduce_scatter(model, tk.EF21(tk.TopK(ratio=0.3)))
+    _train(model, rank, steps=2)
+    states = [None] * world
+    dist.all_gather_object(states, {n: c.state_dict() for n, c in comms.items()})
+    fresh = tk.fsdp.compress_reduce_scatter(model, tk.EF21(tk.TopK(ratio=0.3)))
+    source = (rank + 1) % world if who == "every" or rank == 1 else rank
+    for n, c in fresh.items():
+        c.load_state_dict(states[source][n])
+    try:
+        _train(model, rank, steps=1)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("who", ["every", "one"])
+def test_a_state_saved_by_another_rank_raises_on_every_rank(who):
+    """Per-rank files swapped (or one rank given another's): the state records the rank and group size it ran on,
+    and the first call after the load raises ValueError on every rank, before a round runs on it."""
+    errs = run_dist(_loaded_from_another_rank, 2, who)
+    for rank, err in enumerate(errs):
+        assert err is not None and "per rank and cannot be re-sharded" in err
+        if who == "every" or rank == 1:
+            assert f"saved by rank {1 - rank} of 2, this is rank {rank} of 2" in err
+        else:
+            assert "loaded on another rank" in err
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match="feedback"):
         tk.fsdp.CompressedReduceScatter(tk.TopK(ratio=0.1))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchkit as tk
+import torchkit.checkpoint
 
 SCHEDULERS = {
     "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12),
@@ -208,6 +209,70 @@ def test_parameter_frozen_after_the_first_step():
     assert not torch.equal(model[0].weight.detach(), frozen)
 
 
+@pytest.mark.parametrize("via", ["state_dict", "dcp"])
+def test_a_checkpoint_taken_while_a_parameter_is_frozen_resumes_bit_exactly(tmp_path, via):
+    """Gradual freezing: a parameter trains, is frozen, the run is saved, resumed in a fresh model and optimizer
+    (frozen alike) and unfrozen: its error state was saved and loaded (state_dict; DCP through load_dcp, whose
+    template names it from the checkpoint's metadata), so the run is the uninterrupted one, bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    batches = _batches(8)
+
+    def run(model, opt, steps):
+        for i in steps:
+            model[0].weight.requires_grad_(not 2 <= i < 5)  # frozen for steps 2-4
+            _train(model, opt, batches[i : i + 1])
+
+    def fresh():
+        model = _model()
+        return model, _opt(model, tk.EF14(tk.TopK(ratio=0.2)), cls=torch.optim.SGD, lr=0.1)
+
+    model, opt = fresh()
+    run(model, opt, range(8))
+    straight = _flat(model)
+    model, opt = fresh()
+    run(model, opt, range(3))
+    assert opt.feedback_state_dict()["params"]["0.0"]["error"].abs().sum() > 0  # the frozen one holds error
+    model2, opt2 = fresh()
+    model2[0].weight.requires_grad_(False)
+    if via == "state_dict":
+        saved = torch.load(_saved(tmp_path, {"model": model.state_dict(), "opt": opt.state_dict()}), weights_only=True)
+        model2.load_state_dict(saved["model"])
+        opt2.load_state_dict(saved["opt"])
+    else:
+        dcp.save({"model": model.state_dict(), "fb": opt.feedback_stateful()}, checkpoint_id=tmp_path / "ck")
+        sd = {"model": model2.state_dict(), "fb": opt2.feedback_stateful()}
+        torchkit.checkpoint.load_dcp(sd, checkpoint_id=tmp_path / "ck")
+        model2.load_state_dict(sd["model"])
+        opt2.inner.load_state_dict(opt.inner.state_dict())
+    run(model2, opt2, range(3, 8))
+    assert torch.equal(_flat(model2), straight)
+
+
+def _saved(tmp_path, obj) -> str:
+    path = str(tmp_path / "ck.pt")
+    torch.save(obj, path)
+    return path
+
+
+def test_state_dict_hooks_run_as_torch_optims_do():
+    """The four state_dict hooks of torch.optim, registered on the wrapper: each runs once, a post hook's
+    returned dict is what state_dict returns, and a load pre hook's replacement is what loads."""
+    model = _model()
+    opt = _opt(model, tk.EF14(tk.TopK(ratio=0.3)), cls=torch.optim.SGD, lr=0.1)
+    _train(model, opt, _batches(1))
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "mine": 1})
+    loaded = []
+    opt.register_load_state_dict_pre_hook(lambda o, sd: loaded.append(sd.pop("mine")) or {**sd, "torchkit": None})
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+    sd = opt.state_dict()
+    assert sd["mine"] == 1 and calls == ["pre"] and opt.feedback_state_dict()["step"] == 1
+    opt.load_state_dict(sd)  # the pre hook's replacement loads: without_feedback's, a restart
+    assert loaded == [1] and calls == ["pre", "post"] and opt.feedback_state_dict()["step"] == 0
+
+
 def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="x must be a vector"):
         tk.TopK(1).compress(torch.tensor(1.0))
@@ -223,6 +288,17 @@ def test_bad_input_gets_clear_errors():
         tk.EF21W.from_smoothness(tk.TopK(1), [0.0, 0.0])
     with pytest.raises(TypeError, match="approx must be a bool"):
         tk.TopK(1, approx="no")
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup or None, got int"):
+        tk.CompressedOptimizer(_model().parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(1)),
+                               process_group=1)  # fmt: skip
+    with pytest.raises(TypeError, match="node_group must be a torch.distributed.ProcessGroup"):
+        tk.ddp.CompressionState(tk.EF14(tk.TopK(1)), node_group="node")
+    with pytest.raises(TypeError, match=r"betas must be a pair \(beta1, beta2\), got 0.9"):
+        tk.LocalAdam(tk.EF14(tk.TopK(1)), betas=0.9)
+    with pytest.raises(TypeError, match="beta2 must be a float, got str"):
+        tk.recommended("ef14", tk.TopK(ratio=0.1), torch.optim.AdamW, beta2="x")
+    with pytest.raises(ValueError, match="beta2 must be in"):
+        tk.recommended("ef14", tk.TopK(ratio=0.1), torch.optim.AdamW, beta2=1.0)
     with pytest.raises(TypeError, match="needs a DistributedDataParallel model"):
         tk.ddp.register(torch.nn.Linear(2, 2), tk.EF21(tk.TopK(1)))
     state = tk.ddp.CompressionState(tk.EF21(tk.TopK(1)))

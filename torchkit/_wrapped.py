@@ -116,9 +116,14 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         state dict under ``"torchkit"`` (:meth:`feedback_state_dict`).
 
         ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps ``state`` and ``param_groups``
-        only; save the feedback state with DCP through :meth:`feedback_stateful`."""
+        only; save the feedback state with DCP through :meth:`feedback_stateful`. The hooks registered on this
+        optimizer (``register_state_dict_pre_hook``, ``..._post_hook``) run as torch.optim runs them."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.inner.state_dict()
         sd["torchkit"] = self.feedback_state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            sd = _or(post_hook(self, sd), sd)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -129,9 +134,18 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         warn). Feedback state of another rank or world size raises ``ValueError`` saying how to keep per-rank
         state. When this rank's feedback state was just restored from its own side file or DCP entry
         (:mod:`torchkit.checkpoint`) and no step has run since, that state is kept and only the inner optimizer's
-        state is loaded."""
+        state is loaded. The load hooks registered on this optimizer run as torch.optim runs them (a pre hook may
+        return a replacement state_dict)."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)  # shallow copy, as torch.optim's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = _or(pre_hook(self, state_dict), state_dict)
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         state_dict = self._migrate_optimizer_state(state_dict)
         inner = {k: v for k, v in state_dict.items() if k != "torchkit"}
         if not {"state", "param_groups"} <= set(inner):
@@ -154,7 +168,7 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
                 f"loaded a plain optimizer state_dict: it holds no error-feedback state, so {self.plain_load_restarts} "
                 "(torch.distributed.checkpoint's optimizer state_dict leaves it out: load it with "
                 "opt.feedback_stateful(); see torchkit.checkpoint)",
-                stacklevel=2,
+                stacklevel=3,
             )
             return
         plan = self.check_feedback_state_dict(state_dict["torchkit"])
@@ -222,6 +236,14 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
 
     def _feedback_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]]:
         return {n: (s, self.feedback.state_dtype(w.dtype), w.device) for w in self._round_works() for n, s in w.sized()}
+
+    def _frozen_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]]:
+        return {
+            f"{gi}.{pi}": (numel_real(local_of(p)), self.feedback.state_dtype(real_dtype(local_of(p).dtype)), p.device)
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if not p.requires_grad
+        }
 
     def _placed(self) -> None:
         for w in self._round_works():  # place the loaded state now, so that it can be inspected before the next step
@@ -638,3 +660,8 @@ def check_inner_state(inner: torch.optim.Optimizer, state_dict: dict[str, Any]) 
                     f"{tuple(params[i].shape)}: this state_dict belongs to another model or parameter order; "
                     "nothing was loaded"
                 )
+
+
+def _or(result, default):
+    """A hook's result, or ``default`` where it returned None (torch.optim's rule for state_dict hooks)."""
+    return default if result is None else result

@@ -146,17 +146,43 @@ def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -
     afterwards, so a feedback entry rejected there (another method, another world size) would leave the model
     overwritten. This reads every :class:`FeedbackStateful` entry of ``state_dict`` first and checks it (its
     header, then its tensors: the feedback state is read twice), raises before anything is written if one is
-    rejected, and then runs ``dcp.load`` on everything."""
+    rejected, and then runs ``dcp.load`` on everything.
+
+    It also reads the state of parameters frozen now (``requires_grad`` off) when the checkpoint holds theirs (saved
+    while they were frozen, after they had trained): ``dcp.load`` alone reads only the keys of its template, and
+    a fresh front end's template has no state for a frozen parameter, so that state would be left behind."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     feedback = {k: v for k, v in state_dict.items() if isinstance(v, FeedbackStateful)}
+    if feedback:
+        saved = _saved_keys(checkpoint_id, kwargs.get("storage_reader"))
+        for entry, stateful in feedback.items():
+            stateful.frozen_in_checkpoint = tuple(
+                name for name, keys in stateful.frozen_keys(entry).items() if all(k in saved for k in keys)
+            )
     if feedback:  # the header first: DCP refuses tensors of another size before a check could say why
         headers = {k: _Probe(v, header=True) for k, v in feedback.items()}
         partial = {**kwargs, "planner": DefaultLoadPlanner(allow_partial_load=True)}  # older ones lack optional keys
         dcp.load(headers, checkpoint_id=checkpoint_id, **partial)
         dcp.load({k: _Probe(v) for k, v in feedback.items()}, checkpoint_id=checkpoint_id, **kwargs)
-    dcp.load(state_dict, checkpoint_id=checkpoint_id, **kwargs)
+    try:
+        dcp.load(state_dict, checkpoint_id=checkpoint_id, **kwargs)
+    finally:
+        for stateful in feedback.values():
+            stateful.frozen_in_checkpoint = ()
+
+
+def _saved_keys(checkpoint_id, reader) -> set[str]:
+    """The flat keys a DCP checkpoint holds, from its metadata (its storage reader's, or a file system
+    checkpoint's at ``checkpoint_id``)."""
+    import torch.distributed.checkpoint as dcp
+
+    if reader is None:
+        if not isinstance(checkpoint_id, (str, os.PathLike)):
+            return set()
+        reader = dcp.FileSystemReader(checkpoint_id)
+    return set(reader.read_metadata().state_dict_metadata)
 
 
 def _owners(objects, what: str) -> list[FrontEnd]:

@@ -142,6 +142,8 @@ def recommended(
     mu = check_unit_interval("momentum", momentum)
     if mu >= 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if check_unit_interval("beta2", beta2) >= 1.0:
+        raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
     adaptive = _is_adaptive(optimizer_class)
     opt_name = optimizer_class.__name__
     # by capability: what the optimizer's own momentum is called, if it has one

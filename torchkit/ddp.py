@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -37,7 +38,7 @@ from .comm import (
     start_round,
 )
 from .feedback import Feedback
-from .frontend import RESUME_HINTS, FrontEnd, agree, live_instances, mesh_problems
+from .frontend import RESUME_HINTS, FrontEnd, agree, check_group, live_instances, mesh_problems
 from .metrics import CommMetrics
 from .node import agree_on_nodes, node_shards
 from .process_group import destroy_at_exit
@@ -125,6 +126,8 @@ class CompressionState(FrontEnd):
         node_group: dist.ProcessGroup | None = None,
     ):
         nonfinite = _checked_options(feedback, start_iter, min_compression_rate, wire_dtype, grad_scaler, nonfinite)
+        check_group(process_group)
+        check_group(node_group, "node_group")
         self._node = node_shards(node_group, process_group, feedback)
         self._world = None
         self.feedback = feedback
@@ -231,12 +234,12 @@ class CompressionState(FrontEnd):
         """This rank's state (all of it is feedback state: :meth:`feedback_state_dict`)."""
         return self.feedback_state_dict()
 
-    def feedback_state_dict(self) -> dict[str, Any]:
+    def feedback_state_dict(self, *, frozen=()) -> dict[str, Any]:
         """This rank's state, for every parameter of the bound model. Raises
         :class:`~torchkit.comm.NonFiniteGradientError` if the last iteration's gradient was not finite on some rank
         (``nonfinite="raise"``): that state is not worth saving."""
         _raise_if_flagged(self, consume=False)
-        return super().feedback_state_dict()
+        return super().feedback_state_dict(frozen=frozen)
 
     def load_state_dict(
         self, state_dict: dict[str, Any], *, reset_on_mismatch: bool = False, strict: bool = True
@@ -681,6 +684,14 @@ def register(
     state = CompressionState(
         feedback, process_group=state_kwargs.pop("process_group", ddp_model.process_group), **state_kwargs
     )
+    if getattr(ddp_model, "find_unused_parameters", False) and "error" in feedback.state_names:
+        warnings.warn(
+            f"find_unused_parameters=True with {type(feedback).__name__}: DDP leaves the gradient of a parameter that "
+            "no rank used in an iteration as it is, so the part of that parameter's error the hook's round sends then "
+            "is not applied, and lost. tk.CompressedOptimizer leaves such parameters out of the round and keeps "
+            "their error",
+            stacklevel=2,
+        )
     state.bind(ddp_model)
     ddp_model.register_comm_hook(state, compression_hook)
     # a bad gradient is reported at the next forward, before DDP prepares its backward: raising inside the backward

@@ -193,6 +193,8 @@ class LocalAdam(_Local):
 
     def __init__(self, method: Feedback, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(method)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         b1, b2 = betas
         self.betas = (check_unit_interval("betas[0]", b1), check_unit_interval("betas[1]", b2))
         if not (b1 < 1.0 and b2 < 1.0):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -96,6 +96,12 @@ class FrontEnd:
         (then names and sizes are not checked on load)."""
         raise NotImplementedError
 
+    def _frozen_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]]:
+        """Parameters this front end holds that do not train now (``requires_grad`` off), as
+        :meth:`_feedback_layout` gives them. Their state is kept while they are frozen (saved, and loaded when a
+        checkpoint has it), but not required on load."""
+        return {}
+
     def _extras(self) -> dict[str, Any]:
         """This front end's own per-rank state, saved beside the feedback state (top-level keys)."""
         return {}
@@ -123,11 +129,16 @@ class FrontEnd:
     def _with_server(self) -> bool:
         return bool(self.feedback.server_state) and self.world_size > 1
 
-    def feedback_state_dict(self) -> dict[str, Any]:
+    def feedback_state_dict(self, *, frozen: Sequence[Any] = ()) -> dict[str, Any]:
         """This rank's feedback state (the envelope above), for every parameter of the layout: a parameter without
         a round yet has what its first round starts from, so that the keys do not depend on whether a step ran
-        (a fresh front end's state_dict loads back into it; DCP loads into a template of the same keys)."""
+        (a fresh front end's state_dict loads back into it; DCP loads into a template of the same keys). A frozen
+        parameter's state is there when it has one; ``frozen`` names frozen parameters to cover in any case (the
+        template of a DCP checkpoint that holds their state: :func:`torchkit.checkpoint.load_dcp`)."""
         layout = self._feedback_layout()
+        if layout is not None and frozen:
+            held = self._frozen_layout()
+            layout = {**{n: held[n] for n in frozen if n in held}, **layout}
         if layout is None:
             body = self.round.state_dict()
         else:
@@ -152,7 +163,8 @@ class FrontEnd:
         extras = self._check_extras(sd)
         layout = self._feedback_layout()
         sizes = None if layout is None else {n: v[0] for n, v in layout.items()}
-        checked = self.round.check(sd, sizes=sizes, strict=strict)
+        frozen = {n: v[0] for n, v in self._frozen_layout().items()}
+        checked = self.round.check(sd, sizes=sizes, strict=strict, frozen=frozen)
         return FeedbackPlan(self, checked, extras)
 
     def check_header(self, state_dict: Any) -> Mapping[str, Any]:
@@ -240,12 +252,23 @@ class FeedbackStateful:
             )
         self.owner = owner
 
+    #: frozen parameters whose state the checkpoint being loaded holds (set by torchkit.checkpoint.load_dcp, so
+    #: that DCP, which reads only the keys of its template, reads theirs too)
+    frozen_in_checkpoint: tuple = ()
+
     @property
     def key(self) -> str:
         return f"rank{self.owner.process_rank}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {self.key: self._encoded(self.owner.feedback_state_dict())}
+        return {self.key: self._encoded(self.owner.feedback_state_dict(frozen=self.frozen_in_checkpoint))}
+
+    def frozen_keys(self, entry: str) -> dict[Any, list[str]]:
+        """The flat DCP keys a checkpoint entry ``entry`` would hold for each frozen parameter's state."""
+        names = list(self.owner.feedback.state_names)
+        if self.owner._with_server():
+            names.append("server")
+        return {n: [f"{entry}.{self.key}.params.{n}.{k}" for k in names] for n in self.owner._frozen_layout()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.check(state_dict).apply(restored=True)
@@ -322,10 +345,17 @@ def live_instances(cls: type):
 
 def make_exchanger(group):
     """The exchanger of an optimizer front end: the group's, or one worker's where there is no group of several."""
+    check_group(group)
     if group is not None or (dist.is_available() and dist.is_initialized()):
         if dist.get_world_size(group) > 1:
             return DistExchanger(group)
     return LocalExchanger(1)
+
+
+def check_group(group, name: str = "process_group") -> None:
+    """``TypeError`` unless ``group`` is ``None`` or a ``torch.distributed.ProcessGroup``."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
 
 
 def agree(

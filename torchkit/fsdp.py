@@ -81,6 +81,8 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         self.bytes_sent = self.dense_bytes = 0
         self._numel: int | None = None
         self._fingerprint: float | None = None  # of this rank's configuration, compared at every call
+        self._where: tuple[int, int] | None = None  # (rank, size) in the group it runs on, once it has run
+        self._loaded_where: tuple[int, int] | None = None  # what a loaded state was saved on, checked at the next call
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -91,8 +93,10 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         scale = self._output_scale(op, n)
         if input_tensor.numel() != n * shard:
             raise ValueError(f"reduce-scatter input of {input_tensor.numel()} entries for {n} shards of {shard}")
+        bad = self._agreed_nonfinite(input_tensor, group, n, rank)  # also: every rank's loaded state is its own
         self._bind(input_tensor, shard)
-        if self._agreed_nonfinite(input_tensor, group, n, rank):
+        self._where, self._loaded_where = (rank, n), None
+        if bad:
             if self.nonfinite == "raise":
                 where = f" of {self.name}" if self.name else ""
                 raise NonFiniteGradientError(
@@ -132,9 +136,18 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         if self._fingerprint is None:  # the configuration cannot change after the first call (_bind): hashed once
             fixed = {k: v for k, v in self._configuration(x).items() if k != "step"}
             self._fingerprint = float(zlib.crc32(repr(fixed).encode()))
-        probe = torch.tensor([0.0, self.step, -self.step, self._fingerprint, -self._fingerprint], dtype=torch.float64)
+        foreign = self._loaded_where not in (None, (rank, n))
+        probe = torch.tensor([0.0, self.step, -self.step, self._fingerprint, -self._fingerprint, foreign],
+                             dtype=torch.float64)  # fmt: skip
         probe[0] = nonfinite_flag(x).to(torch.float64)
         dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
+        if probe[5] > 0:  # before anything runs on the loaded state, on every rank
+            r, w = self._loaded_where or (rank, n)
+            mine = f"saved by rank {r} of {w}, this is rank {rank} of {n}" if foreign else "loaded on another rank"
+            raise ValueError(
+                f"the feedback state of the compressed reduce-scatter{' of ' + self.name if self.name else ''} was "
+                f"{mine}: error-feedback state is per rank and cannot be re-sharded (load each rank's own state)"
+            )
         if probe[1] != -probe[2] or probe[3] != -probe[4]:  # every rank sees the same: every rank goes on here
             where = f" of {self.name}" if self.name else ""
             what = f"compressed reduce-scatter{where} (tk.fsdp.compress_reduce_scatter with one method on every rank)"
@@ -191,9 +204,12 @@ class CompressedReduceScatter(_reduce_scatter_base()):
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         """This rank's state (per rank: save it with the rank in the name, or as a DCP ``Stateful``)."""
+        where = self._where or self._loaded_where
         return {
             "method": self.feedback.config(),
             "step": self.step,
+            "rank": None if where is None else where[0],  # in the group it runs on
+            "world_size": None if where is None else where[1],
             "numel": self._numel,
             "state": {k: v.clone() for k, v in (self.state or {}).items()},
             "server": None if self.server is None else self.server.clone(),
@@ -207,6 +223,14 @@ class CompressedReduceScatter(_reduce_scatter_base()):
             raise ValueError(
                 f"feedback state for {sd.get('numel')} entries, this module's reduce-scatter has {self._numel}"
             )
+        saved = (sd.get("rank"), sd.get("world_size"))
+        saved = None if None in saved else saved  # checkpoints before 2026-12: not recorded
+        if saved is not None and self._where is not None and saved != self._where:
+            raise ValueError(
+                f"feedback state saved by rank {saved[0]} of {saved[1]}, this reduce-scatter runs on rank "
+                f"{self._where[0]} of {self._where[1]} (error-feedback state is per rank and cannot be re-sharded)"
+            )
+        self._loaded_where = saved if self._where is None else None  # not run yet: checked at its first call
         self.step = int(sd["step"])
         self._numel = sd["numel"]
         self.state = {k: v.clone() for k, v in sd["state"].items()} if sd["numel"] is not None else None

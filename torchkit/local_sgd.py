@@ -348,9 +348,9 @@ class LocalSGD(WrappedOptimizer):
     inner_state_per_rank = True  # a framework's rank-0 checkpoint holds rank 0's inner state: keep this rank's
     plain_load_restarts = "the anchor is taken again at the next step and the feedback method starts at its step 0"
 
-    def feedback_state_dict(self) -> dict[str, Any]:
+    def feedback_state_dict(self, *, frozen=()) -> dict[str, Any]:
         self.finish_round()  # a round in flight is finished first: its state and the anchor's are then final
-        return super().feedback_state_dict()
+        return super().feedback_state_dict(frozen=frozen)
 
     def _extras(self) -> dict[str, Any]:
         self.finish_round()

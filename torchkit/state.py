@@ -240,8 +240,18 @@ class RoundState:
         self.apply(prepared)
         return prepared["missing"], prepared["unexpected"]
 
-    def check(self, sd: Mapping[str, Any], *, sizes: Mapping[Any, int] | None = None, strict: bool = True) -> dict:
-        """Everything :meth:`load_state_dict` checks, without changing anything; the input of :meth:`apply`."""
+    def check(
+        self,
+        sd: Mapping[str, Any],
+        *,
+        sizes: Mapping[Any, int] | None = None,
+        strict: bool = True,
+        frozen: Mapping[Any, int] | None = None,
+    ) -> dict:
+        """Everything :meth:`load_state_dict` checks, without changing anything; the input of :meth:`apply`.
+        ``frozen`` (name -> numel): parameters the front end holds that do not train now; a checkpoint may carry
+        their state (saved while they were frozen, or before) or not, and what it carries is kept for when they
+        train again."""
         params = {normalize_name(k): v for k, v in _checked_params(sd, self.feedback).items()}
         step = sd.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -249,8 +259,10 @@ class RoundState:
         missing, unexpected = [], []
         if sizes is not None:
             sizes = {normalize_name(k): int(v) for k, v in sizes.items()}
+            optional = {normalize_name(k): int(v) for k, v in (frozen or {}).items() if normalize_name(k) not in sizes}
             missing = sorted((k for k in sizes if k not in params), key=str)
-            unexpected = sorted((k for k in params if k not in sizes), key=str)
+            unexpected = sorted((k for k in params if k not in sizes and k not in optional), key=str)
+            sizes = {**optional, **sizes}
             if strict and (missing or unexpected):
                 raise ValueError(
                     f"checkpoint parameter names do not match: missing {_few(missing)}, unexpected {_few(unexpected)} "
