@@ -16,7 +16,6 @@ import functools
 import logging
 import math
 import threading
-import warnings
 import weakref
 from typing import Any
 
@@ -105,12 +104,12 @@ class CompressionState(FrontEnd):
         # progress: iteration counter, and the iteration that is the method's step 0
         "iter", "fb_origin",
         # feedback state (flat blocks per bucket, keyed by parameter name), the bound model, the exchanger
-        "round", "_keys", "_names", "_model", "_exchanger", "_agreed", "_queue", "_flags", "_node", "_world",
+        "round", "_keys", "_names", "_model", "_exchanger", "_agreed", "_queue", "_flags", "_node", "_world", "_used",
         # counters of the last completed iteration, and the running ones
         "bytes_sent", "dense_bytes", "error_norm_sq", "_acc", "_last", "_lock", "metrics", "_warm", "_options",
     )  # fmt: skip
     _TRANSIENT = ("process_group", "grad_scaler", "round", "_keys", "_model", "_exchanger", "_agreed", "_lock", "_acc",
-                  "_queue", "_flags", "metrics", "_warm", "_options", "_node", "_world")  # fmt: skip
+                  "_queue", "_flags", "metrics", "_warm", "_options", "_node", "_world", "_used")  # fmt: skip
 
     def __init__(
         self,
@@ -130,6 +129,7 @@ class CompressionState(FrontEnd):
         check_group(node_group, "node_group")
         self._node = node_shards(node_group, process_group, feedback)
         self._world = None
+        self._used: set | None = None  # find_unused_parameters: keys of the parameters used since the last round
         self.feedback = feedback
         self.process_group = process_group
         self.start_iter = start_iter
@@ -325,7 +325,7 @@ class CompressionState(FrontEnd):
         for s in self.__slots__:
             setattr(self, s, state.get(s))
         self.process_group, self.grad_scaler, self._model, self._exchanger, self._agreed = None, None, None, None, False
-        self._node = self._world = None
+        self._node = self._world = self._used = None
         self._keys, self._acc, self._lock, self._queue, self._flags = {}, _new_counters(), threading.Lock(), [], []
         self.metrics, self._warm, self._options = CommMetrics(), 0, {}
         self.round = RoundState(self.feedback)
@@ -440,6 +440,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     fut = job.pending.then(_estimate)  # run in this thread too: the pending future is completed here
     if last:
         state.iter += 1
+        if state._used is not None:
+            state._used.clear()  # the next iteration's (and its no_sync micro-steps') uses
         _finish_iteration(state)
     return fut
 
@@ -484,6 +486,8 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Jo
         acc["closed"] = True
         state._acc = _new_counters()
     job = _Job(buf, blk, scale, acc)
+    if state._used is not None and blk is not None and state._node is None and n > 1:
+        job.unused = _unused_everywhere(state, keys, sizes, buf.device)
     if state._node is not None:  # the node's mean on this rank's shard, dense inside the node
         job.sizes = sizes
         job.shard = state._node.scatter_mean(buf, sizes)
@@ -511,7 +515,7 @@ class _Job:
     """One bucket of an iteration: its buffer, block, loss scale and counters, the future DDP waits for
     (``pending``), what finishes the bucket's round and returns its estimate (``run``), and a held bucket's flag."""
 
-    __slots__ = ("buf", "blk", "scale", "acc", "pending", "run", "bad", "shard", "sizes")
+    __slots__ = ("buf", "blk", "scale", "acc", "pending", "run", "bad", "shard", "sizes", "unused")
 
     def __init__(self, buf, blk=None, scale=None, acc=None):
         self.buf, self.blk, self.scale, self.acc = buf, blk, scale, acc
@@ -519,6 +523,7 @@ class _Job:
         self.run = self.bad = None
         self.shard = buf  # what the round runs on: the bucket, or node-aware this rank's shard of the node's mean
         self.sizes = None  # node-aware: the bucket's tensors' sizes
+        self.unused = None  # find_unused_parameters: the entries of parameters no rank used (a bool mask), if any
 
 
 def _finish_iteration(state: CompressionState) -> None:
@@ -536,6 +541,18 @@ def _estimate(fut: torch.futures.Future) -> Tensor:
     """The future DDP waits for: the bucket's estimate, or its round's error raised, which fails the future as a
     failed collective fails plain DDP's (an error set as the value would reach DDP's reducer as an object)."""
     return fut.value()
+
+
+def _unused_everywhere(state: CompressionState, keys, sizes, device) -> Tensor | None:
+    """The entries of a bucket's parameters that no rank used this iteration (``find_unused_parameters``), agreed
+    with one ``all_reduce`` (MAX) of a flag per parameter; None when every one was used somewhere. DDP leaves such a
+    parameter's gradient as it is, so an estimate sent for it would not be applied: the wrapper leaves them out of
+    the round, and so does the hook (their state kept, zeros in the round)."""
+    used = torch.tensor([float(k in state._used) for k in keys], device=device)
+    dist.all_reduce(used, op=dist.ReduceOp.MAX, group=state.process_group)
+    if bool(used.all()):  # a host read: this mode already traverses the autograd graph every iteration
+        return None
+    return torch.repeat_interleave(used == 0, torch.tensor(sizes, device=device))
 
 
 def _skipped(state: CompressionState, job: _Job) -> Tensor:
@@ -568,6 +585,14 @@ def _start(state: CompressionState, job: _Job, nonfinite):
 
     if job.blk is None:  # an empty shard: nothing to send between nodes, the node's gather still runs
         fut = _InCaller(lambda: RoundResult(job.shard, None, 0, 0, skipped=True))
+    elif job.unused is not None:  # their state out of the round: zero in it (nothing sent), restored after it
+        vecs = job.blk.state.values()
+        kept = [v.clone() for v in vecs]
+        for v in vecs:
+            v.masked_fill_(job.unused, 0)
+        fut = start_round(state.feedback, state._exchange(), job.blk, job.shard, state.round.step, options)
+        for v, old in zip(vecs, kept):  # the worker step has run (the exchange may still be in flight)
+            torch.where(job.unused, old, v, out=v)
     else:
         fut = start_round(state.feedback, state._exchange(), job.blk, job.shard, state.round.step, options)
     if state._node is not None:  # every rank of the node gathers at the finish, bucket by bucket (one order)
@@ -684,20 +709,22 @@ def register(
     state = CompressionState(
         feedback, process_group=state_kwargs.pop("process_group", ddp_model.process_group), **state_kwargs
     )
-    if getattr(ddp_model, "find_unused_parameters", False) and "error" in feedback.state_names:
-        warnings.warn(
-            f"find_unused_parameters=True with {type(feedback).__name__}: DDP leaves the gradient of a parameter that "
-            "no rank used in an iteration as it is, so the part of that parameter's error the hook's round sends then "
-            "is not applied, and lost. tk.CompressedOptimizer leaves such parameters out of the round and keeps "
-            "their error",
-            stacklevel=2,
-        )
     state.bind(ddp_model)
+    if getattr(ddp_model, "find_unused_parameters", False):  # which parameters each iteration used: see _Job.unused
+        state._used = set()
+        for p in ddp_model.parameters():
+            if p.requires_grad:
+                p.register_hook(functools.partial(_mark_used, state._used, state._key(p)))
     ddp_model.register_comm_hook(state, compression_hook)
     # a bad gradient is reported at the next forward, before DDP prepares its backward: raising inside the backward
     # would leave DDP's reducer half-way through an iteration and unusable in this process
     ddp_model.register_forward_pre_hook(_ForwardCheck(state))
     return state
+
+
+def _mark_used(used: set, key, grad: Tensor) -> None:
+    """A parameter's gradient hook: it got a gradient in this backward (it runs before DDP's own hook sees it)."""
+    used.add(key)
 
 
 class _ForwardCheck:
