@@ -273,6 +273,30 @@ def test_state_dict_hooks_run_as_torch_optims_do():
     assert loaded == [1] and calls == ["pre", "post"] and opt.feedback_state_dict()["step"] == 0
 
 
+def test_global_step_hooks_see_one_step_per_step():
+    """torch.optim's global step hooks (profilers, step counters) fire once per wrapper step, not once more for the
+    inner optimizer; a hook set on the inner optimizer itself still runs."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    seen = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: seen.append(("post", type(o).__name__))),
+    ]
+    try:
+        model = _model()
+        opt = _opt(model, tk.EF14(tk.TopK(ratio=0.3)), cls=torch.optim.SGD, lr=0.1)
+        _train(model, opt, _batches(2))
+        assert seen == [("pre", "CompressedOptimizer"), ("post", "CompressedOptimizer")] * 2
+        mine = []
+        opt.inner.register_step_post_hook(lambda o, a, k: mine.append(1))
+        _train(model, opt, _batches(1))
+        assert mine == [1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="x must be a vector"):
         tk.TopK(1).compress(torch.tensor(1.0))

@@ -178,7 +178,7 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
     def _init_inner_state_for_dcp(self):
         """``get_optimizer_state_dict`` steps a fresh optimizer on zero gradients with lr 0 to create its state:
         that step initialises the inner optimizer only; no round runs and no state of this front end changes."""
-        return self.inner.step()
+        return inner_step(self.inner)
 
     optional_keys = ("mesh",)
 
@@ -665,3 +665,21 @@ def check_inner_state(inner: torch.optim.Optimizer, state_dict: dict[str, Any]) 
 def _or(result, default):
     """A hook's result, or ``default`` where it returned None (torch.optim's rule for state_dict hooks)."""
     return default if result is None else result
+
+
+def inner_step(inner: torch.optim.Optimizer):
+    """``inner.step()`` inside the wrapper's own step, without torch.optim's global step hooks
+    (``register_optimizer_step_pre_hook``/``..._post_hook``), which the wrapper's step has run already: a hook
+    counting steps would count each one twice. Where the inner optimizer has step hooks or a patched ``step`` of its
+    own (someone set them on it), its step runs as it is."""
+    step = type(inner).step
+    raw = getattr(step, "__wrapped__", None)
+    if (
+        raw is None
+        or not getattr(step, "hooked", False)
+        or "step" in vars(inner)
+        or inner._optimizer_step_pre_hooks
+        or inner._optimizer_step_post_hooks
+    ):
+        return inner.step()
+    return raw(inner)

@@ -30,6 +30,7 @@ from ._wrapped import (
     collect_works,
     grad_like,
     group_options,
+    inner_step,
     local_of,
     needs_closure,
     shard_count,
@@ -234,7 +235,7 @@ class LocalSGD(WrappedOptimizer):
                 self.skipped_steps += 1
                 self.metrics.skipped_steps += 1
         else:
-            self.inner.step()
+            inner_step(self.inner)
         self.local_step += 1
         if self.local_step >= self.sync_every:
             self._sync()

@@ -27,6 +27,7 @@ from ._wrapped import (
     check_common_args,
     grad_like,
     group_options,
+    inner_step,
     is_view_of,
     local_of,
     options_digest,
@@ -179,7 +180,7 @@ class CompressedOptimizer(WrappedOptimizer):
         if self._node is not None:
             self.metrics.record_node(sum(self._node.sent_bytes(w.sizes, w.flat.element_size()) for w in works))
         self.round.step += 1
-        self.inner.step()
+        inner_step(self.inner)
         return loss
 
     def _works(self) -> list[Work]:
