@@ -266,6 +266,27 @@ def test_bad_arguments_get_one_line_and_exit_2(argv, message, tmp_path, capsys, 
     assert not (tmp_path / "torchkit-demo").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--out", "afile"], "argument --out: afile: afile is a file, not a folder"),
+        (["demo", "--out", "afile/sub"], "argument --out: afile/sub: afile is a file, not a folder"),
+        (["bench", "--out", "afile/sub"], "argument --out: afile/sub: afile is a file, not a folder"),
+        (["bench", "network", "--out", "afile"], "argument --out: afile: afile is a file, not a folder"),
+        (["plan", "--out", "."], "argument --out: . is a folder, not a file"),
+        (["plan", "--out", "afile/plan.json"], "argument --out: afile/plan.json: afile is a file, not a folder"),
+    ],
+)
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(argv, message, tmp_path, capsys, monkeypatch):
+    """Refused when the arguments are read (one line, exit 2), not after a run whose results would then be lost."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the message of a build without CUDA")
 def test_bench_on_cuda_without_a_gpu_says_so(capsys):
     assert main(["bench", "--device", "cuda"]) == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import netbench, plan
+from ._paths import out_folder
 
 __all__ = ["main"]
 
@@ -257,7 +258,7 @@ def _repro_parsers(sub) -> None:
     common.add_argument(
         "--seeds", type=_non_negative_int, nargs="+", default=[0, 1, 2], help="seeds of x0 ~ N(0, I); mean and range"
     )
-    common.add_argument("--out", default="torchkit-repro", help="folder for the JSON and PNG results")
+    common.add_argument("--out", type=out_folder, default="torchkit-repro", help="folder for the JSON and PNG results")
     common.add_argument(
         "--progress",
         choices=["auto", "bar", "lines", "off"],
@@ -334,7 +335,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive(int), default=600, help="training steps per method")
     d.add_argument("--ratio", type=_fraction, default=0.01, help="TopK density per DDP bucket, in (0, 1]")
     d.add_argument("--methods", nargs="+", default=list(methods), choices=methods, help="methods to train, in order")
-    d.add_argument("--out", default="torchkit-demo", help="folder for results.json, table.md and the PNG")
+    d.add_argument(
+        "--out", type=out_folder, default="torchkit-demo", help="folder for results.json, table.md and the PNG"
+    )
     d.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data and the model")
     d.add_argument("--batch", type=_positive(int), default=64, help="batch size per worker")
     d.add_argument(
@@ -356,7 +359,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=_BENCH_DTYPES, help="gradient dtypes"
     )
-    b.add_argument("--out", default=None, help="folder for kernels.json and kernels.png (default: print only)")
+    b.add_argument(
+        "--out", type=out_folder, default=None, help="folder for kernels.json and kernels.png (default: print only)"
+    )
     b.set_defaults(fn=_bench)
     what = b.add_subparsers(dest="bench_what", metavar="{network}", help="another benchmark instead of the kernels'")
     n = what.add_parser(

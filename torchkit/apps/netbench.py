@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from . import links
+from ._paths import out_folder
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the torchkit package, for the workers' path
 METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef21@0.01", "ef14@0.001", "ef21@0.001")
@@ -248,7 +249,9 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "torchkit-network") -> 
     )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (inside the method where recommended)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    p.add_argument("--out", default=out, help="results go to <out>/<device>/network.json and network.png")
+    p.add_argument(
+        "--out", type=out_folder, default=out, help="results go to <out>/<device>/network.json and network.png"
+    )
     p.add_argument("--merge", action="store_true",
                    help="keep the saved network.json and its targets; the runs named here replace theirs")  # fmt: skip
 

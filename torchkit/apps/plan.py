@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import links, netbench
+from ._paths import out_file
 
 DEFAULT_METHODS = ("ddp", "ddp_bf16", "powersgd1", "powersgd4", "ef14@0.01", "ef14@0.001", "local8@0.03", "diloco8")
 
@@ -470,7 +471,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-factor", nargs="*", default=[], metavar="METHOD=X",
                    help="how many times dense training's steps a method needs (1 if not given)")  # fmt: skip
     p.add_argument("--compute-steps", type=int, default=15, help="timed training steps")
-    p.add_argument("--out", default="torchkit-plan.json", help="where the calibration and predictions go")
+    p.add_argument(
+        "--out", type=out_file, default="torchkit-plan.json", help="where the calibration and predictions go"
+    )
 
 
 def _factors(items: list[str], methods: list[str]) -> dict[str, float]:
@@ -507,6 +510,7 @@ def run(args: argparse.Namespace) -> int:
         cal = calibrate(args.ranks, args.rate, cfg, bar=bar)
     result = {"calibration": cal, **plan(cal, args.methods, args.steps, factors)}
     print(report(result))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"written: {args.out}")
     return 0
