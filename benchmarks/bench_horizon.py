@@ -17,7 +17,8 @@ Configurations (``C = TopK(density)``; the outer optimizer without momentum wher
 - ``ef21sgdm``: ``EF21SGDM(C, eta=0.1, init="compressed", momentum_init="zero")``, lr x 10 under SGD (EF21 on the
   worker's momentum re-parametrised; not run at 3000 steps on the transformer);
 - ``econtrol``: ``LocalMomentum(EControl(C, eta=alpha, init="compressed"), 0.9)``; ``econtrol_mask``: with
-  ``mask=True``.
+  ``mask=True``; ``econtrol_mask_eta``: masked, with ``eta = 0.3 sqrt(alpha)`` (0.03 at TopK 1%, 0.0095 at 0.1%:
+  the best of the strengths ``bench_stale_shift.py`` tried on the transformer at 3000 steps, 4 workers).
 
 Tiers, run in this order by default (a stopped run leaves whole tiers; each tier runs its seed-0 grids first):
 
@@ -60,8 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 OUT = Path(__file__).resolve().parent / "results" / "horizon"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "phishing.txt"
 SEEDS = (0, 1, 2)
-CONFIGS = ("dense", "ef14", "ef14_mask", "ef21", "ef21_mask", "ef21sgdm", "econtrol", "econtrol_mask")
-ADAMW_CONFIGS = ("dense", "ef14", "ef14_mask", "ef21", "ef21_mask", "econtrol", "econtrol_mask")
+CONFIGS = ("dense", "ef14", "ef14_mask", "ef21", "ef21_mask", "ef21sgdm", "econtrol", "econtrol_mask",
+           "econtrol_mask_eta")  # fmt: skip
+ADAMW_CONFIGS = ("dense", "ef14", "ef14_mask", "ef21", "ef21_mask", "econtrol", "econtrol_mask", "econtrol_mask_eta")
 LONG_CONFIGS = ADAMW_CONFIGS  # the transformer's 3000 steps: EF21-SGDM is EF21 on the worker's momentum re-parametrised
 LABELS = {
     "dense": "dense",
@@ -72,6 +74,7 @@ LABELS = {
     "ef21sgdm": "EF21-SGDM (eta 0.1)",
     "econtrol": "EControl on the worker's momentum",
     "econtrol_mask": "EControl on the worker's momentum, masked",
+    "econtrol_mask_eta": "EControl (eta = 0.3 sqrt(alpha)) on the worker's momentum, masked",
 }
 GRIDS = {  # (task, inner, steps) -> learning rates
     ("char_lm", "sgdm", 300): (0.01, 0.03, 0.1, 0.3),
@@ -120,7 +123,7 @@ def build(config: str, inner: str, density: float | None):
     if config == "dense":
         return "dense", inner, 1.0, f"dense, {inner}"
     comp = tk.TopK(ratio=density)
-    mask = config.endswith("_mask")
+    mask = "_mask" in config
     outer = "adamw0" if adamw else "sgd"  # the momentum is on the worker
     if config == "ef14":
         return tk.EF14(comp), inner, 1.0, f"EF14(TopK) inside {inner}"
@@ -131,7 +134,8 @@ def build(config: str, inner: str, density: float | None):
         "ef14": lambda: tk.EF14(comp),
         "ef21": lambda: tk.EF21(comp, init="compressed"),
         "econtrol": lambda: tk.EControl(comp, init="compressed"),  # eta = alpha
-    }[config.removesuffix("_mask")]()
+        "econtrol_eta": lambda: tk.EControl(comp, eta=0.3 * math.sqrt(density), init="compressed"),
+    }[config.replace("_mask", "")]()
     fb = tk.LocalMomentum(method, 0.9, mask=mask)
     return fb, outer, 1.0, f"{fb!r}, {outer}"
 

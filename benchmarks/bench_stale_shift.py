@@ -15,6 +15,11 @@ entries unchanged for 20 rounds or more hold 43% of the shift it applies (64% ma
   ``|a_i|`` (the values sent are still ``b_i - h_i``, so ``h_i`` becomes ``b_i`` there) and restarts ``a_i`` at
   zero on them. Same bytes as EF21.
 
+- ``econtrol_mask`` and ``econtrol_mask_eta_<eta>``: not a fix written here but torchkit's masked EControl on the
+  worker's momentum (``LocalMomentum(EControl(TopK, eta, init="compressed"), 0.9, mask=True)``), the family member
+  that carries an error as EF14 does, fed back with weight ``eta`` (``econtrol_mask``: eta = alpha, the
+  recommendation before this probe). Strengths from alpha up to 0.3, at TopK 0.1% and 1%.
+
 Everything else is the horizon study's: the character transformer, 4 workers iid, SGD momentum 0.9 on the worker
 (``b^0 = g^0``, EF21's ``init="compressed"``), plain SGD outside, 3000 steps, TopK 0.1%. The ``plain`` rows are EF21
 in the same plain torch (``decay`` with beta 0): it agreed with torchkit's ``LocalMomentum(EF21(TopK,
@@ -30,6 +35,14 @@ committed runs:
     python benchmarks/bench_stale_shift.py --lrs 0.3 --variants decay_0.03 decay_0.1
     python benchmarks/bench_stale_shift.py --lrs 0.1 --seeds 1 2 --variants plain decay_0.1
     python benchmarks/bench_stale_shift.py --steps 40 --lrs 0.1 --variants ef21 plain   # the check
+    python benchmarks/bench_stale_shift.py --lrs 0.03 0.1 --variants econtrol_mask econtrol_mask_eta_0.01 \
+        econtrol_mask_eta_0.03 econtrol_mask_eta_0.1 econtrol_mask_eta_0.3
+    python benchmarks/bench_stale_shift.py --lrs 0.3 --variants econtrol_mask_eta_0.01
+    python benchmarks/bench_stale_shift.py --lrs 0.03 0.1 --variants econtrol_mask_eta_0.003
+    python benchmarks/bench_stale_shift.py --lrs 0.1 --seeds 1 2 --variants econtrol_mask_eta_0.01 econtrol_mask
+    python benchmarks/bench_stale_shift.py --density 0.01 --lrs 0.1 0.3 --variants econtrol_mask \
+        econtrol_mask_eta_0.03 econtrol_mask_eta_0.1
+    python benchmarks/bench_stale_shift.py --density 0.01 --lrs 0.1 --seeds 1 2 --variants econtrol_mask_eta_0.03
     python benchmarks/bench_stale_shift.py --report
 
 Options: ``--procs 2 --density 0.001 --lrs 0.03 0.1 --seeds 0 --steps 3000 --variants ...`` (the defaults shown).
@@ -67,6 +80,10 @@ VARIANTS = {  # name -> (kind, beta)
     "decay_0.3": ("decay", 0.3),
     "decay_1": ("decay", 1.0),
     "age": ("age", 0.0),
+    # the recommended masked EControl (eta = alpha), and with more of its error fed back: the family member that
+    # carries an EF14-like error, at strengths from alpha (0.001 at TopK 0.1%) up
+    "econtrol_mask": ("econtrol", None),
+    **{f"econtrol_mask_eta_{eta:g}": ("econtrol", eta) for eta in (0.003, 0.01, 0.03, 0.1, 0.3)},
 }
 
 
@@ -111,6 +128,9 @@ def run_job(job: dict) -> dict:
     kind, beta = VARIANTS[job["variant"]]
     if kind == "torchkit":
         comp = tk.LocalMomentum(tk.EF21(tk.TopK(ratio=job["density"]), init="compressed"), 0.9)
+    elif kind == "econtrol":
+        method = tk.EControl(tk.TopK(ratio=job["density"]), eta=beta, init="compressed")
+        comp = tk.LocalMomentum(method, 0.9, mask=True)
     else:
         d = sum(p.numel() for p in task.model(0).parameters())
         comp = StaleShiftFix(job["workers"], d, job["density"], kind, beta)
@@ -162,10 +182,11 @@ def table(summary: dict, device: str) -> str:
     cells = summary["cells"]
     lrs = sorted({float(lr) for row in cells.values() for lr in row})
     lines = [
-        f"# The stale shift: a decaying shift and an age-aware selection ({device})",
+        f"# The stale shift: a decaying shift, an age-aware selection, EControl's error ({device})",
         "",
-        "char_lm, 4 workers iid, 3000 steps, SGD momentum 0.9 on the worker, TopK 0.1%: the share of dense training's "
-        "loss reduction, seed 0 at each rate, and the median (range) over seeds 0-2 where they ran; - = not run.",
+        "char_lm, 4 workers iid, 3000 steps, SGD momentum 0.9 on the worker; rows `workers/TopK density/variant`: the "
+        "share of dense training's loss reduction, seed 0 at each rate, and the median (range) over seeds 0-2 where "
+        "they ran; - = not run.",
         "",
         "| variant | " + " | ".join(f"lr {lr:g}, seed 0" for lr in lrs) + " | seeds 0-2 |",
         "|---|" + "---|" * (len(lrs) + 1),

@@ -120,7 +120,9 @@ def recommended(
     - ``"ef21sgdm"``: ``EF21SGDM(compressor, eta=1 - momentum, init="compressed", momentum_init="zero")``;
       the optimizer without momentum; under SGD the learning rate times ``1/eta``. (This is the ``"ef21"``
       configuration in EF21-SGDM's parametrisation: the same iterates up to rounding.)
-    - ``"econtrol"``: ``LocalMomentum(EControl(compressor, eta=alpha, init="compressed"), momentum, mask=True)``;
+    - ``"econtrol"``: ``LocalMomentum(EControl(compressor, eta, init="compressed"), momentum, mask=True)`` with
+      ``eta`` = alpha, or for ``TopK(ratio=r)`` below 1% ``max(r, min(0.01, 0.3 sqrt(r)))``
+      (:func:`torchkit.registry.econtrol_eta`: 0.0095 at 0.1%, where alpha fed back too little of its error);
       the optimizer without momentum.
 
     Momentum factor masking (where a message sent an entry, the worker's momentum restarts there) is what brings
