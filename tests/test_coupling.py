@@ -236,12 +236,13 @@ def test_init_options_keep_the_identities(shared_data, init):
 def test_recommended_econtrol_feeds_back_more_error_below_1_percent():
     """tk.recommended's EControl: eta = alpha from TopK 1% up (and for compressors without a ratio), and
     max(alpha, min(0.01, 0.3 sqrt(alpha))) below (0.0095 at 0.1%: the horizon study's 82% against 74%)."""
-    from torchkit.registry import econtrol_eta
+    from torchkit.registry import recommended_econtrol_eta
 
     def eta(c):
         return tk.recommended("econtrol", c, torch.optim.SGD).feedback.method.eta
 
-    assert eta(tk.TopK(ratio=0.001)) == econtrol_eta(tk.TopK(ratio=0.001)) == pytest.approx(0.3 * math.sqrt(0.001))
+    expected = pytest.approx(0.3 * math.sqrt(0.001))
+    assert eta(tk.TopK(ratio=0.001)) == recommended_econtrol_eta(tk.TopK(ratio=0.001)) == expected
     assert eta(tk.TopK(ratio=0.005)) == 0.01 and eta(tk.TopK(ratio=1e-6)) == pytest.approx(3e-4)
     for c in (tk.TopK(ratio=0.01), tk.TopK(ratio=0.1), tk.TopK(5), tk.RandK(ratio=0.001)):
         assert eta(c) is None  # alpha, per vector

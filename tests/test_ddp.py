@@ -396,20 +396,23 @@ class _Branches(torch.nn.Module):
 USE_B = [(True, True), (False, False), (False, True), (True, True), (False, False), (True, True)]  # rank 0, 1
 
 
-def _unused(rank, world, name):
+def _unused(rank, world, name, nonfinite):
     """Branch b used by both ranks, by neither, by rank 1 only: the hook with find_unused_parameters and the
-    wrapper (which leaves out a parameter no rank has a gradient for, and counts a missing one as zero)."""
+    wrapper (which leaves out a parameter no rank has a gradient for, and counts a missing one as zero). ``late``:
+    b frozen when the hook was registered (no mark hook), trained afterwards with every branch used: as ``all``."""
     out = {}
-    for front in ("hook", "opt"):
+    for front, schedule in (("hook", USE_B), ("opt", USE_B), ("late", [(True, True)] * 3), ("all", [(True, True)] * 3)):
         model = _Branches()
         fb = FEEDBACKS[name]()
-        if front == "hook":
-            ddp = DDP(model, find_unused_parameters=True)
-            tk.ddp.register(ddp, fb, min_compression_rate=0)
-            opt, run = torch.optim.SGD(model.parameters(), lr=LR), ddp
-        else:
+        if front == "opt":
             opt, run = tk.CompressedOptimizer(model.parameters(), torch.optim.SGD, lr=LR, feedback=fb), model
-        for t, uses in enumerate(USE_B):
+        else:
+            ddp = DDP(model, find_unused_parameters=True)
+            model.b.requires_grad_(front != "late")
+            tk.ddp.register(ddp, fb, min_compression_rate=0, nonfinite=nonfinite)
+            model.b.requires_grad_(True)
+            opt, run = torch.optim.SGD(model.parameters(), lr=LR), ddp
+        for t, uses in enumerate(schedule):
             x, y = _data(rank, t)
             opt.zero_grad()
             torch.nn.functional.mse_loss(run(x[:, :5], uses[rank]), y).backward()
@@ -419,10 +422,11 @@ def _unused(rank, world, name):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["ef14", "ef21"])
-def test_a_parameter_no_rank_used_keeps_its_state_under_the_hook(name):
-    """DDP leaves the gradient of a parameter no rank used as it is: the hook leaves it out of the round (its state
-    kept, nothing sent), as the wrapper does, so the two trajectories agree; one used on one rank only counts as
-    zero on the other, in both."""
-    for r in run_dist(_unused, 2, name):
+@pytest.mark.parametrize("name, nonfinite", [("ef14", "raise"), ("ef21", "raise"), ("econtrol", None)])
+def test_a_parameter_no_rank_used_keeps_its_state_under_the_hook(name, nonfinite):
+    """DDP leaves the gradient of a parameter no rank used as it is: the hook puts its state back after the round
+    (agreed per bucket), as the wrapper leaves it out, so the two trajectories agree; one used on one rank only
+    counts as zero on the other, in both."""
+    for r in run_dist(_unused, 2, name, nonfinite):
         torch.testing.assert_close(r["hook"], r["opt"], rtol=1e-10, atol=1e-12)
+        assert torch.equal(r["late"], r["all"])

@@ -238,6 +238,8 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         return {n: (s, self.feedback.state_dtype(w.dtype), w.device) for w in self._round_works() for n, s in w.sized()}
 
     def _frozen_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]]:
+        if self._split() is not None:  # node-aware: a parameter's piece follows the trainable ones' layout; not kept
+            return {}
         return {
             f"{gi}.{pi}": (numel_real(local_of(p)), self.feedback.state_dtype(real_dtype(local_of(p).dtype)), p.device)
             for gi, group in enumerate(self.param_groups)

@@ -155,18 +155,19 @@ def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     feedback = {k: v for k, v in state_dict.items() if isinstance(v, FeedbackStateful)}
-    if feedback:
-        saved = _saved_keys(checkpoint_id, kwargs.get("storage_reader"))
-        for entry, stateful in feedback.items():
-            stateful.frozen_in_checkpoint = tuple(
-                name for name, keys in stateful.frozen_keys(entry).items() if all(k in saved for k in keys)
-            )
-    if feedback:  # the header first: DCP refuses tensors of another size before a check could say why
-        headers = {k: _Probe(v, header=True) for k, v in feedback.items()}
-        partial = {**kwargs, "planner": DefaultLoadPlanner(allow_partial_load=True)}  # older ones lack optional keys
-        dcp.load(headers, checkpoint_id=checkpoint_id, **partial)
-        dcp.load({k: _Probe(v) for k, v in feedback.items()}, checkpoint_id=checkpoint_id, **kwargs)
     try:
+        frozen = {entry: stateful.frozen_keys(entry) for entry, stateful in feedback.items()}
+        if any(frozen.values()):  # only then the metadata is read
+            saved = _saved_keys(checkpoint_id, kwargs.get("storage_reader"))
+            for entry, stateful in feedback.items():
+                stateful.frozen_in_checkpoint = tuple(
+                    name for name, keys in frozen[entry].items() if all(k in saved for k in keys)
+                )
+        if feedback:  # the header first: DCP refuses tensors of another size before a check could say why
+            headers = {k: _Probe(v, header=True) for k, v in feedback.items()}
+            partial = {**kwargs, "planner": DefaultLoadPlanner(allow_partial_load=True)}  # older: no optional keys
+            dcp.load(headers, checkpoint_id=checkpoint_id, **partial)
+            dcp.load({k: _Probe(v) for k, v in feedback.items()}, checkpoint_id=checkpoint_id, **kwargs)
         dcp.load(state_dict, checkpoint_id=checkpoint_id, **kwargs)
     finally:
         for stateful in feedback.values():
@@ -174,15 +175,11 @@ def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -
 
 
 def _saved_keys(checkpoint_id, reader) -> set[str]:
-    """The flat keys a DCP checkpoint holds, from its metadata (its storage reader's, or a file system
-    checkpoint's at ``checkpoint_id``)."""
-    import torch.distributed.checkpoint as dcp
+    """The flat keys a DCP checkpoint holds, from its metadata, read through the storage reader ``dcp.load`` would
+    use (``reader``, or the one DCP makes for ``checkpoint_id``)."""
+    from torch.distributed.checkpoint._storage_utils import _storage_setup
 
-    if reader is None:
-        if not isinstance(checkpoint_id, (str, os.PathLike)):
-            return set()
-        reader = dcp.FileSystemReader(checkpoint_id)
-    return set(reader.read_metadata().state_dict_metadata)
+    return set(_storage_setup(reader, checkpoint_id, reader=True).read_metadata().state_dict_metadata)
 
 
 def _owners(objects, what: str) -> list[FrontEnd]:

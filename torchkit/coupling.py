@@ -122,8 +122,8 @@ def recommended(
       configuration in EF21-SGDM's parametrisation: the same iterates up to rounding.)
     - ``"econtrol"``: ``LocalMomentum(EControl(compressor, eta, init="compressed"), momentum, mask=True)`` with
       ``eta`` = alpha, or for ``TopK(ratio=r)`` below 1% ``max(r, min(0.01, 0.3 sqrt(r)))``
-      (:func:`torchkit.registry.econtrol_eta`: 0.0095 at 0.1%, where alpha fed back too little of its error);
-      the optimizer without momentum.
+      (:func:`torchkit.registry.recommended_econtrol_eta`: 0.0095 at 0.1%, where alpha fed back too little of its
+      error); the optimizer without momentum.
 
     Momentum factor masking (where a message sent an entry, the worker's momentum restarts there) is what brings
     EF14 and EControl close to dense training on shuffled data (benchmarks/results/horizon); on workers whose data

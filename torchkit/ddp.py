@@ -13,9 +13,11 @@ estimate written into the bucket.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -129,7 +131,8 @@ class CompressionState(FrontEnd):
         check_group(node_group, "node_group")
         self._node = node_shards(node_group, process_group, feedback)
         self._world = None
-        self._used: set | None = None  # find_unused_parameters: keys of the parameters used since the last round
+        # find_unused_parameters: (keys of the parameters used since the last round, keys of those with a mark hook)
+        self._used: tuple[set, set] | None = None
         self.feedback = feedback
         self.process_group = process_group
         self.start_iter = start_iter
@@ -275,6 +278,12 @@ class CompressionState(FrontEnd):
         return plan.missing, plan.unexpected
 
     def _feedback_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]] | None:
+        return self._layout_of(True)
+
+    def _frozen_layout(self) -> dict[Any, tuple[int, torch.dtype, Any]]:
+        return self._layout_of(False) or {}  # frozen after DDP was built, they stay in its buckets
+
+    def _layout_of(self, trains: bool) -> dict[Any, tuple[int, torch.dtype, Any]] | None:
         module = self._bound()
         if module is None:
             return None  # registered by hand: the names are known once the buckets run
@@ -282,7 +291,7 @@ class CompressionState(FrontEnd):
         layout = {
             normalize_name(n): (length(p.numel()), self.feedback.state_dtype(p.dtype), p.device)
             for n, p in module.named_parameters()
-            if p.requires_grad
+            if p.requires_grad == trains
         }
         return {n: v for n, v in layout.items() if v[0] or self._node is None}  # an empty piece holds no state
 
@@ -441,7 +450,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     if last:
         state.iter += 1
         if state._used is not None:
-            state._used.clear()  # the next iteration's (and its no_sync micro-steps') uses
+            state._used[0].clear()  # the next iteration's (and its no_sync micro-steps') uses
         _finish_iteration(state)
     return fut
 
@@ -486,8 +495,8 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Jo
         acc["closed"] = True
         state._acc = _new_counters()
     job = _Job(buf, blk, scale, acc)
-    if state._used is not None and blk is not None and state._node is None and n > 1:
-        job.unused = _unused_everywhere(state, keys, sizes, buf.device)
+    if state._used is not None and blk is not None and state._node is None:
+        job.unused = _Unused.of(state, blk, keys, sizes, n)
     if state._node is not None:  # the node's mean on this rank's shard, dense inside the node
         job.sizes = sizes
         job.shard = state._node.scatter_mean(buf, sizes)
@@ -523,7 +532,7 @@ class _Job:
         self.run = self.bad = None
         self.shard = buf  # what the round runs on: the bucket, or node-aware this rank's shard of the node's mean
         self.sizes = None  # node-aware: the bucket's tensors' sizes
-        self.unused = None  # find_unused_parameters: the entries of parameters no rank used (a bool mask), if any
+        self.unused = None  # find_unused_parameters: the state of the parameters this rank did not use (_Unused)
 
 
 def _finish_iteration(state: CompressionState) -> None:
@@ -543,20 +552,50 @@ def _estimate(fut: torch.futures.Future) -> Tensor:
     return fut.value()
 
 
-def _unused_everywhere(state: CompressionState, keys, sizes, device) -> Tensor | None:
-    """The entries of a bucket's parameters that no rank used this iteration (``find_unused_parameters``), agreed
-    with one ``all_reduce`` (MAX) of a flag per parameter; None when every one was used somewhere. DDP leaves such a
-    parameter's gradient as it is, so an estimate sent for it would not be applied: the wrapper leaves them out of
-    the round, and so does the hook (their state kept, zeros in the round)."""
-    used = torch.tensor([float(k in state._used) for k in keys], device=device)
-    dist.all_reduce(used, op=dist.ReduceOp.MAX, group=state.process_group)
-    if bool(used.all()):  # a host read: this mode already traverses the autograd graph every iteration
-        return None
-    return torch.repeat_interleave(used == 0, torch.tensor(sizes, device=device))
+class _Unused:
+    """``find_unused_parameters``: DDP leaves the gradient of a parameter no rank used in an iteration as it is, so
+    what the round sends for it is not applied, and an error-carrying method's error sent for it would be lost. The
+    parameters this rank did not use run in the round as zeros (a missing gradient counts as zero, as in the
+    wrapper); their state before it is kept, and once the round has finished it is put back wherever no rank used
+    them, agreed with one asynchronous ``all_reduce`` (MAX) of a flag per parameter that every rank starts at the
+    hook (no host synchronisation: the restore is a ``torch.where`` on the agreed flag)."""
+
+    __slots__ = ("flags", "work", "kept")
+
+    @staticmethod
+    def of(state: CompressionState, blk, keys, sizes, n: int) -> _Unused | None:
+        used, hooked = state._used
+        mine = [k in used or k not in hooked for k in keys]  # a parameter without a mark hook counts as used
+        if n == 1 and all(mine):
+            return None
+        self = _Unused()
+        vecs = {**blk.state, **({"server": blk.server} if blk.server is not None else {})}
+        at = itertools.accumulate(sizes, initial=0)
+        self.kept = [(i, off, size, {k: v[..., off : off + size].clone() for k, v in vecs.items()})
+                     for i, (off, size, u) in enumerate(zip(at, sizes, mine)) if not u]  # fmt: skip
+        flags = torch.tensor(mine, dtype=torch.float32)
+        device = next(iter(vecs.values())).device
+        self.flags = flags.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flags
+        self.work = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, group=state.process_group, async_op=True) if (
+            n > 1) else None  # fmt: skip
+        return self
+
+    def restore(self, blk) -> None:
+        """After the round: the state of the parameters no rank used, as it was before it."""
+        if self.work is not None:
+            self.work.wait()
+        vecs = {**blk.state, **({"server": blk.server} if blk.server is not None else {})}
+        for i, off, size, old in self.kept:
+            nobody = self.flags[i] == 0
+            for k, v in vecs.items():
+                part = v[..., off : off + size]
+                part.copy_(torch.where(nobody, old[k], part))
 
 
 def _skipped(state: CompressionState, job: _Job) -> Tensor:
     """A bucket of an iteration some rank's non-finite gradient skips: NaN, so that GradScaler skips the step."""
+    if job.unused is not None:
+        job.unused.restore(job.blk)  # waits for its flags here (no round ran: nothing changes)
     _account(state, job.acc, None)
     return job.buf.fill_(float("nan"))
 
@@ -576,6 +615,8 @@ def _start(state: CompressionState, job: _Job, nonfinite):
             flag = state._node.gather_into(job.shard, buf, job.sizes, _flag_of(res) if nonfinite else None)
             with state._lock:
                 job.acc["node"] += state._node.sent_bytes(job.sizes, buf.element_size()) // 2  # the all-gather's
+        if job.unused is not None:
+            job.unused.restore(job.blk)
         if job.scale is not None:
             buf.mul_(job.scale.to(buf.device))  # GradScaler unscales the estimate as it would the gradient
         if nonfinite == "flag" and flag is not None:
@@ -585,14 +626,6 @@ def _start(state: CompressionState, job: _Job, nonfinite):
 
     if job.blk is None:  # an empty shard: nothing to send between nodes, the node's gather still runs
         fut = _InCaller(lambda: RoundResult(job.shard, None, 0, 0, skipped=True))
-    elif job.unused is not None:  # their state out of the round: zero in it (nothing sent), restored after it
-        vecs = job.blk.state.values()
-        kept = [v.clone() for v in vecs]
-        for v in vecs:
-            v.masked_fill_(job.unused, 0)
-        fut = start_round(state.feedback, state._exchange(), job.blk, job.shard, state.round.step, options)
-        for v, old in zip(vecs, kept):  # the worker step has run (the exchange may still be in flight)
-            torch.where(job.unused, old, v, out=v)
     else:
         fut = start_round(state.feedback, state._exchange(), job.blk, job.shard, state.round.step, options)
     if state._node is not None:  # every rank of the node gathers at the finish, bucket by bucket (one order)
@@ -710,11 +743,20 @@ def register(
         feedback, process_group=state_kwargs.pop("process_group", ddp_model.process_group), **state_kwargs
     )
     state.bind(ddp_model)
-    if getattr(ddp_model, "find_unused_parameters", False):  # which parameters each iteration used: see _Job.unused
-        state._used = set()
-        for p in ddp_model.parameters():
-            if p.requires_grad:
-                p.register_hook(functools.partial(_mark_used, state._used, state._key(p)))
+    if getattr(ddp_model, "find_unused_parameters", False):  # which parameters each iteration used: see _Unused
+        if state._node is not None:
+            warnings.warn(
+                "find_unused_parameters=True with node_group: DDP leaves the gradient of a parameter no rank used in "
+                "an iteration as it is, and the node-aware round does not keep such a parameter's state out of it, "
+                "so EF14's or EControl's error sent for it is lost (tk.CompressedOptimizer keeps it)",
+                stacklevel=2,
+            )
+        else:
+            used, hooked = state._used = (set(), set())
+            for p in ddp_model.parameters():
+                if p.requires_grad:
+                    hooked.add(state._key(p))
+                    p.register_hook(functools.partial(_mark_used, used, state._key(p)))
     ddp_model.register_comm_hook(state, compression_hook)
     # a bad gradient is reported at the next forward, before DDP prepares its backward: raising inside the backward
     # would leave DDP's reducer half-way through an iteration and unusable in this process

@@ -716,7 +716,8 @@ class EControl(_WithEta):
             1 diverge, eta = 0.1 trains worse than eta = alpha (benchmarks/results/convergence), and on the
             worker's momentum eta = 0.1 diverges at 1% and 0.1% alike. Below 1% alpha is too small: at TopK
             0.1% on the worker's momentum eta = 0.01 keeps 82% of dense training's loss reduction where alpha
-            keeps 74% (benchmarks/results/stale_shift), which :func:`torchkit.recommended` uses.
+            keeps 73% (benchmarks/results/stale_shift; 0.0095 against alpha in the horizon study: 82% and
+            74%), which :func:`torchkit.recommended` uses.
         init: ``"full"``, ``"compressed"`` or ``"zero"``, as for :class:`EF21`.
         {granularity}
     """

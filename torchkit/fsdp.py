@@ -204,7 +204,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         """This rank's state (per rank: save it with the rank in the name, or as a DCP ``Stateful``)."""
-        where = self._where or self._loaded_where
+        where = self._loaded_where or self._where  # a loaded state not yet run: where it was saved
         return {
             "method": self.feedback.config(),
             "step": self.step,
@@ -224,13 +224,9 @@ class CompressedReduceScatter(_reduce_scatter_base()):
                 f"feedback state for {sd.get('numel')} entries, this module's reduce-scatter has {self._numel}"
             )
         saved = (sd.get("rank"), sd.get("world_size"))
-        saved = None if None in saved else saved  # checkpoints before 2026-12: not recorded
-        if saved is not None and self._where is not None and saved != self._where:
-            raise ValueError(
-                f"feedback state saved by rank {saved[0]} of {saved[1]}, this reduce-scatter runs on rank "
-                f"{self._where[0]} of {self._where[1]} (error-feedback state is per rank and cannot be re-sharded)"
-            )
-        self._loaded_where = saved if self._where is None else None  # not run yet: checked at its first call
+        # checked at the next call, on every rank at once (its probe): a rank raising here alone would leave the
+        # others waiting in that collective. Checkpoints before 2026-12 did not record it.
+        self._loaded_where = None if None in saved else saved
         self.step = int(sd["step"])
         self._numel = sd["numel"]
         self.state = {k: v.clone() for k, v in sd["state"].items()} if sd["numel"] is not None else None

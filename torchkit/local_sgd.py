@@ -521,7 +521,7 @@ class _Anchor:
         for w, views in estimates:
             for a, view in zip(w.like, views):
                 a.grad = grad_like(a, view)
-        self.outer.step()
+        inner_step(self.outer)
         for w, _ in estimates:
             for a in w.like:
                 a.grad = None
