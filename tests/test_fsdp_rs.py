@@ -235,6 +235,11 @@ def _configured_differently(rank, world, what):
         if rank == 1:
             for n, c in comms.items():
                 c.load_state_dict(saved[n])
+    return _next_step_error(model, rank)
+
+
+def _next_step_error(model, rank) -> str | None:
+    """The ValueError one more training step raises, or None."""
     try:
         _train(model, rank, steps=1)
     except ValueError as exc:
@@ -265,11 +270,7 @@ def _loaded_from_another_rank(rank, world, who):
     source = (rank + 1) % world if who == "every" or rank == 1 else rank
     for n, c in fresh.items():
         c.load_state_dict(states[source][n])
-    try:
-        _train(model, rank, steps=1)
-    except ValueError as exc:
-        return str(exc)
-    return None
+    return _next_step_error(model, rank)
 
 
 @pytest.mark.parametrize("who", ["every", "one"])
