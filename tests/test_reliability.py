@@ -249,6 +249,34 @@ def test_a_checkpoint_taken_while_a_parameter_is_frozen_resumes_bit_exactly(tmp_
     assert torch.equal(_flat(model2), straight)
 
 
+def test_a_parameter_frozen_from_the_start_can_train_after_a_resume(tmp_path):
+    """A backbone frozen from the start (no state: it never trained), saved, and unfrozen in the resumed run: the
+    checkpoint names it as frozen without state, so the load starts it fresh, as the uninterrupted run does."""
+    batches = _batches(6)
+
+    def run(model, opt, steps):
+        for i in steps:
+            model[0].weight.requires_grad_(i >= 3)  # unfrozen from step 3
+            _train(model, opt, batches[i : i + 1])
+
+    def fresh():
+        model = _model()
+        return model, _opt(model, tk.EF14(tk.TopK(ratio=0.2)), cls=torch.optim.SGD, lr=0.1)
+
+    model, opt = fresh()
+    run(model, opt, range(6))
+    straight = _flat(model)
+    model, opt = fresh()
+    run(model, opt, range(3))
+    saved = torch.load(_saved(tmp_path, {"model": model.state_dict(), "opt": opt.state_dict()}), weights_only=True)
+    assert saved["opt"]["torchkit"]["frozen"] == ["0.0"] and "0.0" not in saved["opt"]["torchkit"]["params"]
+    model2, opt2 = fresh()  # trainable when loaded
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    run(model2, opt2, range(3, 6))
+    assert torch.equal(_flat(model2), straight)
+
+
 def _saved(tmp_path, obj) -> str:
     path = str(tmp_path / "ck.pt")
     torch.save(obj, path)

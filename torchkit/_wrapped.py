@@ -121,7 +121,7 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self.inner.state_dict()
-        sd["torchkit"] = self.feedback_state_dict()
+        sd["torchkit"] = self._with_frozen_names(self.feedback_state_dict())
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             sd = _or(post_hook(self, sd), sd)
         return sd

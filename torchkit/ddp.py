@@ -235,7 +235,7 @@ class CompressionState(FrontEnd):
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state (all of it is feedback state: :meth:`feedback_state_dict`)."""
-        return self.feedback_state_dict()
+        return self._with_frozen_names(self.feedback_state_dict())
 
     def feedback_state_dict(self, *, frozen=()) -> dict[str, Any]:
         """This rank's state, for every parameter of the bound model. Raises

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import DistExchanger, LocalExchanger, agree_max
-from .state import FORMAT_VERSION, RoundState, check_envelope
+from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
 
 __all__ = [
     "FrontEnd",
@@ -144,6 +144,13 @@ class FrontEnd:
         else:
             body = self.round.state_dict_for(layout, with_server=self._with_server())
         return {**self._envelope(), "params": body["params"]}
+
+    def _with_frozen_names(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """``sd`` (a feedback state dict saved with ``torch.save``) naming the parameters frozen now that hold no
+        state (they never trained): a load into a run where they train then starts them fresh, as this run would,
+        instead of refusing them as missing. DCP's entries leave it out (DCP loads into a template of fixed keys)."""
+        frozen = sorted((n for n in map(normalize_name, self._frozen_layout()) if n not in sd["params"]), key=str)
+        return {**sd, "frozen": frozen} if frozen else sd
 
     def _envelope(self) -> dict[str, Any]:
         """:meth:`feedback_state_dict` without the per-parameter state (nothing cloned or allocated for it)."""

@@ -260,7 +260,8 @@ class RoundState:
         if sizes is not None:
             sizes = {normalize_name(k): int(v) for k, v in sizes.items()}
             optional = {normalize_name(k): int(v) for k, v in (frozen or {}).items() if normalize_name(k) not in sizes}
-            missing = sorted((k for k in sizes if k not in params), key=str)
+            unsaved = {normalize_name(k) for k in sd.get("frozen") or ()}  # frozen without state when saved: fresh
+            missing = sorted((k for k in sizes if k not in params and k not in unsaved), key=str)
             unexpected = sorted((k for k in params if k not in sizes and k not in optional), key=str)
             sizes = {**optional, **sizes}
             if strict and (missing or unexpected):
