@@ -347,6 +347,17 @@ def test_bad_input_gets_clear_errors():
         tk.ddp.CompressionState(tk.EF14(tk.TopK(1)), node_group="node")
     with pytest.raises(TypeError, match=r"betas must be a pair \(beta1, beta2\), got 0.9"):
         tk.LocalAdam(tk.EF14(tk.TopK(1)), betas=0.9)
+    with pytest.raises(TypeError, match="unbiased must be a bool, got str"):
+        tk.RandK(3, unbiased="False")
+    with pytest.raises(TypeError, match="nesterov must be a bool, got str"):
+        tk.LocalMomentum(tk.EF14(tk.TopK(1)), 0.9, nesterov="no")
+    with pytest.raises(ValueError, match="eps must be positive and finite, got inf"):
+        tk.LocalAdam(tk.EF14(tk.TopK(1)), eps=float("inf"))
+    with pytest.raises(TypeError, match="eps must be a float, got str"):
+        tk.LocalAdam(tk.EF14(tk.TopK(1)), eps="x")
+    for weights in (0.5, torch.ones(2, 2) / 4):
+        with pytest.raises(TypeError, match="weights must be a sequence of floats"):
+            tk.EF21W(tk.TopK(1), weights)
     with pytest.raises(TypeError, match="beta2 must be a float, got str"):
         tk.recommended("ef14", tk.TopK(ratio=0.1), torch.optim.AdamW, beta2="x")
     with pytest.raises(ValueError, match="beta2 must be in"):

@@ -91,6 +91,20 @@ def test_ef21sgdm_eta1_is_ef21():
     torch.testing.assert_close(a.x, b.x, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.parametrize("init", ["full", "compressed", "zero"])
+def test_ef21sgdm_with_momentum_from_zero_is_ef21_on_the_workers_momentum(init):
+    """EF21-SGDM with momentum_init="zero" is LocalMomentum(EF21(C), 1 - eta) at eta times the step size, for every
+    init: with "full", step 0 sets the shift to the momentum eta g^0 (it tracks it), not to g^0."""
+    prob, _ = _sim_problem()
+    x0 = torch.randn(prob.d, dtype=torch.float64)
+    eta = 0.3
+    a = simulate(tk.EF21SGDM(tk.TopK(2), eta=eta, init=init, momentum_init="zero"), prob.grad_fn, x0, n_workers=N,
+                 steps=20, lr=LR)  # fmt: skip
+    b = simulate(tk.LocalMomentum(tk.EF21(tk.TopK(2), init=init), 1 - eta), prob.grad_fn, x0, n_workers=N, steps=20,
+                 lr=LR * eta)  # fmt: skip
+    torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("comp", [tk.TopK(2), tk.ScaledSign()])
 def test_ef21w_equals_ef21_for_positively_homogeneous_compressors(comp):
     prob, _ = _sim_problem()

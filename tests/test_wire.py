@@ -168,6 +168,20 @@ def test_int8_needs_a_sparse_message_and_bad_wires_are_refused():
     assert fb.round_values_(st, first, torch.int2) is first
 
 
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.int8, torch.float32])
+def test_dense_rounds_count_the_state_dtype_they_are_all_reduced_in(wire):
+    """A dense round (EF21's first, EF14 with Identity) goes through all_reduce in the feedback state's dtype in
+    every front end (DistExchanger), so the simulator counts 4 bytes per value for a narrower wire, not the wire's."""
+    d, n = 50, 2
+    x0 = torch.zeros(d)
+    g = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    width = max(4, torch.empty((), dtype=wire).element_size())
+    for fb in (tk.EF21(tk.TopK(ratio=0.1), init="full"), tk.EF14(tk.Identity())):
+        res = simulate(fb, lambda x: g, x0, n_workers=n, steps=2, lr=0.1, wire_dtype=wire)
+        assert res.wire_bytes[1] == d * width  # round 0: dense for both
+    assert tk.EF21(tk.TopK(ratio=0.1)).wire_bytes((d,), 0, torch.bfloat16) == 4 * d
+
+
 # ---------------------------------------------------------------------------- three front ends, 3 Gloo ranks
 D, STEPS, LR = 130, 5, 0.2
 

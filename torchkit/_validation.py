@@ -33,6 +33,12 @@ def check_ratio(name: str, value: object) -> float:
     return float(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_unit_interval(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
@@ -57,6 +63,8 @@ def check_overlap_mix(mix: object, overlap: bool, feedback: object) -> float:
 
 
 def check_weights(name: str, weights: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+    if isinstance(weights, torch.Tensor) and weights.dim() != 1 or not isinstance(weights, (torch.Tensor, Sequence)):
+        raise TypeError(f"{name} must be a sequence of floats (one per worker), got {type(weights).__name__}")
     w = [float(x) for x in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
     if not w:
         raise ValueError(f"{name} must not be empty")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validation import check_dense_float, check_int, check_ratio, resolve_k
+from ._validation import check_bool, check_dense_float, check_int, check_ratio, resolve_k
 
 __all__ = [
     "Compressor",
@@ -551,8 +551,7 @@ class TopK(_Sparsifier):
         if exchange not in ("gather", "auto"):
             raise ValueError(f"exchange must be 'gather' or 'auto', got {exchange!r}")
         self.exchange = exchange
-        if not isinstance(approx, bool):
-            raise TypeError(f"approx must be a bool, got {type(approx).__name__} {approx!r}")
+        check_bool("approx", approx)
         if chunk is not None:
             check_int("chunk", chunk)
             if chunk > 65536:
@@ -643,10 +642,9 @@ class RandK(_Sparsifier):
         shared: bool = False,
     ):
         super().__init__(k, ratio)
-        if not isinstance(shared, bool):
-            raise TypeError(f"shared must be a bool, got {type(shared).__name__} {shared!r}")
+        check_bool("shared", shared)
         self.seed = check_int("seed", seed, low=0)
-        self.unbiased = bool(unbiased)
+        self.unbiased = check_bool("unbiased", unbiased)
         self.shared = shared
 
     reveals_nonfinite = False  # the random coordinates may miss a non-finite entry
@@ -823,13 +821,20 @@ class Identity(Compressor):
         return DenseMessage(_input_rows(x).clone())
 
     def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
-        return d * torch.empty((), dtype=value_dtype).element_size()
+        return dense_wire_bytes(d, value_dtype)
 
     def value_bits(self, d: int) -> int:
         return d * _VALUE_BITS
 
     def __repr__(self) -> str:
         return "Identity()"
+
+
+def dense_wire_bytes(d: int, value_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a dense message of ``d`` values (Identity, a method's dense first round): every front end
+    all-reduces it in the feedback state's dtype (fp32 for fp32, bf16 and fp16 gradients), so a narrower wire dtype
+    (bf16, fp16, int8, int2) does not narrow it; a wider one (fp64) counts as itself."""
+    return d * max(torch.empty((), dtype=value_dtype).element_size(), 4)
 
 
 class DensityWarmup(Compressor):

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from . import registry
-from ._validation import check_unit_interval
+from ._validation import check_bool, check_unit_interval
 from .compress import Compressor
 from .feedback import Feedback
 
@@ -162,8 +162,7 @@ def recommended(
     spec = registry.METHODS.get(method) if isinstance(method, str) else None
     if spec is None or spec.recommended is None:
         raise ValueError(f"method must be one of {', '.join(map(repr, registry.recommendable()))}, got {method!r}")
-    if not isinstance(heterogeneous, bool):
-        raise TypeError(f"heterogeneous must be a bool, got {type(heterogeneous).__name__} {heterogeneous!r}")
+    check_bool("heterogeneous", heterogeneous)
     recipe = spec.recommended(compressor, mu)
     if heterogeneous and getattr(recipe.feedback, "mask", False):
         recipe = replace(recipe, feedback=_unmasked(recipe.feedback))

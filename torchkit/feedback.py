@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validation import check_unit_interval, check_weights
+from ._validation import check_bool, check_unit_interval, check_weights
 from .compress import (
     INT2,
     Compressor,
@@ -45,6 +45,7 @@ from .compress import (
     TopK,
     compress_segments,
     concat_messages,
+    dense_wire_bytes,
     quantize,
     quantize_2bit,
     segment_value_bits,
@@ -268,7 +269,7 @@ class Feedback:
         if kind == "none":
             return 0
         if kind == "dense":
-            return sum(segments) * torch.empty((), dtype=value_dtype).element_size()
+            return dense_wire_bytes(sum(segments), value_dtype)
         return segment_wire_bytes(self.compressor.at(step), segments, value_dtype)
 
     def at(self, step: int) -> Feedback:
@@ -316,7 +317,7 @@ class Feedback:
         x = self._direction(state, g, step)
         if step == 0 and self.init == "full":
             h = state[self.estimate_state]  # type: ignore[index]
-            h.copy_(g)
+            h.copy_(x)  # the direction (EF21-SGDM's momentum, eta g with momentum_init="zero"): what h tracks
             return DenseMessage(_rows(h).clone())
         if step == 0 and self.init == "zero":
             return None
@@ -667,8 +668,7 @@ class EF21SGDM(_WithEta):
         super().__init__(compressor, eta, init=init, granularity=granularity)
         if momentum_init not in ("gradient", "zero"):
             raise ValueError(f"momentum_init must be 'gradient' or 'zero', got {momentum_init!r}")
-        if not isinstance(mask, bool):
-            raise TypeError(f"mask must be a bool, got {type(mask).__name__} {mask!r}")
+        check_bool("mask", mask)
         self.momentum_init = momentum_init
         self.mask = mask
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._validation import check_unit_interval
+from ._validation import check_bool, check_unit_interval
 from .compress import Compressor
 from .feedback import Feedback, mask_sent_
 
@@ -113,12 +113,11 @@ class LocalMomentum(_Local):
         self.momentum = check_unit_interval("momentum", momentum)
         if self.momentum >= 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.nesterov = bool(nesterov)
+        self.nesterov = check_bool("nesterov", nesterov)
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
                                  or not math.isfinite(clip)):  # fmt: skip
             raise ValueError(f"clip must be a positive finite norm or None, got {clip!r}")
-        if not isinstance(mask, bool):
-            raise TypeError(f"mask must be a bool, got {type(mask).__name__} {mask!r}")
+        check_bool("mask", mask)
         self.clip = None if clip is None else float(clip)
         self.mask = mask
 
@@ -199,8 +198,10 @@ class LocalAdam(_Local):
         self.betas = (check_unit_interval("betas[0]", b1), check_unit_interval("betas[1]", b2))
         if not (b1 < 1.0 and b2 < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not (eps > 0):
-            raise ValueError(f"eps must be positive, got {eps}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
+        if not (0 < eps < math.inf):
+            raise ValueError(f"eps must be positive and finite, got {eps}")
         self.eps = float(eps)
 
     def _direction(self, state, g, step):
