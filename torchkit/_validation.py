@@ -63,9 +63,10 @@ def check_overlap_mix(mix: object, overlap: bool, feedback: object) -> float:
 
 
 def check_weights(name: str, weights: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
-    if isinstance(weights, torch.Tensor) and weights.dim() != 1 or not isinstance(weights, (torch.Tensor, Sequence)):
+    values = weights.tolist() if hasattr(weights, "tolist") else weights  # a tensor or a NumPy array too
+    if not isinstance(values, (list, tuple, Sequence)) or any(isinstance(x, (list, str)) for x in values):
         raise TypeError(f"{name} must be a sequence of floats (one per worker), got {type(weights).__name__}")
-    w = [float(x) for x in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    w = [float(x) for x in values]
     if not w:
         raise ValueError(f"{name} must not be empty")
     if any(not math.isfinite(x) or x <= 0 for x in w):
