@@ -1,5 +1,7 @@
 """simulate() against the float64 references of tests/refs.py, and the identities of the papers."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -226,6 +228,20 @@ def test_simulate_bad_input():
         simulate(tk.EF21W(tk.TopK(1), [0.5, 0.5]), prob.grad_fn, x0, n_workers=4, steps=2, lr=0.1)
     with pytest.raises(ValueError, match="n_workers must be >= 1"):
         simulate(tk.EF21(tk.TopK(1)), prob.grad_fn, x0, n_workers=0, steps=2, lr=0.1)
+    fb, d = tk.EF21(tk.TopK(1)), prob.d
+    for kw, err, message in (
+        (dict(lr="0.1"), TypeError, "lr must be a positive number or a callable"),
+        (dict(lr=float("nan")), ValueError, "lr must be positive and finite, got nan"),
+        (dict(segments=(2.0, d - 2.0)), TypeError, "segments' sizes must be an int, got float"),
+        (dict(segments=(-1, d + 1)), ValueError, "segments' sizes must be >= 1, got -1"),
+        (dict(stop_below="a"), TypeError, "stop_below must be a float or None, got str"),
+    ):
+        with pytest.raises(err, match=re.escape(message)):
+            simulate(fb, prob.grad_fn, x0, n_workers=N, steps=2, **{"lr": 0.1, **kw})
+    with pytest.raises(TypeError, match=r"feedback must be a torchkit feedback method \(tk.EF21\(...\)\), got TopK"):
+        simulate(tk.TopK(1), prob.grad_fn, x0, n_workers=N, steps=2, lr=0.1)
+    with pytest.raises(ValueError, match="grad_fn must return .* got list"):
+        simulate(fb, lambda x: [0.0], x0, n_workers=N, steps=2, lr=0.1)
 
 
 def test_a_diverged_run_warns_and_an_integer_x0_is_refused():

@@ -4,6 +4,7 @@ gradient step) and :func:`simulate_local` (H local steps per round, error feedba
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validation import check_int, check_overlap_mix
+from .._validation import check_bool, check_int, check_overlap_mix
 from ..comm import LocalExchanger, RoundOptions, run_round
 from ..feedback import Feedback
 from ..node import node_means, shard_index, shard_pieces
@@ -82,7 +83,12 @@ def simulate(
     if n_workers % local_size:
         raise ValueError(f"local_size must divide n_workers = {n_workers}, got {local_size}")
     _check_x0(x0)
-    lr_at = lr if callable(lr) else (lambda t, _lr=float(lr): _lr)
+    _check_run(feedback, grad_fn, segments)
+    if stop_below is not None and (isinstance(stop_below, bool) or not isinstance(stop_below, (int, float))):
+        raise TypeError(f"stop_below must be a float or None, got {type(stop_below).__name__} {stop_below!r}")
+    if not callable(lr):
+        lr = _positive("lr", lr)
+    lr_at = lr if callable(lr) else (lambda t, _lr=lr: _lr)
     x = x0.clone()
     d = x.numel()
     if segments is not None and sum(segments) != d:
@@ -94,9 +100,7 @@ def simulate(
     wire_values = wire_dtype or (torch.float32 if x.dtype == torch.float64 else x.dtype)  # fp64 runs count fp32
     norms, bits, wire = [], [0], [0]
     for t in range(steps + 1):
-        grads = grad_fn(x)
-        if grads.shape != (n_workers, d):
-            raise ValueError(f"grad_fn must return [n_workers, d] = [{n_workers}, {d}], got {tuple(grads.shape)}")
+        grads = _grads(grad_fn, x, n_workers, d)
         norms.append(float(grads.mean(0).pow(2).sum()))
         if t == steps or (stop_below is not None and norms[-1] < stop_below):
             break
@@ -141,6 +145,33 @@ class _Shard:
             index = shard_index(sizes, local_size, r).to(x.device) if local_size > 1 else None
             out.append(cls(index, feedback.segments_for(pieces), state, server))
         return out
+
+
+def _check_run(feedback, grad_fn, segments) -> None:
+    """The arguments :func:`simulate` and :func:`simulate_local` share, each error naming its argument."""
+    if not isinstance(feedback, Feedback):
+        raise TypeError(f"feedback must be a torchkit feedback method (tk.EF21(...)), got {type(feedback).__name__}")
+    if not callable(grad_fn):
+        raise TypeError(f"grad_fn must be a callable x -> [n_workers, d] gradients, got {type(grad_fn).__name__}")
+    if segments is not None:
+        for n in segments:
+            check_int("segments' sizes", n)
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number or a callable step -> {name}, got {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def _grads(grad_fn, x: Tensor, n_workers: int, d: int) -> Tensor:
+    grads = grad_fn(x)
+    if not isinstance(grads, Tensor) or grads.shape != (n_workers, d):
+        got = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
+        raise ValueError(f"grad_fn must return [n_workers, d] = [{n_workers}, {d}], got {got}")
+    return grads
 
 
 def _check_x0(x0) -> None:
@@ -234,8 +265,8 @@ def simulate_local(
     check_int("n_workers", n_workers)
     check_int("rounds", rounds, low=0)
     check_int("sync_every", sync_every)
-    if not isinstance(overlap, bool):
-        raise TypeError(f"overlap must be a bool, got {type(overlap).__name__} {overlap!r}")
+    check_bool("overlap", overlap)
+    _check_run(feedback, grad_fn, segments)
     mix = check_overlap_mix(overlap_mix, overlap, feedback)
     _check_x0(x0)
     d = x0.numel()
@@ -286,9 +317,7 @@ def simulate_local(
         if eval_fn is not None:
             evals.append(float(eval_fn(anchor)))
         for s in range(sync_every if r < rounds else 1):
-            grads = grad_fn(X)
-            if grads.shape != (n_workers, d):
-                raise ValueError(f"grad_fn must return [n_workers, d] = [{n_workers}, {d}], got {tuple(grads.shape)}")
+            grads = _grads(grad_fn, X, n_workers, d)
             if s == 0:
                 norms.append(float(grads.mean(0).pow(2).sum()))
                 if r == rounds:
