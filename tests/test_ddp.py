@@ -401,23 +401,37 @@ def _unused(rank, world, name, nonfinite):
     wrapper (which leaves out a parameter no rank has a gradient for, and counts a missing one as zero). ``late``:
     b frozen when the hook was registered (no mark hook), trained afterwards with every branch used: as ``all``."""
     out = {}
-    for front, schedule in (("hook", USE_B), ("opt", USE_B), ("late", [(True, True)] * 3), ("all", [(True, True)] * 3)):
+    every = [(True, True)] * 3
+    for front, schedule in (("hook", USE_B), ("view", USE_B), ("opt", USE_B), ("late", every), ("all", every)):
         model = _Branches()
         fb = FEEDBACKS[name]()
         if front == "opt":
             opt, run = tk.CompressedOptimizer(model.parameters(), torch.optim.SGD, lr=LR, feedback=fb), model
-        else:
-            ddp = DDP(model, find_unused_parameters=True)
+        else:  # "view": gradients as views of the buckets, kept (zeroed) between steps
+            ddp = DDP(model, find_unused_parameters=True, gradient_as_bucket_view=front == "view")
             model.b.requires_grad_(front != "late")
-            tk.ddp.register(ddp, fb, min_compression_rate=0, nonfinite=nonfinite)
+            state = tk.ddp.register(ddp, fb, min_compression_rate=0, nonfinite=nonfinite)
             model.b.requires_grad_(True)
             opt, run = torch.optim.SGD(model.parameters(), lr=LR), ddp
         for t, uses in enumerate(schedule):
             x, y = _data(rank, t)
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=front != "view")
             torch.nn.functional.mse_loss(run(x[:, :5], uses[rank]), y).backward()
             opt.step()
         out[front] = _flat(model)
+    # registered while b is frozen, on a resumed state that holds b's: b's state stays as loaded while it is frozen
+    ddp = DDP(_Branches(), find_unused_parameters=True)
+    ddp.module.b.requires_grad_(False)
+    resumed = tk.ddp.register(ddp, FEEDBACKS[name](), min_compression_rate=0)
+    resumed.load_state_dict(state.state_dict())
+    held = {k: v.clone() for k, v in state._params["b.weight"].items()}
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    for t in range(2):
+        x, y = _data(rank, t)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x[:, :5], False), y).backward()
+        opt.step()
+    out["frozen kept"] = all(torch.equal(held[k], resumed._params["b.weight"][k]) for k in held)
     return out
 
 
@@ -426,7 +440,8 @@ def _unused(rank, world, name, nonfinite):
 def test_a_parameter_no_rank_used_keeps_its_state_under_the_hook(name, nonfinite):
     """DDP leaves the gradient of a parameter no rank used as it is: the hook puts its state back after the round
     (agreed per bucket), as the wrapper leaves it out, so the two trajectories agree; one used on one rank only
-    counts as zero on the other, in both."""
+    counts as zero on the other, in both. The same with gradients as bucket views kept between steps (the
+    estimate of an unused one is zero), and a parameter frozen when the hook was registered keeps its state."""
     for r in run_dist(_unused, 2, name, nonfinite):
         torch.testing.assert_close(r["hook"], r["opt"], rtol=1e-10, atol=1e-12)
-        assert torch.equal(r["late"], r["all"])
+        assert torch.equal(r["view"], r["hook"]) and torch.equal(r["late"], r["all"]) and r["frozen kept"]

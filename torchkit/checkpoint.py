@@ -63,7 +63,7 @@ def save_feedback(name: str | os.PathLike, *objects: Any) -> str:
         "rank": rank,
         "world_size": world,
         "kinds": [type(o).__name__ for o in owners],
-        "states": [o.feedback_state_dict() for o in owners],
+        "states": [o._with_frozen_names(o.feedback_state_dict()) for o in owners],
     }
     path = side_file(name, rank)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -402,6 +402,11 @@ class DistExchanger:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def max_(self, t: Tensor):
+        """Start the element-wise maximum of ``t`` over the workers, in place (``all_reduce``, MAX): a future of
+        ``t``, waited for in the thread that waits."""
+        return self._finished(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), lambda: t)
+
     def any_true(self, flag):
         t = flag.reshape(1).to(torch.float32)
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)

@@ -496,7 +496,7 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Jo
         state._acc = _new_counters()
     job = _Job(buf, blk, scale, acc)
     if state._used is not None and blk is not None and state._node is None:
-        job.unused = _Unused.of(state, blk, keys, sizes, n)
+        job.unused = _Unused.of(state, blk, params, keys, sizes, n)
     if state._node is not None:  # the node's mean on this rank's shard, dense inside the node
         job.sizes = sizes
         job.shard = state._node.scatter_mean(buf, sizes)
@@ -554,18 +554,25 @@ def _estimate(fut: torch.futures.Future) -> Tensor:
 
 class _Unused:
     """``find_unused_parameters``: DDP leaves the gradient of a parameter no rank used in an iteration as it is, so
-    what the round sends for it is not applied, and an error-carrying method's error sent for it would be lost. The
-    parameters this rank did not use run in the round as zeros (a missing gradient counts as zero, as in the
-    wrapper); their state before it is kept, and once the round has finished it is put back wherever no rank used
-    them, agreed with one asynchronous ``all_reduce`` (MAX) of a flag per parameter that every rank starts at the
-    hook (no host synchronisation: the restore is a ``torch.where`` on the agreed flag)."""
+    what the round sends for it would not be applied (or, with ``gradient_as_bucket_view`` and gradients kept, would
+    be) and an error-carrying method's error sent for it would be lost. The parameters this rank did not use run in
+    the round as zeros (a missing gradient counts as zero, as in the wrapper); their state before it is kept, and
+    once the round has finished it is put back wherever no rank used them, and their estimate set to zero (plain
+    DDP's mean of zeros), agreed with one asynchronous ``all_reduce`` (MAX) of a flag per parameter that every rank
+    starts at the hook (no host synchronisation: the restore is a ``torch.where`` on the agreed flag). A parameter
+    frozen when :func:`register` ran has no mark hook: it gets one once it trains, and until then counts as used
+    when it trains and as unused when frozen."""
 
-    __slots__ = ("flags", "work", "kept")
+    __slots__ = ("flags", "done", "kept")
 
     @staticmethod
-    def of(state: CompressionState, blk, keys, sizes, n: int) -> _Unused | None:
+    def of(state: CompressionState, blk, params, keys, sizes, n: int) -> _Unused | None:
         used, hooked = state._used
-        mine = [k in used or k not in hooked for k in keys]  # a parameter without a mark hook counts as used
+        mine = [k in used or (k not in hooked and p.requires_grad) for k, p in zip(keys, params)]
+        for k, p in zip(keys, params):
+            if k not in hooked and p.requires_grad:  # unfrozen since register: marked from the next backward on
+                hooked.add(k)
+                p.register_hook(functools.partial(_mark_used, used, k))
         if n == 1 and all(mine):
             return None
         self = _Unused()
@@ -576,26 +583,27 @@ class _Unused:
         flags = torch.tensor(mine, dtype=torch.float32)
         device = next(iter(vecs.values())).device
         self.flags = flags.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flags
-        self.work = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, group=state.process_group, async_op=True) if (
-            n > 1) else None  # fmt: skip
+        # the exchanger's own future: its work is waited for and freed in this thread, never by a Gloo thread
+        self.done = state._exchange().max_(self.flags) if n > 1 else None
         return self
 
-    def restore(self, blk) -> None:
-        """After the round: the state of the parameters no rank used, as it was before it."""
-        if self.work is not None:
-            self.work.wait()
+    def restore(self, blk, estimate: Tensor) -> None:
+        """After the round: the state of the parameters no rank used, as it was before it, and their estimate 0."""
+        flags = self.flags if self.done is None else self.done.wait()
         vecs = {**blk.state, **({"server": blk.server} if blk.server is not None else {})}
         for i, off, size, old in self.kept:
-            nobody = self.flags[i] == 0
+            nobody = flags[i] == 0
             for k, v in vecs.items():
                 part = v[..., off : off + size]
                 part.copy_(torch.where(nobody, old[k], part))
+            part = estimate[off : off + size]
+            part.masked_fill_(nobody, 0)
 
 
 def _skipped(state: CompressionState, job: _Job) -> Tensor:
     """A bucket of an iteration some rank's non-finite gradient skips: NaN, so that GradScaler skips the step."""
     if job.unused is not None:
-        job.unused.restore(job.blk)  # waits for its flags here (no round ran: nothing changes)
+        job.unused.restore(job.blk, job.buf)  # waits for its flags here (no round ran: nothing changes)
     _account(state, job.acc, None)
     return job.buf.fill_(float("nan"))
 
@@ -616,7 +624,7 @@ def _start(state: CompressionState, job: _Job, nonfinite):
             with state._lock:
                 job.acc["node"] += state._node.sent_bytes(job.sizes, buf.element_size()) // 2  # the all-gather's
         if job.unused is not None:
-            job.unused.restore(job.blk)
+            job.unused.restore(job.blk, buf)
         if job.scale is not None:
             buf.mul_(job.scale.to(buf.device))  # GradScaler unscales the estimate as it would the gradient
         if nonfinite == "flag" and flag is not None:

@@ -138,14 +138,16 @@ class Feedback:
     - ``server_state``: whether the server keeps a running estimate (the EF21 family) or uses the fresh
       aggregate of the round (EF14).
     - ``estimate_state``: the state vector that equals the server estimate when there is one worker (so a
-      single worker keeps no separate server copy), or ``None``. ``init="full"`` sets it to the gradient.
+      single worker keeps no separate server copy), or ``None``. ``init="full"`` sets it to the method's
+      direction at step 0 (the gradient; EF21-SGDM's momentum).
     - ``neutral_state``: the state vector that, used as the gradient, carries no new information (what a
       non-finite gradient entry is replaced by under ``nonfinite="sanitize"``), or ``None`` for zero.
     - ``absorb_rule``: how a value rounded away on the wire is kept: ``(state name, sign)`` pairs.
     - ``options``: the constructor's options (attributes of the same name) that :meth:`config` records and
       the repr shows, in order.
     - ``init``: step 0. ``"compressed"`` (the class default): an ordinary compressed round from zero state;
-      ``"full"``: the dense gradient, which becomes :attr:`estimate_state`; ``"zero"``: nothing is sent. The
+      ``"full"``: the dense direction (the gradient, or EF21-SGDM's momentum), which becomes
+      :attr:`estimate_state`; ``"zero"``: nothing is sent. The
       base class runs it (:meth:`worker_step`); a method with the option sets it with :meth:`_set_init`.
     - ``momentum_inside``: whether the method applies a momentum (or an optimizer) before compression, so
       that the optimizer outside must not (:func:`torchkit.coupling.coupling_advice`).
@@ -622,8 +624,9 @@ class EF21SGDM(_WithEta):
     .. math::
         v_i \leftarrow (1-\eta) v_i + \eta g_i, \qquad c_i = C(v_i - h_i), \qquad h_i \leftarrow h_i + c_i
 
-    Step 0 sets :math:`v_i = g_i^0`; with ``init="full"`` (default, as the authors' code) also
-    :math:`h_i = g_i^0`, sent dense. ``eta=1`` is EF21 (with the same ``init``).
+    Step 0 sets :math:`v_i = g_i^0` (``momentum_init="zero"``: :math:`\eta g_i^0`); with ``init="full"``
+    (default, as the authors' code) also :math:`h_i = v_i`, sent dense. ``eta=1`` is EF21 (with the same
+    ``init``).
 
     Args:
         compressor: a contractive compressor.
