@@ -9,6 +9,7 @@ what torchkit recommends per method: :mod:`torchkit.coupling`.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -198,7 +199,7 @@ class LocalAdam(_Local):
         self.betas = (check_unit_interval("betas[0]", b1), check_unit_interval("betas[1]", b2))
         if not (b1 < 1.0 and b2 < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
             raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
         if not (0 < eps < math.inf):
             raise ValueError(f"eps must be positive and finite, got {eps}")

@@ -260,7 +260,10 @@ class RoundState:
         if sizes is not None:
             sizes = {normalize_name(k): int(v) for k, v in sizes.items()}
             optional = {normalize_name(k): int(v) for k, v in (frozen or {}).items() if normalize_name(k) not in sizes}
-            unsaved = {normalize_name(k) for k in sd.get("frozen") or ()}  # frozen without state when saved: fresh
+            unsaved = sd.get("frozen") or ()  # frozen without state when saved: they start fresh
+            if not isinstance(unsaved, (list, tuple)) or not all(isinstance(k, (str, int)) for k in unsaved):
+                raise ValueError(f"checkpoint 'frozen' must be a list of parameter names, got {unsaved!r}")
+            unsaved = {normalize_name(k) for k in unsaved}
             missing = sorted((k for k in sizes if k not in params and k not in unsaved), key=str)
             unexpected = sorted((k for k in params if k not in sizes and k not in optional), key=str)
             sizes = {**optional, **sizes}
