@@ -209,6 +209,29 @@ def test_parameter_frozen_after_the_first_step():
     assert not torch.equal(model[0].weight.detach(), frozen)
 
 
+class _Freezing:
+    """Training where the first layer's weight trains at step i when ``trains(i)``: a run over some steps, and the
+    uninterrupted run's parameters."""
+
+    def __init__(self, steps: int, trains):
+        self.batches, self.trains, self.steps = _batches(steps), trains, steps
+
+    def __call__(self, model, opt, steps):
+        for i in steps:
+            model[0].weight.requires_grad_(self.trains(i))
+            _train(model, opt, self.batches[i : i + 1])
+
+    @staticmethod
+    def fresh():
+        model = _model()
+        return model, _opt(model, tk.EF14(tk.TopK(ratio=0.2)), cls=torch.optim.SGD, lr=0.1)
+
+    def straight(self):
+        model, opt = self.fresh()
+        self(model, opt, range(self.steps))
+        return _flat(model)
+
+
 @pytest.mark.parametrize("via", ["state_dict", "dcp"])
 def test_a_checkpoint_taken_while_a_parameter_is_frozen_resumes_bit_exactly(tmp_path, via):
     """Gradual freezing: a parameter trains, is frozen, the run is saved, resumed in a fresh model and optimizer
@@ -216,21 +239,9 @@ def test_a_checkpoint_taken_while_a_parameter_is_frozen_resumes_bit_exactly(tmp_
     template names it from the checkpoint's metadata), so the run is the uninterrupted one, bit for bit."""
     import torch.distributed.checkpoint as dcp
 
-    batches = _batches(8)
-
-    def run(model, opt, steps):
-        for i in steps:
-            model[0].weight.requires_grad_(not 2 <= i < 5)  # frozen for steps 2-4
-            _train(model, opt, batches[i : i + 1])
-
-    def fresh():
-        model = _model()
-        return model, _opt(model, tk.EF14(tk.TopK(ratio=0.2)), cls=torch.optim.SGD, lr=0.1)
-
-    model, opt = fresh()
-    run(model, opt, range(8))
-    straight = _flat(model)
-    model, opt = fresh()
+    run = _Freezing(8, lambda i: not 2 <= i < 5)  # frozen for steps 2-4
+    fresh = _Freezing.fresh
+    straight, (model, opt) = run.straight(), fresh()
     run(model, opt, range(3))
     assert opt.feedback_state_dict()["params"]["0.0"]["error"].abs().sum() > 0  # the frozen one holds error
     model2, opt2 = fresh()
@@ -252,21 +263,9 @@ def test_a_checkpoint_taken_while_a_parameter_is_frozen_resumes_bit_exactly(tmp_
 def test_a_parameter_frozen_from_the_start_can_train_after_a_resume(tmp_path):
     """A backbone frozen from the start (no state: it never trained), saved, and unfrozen in the resumed run: the
     checkpoint names it as frozen without state, so the load starts it fresh, as the uninterrupted run does."""
-    batches = _batches(6)
-
-    def run(model, opt, steps):
-        for i in steps:
-            model[0].weight.requires_grad_(i >= 3)  # unfrozen from step 3
-            _train(model, opt, batches[i : i + 1])
-
-    def fresh():
-        model = _model()
-        return model, _opt(model, tk.EF14(tk.TopK(ratio=0.2)), cls=torch.optim.SGD, lr=0.1)
-
-    model, opt = fresh()
-    run(model, opt, range(6))
-    straight = _flat(model)
-    model, opt = fresh()
+    run = _Freezing(6, lambda i: i >= 3)  # unfrozen from step 3
+    fresh = _Freezing.fresh
+    straight, (model, opt) = run.straight(), fresh()
     run(model, opt, range(3))
     saved = torch.load(_saved(tmp_path, {"model": model.state_dict(), "opt": opt.state_dict()}), weights_only=True)
     assert saved["opt"]["torchkit"]["frozen"] == ["0.0"] and "0.0" not in saved["opt"]["torchkit"]["params"]
