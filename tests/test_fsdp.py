@@ -245,7 +245,16 @@ def _dcp_restart(mesh, replica, shard, path):
     fresh = tk.CompressedOptimizer(_net().parameters(), torch.optim.AdamW, lr=0.01, feedback=_feedback("ef21sgdm"),
                                    process_group=mesh.get_group("replicate"))  # fmt: skip
     fresh.load_feedback_state_dict(old)
-    return exact, wrong, unsharded, fresh.round.step == popt.round.step
+    # a mesh of the same shape that maps the ranks otherwise: global ranks 1 and 2 swap their shards
+    perm = init_device_mesh("cpu", (SHARDS, REPLICAS), mesh_dim_names=("shard", "replicate"))
+    _, mine = build()
+    _, theirs = build(perm)
+    try:
+        theirs.load_feedback_state_dict(mine.feedback_state_dict())
+        permuted = "loaded"
+    except ValueError as exc:
+        permuted = str(exc)
+    return exact, wrong, unsharded, fresh.round.step == popt.round.step, permuted
 
 
 def _bad_input(mesh):
@@ -289,11 +298,16 @@ def test_hsdp_follows_the_replicated_reference_for_every_method(hsdp):
 
 def test_dcp_restart_on_the_same_mesh_is_bit_exact_and_another_mesh_raises(hsdp):
     for r in hsdp:
-        exact, wrong, unsharded, old_format = r["dcp"]
+        exact, wrong, unsharded, old_format, permuted = r["dcp"]
         assert exact, f"rank {r['replica']}.{r['shard']}: the DCP restart is not bit-exact"
         assert "saved 2 replicas x 2 shards, this run is unsharded" in wrong, wrong
         assert "saved unsharded, this run is 2 replicas x 2 shards" in unsharded, unsharded
         assert old_format
+        if r["replica"] == r["shard"]:  # the same place in the permuted mesh: its own state
+            assert permuted == "loaded", permuted
+        else:
+            want = f"saved at replica {r['replica']} and shard {r['shard']}, this rank is at replica {r['shard']}"
+            assert want in permuted, permuted
 
 
 def test_local_sgd_over_fsdp2_follows_its_replicated_reference_for_every_method(hsdp):

@@ -211,9 +211,13 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         return None if agreement is self._exchanger else agreement
 
     def _mesh(self) -> dict[str, int] | None:
-        """Replicas x shards of a sharded model (FSDP2 inside each replica), else None."""
-        shards = shard_count([p for g in self.param_groups for p in g["params"]])
-        return {"replicas": self.world_size, "shards": shards} if shards > 1 else None
+        """Replicas x shards of a sharded model (FSDP2 inside each replica), and where this rank sits in it (its
+        replica and shard: a mesh of the same shape that maps the ranks otherwise holds other shards), else None."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        shards = shard_count(params)
+        if shards == 1:
+            return None
+        return {"replicas": self.world_size, "shards": shards, "replica": self.rank, "shard": shard_index(params)}
 
     def _mesh_extra(self) -> dict[str, Any]:
         mesh = self._mesh()
@@ -354,6 +358,12 @@ def shard_count(params) -> int:
     if counts and any(not isinstance(p, dtensor) for p in params):
         raise TypeError("some parameters are DTensors (fully_shard) and others are not: shard the whole model")
     return counts.pop() if counts else 1
+
+
+def shard_index(params) -> int:
+    """This rank's place in its parameters' shard group (FSDP2's mesh)."""
+    dtensor = _dtensor_type()
+    return next(p.device_mesh.get_local_rank() for p in params if isinstance(p, dtensor))
 
 
 def collect_works(param_groups, like_of=None) -> list[Work]:

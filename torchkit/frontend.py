@@ -326,10 +326,18 @@ class FeedbackStateful:
 def mesh_problems(saved: Mapping[str, int] | None, mine: Mapping[str, int] | None) -> list[str]:
     """A checkpoint's sharded layout (``{"replicas": 2, "shards": 2}``, ``{"nodes": 2, "ranks per node": 2}``)
     against this run's, in the envelope's words: sharded feedback state cannot be re-sharded."""
-    if saved == mine:
-        return []
+    where = ("replica", "shard")  # this rank's place in the mesh, recorded since 2026-12
+    shape = lambda m: {k: v for k, v in m.items() if k not in where} if m else m  # noqa: E731
     describe = lambda m: " x ".join(f"{v} {k}" for k, v in m.items()) if m else "unsharded"  # noqa: E731
-    return [f"saved {describe(saved)}, this run is {describe(mine)} (sharded feedback state cannot be re-sharded)"]
+    if shape(saved) != shape(mine):
+        return [f"saved {describe(shape(saved))}, this run is {describe(shape(mine))} (sharded feedback state cannot "
+                "be re-sharded)"]  # fmt: skip
+    place = lambda m: tuple(m.get(k) for k in where) if m else ()  # noqa: E731
+    if saved and mine and all(k in saved for k in where) and place(saved) != place(mine):
+        return [f"saved at replica {saved['replica']} and shard {saved['shard']}, this rank is at replica "
+                f"{mine.get('replica')} and shard {mine.get('shard')} of a mesh of the same shape that maps the ranks "
+                "otherwise (sharded feedback state cannot be re-sharded)"]  # fmt: skip
+    return []
 
 
 def live_instances(cls: type):

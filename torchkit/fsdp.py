@@ -173,7 +173,10 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         elif x.numel() != self._numel:
             raise ValueError(
                 f"the reduce-scatter{' of ' + self.name if self.name else ''} had {self._numel} entries and now "
-                f"{x.numel()}: one CompressedReduceScatter per fully_shard module (compress_reduce_scatter makes them)"
+                f"{x.numel()}: a parameter of the module got no gradient this step (frozen or unused: FSDP then leaves "
+                "it out, and the feedback state would no longer line up with the parameters; every parameter of a "
+                "compressed module must get a gradient at every step), or one CompressedReduceScatter serves two "
+                "modules (compress_reduce_scatter makes one per fully_shard module)"
             )
 
     def _exchange(self, msg, shard: int, n: int, group):
@@ -237,7 +240,12 @@ def compress_reduce_scatter(
     model: torch.nn.Module, feedback: Feedback, *, nonfinite: Literal["raise", "skip"] = "raise"
 ) -> dict[str, CompressedReduceScatter]:
     """Install a :class:`CompressedReduceScatter` of ``feedback`` (a fresh copy of its state per module) on every
-    ``fully_shard``-ed module of ``model``; returns them by module name (their ``state_dict`` is this rank's)."""
+    ``fully_shard``-ed module of ``model``; returns them by module name (their ``state_dict`` is this rank's).
+
+    Every parameter of a compressed module must get a gradient at every step: FSDP leaves a parameter without one
+    (frozen, or unused in that forward) out of the reduce-scatter's input, so the flat feedback state would no
+    longer line up with the parameters. A change of the input's size raises; a change that keeps its size (two
+    parameters of one size taking turns) cannot be seen here and would apply one's error to the other."""
     from torch.distributed.fsdp import FSDPModule
 
     comms = {}
