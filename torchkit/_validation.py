@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,22 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def check_momentum(name: str, value: object) -> float:
+    """A momentum-like coefficient in [0, 1)."""
+    if check_unit_interval(name, value) >= 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_positive(name: str, value: object, kind: str = "a float") -> float:
+    """A positive finite real number; ``kind`` says what else was expected in the ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return float(value)
+
+
 def check_unit_interval(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
@@ -64,7 +81,7 @@ def check_overlap_mix(mix: object, overlap: bool, feedback: object) -> float:
 
 def check_weights(name: str, weights: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
     values = weights.tolist() if hasattr(weights, "tolist") else weights  # a tensor or a NumPy array too
-    if not isinstance(values, (list, tuple, Sequence)) or any(isinstance(x, (list, str)) for x in values):
+    if not isinstance(values, Sequence) or any(isinstance(x, (list, str)) for x in values):
         raise TypeError(f"{name} must be a sequence of floats (one per worker), got {type(weights).__name__}")
     w = [float(x) for x in values]
     if not w:

@@ -408,9 +408,7 @@ class DistExchanger:
         return self._finished(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), lambda: t)
 
     def any_true(self, flag):
-        t = flag.reshape(1).to(torch.float32)
-        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return self._finished(work, lambda: t[0] > 0)
+        return self.max_(flag.reshape(1).to(torch.float32)).then(lambda fut: fut.wait()[0] > 0)
 
 
 def received_bytes(collective: Literal["all_reduce", "all_gather", "broadcast"], n: int, nbytes: int) -> float:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from . import registry
-from ._validation import check_bool, check_unit_interval
+from ._validation import check_bool, check_momentum
 from .compress import Compressor
 from .feedback import Feedback
 
@@ -141,11 +141,8 @@ def recommended(
             f"optimizer_class must be a torch.optim.Optimizer subclass (the class, such as torch.optim.AdamW, not an "
             f"instance), got {optimizer_class!r}"
         )
-    mu = check_unit_interval("momentum", momentum)
-    if mu >= 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if check_unit_interval("beta2", beta2) >= 1.0:
-        raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+    mu = check_momentum("momentum", momentum)
+    check_momentum("beta2", beta2)
     adaptive = _is_adaptive(optimizer_class)
     opt_name = optimizer_class.__name__
     # by capability: what the optimizer's own momentum is called, if it has one

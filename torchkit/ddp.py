@@ -571,12 +571,11 @@ class _Unused:
         mine = [k in used or (k not in hooked and p.requires_grad) for k, p in zip(keys, params)]
         for k, p in zip(keys, params):
             if k not in hooked and p.requires_grad:  # unfrozen since register: marked from the next backward on
-                hooked.add(k)
-                p.register_hook(functools.partial(_mark_used, used, k))
+                _track_use(state, k, p)
         if n == 1 and all(mine):
             return None
         self = _Unused()
-        vecs = {**blk.state, **({"server": blk.server} if blk.server is not None else {})}
+        vecs = blk.vectors()
         at = itertools.accumulate(sizes, initial=0)
         self.kept = [(i, off, size, {k: v[..., off : off + size].clone() for k, v in vecs.items()})
                      for i, (off, size, u) in enumerate(zip(at, sizes, mine)) if not u]  # fmt: skip
@@ -590,10 +589,9 @@ class _Unused:
     def restore(self, blk, estimate: Tensor) -> None:
         """After the round: the state of the parameters no rank used, as it was before it, and their estimate 0."""
         flags = self.flags if self.done is None else self.done.wait()
-        vecs = {**blk.state, **({"server": blk.server} if blk.server is not None else {})}
         for i, off, size, old in self.kept:
             nobody = flags[i] == 0
-            for k, v in vecs.items():
+            for k, v in blk.vectors().items():
                 part = v[..., off : off + size]
                 part.copy_(torch.where(nobody, old[k], part))
             part = estimate[off : off + size]
@@ -760,16 +758,22 @@ def register(
                 stacklevel=2,
             )
         else:
-            used, hooked = state._used = (set(), set())
+            state._used = (set(), set())
             for p in ddp_model.parameters():
                 if p.requires_grad:
-                    hooked.add(state._key(p))
-                    p.register_hook(functools.partial(_mark_used, used, state._key(p)))
+                    _track_use(state, state._key(p), p)
     ddp_model.register_comm_hook(state, compression_hook)
     # a bad gradient is reported at the next forward, before DDP prepares its backward: raising inside the backward
     # would leave DDP's reducer half-way through an iteration and unusable in this process
     ddp_model.register_forward_pre_hook(_ForwardCheck(state))
     return state
+
+
+def _track_use(state: CompressionState, key, p: Tensor) -> None:
+    """Mark parameter ``p`` as used (``state._used``) whenever a backward gives it a gradient."""
+    used, hooked = state._used
+    hooked.add(key)
+    p.register_hook(functools.partial(_mark_used, used, key))
 
 
 def _mark_used(used: set, key, grad: Tensor) -> None:

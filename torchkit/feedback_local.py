@@ -9,12 +9,11 @@ what torchkit recommends per method: :mod:`torchkit.coupling`.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
-from ._validation import check_bool, check_unit_interval
+from ._validation import check_bool, check_momentum, check_positive, check_unit_interval
 from .compress import Compressor
 from .feedback import Feedback, mask_sent_
 
@@ -111,9 +110,7 @@ class LocalMomentum(_Local):
         mask: bool = False,
     ):
         super().__init__(method)
-        self.momentum = check_unit_interval("momentum", momentum)
-        if self.momentum >= 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = check_momentum("momentum", momentum)
         self.nesterov = check_bool("nesterov", nesterov)
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
                                  or not math.isfinite(clip)):  # fmt: skip
@@ -199,11 +196,7 @@ class LocalAdam(_Local):
         self.betas = (check_unit_interval("betas[0]", b1), check_unit_interval("betas[1]", b2))
         if not (b1 < 1.0 and b2 < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-            raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
-        if not (0 < eps < math.inf):
-            raise ValueError(f"eps must be positive and finite, got {eps}")
-        self.eps = float(eps)
+        self.eps = check_positive("eps", eps)
 
     def _direction(self, state, g, step):
         m, v = state["local_m"], state["local_v"]

@@ -4,7 +4,6 @@ gradient step) and :func:`simulate_local` (H local steps per round, error feedba
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validation import check_bool, check_int, check_overlap_mix
+from .._validation import check_bool, check_int, check_overlap_mix, check_positive
 from ..comm import LocalExchanger, RoundOptions, run_round
 from ..feedback import Feedback
 from ..node import node_means, shard_index, shard_pieces
@@ -86,9 +85,11 @@ def simulate(
     _check_run(feedback, grad_fn, segments)
     if stop_below is not None and (isinstance(stop_below, bool) or not isinstance(stop_below, (int, float))):
         raise TypeError(f"stop_below must be a float or None, got {type(stop_below).__name__} {stop_below!r}")
-    if not callable(lr):
-        lr = _positive("lr", lr)
-    lr_at = lr if callable(lr) else (lambda t, _lr=lr: _lr)
+    if callable(lr):
+        lr_at = lr
+    else:
+        rate = check_positive("lr", lr, kind="a positive number or a callable step -> lr")
+        lr_at = lambda t: rate  # noqa: E731
     x = x0.clone()
     d = x.numel()
     if segments is not None and sum(segments) != d:
@@ -156,14 +157,6 @@ def _check_run(feedback, grad_fn, segments) -> None:
     if segments is not None:
         for n in segments:
             check_int("segments' sizes", n)
-
-
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number or a callable step -> {name}, got {type(value).__name__}")
-    if not 0 < value < math.inf:
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
-    return float(value)
 
 
 def _grads(grad_fn, x: Tensor, n_workers: int, d: int) -> Tensor:
