@@ -525,6 +525,32 @@ extern "C" int tk_prepare(float* out, const double* checks, int n_checks, long l
   return cudaGetLastError();
 }
 
+// A round's whole decode in one host call (what torchkit.ops.accumulate_ asks for): the first pass over out (zeros,
+// NaN when the float64 checks sum to a non-finite value; skipped when neither is asked for), then each worker row's
+// scatter-add in row order, one launch each (deterministic). Row w's values and indices start w * the row stride
+// after the first row's; scales is a host array of n_rows floats. Refused before any launch (1,
+// cudaErrorInvalidValue): a negative count or stride, a missing pointer that a launch would use.
+extern "C" int tk_accumulate(float* out, const float* val, long long val_stride, const int* idx, long long idx_stride,
+                             const float* scales, int n_rows, int k, const double* checks, int n_checks,
+                             long long check_stride, long long d, int zero, cudaStream_t stream) {
+  if (n_rows < 0 || k < 0 || n_checks < 0 || d < 0 || val_stride < 0 || idx_stride < 0 || check_stride < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (out == nullptr || (n_checks > 0 && checks == nullptr)) return cudaErrorInvalidValue;
+  if (k > 0 && n_rows > 0 && (val == nullptr || idx == nullptr || scales == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (zero || n_checks > 0) {
+    const int rc = tk_prepare(out, checks, n_checks, check_stride, d, zero, stream);
+    if (rc) return rc;
+  }
+  for (int w = 0; k > 0 && w < n_rows; ++w) {
+    const int rc = tk_scatter_add(out, val + w * val_stride, idx + w * idx_stride, scales[w], k, stream);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 extern "C" int tk_block_elems() { return kSelectThreads * kItems; }
 
 // ---- tk_step: the driver of torchkit/ops/_select.py (run) in C++, slot for slot

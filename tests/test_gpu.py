@@ -191,6 +191,31 @@ def test_the_c_driver_launches_what_the_python_driver_does(monkeypatch, mode, ap
                 assert all(torch.equal(a, b) for a, b in zip(*states)), (d, name)
 
 
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("bad", [None, 0.0, float("nan")])
+def test_the_c_decode_launches_what_prepare_and_scatter_do(zero, bad):
+    """``tk_accumulate`` (a decode in one host call) against ``tk_prepare`` and one ``tk_scatter_add`` per row
+    from Python, bit for bit: 3 rows apart in memory (gathered wire rows), scales per row, float64 checks of a
+    stride of 2, the output kept or zeroed, and NaN everywhere when a check is not finite."""
+    from torchkit.ops import _cuda
+
+    d, k, n = 100_003, 1000, 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    idx = torch.stack([torch.randperm(d, generator=g, device="cuda")[:k] for _ in range(n)]).int()
+    wide = torch.randn(n, k + 5, generator=g, device="cuda")
+    values, indices = wide[:, :k], torch.cat([idx, idx[:, :5]], dim=1)[:, :k]  # rows apart, each one run
+    checks = None if bad is None else torch.tensor([0.0, 1.0, bad, 2.0, 0.0, 3.0], device="cuda", dtype=torch.float64)
+    checks = None if checks is None else checks[::2]
+    base = _rand(d, 7)
+    ours, theirs = base.clone(), base.clone()
+    _cuda._accumulate(ours, values, indices, [1.0, 0.5, -2.0], zero, checks)
+    if zero or checks is not None:
+        _cuda._prepare(theirs, zero, checks)
+    _cuda._scatter(theirs, values, indices, [1.0, 0.5, -2.0])
+    assert torch.equal(ours.isnan(), theirs.isnan()) and bool(ours.isnan().all()) == (bad is not None and bad != 0)
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+
+
 # ---------------------------------------------------------------------------------------- front ends on CUDA
 @pytest.fixture(scope="module")
 def nccl_group():

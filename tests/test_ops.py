@@ -1,5 +1,6 @@
 """Every op and implementation against the plain-torch reference (random data, never zeros)."""
 
+import ctypes
 import functools
 import json
 import os
@@ -395,6 +396,23 @@ def test_the_c_driver_takes_the_python_drivers_workspace_and_rejects_bad_argumen
                                     (_select.TOPK, 0, None, None, 0), (_select.ECONTROL, 0, p, p, 1)):  # fmt: skip
         g = None if (mode, gdtype) == (_select.TOPK, 0) else p
         assert lib.tk_step(mode, gdtype, g, e, h, 0.0, d, k, 0, one, None, None, None, None, 1, None) == 1
+
+
+def test_the_c_decode_rejects_bad_arguments_before_any_launch(sm90_build):
+    """Host code of the sm_90 build, run here without a GPU: ``tk_accumulate`` (a decode in one host call) refuses a
+    negative count or stride and a missing pointer that a launch would read (cudaErrorInvalidValue, 1), before any
+    CUDA call (there is no device here to launch on)."""
+    lib = _cuda.open_library(sm90_build[0])
+    p = 256  # never dereferenced
+    scales = (ctypes.c_float * 2)(1.0, 1.0)
+    good = dict(out=p, val=p, vs=10, idx=p, is_=10, scales=scales, n=2, k=10, checks=None, nc=0, cs=1, d=100, zero=0)
+    bad = [dict(n=-1), dict(k=-1), dict(nc=-1), dict(d=-1), dict(vs=-1), dict(is_=-1), dict(cs=-1), dict(out=None),
+           dict(nc=2), dict(val=None), dict(idx=None), dict(scales=None)]  # fmt: skip
+    for change in bad:
+        a = {**good, **change}
+        rc = lib.tk_accumulate(a["out"], a["val"], a["vs"], a["idx"], a["is_"], a["scales"], a["n"], a["k"],
+                               a["checks"], a["nc"], a["cs"], a["d"], a["zero"], None)  # fmt: skip
+        assert rc == 1, change
 
 
 @pytest.mark.timeout(300)

@@ -365,10 +365,11 @@ class GpuOps:
     """The op set of one GPU implementation: ``run(mode, g, e, h, k, eta, approx)``,
     ``scatter(out, values [rows, k] fp32, indices, scales)`` and ``prepare(out, zero, checks)`` (one pass over
     ``out``: zeros, or NaN everywhere when the float64 ``checks``, a vector of any stride, sum to a non-finite
-    value); inputs the kernels do not take go to the reference."""
+    value), and optionally ``accumulate(out, values, indices, scales, zero, checks)``, the two in one host call;
+    inputs the kernels do not take go to the reference."""
 
-    def __init__(self, run_fn, scatter_fn, prepare_fn):
-        self._run, self._scatter, self._prepare = run_fn, scatter_fn, prepare_fn
+    def __init__(self, run_fn, scatter_fn, prepare_fn, accumulate_fn=None):
+        self._run, self._scatter, self._prepare, self._accumulate = run_fn, scatter_fn, prepare_fn, accumulate_fn
 
     def topk(self, x: Tensor, k: int):
         if not kernel_takes(x):
@@ -398,10 +399,14 @@ class GpuOps:
     def accumulate_(self, out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero=False, poison=None):
         if not kernel_takes(values, out):
             return _reference.accumulate_(out, values, indices, scale, zero, poison)
-        if zero or poison is not None:
-            checks = None if poison is None else poison.reshape(-1)  # float64; gathered checks: in place, strided
-            self._prepare(out, zero, checks)
+        checks = None if poison is None else poison.reshape(-1)  # float64; gathered checks: in place, strided
         v2 = _reference.as_rows(values)
+        scales = _reference._scales(scale, v2.shape[0])
+        if self._accumulate is not None:
+            self._accumulate(out, v2, indices.reshape(v2.shape), scales, zero, checks)
+            return out
+        if zero or poison is not None:
+            self._prepare(out, zero, checks)
         if v2.numel():
-            self._scatter(out, v2, indices.reshape(v2.shape), _reference._scales(scale, v2.shape[0]))
+            self._scatter(out, v2, indices.reshape(v2.shape), scales)
         return out
