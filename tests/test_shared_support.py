@@ -132,6 +132,17 @@ def test_the_automatic_exchange_picks_by_the_byte_model(n, ratio, wire, chosen, 
     assert tk.comm.plan_exchange(fixed, (1000,), 1, n, wire, torch.float32, 0.0) is fixed
 
 
+def test_the_plan_prices_a_bf16_buckets_dense_fallback_as_it_is_sent():
+    """The dense fallback all-reduces a bf16 bucket in the state's dtype, fp32 (``dense_wire_bytes``): the plan
+    prices it at 4 bytes per value, so TopK with 233 of 1000 entries on a bf16 wire (2 x 1408 bytes all-gathered)
+    is chosen at rate 1 against 4000 dense bytes; at the 2 bytes per value it used to price, Identity was."""
+    fb = tk.EF14(tk.TopK(k=233))
+    assert fb.wire_bytes((1000,), 1, torch.bfloat16) == 233 * 6
+    assert tk.comm.plan_exchange(fb, (1000,), 1, 2, torch.bfloat16, torch.bfloat16, 1.0) is fb
+    assert isinstance(tk.comm.plan_exchange(fb, (1000,), 1, 2, torch.bfloat16, torch.bfloat16, 1.5).compressor,
+                      tk.Identity)  # 4000 < 1.5 x 2816  # fmt: skip
+
+
 def test_the_automatic_exchange_equals_the_chosen_compressor_in_the_simulator():
     a, b = _problem(8)
     x0 = torch.zeros(D, dtype=torch.float64)

@@ -30,6 +30,7 @@ from .compress import (
     Message,
     SparseMessage,
     _bytes_part,
+    dense_wire_bytes,
     pack_message,
     support_exchange,
     unpack_message,
@@ -570,7 +571,7 @@ def plan_exchange(
     comp = feedback.compressor
     auto = getattr(comp, "exchange", "gather") == "auto" and n > 1
     rate = max(rate, 1.0) if auto else rate
-    dense = sum(segments) * dtype.itemsize
+    dense = dense_wire_bytes(sum(segments), dtype)  # the fallback's all_reduce, in the state's dtype (fp32 at least)
     message = feedback.wire_bytes(segments, step, wire)
     if comp.shared_support:  # all_reduce of k values, like the dense one
         cost = {"shared support": message}
