@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The device checks in one call on an H100/H200, run in the order STAGES lists them (default: all):
 #   tests   tests/test_ops.py and tests/test_gpu.py on CUDA
-#   onepass the same tests with the GPU one pass on (TORCHKIT_GPU_ONE_PASS=1), then bench_kernels.py --passes:
+#   onepass the same tests with the GPU one pass and the one-launch segments on (TORCHKIT_GPU_ONE_PASS=1,
+#           TORCHKIT_GPU_SEGMENTS=1), then bench_kernels.py --passes:
 #           each implementation's one pass against its two passes (d = 1e7, 1e8; k = 0.1%, 1%; fp32)
+#   segments benchmarks/bench_segments.py on CUDA with the small segments in one launch (TORCHKIT_GPU_SEGMENTS=1):
+#           150 tensors of 8000 entries, one segments_step_ against one fused op per tensor
 #   bench   benchmarks/bench_kernels.py (d = 1e6 .. 1e8, and 1e9 in bf16)
 #   tune    benchmarks/tune_gpu.py (CUDA build variants, per-kernel breakdown, Triton histogram cost)
 #   e2e     benchmarks/bench_e2e_gpu.py (GPT-2 small: hook and optimizer)
@@ -16,7 +19,7 @@
 # Everything lands in $OUT; T_<STAGE> bounds each stage in seconds; the log records each stage's seconds.
 set -u
 OUT=${OUT:-/tmp/torchkit-gpu}
-STAGES=${STAGES:-tests onepass bench tune e2e hook steady ties wrapper ncu first}
+STAGES=${STAGES:-tests onepass segments bench tune e2e hook steady ties wrapper ncu first}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHKIT_EXT_DIR=/tmp/torchkit-ext
 log=$OUT/log.txt
@@ -35,11 +38,15 @@ stage_tests() {
 }
 stage_onepass() {
   wait $cpp
-  TORCHKIT_GPU_ONE_PASS=1 timeout ${T_ONEPASS_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -p no:logging \
+  TORCHKIT_GPU_ONE_PASS=1 TORCHKIT_GPU_SEGMENTS=1 timeout ${T_ONEPASS_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -p no:logging \
     -o addopts="" -m "not slow" -rfE tests/test_ops.py tests/test_gpu.py 2>&1 | tail -60 > "$OUT/pytest_onepass.txt"
   tail -5 "$OUT/pytest_onepass.txt" | tee -a "$log"
   timeout ${T_ONEPASS:-150} python3 benchmarks/bench_kernels.py --device cuda --sizes 1e7 1e8 --ratios 0.001 0.01 \
     --dtypes float32 --passes --repeats 10 --out "$OUT/res_onepass" 2>&1 | tee -a "$log"
+}
+stage_segments() {
+  TORCHKIT_GPU_SEGMENTS=1 timeout ${T_SEGMENTS:-120} python3 benchmarks/bench_segments.py --device cuda \
+    --tensors 150 --size 8000 --repeats 15 --out "$OUT/res" 2>&1 | tee -a "$log"
 }
 stage_bench() {
   timeout ${T_BENCH:-200} python3 benchmarks/bench_kernels.py --device cuda ${BENCH_ARGS:---sizes 1e6 1e7 1e8 \

@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from torchkit.ops._triton import ef
+from torchkit.ops._triton import ef, segments
 
 NUM_WARPS = ef.NUM_WARPS
 
@@ -75,6 +75,11 @@ def kernels():
     prepare = {"out_ptr": "*fp32", "checks_ptr": "*fp64", "n_checks": "i32", "stride": "i32", "d": "i32"}
     for zero in (True, False):  # a decode's first pass: zeros or out kept, NaN when a check is not finite
         yield f"prepare[{zero}]", ef._prepare_kernel, prepare, dict(ZERO=zero, NC=8, BLOCK=1024)
+    seg = {**vec, "table_ptr": "*i64", "out_idx": "*i32", "out_val": "*fp32", "eta": "fp32"}
+    for mode in (ef._select.EF14, ef._select.EF21, ef._select.ECONTROL):  # many small segments in one launch
+        for one, approx in ((False, False), (True, False), (False, True)):
+            cx = dict(MODE=mode, APPROX=approx, ONE_PASS=one, BLOCK=1024)
+            yield f"segments[{mode},{one},{approx}]", segments._segments_kernel, seg, cx, 4
 
 
 def _pads(mode):

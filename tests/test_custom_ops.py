@@ -158,6 +158,58 @@ def test_segments_step_is_one_call_per_segment_in_one_call(method):
             tk.ops.segments_step_(**args)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("method", sorted(_SEGMENT_STATE))
+def test_many_small_segments_are_one_launch_with_the_output_of_one_step_each(monkeypatch, method, one_pass):
+    """The Triton kernel set (interpreter) runs every segment of at most ``SMALL`` entries in one launch, one program
+    each, and a larger one in its own step: the same values, indices in the same order, and state as one op call
+    per segment, exact and approximate, fp32 and bf16, on random, tied (all equal) and mostly-zero rounded input,
+    with the one pass on and off (the output order follows the sequence a single step would take: with two passes,
+    a threshold bin that fits the candidate buffer puts the entries above it first)."""
+    from torchkit.ops import _select
+    from torchkit.ops._triton import segments
+
+    if "triton" not in tk.ops.available_impls("cpu"):
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(_select, "ONE_PASS", one_pass)
+    monkeypatch.setattr(segments, "SMALL", 8192)  # the 9000-entry segment takes its own step
+    launches, steps = [], []
+    kernel = segments._segments_kernel
+    monkeypatch.setattr(segments, "_segments_kernel", _Launches(kernel, launches))
+    run = _select.run
+    monkeypatch.setattr(_select, "run", lambda *a, **kw: steps.append(1) or run(*a, **kw))
+    g0 = torch.Generator().manual_seed(11)
+    sizes, ks = [6000, 3, 9000, 1, 700], [10, 2, 900, 1, 700]
+    d = sum(sizes)
+    for kind in ("random", "tied", "mostly zero"):
+        for gdtype, approx in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+            g = {
+                "random": torch.randn(d, generator=g0),
+                "tied": torch.full((d,), 0.5),
+                "mostly zero": torch.randn(d, generator=g0).round() * (torch.rand(d, generator=g0) < 0.3),
+            }[kind].to(gdtype)
+            state = [torch.randn(d, generator=g0) if kind == "random" else torch.zeros(d) for _ in range(2)]
+            state = state[: _SEGMENT_STATE[method]]
+            twin = [t.clone() for t in state]
+            launches.clear(), steps.clear()
+            v, i = tk.ops.segments_step_(method, g, state, sizes, ks, 0.3, approx, impl="triton")
+            assert launches == [4] and len(steps) == 1, (launches, steps)  # 4 small segments in one launch
+            rv, ri = _per_segment(method, g, twin, sizes, ks, 0.3, approx, "triton")
+            assert torch.equal(i.long(), ri) and torch.equal(v, rv), (kind, gdtype, approx)
+            assert all(torch.equal(a, b) for a, b in zip(state, twin)), (kind, gdtype, approx)
+
+
+class _Launches:
+    """A Triton kernel that records the number of programs of each launch."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        self.seen.append(grid[0])
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -191,6 +191,33 @@ def test_the_c_driver_launches_what_the_python_driver_does(monkeypatch, mode, ap
                 assert all(torch.equal(a, b) for a, b in zip(*states)), (d, name)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("method", ["ef14", "ef21", "econtrol"])
+def test_many_small_segments_in_one_launch_equal_one_step_each(monkeypatch, impl, method):
+    """``segments_step_`` with the small segments in one launch (``GPU_SEGMENTS``; the Triton kernel for both
+    kernel sets) against one step per segment, on random and tied input, exact and approximate, one pass on and
+    off: the same values, indices in the same order, and state; 200 segments of a GPT-2-like mix of sizes."""
+    from torchkit.ops import _select
+
+    sizes = [768, 2304 * 768 // 64, 3072, 1, 50_000, 70_000] * 33 + [100, 7]
+    ks = [max(1, n // 100) for n in sizes]
+    d = sum(sizes)
+    n_state = {"ef14": 1, "ef21": 1, "econtrol": 2}[method]
+    for one_pass in (False, True):
+        monkeypatch.setattr(_select, "GPU_ONE_PASS", one_pass)
+        for tied in (False, True):
+            for approx in (False, True):
+                g = torch.full((d,), 0.5, device="cuda") if tied else _rand(d, 1)
+                state = [torch.zeros(d, device="cuda") if tied else _rand(d, 2 + j) for j in range(n_state)]
+                twin = [t.clone() for t in state]
+                monkeypatch.setattr(_select, "GPU_SEGMENTS", True)
+                v, i = ops.segments_step_(method, g, state, sizes, ks, 0.3, approx, impl=impl)
+                monkeypatch.setattr(_select, "GPU_SEGMENTS", False)
+                rv, ri = ops.segments_step_(method, g, twin, sizes, ks, 0.3, approx, impl=impl)
+                assert torch.equal(i, ri) and torch.equal(v, rv), (one_pass, tied, approx)
+                assert all(torch.equal(a, b) for a, b in zip(state, twin)), (one_pass, tied, approx)
+
+
 @pytest.mark.parametrize("zero", [False, True])
 @pytest.mark.parametrize("bad", [None, 0.0, float("nan")])
 def test_the_c_decode_launches_what_prepare_and_scatter_do(zero, bad):

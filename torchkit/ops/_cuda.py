@@ -328,4 +328,15 @@ def _stream(device: torch.device) -> int:
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda index: torch.cuda.current_stream(index).cuda_stream)
-OPS = _select.GpuOps(_run, _scatter, _prepare, _accumulate)  # what torchkit.ops dispatches to
+
+
+def _segments():
+    """The Triton kernel that runs many small segments in one launch, where Triton loads (else ``None``)."""
+    try:
+        from ._triton import segments
+    except ImportError:  # pragma: no cover - Triton not installed
+        return None
+    return segments
+
+
+OPS = _select.GpuOps(_run, _scatter, _prepare, _accumulate, _segments)  # what torchkit.ops dispatches to

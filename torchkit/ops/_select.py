@@ -62,6 +62,9 @@ ONE_PASS = True  # run's default sequence where the mode allows it (benchmarks t
 # On CUDA tensors (Triton and the CUDA kernels) the one pass is off unless TORCHKIT_GPU_ONE_PASS=1: compiled for
 # sm_90 and tested in the interpreter, it has not run on a GPU yet (benchmarks/gpu_run.sh, stage onepass, checks it).
 GPU_ONE_PASS = os.environ.get("TORCHKIT_GPU_ONE_PASS") == "1"
+# Likewise the many small segments of segments_step_ in one launch (torchkit/ops/_triton/segments.py): on CUDA tensors
+# only with TORCHKIT_GPU_SEGMENTS=1 until a GPU has run it (the interpreter runs it on CPU tensors, impl="triton").
+GPU_SEGMENTS = os.environ.get("TORCHKIT_GPU_SEGMENTS") == "1"
 
 __all__ = ["run", "capacity", "kernel_takes", "level1", "hint_of", "one_pass_takes", "Hist", "Select", "Launcher",
            "GpuOps"]  # fmt: skip
@@ -180,6 +183,12 @@ def one_pass_takes(mode: int) -> bool:
     return mode != ECONTROL
 
 
+def default_one_pass(mode: int, device: torch.device) -> bool:
+    """The sequence :func:`run` takes by default: one pass wherever it can run, unless ``ONE_PASS`` is off, or on
+    CUDA tensors ``GPU_ONE_PASS``."""
+    return ONE_PASS and one_pass_takes(mode) and (device.type != "cuda" or GPU_ONE_PASS)
+
+
 def hint_of(
     mode: int, g: Tensor, e: Tensor | None, h: Tensor | None, k: int, rows: int = 1, approx: bool = False
 ) -> Tensor:
@@ -240,7 +249,7 @@ def run(
     (default: one pass wherever it can run, unless ``ONE_PASS`` is off, or on CUDA tensors ``GPU_ONE_PASS``);
     ``hint``: the one pass's prediction (default: :func:`hint_of`)."""
     if one_pass is None:
-        one_pass = ONE_PASS and one_pass_takes(mode) and (g.device.type != "cuda" or GPU_ONE_PASS)
+        one_pass = default_one_pass(mode, g.device)
     if one_pass and not one_pass_takes(mode):
         raise ValueError("one_pass: EControl runs two passes (its one pass would overwrite e before a rescan)")
     d = g.numel()
@@ -365,11 +374,13 @@ class GpuOps:
     """The op set of one GPU implementation: ``run(mode, g, e, h, k, eta, approx)``,
     ``scatter(out, values [rows, k] fp32, indices, scales)`` and ``prepare(out, zero, checks)`` (one pass over
     ``out``: zeros, or NaN everywhere when the float64 ``checks``, a vector of any stride, sum to a non-finite
-    value), and optionally ``accumulate(out, values, indices, scales, zero, checks)``, the two in one host call;
-    inputs the kernels do not take go to the reference."""
+    value), and optionally ``accumulate(out, values, indices, scales, zero, checks)``, the two in one host call,
+    and ``segments()``, the module that runs many small segments in one launch (or ``None`` where it cannot load:
+    ``torchkit/ops/_triton/segments.py``); inputs the kernels do not take go to the reference."""
 
-    def __init__(self, run_fn, scatter_fn, prepare_fn, accumulate_fn=None):
+    def __init__(self, run_fn, scatter_fn, prepare_fn, accumulate_fn=None, segments=None):
         self._run, self._scatter, self._prepare, self._accumulate = run_fn, scatter_fn, prepare_fn, accumulate_fn
+        self._segments = segments
 
     def topk(self, x: Tensor, k: int):
         if not kernel_takes(x):
@@ -393,8 +404,25 @@ class GpuOps:
         return self._run(ECONTROL, grad, error, shift, k, float(eta), approx)
 
     def segments_step_(self, kind: int, grad: Tensor, error, shift, sizes, ks, eta: float = 0.0, approx=False):
-        """One step per segment (launches of their own; the CPU kernel runs them in one call)."""
-        return _reference.by_segments(self, kind, grad, error, shift, sizes, ks, eta, approx=approx)
+        """The segments of at most ``segments.SMALL`` entries in one launch, one program each, and the larger ones
+        one step each (launches of their own), the output as from one step per segment; on CUDA tensors only with
+        ``GPU_SEGMENTS`` (else one step per segment)."""
+        seg = self._segments() if self._segments is not None else None
+        state = [t for t in (error, shift) if t is not None]
+        if (
+            seg is None
+            or not kernel_takes(grad, *state)
+            or (grad.device.type == "cuda" and not GPU_SEGMENTS)
+            or not seg.takes(grad, sizes, ks)
+        ):
+            return _reference.by_segments(self, kind, grad, error, shift, sizes, ks, eta, approx=approx)
+        step_of = {
+            EF14: lambda g, e, h, k: self.ef14_step_(g, e, k, approx),
+            EF21: lambda g, e, h, k: self.ef21_step_(g, h, k, approx),
+            ECONTROL: lambda g, e, h, k: self.econtrol_step_(g, e, h, k, eta, approx),
+        }[kind]
+        one_pass = default_one_pass(kind, grad.device)
+        return seg.segments(step_of, kind, grad, error, shift, sizes, ks, eta, approx, one_pass)
 
     def accumulate_(self, out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero=False, poison=None):
         if not kernel_takes(values, out):

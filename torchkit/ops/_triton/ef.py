@@ -600,4 +600,10 @@ def _prepare(out: Tensor, zero: bool, checks: Tensor | None) -> None:
     )  # fmt: skip
 
 
-OPS = _select.GpuOps(_run, _scatter, _prepare)  # what torchkit.ops dispatches to
+def _segments():
+    from . import segments
+
+    return segments
+
+
+OPS = _select.GpuOps(_run, _scatter, _prepare, segments=_segments)  # what torchkit.ops dispatches to
