@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,13 +92,16 @@ ERROR_CASES = [
     (lambda: tk.TopK(ratio=float("nan")), ValueError, "ratio must be in"),
     (lambda: tk.TopK(), ValueError, "exactly one of k and ratio"),
     (lambda: tk.TopK(3, ratio=0.1), ValueError, "exactly one of k and ratio"),
-    (lambda: tk.TopK(11).compress(torch.randn(10)), ValueError, "k must be <= d, got k=11 for d=10"),
+    (lambda: tk.TopK(np.float64(2.0)), TypeError, "k must be an int"),
+    (lambda: tk.TopK(ratio="0.1"), TypeError, "ratio must be a float"),
     (lambda: tk.RandK(ratio=2.0), ValueError, "ratio must be in"),
     (lambda: tk.RandK(2, seed=-1), ValueError, "seed must be >= 0"),
     (lambda: tk.EF21("topk"), TypeError, "compressor must be a torchkit Compressor"),
     (lambda: tk.EF21(tk.TopK(1), init="warm"), ValueError, "init must be"),
     (lambda: tk.EControl(tk.TopK(1), eta=1.5), ValueError, r"eta must be in \[0, 1\], got 1.5"),
     (lambda: tk.EF21SGDM(tk.TopK(1), eta=-0.1), ValueError, "eta must be in"),
+    (lambda: tk.EF21SGDM(tk.TopK(1), eta=0), ValueError, r"eta must be in \(0, 1\] for EF21SGDM"),
+    (lambda: tk.LocalMomentum(tk.EF14(tk.TopK(1)), momentum=-0.1), ValueError, r"momentum must be in \[0, 1\), got"),
     (lambda: tk.EF21W(tk.TopK(1), [0.5, 0.6]), ValueError, "weights must sum to 1"),
     (lambda: tk.EF21W(tk.TopK(1), [1.5, -0.5]), ValueError, "weights must be positive"),
     (lambda: tk.EF14(tk.TopK(3), granularity="tensor"), ValueError, "granularity='tensor' needs"),
@@ -109,6 +113,31 @@ ERROR_CASES = [
 def test_bad_input(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_a_fixed_k_sends_a_shorter_vector_whole_and_numpy_numbers_are_numbers():
+    """TopK(k) on fewer than k entries sends all of them (alpha 1), as the wrapper's group does on a step where a
+    parameter got no gradient (it raised there, mid-training, where torch's optimizer skips the parameter); k and
+    ratio may be NumPy numbers."""
+    x = torch.randn(10, dtype=torch.float64)
+    msg = tk.TopK(11).compress(x)
+    assert sorted(msg.indices[0].tolist()) == list(range(10)) and tk.TopK(11).alpha(10) == 1.0
+    assert tk.TopK(11).wire_bytes(10) == tk.TopK(10).wire_bytes(10)
+    assert tk.TopK(np.int64(3)).k == 3 and type(tk.TopK(np.int64(3)).k) is int
+    assert tk.TopK(ratio=np.float32(0.25)).k_for(8) == 2 and tk.RandK(np.int32(2)).k_for(5) == 2
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(3, 3)})  # 6 and 12 entries
+    opt = tk.CompressedOptimizer(net.parameters(), torch.optim.SGD, feedback=tk.EF14(tk.TopK(k=10)), lr=0.1)
+    for step in range(4):
+        opt.zero_grad()
+        loss = net["a"](torch.randn(4, 2)).square().sum()
+        if step % 2 == 0:
+            loss = loss + net["b"](torch.randn(4, 3)).square().sum()
+        loss.backward()
+        before = [p.detach().clone() for p in net["a"].parameters()]
+        opt.step()  # steps 1 and 3: 6 entries with a gradient, fewer than k: all sent
+        if step % 2:
+            assert all(not torch.equal(a, p) for a, p in zip(before, net["a"].parameters()))
 
 
 def test_the_nonfinite_check_is_exact_at_the_edges_of_the_range():

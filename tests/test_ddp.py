@@ -10,13 +10,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchkit as tk
-from tests.dist_utils import run_dist
+from tests.dist_utils import run_dist, run_dist_faults
 from tests.methods import factories
 from torchkit.sim import simulate
 
 WORLD, STEPS, LR = 3, 4, 0.1
 
 FEEDBACKS = factories(lambda: tk.TopK(ratio=0.3), n_workers=WORLD, granularity="tensor")
+# EControl's default eta: the ratio, whatever DDP's buckets (it was the smallest k/d in each bucket, so the hook's
+# trajectory depended on its bucketing, and on DDP's rebuilt buckets after the first iteration)
+FEEDBACKS["econtrol_default_eta"] = lambda: tk.EControl(tk.TopK(ratio=0.3), granularity="tensor")
 
 
 class Net(torch.nn.Module):
@@ -445,3 +448,51 @@ def test_a_parameter_no_rank_used_keeps_its_state_under_the_hook(name, nonfinite
     for r in run_dist(_unused, 2, name, nonfinite):
         torch.testing.assert_close(r["hook"], r["opt"], rtol=1e-10, atol=1e-12)
         assert torch.equal(r["view"], r["hook"]) and torch.equal(r["late"], r["all"]) and r["frozen kept"]
+
+
+def _joined(rank, world, case):
+    """DDP's ``join()`` with uneven inputs, where rank 1 has no input at all in the first joined epoch after
+    ``register`` or after a load: the replicas after it (and rank 0's parameters against a run in which rank 1 sends
+    zero gradients)."""
+    results = {}
+    for mode in ("join", "zeros"):
+        torch.manual_seed(0)
+        model = DDP(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)))
+        state = tk.ddp.register(model, tk.EF21(tk.TopK(ratio=0.1)), min_compression_rate=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(100 + rank)
+        xs = [torch.randn(8, 16, generator=g) for _ in range(5)]
+
+        def step(x, zero=False, model=model, opt=opt):
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            (loss * 0 if zero else loss).backward()
+            opt.step()
+
+        if case == "after a load":
+            with model.join():
+                for x in xs[:2]:
+                    step(x)
+            state.load_state_dict(state.state_dict())
+        mine = xs[2:] if rank == 0 else []
+        if mode == "join":
+            with model.join():
+                for x in mine:
+                    step(x)
+        else:  # rank 1 takes part with zero gradients instead: what DDP's join shadows
+            for x in xs[2:]:
+                step(x, zero=rank == 1)
+        results[mode] = [p.detach().clone() for p in model.parameters()]
+    return results
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["after register", "after a load"])
+def test_join_with_a_rank_that_has_no_input_finishes_with_the_replicas_equal(case):
+    """It hung: the ranks' agreement ran in the forward pre-hook, and a rank out of inputs runs no forward (DDP's
+    join shadows only the backward's rounds). Bounded by a 20 s process-group timeout."""
+    out = run_dist_faults(_joined, 2, case, report={0, 1}, pg_timeout=20.0, wait=90.0)
+    assert set(out) == {0, 1}, out
+    for mode in ("join", "zeros"):
+        assert all(torch.equal(a, b) for a, b in zip(out[0][mode], out[1][mode])), mode
+    assert all(torch.equal(a, b) for a, b in zip(out[0]["join"], out[0]["zeros"]))

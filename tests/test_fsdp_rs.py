@@ -85,7 +85,8 @@ def _rounds(rank, world, names):
         _train(model, rank)
         used = [n for n, c in comms.items() if c.state is not None]  # the root holds no parameter of its own here
         numel = {n: comms[n].state[next(iter(comms[n].state))].numel() for n in used}
-        out[name] = ({n: recorders[n].calls for n in used}, numel, {n: comms[n].bytes_sent for n in used})
+        sent = {n: (comms[n].bytes_sent, comms[n].dense_bytes, comms[n].metrics) for n in used}
+        out[name] = ({n: recorders[n].calls for n in used}, numel, sent)
     if world == 4:  # HSDP (2 replicas x 2 shards) is refused: its slow exchange is the replicas', not this one
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -165,10 +166,14 @@ def _check_method(world, name, results):
 def test_the_compressed_reduce_scatter_is_ef14_on_each_shards_piece(world):
     every = _check_rounds(world, ["ef14"])
     results = [r["ef14"] for r in every]
-    for mod, sent in results[0][2].items():
+    for mod, (sent, dense, m) in results[0][2].items():
         shard = results[0][0][mod][0][1].numel()
         k = int(np.ceil(0.3 * shard))
         assert sent == (world - 1) * k * (8 + 4), (mod, sent)  # fp64 values and int32 indices to n - 1 ranks
+        # .metrics, as every front end keeps them: every round and the last one
+        assert (m.steps, m.rounds, m.skipped_steps, m.dense_rounds) == (STEPS, STEPS, 0, 0)
+        assert (m.last_bytes_sent, m.bytes_sent) == (sent, STEPS * sent) and m.last_dense_bytes == dense
+        assert m.dense_bytes == STEPS * (world - 1) * shard * 8 and m.numel == STEPS * world * shard
     if world == 4:
         assert all("HSDP" in r["hsdp"] for r in every), [r["hsdp"] for r in every]
 
@@ -211,13 +216,19 @@ def _nonfinite(rank, world, policy):
         and all(torch.equal(before[n]["state"][k], after[n]["state"][k]) for k in before[n]["state"])
         for n in before
     )
-    return raised, grads_nan, unchanged
+    counts = {(c.metrics.steps, c.metrics.rounds, c.metrics.skipped_steps, c.metrics.skipped_rounds)
+              for c in comms.values() if c.state is not None}  # fmt: skip
+    return raised, grads_nan, unchanged, counts
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_a_nan_on_one_rank_raises_or_skips_on_every_rank_with_the_state_unchanged(policy):
-    for raised, grads_nan, unchanged in run_dist(_nonfinite, 2, policy):
+    for raised, grads_nan, unchanged, counts in run_dist(_nonfinite, 2, policy):
         assert unchanged
+        if policy == "skip":  # .metrics: every module counts the skipped step
+            assert counts == {(3, 2, 1, 1)}, counts
+        else:  # the first module that meets the NaN raises: the backward stops there
+            assert {c[1:] for c in counts} == {(2, 0, 0)} and (3, 2, 0, 0) in counts, counts
         if policy == "raise":
             assert raised is not None and "feedback state is unchanged" in raised
         else:

@@ -156,9 +156,13 @@ def test_pickle_and_deepcopy_round_trip():
     assert opt_c.inner is not opt.inner and opt_c.param_groups[0]["params"][0] is next(model_c.parameters())
 
 
-def test_optimizers_that_need_a_closure_are_refused():
+def test_optimizers_that_need_a_closure_or_sparse_gradients_are_refused():
     with pytest.raises(TypeError, match="LBFGS.step needs a closure"):
         _opt(_model(), cls=torch.optim.LBFGS)
+    with pytest.raises(TypeError, match="optimizer_class SparseAdam steps on sparse gradients"):
+        _opt(_model(), cls=torch.optim.SparseAdam)  # it was refused at the first step, by the parameter's name
+    with pytest.raises(TypeError, match="optimizer_class SparseAdam steps on sparse gradients"):
+        tk.LocalSGD(_model().parameters(), torch.optim.SparseAdam, feedback=tk.EF14(tk.TopK(1)), sync_every=2)
 
 
 def test_complex_parameters_are_compressed_as_real_pairs():

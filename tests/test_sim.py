@@ -242,6 +242,38 @@ def test_simulate_bad_input():
         simulate(tk.TopK(1), prob.grad_fn, x0, n_workers=N, steps=2, lr=0.1)
     with pytest.raises(ValueError, match="grad_fn must return .* got list"):
         simulate(fb, lambda x: [0.0], x0, n_workers=N, steps=2, lr=0.1)
+    for bad_lr in (-0.1, float("nan")):  # a schedule's values: it ran gradient ascent, or on to NaN, silently
+        with pytest.raises(ValueError, match=re.escape(f"lr(2) must be positive and finite, got {bad_lr}")):
+            simulate(fb, prob.grad_fn, x0, n_workers=N, steps=4, lr=lambda t, b=bad_lr: 0.1 if t < 2 else b)
+    for x, what in ((x0.float(), "float32"), (torch.zeros(prob.d + 1, dtype=torch.float64), f"({prob.d + 1},)")):
+        with pytest.raises(ValueError, match=r"x \(simulate's x0\) must be a vector of d = .*" + re.escape(what)):
+            simulate(fb, prob.grad_fn, x, n_workers=N, steps=2, lr=0.1)  # it raised torch's addmv dtype error
+    for n, err in (("4", TypeError), (2.0, TypeError), (0, ValueError)):
+        with pytest.raises(err, match="n_workers must be"):
+            tk.sim.LogisticRegression(prob.A, prob.y, n_workers=n)
+
+
+def test_the_step_size_theory_takes_numbers_only():
+    """Strings were parsed (L_i='23' read as [2, 3], alpha='0.1' as 0.1) and True was alpha 1; NumPy numbers,
+    arrays and tensors are numbers."""
+    import numpy as np
+
+    for args, match in (
+        ((2.7, "23", 0.1), "L_i must be a sequence"),
+        ((1.0, 2.0, 0.1), "L_i must be a sequence"),
+        ((1.0, [1.0], "0.1"), "alpha must be a real number, got str"),
+        ((1.0, [1.0], True), "alpha must be a real number, got bool"),
+        ((1.0, [1.0], tk.TopK(2)), r"alpha must be a real number \(a compressor's is compressor.alpha\(d\)\)"),
+        (("1", [1.0], 0.1), "L must be a real number"),
+        ((1.0, ["1"], 0.1), "L_i's entries must be a real number"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            tk.theory.ef21_stepsize(*args)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        tk.theory.ef21_lr_scale("0.01")
+    want = tk.theory.ef21_stepsize(1.0, [1.0, 2.0], 0.1)
+    assert tk.theory.ef21_stepsize(np.float64(1.0), np.array([1.0, 2.0]), np.float32(0.1)) == pytest.approx(want)
+    assert tk.theory.ef21_stepsize(1.0, torch.tensor([1.0, 2.0], dtype=torch.float64), 0.1) == want
 
 
 def test_a_diverged_run_warns_and_an_integer_x0_is_refused():

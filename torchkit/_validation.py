@@ -19,15 +19,16 @@ __all__ = [
 
 
 def check_int(name: str, value: object, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An int (NumPy's too: any ``numbers.Integral`` but bool) of at least ``low``, returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
+    return int(value)
 
 
 def check_ratio(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     if not (0.0 < float(value) <= 1.0) or math.isnan(value):
         raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -42,7 +43,8 @@ def check_bool(name: str, value: object) -> bool:
 
 def check_momentum(name: str, value: object) -> float:
     """A momentum-like coefficient in [0, 1)."""
-    if check_unit_interval(name, value) >= 1.0:
+    _check_real(name, value)
+    if not (0.0 <= float(value) < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return float(value)
 
@@ -56,9 +58,13 @@ def check_positive(name: str, value: object, kind: str = "a float") -> float:
     return float(value)
 
 
-def check_unit_interval(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    _check_real(name, value)
     if not (0.0 <= float(value) <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return float(value)
@@ -94,11 +100,10 @@ def check_weights(name: str, weights: Sequence[float] | torch.Tensor) -> tuple[f
 
 
 def resolve_k(k: int | None, ratio: float | None, d: int) -> int:
-    """Number of kept entries for a vector of length ``d``: ``k`` or ``ceil(ratio * d)``."""
+    """Number of kept entries for a vector of length ``d``: ``k`` (all ``d`` when there are fewer: a parameter group
+    whose parameters did not all get a gradient this step, a small bucket) or ``ceil(ratio * d)``."""
     if k is not None:
-        if k > d:
-            raise ValueError(f"k must be <= d, got k={k} for d={d}")
-        return k
+        return min(k, d)  # a vector of at most k entries is sent whole
     assert ratio is not None
     return max(1, min(d, math.ceil(ratio * d - 1e-9)))
 

@@ -549,6 +549,11 @@ def check_common_args(
             f"{optimizer_class.__name__}.step needs a closure that re-evaluates the loss several times per step; "
             f"{cls_name} runs one communication round per step and does not support it"
         )
+    if issubclass(optimizer_class, torch.optim.SparseAdam):
+        raise TypeError(
+            f"optimizer_class SparseAdam steps on sparse gradients, which {cls_name} does not take (its estimate is "
+            "dense); use Adam or AdamW, or keep the sparse parameters out of the compressed ones"
+        )
     if nonfinite not in ("raise", "skip"):
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):

@@ -488,7 +488,8 @@ class _Sparsifier(Compressor):
         self.ratio = None if ratio is None else check_ratio("ratio", ratio)
 
     def k_for(self, d: int) -> int:
-        """Values kept for a vector of length ``d``: ``k`` (k > d raises) or ``ceil(ratio * d)``."""
+        """Values kept for a vector of length ``d``: ``k``, or all ``d`` when there are fewer (a group whose
+        parameters did not all get a gradient, a small bucket), or ``ceil(ratio * d)``."""
         return resolve_k(self.k, self.ratio, d)
 
     def alpha(self, d: int) -> float:

@@ -56,7 +56,9 @@ class CompressionState(FrontEnd):
     Args:
         feedback: the error-feedback method. ``granularity="global"`` compresses each bucket with one
             top-k; ``granularity="tensor"`` compresses each parameter on its own, so the trajectory does
-            not depend on the bucketing and equals :class:`torchkit.CompressedOptimizer`'s.
+            not depend on the bucketing and equals :class:`torchkit.CompressedOptimizer`'s (with
+            ``min_compression_rate=0``: by default a bucket that compressing would not pay for is sent dense,
+            which the wrapper, whose block is a whole parameter group, does not do).
         process_group: the group DDP communicates over (``None``: the default group).
         start_iter: iterations run as a plain averaged ``all_reduce`` before compression starts. The
             feedback state is keyed by parameter and carried over when DDP rebuilds its buckets after the
@@ -784,8 +786,10 @@ def _mark_used(used: set, key, grad: Tensor) -> None:
 class _ForwardCheck:
     """The forward pre-hook :func:`register` installs: raises the previous iteration's non-finite flag, and makes
     the ranks agree before the first training forward (and the first after a load). Raising here, not in the
-    backward, leaves DDP's reducer usable. At the first forward it also warns, as the optimizer wrapper does at
-    construction, when the optimizer stepping the model is one the feedback method is known not to train with."""
+    backward, leaves DDP's reducer usable; inside DDP's ``join()`` the hook agrees at the first bucket instead (a
+    rank that ran out of inputs runs no forward, and the collective here would wait for it forever). At the first
+    forward it also warns, as the optimizer wrapper does at construction, when the optimizer stepping the model is
+    one the feedback method is known not to train with."""
 
     def __init__(self, state: CompressionState):
         self.state = state
@@ -799,8 +803,11 @@ class _ForwardCheck:
             _warn_about_the_optimizer(state.feedback, module)
         if state._flags:
             _raise_if_flagged(state)
-        if not state._agreed and module.training and torch.is_grad_enabled() and state.world_size > 1:
+        joining = getattr(getattr(module, "_join_config", None), "enable", False)
+        if not state._agreed and module.training and torch.is_grad_enabled() and state.world_size > 1 and not joining:
             _agree(state)  # a difference raises here, before DDP prepares its backward
+        # inside ``model.join()`` a rank out of inputs runs no forward, only DDP's shadow of each bucket's round,
+        # hook included: the ranks agree at the first bucket instead (as for a state registered by hand)
 
 
 def _warn_about_the_optimizer(feedback: Feedback, module: torch.nn.Module) -> None:

@@ -669,6 +669,11 @@ class EF21SGDM(_WithEta):
         granularity: Granularity = "global",
     ):
         super().__init__(compressor, eta, init=init, granularity=granularity)
+        if self.eta == 0:  # the average would never take a gradient in
+            raise ValueError(
+                "eta must be in (0, 1] for EF21SGDM, got 0: its momentum v <- (1 - eta) v + eta g would keep the first "
+                "gradient forever (or zero); eta=1 is EF21"
+            )
         if momentum_init not in ("gradient", "zero"):
             raise ValueError(f"momentum_init must be 'gradient' or 'zero', got {momentum_init!r}")
         check_bool("mask", mask)
@@ -711,8 +716,10 @@ class EControl(_WithEta):
 
     Args:
         compressor: a contractive compressor.
-        eta: strength of the error feedback, in [0, 1]. ``None`` (default) uses the compressor's alpha
-            (``k/d`` for TopK, per vector; the smallest over the tensors with ``granularity="tensor"``).
+        eta: strength of the error feedback, in [0, 1]. ``None`` (default) uses the compressor's ratio
+            (``TopK(ratio=r)``: ``r``, whatever the vector; with DDP's buckets too), or for a compressor without
+            one its alpha (``k/d`` for ``TopK(k)``, per vector, the smallest over the tensors with
+            ``granularity="tensor"``, so then the hook's value depends on its buckets: give ``eta``).
             Theory asks for alpha/400; the papers tune 0.1 with TopK 10%. Keep it small: measured on
             mushrooms with Top-2 (alpha = 0.018), eta = 0.1 does not converge at any step size tried, eta =
             alpha does (benchmarks/results/repro); on the character language model with TopK 1%, eta = 0.5 and
@@ -746,10 +753,15 @@ class EControl(_WithEta):
         self._alpha_of = self.compressor  # eta=None follows this compressor's alpha (kept by with_compressor)
 
     def eta_for(self, segments: Sequence[int]) -> float:
-        """The ``eta`` used for a vector split into ``segments``: the given one, or the compressor's
-        smallest ``alpha`` over the segments (``k/d`` for TopK) when ``eta=None``."""
+        """The ``eta`` used for a vector split into ``segments``: the given one; when ``eta=None``, the compressor's
+        ratio where it has one (``TopK(ratio=r)``, ``RandK(ratio=r)``, under a density warm-up its final one), the
+        same for any vector, so that the DDP hook's buckets do not change it; else its smallest ``alpha`` over the
+        segments (``k/d`` for ``TopK(k)``: then it depends on how the parameters are split into blocks)."""
         if self.eta is not None:
             return self.eta
+        ratio = getattr(getattr(self._alpha_of, "compressor", self._alpha_of), "ratio", None)
+        if ratio is not None:
+            return float(ratio)
         return min(self._alpha_of.alpha(n) for n in segments)
 
     def _update_params(self, segments) -> tuple:

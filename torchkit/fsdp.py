@@ -42,6 +42,7 @@ from .comm import NonFiniteGradientError, nonfinite_flag
 from .compress import DenseMessage, SparseMessage
 from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree
+from .metrics import CommMetrics
 from .process_group import destroy_at_exit
 
 __all__ = ["CompressedReduceScatter", "compress_reduce_scatter"]
@@ -57,9 +58,11 @@ class CompressedReduceScatter(_reduce_scatter_base()):
     """One ``fully_shard``-ed module's reduce-scatter as a round of ``feedback`` (its own state: one object per
     module, which :func:`compress_reduce_scatter` makes).
 
-    Attributes: ``step`` (rounds run), ``bytes_sent`` (what this rank sent in the last round: the messages to the
-    other ranks, values and indices), ``dense_bytes`` (what the dense reduce-scatter would have sent), ``state``
-    (the method's worker vectors, unsharded length) and ``server`` (the EF21 family's estimate of this rank's shard).
+    Attributes: ``metrics`` (:class:`~torchkit.CommMetrics`, the counters every front end keeps, all rounds and
+    the last; ``dense_bytes``: what the dense reduce-scatter would have sent), ``step`` (rounds run),
+    ``bytes_sent`` and ``dense_bytes`` (the last round's, as ``metrics.last_bytes_sent`` and
+    ``metrics.last_dense_bytes``), ``state`` (the method's worker vectors, unsharded length) and ``server`` (the EF21
+    family's estimate of this rank's shard).
     """
 
     def __init__(self, feedback: Feedback, *, nonfinite: Literal["raise", "skip"] = "raise", name: str = ""):
@@ -79,6 +82,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         self.state: dict[str, Tensor] | None = None
         self.server: Tensor | None = None
         self.bytes_sent = self.dense_bytes = 0
+        self.metrics = CommMetrics()
         self._numel: int | None = None
         self._fingerprint: float | None = None  # of this rank's configuration, compared at every call
         self._where: tuple[int, int] | None = None  # (rank, size) in the group it runs on, once it has run
@@ -96,6 +100,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         bad = self._agreed_nonfinite(input_tensor, group, n, rank)  # also: every rank's loaded state is its own
         self._bind(input_tensor, shard)
         self._where, self._loaded_where = (rank, n), None
+        self.metrics.steps += 1
         if bad:
             if self.nonfinite == "raise":
                 where = f" of {self.name}" if self.name else ""
@@ -104,6 +109,8 @@ class CompressedReduceScatter(_reduce_scatter_base()):
                     "feedback state is unchanged (pass nonfinite='skip' with a GradScaler to skip such steps)"
                 )
             output_tensor.fill_(float("nan"))  # the scaler sees it on every rank and skips the step
+            self.metrics.skipped_steps += 1
+            self.metrics.skipped_rounds += 1
             return None
         fb = self.feedback
         grad = input_tensor.to(self.state[next(iter(self.state))].dtype) if self.state else input_tensor
@@ -113,6 +120,10 @@ class CompressedReduceScatter(_reduce_scatter_base()):
             received = self._exchange(msg, shard, n, group)
             received.add_to_(est, fb.aggregation_weights(n))  # in rank order, dense or sparse
         self.dense_bytes = (n - 1) * shard * input_tensor.element_size()
+        if msg is None:
+            self.bytes_sent = 0
+        self.metrics.record(self.bytes_sent, self.dense_bytes, input_tensor.numel(),
+                            dense_rounds=int(isinstance(msg, DenseMessage)))  # fmt: skip
         self.step += 1
         output_tensor.copy_(est if scale == 1 else est * scale)
         return None

@@ -1,10 +1,12 @@
 """What a front end has communicated on this rank, with the same names in every front end.
 
-:class:`CommMetrics` is ``.metrics`` of :class:`torchkit.CompressedOptimizer`, :class:`torchkit.LocalSGD` and the
-DDP hook's :class:`torchkit.ddp.CompressionState`. A *step* is what the front end is called for (an optimizer
-step, a hook iteration, a LocalSGD call); a *round* is one exchange (the wrapper's and the hook's every step,
-LocalSGD's every ``sync_every`` steps). Counters run from the object's construction in this process (checkpoints
-do not carry them); ``last_*`` describe the last step that ran a round.
+:class:`CommMetrics` is ``.metrics`` of :class:`torchkit.CompressedOptimizer`, :class:`torchkit.LocalSGD`, the
+DDP hook's :class:`torchkit.ddp.CompressionState` and each FSDP module's
+:class:`torchkit.fsdp.CompressedReduceScatter` (whose ``dense_bytes`` is the dense reduce-scatter's). A *step* is
+what the front end is called for (an optimizer step, a hook iteration, a LocalSGD call, a reduce-scatter); a
+*round* is one exchange (the wrapper's and the hook's every step, LocalSGD's every ``sync_every`` steps).
+Counters run from the object's construction in this process (checkpoints do not carry them); ``last_*`` describe
+the last step that ran a round.
 
 Log them where you look::
 
@@ -77,15 +79,23 @@ class CommMetrics:
 
     def record_round(self, results: list[Any]) -> None:
         """Count one step's round from its :class:`torchkit.comm.RoundResult` objects (one per block or bucket)."""
-        sent = sum(r.sent_bytes for r in results)
-        dense = sum(r.dense_bytes for r in results)
+        self.record(
+            sum(r.sent_bytes for r in results),
+            sum(r.dense_bytes for r in results),
+            sum(r.estimate.shape[-1] for r in results),
+            dense_rounds=sum(1 for r in results if r.dense),
+        )
+
+    def record(self, sent: int, dense: int, numel: int, *, dense_rounds: int = 0) -> None:
+        """Count one round: ``sent`` bytes where a dense all-reduce would have sent ``dense``, over ``numel``
+        entries, ``dense_rounds`` of its blocks sent dense."""
         self.rounds += 1
-        self.dense_rounds += sum(1 for r in results if r.dense)
+        self.dense_rounds += dense_rounds
         self.bytes_sent += sent
         self.dense_bytes += dense
         self.last_bytes_sent, self.last_dense_bytes = sent, dense
-        self.last_numel = sum(r.estimate.shape[-1] for r in results)
-        self.numel += self.last_numel
+        self.last_numel = numel
+        self.numel += numel
 
     def record_node(self, nbytes: int) -> None:
         """Count the dense bytes one step sent inside the node (node-aware compression)."""

@@ -12,8 +12,16 @@ from collections.abc import Sequence
 __all__ = ["theta_beta", "mean_smoothness", "ef21_stepsize", "ef21_stepsize_ratio", "ef21_lr_scale", "econtrol_eta"]
 
 
+def _real(name: str, value: object) -> float:
+    """A real number (NumPy's, a 0-d tensor), not a bool or a string (which float() would parse)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__float__"):
+        hint = " (a compressor's is compressor.alpha(d))" if name == "alpha" and hasattr(value, "alpha") else ""
+        raise TypeError(f"{name} must be a real number{hint}, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def _check_alpha(alpha: float) -> float:
-    if not (0.0 < float(alpha) <= 1.0):
+    if not (0.0 < _real("alpha", alpha) <= 1.0):
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     return float(alpha)
 
@@ -27,7 +35,9 @@ def theta_beta(alpha: float) -> tuple[float, float]:
 
 def mean_smoothness(L_i: Sequence[float], *, weighted: bool) -> float:
     """Arithmetic mean ``L_AM`` (``weighted=True``) or quadratic mean ``L_QM`` of the worker constants."""
-    vals = [float(x) for x in L_i]
+    if isinstance(L_i, (str, bytes)) or not hasattr(L_i, "__iter__"):
+        raise TypeError(f"L_i must be a sequence of the workers' smoothness constants, got {type(L_i).__name__}")
+    vals = [_real("L_i's entries", x) for x in L_i]
     if not vals or any(not (x >= 0 and math.isfinite(x)) for x in vals):
         raise ValueError(f"L_i must be a non-empty list of finite non-negative numbers, got {L_i!r}")
     if weighted:
@@ -41,7 +51,7 @@ def ef21_stepsize(L: float, L_i: Sequence[float], alpha: float, weighted: bool =
     ``M`` is the quadratic mean of the ``L_i`` (EF21, Theorem 2) or, with ``weighted=True``, their
     arithmetic mean (EF21-W, "Error Feedback Reloaded"; the same bound holds for EF21 by its Theorem 3).
     """
-    if not (float(L) > 0 and math.isfinite(L)):
+    if not (_real("L", L) > 0 and math.isfinite(L)):
         raise ValueError(f"L must be positive and finite, got {L}")
     theta, beta = theta_beta(alpha)
     return 1.0 / (float(L) + mean_smoothness(L_i, weighted=weighted) * math.sqrt(beta / theta))

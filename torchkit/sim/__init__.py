@@ -86,7 +86,7 @@ def simulate(
     if stop_below is not None and (isinstance(stop_below, bool) or not isinstance(stop_below, (int, float))):
         raise TypeError(f"stop_below must be a float or None, got {type(stop_below).__name__} {stop_below!r}")
     if callable(lr):
-        lr_at = lr
+        lr_at = lambda t: check_positive(f"lr({t})", lr(t), kind="a positive number")  # noqa: E731
     else:
         rate = check_positive("lr", lr, kind="a positive number or a callable step -> lr")
         lr_at = lambda t: rate  # noqa: E731

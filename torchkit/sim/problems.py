@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._validation import check_int
+
 __all__ = ["LogisticRegression", "contiguous_split", "make_classification"]
 
 
@@ -57,6 +59,7 @@ class LogisticRegression:
     _counts: Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
+        check_int("n_workers", self.n_workers)
         if self.A.dim() != 2 or self.y.shape != (self.A.shape[0],):
             raise ValueError(f"A must be [m, d] and y [m], got {tuple(self.A.shape)} and {tuple(self.y.shape)}")
         self.bounds = self.bounds or contiguous_split(self.A.shape[0], self.n_workers)
@@ -78,7 +81,17 @@ class LogisticRegression:
 
         return const(self.A), [const(self.A[a:b]) for a, b in self.bounds]
 
+    def _check_x(self, x) -> None:
+        """``x`` (simulate's ``x0``) as this problem's data: d entries in its dtype."""
+        if not isinstance(x, Tensor) or x.shape != (self.d,) or x.dtype != self.A.dtype:
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"x (simulate's x0) must be a vector of d = {self.d} entries in the data's dtype {self.A.dtype}, got "
+                f"{got}; for a float32 run, build the problem from A.float() and y.float()"
+            )
+
     def loss(self, x: Tensor) -> float:
+        self._check_x(x)
         z = -self.y * (self.A @ x)
         return float(torch.nn.functional.softplus(z).mean() + self.lam * (x * x / (1 + x * x)).sum())
 
@@ -92,6 +105,7 @@ class LogisticRegression:
         ``z`` and ``s`` stay whole-vector operations: their elementwise kernels round the scalar tail of a
         vector differently from its SIMD body, so computing them per block would change the last bits.
         """
+        self._check_x(x)
         z = self.y * (self.A @ x)
         s = -self.y * torch.sigmoid(-z)  # d/dz log(1+exp(-z)) times y
         g = torch.stack([self.A[a:b].T @ s[a:b] for a, b in self.bounds])
@@ -100,5 +114,6 @@ class LogisticRegression:
 
     def full_grad(self, x: Tensor) -> Tensor:
         """Gradient of the whole-data objective (equal to the mean of grad_fn only for equal chunks)."""
+        self._check_x(x)
         z = self.y * (self.A @ x)
         return (self.A * (-self.y * torch.sigmoid(-z))[:, None]).mean(0) + self.lam * 2 * x / (1 + x * x) ** 2
