@@ -186,7 +186,7 @@ def test_settings_come_from_the_preset_not_the_file_name(tmp_path, shared_data, 
 
 
 def test_progress_off_a_terminal_is_lines(tmp_path, shared_data, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_LINE_INTERVAL_S", 0.0)  # a line per update, to see every line's shape
+    monkeypatch.setattr(cli.progress, "LINE_INTERVAL_S", 0.0)  # a line per update, to see every line's shape
     argv = ["repro", "ef21", "--data", str(shared_data / "phishing.txt"), "--bits", "64", "--seeds", "0"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
@@ -215,6 +215,15 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
     bar.close()
     assert "\r" not in lines.getvalue() and lines.getvalue().endswith(
         "50/50 rounds (100%), 00:00 elapsed, 00:00 left\n"
+    )
+    # the demo's, the network benchmark's and the plan's bars are the same (they wrote tqdm's carriage returns
+    # into a log every 10 s); the plan's total is set as the calibration finds it
+    log = io.StringIO()
+    with cli.progress.bar(0, "calibrating", "step", stream=log) as bar:
+        bar.total = 8
+        bar.update(8)
+    assert "\r" not in log.getvalue() and log.getvalue().endswith(
+        "calibrating: 8/8 steps (100%), 00:00 elapsed, 00:00 left\n"
     )
 
 

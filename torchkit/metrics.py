@@ -61,7 +61,8 @@ class CommMetrics:
 
     @property
     def compression(self) -> float:
-        """``dense_bytes / bytes_sent`` over all rounds (``0.0`` before the first)."""
+        """``dense_bytes / bytes_sent`` over all rounds (``0.0`` while nothing was sent: before the first round, and
+        on one process, which sends nothing)."""
         return self.dense_bytes / self.bytes_sent if self.bytes_sent else 0.0
 
     @property

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from . import _progress as progress
 from . import netbench, plan
 from ._paths import out_folder
 
 __all__ = ["main"]
-
-_LINE_INTERVAL_S = 10.0  # off a terminal: one progress line per this many seconds (and the last one)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -27,45 +26,12 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
         return super()._get_help_string(action)
 
 
-class _Lines:
-    """A stream for tqdm off a terminal: each refresh becomes one line, no carriage returns or padding."""
-
-    def __init__(self, stream: TextIO):
-        self.stream = stream
-
-    def write(self, s: str) -> None:
-        text = s.replace("\r", "").strip()
-        if text:
-            self.stream.write(text + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
 def _progress(mode: str, stream: TextIO | None = None):
-    """``total -> tqdm bar``: a live bar on a terminal, a line every ``_LINE_INTERVAL_S`` otherwise."""
+    """``total -> tqdm bar``: a live bar on a terminal, a line every ``LINE_INTERVAL_S`` otherwise."""
     if mode == "off":
         return None
-    from tqdm import tqdm
-
-    stream = stream or sys.stderr
-    lines = mode == "lines" or (mode == "auto" and not (hasattr(stream, "isatty") and stream.isatty()))
-
-    def make(total: int):
-        if lines:
-            fmt = "{desc}{n_fmt}/{total_fmt} rounds ({percentage:.0f}%), {elapsed} elapsed, {remaining} left{postfix}"
-            # miniters=1: tqdm checks the clock at every update, so its monitor thread never adds a line of its own
-            return tqdm(
-                total=total,
-                desc="progress: ",
-                file=_Lines(stream),
-                mininterval=_LINE_INTERVAL_S,
-                miniters=1,
-                bar_format=fmt,
-            )
-        return tqdm(total=total, file=stream, unit="round", dynamic_ncols=True)
-
-    return make
+    lines = {"lines": True, "auto": None}.get(mode, False)
+    return lambda total: progress.bar(total, "progress", "round", lines=lines, stream=stream)
 
 
 def _demo(args) -> int:
@@ -263,7 +229,7 @@ def _repro_parsers(sub) -> None:
         "--progress",
         choices=["auto", "bar", "lines", "off"],
         default="auto",
-        help=f"on stderr; auto: a bar on a terminal, else a line every {_LINE_INTERVAL_S:g} s",
+        help=f"on stderr; auto: a bar on a terminal, else a line every {progress.LINE_INTERVAL_S:g} s",
     )
     common.add_argument("--dry-run", action="store_true", help="print the settings and exit without reading FILE")
 

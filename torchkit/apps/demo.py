@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import _progress as progress
 from .links import free_port
 
 __all__ = ["choices", "run_demo", "format_table", "plot"]
@@ -169,8 +170,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
                 curve.append((step + 1, sent, float(window[0] / window[1])))
                 window.zero_()
                 if bar is not None:
+                    bar.set_postfix(loss=f"{curve[-1][2]:.3f}", refresh=False)  # shown at the bar's own pace
                     bar.update(step + 1 - bar.n)
-                    bar.set_postfix(loss=f"{curve[-1][2]:.3f}")
         wall = time.perf_counter() - t_start
         with torch.no_grad():
             acc = float((model.module(xt.to(device)).argmax(1) == yt.to(device)).float().mean())
@@ -198,11 +199,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_file: str) -> None:
 
 def _bar(label: str, total: int):
     """tqdm's bar with an ETA on rank 0: live on a terminal, a line every 10 s elsewhere (a log file, CI)."""
-    from tqdm import tqdm
-
-    live = sys.stderr.isatty()
-    return tqdm(total=total, desc=f"{label:>12s}", unit="step", file=sys.stderr, mininterval=0.1 if live else 10.0,
-                dynamic_ncols=live)  # fmt: skip
+    return progress.bar(total, f"{label:>12s}", "step")
 
 
 def run_demo(

@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import _progress as progress
 from . import links
 from ._paths import out_folder
 
@@ -337,11 +338,8 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         rows, targets = _load(out_dir, set(args.methods), set(rates), set(args.ranks), set(args.tasks), set(seeds),
                               set(args.lr))  # fmt: skip
-    from tqdm import tqdm
-
     total = len(order) * len(args.ranks) * len(args.tasks) * len(seeds) * len(args.methods) * len(args.lr)
-    bar = tqdm(total=total, desc="network runs", unit="run", file=sys.stderr, mininterval=0.1 if sys.stderr.isatty()
-               else 10.0)  # fmt: skip  # shown at once, with an ETA from the runs done
+    bar = progress.bar(total, "network runs", "run")  # shown at once, with an ETA from the runs done
     with links.cleaned_up():  # no namespace left behind, whatever stops the runs
         try:
             for rate in order:

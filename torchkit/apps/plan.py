@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _progress as progress
 from . import links, netbench
 from ._paths import out_file
 
@@ -502,11 +503,9 @@ def run(args: argparse.Namespace) -> int:
     if args.rate != "unshaped":
         links.bits_per_second(args.rate)
     factors = _factors(args.steps_factor, args.methods)
-    from tqdm import tqdm
-
     kw = {"width": args.lm_width, "layers": args.lm_layers} if args.task == "char_lm" else {}
     cfg = {"task": args.task, "task_kwargs": kw, "methods": args.methods, "compute_steps": args.compute_steps}
-    with tqdm(total=0, desc="calibrating", unit="step", file=sys.stderr) as bar, links.cleaned_up():
+    with progress.bar(0, "calibrating", "step") as bar, links.cleaned_up():
         cal = calibrate(args.ranks, args.rate, cfg, bar=bar)
     result = {"calibration": cal, **plan(cal, args.methods, args.steps, factors)}
     print(report(result))
