@@ -24,6 +24,7 @@ from torchkit.apps.cli import main
         (["--rates", "fast"], "--rates"),
         (["--ranks", "1"], "--ranks"),
         (["--lr", "0.1", "-0.05"], "--lr"),
+        (["--steps", "16"], "--steps must be at least 20"),  # shorter than the loss's smoothing: never reached
     ],
 )
 def test_bad_arguments_are_refused_before_anything_runs(argv, named, capsys, tmp_path):

@@ -326,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
     if min(args.ranks) < 2 or args.steps < 1 or args.repeats < 1 or args.first_seed < 0:
         raise ValueError(f"--ranks must be at least 2, --steps and --repeats at least 1, --first-seed at least 0; "
                          f"got {args.ranks}, {args.steps}, {args.repeats}, {args.first_seed}")  # fmt: skip
+    if args.steps < WINDOW:  # no run could reach the target: every row would say "not reached"
+        raise ValueError(f"--steps must be at least {WINDOW}: a run reaches the target when its loss averaged over "
+                         f"{WINDOW} steps does; got {args.steps}")  # fmt: skip
     shaped = links.privileged()
     rates = args.rates
     if not shaped:
@@ -390,7 +393,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def reached(r: dict, target: float | None, window: int = 20) -> dict | None:
+WINDOW = 20  # steps the training loss is averaged over to decide when a run reaches the target
+
+
+def reached(r: dict, target: float | None, window: int = WINDOW) -> dict | None:
     """The first step at which the run's smoothed training loss (mean of the last ``window``) is at or below
     ``target``, with the seconds spent until then (the sum of the step times: compute and communication)."""
     if target is None or "losses" not in r:
