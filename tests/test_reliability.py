@@ -409,3 +409,34 @@ def test_a_state_dict_of_state_not_yet_placed_is_a_copy():
     sd = rs.state_dict()
     sd["params"]["w"]["error"].fill_(float("nan"))
     assert torch.equal(rs.state_dict()["params"]["w"]["error"], torch.ones(4))
+
+
+def test_a_method_set_on_a_front_end_after_it_was_built_is_refused(tmp_path):
+    """``opt.feedback = ...`` / ``state.feedback = ...`` after construction: the state is laid out for the first
+    method, so the hook raised a KeyError from inside the backward (and, set on one rank only, aborted the others
+    in a mismatched collective); every front end now refuses it with ValueError before anything changes."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    x, y = _batches(1)[0]
+    model = _model()
+    for front in (_opt(model), tk.LocalSGD(model.parameters(), torch.optim.SGD, feedback=tk.EF14(tk.TopK(2)),
+                                           sync_every=2, lr=0.1)):  # fmt: skip
+        front.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        front.step()
+        front.feedback = tk.EF14(tk.TopK(ratio=0.5))
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=f"the {front.kind}'s feedback was replaced after it was built"):
+            front.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(_model())
+        state = tk.ddp.register(ddp, tk.EF21(tk.TopK(ratio=0.3)), min_compression_rate=0)
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        state.feedback = tk.EF14(tk.TopK(ratio=0.3))
+        with pytest.raises(ValueError, match="the CompressionState's feedback was replaced after it was built"):
+            ddp(x)  # at the forward, before DDP prepares its backward
+    finally:
+        dist.destroy_process_group()

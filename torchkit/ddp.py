@@ -437,6 +437,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     state.round.restored_at = None  # an iteration runs: a restored state is no longer kept against a later load
     if bucket.index() == 0:  # DDP hands the buckets over in index order
         state._queue = []  # an iteration whose backward raised before its last bucket is not finished
+        state._check_feedback()  # a state registered by hand has no forward check
     if not state._agreed and dist.get_world_size(state.process_group) > 1:
         params = bucket.parameters()
         _agree(state, tuple(state._key(p) for p in params), [p.numel() for p in params])
@@ -798,6 +799,7 @@ class _ForwardCheck:
     @torch.compiler.disable  # host-side bookkeeping and a collective: torch.compile runs it eagerly, unbroken
     def __call__(self, module, args) -> None:
         state = self.state
+        state._check_feedback()  # before DDP prepares its backward
         if not self.checked_optimizer:
             self.checked_optimizer = True
             _warn_about_the_optimizer(state.feedback, module)

@@ -126,6 +126,17 @@ class FrontEnd:
         """After a load: place the loaded state into blocks now, where the front end knows them."""
 
     # ------------------------------------------------------------------------------ what it gets
+    def _check_feedback(self) -> None:
+        """Refuse a method set on the front end after it was built (``state.feedback = tk.EF14(...)``): its state
+        is laid out for the method it was built with, so the next round failed with a ``KeyError`` from inside the
+        backward, or, set on one rank only, aborted the others in a mismatched collective."""
+        if self.feedback is not self.round.feedback:
+            raise ValueError(
+                f"the {self.kind}'s feedback was replaced after it was built ({self.round.feedback!r} -> "
+                f"{self.feedback!r}): its state is laid out for the first. Build a new {self.kind} (and, for the DDP "
+                "hook, register it on a new DDP model) to change the method or its compressor"
+            )
+
     def _with_server(self) -> bool:
         return bool(self.feedback.server_state) and self.world_size > 1
 

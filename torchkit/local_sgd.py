@@ -219,6 +219,7 @@ class LocalSGD(WrappedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_feedback()
         grads = [g for w in self._works() for g in w.grads()]  # checked first: nothing changed before that
         self._anchor.local_params = None  # restored parameters (a resume mid-period) are in place now
         self.round.restored_at = None  # a step runs: a restored state is no longer kept against a later load

@@ -154,6 +154,7 @@ class CompressedOptimizer(WrappedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_feedback()
         works = self._works()  # validation first: nothing below changes state before every check passed
         self.round.restored_at = None  # a step runs: a restored state is no longer kept against a later load
         grad_scale = getattr(self, "grad_scale", None)
