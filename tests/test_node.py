@@ -342,3 +342,35 @@ def test_groups_that_do_not_cut_the_world_into_nodes_raise_on_every_rank(two_nod
 def test_node_group_needs_process_group_and_a_group():
     with pytest.raises(TypeError, match="node_group"):
         tk.CompressedOptimizer(_model(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(2)), node_group=2)
+
+
+def _one_node_scaler(rank, world):
+    """One node of two ranks (the group between nodes is each rank alone) under GradScaler, rank 1's gradient
+    infinite at step 1: every rank's loss scale after each step."""
+    from torchkit.node import node_groups
+
+    between, inside = node_groups(2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=1)
+    opt = tk.CompressedOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(ratio=0.5)),
+                                 process_group=between, node_group=inside, grad_scaler=scaler)  # fmt: skip
+    scales = []
+    for step in range(4):
+        opt.zero_grad()
+        loss = model(torch.randn(2, 4, generator=torch.Generator().manual_seed(step))).square().mean()
+        if rank == 1 and step == 1:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return scales, opt.skipped_steps
+
+
+@pytest.mark.dist
+def test_one_node_keeps_the_ranks_loss_scales_equal():
+    """The ranks' GradScalers record the agreed found_inf: with one node the group between nodes is each rank alone,
+    and the wrapper skipped that (rank 0's scale grew on, 512 1024 2048 4096, while rank 1's halved)."""
+    (a, skipped_a), (b, skipped_b) = run_dist(_one_node_scaler, 2)
+    assert a == b == [1024.0, 512.0, 1024.0, 2048.0] and skipped_a == skipped_b == 1

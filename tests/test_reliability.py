@@ -440,3 +440,45 @@ def test_a_method_set_on_a_front_end_after_it_was_built_is_refused(tmp_path):
             ddp(x)  # at the forward, before DDP prepares its backward
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("set_to_none", [False, True])
+def test_channels_last_parameters_keep_their_gradient_layout(set_to_none):
+    """A channels_last conv weight's gradient keeps the parameter's strides after a step, as autograd lays it out:
+    with a contiguous view of the flat buffer torch warned ("grad and param do not obey the gradient layout
+    contract") at the next backward with ``zero_grad(set_to_none=False)``, and ``clip_grad_norm_`` summed in another
+    order than torch's (3 of 10 steps' norms differed). EF14 with Identity equals torch's SGD bit for bit, norms
+    included."""
+    import warnings
+
+    def run(wrapped):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
+        m = m.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        if wrapped:
+            opt = tk.CompressedOptimizer(m.parameters(), torch.optim.SGD, feedback=tk.EF14(tk.Identity()), lr=0.1)
+        g, norms = torch.Generator().manual_seed(1), []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the layout contract's warning fails the test
+            for _ in range(6):
+                opt.zero_grad(set_to_none=set_to_none)
+                x = torch.randn(2, 3, 8, 8, generator=g).to(memory_format=torch.channels_last)
+                m(x).square().mean().backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)))
+                opt.step()
+        return [p.detach() for p in m.parameters()], norms, [p.grad.stride() for p in m.parameters()]
+
+    (mine, my_norms, my_strides), (want, norms, strides) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(mine, want)) and my_norms == norms and my_strides == strides
+
+
+def test_the_hook_takes_a_disabled_grad_scaler_as_none():
+    """``GradScaler(enabled=use_amp)`` with ``use_amp=False``, the common idiom: the hook refused it ("nonfinite='skip'
+    needs an enabled GradScaler", a policy the user never chose), where plain DDP and the wrapper take it."""
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    assert tk.ddp.CompressionState(tk.EF14(tk.TopK(1)), grad_scaler=off).nonfinite == "raise"
+    on = torch.amp.GradScaler("cpu")
+    assert tk.ddp.CompressionState(tk.EF14(tk.TopK(1)), grad_scaler=on).nonfinite == "skip"
+    with pytest.raises(ValueError, match="nonfinite='skip' needs an enabled GradScaler"):
+        tk.ddp.CompressionState(tk.EF14(tk.TopK(1)), grad_scaler=off, nonfinite="skip")

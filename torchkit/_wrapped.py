@@ -18,7 +18,7 @@ import logging
 import operator
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "shard_count",
     "check_common_args",
     "needs_closure",
+    "run_eagerly",
     "real_dtype",
     "numel_real",
     "grad_view",
@@ -700,3 +701,13 @@ def inner_step(inner: torch.optim.Optimizer):
     ):
         return inner.step()
     return raw(inner)
+
+
+def run_eagerly(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, run eagerly where ``torch.compile`` traces the caller (a front end's step: host-side checks,
+    agreements and collectives Dynamo cannot trace). The guard is made only then: decorating with
+    ``torch.compiler.disable`` at import would import Dynamo in every process, and with Dynamo loaded Triton's
+    interpreter no longer patched ``tl.zeros`` in the kernels it runs on CPU tensors."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(fn)(*args)
+    return fn(*args)

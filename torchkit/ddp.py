@@ -354,7 +354,8 @@ def _checked_options(feedback, start_iter, min_compression_rate, wire_dtype, gra
         raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-    nonfinite = nonfinite or ("skip" if grad_scaler is not None else "raise")
+    scaled = grad_scaler is not None and grad_scaler.is_enabled()  # GradScaler(enabled=use_amp): off acts as none
+    nonfinite = nonfinite or ("skip" if scaled else "raise")
     if nonfinite not in ("raise", "skip", "sanitize"):
         raise ValueError(f"nonfinite must be 'raise', 'skip' or 'sanitize', got {nonfinite!r}")
     RoundOptions(wire_dtype, min_compression_rate)  # the round's own checks, in its words
@@ -432,7 +433,16 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     A bucket's collective starts when DDP hands the bucket over, overlapping the rest of the backward; its round is
     finished at the iteration's last bucket, in this thread, where every bucket's future is completed in bucket
     order (DDP waits for them only after the last bucket). No round is finished in a callback on the backend's
-    thread: :class:`~torchkit.comm.DistExchanger` says why (a Gloo process aborted at exit now and then)."""
+    thread: :class:`~torchkit.comm.DistExchanger` says why (a Gloo process aborted at exit now and then).
+
+    Under ``torch.compile`` of a whole training step the hook runs eagerly: the backward calls it from inside
+    the compiled function's frame, and Dynamo traced its bookkeeping and collectives (a guard on a module's
+    weak references failed on the first step, a process group could not be traced)."""
+    return _hook(state, bucket)
+
+
+@torch.compiler.disable
+def _hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     buf = bucket.buffer()
     state.round.restored_at = None  # an iteration runs: a restored state is no longer kept against a later load
     if bucket.index() == 0:  # DDP hands the buckets over in index order

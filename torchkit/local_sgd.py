@@ -33,6 +33,7 @@ from ._wrapped import (
     inner_step,
     local_of,
     needs_closure,
+    run_eagerly,
     shard_count,
     unscaled_and_bad,
 )
@@ -210,9 +211,13 @@ class LocalSGD(WrappedOptimizer):
             self._anchor.take(self.param_groups, self.process_group if self.world_size > 1 else False)
 
     # ------------------------------------------------------------------------------------------------ step
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        """One local step; every ``sync_every``-th call also synchronises (:attr:`synced` says so)."""
+        """One local step; every ``sync_every``-th call also synchronises (:attr:`synced` says so). Under
+        ``torch.compile`` it runs eagerly, as :meth:`torchkit.CompressedOptimizer.step` does."""
+        return run_eagerly(self._step, closure)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None = None):
         if closure is None and called_from_dcp_init():
             return self._init_inner_state_for_dcp()
         loss = None

@@ -32,6 +32,7 @@ from ._wrapped import (
     local_of,
     options_digest,
     parameters_fingerprint,
+    run_eagerly,
     shard_count,
 )
 from .comm import (
@@ -143,8 +144,14 @@ class CompressedOptimizer(WrappedOptimizer):
         self._layout = WorkCache()
 
     # ------------------------------------------------------------------------------------------------ step
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
+        """One step: every rank's round of the method, then the inner optimizer's step on the estimate. Under
+        ``torch.compile`` it runs eagerly (its host-side checks, agreements and collectives are not traceable:
+        Dynamo failed on its first compiled step)."""
+        return run_eagerly(self._step, closure)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None = None):
         if closure is None and called_from_dcp_init():
             return self._init_inner_state_for_dcp()
         if not self.__dict__.get("_comm_checked"):
@@ -174,10 +181,14 @@ class CompressedOptimizer(WrappedOptimizer):
             return loss
         if not any(active):
             return loss  # no rank has a gradient anywhere: nothing to send, nothing to step
-        futures = []
+        futures, laid_out = [], []
         for w in works:
-            futures.append(self._round(w, [i for i in w.ids if active[i]]))
+            futures.append(self._round(w, [i for i in w.ids if active[i]], laid_out))
         self.metrics.record_round([fut.wait() for fut in futures])
+        for p, view in laid_out:  # the estimate in the parameter's own layout, as autograd would lay its gradient
+            if p.grad is None or p.grad.stride() != p.stride() or p.grad.dtype != p.dtype:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(view)
         if self._node is not None:
             self.metrics.record_node(sum(self._node.sent_bytes(w.sizes, w.flat.element_size()) for w in works))
         self.round.step += 1
@@ -267,7 +278,7 @@ class CompressedOptimizer(WrappedOptimizer):
             buf.mul_(grad_scale.double().reciprocal().float().to(buf.device))
         return buf
 
-    def _round(self, w: Work, pick: list[int]):
+    def _round(self, w: Work, pick: list[int], laid_out: list):
         chosen = [i - w.first for i in pick]
         if self._node is None:
             fut = self._start(w, chosen, len(w.params))
@@ -282,6 +293,8 @@ class CompressedOptimizer(WrappedOptimizer):
         for p, view in zip(params, views):  # the estimate, in the flat buffer, found in place
             if dtensors:
                 p.grad = grad_like(p, view)
+            elif _own_layout(p):  # channels_last and other dense layouts: copied into that layout after the round
+                laid_out.append((p, view))
             elif p.grad is not view:
                 p.grad = view
         return fut
@@ -335,8 +348,9 @@ class CompressedOptimizer(WrappedOptimizer):
         self.__dict__.setdefault("_layout", WorkCache())  # pickled before the work items were kept
 
     def _share_found_inf(self, bad: bool) -> None:
-        """GradScaler records found_inf per rank; make every rank record the agreed one."""
-        if self.world_size == 1:
+        """GradScaler records found_inf per rank; make every rank record the agreed one (node-aware: every rank of
+        the world, though the group between nodes may be this rank alone: one node)."""
+        if self.world_size == 1 and self._node is None:
             return
         if self.grad_scaler is None:
             if "scaler" not in self._warned:
@@ -457,3 +471,10 @@ def _communicating_ddp(param_ids: set[int]) -> str | None:
         how = getattr(hooks[-1], "__name__", "a comm hook") if hooks else "all-reduce"
         return f"{type(obj.module).__name__}, {how}"
     return None
+
+
+def _own_layout(p: Tensor) -> bool:
+    """Whether autograd lays ``p``'s gradient out otherwise than the flat buffer's contiguous view: a dense
+    parameter in another memory format (channels_last), whose gradient keeps its strides (torch's gradient layout
+    contract; a contiguous one made torch warn, and summed in another order in ``clip_grad_norm_``)."""
+    return not (p.is_contiguous() or p.is_complex()) and torch.empty_like(p, device="meta").stride() == p.stride()
