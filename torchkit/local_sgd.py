@@ -11,6 +11,7 @@ parameters to the new anchor. Between synchronisations the ranks do not communic
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -226,7 +227,7 @@ class LocalSGD(WrappedOptimizer):
                 loss = closure()
         self._check_feedback()
         grads = [g for w in self._works() for g in w.grads()]  # checked first: nothing changed before that
-        self._anchor.local_params = None  # restored parameters (a resume mid-period) are in place now
+        self._check_restored_params()
         self.round.restored_at = None  # a step runs: a restored state is no longer kept against a later load
         found_inf = getattr(self, "found_inf", None)
         self._start()
@@ -246,6 +247,28 @@ class LocalSGD(WrappedOptimizer):
         if self.local_step >= self.sync_every:
             self._sync()
         return loss
+
+    def _check_restored_params(self) -> None:
+        """The first step after a resume in the middle of a period: this rank's restored parameters must still be
+        in place. A model loaded after the optimizer (rank 0's parameters from a rank-0 checkpoint) overwrote them,
+        and the period went on from rank 0's parameters on every rank, silently: they are put back, with a warning
+        (the gradients of this step were taken at the overwritten parameters, so the resume is not exact)."""
+        restored, self._anchor.local_params = self._anchor.local_params, None
+        if restored is None:
+            return
+        params = _named(self.param_groups)[1]
+        if all(torch.equal(local_of(p.detach()), t) for p, t in zip(params, restored)):
+            return
+        self._anchor.local_params = restored
+        self._anchor.put_back(self.param_groups)
+        self._anchor.local_params = None
+        warnings.warn(
+            "LocalSGD was restored in the middle of a period, and its parameters were overwritten before this step "
+            "(a model loaded after the optimizer?): this rank's own parameters of the period are put back, but "
+            "this step's gradients were taken at the overwritten ones, so the resume is not exact. Load the model "
+            "first, then the optimizer (or its feedback side files)",
+            stacklevel=4,
+        )
 
     def _sync(self) -> None:
         works = self._works()
@@ -277,6 +300,7 @@ class LocalSGD(WrappedOptimizer):
                 buf.fill_(float("nan"))
         self._undo.save([self._block(w) for w in works])
         self._in_flight = [(w, views, self._start_round(w, buf)) for w, buf, views in sent]
+        self._hold_frozen()
         if self.overlap_mix and not bad:  # overlap_mix (EF14)
             held = []  # mix * what the round held back (the error's change), into this rank's start
             for w in works:
@@ -341,7 +365,14 @@ class LocalSGD(WrappedOptimizer):
 
     def _back_to_anchor(self, works: list[Work]) -> None:
         self._anchor.reset(works)
+        self._hold_frozen()
         self.local_step = 0
+
+    def _hold_frozen(self) -> None:
+        """Every frozen parameter at its anchor, the value the ranks last agreed on: one frozen in the middle of a
+        period keeps what its local steps did on each rank, and no round would ever bring the replicas together
+        again (each rank's backbone stayed its own)."""
+        self._anchor.hold(self.param_groups)
 
     def _works(self) -> list[Work]:
         """One work item per (parameter group, dtype, device) of the parameters that train; the flat buffer is
@@ -538,6 +569,15 @@ class _Anchor:
                 local_of(p.detach()).copy_(local_of(a))
                 if self.starts is not None:
                     self.starts[a].copy_(a)
+
+    def hold(self, param_groups) -> None:
+        """The parameters that do not train (``requires_grad`` off) put at their anchors (and period starts)."""
+        for g, pg in enumerate(param_groups):
+            for p, a in zip(pg["params"], self.of(g)):
+                if not p.requires_grad:
+                    local_of(p.detach()).copy_(local_of(a))
+                    if self.starts is not None:
+                        self.starts[a].copy_(a)
 
     def restart(self, works: list[Work], deltas: list[list[Tensor]]) -> None:
         """overlap: this rank at ``anchor - delta`` (the anchor with its own last progress), the period's start."""
