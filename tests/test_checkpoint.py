@@ -436,3 +436,41 @@ def test_every_registered_method_resumes_from_side_files_and_dcp_in_every_front_
         assert len(out[r]) == len(METHODS) * 3 * 2
         bad = [key for key, exact in out[r].items() if not exact]
         assert not bad, f"rank {r}: not bit-exact after a resume: {bad}"
+
+
+def _saved_on_two(rank, world, path):
+    net = _net(0)
+    opt = tk.CompressedOptimizer(net.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(ratio=0.3)))
+    for t in range(2):
+        opt.zero_grad()
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(10 * rank + t), dtype=torch.float64)
+        net(x).square().sum().backward()
+        opt.step()
+    dcp.save({"model": net.state_dict(), "feedback": opt.feedback_stateful()}, checkpoint_id=path)
+
+
+def _loaded_on_three(rank, world, path):
+    net = _net(0)
+    opt = tk.CompressedOptimizer(net.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(ratio=0.3)))
+    before = [p.detach().clone() for p in net.parameters()]
+    sd = {"model": net.state_dict(), "feedback": opt.feedback_stateful()}
+    try:
+        torchkit.checkpoint.load_dcp(sd, checkpoint_id=path)
+        return "loaded", None
+    except ValueError as exc:
+        return str(exc), all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+@pytest.mark.dist
+def test_a_checkpoint_of_two_ranks_loaded_on_three_raises_on_every_rank(tmp_path):
+    """Ranks 0 and 1 rejected their entries (another world size) and rank 2, whose entry the checkpoint does not
+    have, went on alone into the next load's collectives: it waited until the process group's timeout (Gloo's
+    default: 30 minutes). Every rank raises now, the model untouched (a 20 s group timeout bounds the test)."""
+    from tests.dist_utils import run_dist_faults
+
+    run_dist(_saved_on_two, 2, str(tmp_path / "ck"))
+    out = run_dist_faults(_loaded_on_three, 3, str(tmp_path / "ck"), report={0, 1, 2}, pg_timeout=20.0, wait=60.0)
+    assert set(out) == {0, 1, 2}
+    assert all("saved with world_size=2, this run has world_size=3" in out[r][0] for r in (0, 1)), out
+    assert "holds no feedback state for" in out[2][0] and "saved by fewer ranks than this run's 3" in out[2][0]
+    assert all(untouched for _, untouched in out.values())

@@ -129,13 +129,27 @@ class _Probe:
         self.stateful, self.header = stateful, header
 
     def state_dict(self) -> dict[str, Any]:
-        return self.stateful.header() if self.header else self.stateful.state_dict()
+        if not self.header:
+            return self.stateful.state_dict()
+        sd = self.stateful.header()
+        sd[self.stateful.key]["format_version"] = _UNREAD  # a checkpoint that holds this rank's entry overwrites it
+        return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if self.header:
+            entry = state_dict.get(self.stateful.key) if isinstance(state_dict, Mapping) else None
+            if isinstance(entry, Mapping) and entry.get("format_version") == _UNREAD:
+                raise ValueError(
+                    f"this checkpoint holds no feedback state for {self.stateful.key}: it was saved by fewer ranks "
+                    f"than this run's {self.stateful.owner.process_count}. Error-feedback state is per rank: resume on "
+                    "the world size it was saved with, or restart the method (reset_on_mismatch=True)"
+                )
             self.stateful.check_header(state_dict)
         else:
             self.stateful.check(state_dict)
+
+
+_UNREAD = -1  # the header template's format_version: left there when the checkpoint has no entry for this rank
 
 
 def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -> None:
@@ -166,12 +180,37 @@ def load_dcp(state_dict: dict[str, Any], *, checkpoint_id=None, **kwargs: Any) -
         if feedback:  # the header first: DCP refuses tensors of another size before a check could say why
             headers = {k: _Probe(v, header=True) for k, v in feedback.items()}
             partial = {**kwargs, "planner": DefaultLoadPlanner(allow_partial_load=True)}  # older: no optional keys
-            dcp.load(headers, checkpoint_id=checkpoint_id, **partial)
-            dcp.load({k: _Probe(v) for k, v in feedback.items()}, checkpoint_id=checkpoint_id, **kwargs)
+            group = kwargs.get("process_group")
+            _on_every_rank(lambda: dcp.load(headers, checkpoint_id=checkpoint_id, **partial), group)
+            probes = {k: _Probe(v) for k, v in feedback.items()}
+            _on_every_rank(lambda: dcp.load(probes, checkpoint_id=checkpoint_id, **kwargs), group)
         dcp.load(state_dict, checkpoint_id=checkpoint_id, **kwargs)
     finally:
         for stateful in feedback.values():
             stateful.frozen_in_checkpoint = ()
+
+
+def _on_every_rank(check, group) -> None:
+    """Run ``check`` (a probe's ``dcp.load``: it raises on the ranks whose entry it rejects) and raise on every rank
+    if it raised on any: a rank whose entry passed went on alone into the next load's collectives and waited there
+    until the process group's timeout (a checkpoint of 2 ranks loaded on 3: rank 2 has no entry to reject)."""
+    import torch.distributed as dist
+
+    from .comm import DistExchanger, agree_max
+
+    error = None
+    try:
+        check()
+    except Exception as exc:  # noqa: BLE001 - raised again below, on this rank and (as a flag) on every other
+        error = exc
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        failed = bool(agree_max(DistExchanger(group), torch.tensor([float(error is not None)]))[0] > 0)
+        if failed and error is None:
+            error = ValueError(
+                "another rank rejected its feedback state in this checkpoint (its error says why); nothing was loaded"
+            )
+    if error is not None:
+        raise error
 
 
 def _saved_keys(checkpoint_id, reader) -> set[str]:

@@ -258,8 +258,8 @@ class FeedbackStateful:
     keys depend only on the rank, the parameters and the method's state vectors. ``dcp.save`` then writes every
     rank's own tensors and ``dcp.load`` reads back this rank's; ``load_state_dict`` checks rank, world size, method,
     extras and layout before anything changes. A checkpoint from fewer ranks fails in ``dcp.load`` with DCP's
-    ``Missing key in checkpoint state_dict: <key>.rank<r>...``; one from more ranks raises
-    ``ValueError: ... saved with world_size=...``.
+    ``Missing key in checkpoint state_dict: <key>.rank<r>...`` (:func:`torchkit.checkpoint.load_dcp`: a
+    ``ValueError`` on every rank); one from more ranks raises ``ValueError: ... saved with world_size=...``.
     """
 
     def __init__(self, owner: FrontEnd):
