@@ -275,7 +275,16 @@ def _bad_input(mesh):
         local = "accepted"
     except TypeError as exc:
         local = str(exc)
-    return mixed, local
+    # the whole world as process_group: it holds the other shards too (plain FSDP's layout; it raised "ranks are
+    # configured differently ... build the model the same way", which it was)
+    opt = tk.CompressedOptimizer(net.parameters(), torch.optim.SGD, lr=0.1, feedback=_feedback("ef14"))
+    _loss(net, *_data(0, 0, 0)).backward()
+    try:
+        opt.step()
+        overlap = "stepped"
+    except ValueError as exc:
+        overlap = str(exc)
+    return mixed, local, overlap
 
 
 @pytest.fixture(scope="module")
@@ -336,9 +345,10 @@ def test_a_nan_or_a_setting_on_one_rank_raises_on_every_rank(hsdp):
 
 def test_bad_input_gets_clear_errors(hsdp):
     for r in hsdp:
-        mixed, local = r["errors"]
+        mixed, local, overlap = r["errors"]
         assert "some parameters are DTensors (fully_shard) and others are not" in mixed
         assert "some parameters are DTensors (fully_shard) and others are not" in local
+        assert "process_group holds ranks with other shards of the same parameters" in overlap, overlap
 
 
 def test_feedback_state_per_rank_is_the_full_models_over_the_shards(hsdp):

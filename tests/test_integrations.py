@@ -229,3 +229,29 @@ def test_accelerate_register_resumes_exactly(tmp_path):
     assert not torch.equal(out[0]["local_straight"], out[1]["local_straight"])  # ended mid-period
     files = os.listdir(tmp_path / "ckpt")
     assert "torchkit_feedback.rank0.pt" in files and "torchkit_feedback.rank1.pt" in files
+
+
+def test_the_integrations_check_their_arguments_when_called():
+    """A typo in Lightning's hook_options and a non-torchkit object given to Accelerate's keep_feedback_per_rank
+    were accepted and failed later: in fit on every rank without naming hook_options, and at the first
+    save_state with nothing written."""
+    pytest.importorskip("lightning", reason="Lightning is in the integrations extra: pip install -e '.[integrations]'")
+    pytest.importorskip("accelerate", reason="Accelerate is in the integrations extra")
+    import accelerate
+
+    from torchkit.integrations.accelerate import keep_feedback_per_rank
+    from torchkit.integrations.lightning import DDPStrategy
+
+    fb = tk.EF14(tk.TopK(ratio=0.1))
+    with pytest.raises(TypeError, match="hook_options: .*unexpected keyword argument 'min_compresion_rate'"):
+        DDPStrategy(feedback=fb, hook_options={"min_compresion_rate": 0})
+    with pytest.raises(ValueError, match="hook_options: .*min_compression_rate"):
+        DDPStrategy(feedback=fb, hook_options={"min_compression_rate": -1})
+    with pytest.raises(TypeError, match="hook_options must be a dict"):
+        DDPStrategy(feedback=fb, hook_options=[("min_compression_rate", 0)])
+    DDPStrategy(feedback=fb, hook_options={"min_compression_rate": 0})  # a good one is taken
+    accelerator = accelerate.Accelerator(cpu=True)
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    for bad in (plain, "opt"):
+        with pytest.raises(TypeError, match="keep_feedback_per_rank: argument 0 is a .*, not a torchkit front end"):
+            keep_feedback_per_rank(accelerator, bad)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
@@ -42,6 +43,7 @@ __all__ = [
     "shard_count",
     "check_common_args",
     "needs_closure",
+    "check_sharding",
     "run_eagerly",
     "real_dtype",
     "numel_real",
@@ -359,6 +361,25 @@ def shard_count(params) -> int:
     if counts and any(not isinstance(p, dtensor) for p in params):
         raise TypeError("some parameters are DTensors (fully_shard) and others are not: shard the whole model")
     return counts.pop() if counts else 1
+
+
+def check_sharding(params, group) -> None:
+    """Refuse an exchange ``group`` that holds another shard of a sharded (FSDP2) parameter: the round would
+    average different shards. ``fully_shard`` over the whole group (plain FSDP, default group) failed later, as
+    "ranks are configured differently: ... parameters" with advice to build the model alike, which it was."""
+    dtensor = _dtensor_type()
+    p = next((p for p in params if dtensor is not None and isinstance(p, dtensor)), None)
+    if p is None:
+        return
+    mine = set(dist.get_process_group_ranks(group)) if group is not None else set(range(dist.get_world_size()))
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard() and len(mine & set(dist.get_process_group_ranks(p.device_mesh.get_group(dim)))) > 1:
+            raise ValueError(
+                "process_group holds ranks with other shards of the same parameters (fully_shard shards them over "
+                "it): the round would average different shards. Compress between the replicas of each shard "
+                "(HSDP: fully_shard over the shard mesh, process_group the replicate group), or for plain FSDP "
+                "compress its reduce-scatter: torchkit.fsdp.compress_reduce_scatter(model, feedback)"
+            )
 
 
 def shard_index(params) -> int:

@@ -28,6 +28,7 @@ from ._wrapped import (
     check_common_args,
     check_groups,
     check_inner_state,
+    check_sharding,
     collect_works,
     grad_like,
     group_options,
@@ -205,6 +206,7 @@ class LocalSGD(WrappedOptimizer):
     def _start(self) -> None:
         """At the first step (and after a load): compare the ranks, take the anchor (from rank 0)."""
         if self.world_size > 1 and not self._agreed:
+            check_sharding([p for g in self.param_groups for p in g["params"]], self.process_group)
             agree(_configuration(self), group=self.process_group, world_size=self.world_size, rank=self.rank,
                   what="model and LocalSGD", hints=RESUME_HINTS, everyone=self._everyone())  # fmt: skip
             self._agreed = True

@@ -25,6 +25,7 @@ from ._wrapped import (
     WrappedOptimizer,
     called_from_dcp_init,
     check_common_args,
+    check_sharding,
     grad_like,
     group_options,
     inner_step,
@@ -314,6 +315,7 @@ class CompressedOptimizer(WrappedOptimizer):
         shared feedback state, or every rank raises naming the difference (and what to do). Node-aware, the whole
         world holds the same model and settings, and the ranks that hold the same shard on every node the same
         shared state of it."""
+        check_sharding([p for w in works for p in w.params], self.process_group)
         mine = {
             "method": self.feedback.config(),
             "optimizer": type(self.inner).__name__,

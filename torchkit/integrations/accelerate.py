@@ -28,7 +28,7 @@ import accelerate
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import ddp as tk_ddp
-from ..checkpoint import load_feedback, save_feedback
+from ..checkpoint import _owners, load_feedback, save_feedback
 from ..feedback import Feedback
 
 __all__ = ["register", "keep_feedback_per_rank"]
@@ -65,6 +65,9 @@ def keep_feedback_per_rank(accelerator: accelerate.Accelerator, *objects: Any, n
         raise TypeError(f"accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__}")
     if not objects:
         raise TypeError("keep_feedback_per_rank needs at least one CompressedOptimizer or CompressionState")
+    _owners(objects, "keep_feedback_per_rank")  # checked now: a wrong object failed at the first save_state
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
 
     def save(models, weights, output_dir):
         save_feedback(os.path.join(output_dir, name), *objects)

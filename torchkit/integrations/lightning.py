@@ -72,6 +72,8 @@ class DDPStrategy(_LightningDDPStrategy):
             raise ValueError("give feedback= (torchkit's hook) or ddp_comm_hook=, not both")
         if hook_options is not None and feedback is None:
             raise ValueError("hook_options= configures torchkit's hook: give feedback= too")
+        if feedback is not None:
+            _check_hook_options(feedback, hook_options)
         super().__init__(**kwargs)
         self.feedback = feedback
         self.hook_options = dict(hook_options or {})
@@ -170,3 +172,16 @@ class CommMetrics(Callback):
         for name, metrics in found.items():
             prefix = self.prefix if len(found) == 1 else f"{self.prefix}{name}/"
             pl_module.log_dict(metrics.as_dict(prefix), on_step=True, on_epoch=False, sync_dist=False)
+
+
+def _check_hook_options(feedback: Feedback, options: Any) -> None:
+    """``hook_options`` checked when the strategy is made, by a trial :class:`~torchkit.ddp.CompressionState`: a typo
+    (``min_compresion_rate``) or a bad value failed only in ``fit``, on every rank, without naming the argument."""
+    if options is None:
+        return
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"hook_options must be a dict of CompressionState's keyword arguments, got {options!r}")
+    try:
+        tk_ddp.CompressionState(feedback, **options)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"hook_options: {exc}") from exc
