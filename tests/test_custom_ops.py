@@ -456,21 +456,15 @@ def test_a_round_that_flags_a_nonfinite_gradient_on_one_worker(n, bad, wire):
         assert bool(torch.isfinite(res.estimate).all()) != poison
 
 
-def test_a_compiled_training_step_runs_the_hook_eagerly(tmp_path):
-    """``torch.compile`` around a whole DDP step (forward, backward, a plain optimizer's step) with the hook
-    registered: the backward calls the hook from inside the compiled function's frame, and Dynamo traced its
-    bookkeeping (the first compiled step failed: "Guard failed on the same frame it was created", a guard on a
-    module's weak references). It runs eagerly now, and the compiled run equals the eager one."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+def _compiled_against_eager(build) -> None:
+    """``build() -> (net, model, opt)``; four training steps of ``model``, eagerly and under ``torch.compile``
+    (aot_eager) around forward, backward and ``opt.step()``: the same parameters, bit for bit."""
+    out = {}
     try:
-        out = {}
         for compiled in (False, True):
             torch._dynamo.reset()
             torch.manual_seed(0)
-            net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-            model = DDP(net)
-            tk.ddp.register(model, tk.EF14(tk.TopK(ratio=0.2)), min_compression_rate=0)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            net, model, opt = build()
 
             def step(x, y, model=model, opt=opt):
                 opt.zero_grad()
@@ -482,9 +476,31 @@ def test_a_compiled_training_step_runs_the_hook_eagerly(tmp_path):
             for _ in range(4):
                 fn(torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g))
             out[compiled] = [p.detach().clone() for p in net.parameters()]
-        assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
     finally:
         torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def test_a_compiled_training_step_runs_the_hook_eagerly(tmp_path):
+    """``torch.compile`` around a whole DDP step (forward, backward, a plain optimizer's step) with the hook
+    registered: the backward calls the hook from inside the compiled function's frame, and Dynamo traced its
+    bookkeeping (the first compiled step failed: "Guard failed on the same frame it was created", a guard on a
+    module's weak references). It runs eagerly now, and the compiled run equals the eager one."""
+
+    def build():
+        net = _mlp()
+        model = DDP(net)
+        tk.ddp.register(model, tk.EF14(tk.TopK(ratio=0.2)), min_compression_rate=0)
+        return net, model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        _compiled_against_eager(build)
+    finally:
         dist.destroy_process_group()
 
 
@@ -493,26 +509,11 @@ def test_a_compiled_training_step_runs_the_front_ends_step_eagerly(front):
     """``torch.compile`` around forward, backward and ``opt.step()``: the step runs eagerly (Dynamo failed on the
     first compiled step: "Guard failed on the same frame it was created"), and the compiled run equals the eager
     one bit for bit."""
-    out = {}
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-        fb = tk.EF14(tk.TopK(ratio=0.2))
+
+    def build():
+        net, fb = _mlp(), tk.EF14(tk.TopK(ratio=0.2))
         if front == "wrapper":
-            opt = tk.CompressedOptimizer(net.parameters(), torch.optim.SGD, feedback=fb, lr=0.1)
-        else:
-            opt = tk.LocalSGD(net.parameters(), torch.optim.SGD, feedback=fb, sync_every=2, lr=0.1)
+            return net, net, tk.CompressedOptimizer(net.parameters(), torch.optim.SGD, feedback=fb, lr=0.1)
+        return net, net, tk.LocalSGD(net.parameters(), torch.optim.SGD, feedback=fb, sync_every=2, lr=0.1)
 
-        def step(x, y, net=net, opt=opt):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(net(x), y).backward()
-            opt.step()
-
-        fn = torch.compile(step, backend="aot_eager") if compiled else step
-        g = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            fn(torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g))
-        out[compiled] = [p.detach().clone() for p in net.parameters()]
-    torch._dynamo.reset()
-    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+    _compiled_against_eager(build)
