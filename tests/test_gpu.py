@@ -283,6 +283,40 @@ def test_the_c_decode_launches_what_prepare_and_scatter_do(zero, bad):
     assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
 
 
+def test_local_sgd_resumes_mid_period_from_a_cpu_mapped_checkpoint_on_cuda():
+    """LocalSGD's mid-period parameters come back as CPU tensors (a checkpoint loaded with map_location="cpu", or
+    DCP's serialised extras): the first step after the resume compares and puts them back across devices, and the
+    run equals the uninterrupted one."""
+    import io
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(8, 4).cuda()
+        return m, tk.LocalSGD(m.parameters(), torch.optim.SGD, lr=0.05, feedback=tk.EF14(tk.TopK(ratio=0.5)),
+                              sync_every=4)  # fmt: skip
+
+    def train(m, opt, steps):
+        for step in steps:
+            opt.zero_grad()
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step)).cuda()
+            m(x).square().mean().backward()
+            opt.step()
+
+    straight = make()
+    train(*straight, range(10))
+    m, opt = make()
+    train(m, opt, range(6))
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, map_location="cpu", weights_only=False)
+    m, opt = make()
+    m.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    train(m, opt, range(6, 10))
+    assert all(torch.equal(a, b) for a, b in zip(straight[0].parameters(), m.parameters()))
+
+
 # ---------------------------------------------------------------------------------------- front ends on CUDA
 @pytest.fixture(scope="module")
 def nccl_group():

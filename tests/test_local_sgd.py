@@ -598,3 +598,32 @@ def test_a_model_loaded_after_a_mid_period_restore_is_put_back_with_a_warning(tm
     late = run_dist(_resumed_in_order, 2, str(tmp_path), ["side files", "optimizer", "model"])
     assert late[0][1] == [] and len(late[1][1]) == 1  # the rank whose parameters were overwritten says so
     assert all(0 < off < 0.02 for off, _ in late)
+
+
+def test_a_parameter_frozen_all_along_is_left_as_the_model_sets_it():
+    """A statistic kept as a frozen Parameter that the model updates itself (and hands to the optimizer with the
+    rest): only a parameter that trained in the period and was frozen in it goes back to its anchor at the sync;
+    this one kept moving (a first version put it back at the anchor taken at the first step, at every sync)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+            self.running_mean = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.running_mean.mul_(0.9).add_(0.1 * x.mean(0))
+            return self.lin(x - self.running_mean)
+
+    torch.manual_seed(0)
+    m = Net()
+    opt = tk.LocalSGD(m.parameters(), torch.optim.SGD, lr=0.01, feedback=tk.EF14(tk.Identity()), sync_every=4)
+    want = torch.zeros(4)
+    for _ in range(8):
+        opt.zero_grad()
+        x = torch.randn(16, 4) + 3.0
+        want = want * 0.9 + 0.1 * x.mean(0)
+        m(x).pow(2).mean().backward()
+        opt.step()
+    assert opt.synced and torch.allclose(m.running_mean, want, rtol=0, atol=1e-6)

@@ -243,7 +243,7 @@ def test_simulate_bad_input():
     with pytest.raises(ValueError, match="grad_fn must return .* got list"):
         simulate(fb, lambda x: [0.0], x0, n_workers=N, steps=2, lr=0.1)
     for bad_lr in (-0.1, float("nan")):  # a schedule's values: it ran gradient ascent, or on to NaN, silently
-        with pytest.raises(ValueError, match=re.escape(f"lr(2) must be positive and finite, got {bad_lr}")):
+        with pytest.raises(ValueError, match=re.escape(f"lr(2) must be finite and >= 0, got {bad_lr}")):
             simulate(fb, prob.grad_fn, x0, n_workers=N, steps=4, lr=lambda t, b=bad_lr: 0.1 if t < 2 else b)
     for x, what in ((x0.float(), "float32"), (torch.zeros(prob.d + 1, dtype=torch.float64), f"({prob.d + 1},)")):
         with pytest.raises(ValueError, match=r"x \(simulate's x0\) must be a vector of d = .*" + re.escape(what)):

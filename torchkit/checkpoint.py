@@ -142,7 +142,7 @@ class _Probe:
                 raise ValueError(
                     f"this checkpoint holds no feedback state for {self.stateful.key}: it was saved by fewer ranks "
                     f"than this run's {self.stateful.owner.process_count}. Error-feedback state is per rank: resume on "
-                    "the world size it was saved with, or restart the method (reset_on_mismatch=True)"
+                    "the world size it was saved with, or start the method afresh (leave its entry out of the load)"
                 )
             self.stateful.check_header(state_dict)
         else:

@@ -387,7 +387,7 @@ def _agree(state: CompressionState, keys=None, sizes=None) -> None:
         "start_iter": state.start_iter,
         "min_compression_rate": state.min_compression_rate,
         "nonfinite": state.nonfinite,
-        "grad_scaler": state.grad_scaler is not None,
+        "grad_scaler": state.grad_scaler is not None and state.grad_scaler.is_enabled(),  # disabled: as none
         "parameters": [list(map(str, keys)), list(sizes)],
         "iteration": {"iter": state.iter, "fb_origin": state.fb_origin},  # decides the buckets' collectives
     }

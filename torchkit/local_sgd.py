@@ -178,6 +178,7 @@ class LocalSGD(WrappedOptimizer):
         self.dense_bytes = 0  # what dense rounds would have sent
         self._bad_pending = False  # a local step was left out under nonfinite="raise" on several ranks
         self._round_failed = False  # overlap: the round finished last was not finite (undone; skipped at the sync)
+        self._trained: set[int] = set()  # ids of the parameters that trained in this period (see _hold_frozen)
         self._undo = _Undo()  # overlap: the feedback state before the round in flight
         self._agreed = False
 
@@ -228,7 +229,9 @@ class LocalSGD(WrappedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_feedback()
-        grads = [g for w in self._works() for g in w.grads()]  # checked first: nothing changed before that
+        works = self._works()
+        grads = [g for w in works for g in w.grads()]  # checked first: nothing changed before that
+        self.__dict__.setdefault("_trained", set()).update(id(p) for w in works for p in w.params)  # (older pickles)
         self._check_restored_params()
         self.round.restored_at = None  # a step runs: a restored state is no longer kept against a later load
         found_inf = getattr(self, "found_inf", None)
@@ -258,8 +261,8 @@ class LocalSGD(WrappedOptimizer):
         restored, self._anchor.local_params = self._anchor.local_params, None
         if restored is None:
             return
-        params = _named(self.param_groups)[1]
-        if all(torch.equal(local_of(p.detach()), t) for p, t in zip(params, restored)):
+        params = [local_of(p.detach()) for p in _named(self.param_groups)[1]]
+        if all(torch.equal(p, t.to(p.device)) for p, t in zip(params, restored)):  # restored: mapped to the CPU
             return
         self._anchor.local_params = restored
         self._anchor.put_back(self.param_groups)
@@ -269,7 +272,7 @@ class LocalSGD(WrappedOptimizer):
             "(a model loaded after the optimizer?): this rank's own parameters of the period are put back, but "
             "this step's gradients were taken at the overwritten ones, so the resume is not exact. Load the model "
             "first, then the optimizer (or its feedback side files)",
-            stacklevel=4,
+            stacklevel=5,  # step <- run_eagerly <- _step <- here: the caller's opt.step()
         )
 
     def _sync(self) -> None:
@@ -371,10 +374,14 @@ class LocalSGD(WrappedOptimizer):
         self.local_step = 0
 
     def _hold_frozen(self) -> None:
-        """Every frozen parameter at its anchor, the value the ranks last agreed on: one frozen in the middle of a
-        period keeps what its local steps did on each rank, and no round would ever bring the replicas together
-        again (each rank's backbone stayed its own)."""
-        self._anchor.hold(self.param_groups)
+        """Every parameter frozen in this period, after it trained in it, back at its anchor, the value the ranks
+        last agreed on: it kept what its local steps did on each rank, and no round would ever bring the replicas
+        together again (each rank's backbone stayed its own). A parameter frozen all along (a statistic the model
+        updates itself) is left as it is."""
+        trained = self.__dict__.get("_trained", ())
+        held = [p for g in self.param_groups for p in g["params"] if not p.requires_grad and id(p) in trained]
+        self._anchor.hold(self.param_groups, {id(p) for p in held})
+        self._trained = set()
 
     def _works(self) -> list[Work]:
         """One work item per (parameter group, dtype, device) of the parameters that train; the flat buffer is
@@ -440,6 +447,10 @@ class LocalSGD(WrappedOptimizer):
         if local.get("inner") is not None:  # checked as torch's load checks it
             self.inner.load_state_dict(local["inner"])
         self.local_step = local["local_step"]
+        # restored in the middle of a period: the parameters that moved from their anchors trained in it
+        restored = self._anchor.local_params or ()
+        self._trained = {id(p) for p, a, t in zip(_named(self.param_groups)[1], self._anchor.all(), restored)
+                         if not torch.equal(t, local_of(a).to(t.device))}  # fmt: skip
         self._bad_pending = bool(local.get("bad_pending", False))
         self._round_failed = bool(local.get("round_failed", False))
         self.skipped_steps = int(local.get("skipped_steps") or 0)
@@ -459,6 +470,7 @@ class LocalSGD(WrappedOptimizer):
         self.finish_round()  # a round in flight holds the backend's work: finished, then pickled as state
         out = super().__getstate__()
         out["_sent"], out["_in_flight"], out["_undo"] = FlatGrads(), None, _Undo()
+        out["_trained"] = set()  # ids of this process's parameters: none of the copy's
         return out
 
     def _kept_restored_state(self) -> None:
@@ -568,18 +580,20 @@ class _Anchor:
     def reset(self, works: list[Work]) -> None:
         for w in works:
             for p, a in zip(w.params, w.like):
-                local_of(p.detach()).copy_(local_of(a))
-                if self.starts is not None:
-                    self.starts[a].copy_(a)
+                self._put(p, a)
 
-    def hold(self, param_groups) -> None:
-        """The parameters that do not train (``requires_grad`` off) put at their anchors (and period starts)."""
+    def hold(self, param_groups, ids: set[int]) -> None:
+        """The parameters whose ids are in ``ids`` put at their anchors (and period starts)."""
         for g, pg in enumerate(param_groups):
             for p, a in zip(pg["params"], self.of(g)):
-                if not p.requires_grad:
-                    local_of(p.detach()).copy_(local_of(a))
-                    if self.starts is not None:
-                        self.starts[a].copy_(a)
+                if id(p) in ids:
+                    self._put(p, a)
+
+    def _put(self, p: Tensor, a: Tensor) -> None:
+        """Parameter ``p`` at its anchor ``a``, and its period start there."""
+        local_of(p.detach()).copy_(local_of(a))
+        if self.starts is not None:
+            self.starts[a].copy_(a)
 
     def restart(self, works: list[Work], deltas: list[list[Tensor]]) -> None:
         """overlap: this rank at ``anchor - delta`` (the anchor with its own last progress), the period's start."""

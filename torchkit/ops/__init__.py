@@ -223,7 +223,8 @@ def segments_step_(
     in one call: the segments' ``(values, indices)`` concatenated in order, indices into the whole vector. The
     same as one call per segment (views), which is what a bucket of many tensors compressed tensor by tensor
     (``granularity="tensor"``) needs; the C++ kernel runs the segments in one call (in parallel when there are
-    many), the GPU kernels one step per segment."""
+    many), the GPU kernels the segments of at most 65536 entries in one Triton launch and larger ones a step each
+    (on CUDA tensors with ``TORCHKIT_GPU_SEGMENTS=1``; else one step per segment)."""
     if method not in _SEGMENT_MODES:
         raise ValueError(f"method must be one of {sorted(_SEGMENT_MODES)}, got {method!r}")
     mode, names = _SEGMENT_MODES[method]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _select
+from ._triton import segments_module
 
 __all__ = ["OPS", "available", "ensure_built", "error", "build", "open_library", "nvcc_command"]
 
@@ -159,7 +160,7 @@ def build(verbose: bool = False) -> bool:
 def _one_pass(mode: int) -> bool:
     """The one pass (``_select.GPU_ONE_PASS``: compiled for sm_90 and checked on the host here, not yet run on a GPU,
     so off unless TORCHKIT_GPU_ONE_PASS=1 until benchmarks/gpu_run.sh's onepass stage has checked and timed it)."""
-    return _select.GPU_ONE_PASS and _select.one_pass_takes(mode)
+    return _select.default_one_pass(mode, torch.device("cuda"))  # the Triton set's rule: the segments launch follows it
 
 
 def _check(rc: int, what: str) -> None:
@@ -330,13 +331,4 @@ def _stream(device: torch.device) -> int:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
-def _segments():
-    """The Triton kernel that runs many small segments in one launch, where Triton loads (else ``None``)."""
-    try:
-        from ._triton import segments
-    except ImportError:  # pragma: no cover - Triton not installed
-        return None
-    return segments
-
-
-OPS = _select.GpuOps(_run, _scatter, _prepare, _accumulate, _segments)  # what torchkit.ops dispatches to
+OPS = _select.GpuOps(_run, _scatter, _prepare, _accumulate, segments_module)  # segments: the Triton kernel

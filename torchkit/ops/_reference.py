@@ -70,19 +70,24 @@ def segments_step_(
     return by_segments(sys.modules[__name__], kind, grad, error, shift, sizes, ks, eta)
 
 
+def step_of(kernels, kind: int, eta: float, **kw):
+    """``(g, e, h, k) -> (values, indices)``: the fused step of ``kind`` (1 EF14, 2 EF21, 3 EControl, as
+    :mod:`torchkit.ops._select` numbers them) by a kernel set (``kernels.ef14_step_`` and its twins; ``kw``:
+    ``approx``)."""
+    if kind == 1:
+        return lambda g, e, h, k: kernels.ef14_step_(g, e, k, **kw)
+    if kind == 2:
+        return lambda g, e, h, k: kernels.ef21_step_(g, h, k, **kw)
+    return lambda g, e, h, k: kernels.econtrol_step_(g, e, h, k, eta, **kw)
+
+
 def by_segments(kernels, kind: int, grad: Tensor, error, shift, sizes, ks, eta: float, **kw) -> tuple[Tensor, Tensor]:
-    """One step per segment by a kernel set (``kernels.ef14_step_`` and its twins; ``kw``: ``approx``) on each
-    segment's views (``kind``: 1 EF14, 2 EF21, 3 EControl, as :mod:`torchkit.ops._select` numbers them), the results
-    concatenated with indices into the whole vector."""
+    """One step per segment by a kernel set (:func:`step_of`) on each segment's views, the results concatenated
+    with indices into the whole vector."""
+    step = step_of(kernels, kind, eta, **kw)
     idt, vals, idxs, a = index_dtype(grad.numel()), [], [], 0
     for n, k in zip(sizes, ks):
-        g, e, h = (None if t is None else t[a : a + n] for t in (grad, error, shift))
-        if kind == 1:
-            v, i = kernels.ef14_step_(g, e, k, **kw)
-        elif kind == 2:
-            v, i = kernels.ef21_step_(g, h, k, **kw)
-        else:
-            v, i = kernels.econtrol_step_(g, e, h, k, eta, **kw)
+        v, i = step(*(None if t is None else t[a : a + n] for t in (grad, error, shift)), k)
         vals.append(v)
         idxs.append(i.to(idt) + a)
         a += n

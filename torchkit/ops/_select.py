@@ -156,10 +156,13 @@ def _empty(n: int, dtype: torch.dtype, device) -> Tensor:
     return torch.full((n,), float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
 
+CAP_PER_K, CAP_EXTRA = 4, 4096  # the candidate buffer: 4k + 4096 (the segments kernel's order follows it too)
+
+
 def capacity(d: int, k: int) -> int:
     """Candidate buffer of the exact mode. The threshold bin is 1/8 octave wide: on Gaussian-like data it holds
     0.3k to 2.2k entries for densities from 10% down to 1e-6; a larger bin (heavy ties) takes the re-read path."""
-    return min(d, 4 * k + 4096)
+    return min(d, CAP_PER_K * k + CAP_EXTRA)
 
 
 def sample_need(n: int, k: int, sample: int) -> int:
@@ -416,13 +419,9 @@ class GpuOps:
             or not seg.takes(grad, sizes, ks)
         ):
             return _reference.by_segments(self, kind, grad, error, shift, sizes, ks, eta, approx=approx)
-        step_of = {
-            EF14: lambda g, e, h, k: self.ef14_step_(g, e, k, approx),
-            EF21: lambda g, e, h, k: self.ef21_step_(g, h, k, approx),
-            ECONTROL: lambda g, e, h, k: self.econtrol_step_(g, e, h, k, eta, approx),
-        }[kind]
         one_pass = default_one_pass(kind, grad.device)
-        return seg.segments(step_of, kind, grad, error, shift, sizes, ks, eta, approx, one_pass)
+        step = _reference.step_of(self, kind, eta, approx=approx)
+        return seg.segments(step, kind, grad, error, shift, sizes, ks, eta, approx, one_pass)
 
     def accumulate_(self, out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero=False, poison=None):
         if not kernel_takes(values, out):

@@ -4,6 +4,7 @@ gradient step) and :func:`simulate_local` (H local steps per round, error feedba
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def simulate(
     if stop_below is not None and (isinstance(stop_below, bool) or not isinstance(stop_below, (int, float))):
         raise TypeError(f"stop_below must be a float or None, got {type(stop_below).__name__} {stop_below!r}")
     if callable(lr):
-        lr_at = lambda t: check_positive(f"lr({t})", lr(t), kind="a positive number")  # noqa: E731
+        lr_at = lambda t: _scheduled_lr(t, lr(t))  # noqa: E731
     else:
         rate = check_positive("lr", lr, kind="a positive number or a callable step -> lr")
         lr_at = lambda t: rate  # noqa: E731
@@ -146,6 +147,16 @@ class _Shard:
             index = shard_index(sizes, local_size, r).to(x.device) if local_size > 1 else None
             out.append(cls(index, feedback.segments_for(pieces), state, server))
         return out
+
+
+def _scheduled_lr(t: int, value: object) -> float:
+    """A schedule's value at round ``t``: a finite number >= 0 (a warm-up may start at 0; a negative one ran
+    gradient ascent, a NaN ran on to NaN, silently)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"lr({t}) must be a number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"lr({t}) must be finite and >= 0, got {value}")
+    return float(value)
 
 
 def _check_run(feedback, grad_fn, segments) -> None:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-__all__ = ["available"]
+__all__ = ["available", "segments_module"]
 
 
 @functools.cache
@@ -27,3 +27,12 @@ def available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def segments_module():
+    """The many-small-segments kernel (``segments.py``), shared by both GPU kernel sets; ``None`` without Triton."""
+    if not _importable():
+        return None
+    from . import segments
+
+    return segments

@@ -39,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _padding, _select
+from . import segments_module
 
 __all__ = ["OPS"]
 
@@ -299,6 +300,15 @@ def _window_kernel(hist_ptr, scal_ptr, k, LADDER: tl.constexpr):
 
 
 @triton.jit
+def _pick(hist, need, NB: tl.constexpr):
+    """The highest bin from which ``need`` entries lie at or above it: (bin, entries above it, entries in it)."""
+    r = tl.arange(0, NB)
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    b = tl.max(tl.where(at_or_above >= need, r, -1), axis=0)
+    return b, tl.sum(tl.where(r > b, hist, 0), axis=0), tl.sum(tl.where(r == b, hist, 0), axis=0)
+
+
+@triton.jit
 def _threshold_kernel(hist_ptr, scal_ptr, k, cap, LEVEL: tl.constexpr, NBINS: tl.constexpr):
     """One program: the bin of the k-th largest key at this level; writes the level's scalars. LEVEL 0 (the one
     pass's gate): whether its candidates hold the answer; LEVEL 4: level 1 of the one pass (the buffer must hold
@@ -317,10 +327,7 @@ def _threshold_kernel(hist_ptr, scal_ptr, k, cap, LEVEL: tl.constexpr, NBINS: tl
             need = tl.load(scal_ptr + 8)  # S_NEED2
         else:
             need = k
-        at_or_above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
-        b = tl.max(tl.where(at_or_above >= need, r, -1), axis=0)
-        above = tl.sum(tl.where(r > b, h, 0), axis=0)
-        in_bin = tl.sum(tl.where(r == b, h, 0), axis=0)
+        b, above, in_bin = _pick(h, need, NBINS)
         if LEVEL == 2:
             tl.store(scal_ptr + 6, b)  # S_B2
             tl.store(scal_ptr + 7, above)  # S_ABOVE2
@@ -600,10 +607,4 @@ def _prepare(out: Tensor, zero: bool, checks: Tensor | None) -> None:
     )  # fmt: skip
 
 
-def _segments():
-    from . import segments
-
-    return segments
-
-
-OPS = _select.GpuOps(_run, _scatter, _prepare, segments=_segments)  # what torchkit.ops dispatches to
+OPS = _select.GpuOps(_run, _scatter, _prepare, segments=segments_module)  # what torchkit.ops dispatches to

@@ -23,11 +23,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _select
-from .ef import _block_v, _key
+from .ef import _block_v, _key, _pick
 
 SMALL = 1 << 16  # the largest segment a program takes
-CAP_K: tl.constexpr = tl.constexpr(4)  # _select.capacity: min(n, 4k + 4096)
-CAP_ADD: tl.constexpr = tl.constexpr(4096)
+CAP_K: tl.constexpr = tl.constexpr(_select.CAP_PER_K)  # _select.capacity: min(n, CAP_K k + CAP_ADD)
+CAP_ADD: tl.constexpr = tl.constexpr(_select.CAP_EXTRA)
 
 
 @triton.jit
@@ -46,15 +46,6 @@ def _segment_hist(g_ptr, e_ptr, h_ptr, start, n, eta, prefix, PSHIFT: tl.constex
         dead = BLOCK - tl.sum(m.to(tl.int32), axis=0)
         acc += tl.histogram(b, NB) - tl.where(tl.arange(0, NB) == 0, dead, 0)
     return acc
-
-
-@triton.jit
-def _pick(hist, need, NB: tl.constexpr):
-    """The highest bin from which ``need`` entries lie at or above it: (bin, entries above it, entries in it)."""
-    r = tl.arange(0, NB)
-    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-    b = tl.max(tl.where(at_or_above >= need, r, -1), axis=0)
-    return b, tl.sum(tl.where(r > b, hist, 0), axis=0), tl.sum(tl.where(r == b, hist, 0), axis=0)
 
 
 @triton.jit(do_not_specialize=["eta"])
@@ -78,6 +69,8 @@ def _segments_kernel(
     k = tl.load(row + 2).to(tl.int32)
     base = tl.load(row + 3)
     h1 = _segment_hist(g_ptr, e_ptr, h_ptr, start, n, eta, 0, 31, 20, 2048, MODE, False, BLOCK)
+    if MODE == 1:  # EF14's pass stored v in e, which the later passes read: every thread's stores first
+        tl.debug_barrier()
     b1, above1, in1 = _pick(h1, k, 2048)
     need1 = k - above1
     if APPROX:  # the final pass: nothing in the bin is above T (the bin's highest key), its entries are the ties
@@ -160,11 +153,11 @@ def takes(grad: Tensor, sizes, ks) -> bool:
 
 
 def _table(rows: tuple, device: torch.device) -> Tensor:
-    """The segments' table on the device, made once per layout (a round's segments are the same at every step)."""
+    """The segments' table on the device, made once per layout (a round's segments are the same at every step) and
+    never freed (32 bytes a segment): a CUDA graph that captured a launch reads it at every replay, so memory the
+    allocator handed out again would be read as segments (the one-pass hints are kept alike, ``_select.hint_of``)."""
     table = _TABLES.get((device, rows))
     if table is None:
-        if len(_TABLES) >= 256:  # layouts come and go (buckets rebuilt, parameters frozen): keep the last ones
-            _TABLES.clear()
         table = _TABLES[(device, rows)] = torch.tensor(rows, dtype=torch.int64).to(device)
     return table
 
