@@ -87,8 +87,10 @@ def test_the_forwarder_queues_at_the_rate_delays_and_drops_past_the_queue_limit(
         fwd.terminate()
         fwd.join()
     serial = size * 8 / rate
-    assert arrivals[0] >= delay + serial  # on the wire, then the delay
-    assert arrivals[1] - arrivals[0] >= 0.9 * serial and arrivals[2] - arrivals[1] >= 0.9 * serial  # one at a time
+    # on the wire one at a time, then the delay: packet k arrives no sooner than k + 1 serialisations and the delay
+    # after the burst (lower bounds only: a receiver that runs late on a loaded machine only delays the arrivals; the
+    # gaps between them, asserted before, shrank when it then read two at once)
+    assert all(arrivals[k] >= delay + (k + 1) * serial for k in range(3)), arrivals
     assert arrivals[2] < delay + 3 * serial + 0.05
     assert sent.value == 3 * size and lost.value == 3
 
