@@ -157,3 +157,44 @@ def test_lightning_callback_logs_the_counters(tmp_path):
     assert float(logged["torchkit/rounds"]) == 4.0 and float(logged["torchkit/steps"]) == 4.0
     assert float(logged["torchkit/dense_bytes"]) == 4 * 4 * sum(p.numel() for p in module.parameters())
     assert float(logged["torchkit/bytes_sent"]) == 0.0  # one process: nothing goes on a wire
+
+
+def _handed_over(rank, world):
+    """Each step's growth of the wrapper's bytes_sent against the bytes this rank handed to collectives in it
+    (all_gather's input, all_reduce's tensor), after the first step (whose setup agreement is not a round's)."""
+    model = _net()
+    opt = tk.CompressedOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(ratio=0.1)))
+    handed = [0]
+    gather, reduce = dist.all_gather, dist.all_reduce
+
+    def counting_gather(outs, t, *a, **kw):
+        handed[0] += t.numel() * t.element_size()
+        return gather(outs, t, *a, **kw)
+
+    def counting_reduce(t, *a, **kw):
+        handed[0] += t.numel() * t.element_size()
+        return reduce(t, *a, **kw)
+
+    rows = []
+    for t in range(4):
+        if t == 1:
+            dist.all_gather, dist.all_reduce = counting_gather, counting_reduce
+        before, handed[0] = opt.metrics.bytes_sent, 0
+        opt.zero_grad()
+        x, y = _batch(10 * rank + t)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if t >= 1:
+            rows.append((opt.metrics.bytes_sent - before, opt.metrics.last_bytes_sent, handed[0]))
+    dist.all_gather, dist.all_reduce = gather, reduce
+    return rows
+
+
+@pytest.mark.dist
+def test_the_wrapper_counts_every_byte_it_hands_to_a_collective():
+    """The per-step agreement (an all_reduce of the non-finite flag, which parameters have a gradient, and the
+    hyper-parameters' digest) went uncounted: 56 bytes a step beside a message of a few hundred."""
+    from tests.dist_utils import run_dist
+
+    for rows in run_dist(_handed_over, 2):
+        assert all(grew == last == handed > 0 for grew, last, handed in rows), rows

@@ -280,10 +280,14 @@ class LocalSGD(WrappedOptimizer):
         if self.overlap:
             return self._sync_overlapped(works)
         bad = [nonfinite_flag(self._anchor.pseudo_gradient(w, self._flat)).float().cpu() for w in works]
-        bad = torch.stack([*bad, torch.tensor(float(self._bad_pending))]).amax()
-        if bool(agree_max(self._agreement, bad.reshape(1))[0] > 0):
+        bad = torch.stack([*bad, torch.tensor(float(self._bad_pending))]).amax().reshape(1)
+        flag_bytes = bad.element_size() if self.world_size > 1 else 0  # the agreement's, on the wire
+        self.metrics.bytes_sent += flag_bytes
+        self.bytes_sent += flag_bytes  # the older counter agrees
+        if bool(agree_max(self._agreement, bad)[0] > 0):
             return self._skip_round(works)
         self._apply([(w, self._flat.get(w)[1], self._start_round(w, w.flat)) for w in works])
+        self.metrics.last_bytes_sent += flag_bytes
         self._back_to_anchor(works)
         self.round.step += 1
         self.synced = True

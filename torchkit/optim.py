@@ -37,6 +37,7 @@ from ._wrapped import (
     shard_count,
 )
 from .comm import (
+    DistExchanger,
     RoundOptions,
     RoundResult,
     _done,
@@ -169,10 +170,11 @@ class CompressedOptimizer(WrappedOptimizer):
         found_inf = getattr(self, "found_inf", None)
         if not self._agreed and self.world_size > 1:
             self._agree(works)
-        active, bad = self._active_and_bad(works, grad_scale, found_inf)
+        active, bad, flag_bytes = self._active_and_bad(works, grad_scale, found_inf)
         if found_inf is not None:
             self._share_found_inf(bad)
         self.metrics.steps += 1
+        self.metrics.bytes_sent += flag_bytes  # the step's agreement: on the wire whether or not a round runs
         if bad:
             unchanged = "the step was not taken and the feedback state is unchanged on every rank"
             settle_nonfinite(self.nonfinite, scaled=found_inf is not None, what="gradient", unchanged=unchanged)
@@ -186,6 +188,7 @@ class CompressedOptimizer(WrappedOptimizer):
         for w in works:
             futures.append(self._round(w, [i for i in w.ids if active[i]], laid_out))
         self.metrics.record_round([fut.wait() for fut in futures])
+        self.metrics.last_bytes_sent += flag_bytes
         for p, view in laid_out:  # the estimate in the parameter's own layout, as autograd would lay its gradient
             if p.grad is None or p.grad.stride() != p.stride() or p.grad.dtype != p.dtype:
                 p.grad = torch.empty_like(p)
@@ -227,9 +230,9 @@ class CompressedOptimizer(WrappedOptimizer):
             return super()._mesh()
         return self._node.mesh(self.world_size)
 
-    def _active_and_bad(self, works, grad_scale, found_inf) -> tuple[list[bool], bool]:
-        """Which parameters have a gradient on some rank, and whether any rank's gradient is non-finite (one
-        small all_reduce between ranks, one read on the host)."""
+    def _active_and_bad(self, works, grad_scale, found_inf) -> tuple[list[bool], bool, int]:
+        """Which parameters have a gradient on some rank, whether any rank's gradient is non-finite, and the bytes
+        this rank sent to agree on them (one small all_reduce between ranks, one read on the host)."""
         has, bads = [], []
         for w in works:
             w.flat = self._flat_grad(w, grad_scale, has)
@@ -242,7 +245,8 @@ class CompressedOptimizer(WrappedOptimizer):
         # each group's hyper-parameters as d and -d: after MAX, max(d) == -max(-d) on every rank iff all ranks agree
         digest = torch.tensor(options_digest(self.param_groups), dtype=torch.float64, device=dev)
         has_t = torch.tensor(has, dtype=torch.float64, device=dev)
-        flags = agree_max(agreement, torch.cat([bad.double(), has_t, digest, -digest]))
+        sent = torch.cat([bad.double(), has_t, digest, -digest])
+        flags = agree_max(agreement, sent)
         n = len(has)
         hi, lo = flags[1 + n : 1 + n + len(digest)], -flags[1 + n + len(digest) :]
         if not torch.equal(hi, lo):
@@ -251,7 +255,9 @@ class CompressedOptimizer(WrappedOptimizer):
                 f"ranks are configured differently: parameter group {g}'s hyper-parameters (lr, momentum, ...) differ "
                 f"between ranks at step {self.round.step}; nothing was changed. {RESUME_HINTS['options']}"
             )
-        return [bool(f) for f in flags[1 : 1 + n].tolist()], bool(flags[0])
+        alone = not isinstance(agreement, DistExchanger) or agreement.n_workers == 1
+        flag_bytes = 0 if alone else sent.numel() * sent.element_size()
+        return [bool(f) for f in flags[1 : 1 + n].tolist()], bool(flags[0]), flag_bytes
 
     def _flat_grad(self, w: Work, grad_scale, has: list[bool]) -> Tensor:
         """The group's gradients in the persistent flat buffer (missing ones zero), unscaled when GradScaler
