@@ -627,3 +627,22 @@ def test_a_parameter_frozen_all_along_is_left_as_the_model_sets_it():
         m(x).pow(2).mean().backward()
         opt.step()
     assert opt.synced and torch.allclose(m.running_mean, want, rtol=0, atol=1e-6)
+
+
+def test_a_model_converted_after_local_sgd_was_built_is_refused():
+    """``model.double()`` after LocalSGD was built: its anchors stayed fp32, and every synchronisation wrote fp32
+    values into the fp64 parameters, silently. The next step raises instead, before anything changes."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    opt = tk.LocalSGD(m.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(ratio=0.5)), sync_every=2)
+    for _ in range(2):
+        opt.zero_grad()
+        m(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    m.double()
+    opt.zero_grad()
+    m(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match="parameter 0.0 is torch.float64 but its LocalSGD anchor is torch.float32"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))

@@ -482,3 +482,21 @@ def test_the_hook_takes_a_disabled_grad_scaler_as_none():
     assert tk.ddp.CompressionState(tk.EF14(tk.TopK(1)), grad_scaler=on).nonfinite == "skip"
     with pytest.raises(ValueError, match="nonfinite='skip' needs an enabled GradScaler"):
         tk.ddp.CompressionState(tk.EF14(tk.TopK(1)), grad_scaler=off, nonfinite="skip")
+
+
+def test_the_feedback_state_follows_a_model_converted_to_another_dtype():
+    """After ``model.double()`` the state moves to a block of the new dtype, by parameter name; the old block stayed
+    behind (memory held, and ``feedback_state(0)`` showed its frozen values)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(6, 3)
+    opt = tk.CompressedOptimizer(m.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(ratio=0.2)))
+    for dtype in (torch.float32, torch.float32, torch.float64, torch.float64):
+        if dtype == torch.float64:
+            m.double()
+        opt.zero_grad()
+        m(torch.randn(5, 6, dtype=dtype)).square().sum().backward()
+        opt.step()
+    assert [k[1] for k in opt.round.blocks] == ["torch.float64"]
+    live = opt.state_dict()["torchkit"]["params"]
+    shown = opt.feedback_state(0)["error"]
+    assert shown.dtype == torch.float64 and torch.equal(shown, torch.cat([live[n]["error"] for n in ("0.0", "0.1")]))

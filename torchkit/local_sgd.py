@@ -23,13 +23,13 @@ from ._validation import check_int, check_overlap_mix
 from ._wrapped import (
     FlatGrads,
     Work,
+    WorkCache,
     WrappedOptimizer,
     called_from_dcp_init,
     check_common_args,
     check_groups,
     check_inner_state,
     check_sharding,
-    collect_works,
     grad_like,
     group_options,
     inner_step,
@@ -389,8 +389,27 @@ class LocalSGD(WrappedOptimizer):
 
     def _works(self) -> list[Work]:
         """One work item per (parameter group, dtype, device) of the parameters that train; the flat buffer is
-        shaped as the anchors (fp32 for bf16/fp16 parameters)."""
-        return collect_works(self.param_groups, like_of=self._anchor.of)
+        shaped as the anchors (fp32 for bf16/fp16 parameters). Built once per parameter layout (a local step built
+        them, checking each parameter, every time: 19 us a tensor), which is when the anchors are checked too."""
+        layout = self.__dict__.setdefault("_layout", WorkCache())  # (older pickles)
+        built = layout._key
+        works = layout.works(self.param_groups, like_of=self._anchor.of)
+        if layout._key is not built:
+            self._check_anchors()
+        return works
+
+    def _check_anchors(self) -> None:
+        """A parameter converted to another dtype since its anchor was taken (``model.double()`` after LocalSGD
+        was built) is refused: every synchronisation would write the anchor's old precision into it (an fp32
+        anchor rounded an fp64 model at every sync, silently)."""
+        for g, pg in enumerate(self.param_groups):
+            for i, (p, a) in enumerate(zip(pg["params"], self._anchor.of(g))):
+                if a.dtype != _anchor_dtype(p.dtype):
+                    raise ValueError(
+                        f"parameter {g}.{i} is {p.dtype} but its LocalSGD anchor is {a.dtype}: the model was converted "
+                        "after LocalSGD was built. Convert the model first, then build LocalSGD (or load a "
+                        "checkpoint into a new one)"
+                    )
 
     # ------------------------------------------------------------------------------------------ checkpoint
     # the envelope, its checks and the load are the front-end contract's (torchkit.frontend, torchkit._wrapped);
@@ -475,6 +494,7 @@ class LocalSGD(WrappedOptimizer):
         out = super().__getstate__()
         out["_sent"], out["_in_flight"], out["_undo"] = FlatGrads(), None, _Undo()
         out["_trained"] = set()  # ids of this process's parameters: none of the copy's
+        out["_layout"] = WorkCache()  # built again from the copy's parameters
         return out
 
     def _kept_restored_state(self) -> None:
@@ -709,8 +729,12 @@ def _checked_tensors(what: str, saved: Mapping, names: list[str], mine: list[Ten
     return out
 
 
-def _new_anchor(p: Tensor) -> Tensor:
-    dtype = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.complex32: torch.complex64}.get(
-        p.dtype, p.dtype
+def _anchor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """An anchor's dtype: fp32 for bf16/fp16 parameters (complex64 for complex32), else the parameter's."""
+    return {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.complex32: torch.complex64}.get(
+        dtype, dtype
     )
-    return p.detach().to(dtype=dtype, copy=True)
+
+
+def _new_anchor(p: Tensor) -> Tensor:
+    return p.detach().to(dtype=_anchor_dtype(p.dtype), copy=True)

@@ -170,6 +170,8 @@ class RoundState:
         self.blocks[key] = new
         for name in names:
             self._owner[name] = key
+        for other in [k for k, b in self.blocks.items() if k != key and all(self._owner.get(n) != k for n in b.names)]:
+            del self.blocks[other]  # every parameter of it moved here (a model converted to another dtype): stale
         return new
 
     def param_views(self, name) -> dict[str, Tensor] | None:
