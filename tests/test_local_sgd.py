@@ -643,6 +643,34 @@ def test_a_model_converted_after_local_sgd_was_built_is_refused():
     opt.zero_grad()
     m(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
     before = [p.detach().clone() for p in m.parameters()]
-    with pytest.raises(ValueError, match="parameter 0.0 is torch.float64 but its LocalSGD anchor is torch.float32"):
-        opt.step()
+    for _ in range(2):  # and again at the next call (the layout was cached before the check refused it)
+        with pytest.raises(ValueError, match="parameter 0.0 is torch.float64 but its LocalSGD anchor is torch.float32"):
+            opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
+
+
+def _sharded_nan(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from torchkit._wrapped import unscaled_and_bad
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for holder in (0, 1):
+        g = distribute_tensor(torch.zeros(8), mesh, [Shard(0)])
+        if rank == holder:
+            g.to_local()[1] = float("nan")
+        out[holder] = unscaled_and_bad([g, torch.ones(3)], None, None)
+    return out
+
+
+@pytest.mark.dist
+def test_the_local_steps_check_of_a_sharded_gradient_looks_at_this_ranks_shard():
+    """LocalSGD's local steps check each rank's own gradient (its FSDP2 shard): a maximum over the DTensor was a
+    MAX all-reduce over the shard group, a collective in every local step, and Gloo's MAX dropped a NaN held by
+    rank 1 (read as finite on every rank)."""
+    from tests.dist_utils import run_dist
+
+    (r0, r1) = run_dist(_sharded_nan, 2)
+    assert r0 == {0: True, 1: False} and r1 == {0: False, 1: True}

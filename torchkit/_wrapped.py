@@ -511,6 +511,9 @@ def unscaled_and_bad(grads: list[Tensor], grad_scale: Tensor | None, found_inf: 
         return bool(found_inf.item() > 0)
     by_kind: dict[tuple, list[Tensor]] = {}
     for g in grads:
+        g = local_of(g)  # this rank's shard: on a DTensor the max would be a collective (and MAX may drop a NaN)
+        if g.is_complex():
+            g = torch.view_as_real(g)  # each part's magnitude: a finite value's modulus may overflow
         if g.numel():  # an empty one has no largest magnitude, and nothing to check
             by_kind.setdefault((g.device, g.dtype), []).append(g)
     # each gradient's largest magnitude (NaN where it holds one; no overflow, unlike the 2-norm): one multi-tensor

@@ -39,7 +39,7 @@ from ._wrapped import (
     shard_count,
     unscaled_and_bad,
 )
-from .comm import RoundOptions, agree_max, check_wire, nonfinite_flag, settle_nonfinite, start_round
+from .comm import DistExchanger, RoundOptions, agree_max, check_wire, nonfinite_flag, settle_nonfinite, start_round
 from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree, make_exchanger
 from .metrics import CommMetrics
@@ -281,7 +281,9 @@ class LocalSGD(WrappedOptimizer):
             return self._sync_overlapped(works)
         bad = [nonfinite_flag(self._anchor.pseudo_gradient(w, self._flat)).float().cpu() for w in works]
         bad = torch.stack([*bad, torch.tensor(float(self._bad_pending))]).amax().reshape(1)
-        flag_bytes = bad.element_size() if self.world_size > 1 else 0  # the agreement's, on the wire
+        agreement = self._agreement
+        alone = not isinstance(agreement, DistExchanger) or agreement.n_workers == 1
+        flag_bytes = 0 if alone else bad.element_size()  # the agreement's, on the wire
         self.metrics.bytes_sent += flag_bytes
         self.bytes_sent += flag_bytes  # the older counter agrees
         if bool(agree_max(self._agreement, bad)[0] > 0):
@@ -395,7 +397,11 @@ class LocalSGD(WrappedOptimizer):
         built = layout._key
         works = layout.works(self.param_groups, like_of=self._anchor.of)
         if layout._key is not built:
-            self._check_anchors()
+            try:
+                self._check_anchors()
+            except ValueError:
+                layout._key = None  # checked again at the next call: the layout was not accepted
+                raise
         return works
 
     def _check_anchors(self) -> None:

@@ -42,7 +42,8 @@ class CommMetrics:
             is ``8 * bytes_sent / numel``, the bits per parameter per round (per sync, for LocalSGD).
         node_bytes, last_node_bytes: node-aware compression (``node_group=``): the dense bytes this rank sent
             inside its node (reduce-scatter and all-gather, ring); ``bytes_sent`` then counts what crossed the
-            node boundary, for this rank's shard (whose entries ``numel`` counts).
+            node boundary, for this rank's shard (whose entries ``numel`` counts), and the optimizer wrapper's
+            per-step agreement (a few float64 flags, all-reduced over every rank).
     """
 
     steps: int = 0

@@ -170,8 +170,11 @@ class RoundState:
         self.blocks[key] = new
         for name in names:
             self._owner[name] = key
-        for other in [k for k, b in self.blocks.items() if k != key and all(self._owner.get(n) != k for n in b.names)]:
-            del self.blocks[other]  # every parameter of it moved here (a model converted to another dtype): stale
+        # a block every parameter of which moved to another (a model converted to another dtype) is stale; one with
+        # no parameters (a node-aware rank's empty shard) is not
+        for other, b in list(self.blocks.items()):
+            if other != key and b.names and all(self._owner.get(n) != other for n in b.names):
+                del self.blocks[other]
         return new
 
     def param_views(self, name) -> dict[str, Tensor] | None:
