@@ -259,8 +259,11 @@ def test_every_front_end_equals_the_simulator_through_the_warmup(results):
 @pytest.mark.dist
 def test_bytes_follow_the_stages_and_a_resume_continues_in_its_stage(results):
     fb = factories(lambda: _warm(tk.TopK(ratio=0.05), steps=6), n_workers=2)["ef14"]()
-    # fp64 values (the parameters' dtype); every round's message runs on to 8 bytes and its float64 non-finite check
-    want = sum(-(-fb.wire_bytes((D,), t, torch.float64) // 8) * 8 + 8 for t in range(10))
+    # fp64 values (the parameters' dtype); every round's message runs on to 8 bytes and its float64 non-finite check;
+    # every step's agreement: float64 flags (non-finite, a gradient per parameter: one here, the options' digest as
+    # d and -d)
+    agreement = 8 * (1 + 1 + 2)
+    want = sum(-(-fb.wire_bytes((D,), t, torch.float64) // 8) * 8 + 8 + agreement for t in range(10))
     assert [fb.wire_bytes((D,), t) for t in (0, 2, 4, 6)] == [8 * 20, 8 * 12, 8 * 7, 8 * 2]
     for r in results:
         assert r["opt", "topk", "ef14"][1] == want
