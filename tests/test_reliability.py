@@ -500,3 +500,11 @@ def test_the_feedback_state_follows_a_model_converted_to_another_dtype():
     live = opt.state_dict()["torchkit"]["params"]
     shown = opt.feedback_state(0)["error"]
     assert shown.dtype == torch.float64 and torch.equal(shown, torch.cat([live[n]["error"] for n in ("0.0", "0.1")]))
+
+
+def test_the_repr_names_the_inner_optimizer_and_the_method():
+    """torch's listing of the groups, headed by what runs: it said only 'CompressedOptimizer ('."""
+    opt = _opt(_model(), tk.EF14(tk.TopK(ratio=0.5)))
+    text = repr(opt)
+    assert text.startswith("CompressedOptimizer(AdamW, feedback=EF14(TopK(ratio=0.5))) (\nParameter Group 0\n")
+    assert "    lr: 0.01" in text

@@ -276,6 +276,16 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
     def _works(self) -> list[Work]:
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        """torch's listing of the parameter groups, headed by the inner optimizer and the method (torch's own
+        header named only this class)."""
+        body = torch.optim.Optimizer.__repr__(self)
+        inner, feedback = self.__dict__.get("inner"), self.__dict__.get("feedback")
+        if inner is None:  # in the middle of construction
+            return body
+        head = f"{type(self).__name__}({type(inner).__name__}, feedback={feedback!r})"
+        return head + body[len(type(self).__name__) :]
+
     def feedback_state(self, group: int = 0) -> dict[str, Tensor]:
         """This rank's flat feedback state of one parameter group (views, for inspection)."""
         for key, blk in self.round.blocks.items():
