@@ -196,7 +196,7 @@ def _on_every_rank(check, group) -> None:
     until the process group's timeout (a checkpoint of 2 ranks loaded on 3: rank 2 has no entry to reject)."""
     import torch.distributed as dist
 
-    from .comm import DistExchanger, agree_max
+    from .comm import DistExchanger, on_any_rank
 
     error = None
     try:
@@ -204,8 +204,7 @@ def _on_every_rank(check, group) -> None:
     except Exception as exc:  # noqa: BLE001 - raised again below, on this rank and (as a flag) on every other
         error = exc
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        failed = bool(agree_max(DistExchanger(group), torch.tensor([float(error is not None)]))[0] > 0)
-        if failed and error is None:
+        if on_any_rank(DistExchanger(group), error is not None) and error is None:
             error = ValueError(
                 "another rank rejected its feedback state in this checkpoint (its error says why); nothing was loaded"
             )

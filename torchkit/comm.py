@@ -442,6 +442,18 @@ def agree_max(exchanger: Exchanger, flags: Tensor) -> Tensor:
     return flags.cpu()
 
 
+def on_any_rank(exchanger: Exchanger, flag: bool) -> bool:
+    """Whether ``flag`` holds on any worker (:func:`agree_max` of one flag): an error on one rank that every rank
+    must raise, so that none goes on alone into a collective the others left."""
+    return bool(agree_max(exchanger, torch.tensor([float(flag)]))[0] > 0)
+
+
+def agreement_bytes(exchanger: Exchanger, flags: Tensor) -> int:
+    """The bytes this rank puts on the wire to :func:`agree_max` ``flags`` (none alone): a front end counts them."""
+    alone = not isinstance(exchanger, DistExchanger) or exchanger.n_workers == 1
+    return 0 if alone else flags.numel() * flags.element_size()
+
+
 def settle_nonfinite(policy: NonFinite, *, scaled: bool, what: str, unchanged: str, unit: str = "steps") -> None:
     """Some worker's ``what`` was not finite, agreed on every worker: raise :class:`NonFiniteGradientError` on every
     rank (``policy="raise"`` without a GradScaler), else return and let the caller skip (and count) it."""

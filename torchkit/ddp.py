@@ -32,9 +32,9 @@ from .comm import (
     RoundOptions,
     RoundResult,
     _InCaller,
-    agree_max,
     check_wire,
     nonfinite_flag,
+    on_any_rank,
     root_error,
     start_round,
 )
@@ -406,7 +406,7 @@ def _on_any_rank(state: CompressionState, flag: bool) -> bool:
     """Whether ``flag`` holds on any rank of the state's process group (itself when there is no group)."""
     if not (dist.is_available() and dist.is_initialized()) or state.world_size == 1:
         return flag
-    return bool(agree_max(state._exchange(), torch.tensor([float(flag)]))[0] > 0)
+    return on_any_rank(state._exchange(), flag)
 
 
 def _check_module(module: torch.nn.Module) -> None:

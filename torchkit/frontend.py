@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .comm import DistExchanger, LocalExchanger, agree_max
+from .comm import DistExchanger, LocalExchanger, on_any_rank
 from .state import FORMAT_VERSION, RoundState, check_envelope, normalize_name
 
 __all__ = [
@@ -412,7 +412,7 @@ def agree(
                 f"build the same {what}" + (f". {hint}" if hint else "")
             )
             break
-    if everyone is not None and bool(agree_max(everyone, torch.tensor([float(error is not None)]))[0] > 0):
+    if everyone is not None and on_any_rank(everyone, error is not None):
         error = error or ValueError(
             f"ranks are configured differently: the ranks of another group of replicas differ (their error names "
             f"the difference); every rank must build the same {what}"

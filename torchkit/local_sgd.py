@@ -39,7 +39,7 @@ from ._wrapped import (
     shard_count,
     unscaled_and_bad,
 )
-from .comm import DistExchanger, RoundOptions, agree_max, check_wire, nonfinite_flag, settle_nonfinite, start_round
+from .comm import RoundOptions, agree_max, agreement_bytes, check_wire, nonfinite_flag, settle_nonfinite, start_round
 from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree, make_exchanger
 from .metrics import CommMetrics
@@ -179,6 +179,7 @@ class LocalSGD(WrappedOptimizer):
         self._bad_pending = False  # a local step was left out under nonfinite="raise" on several ranks
         self._round_failed = False  # overlap: the round finished last was not finite (undone; skipped at the sync)
         self._trained: set[int] = set()  # ids of the parameters that trained in this period (see _hold_frozen)
+        self._layout = WorkCache()  # the work items, built once per parameter layout (see _works)
         self._undo = _Undo()  # overlap: the feedback state before the round in flight
         self._agreed = False
 
@@ -231,7 +232,7 @@ class LocalSGD(WrappedOptimizer):
         self._check_feedback()
         works = self._works()
         grads = [g for w in works for g in w.grads()]  # checked first: nothing changed before that
-        self.__dict__.setdefault("_trained", set()).update(id(p) for w in works for p in w.params)  # (older pickles)
+        self._trained.update(id(p) for w in works for p in w.params)
         self._check_restored_params()
         self.round.restored_at = None  # a step runs: a restored state is no longer kept against a later load
         found_inf = getattr(self, "found_inf", None)
@@ -264,9 +265,7 @@ class LocalSGD(WrappedOptimizer):
         params = [local_of(p.detach()) for p in _named(self.param_groups)[1]]
         if all(torch.equal(p, t.to(p.device)) for p, t in zip(params, restored)):  # restored: mapped to the CPU
             return
-        self._anchor.local_params = restored
-        self._anchor.put_back(self.param_groups)
-        self._anchor.local_params = None
+        self._anchor.put_back(self.param_groups, restored)
         warnings.warn(
             "LocalSGD was restored in the middle of a period, and its parameters were overwritten before this step "
             "(a model loaded after the optimizer?): this rank's own parameters of the period are put back, but "
@@ -281,9 +280,7 @@ class LocalSGD(WrappedOptimizer):
             return self._sync_overlapped(works)
         bad = [nonfinite_flag(self._anchor.pseudo_gradient(w, self._flat)).float().cpu() for w in works]
         bad = torch.stack([*bad, torch.tensor(float(self._bad_pending))]).amax().reshape(1)
-        agreement = self._agreement
-        alone = not isinstance(agreement, DistExchanger) or agreement.n_workers == 1
-        flag_bytes = 0 if alone else bad.element_size()  # the agreement's, on the wire
+        flag_bytes = agreement_bytes(self._agreement, bad)  # the agreement's, on the wire
         self.metrics.bytes_sent += flag_bytes
         self.bytes_sent += flag_bytes  # the older counter agrees
         if bool(agree_max(self._agreement, bad)[0] > 0):
@@ -384,16 +381,14 @@ class LocalSGD(WrappedOptimizer):
         last agreed on: it kept what its local steps did on each rank, and no round would ever bring the replicas
         together again (each rank's backbone stayed its own). A parameter frozen all along (a statistic the model
         updates itself) is left as it is."""
-        trained = self.__dict__.get("_trained", ())
-        held = [p for g in self.param_groups for p in g["params"] if not p.requires_grad and id(p) in trained]
-        self._anchor.hold(self.param_groups, {id(p) for p in held})
+        self._anchor.hold(self.param_groups, self._trained)
         self._trained = set()
 
     def _works(self) -> list[Work]:
         """One work item per (parameter group, dtype, device) of the parameters that train; the flat buffer is
         shaped as the anchors (fp32 for bf16/fp16 parameters). Built once per parameter layout (a local step built
         them, checking each parameter, every time: 19 us a tensor), which is when the anchors are checked too."""
-        layout = self.__dict__.setdefault("_layout", WorkCache())  # (older pickles)
+        layout = self._layout
         built = layout._key
         works = layout.works(self.param_groups, like_of=self._anchor.of)
         if layout._key is not built:
@@ -502,6 +497,11 @@ class LocalSGD(WrappedOptimizer):
         out["_trained"] = set()  # ids of this process's parameters: none of the copy's
         out["_layout"] = WorkCache()  # built again from the copy's parameters
         return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_trained", set())  # pickles from before these existed
+        self.__dict__.setdefault("_layout", WorkCache())
 
     def _kept_restored_state(self) -> None:
         self._anchor.put_back(self.param_groups)  # the framework loaded rank 0's model since: this rank's again
@@ -612,11 +612,12 @@ class _Anchor:
             for p, a in zip(w.params, w.like):
                 self._put(p, a)
 
-    def hold(self, param_groups, ids: set[int]) -> None:
-        """The parameters whose ids are in ``ids`` put at their anchors (and period starts)."""
+    def hold(self, param_groups, trained: set[int]) -> None:
+        """The parameters frozen now (``requires_grad`` off) whose ids are in ``trained`` put at their anchors (and
+        period starts)."""
         for g, pg in enumerate(param_groups):
             for p, a in zip(pg["params"], self.of(g)):
-                if id(p) in ids:
+                if not p.requires_grad and id(p) in trained:
                     self._put(p, a)
 
     def _put(self, p: Tensor, a: Tensor) -> None:
@@ -686,11 +687,13 @@ class _Anchor:
         self.local_params = checked["params"]
         self.put_back(param_groups)
 
-    def put_back(self, param_groups) -> None:
-        """This rank's restored parameters of the middle of a period, back in place (until the next step)."""
-        if self.local_params is not None:
+    def put_back(self, param_groups, params: list[Tensor] | None = None) -> None:
+        """This rank's restored parameters of the middle of a period (``params``, default the ones kept until the
+        next step), back in place."""
+        params = self.local_params if params is None else params
+        if params is not None:
             with torch.no_grad():
-                for p, t in zip(_named(param_groups)[1], self.local_params):
+                for p, t in zip(_named(param_groups)[1], params):
                     local_of(p.detach()).copy_(t)
 
 

@@ -37,11 +37,11 @@ from ._wrapped import (
     shard_count,
 )
 from .comm import (
-    DistExchanger,
     RoundOptions,
     RoundResult,
     _done,
     agree_max,
+    agreement_bytes,
     check_wire,
     nonfinite_flag,
     settle_nonfinite,
@@ -255,8 +255,7 @@ class CompressedOptimizer(WrappedOptimizer):
                 f"ranks are configured differently: parameter group {g}'s hyper-parameters (lr, momentum, ...) differ "
                 f"between ranks at step {self.round.step}; nothing was changed. {RESUME_HINTS['options']}"
             )
-        alone = not isinstance(agreement, DistExchanger) or agreement.n_workers == 1
-        flag_bytes = 0 if alone else sent.numel() * sent.element_size()
+        flag_bytes = agreement_bytes(agreement, sent)
         return [bool(f) for f in flags[1 : 1 + n].tolist()], bool(flags[0]), flag_bytes
 
     def _flat_grad(self, w: Work, grad_scale, has: list[bool]) -> Tensor:

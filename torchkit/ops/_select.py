@@ -412,16 +412,14 @@ class GpuOps:
         ``GPU_SEGMENTS`` (else one step per segment)."""
         seg = self._segments() if self._segments is not None else None
         state = [t for t in (error, shift) if t is not None]
-        if (
-            seg is None
-            or not kernel_takes(grad, *state)
-            or (grad.device.type == "cuda" and not GPU_SEGMENTS)
-            or not seg.takes(grad, sizes, ks)
-        ):
-            return _reference.by_segments(self, kind, grad, error, shift, sizes, ks, eta, approx=approx)
-        one_pass = default_one_pass(kind, grad.device)
-        step = _reference.step_of(self, kind, eta, approx=approx)
-        return seg.segments(step, kind, grad, error, shift, sizes, ks, eta, approx, one_pass)
+        out = None
+        if seg is not None and kernel_takes(grad, *state) and (grad.device.type != "cuda" or GPU_SEGMENTS):
+            step = _reference.step_of(self, kind, eta, approx=approx)
+            one_pass = default_one_pass(kind, grad.device)
+            out = seg.segments(step, kind, grad, error, shift, sizes, ks, eta, approx, one_pass)
+        if out is None:  # no segment for its one launch
+            out = _reference.by_segments(self, kind, grad, error, shift, sizes, ks, eta, approx=approx)
+        return out
 
     def accumulate_(self, out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero=False, poison=None):
         if not kernel_takes(values, out):

@@ -144,14 +144,6 @@ def _layout(sizes, ks) -> tuple[tuple, list]:
 _TABLES: dict[tuple, Tensor] = {}
 
 
-def takes(grad: Tensor, sizes, ks) -> bool:
-    """Whether :func:`segments` runs a launch of its own here: some segment is small enough for one program, and
-    under CUDA-graph capture its table was made before (a copy from the host captured in a graph would be replayed
-    from host memory that may have been reused by then)."""
-    rows, _ = _layout(sizes, ks)
-    return bool(rows) and (not _select._capturing(grad.device) or (grad.device, rows) in _TABLES)
-
-
 def _table(rows: tuple, device: torch.device) -> Tensor:
     """The segments' table on the device, made once per layout (a round's segments are the same at every step) and
     never freed (32 bytes a segment): a CUDA graph that captured a launch reads it at every replay, so memory the
@@ -165,18 +157,22 @@ def _table(rows: tuple, device: torch.device) -> Tensor:
 def segments(step_of, mode: int, grad: Tensor, error, shift, sizes, ks, eta: float, approx: bool, one_pass: bool):
     """The fused step of ``mode`` on consecutive segments: the small ones in one launch of ``_segments_kernel``, the
     others one by one through ``step_of(g, e, h, k)`` (the kernel set's own op of that mode). ``(values fp32,
-    indices)``, indices into the whole vector, in the order of the per-segment launches (module docstring)."""
+    indices)``, indices into the whole vector, in the order of the per-segment launches (module docstring); ``None``
+    where no launch of its own would run: no segment small enough for one program, or a CUDA-graph capture that
+    would need a new table (a copy from the host captured in a graph would be replayed from host memory that may
+    have been reused by then)."""
+    rows, large = _layout(sizes, ks)
+    if not rows or (_select._capturing(grad.device) and (grad.device, rows) not in _TABLES):
+        return None
     idt = _select.index_dtype(grad.numel())
     total = sum(ks)
     vals, idx = _select._empty(total, torch.float32, grad.device), _select._empty(total, idt, grad.device)
-    rows, large = _layout(sizes, ks)
     dummy = grad if error is None else error
-    if rows:
-        _segments_kernel[(len(rows),)](
-            grad, dummy, shift if shift is not None else dummy, _table(rows, grad.device), idx, vals, float(eta),
-            MODE=mode, APPROX=bool(approx), ONE_PASS=bool(one_pass) and not approx,
-            BLOCK=_block(max(r[1] for r in rows), grad.device), num_warps=4, enable_fp_fusion=False,
-        )  # fmt: skip
+    _segments_kernel[(len(rows),)](
+        grad, dummy, shift if shift is not None else dummy, _table(rows, grad.device), idx, vals, float(eta),
+        MODE=mode, APPROX=bool(approx), ONE_PASS=bool(one_pass) and not approx,
+        BLOCK=_block(max(r[1] for r in rows), grad.device), num_warps=4, enable_fp_fusion=False,
+    )  # fmt: skip
     for a, n, k, at in large:
         v, i = step_of(*(None if t is None else t[a : a + n] for t in (grad, error, shift)), k)
         vals[at : at + k].copy_(v)
