@@ -17,7 +17,8 @@ a real training trajectory; the cold first call counts as neither).
    a benchmark that restores its state sees it). The state after a call is what the next step continues from.
 2. ``accumulate_``: the last ``--workers`` steady EF14 messages stand for that many workers' messages of one
    round, decoded in one call into a zeroed vector (``zero=True``), in the order the kernel emits them and
-   sorted by index. Floor: the bytes the decode must move, values and indices read once plus every touched line
+   sorted by index; on a GPU each also with the decode tiled over the output (``TORCHKIT_GPU_TILED_DECODE``, two
+   launches: torchkit/ops/_triton/decode.py) beside the per-row one (a launch per worker). Floor: the bytes the decode must move, values and indices read once plus every touched line
    of the output read and written once (64-byte cache lines on the CPU, 32-byte sectors on a GPU), over the
    measured copy bandwidth; and the plain floor without the line granularity (``n k (4 + 4 + 8)`` bytes).
 
@@ -134,6 +135,20 @@ def measure(args, dev: torch.device, log=print) -> dict:
             "one_pass_trajectory": trajectory, "accumulate": _decode(messages, d, dev, args.repeats, log)}  # fmt: skip
 
 
+def _tiled(call):
+    """``call`` with the tiled decode on (``TORCHKIT_GPU_TILED_DECODE``), whatever the environment says."""
+    from torchkit.ops import _select
+
+    def run():
+        was, _select.GPU_TILED_DECODE = _select.GPU_TILED_DECODE, True
+        try:
+            return call()
+        finally:
+            _select.GPU_TILED_DECODE = was
+
+    return run
+
+
 def _decode(messages, d: int, dev: torch.device, repeats: int, log) -> dict:
     values = torch.stack([v for v, _ in messages])
     indices = torch.stack([i for _, i in messages])
@@ -146,6 +161,9 @@ def _decode(messages, d: int, dev: torch.device, repeats: int, log) -> dict:
         "emitted": lambda: ops.accumulate_(out, values, indices, scales, zero=True),
         "sorted": lambda: ops.accumulate_(out, sorted_v, sorted_i, scales, zero=True),
     }
+    if dev.type == "cuda" and "triton" in ops.available_impls(dev):  # the decode tiled over out, two launches
+        variants["emitted tiled"] = _tiled(lambda: ops.accumulate_(out, values, indices, scales, zero=True))
+        variants["sorted tiled"] = _tiled(lambda: ops.accumulate_(out, sorted_v, sorted_i, scales, zero=True))
     timed = bench.time_interleaved(variants, dev, repeats)
     bw = bench.copy_bandwidth(dev, max(d, 1 << 22))
     line = 32 if dev.type == "cuda" else 64
@@ -156,7 +174,7 @@ def _decode(messages, d: int, dev: torch.device, repeats: int, log) -> dict:
            "floor_ms": plain / bw * 1e3, "line_floor_ms": sector / bw * 1e3}  # fmt: skip
     for name, (_, p20, p50, p80) in timed.items():
         res[name] = {"p20": p20, "p50": p50, "p80": p80, "x_line_floor": p50 / res["line_floor_ms"]}
-        log(f"accumulate_ {n} workers, {name:8s} {p50:.3f} ms ({p50 / res['line_floor_ms']:.1f}x its line floor)")
+        log(f"accumulate_ {n} workers, {name:13s} {p50:.3f} ms ({p50 / res['line_floor_ms']:.1f}x its line floor)")
     return res
 
 

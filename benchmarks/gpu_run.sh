@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device checks in one call on an H100/H200, run in the order STAGES lists them (default: all):
 #   tests   tests/test_ops.py and tests/test_gpu.py on CUDA
-#   onepass the same tests with the GPU one pass and the one-launch segments on (TORCHKIT_GPU_ONE_PASS=1,
-#           TORCHKIT_GPU_SEGMENTS=1), then bench_kernels.py --passes:
+#   onepass the same tests with the GPU one pass, the one-launch segments and the tiled decode on
+#           (TORCHKIT_GPU_ONE_PASS=1, TORCHKIT_GPU_SEGMENTS=1, TORCHKIT_GPU_TILED_DECODE=1), then
+#           bench_kernels.py --passes:
 #           each implementation's one pass against its two passes (d = 1e7, 1e8; k = 0.1%, 1%; fp32)
 #   segments benchmarks/bench_segments.py on CUDA with the small segments in one launch (TORCHKIT_GPU_SEGMENTS=1):
 #           150 tensors of 8000 entries, one segments_step_ against one fused op per tensor
@@ -38,8 +39,9 @@ stage_tests() {
 }
 stage_onepass() {
   wait $cpp
-  TORCHKIT_GPU_ONE_PASS=1 TORCHKIT_GPU_SEGMENTS=1 timeout ${T_ONEPASS_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -p no:logging \
-    -o addopts="" -m "not slow" -rfE tests/test_ops.py tests/test_gpu.py 2>&1 | tail -60 > "$OUT/pytest_onepass.txt"
+  TORCHKIT_GPU_ONE_PASS=1 TORCHKIT_GPU_SEGMENTS=1 TORCHKIT_GPU_TILED_DECODE=1 timeout ${T_ONEPASS_TESTS:-200} \
+    python3 -m pytest -q -p no:cacheprovider -p no:logging -o addopts="" -m "not slow" -rfE tests/test_ops.py \
+    tests/test_gpu.py 2>&1 | tail -60 > "$OUT/pytest_onepass.txt"
   tail -5 "$OUT/pytest_onepass.txt" | tee -a "$log"
   timeout ${T_ONEPASS:-150} python3 benchmarks/bench_kernels.py --device cuda --sizes 1e7 1e8 --ratios 0.001 0.01 \
     --dtypes float32 --passes --repeats 10 --out "$OUT/res_onepass" 2>&1 | tee -a "$log"

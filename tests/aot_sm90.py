@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from torchkit.ops._triton import ef, segments
+from torchkit.ops._triton import decode, ef, segments
 
 NUM_WARPS = ef.NUM_WARPS
 
@@ -80,6 +80,16 @@ def kernels():
         for one, approx in ((False, False), (True, False), (False, True)):
             cx = dict(MODE=mode, APPROX=approx, ONE_PASS=one, BLOCK=1024)
             yield f"segments[{mode},{one},{approx}]", segments._segments_kernel, seg, cx, 4
+    runs = {"idx_ptr": "*i32", "istride": "i32", "k": "i32", "span": "i32", "table_ptr": "*i32", "S": "i32"}
+    yield "decode_runs", decode._runs_kernel, runs, dict(BLOCK=decode.RUN_BLOCK), decode.NUM_WARPS
+    tiled = {"out_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i32", "vstride": "i32", "istride": "i32",
+             "scale_ptr": "*fp32", "scale": "fp32", "n": "i32", "k": "i32", "d": "i32", "table_ptr": "*i32",
+             "S": "i32", "checks_ptr": "*fp64", "n_checks": "i32", "cstride": "i32", "tiles_per_program": "i32",
+             "steps": "i32"}  # fmt: skip
+    for zero, poison, row_scales in ((True, True, False), (False, False, True)):  # a round's decode in one launch
+        cx = dict(ZERO=zero, POISON=poison, ROW_SCALES=row_scales, NR=32, SP=64, NC=8, TILE_=decode.TILE,
+                  CHUNK_=decode.CHUNK)  # fmt: skip
+        yield f"decode_tiled[{zero},{poison},{row_scales}]", decode._tiled_kernel, tiled, cx, decode.NUM_WARPS
 
 
 def _pads(mode):

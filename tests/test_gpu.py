@@ -283,6 +283,37 @@ def test_the_c_decode_launches_what_prepare_and_scatter_do(zero, bad):
     assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_tiled_decode_equals_the_per_row_decode_on_cuda(monkeypatch, impl):
+    """``accumulate_`` with ``GPU_TILED_DECODE`` (two launches: the runs table, then tiles of out in L2) against the
+    per-row decode, bit for bit, both kernel sets: 8 rows that are the kernel's own exact messages (random and tied
+    gradients, 1 %), index-sorted rows, random-order rows (scanned whole), the start kept or zeroed, the NaN
+    poison, one scale or one per row."""
+    from torchkit.ops import _select
+
+    d, k, n = 1_000_003, 10_000, 8
+    rows = []
+    for w in range(n):
+        grad = torch.full((d,), 0.5, device="cuda") if w % 2 else _rand(d, 40 + w)
+        rows.append(ops.ef14_step_(grad, torch.zeros(d, device="cuda"), k, impl=impl))
+    own = torch.stack([v for v, _ in rows]), torch.stack([i for _, i in rows]).int()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    idx = torch.stack([torch.randperm(d, generator=g, device="cuda")[:k] for _ in range(n)]).int()
+    vals = _rand(n * k, 9).reshape(n, k)
+    cases = {"own": own, "sorted": (vals, idx.sort(dim=1).values), "random": (vals, idx)}
+    for name, (values, indices) in cases.items():
+        for zero, bad, scale in ((True, None, 1.0 / n), (False, float("nan"), [0.5 + w for w in range(n)])):
+            checks = None if bad is None else torch.tensor([0.0] * (n - 1) + [bad], device="cuda", dtype=torch.float64)
+            base = _rand(d, 7)
+            ours, theirs = base.clone(), base.clone()
+            monkeypatch.setattr(_select, "GPU_TILED_DECODE", True)
+            ops.accumulate_(ours, values, indices, scale, zero=zero, poison=checks, impl=impl)
+            monkeypatch.setattr(_select, "GPU_TILED_DECODE", False)
+            ops.accumulate_(theirs, values, indices, scale, zero=zero, poison=checks, impl=impl)
+            assert torch.equal(ours.isnan(), theirs.isnan()), (name, zero)
+            assert torch.equal(ours.nan_to_num(), theirs.nan_to_num()), (name, zero)
+
+
 def test_local_sgd_resumes_mid_period_from_a_cpu_mapped_checkpoint_on_cuda():
     """LocalSGD's mid-period parameters come back as CPU tensors (a checkpoint loaded with map_location="cpu", or
     DCP's serialised extras): the first step after the resume compares and puts them back across devices, and the

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _select
-from ._triton import segments_module
+from ._triton import decode_module, segments_module
 
 __all__ = ["OPS", "available", "ensure_built", "error", "build", "open_library", "nvcc_command"]
 
@@ -331,4 +331,5 @@ def _stream(device: torch.device) -> int:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
-OPS = _select.GpuOps(_run, _scatter, _prepare, _accumulate, segments_module)  # segments: the Triton kernel
+# many small segments and the tiled decode: the Triton kernels
+OPS = _select.GpuOps(_run, _scatter, _prepare, _accumulate, segments_module, decode_module)

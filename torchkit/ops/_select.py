@@ -65,6 +65,8 @@ GPU_ONE_PASS = os.environ.get("TORCHKIT_GPU_ONE_PASS") == "1"
 # Likewise the many small segments of segments_step_ in one launch (torchkit/ops/_triton/segments.py): on CUDA tensors
 # only with TORCHKIT_GPU_SEGMENTS=1 until a GPU has run it (the interpreter runs it on CPU tensors, impl="triton").
 GPU_SEGMENTS = os.environ.get("TORCHKIT_GPU_SEGMENTS") == "1"
+# Likewise the decode in two launches, tiled over out (torchkit/ops/_triton/decode.py): TORCHKIT_GPU_TILED_DECODE=1.
+GPU_TILED_DECODE = os.environ.get("TORCHKIT_GPU_TILED_DECODE") == "1"
 
 __all__ = ["run", "capacity", "kernel_takes", "level1", "hint_of", "one_pass_takes", "Hist", "Select", "Launcher",
            "GpuOps"]  # fmt: skip
@@ -378,12 +380,13 @@ class GpuOps:
     ``scatter(out, values [rows, k] fp32, indices, scales)`` and ``prepare(out, zero, checks)`` (one pass over
     ``out``: zeros, or NaN everywhere when the float64 ``checks``, a vector of any stride, sum to a non-finite
     value), and optionally ``accumulate(out, values, indices, scales, zero, checks)``, the two in one host call,
-    and ``segments()``, the module that runs many small segments in one launch (or ``None`` where it cannot load:
-    ``torchkit/ops/_triton/segments.py``); inputs the kernels do not take go to the reference."""
+    ``segments()``, the module that runs many small segments in one launch, and ``decode()``, the one that decodes
+    a round in two launches tiled over ``out`` (``None`` where they cannot load: ``torchkit/ops/_triton/``); inputs
+    the kernels do not take go to the reference."""
 
-    def __init__(self, run_fn, scatter_fn, prepare_fn, accumulate_fn=None, segments=None):
+    def __init__(self, run_fn, scatter_fn, prepare_fn, accumulate_fn=None, segments=None, decode=None):
         self._run, self._scatter, self._prepare, self._accumulate = run_fn, scatter_fn, prepare_fn, accumulate_fn
-        self._segments = segments
+        self._segments, self._decode = segments, decode
 
     def topk(self, x: Tensor, k: int):
         if not kernel_takes(x):
@@ -422,11 +425,18 @@ class GpuOps:
         return out
 
     def accumulate_(self, out: Tensor, values: Tensor, indices: Tensor, scale=1.0, zero=False, poison=None):
+        """The per-row decode (a first pass over ``out``, then a launch per row), or on CUDA tensors with
+        ``GPU_TILED_DECODE`` (and on CPU tensors, the interpreter's) the tiled one: two launches whatever the number
+        of rows, bit for bit the same result."""
         if not kernel_takes(values, out):
             return _reference.accumulate_(out, values, indices, scale, zero, poison)
         checks = None if poison is None else poison.reshape(-1)  # float64; gathered checks: in place, strided
         v2 = _reference.as_rows(values)
         scales = _reference._scales(scale, v2.shape[0])
+        tiled = self._decode() if self._decode is not None and v2.numel() else None
+        if tiled is not None and (out.device.type != "cuda" or GPU_TILED_DECODE):
+            tiled.accumulate(out, v2, indices.reshape(v2.shape), scales, zero, checks)
+            return out
         if self._accumulate is not None:
             self._accumulate(out, v2, indices.reshape(v2.shape), scales, zero, checks)
             return out

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-__all__ = ["available", "segments_module"]
+__all__ = ["available", "segments_module", "decode_module"]
 
 
 @functools.cache
@@ -36,3 +36,13 @@ def segments_module():
     from . import segments
 
     return segments
+
+
+def decode_module():
+    """The tiled decode (``decode.py``: a round's decode in two launches), shared by both GPU kernel sets; ``None``
+    without Triton."""
+    if not _importable():
+        return None
+    from . import decode
+
+    return decode

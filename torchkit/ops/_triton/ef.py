@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _padding, _select
-from . import segments_module
+from . import decode_module, segments_module
 
 __all__ = ["OPS"]
 
@@ -607,4 +607,5 @@ def _prepare(out: Tensor, zero: bool, checks: Tensor | None) -> None:
     )  # fmt: skip
 
 
-OPS = _select.GpuOps(_run, _scatter, _prepare, segments=segments_module)  # what torchkit.ops dispatches to
+# what torchkit.ops dispatches to
+OPS = _select.GpuOps(_run, _scatter, _prepare, segments=segments_module, decode=decode_module)
