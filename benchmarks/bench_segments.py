@@ -5,14 +5,16 @@ against one fused op per tensor (issue 21 item 3).
 
 The worker step (``Feedback.worker_step``) of EF14, EF21 and EControl, TopK 1%, over ``--tensors`` segments of
 ``--size`` entries (plus one of 50k), on the CPU's C++ kernel (or the GPU's kernels with ``--device cuda``): the
-two paths interleaved, each call from the state the last one left, medians and 20th/80th percentiles of the wall
-time per call (``time.perf_counter``, with a device synchronisation on a GPU). Both paths give the same messages
-and state (tests/test_custom_ops.py). Writes ``<out>/<device>/segments.json``.
+two paths interleaved in a random order (on the CPU a third: one call with the C++ kernel's small-vector path
+off, every segment through the two passes), each call from the state the last one left, medians and 20th/80th
+percentiles of the wall time per call (``time.perf_counter``, with a device synchronisation on a GPU). Both paths
+give the same messages and state (tests/test_custom_ops.py). Writes ``<out>/<device>/segments.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from pathlib import Path
@@ -31,10 +33,11 @@ METHODS = {
 }
 
 
-def _timed(fb, state, g, segments, dev, segmented: bool) -> float:
+def _timed(fb, state, g, segments, dev, variant: str) -> float:
     saved = dict(F._SEGMENTED)
-    if not segmented:
+    if variant == "one_op_per_tensor":
         F._SEGMENTED.clear()  # the per-tensor path: one fused op per segment
+    small = _small_limit(0) if variant == "one_call_no_small_path" else None
     try:
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -45,6 +48,15 @@ def _timed(fb, state, g, segments, dev, segmented: bool) -> float:
         return time.perf_counter() - t0
     finally:
         F._SEGMENTED.update(saved)
+        if small is not None:
+            _small_limit(small)
+
+
+def _small_limit(n: int) -> int:
+    """The C++ kernel's small-vector limit (0: every segment takes the two passes); returns the old one."""
+    from torchkit.ops import _ext
+
+    return _ext._module.set_small_limit(n)
 
 
 def _quantiles(ts: list[float]) -> dict:
@@ -70,19 +82,21 @@ def main() -> None:
         state = fb.init_state(d, device=dev)
         segments = fb.segments_for(sizes)
         g = torch.randn(d, device=dev)
-        times = {True: [], False: []}
+        variants = ["one_call", "one_op_per_tensor"] + (["one_call_no_small_path"] if dev.type == "cpu" else [])
+        times = {v: [] for v in variants}
         for r in range(args.repeats + 2):
-            for segmented in (True, False) if r % 2 else (False, True):
-                t = _timed(fb, state, g, segments, dev, segmented)
+            for variant in random.Random(r).sample(variants, len(variants)):
+                t = _timed(fb, state, g, segments, dev, variant)
                 if r >= 2:  # two warm-up rounds each
-                    times[segmented].append(t)
+                    times[variant].append(t)
         row = {"method": name, "segments": len(segments), "d": d}
-        row["one_call"] = _quantiles(times[True])
-        row["one_op_per_tensor"] = _quantiles(times[False])
+        row.update({v: _quantiles(ts) for v, ts in times.items()})
         row["speedup"] = row["one_op_per_tensor"]["median_ms"] / row["one_call"]["median_ms"]
         rows.append(row)
+        no_small = row.get("one_call_no_small_path", {}).get("median_ms")
         print(f"{name:9s} {len(segments)} segments: one call {row['one_call']['median_ms']:7.2f} ms, one op per "
-              f"tensor {row['one_op_per_tensor']['median_ms']:7.2f} ms ({row['speedup']:.1f}x)")  # fmt: skip
+              f"tensor {row['one_op_per_tensor']['median_ms']:7.2f} ms ({row['speedup']:.1f}x)"
+              + (f", one call without the small-vector path {no_small:7.2f} ms" if no_small else ""))  # fmt: skip
     result = {
         "device": bench.device_name(dev),
         "torch": torch.__version__,

@@ -17,10 +17,11 @@ a real training trajectory; the cold first call counts as neither).
    a benchmark that restores its state sees it). The state after a call is what the next step continues from.
 2. ``accumulate_``: the last ``--workers`` steady EF14 messages stand for that many workers' messages of one
    round, decoded in one call into a zeroed vector (``zero=True``), in the order the kernel emits them and
-   sorted by index; on a GPU each also with the decode tiled over the output (``TORCHKIT_GPU_TILED_DECODE``, two
-   launches: torchkit/ops/_triton/decode.py) beside the per-row one (a launch per worker). Floor: the bytes the decode must move, values and indices read once plus every touched line
-   of the output read and written once (64-byte cache lines on the CPU, 32-byte sectors on a GPU), over the
-   measured copy bandwidth; and the plain floor without the line granularity (``n k (4 + 4 + 8)`` bytes).
+   sorted by index; on a GPU each also with the decode tiled over the output (``TORCHKIT_GPU_TILED_DECODE``,
+   two launches: torchkit/ops/_triton/decode.py) beside the per-row one (a launch per worker). Floor: the bytes
+   the decode must move, values and indices read once plus every touched line of the output read and written
+   once (64-byte cache lines on the CPU, 32-byte sectors on a GPU), over the measured copy bandwidth; and the
+   plain floor without the line granularity (``n k (4 + 4 + 8)`` bytes).
 
 Timers: the device time of each call (``torchkit.apps.bench.time_once``: CUDA events on a GPU, ``perf_counter`` on
 the CPU, where the call is synchronous) and, on a GPU, the host time, the wall time until the call returns without

@@ -304,3 +304,33 @@ def test_bad_arguments_are_named():
         tk.fsdp.CompressedReduceScatter(tk.EF14(tk.TopK(ratio=0.1)), nonfinite="sanitize")
     with pytest.raises(ValueError, match="fully_shard"):
         tk.fsdp.compress_reduce_scatter(_net(), tk.EF14(tk.TopK(ratio=0.1)))
+
+
+def test_a_tampered_state_is_refused_whole_before_anything_changes():
+    """A NaN, a vector of another length or shape, a missing vector or a bad step raised only at the next step
+    (after the parameters were written with NaN on every rank, found by an audit), or not at all: each is refused
+    at the load now, and the reduce-scatter keeps its state."""
+    fb = tk.EF21(tk.TopK(ratio=0.1))
+    comm = tk.fsdp.CompressedReduceScatter(fb)
+    good = {"method": fb.config(), "step": 3, "rank": 0, "world_size": 2, "numel": 8,
+            "state": {"shift": torch.randn(8)}, "server": torch.zeros(4)}  # fmt: skip
+    comm.load_state_dict(good)
+    kept = comm.state_dict()
+    cases = {
+        "nan": ({"state": {"shift": torch.full((8,), float("nan"))}}, "non-finite"),
+        "short": ({"numel": 8, "state": {"shift": torch.zeros(4)}}, "has 4 entries"),
+        "rows": ({"state": {"shift": torch.zeros(2, 8)}}, "1-D floating-point"),
+        "missing": ({"state": {}}, r"must hold \['shift'\]"),
+        "integer": ({"state": {"shift": torch.zeros(8, dtype=torch.long)}}, "floating-point"),
+        "step": ({"step": -1}, "step must be an int >= 0"),
+        "numel": ({"numel": 2.5}, "numel must be an int"),
+        "server": ({"server": torch.tensor([0.0, float("inf")])}, "server holds non-finite"),
+        "other numel": ({"numel": 16, "state": {"shift": torch.zeros(16)}}, "feedback state for 16 entries"),
+    }
+    for label, (change, words) in cases.items():
+        with pytest.raises(ValueError, match=words):
+            comm.load_state_dict({**good, **change})
+        now = comm.state_dict()
+        assert now["step"] == kept["step"] and torch.equal(now["state"]["shift"], kept["state"]["shift"]), label
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        comm.load_state_dict([good])

@@ -463,6 +463,10 @@ def test_failed_loads_change_nothing():
             lambda t: t["local_sgd"]["outer"]["param_groups"].append({"params": [9]}),
             "outer optimizer's saved parameter groups",
         ),
+        # counters were converted after the anchors and the inner optimizer were replaced: half-loaded
+        "bytes sent": (lambda t: t["local_sgd"].update(bytes_sent="n/a"), "bytes_sent must be an int >= 0"),
+        "skipped rounds": (lambda t: t["local_sgd"].update(skipped_rounds=-1), "skipped_rounds must be an int >= 0"),
+        "skipped steps": (lambda t: t.update(skipped_steps=2.5), "skipped_steps must be an int >= 0"),
     }
     for label, (edit, msg) in cases.items():
         with pytest.raises(ValueError, match=msg):

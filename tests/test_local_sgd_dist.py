@@ -199,6 +199,37 @@ def _broadcast(rank):
     return first, opt.anchors[0].clone(), ps[0].detach().clone()
 
 
+def _outer_lr_on_one_rank(rank):
+    """After a round, rank 1 alone halves its outer learning rate (a scheduler stepped on one rank)."""
+    a, b = _problem(WORLD)
+    ps = _params()
+    fb = tk.EF21(tk.TopK(4))
+    opt = tk.LocalSGD(ps, torch.optim.SGD, lr=0.05, feedback=fb, sync_every=2, outer_optimizer=NESTEROV)
+    _drive(opt, ps, a[rank], b[rank], 2)
+    if rank == 1:
+        opt.outer.param_groups[0]["lr"] *= 0.5
+    try:
+        _drive(opt, ps, a[rank], b[rank], 2)
+    except ValueError as exc:
+        return str(exc), opt.rounds
+    return "ran", opt.rounds
+
+
+def _swapped(rank):
+    """Rank 1 lists two parameters of one shape (and different values) the other way round."""
+    torch.manual_seed(0)
+    w1, w2 = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3, 3))
+    ps = [w2, w1] if rank == 1 else [w1, w2]
+    opt = tk.LocalSGD(ps, torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.Identity()), sync_every=1)
+    for p in ps:
+        p.grad = torch.ones(3, 3)
+    try:
+        opt.step()
+    except ValueError as exc:
+        return str(exc)
+    return "ran"
+
+
 def _misconfigured(rank):
     ps = [torch.nn.Parameter(torch.zeros(4))]
     opt = tk.LocalSGD(ps, torch.optim.SGD, lr=0.1, feedback=tk.EF21(tk.TopK(2)), sync_every=3 if rank < 2 else 4)
@@ -220,6 +251,8 @@ def _worker(rank, world, path):
         "raise": _nonfinite(rank, "raise"),
         "scaler": _scaler(rank),
         "broadcast": _broadcast(rank),
+        "outer_lr": _outer_lr_on_one_rank(rank),  # (they raise together, at the same collective)
+        "swapped": _swapped(rank),
         "misconfigured": _misconfigured(rank),  # last
     }
 
@@ -309,3 +342,19 @@ def test_anchor_is_rank_zeros_parameters(results):
 def test_ranks_configured_differently_all_raise(results):
     for r in results:
         assert "ranks are configured differently" in r["misconfigured"] and "sync_every" in r["misconfigured"]
+
+
+def test_an_outer_learning_rate_changed_on_one_rank_raises_on_every_rank_at_the_sync(results):
+    """The ranks drifted apart for good (0.05 after three rounds, found by an audit): the synchronisation's
+    agreement carries the inner and outer groups' hyper-parameters, so every rank raises there."""
+    for r in results:
+        msg, rounds = r["outer_lr"]
+        assert "outer parameter group 0's hyper-parameters (lr, momentum, ...) differ between ranks" in msg
+        assert "the round was not run" in msg and rounds == 1
+
+
+def test_the_same_parameters_in_another_order_raise_on_every_rank(results):
+    """LocalSGD takes rank 0's values as the anchor position by position, so ranks may start apart; but the same
+    tensors listed in another order would mix two layers of one shape for good."""
+    for r in results:
+        assert "rank 1 lists the same parameters as rank 0 in another order" in r["swapped"]

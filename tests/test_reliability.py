@@ -105,6 +105,10 @@ def test_failed_loads_change_nothing():
         "other names": (lambda t: t["params"].update(extra=t["params"].pop(name)), "names do not match"),
         "integer state": (lambda t: t["params"][name].update(error=torch.zeros(5, dtype=torch.long)), "floating"),
         "newer format": (lambda t: t.update(format_version=99), "newer than this torchkit"),
+        "rows": (  # the simulator's [rows, d] layout passed the checks, then failed half-loaded
+            lambda t: t["params"][name].update({n: v.expand(2, -1).clone() for n, v in t["params"][name].items()}),
+            r"has shape \(2, \d+\), not one vector",
+        ),
     }
     for label, (edit, msg) in cases.items():
         with pytest.raises(ValueError, match=msg):
@@ -119,6 +123,30 @@ def test_failed_loads_change_nothing():
         opt.load_state_dict(broken)
     for k, v in opt.feedback_state().items():
         assert torch.equal(v, before[k])
+    for counter in (-5, "x", True):
+        sd = copy.deepcopy(good)
+        sd["torchkit"]["skipped_steps"] = counter
+        with pytest.raises(ValueError, match="skipped_steps must be an int >= 0"):
+            opt.load_state_dict(sd)
+    local = tk.LocalSGD(model.parameters(), torch.optim.SGD, lr=0.1, feedback=tk.EControl(tk.TopK(ratio=0.3), eta=0.2),
+                        sync_every=2)  # fmt: skip
+    with pytest.raises(ValueError, match="a LocalSGD state_dict, not a CompressedOptimizer's"):
+        opt.load_state_dict(local.state_dict())  # its error state is of pseudo-gradients
+    for k, v in opt.feedback_state().items():
+        assert torch.equal(v, before[k])
+
+
+def test_a_learning_rate_that_is_not_finite_is_named_not_taken_for_ranks_that_differ():
+    """A NaN learning rate (a schedule that divided by zero) compared unequal to itself in the ranks' agreement,
+    and a single process was told its ranks were configured differently."""
+    model = _model()
+    opt = _opt(model, tk.EF14(tk.TopK(ratio=0.3)))
+    _train(model, opt, _batches(1))
+    params = _flat(model).clone()
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter group 0 has a hyper-parameter that is not finite \(here: lr\)"):
+        _train(model, opt, _batches(1))
+    assert torch.equal(_flat(model), params)
 
 
 def test_step_is_atomic_across_parameter_groups():

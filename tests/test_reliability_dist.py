@@ -340,6 +340,13 @@ def _misconfigured(rank):
         model = DDP(_net())
         tk.ddp.register(model, kwargs.pop("feedback", tk.EF21(tk.TopK(ratio=0.3))), **kwargs)
         out[label] = _raises(lambda m=model: m(torch.randn(2, 5)).sum().backward())
+
+    # the hook over a float64 model on one rank: Gloo aborted the process (as with plain DDP)
+    net = _net().double() if rank == 1 else _net()
+    model = DDP(net)
+    tk.ddp.register(model, tk.EF21(tk.TopK(ratio=0.3)))
+    x = torch.randn(2, 5, dtype=torch.float64 if rank == 1 else torch.float32)
+    out["dtype"] = _raises(lambda: model(x).sum().backward())
     return out
 
 
@@ -466,6 +473,7 @@ def test_ranks_configured_differently_all_raise(results):
         assert m["schedule_untouched"]
         for setting in ("start_iter", "min_compression_rate", "nonfinite"):
             assert "ranks are configured differently" in m[setting] and setting in m[setting], m[setting]
+        assert "parameters[2][0]" in m["dtype"] and "torch.float64" in m["dtype"], m["dtype"]
 
 
 def test_a_mixed_resume_raises_on_every_rank_saying_what_to_do(results):

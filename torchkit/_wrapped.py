@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import operator
 import sys
 import warnings
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from . import ops
 from .feedback import Feedback
-from .frontend import FrontEnd, make_exchanger, mesh_problems
+from .frontend import RESUME_HINTS, FrontEnd, make_exchanger, mesh_problems
 
 __all__ = [
     "WrappedOptimizer",
@@ -51,7 +52,10 @@ __all__ = [
     "is_view_of",
     "group_options",
     "options_digest",
+    "options_payload",
+    "check_options",
     "parameters_fingerprint",
+    "check_parameter_order",
     "check_inner_state",
 ]
 
@@ -679,6 +683,55 @@ def options_digest(param_groups) -> list[float]:
                 w *= 1.6180339887
         out.append(total)
     return out
+
+
+def options_payload(param_groups) -> list[float]:
+    """What a MAX all-reduce over the ranks turns into a check of the groups' hyper-parameters
+    (:func:`check_options`): each group's digest, then their negations (after MAX, ``max(d) == -max(-d)`` on every
+    rank iff all ranks agree). A group with a hyper-parameter that is not finite (NaN compares unequal even to
+    itself) sends +inf in both places, which no finite digest reaches in the second."""
+    digest = [x if math.isfinite(x) else None for x in options_digest(param_groups)]
+    return [math.inf if x is None else x for x in digest] + [math.inf if x is None else -x for x in digest]
+
+
+def check_options(
+    agreed: list[float], param_groups, step: int, what: str = "parameter group", unchanged: str = "nothing was changed"
+) -> None:
+    """``ValueError`` on every rank where, after the MAX of every rank's :func:`options_payload`, a group has a
+    hyper-parameter that is not finite on some rank, or the ranks set a group's differently."""
+    n = len(agreed) // 2
+    hi, lo = agreed[:n], [-x for x in agreed[n:]]
+    for g in range(n):
+        if lo[g] == -math.inf:
+            mine = [k for k, v in group_options(param_groups)[g].items() if not all(map(math.isfinite, _numbers(v)))]
+            where = f"here: {', '.join(mine)}" if mine else "on another rank"
+            raise ValueError(
+                f"{what} {g} has a hyper-parameter that is not finite ({where}) at step {step}; {unchanged}"
+            )
+    for g in range(n):
+        if hi[g] != lo[g]:
+            raise ValueError(
+                f"ranks are configured differently: {what} {g}'s hyper-parameters (lr, momentum, ...) differ "
+                f"between ranks at step {step}; {unchanged}. {RESUME_HINTS['options']}"
+            )
+
+
+def check_parameter_order(params, group, world_size: int) -> None:
+    """``ValueError`` on every rank when a rank lists the same parameters as rank 0 in another order (the same
+    fingerprints, :func:`parameters_fingerprint`, at other positions). LocalSGD lets ranks start from different
+    values (it takes rank 0's as the anchor, position by position), so it cannot ask for equal fingerprints; but
+    rank 0's values in another rank's other parameter (two layers of one shape) would mix two layers for good."""
+    mine = parameters_fingerprint(params)
+    theirs: list = [None] * world_size
+    dist.all_gather_object(theirs, mine, group=group)
+    first = theirs[0]
+    for r, other in enumerate(theirs):
+        if other != first and sorted(map(repr, other)) == sorted(map(repr, first)):
+            moved = next(i for i, (a, b) in enumerate(zip(first, other)) if a != b)
+            raise ValueError(
+                f"ranks are configured differently: rank {r} lists the same parameters as rank 0 in another order "
+                f"(first at position {moved}); every rank must pass its parameters in the same order"
+            )
 
 
 def parameters_fingerprint(params) -> list[list]:

@@ -370,7 +370,7 @@ def _checked_options(feedback, start_iter, min_compression_rate, wire_dtype, gra
     return nonfinite
 
 
-def _agree(state: CompressionState, keys=None, sizes=None) -> None:
+def _agree(state: CompressionState, keys=None, sizes=None, dtypes=None) -> None:
     """Before the first iteration's collectives (and the first after a load): every rank runs the same method
     with the same settings over the same model from the same shared state, or all raise. The settings include
     everything that decides which collective a bucket runs (``start_iter``, ``min_compression_rate``,
@@ -379,8 +379,9 @@ def _agree(state: CompressionState, keys=None, sizes=None) -> None:
     parameters."""
     module = state._bound()
     if keys is None and module is not None:
-        named = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
-        keys, sizes = [normalize_name(n) for n, _ in named], [k for _, k in named]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        keys, sizes = [normalize_name(n) for n, _ in named], [p.numel() for _, p in named]
+        dtypes = [str(p.dtype) for _, p in named]
     mine = {
         "method": state.feedback.config(),
         "wire": str(state.wire_dtype),
@@ -388,7 +389,7 @@ def _agree(state: CompressionState, keys=None, sizes=None) -> None:
         "min_compression_rate": state.min_compression_rate,
         "nonfinite": state.nonfinite,
         "grad_scaler": state.grad_scaler is not None and state.grad_scaler.is_enabled(),  # disabled: as none
-        "parameters": [list(map(str, keys)), list(sizes)],
+        "parameters": [list(map(str, keys)), list(sizes), list(dtypes or ())],  # (dtypes: else Gloo aborts)
         "iteration": {"iter": state.iter, "fb_origin": state.fb_origin},  # decides the buckets' collectives
     }
     shared = {"feedback": state.round.shared()}
@@ -450,7 +451,7 @@ def _hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Fut
         state._check_feedback()  # a state registered by hand has no forward check
     if not state._agreed and dist.get_world_size(state.process_group) > 1:
         params = bucket.parameters()
-        _agree(state, tuple(state._key(p) for p in params), [p.numel() for p in params])
+        _agree(state, tuple(state._key(p) for p in params), [p.numel() for p in params], [str(p.dtype) for p in params])
     last = bucket.is_last()
     if state.iter < state.start_iter:
         job = _Job(buf)

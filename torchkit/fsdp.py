@@ -32,7 +32,8 @@ with NCCL's).
 from __future__ import annotations
 
 import zlib
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,7 @@ from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree
 from .metrics import CommMetrics
 from .process_group import destroy_at_exit
+from .state import checkpoint_count
 
 __all__ = ["CompressedReduceScatter", "compress_reduce_scatter"]
 
@@ -168,7 +170,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
 
     def _configuration(self, x: Tensor) -> dict:
         return {
-            "feedback": self.feedback.config(),
+            "method": self.feedback.config(),  # ("feedback" would draw the resume hint: it names the shared state)
             "step": self.step,
             "reduce-scatter input": (x.numel(), str(x.dtype)),
             "nonfinite": self.nonfinite,
@@ -230,13 +232,29 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        """This rank's state back, checked whole before anything changes (a NaN or a vector of another length
+        raises ``ValueError``; the configuration and the saving rank are compared at the next call, on every rank)."""
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
         mine = self.feedback.config()
         if sd.get("method") != mine:
             raise ValueError(f"feedback state of {sd.get('method')!r}, this reduce-scatter runs {mine!r}")
-        if self._numel is not None and sd.get("numel") not in (None, self._numel):
-            raise ValueError(
-                f"feedback state for {sd.get('numel')} entries, this module's reduce-scatter has {self._numel}"
-            )
+        numel = sd.get("numel")
+        if numel is not None and (isinstance(numel, bool) or not isinstance(numel, int) or numel < 1):
+            raise ValueError(f"checkpoint numel must be an int >= 1 or None, got {numel!r}")
+        if self._numel is not None and numel not in (None, self._numel):
+            raise ValueError(f"feedback state for {numel} entries, this module's reduce-scatter has {self._numel}")
+        checkpoint_count("step", sd.get("step", 0))
+        state, server = sd.get("state"), sd.get("server")
+        if numel is not None:
+            want = set(self.feedback.state_names)
+            if not isinstance(state, Mapping) or set(state) != want:
+                have = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+                raise ValueError(f"checkpoint state must hold {sorted(want)}, has {have}")
+            for k, t in state.items():
+                _check_vector(f"state {k!r}", t, numel)
+        if server is not None:
+            _check_vector("server", server, None)
         saved = (sd.get("rank"), sd.get("world_size"))
         # checked at the next call, on every rank at once (its probe): a rank raising here alone would leave the
         # others waiting in that collective. Checkpoints before 2026-12 did not record it.
@@ -245,6 +263,19 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         self._numel = sd["numel"]
         self.state = {k: v.clone() for k, v in sd["state"].items()} if sd["numel"] is not None else None
         self.server = None if sd["server"] is None else sd["server"].clone()
+
+
+def _check_vector(what: str, t: Any, numel: int | None) -> None:
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 1:
+        raise ValueError(f"checkpoint {what} must be a 1-D floating-point tensor, got {_described(t)}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"checkpoint {what} has {t.numel()} entries, the reduce-scatter's input {numel}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"checkpoint {what} holds non-finite values")
+
+
+def _described(t: Any) -> str:
+    return f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
 
 def compress_reduce_scatter(

@@ -29,12 +29,15 @@ from ._wrapped import (
     check_common_args,
     check_groups,
     check_inner_state,
+    check_options,
+    check_parameter_order,
     check_sharding,
     grad_like,
     group_options,
     inner_step,
     local_of,
     needs_closure,
+    options_payload,
     run_eagerly,
     shard_count,
     unscaled_and_bad,
@@ -43,7 +46,7 @@ from .comm import RoundOptions, agree_max, agreement_bytes, check_wire, nonfinit
 from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree, make_exchanger
 from .metrics import CommMetrics
-from .state import RoundState
+from .state import RoundState, checkpoint_count
 
 __all__ = ["LocalSGD"]
 
@@ -211,6 +214,8 @@ class LocalSGD(WrappedOptimizer):
             check_sharding([p for g in self.param_groups for p in g["params"]], self.process_group)
             agree(_configuration(self), group=self.process_group, world_size=self.world_size, rank=self.rank,
                   what="model and LocalSGD", hints=RESUME_HINTS, everyone=self._everyone())  # fmt: skip
+            if not self._anchor.taken:  # before the anchor is taken from rank 0's parameters, position by position
+                check_parameter_order(_named(self.param_groups)[1], self.process_group, self.world_size)
             self._agreed = True
         if not self._anchor.taken:
             self._anchor.take(self.param_groups, self.process_group if self.world_size > 1 else False)
@@ -278,12 +283,20 @@ class LocalSGD(WrappedOptimizer):
         works = self._works()
         if self.overlap:
             return self._sync_overlapped(works)
-        bad = [nonfinite_flag(self._anchor.pseudo_gradient(w, self._flat)).float().cpu() for w in works]
-        bad = torch.stack([*bad, torch.tensor(float(self._bad_pending))]).amax().reshape(1)
-        flag_bytes = agreement_bytes(self._agreement, bad)  # the agreement's, on the wire
+        bad = [nonfinite_flag(self._anchor.pseudo_gradient(w, self._flat)).double().cpu() for w in works]
+        bad = torch.stack([*bad, torch.tensor(float(self._bad_pending), dtype=torch.float64)]).amax().reshape(1)
+        # with the inner and outer groups' hyper-parameters: a scheduler stepped on one rank only drifts apart
+        inner, outer = options_payload(self.param_groups), options_payload(self.outer.param_groups)
+        sent = torch.cat([bad, torch.tensor(inner + outer, dtype=torch.float64)])
+        flag_bytes = agreement_bytes(self._agreement, sent)  # the agreement's, on the wire
         self.metrics.bytes_sent += flag_bytes
         self.bytes_sent += flag_bytes  # the older counter agrees
-        if bool(agree_max(self._agreement, bad)[0] > 0):
+        flags = agree_max(self._agreement, sent).tolist()
+        unchanged = "the round was not run (the next step synchronises)"
+        check_options(flags[1 : 1 + len(inner)], self.param_groups, self.round.step, unchanged=unchanged)
+        check_options(flags[1 + len(inner) :], self.outer.param_groups, self.round.step, "outer parameter group",
+                      unchanged)  # fmt: skip
+        if flags[0] > 0:
             return self._skip_round(works)
         self._apply([(w, self._flat.get(w)[1], self._start_round(w, w.flat)) for w in works])
         self.metrics.last_bytes_sent += flag_bytes
@@ -464,7 +477,13 @@ class LocalSGD(WrappedOptimizer):
             check_groups("inner", self.inner, local["inner"])
             check_inner_state(self.inner, local["inner"])
         anchor = self._anchor.check(local, self.param_groups)
-        return {**local, "anchor": anchor, "skipped_steps": sd.get("skipped_steps")}
+        counts = {n: checkpoint_count(n, local.get(n)) for n in ("skipped_rounds", "bytes_sent", "dense_bytes")}
+        return {
+            **local,
+            **counts,
+            "anchor": anchor,
+            "skipped_steps": checkpoint_count("skipped_steps", sd.get("skipped_steps")),
+        }
 
     def _apply_extras(self, local: dict[str, Any]) -> None:
         self._anchor.apply(local["anchor"], self.param_groups)  # may refuse (the outer optimizer) before any change
@@ -477,10 +496,8 @@ class LocalSGD(WrappedOptimizer):
                          if not torch.equal(t, local_of(a).to(t.device))}  # fmt: skip
         self._bad_pending = bool(local.get("bad_pending", False))
         self._round_failed = bool(local.get("round_failed", False))
-        self.skipped_steps = int(local.get("skipped_steps") or 0)
-        self.skipped_rounds = int(local.get("skipped_rounds", 0))
-        self.bytes_sent = int(local.get("bytes_sent", 0))
-        self.dense_bytes = int(local.get("dense_bytes", 0))
+        self.skipped_steps, self.skipped_rounds = local["skipped_steps"], local["skipped_rounds"]
+        self.bytes_sent, self.dense_bytes = local["bytes_sent"], local["dense_bytes"]
 
     def _restart(self) -> None:
         rounds, self._in_flight = self._in_flight, None

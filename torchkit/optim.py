@@ -25,13 +25,14 @@ from ._wrapped import (
     WrappedOptimizer,
     called_from_dcp_init,
     check_common_args,
+    check_options,
     check_sharding,
     grad_like,
     group_options,
     inner_step,
     is_view_of,
     local_of,
-    options_digest,
+    options_payload,
     parameters_fingerprint,
     run_eagerly,
     shard_count,
@@ -52,7 +53,7 @@ from .feedback import Feedback
 from .frontend import RESUME_HINTS, agree, live_instances, make_exchanger
 from .metrics import CommMetrics
 from .node import agree_on_nodes, node_shards
-from .state import RoundState, split_flat
+from .state import RoundState, checkpoint_count, split_flat
 
 __all__ = ["CompressedOptimizer"]
 
@@ -242,21 +243,15 @@ class CompressedOptimizer(WrappedOptimizer):
         if found_inf is not None:
             bads.append((found_inf.float() > 0).float().reshape(1))
         bad = torch.cat([b.to(dev) for b in bads]).amax().reshape(1) if bads else torch.zeros(1, device=dev)
-        # each group's hyper-parameters as d and -d: after MAX, max(d) == -max(-d) on every rank iff all ranks agree
-        digest = torch.tensor(options_digest(self.param_groups), dtype=torch.float64, device=dev)
+        # each group's hyper-parameters, checked alike on every rank (options_payload)
+        options = torch.tensor(options_payload(self.param_groups), dtype=torch.float64, device=dev)
         has_t = torch.tensor(has, dtype=torch.float64, device=dev)
-        sent = torch.cat([bad.double(), has_t, digest, -digest])
-        flags = agree_max(agreement, sent)
+        sent = torch.cat([bad.double(), has_t, options])
+        flags = agree_max(agreement, sent).tolist()
         n = len(has)
-        hi, lo = flags[1 + n : 1 + n + len(digest)], -flags[1 + n + len(digest) :]
-        if not torch.equal(hi, lo):
-            g = int((hi != lo).nonzero()[0])
-            raise ValueError(
-                f"ranks are configured differently: parameter group {g}'s hyper-parameters (lr, momentum, ...) differ "
-                f"between ranks at step {self.round.step}; nothing was changed. {RESUME_HINTS['options']}"
-            )
+        check_options(flags[1 + n :], self.param_groups, self.round.step)
         flag_bytes = agreement_bytes(agreement, sent)
-        return [bool(f) for f in flags[1 : 1 + n].tolist()], bool(flags[0]), flag_bytes
+        return [bool(f) for f in flags[1 : 1 + n]], bool(flags[0]), flag_bytes
 
     def _flat_grad(self, w: Work, grad_scale, has: list[bool]) -> Tensor:
         """The group's gradients in the persistent flat buffer (missing ones zero), unscaled when GradScaler
@@ -381,10 +376,12 @@ class CompressedOptimizer(WrappedOptimizer):
         return {"skipped_steps": self.skipped_steps, **self._mesh_extra()}
 
     def _extra_problems(self, sd) -> list[str]:
+        if "local_sgd" in sd:  # its error state is of pseudo-gradients, its anchors would be dropped
+            raise ValueError("a LocalSGD state_dict, not a CompressedOptimizer's: load it into a LocalSGD")
         return self._mesh_problems(sd)
 
     def _check_extras(self, sd) -> int:
-        return int(sd.get("skipped_steps", 0))
+        return checkpoint_count("skipped_steps", sd.get("skipped_steps"))
 
     def _apply_extras(self, skipped_steps: int) -> None:
         self.skipped_steps = skipped_steps

@@ -11,6 +11,7 @@ does not depend on the blocks, and one validator checks it before anything is ch
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -280,6 +281,10 @@ class RoundState:
             for name, vecs in params.items():
                 n = sizes.get(name)
                 for k, t in vecs.items():
+                    if t.dim() != 1:  # the front ends keep one vector per parameter ([rows, d]: the simulator's)
+                        raise ValueError(
+                            f"checkpoint state {k!r} of parameter {name!r} has shape {tuple(t.shape)}, not one vector"
+                        )
                     if n is not None and t.shape[-1] != n:
                         raise ValueError(
                             f"checkpoint state {k!r} of parameter {name!r} has {t.shape[-1]} elements, "
@@ -379,6 +384,16 @@ def check_envelope(
     if method != mine:
         problems.append(f"saved with feedback {_describe(method)}, this run has {_describe(mine)}")
     return problems
+
+
+def checkpoint_count(name: str, value: Any) -> int:
+    """A counter a checkpoint carries (steps skipped, bytes sent): an int >= 0, or absent (``None``: 0, as before it
+    was kept); checked before a load changes anything."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"checkpoint {name} must be an int >= 0, got {value!r}")
+    return int(value)
 
 
 def _few(names: list) -> str:
