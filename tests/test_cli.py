@@ -341,3 +341,20 @@ def test_demo_table_gives_ef21sgdm_its_eta_and_every_line_its_own_style():
     assert len(set(styles)) == 6
     for key in ("color", "linestyle", "marker"):  # and no two neighbours share any one of them
         assert all(a[key] != b[key] for a, b in zip(line_styles(6), line_styles(6)[1:]))
+
+
+def test_bad_numbers_are_argument_errors_not_tracebacks(tmp_path, capsys):
+    """``--sizes inf`` raised OverflowError with a traceback, and a ``--k`` above the data's features was refused
+    as "alpha must be in (0, 1], got 50.0" (found by an audit)."""
+    for size in ("inf", "1e400", "0", "2.5"):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--sizes", size])
+        assert exc.value.code == 2 and "must be a positive length such as 1e6" in capsys.readouterr().err
+    data = tmp_path / "tiny.libsvm"
+    g = torch.Generator().manual_seed(0)
+    rows = [f"{1 if i % 2 else -1} " + " ".join(f"{j + 1}:1" for j in range(20) if torch.rand(1, generator=g) < 0.3)
+            for i in range(60)]  # fmt: skip
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["repro", "ef21", "--data", str(data), "--k", "1000", "--workers", "4", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "k = 1000 is more than the data's 20 features" in err, err

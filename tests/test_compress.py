@@ -163,3 +163,43 @@ def test_the_nonfinite_check_is_exact_at_the_edges_of_the_range():
         z[0], z[1] = float("inf"), -float("inf")  # their sum is NaN
         assert bad(z)
         assert bad(torch.randn(3, 5).to(dtype).fill_(float("nan")))
+
+
+def test_randk_draws_from_int_steps_and_workers_only():
+    """A tensor ``step`` hashed by identity (another draw each call, and other supports on each worker of a shared
+    support), a float by value; both are refused, and NumPy ints draw what Python ints do."""
+    import numpy as np
+
+    comp = tk.RandK(3, seed=1)
+    x = torch.arange(20.0)
+    same = comp.compress(x, worker=1, step=5).indices
+    assert torch.equal(comp.compress(x, worker=np.int64(1), step=np.int64(5)).indices, same)
+    for bad in (torch.tensor(5), 5.0, True):
+        with pytest.raises(TypeError, match="step must be an int"):
+            comp.compress(x, step=bad)
+    with pytest.raises(ValueError, match="worker must be >= 0"):
+        comp.compress(x, worker=-1)
+
+
+@pytest.mark.parametrize("make", [lambda: tk.TopK(2), lambda: tk.RandK(2), tk.ScaledSign, tk.Identity,
+                                  lambda: tk.CyclicTopK(2)])  # fmt: skip
+def test_compress_segments_refuses_segments_that_leave_the_tail_out(make):
+    """Segments that add up to less than the vector silently left its tail out of the message (the two largest
+    entries of this one, found by an audit); ``Feedback.worker_step`` refused them already."""
+    x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 9.0, 8.0])
+    with pytest.raises(ValueError, match=r"segments \(3, 3\) do not add up to the vector length 8"):
+        make().compress_segments(x, (3, 3))
+    with pytest.raises(TypeError, match="segment length must be an int"):
+        make().compress_segments(x, (4.0, 4))
+
+
+@pytest.mark.parametrize("make", [lambda: tk.TopK(2), lambda: tk.RandK(ratio=0.5), tk.ScaledSign, tk.Identity])
+def test_the_accounting_refuses_a_length_that_is_not_a_positive_int(make):
+    """``wire_bytes(d)`` and ``value_bits(d)`` returned -8 bytes for d = -100, 10.0 for 2.5 and '3333' for '3'
+    (found by an audit), where ``alpha(d)`` refused them."""
+    comp = make()
+    for d, error in ((-100, ValueError), (0, ValueError), (2.5, TypeError), ("3", TypeError), (True, TypeError)):
+        for fn in (comp.wire_bytes, comp.value_bits, comp.alpha):
+            with pytest.raises(error, match="d must be"):
+                fn(d)
+    assert comp.wire_bytes(8) > 0 and comp.value_bits(8) > 0

@@ -235,6 +235,17 @@ def test_accumulate_decodes_a_round_in_one_call(impl, zero, poison):
     assert torch.equal(out[untouched].signbit(), ref[untouched].signbit())
 
 
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_accumulate_refuses_indices_outside_out_before_changing_it(impl):
+    """An index past ``out`` (or below 0) left ``out`` zeroed or half added, then raised a torch error (found by an
+    audit); now ``ValueError`` naming the indices, and ``out`` as it was."""
+    for bad in (8, -1):
+        out = torch.ones(8)
+        with pytest.raises(ValueError, match=rf"indices must be in \[0, 8\) \(the length of out\), got {bad}"):
+            ops.accumulate_(out, torch.ones(2, 3), torch.tensor([[0, 1, 2], [3, bad, 4]]), zero=True, impl=impl)
+        assert torch.equal(out, torch.ones(8))
+
+
 def test_accumulate_refuses_a_poison_that_is_not_float64_checks():
     out, values, indices = torch.zeros(5), torch.ones(1, 2), torch.tensor([[0, 1]])
     with pytest.raises(TypeError, match="poison"):

@@ -295,3 +295,18 @@ def test_inner_state_of_another_shape_is_refused_at_load():
     ):
         other.load_state_dict(tk.checkpoint.without_feedback(sd))
     assert len(other.state) == 0 and other.round.step == 0  # nothing loaded
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    """torch only warns; the parameter would be stepped twice, its feedback state kept twice and its bytes sent
+    twice (found by an audit). Two groups sharing one was refused already (torch's own error)."""
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    fb = tk.EF14(tk.TopK(1))
+    with pytest.raises(ValueError, match=r"parameter group 0 lists a parameter twice \(positions 0 and 2\)"):
+        tk.CompressedOptimizer([p, q, p], torch.optim.SGD, lr=0.1, feedback=fb)
+    with pytest.raises(ValueError, match=r"parameter group 0 lists a parameter twice"):
+        tk.LocalSGD(iter([p, p]), torch.optim.SGD, lr=0.1, feedback=fb, sync_every=2)
+    opt = tk.CompressedOptimizer([p], torch.optim.SGD, lr=0.1, feedback=fb)
+    with pytest.raises(ValueError, match=r"parameter group 1 lists a parameter twice \(positions 0 and 1\)"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1

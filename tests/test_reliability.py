@@ -149,6 +149,36 @@ def test_a_learning_rate_that_is_not_finite_is_named_not_taken_for_ranks_that_di
     assert torch.equal(_flat(model), params)
 
 
+@pytest.mark.parametrize("front", ["wrapper", "local_sgd"])
+def test_parameters_without_elements_step_as_torch_steps_them(front):
+    """A group whose parameters hold no element (``torch.empty(0)`` placeholders) crashed the step in ``aminmax``
+    (found by an audit; torch's SGD steps it): they have nothing to send and are left out of the rounds; the other
+    parameters train as without them, and a checkpoint round trip works."""
+    torch.manual_seed(0)
+    w, empty, wide = (
+        torch.nn.Parameter(torch.randn(6)),
+        torch.nn.Parameter(torch.empty(0)),
+        torch.nn.Parameter(torch.empty(3, 0)),
+    )
+    alone = torch.nn.Parameter(w.detach().clone())
+
+    def make(groups):
+        if front == "wrapper":
+            return tk.CompressedOptimizer(groups, torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(2)))
+        return tk.LocalSGD(groups, torch.optim.SGD, lr=0.1, feedback=tk.EF14(tk.TopK(2)), sync_every=2)
+
+    opt, ref = make([{"params": [w, empty]}, {"params": [wide]}]), make([alone])
+    for t in range(4):
+        w.grad, alone.grad = torch.full((6,), float(t + 1)), torch.full((6,), float(t + 1))
+        empty.grad, wide.grad = torch.empty(0), torch.empty(3, 0)
+        opt.step()
+        ref.step()
+    assert torch.equal(w, alone)
+    again = make([{"params": [w, empty]}, {"params": [wide]}])
+    again.load_state_dict(opt.state_dict())
+    assert sorted(opt.state_dict()["torchkit"]["params"]) == ["0.0"]
+
+
 def test_step_is_atomic_across_parameter_groups():
     model = _model()
     opt = tk.CompressedOptimizer(

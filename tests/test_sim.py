@@ -311,3 +311,37 @@ def test_make_classification_is_a_mushrooms_shaped_problem_that_trains():
     assert res.grad_norm_sq[-1] < 1e-3 * res.grad_norm_sq[0]
     with pytest.raises(ValueError, match="density must be in"):
         make_classification(10, 4, density=0.0)
+
+
+def test_a_logistic_regression_refuses_bounds_and_weights_that_give_wrong_gradients():
+    """Found by an audit: a bound past the data cut a worker's slice short while its mean still divided by the
+    bound's width (a gradient 19x too small), reversed or empty bounds gave zeros or NaN, overlapping ones counted
+    rows twice, and a NaN or negative ``lam`` was taken (a negative smoothness constant for the step size)."""
+    A, y = tk.sim.make_classification(200, 8)
+    for bounds, words in [
+        ([(0, 100), (100, 2000)], r"bounds\[1\] = \(100, 2000\) must be a non-empty slice of the 200 data rows"),
+        ([(0, 100), (150, 100)], r"bounds\[1\] = \(150, 100\)"),
+        ([(0, 100), (100, 100)], "non-empty"),
+        ([(0, 120), (100, 200)], r"bounds \(0, 120\) and \(100, 200\) overlap"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            LogisticRegression(A, y, n_workers=2, bounds=bounds)
+    with pytest.raises(TypeError, match="bounds start must be an int"):
+        LogisticRegression(A, y, n_workers=2, bounds=[(0.5, 100), (100, 200)])
+    for lam in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match="lam must be >= 0 and finite"):
+            LogisticRegression(A, y, n_workers=2, lam=lam)
+    with pytest.raises(TypeError, match="lam must be a float"):
+        LogisticRegression(A, y, n_workers=2, lam="0.1")
+    ok = LogisticRegression(A, y, n_workers=2, bounds=[(100, 200), (0, 100)])  # any order, apart
+    assert ok.grad_fn(torch.zeros(8, dtype=torch.float64)).shape == (2, 8)
+
+
+def test_simulate_local_refuses_a_learning_rate_that_is_not_positive_and_finite():
+    problem = LogisticRegression(*tk.sim.make_classification(40, 6), n_workers=2)
+    for lr in (float("nan"), 0.0, float("inf"), -0.1):
+        with pytest.raises(ValueError, match=r"inner_optimizer \(a learning rate\) must be positive and finite"):
+            tk.sim.simulate_local(
+                tk.EF14(tk.TopK(2)), problem.grad_fn, torch.zeros(6, dtype=torch.float64), n_workers=2, rounds=1,
+                sync_every=2, inner_optimizer=lr,
+            )  # fmt: skip

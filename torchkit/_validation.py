@@ -27,6 +27,15 @@ def check_int(name: str, value: object, *, low: int = 1) -> int:
     return int(value)
 
 
+def check_segments(segments, d: int) -> tuple[int, ...]:
+    """Segment lengths (ints >= 0) that add up to the vector length ``d``, as a tuple (a shorter list silently left
+    the vector's tail out of a message)."""
+    sizes = tuple(check_int("segment length", n, low=0) for n in segments)  # (an empty parameter: 0)
+    if sum(sizes) != d:
+        raise ValueError(f"segments {sizes} do not add up to the vector length {d}")
+    return sizes
+
+
 def check_ratio(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
@@ -55,6 +64,14 @@ def check_positive(name: str, value: object, kind: str = "a float") -> float:
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
     if not 0 < value < math.inf:
         raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    """A finite real number >= 0 (a regulariser's weight)."""
+    _check_real(name, value)
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be >= 0 and finite, got {value!r}")
     return float(value)
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "group_options",
     "options_digest",
     "options_payload",
+    "unique_params",
     "check_options",
     "parameters_fingerprint",
     "check_parameter_order",
@@ -110,6 +111,11 @@ class WrappedOptimizer(torch.optim.Optimizer, FrontEnd):
         return self._exchanger.first_worker
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        try:
+            index = len(self.param_groups)
+        except AttributeError:  # (while torch.optim builds the groups, before the inner optimizer exists)
+            index = 0
+        param_group = unique_params(param_group, index)
         if not self.__dict__.get("_ready"):
             return super().add_param_group(param_group)
         self.inner.add_param_group(param_group)
@@ -432,7 +438,7 @@ def _works_of(param_groups, like_of=None) -> list[Work]:
         likes = group["params"] if like_of is None else like_of(gi)
         by_kind: dict[tuple, list] = {}
         for pi, (p, like) in enumerate(zip(group["params"], likes)):
-            if p.requires_grad:
+            if p.requires_grad and p.numel():  # (an empty parameter has nothing to send; a DTensor's: its global size)
                 by_kind.setdefault((p.dtype, p.device), []).append((f"{gi}.{pi}", p, like))
         for (dtype, device), named in by_kind.items():
             works.append(
@@ -683,6 +689,21 @@ def options_digest(param_groups) -> list[float]:
                 w *= 1.6180339887
         out.append(total)
     return out
+
+
+def unique_params(param_group: dict[str, Any], index: int) -> dict[str, Any]:
+    """``param_group`` with its parameters as a list, refused when it lists one twice: torch only warns, and the
+    parameter would be stepped twice, its feedback state kept twice and its bytes sent twice."""
+    params = param_group.get("params") if isinstance(param_group, Mapping) else None
+    if params is None or isinstance(params, (set, Tensor)):
+        return param_group  # torch's own checks name these
+    params = list(params)
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(f"parameter group {index} lists a parameter twice (positions {seen[id(p)]} and {i})")
+        seen[id(p)] = i
+    return {**param_group, "params": params}
 
 
 def options_payload(param_groups) -> list[float]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validation import check_bool, check_dense_float, check_int, check_ratio, resolve_k
+from ._validation import check_bool, check_dense_float, check_int, check_ratio, check_segments, resolve_k
 
 __all__ = [
     "Compressor",
@@ -470,6 +470,7 @@ class Compressor:
 
     def compress_segments(self, x: Tensor, segments: Sequence[int], *, worker: int = 0, step: int = 0) -> Message:
         """Compress each segment of the last dim on its own (per-tensor granularity) into one message."""
+        check_segments(segments, x.shape[-1])
         if len(segments) == 1:
             return self.compress(x, worker=worker, step=step)
         x2 = _rows(x)
@@ -498,7 +499,7 @@ class _Sparsifier(Compressor):
     def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
         """Exact bytes of a packed message (:func:`chunk_wire_bytes`: int8's scale and int2's packing included; they
         were left out for RandK, whose int2 count was 17% high and int8's 4 bytes low)."""
-        return chunk_wire_bytes(self, [d], value_dtype)
+        return chunk_wire_bytes(self, [check_int("d", d)], value_dtype)
 
     def value_bytes(self, value_dtype: torch.dtype) -> int:
         """Bytes of one value on the wire: the wire dtype's, or for values summed by ``all_reduce`` (a shared
@@ -508,7 +509,7 @@ class _Sparsifier(Compressor):
         return torch.empty((), dtype=value_dtype).element_size()
 
     def value_bits(self, d: int) -> int:
-        return self.k_for(d) * _VALUE_BITS
+        return self.k_for(check_int("d", d)) * _VALUE_BITS
 
     def index_bytes(self, d: int) -> int:
         """Bytes of one index on the wire for a vector of length ``d`` (0 where the indices travel not at all)."""
@@ -654,7 +655,7 @@ class RandK(_Sparsifier):
         return self.shared
 
     def omega(self, d: int) -> float:
-        return d / self.k_for(d) - 1.0
+        return check_int("d", d) / self.k_for(d) - 1.0
 
     def index_bytes(self, d: int) -> int:
         return 0 if self.shared else super().index_bytes(d)
@@ -669,6 +670,9 @@ class RandK(_Sparsifier):
         return RandK(self.k, ratio=self.ratio, seed=self.seed, unbiased=False, shared=self.shared)
 
     def indices(self, d: int, rows: int, *, worker: int, step: int) -> Tensor:
+        # ints only: a tensor hashes by identity and a float by value, and either would draw other indices than
+        # the int the front ends pass (a shared support would then differ between workers)
+        worker, step = check_int("worker", worker, low=0), check_int("step", step, low=0)
         k = self.k_for(d)
         out = torch.empty(rows, k, dtype=torch.int64)
         if self.shared:  # one draw for every worker: -1 is no worker's own stream
@@ -757,6 +761,7 @@ class CyclicTopK(_Sparsifier):
         """Per segment, k_l = k_for(d_l) of the leader's entries; the leader's indices travel once for all."""
         x2 = _input_rows(x)
         rows, d = x2.shape
+        segments = check_segments(segments, d)
         exchange = _SUPPORT.get()
         n = exchange.n_workers if exchange is not None else rows
         first = exchange.first_worker if exchange is not None else 0
@@ -801,10 +806,10 @@ class ScaledSign(Compressor):
         return SignMessage(_pack_bits(x2 >= 0), scale.to(scale_dtype), (x2.shape[1],))
 
     def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
-        return (d + 7) // 8 + 4
+        return (check_int("d", d) + 7) // 8 + 4
 
     def value_bits(self, d: int) -> int:
-        return d + _VALUE_BITS
+        return check_int("d", d) + _VALUE_BITS
 
     def __repr__(self) -> str:
         return "ScaledSign()"
@@ -821,10 +826,10 @@ class Identity(Compressor):
         return DenseMessage(_input_rows(x).clone())
 
     def wire_bytes(self, d: int, value_dtype: torch.dtype = torch.float32) -> int:
-        return dense_wire_bytes(d, value_dtype)
+        return dense_wire_bytes(check_int("d", d), value_dtype)
 
     def value_bits(self, d: int) -> int:
-        return d * _VALUE_BITS
+        return check_int("d", d) * _VALUE_BITS
 
     def __repr__(self) -> str:
         return "Identity()"

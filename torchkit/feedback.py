@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validation import check_bool, check_unit_interval, check_weights
+from ._validation import check_bool, check_segments, check_unit_interval, check_weights
 from .compress import (
     INT2,
     Compressor,
@@ -305,9 +305,7 @@ class Feedback:
         """
         first = next(iter(state.values())) if state else None
         d = grad.shape[-1]
-        segments = tuple(segments) if segments is not None else (d,)
-        if sum(segments) != d:
-            raise ValueError(f"segments {segments} do not add up to the vector length {d}")
+        segments = check_segments(segments, d) if segments is not None else (d,)
         g = self._scaled_input(grad, worker, n_workers, first.dtype if first is not None else torch.float32)
         if sanitize:
             g = torch.where(torch.isfinite(g), g, self._neutral(state, step, g))

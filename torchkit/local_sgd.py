@@ -40,6 +40,7 @@ from ._wrapped import (
     options_payload,
     run_eagerly,
     shard_count,
+    unique_params,
     unscaled_and_bad,
 )
 from .comm import RoundOptions, agree_max, agreement_bytes, check_wire, nonfinite_flag, settle_nonfinite, start_round
@@ -204,7 +205,7 @@ class LocalSGD(WrappedOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self.__dict__.get("_ready"):
             return super().add_param_group(param_group)
-        self.inner.add_param_group(param_group)
+        self.inner.add_param_group(unique_params(param_group, len(self.param_groups)))
         self._anchor.add_group(self.param_groups[-1]["params"])
         self._agreed = False
 

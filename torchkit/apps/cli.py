@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -168,7 +169,7 @@ def _size(text: str) -> int:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive length such as 1e6, got {text!r}") from None
-    if not (value >= 1 and value == int(value)):
+    if not (1 <= value < math.inf and value == int(value)):  # (int(inf) raised OverflowError: a traceback)
         raise argparse.ArgumentTypeError(f"must be a positive length such as 1e6, got {text!r}")
     return int(value)
 

@@ -243,6 +243,12 @@ def _run(fb, prob, x0, *, steps, lr, stop_below=None, bar=None, label=""):
     return res
 
 
+def _check_k(k: int, d: int) -> None:
+    """TopK's k within the data's d features (k > d was refused only as "alpha must be in (0, 1], got 50.0")."""
+    if k > d:
+        raise ValueError(f"k = {k} is more than the data's {d} features: choose k <= {d} (--k)")
+
+
 def repro_ef21(
     data: str | Path,
     *,
@@ -265,6 +271,7 @@ def repro_ef21(
     name = preset or Path(data).stem.split(".")[0].lower()
     k, steps = s["k"], s["steps"]
     prob = _problem(data, preset, n_workers)
+    _check_k(k, prob.d)
     L, L_i = prob.smoothness()
     gamma = theory.ef21_stepsize(L, L_i, alpha=k / prob.d)
     mult = {
@@ -378,6 +385,7 @@ def repro_ef21w(
     name = preset or Path(data).stem.split(".")[0].lower()
     scales = [math.exp(math.log(max_scale) * i / max(1, n_workers - 1)) for i in range(n_workers)]
     prob = _problem(data, preset, n_workers, scales)
+    _check_k(k, prob.d)
     L, L_i = prob.smoothness()
     alpha = k / prob.d
     g_qm = theory.ef21_stepsize(L, L_i, alpha)

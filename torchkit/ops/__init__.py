@@ -260,6 +260,7 @@ def accumulate_(
     impl: Impl = "auto",
 ):
     """``out[indices[w]] += scale[w] * values[w]`` for every worker row w (indices unique within a row), in row order.
+    Indices outside ``out`` raise ``ValueError`` before anything changes on CPU tensors (not checked on a GPU).
 
     A round's whole decode in one call: ``zero=True`` starts ``out`` from zeros, and ``poison`` (float64 checks,
     one per worker or any number: :func:`nonfinite_check` of each worker's message) makes every entry of ``out``

@@ -99,12 +99,20 @@ def accumulate_(
 ) -> Tensor:
     """out[indices[w]] += scale[w] * values[w], worker by worker in row order (deterministic); ``zero``: out starts
     from zeros; ``poison`` (non-finite checks, :func:`nonfinite_check`): every entry NaN when one is not finite."""
+    if indices.device.type == "cpu" and indices.numel():  # before out changes (on a GPU: a host read, not checked)
+        check_indices(int(indices.min()), int(indices.max()), out.numel())
     prepare_(out, zero, poison)
     values2, indices2 = as_rows(values), as_rows(indices).long()
     scales = _scales(scale, values2.shape[0])
     for w in range(values2.shape[0]):
         out.index_add_(0, indices2[w], values2[w].to(out.dtype) * scales[w])
     return out
+
+
+def check_indices(lo: int, hi: int, d: int) -> None:
+    """A decode's indices within ``out`` (of ``d`` entries): else ``ValueError`` before anything changes."""
+    if lo < 0 or hi >= d:
+        raise ValueError(f"indices must be in [0, {d}) (the length of out), got {lo if lo < 0 else hi}")
 
 
 def wire_round(values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validation import check_bool, check_int, check_overlap_mix, check_positive
+from .._validation import check_bool, check_int, check_overlap_mix, check_positive, check_segments
 from ..comm import LocalExchanger, RoundOptions, run_round
 from ..feedback import Feedback
 from ..node import node_means, shard_index, shard_pieces
@@ -274,12 +274,10 @@ def simulate_local(
     mix = check_overlap_mix(overlap_mix, overlap, feedback)
     _check_x0(x0)
     d = x0.numel()
-    sizes = tuple(int(n) for n in segments) if segments is not None else (d,)
-    if sum(sizes) != d:
-        raise ValueError(f"segments {sizes} do not add up to the vector length {d}")
+    sizes = check_segments(segments, d) if segments is not None else (d,)
     inner = inner_optimizer
-    if isinstance(inner, (int, float)) and not isinstance(inner, bool):
-        lr = float(inner)
+    if isinstance(inner, numbers.Real) and not isinstance(inner, bool):
+        lr = check_positive("inner_optimizer (a learning rate)", inner)  # as simulate's lr: NaN, inf and 0 refused
         inner = lambda params: torch.optim.SGD(params, lr=lr)  # noqa: E731
     elif not callable(inner):
         raise TypeError(f"inner_optimizer must be a learning rate or a factory params -> Optimizer, got {inner!r}")
