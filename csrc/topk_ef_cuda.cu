@@ -551,6 +551,202 @@ extern "C" int tk_accumulate(float* out, const float* val, long long val_stride,
   return 0;
 }
 
+// ---- tk_accumulate_tiled: a round's decode in two launches whatever the number of rows (docs/kernels.md 6.1; the
+// Triton form is torchkit/ops/_triton/decode.py, the same design with the tile in L2 instead of shared memory).
+//   tk_runs_kernel, grid (spans, rows): the descents idx[i + 1] < idx[i] of row w among i in span s, counted, the
+//     first kMaxD positions where a new run starts kept in order: table[(w * spans + s) * 4] = {count, p1, p2, p3}.
+//     Every block writes its own slot: nothing to clear.
+//   tk_tiled_kernel, a persistent grid: each block owns consecutive tiles of kTile entries of out. It takes each
+//     row's runs from the table (at most kMaxR; a row in more is scanned whole), finds by binary search where each
+//     run reaches its first entry, then per tile: the first pass into shared memory (out's values, zeros or NaN),
+//     every row's entries in the tile added in rank order (a barrier between rows; a row's indices are unique, so
+//     the adds of one row never collide), and the tile written back. __fadd_rn(cur, __fmul_rn(val, scale)), as
+//     tk_scatter_add_kernel: equal bit for bit to the per-row decode. When a row must be scanned, the block takes its
+//     whole range at once, in global memory (the tile would not fit), reading every row whole once.
+namespace {
+constexpr int kMaxR = 4;              // runs per row found by binary search (the exact GPU output has at most 3)
+constexpr int kMaxD = kMaxR - 1;
+constexpr int kTile = 4096;           // entries of out a tile holds (16 KB of shared memory)
+constexpr int kTiledThreads = 256;
+constexpr int kMaxTiledRows = 64;     // rows the tiled decode takes (more: the per-row decode)
+constexpr int kRunsThreads = 256;
+
+struct RowScales {
+  float v[kMaxTiledRows];
+};
+
+__global__ void __launch_bounds__(kRunsThreads) tk_runs_kernel(const int* idx, long long idx_stride, int k, int span,
+                                                                 int* table, int spans) {
+  const int s = blockIdx.x, w = blockIdx.y;
+  const int* row = idx + w * idx_stride;
+  const long long lo = static_cast<long long>(s) * span;
+  const long long hi = min(lo + span, static_cast<long long>(k) - 1);  // pairs (i, i + 1), i + 1 < k
+  // each thread a contiguous piece of the span, in order: its count and its first kMaxD positions
+  const long long per = (hi - lo + kRunsThreads - 1) / kRunsThreads;
+  const long long a = lo + threadIdx.x * per, b = min(a + per, hi);
+  int count = 0, first[kMaxD] = {0, 0, 0};
+  for (long long i = a; i < b; ++i) {
+    if (row[i + 1] < row[i]) {
+      if (count < kMaxD) first[count] = static_cast<int>(i + 1);
+      ++count;
+    }
+  }
+  __shared__ int counts[kRunsThreads];
+  __shared__ int pos[kRunsThreads][kMaxD];
+  counts[threadIdx.x] = count;
+  for (int j = 0; j < kMaxD; ++j) pos[threadIdx.x][j] = first[j];
+  __syncthreads();
+  if (threadIdx.x == 0) {  // the threads' pieces in index order
+    int total = 0, kept[kMaxD] = {0, 0, 0};
+    for (int t = 0; t < kRunsThreads; ++t) {
+      for (int j = 0; j < counts[t] && j < kMaxD; ++j) {
+        if (total + j < kMaxD) kept[total + j] = pos[t][j];
+      }
+      total += counts[t];
+    }
+    int* out = table + (static_cast<long long>(w) * spans + s) * kMaxR;
+    out[0] = total;
+    for (int j = 0; j < kMaxD; ++j) out[1 + j] = kept[j];
+  }
+}
+
+__global__ void __launch_bounds__(kTiledThreads, 1) tk_tiled_kernel(float* out, const float* val, long long val_stride,
+                                                                  const int* idx, long long idx_stride,
+                                                                  const __grid_constant__ RowScales scales,
+                                                                  int n, int k, long long d, const int* table, int spans,
+                                                                  const double* checks, int n_checks,
+                                                                  long long check_stride, int zero,
+                                                                  long long tiles_per_block) {
+  __shared__ float tile[kTile];
+  __shared__ long long pos[kMaxTiledRows * kMaxR], end[kMaxTiledRows * kMaxR];
+  __shared__ int any_scan;
+  const int tid = threadIdx.x;
+  if (tid == 0) any_scan = 0;
+  __syncthreads();
+  const long long first = static_cast<long long>(blockIdx.x) * tiles_per_block * kTile;
+  const long long last = min(first + tiles_per_block * kTile, d);
+  if (tid < n) {  // thread w: row w's runs from the table, and where each reaches this block's first entry
+    const int* row = table + static_cast<long long>(tid) * spans * kMaxR;
+    int total = 0, b0 = 0, b1 = 0, b2 = 0;  // where runs 1, 2, 3 start (scalars: no local memory)
+    for (int s = 0; s < spans; ++s) {
+      const int c = row[s * kMaxR];
+#pragma unroll
+      for (int j = 0; j < kMaxD; ++j) {
+        const int at = total + j;
+        if (j < c && at < kMaxD) {
+          const int v = row[s * kMaxR + 1 + j];
+          b0 = at == 0 ? v : b0;
+          b1 = at == 1 ? v : b1;
+          b2 = at == 2 ? v : b2;
+        }
+      }
+      total += c;
+    }
+    const bool sc = total > kMaxD;  // more than kMaxR runs: scanned whole, as run 0
+    if (sc) atomicOr(&any_scan, 1);
+    const int* ir = idx + tid * idx_stride;
+#pragma unroll
+    for (int r = 0; r < kMaxR; ++r) {
+      const long long from = r == 0 ? 0 : (r == 1 ? b0 : (r == 2 ? b1 : b2));
+      const long long to = r == 0 ? b0 : (r == 1 ? b1 : b2);
+      long long st = sc ? (r == 0 ? 0 : k) : (r > total ? k : from);
+      const long long en = sc ? k : (r > total ? k : (r < total ? to : k));
+      long long hi = en;
+      while (!sc && st < hi) {  // the first entry >= first
+        const long long mid = (st + hi) / 2;
+        if (ir[mid] < first) st = mid + 1;
+        else hi = mid;
+      }
+      pos[tid * kMaxR + r] = st;
+      end[tid * kMaxR + r] = en;
+    }
+  }
+  double p = 0.0;
+  for (int i = 0; i < n_checks; ++i) p += checks[i * check_stride];
+  const bool bad = !isfinite(p);
+  const float nan = __int_as_float(0x7fc00000);
+  __syncthreads();
+  if (any_scan) {  // a row in many runs: this block's whole range at once, in global memory
+    for (long long j = first + tid; j < last; j += kTiledThreads) {
+      if (bad) out[j] = nan;
+      else if (zero) out[j] = 0.0f;
+    }
+    __syncthreads();
+    for (int w = 0; w < n; ++w) {
+      const float* vr = val + w * val_stride;
+      const int* ir = idx + w * idx_stride;
+      for (int r = 0; r < kMaxR; ++r) {
+        for (long long j = pos[w * kMaxR + r] + tid; j < end[w * kMaxR + r]; j += kTiledThreads) {
+          const long long i = ir[j];
+          if (i >= first && i < last) out[i] = __fadd_rn(out[i], __fmul_rn(vr[j], scales.v[w]));
+        }
+      }
+      __threadfence_block();
+      __syncthreads();
+    }
+    return;
+  }
+  for (long long a = first; a < last; a += kTile) {
+    const long long b = min(a + kTile, last);
+    for (long long j = a + tid; j < b; j += kTiledThreads) tile[j - a] = bad ? nan : (zero ? 0.0f : out[j]);
+    __syncthreads();
+    for (int w = 0; w < n; ++w) {
+      const float* vr = val + w * val_stride;
+      const int* ir = idx + w * idx_stride;
+      const float sw = scales.v[w];
+      for (int r = 0; r < kMaxR; ++r) {
+        long long q = pos[w * kMaxR + r];
+        const long long e = end[w * kMaxR + r];
+        while (q < e) {  // uniform across the block: the count of each chunk is the block's
+          const long long j = q + tid;
+          long long i = j < e ? ir[j] : b;
+          const bool in = i < b;  // a sorted run: the entries below the tile's end come first
+          if (in) tile[i - a] = __fadd_rn(tile[i - a], __fmul_rn(vr[j], sw));
+          const int taken = __syncthreads_count(in);
+          q += taken;
+          if (taken < kTiledThreads) break;
+        }
+        if (tid == 0) pos[w * kMaxR + r] = q;
+      }
+      __syncthreads();  // this row's adds before the next row's
+    }
+    for (long long j = a + tid; j < b; j += kTiledThreads) out[j] = tile[j - a];
+    __syncthreads();
+  }
+}
+}  // namespace
+
+// The tiled decode of n_rows (<= 64) rows; `table` holds n_rows * spans * 4 ints of the caller's workspace, `span`
+// the pairs each block of the first launch reads; scales a host array of n_rows floats (passed by value: nothing to
+// copy, capturable in a CUDA graph). Refused before any launch (cudaErrorInvalidValue): as tk_accumulate, and more
+// than 64 rows, a span below 1 or spans that do not cover the row.
+extern "C" int tk_accumulate_tiled(float* out, const float* val, long long val_stride, const int* idx,
+                                   long long idx_stride, const float* scales, int n_rows, int k, const double* checks,
+                                   int n_checks, long long check_stride, long long d, int zero, int* table, int span,
+                                   int spans, int blocks, cudaStream_t stream) {
+  if (n_rows < 1 || n_rows > kMaxTiledRows || k < 1 || n_checks < 0 || d < 1 || val_stride < 0 || idx_stride < 0 ||
+      check_stride < 0 || span < 1 || spans < 1 || static_cast<long long>(span) * spans < k - 1 || blocks < 1) {
+    return cudaErrorInvalidValue;
+  }
+  if (out == nullptr || val == nullptr || idx == nullptr || scales == nullptr || table == nullptr ||
+      (n_checks > 0 && checks == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  RowScales rs{};
+  for (int w = 0; w < n_rows; ++w) rs.v[w] = scales[w];
+  tk_runs_kernel<<<dim3(spans, n_rows), kRunsThreads, 0, stream>>>(idx, idx_stride, k, span, table, spans);
+  cudaError_t rc = cudaGetLastError();
+  if (rc) return rc;
+  const long long tiles = (d + kTile - 1) / kTile;
+  const long long per = (tiles + blocks - 1) / blocks;
+  const int grid = static_cast<int>((tiles + per - 1) / per);
+  tk_tiled_kernel<<<grid, kTiledThreads, 0, stream>>>(out, val, val_stride, idx, idx_stride, rs, n_rows, k, d, table,
+                                                      spans, checks, n_checks, check_stride, zero, per);
+  return cudaGetLastError();
+}
+
+extern "C" int tk_tiled_rows() { return kMaxTiledRows; }
+
 extern "C" int tk_block_elems() { return kSelectThreads * kItems; }
 
 // ---- tk_step: the driver of torchkit/ops/_select.py (run) in C++, slot for slot

@@ -255,3 +255,67 @@ def test_the_integrations_check_their_arguments_when_called():
     for bad in (plain, "opt"):
         with pytest.raises(TypeError, match="keep_feedback_per_rank: argument 0 is a .*, not a torchkit front end"):
             keep_feedback_per_rank(accelerator, bad)
+
+
+def test_lightning_clips_the_gradients_of_torchkits_optimizers_under_mixed_precision():
+    """Lightning refused ``gradient_clip_val`` under any "-mixed" precision for torchkit's optimizers (they unscale
+    GradScaler's gradients themselves: "Are you using a 'fused' optimizer?"), bf16 included, which has no scaler
+    (found by an audit). torchkit's ``MixedPrecision`` plugin clips them, and the Identity wrapper then trains as
+    plain AdamW does, bit for bit; ``DDPStrategy`` puts the plugin in place of Lightning's own."""
+    L = pytest.importorskip("lightning", reason="Lightning is in the integrations extra")
+    from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixedPrecision
+
+    from torchkit.integrations.lightning import DDPStrategy, MixedPrecision
+
+    x = torch.randn(64, 20, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+
+    class Module(L.LightningModule):
+        def __init__(self, wrapped):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net, self.wrapped = torch.nn.Linear(20, 1), wrapped
+
+        def training_step(self, batch, i):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            if self.wrapped:
+                fb = tk.EF14(tk.Identity())
+                return tk.CompressedOptimizer(self.parameters(), torch.optim.AdamW, lr=1e-2, feedback=fb)
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    weights = []
+    for wrapped in (False, True):
+        module = Module(wrapped)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, plugins=[MixedPrecision("bf16-mixed", "cpu")],
+                            gradient_clip_val=0.05, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+        trainer.fit(module, loader)
+        weights.append(module.net.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    strategy = DDPStrategy(feedback=tk.EF14(tk.TopK(ratio=0.1)))
+    scaler = torch.amp.GradScaler("cpu")
+    strategy.precision_plugin = LightningMixedPrecision("16-mixed", "cpu", scaler=scaler)
+    assert isinstance(strategy.precision_plugin, MixedPrecision) and strategy.precision_plugin.scaler is scaler
+
+
+def test_the_frameworks_grad_scaler_is_given_to_the_hook(tmp_path):
+    """Accelerate's ``fp16`` (and Lightning's ``16-mixed``) make the GradScaler inside the framework; the hook was
+    not given it, so its error-feedback state held loss-scaled values (0.14 off after a scale that grew from 1 to
+    1024) and an overflow raised instead of skipping the step (found by an audit)."""
+    pytest.importorskip("accelerate", reason="Accelerate is in the integrations extra")
+    import accelerate
+    import torch.distributed as dist
+
+    from torchkit.integrations.accelerate import register
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        accelerator = accelerate.Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu")  # as fp16 makes it on a GPU
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+        state = register(accelerator, model, tk.EF14(tk.TopK(ratio=0.5)))
+        assert state.grad_scaler is accelerator.scaler
+    finally:
+        dist.destroy_process_group()

@@ -373,6 +373,7 @@ def test_cuda_sources_compile_for_sm90_without_fma_contraction(sm90_build):
     assert any("tk_select" in n for n in names) and any("tk_scatter_add" in n for n in names)
     assert any("tk_prepare" in n for n in names) and any("tk_post" in n for n in names)
     assert any("tk_predict" in n for n in names)  # the one pass's prediction
+    assert any("tk_runs_kernel" in n for n in names) and any("tk_tiled_kernel" in n for n in names)  # tiled decode
     for f in functions:
         assert "FFMA" not in f, f"FFMA in {f.splitlines()[0]}"
 
@@ -423,6 +424,27 @@ def test_the_c_decode_rejects_bad_arguments_before_any_launch(sm90_build):
         a = {**good, **change}
         rc = lib.tk_accumulate(a["out"], a["val"], a["vs"], a["idx"], a["is_"], a["scales"], a["n"], a["k"],
                                a["checks"], a["nc"], a["cs"], a["d"], a["zero"], None)  # fmt: skip
+        assert rc == 1, change
+
+
+def test_the_tiled_c_decode_rejects_bad_arguments_before_any_launch(sm90_build):
+    """Host code of the sm_90 build, run here without a GPU: ``tk_accumulate_tiled`` (the decode in two launches)
+    refuses what ``tk_accumulate`` refuses, and more than ``tk_tiled_rows()`` rows (64: the scales travel by value),
+    no rows or entries, a missing table, spans that do not cover a row, no blocks (cudaErrorInvalidValue, 1)."""
+    lib = _cuda.open_library(sm90_build[0])
+    assert lib.tk_tiled_rows() == 64
+    p = 256  # never dereferenced
+    scales = (ctypes.c_float * 2)(1.0, 1.0)
+    good = dict(out=p, val=p, vs=10, idx=p, is_=10, scales=scales, n=2, k=10, checks=None, nc=0, cs=1, d=100, zero=0,
+                table=p, span=1024, spans=1, blocks=4)  # fmt: skip
+    bad = [dict(n=0), dict(n=65), dict(k=0), dict(nc=-1), dict(d=0), dict(vs=-1), dict(is_=-1), dict(cs=-1),
+           dict(out=None), dict(nc=2), dict(val=None), dict(idx=None), dict(scales=None), dict(table=None),
+           dict(span=0), dict(spans=0), dict(k=3000, span=1024, spans=2), dict(blocks=0)]  # fmt: skip
+    for change in bad:
+        a = {**good, **change}
+        rc = lib.tk_accumulate_tiled(a["out"], a["val"], a["vs"], a["idx"], a["is_"], a["scales"], a["n"], a["k"],
+                                     a["checks"], a["nc"], a["cs"], a["d"], a["zero"], a["table"], a["span"],
+                                     a["spans"], a["blocks"], None)  # fmt: skip
         assert rc == 1, change
 
 
@@ -1145,6 +1167,24 @@ def test_cpp_small_vectors_select_what_the_two_passes_do(method):
                     assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), (
                         d, k, kind, approx,
                     )  # fmt: skip
+
+
+@pytest.mark.parametrize("d", [16, 5000])  # the small path and the two passes
+def test_cpp_selection_with_nans_of_different_payloads_stays_in_bounds(d):
+    """The passes that recompute v may order an add's operands differently, and x86 keeps the first NaN operand's
+    payload: a payload-dependent key moved a NaN to another bin between the counting pass and the writing pass, and
+    EControl's two passes wrote past their output (heap corruption; found by a review). Every NaN is one key now:
+    the lowest-indexed NaNs are taken, on both paths alike."""
+    nan1 = torch.tensor([0x7FFF0000], dtype=torch.int32).view(torch.float32)
+    e = nan1.repeat(d)
+    e[::2] = float("nan")
+    g = torch.empty(d, dtype=torch.bfloat16)
+    g.view(torch.int16).fill_(0x7FC0)
+    for k in (1, 3):
+        v, i = ops.econtrol_step_(g, e.clone(), torch.zeros(d), k, eta=0.3, impl="cpp")
+        assert i.tolist() == list(range(k)) and bool(v.isnan().all())
+        v, i = ops.ef14_step_(g.float(), e.clone(), k, impl="cpp")
+        assert i.tolist() == list(range(k)) and bool(v.isnan().all())
 
 
 def _cpp_step(m, method, g, e, h, k, approx):

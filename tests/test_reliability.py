@@ -144,9 +144,13 @@ def test_a_learning_rate_that_is_not_finite_is_named_not_taken_for_ranks_that_di
     _train(model, opt, _batches(1))
     params = _flat(model).clone()
     opt.param_groups[0]["lr"] = float("nan")
-    with pytest.raises(ValueError, match=r"parameter group 0 has a hyper-parameter that is not finite \(here: lr\)"):
+    with pytest.raises(ValueError, match=r"parameter group 0 has a hyper-parameter that is NaN \(here: lr\)"):
         _train(model, opt, _batches(1))
     assert torch.equal(_flat(model), params)
+    opt.param_groups[0]["lr"] = 0.1
+    opt.param_groups[0]["max_norm"] = float("inf")  # "no limit": a value like any other (the review's case)
+    _train(model, opt, _batches(1))
+    assert not torch.equal(_flat(model), params)
 
 
 @pytest.mark.parametrize("front", ["wrapper", "local_sgd"])

@@ -315,14 +315,13 @@ def test_make_classification_is_a_mushrooms_shaped_problem_that_trains():
 
 def test_a_logistic_regression_refuses_bounds_and_weights_that_give_wrong_gradients():
     """Found by an audit: a bound past the data cut a worker's slice short while its mean still divided by the
-    bound's width (a gradient 19x too small), reversed or empty bounds gave zeros or NaN, overlapping ones counted
-    rows twice, and a NaN or negative ``lam`` was taken (a negative smoothness constant for the step size)."""
+    bound's width (a gradient 19x too small), reversed or empty bounds gave zeros or NaN, and a NaN or negative
+    ``lam`` was taken (a negative smoothness constant for the step size). Workers may share rows."""
     A, y = tk.sim.make_classification(200, 8)
     for bounds, words in [
         ([(0, 100), (100, 2000)], r"bounds\[1\] = \(100, 2000\) must be a non-empty slice of the 200 data rows"),
         ([(0, 100), (150, 100)], r"bounds\[1\] = \(150, 100\)"),
         ([(0, 100), (100, 100)], "non-empty"),
-        ([(0, 120), (100, 200)], r"bounds \(0, 120\) and \(100, 200\) overlap"),
     ]:
         with pytest.raises(ValueError, match=words):
             LogisticRegression(A, y, n_workers=2, bounds=bounds)
@@ -333,8 +332,11 @@ def test_a_logistic_regression_refuses_bounds_and_weights_that_give_wrong_gradie
             LogisticRegression(A, y, n_workers=2, lam=lam)
     with pytest.raises(TypeError, match="lam must be a float"):
         LogisticRegression(A, y, n_workers=2, lam="0.1")
-    ok = LogisticRegression(A, y, n_workers=2, bounds=[(100, 200), (0, 100)])  # any order, apart
+    ok = LogisticRegression(A, y, n_workers=2, bounds=[(100, 200), (0, 100)])  # any order
     assert ok.grad_fn(torch.zeros(8, dtype=torch.float64)).shape == (2, 8)
+    shared = LogisticRegression(A, y, n_workers=2, bounds=[(0, 200), (0, 200)])  # every worker on all the data
+    g = shared.grad_fn(torch.ones(8, dtype=torch.float64))
+    assert torch.equal(g[0], g[1])
 
 
 def test_simulate_local_refuses_a_learning_rate_that_is_not_positive_and_finite():

@@ -685,7 +685,7 @@ def options_digest(param_groups) -> list[float]:
         total, w = 0.0, 1.0
         for key in sorted(g):
             for x in _numbers(g[key]):
-                total += w * x
+                total += w * (math.copysign(1e300, x) if math.isinf(x) else x)  # inf: "no limit", a value ranks share
                 w *= 1.6180339887
         out.append(total)
     return out
@@ -710,7 +710,8 @@ def options_payload(param_groups) -> list[float]:
     """What a MAX all-reduce over the ranks turns into a check of the groups' hyper-parameters
     (:func:`check_options`): each group's digest, then their negations (after MAX, ``max(d) == -max(-d)`` on every
     rank iff all ranks agree). A group with a hyper-parameter that is not finite (NaN compares unequal even to
-    itself) sends +inf in both places, which no finite digest reaches in the second."""
+    itself) sends +inf in both places, which no finite digest reaches in the second; an infinite one (``inf`` for
+    "no limit") is a value like any other."""
     digest = [x if math.isfinite(x) else None for x in options_digest(param_groups)]
     return [math.inf if x is None else x for x in digest] + [math.inf if x is None else -x for x in digest]
 
@@ -724,11 +725,9 @@ def check_options(
     hi, lo = agreed[:n], [-x for x in agreed[n:]]
     for g in range(n):
         if lo[g] == -math.inf:
-            mine = [k for k, v in group_options(param_groups)[g].items() if not all(map(math.isfinite, _numbers(v)))]
+            mine = [k for k, v in group_options(param_groups)[g].items() if any(map(math.isnan, _numbers(v)))]
             where = f"here: {', '.join(mine)}" if mine else "on another rank"
-            raise ValueError(
-                f"{what} {g} has a hyper-parameter that is not finite ({where}) at step {step}; {unchanged}"
-            )
+            raise ValueError(f"{what} {g} has a hyper-parameter that is NaN ({where}) at step {step}; {unchanged}")
     for g in range(n):
         if hi[g] != lo[g]:
             raise ValueError(

@@ -43,7 +43,8 @@ def register(
     **hook_options: Any,
 ) -> tk_ddp.CompressionState:
     """Install torchkit's hook on ``model`` (what ``accelerator.prepare`` returned) and keep its state per rank in
-    ``save_state``/``load_state``; returns the hook's :class:`torchkit.ddp.CompressionState`."""
+    ``save_state``/``load_state``; returns the hook's :class:`torchkit.ddp.CompressionState`. Under
+    ``mixed_precision="fp16"`` the hook is given the accelerator's GradScaler (``grad_scaler=``, unless given)."""
     if not isinstance(accelerator, accelerate.Accelerator):
         raise TypeError(f"accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__}")
     if not isinstance(model, DistributedDataParallel):
@@ -52,6 +53,8 @@ def register(
             f"{type(model).__name__} (one process has nothing to compress; launch with accelerate launch "
             "--num_processes N, or use tk.CompressedOptimizer)"
         )
+    if "grad_scaler" not in hook_options and getattr(accelerator, "scaler", None) is not None:
+        hook_options["grad_scaler"] = accelerator.scaler  # fp16: else the state holds loss-scaled values
     state = tk_ddp.register(model, feedback, **hook_options)
     keep_feedback_per_rank(accelerator, state, name=name)
     return state

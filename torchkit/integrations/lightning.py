@@ -31,14 +31,17 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.plugins.precision import MixedPrecision as _LightningMixedPrecision
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from .. import ddp as tk_ddp
 from ..checkpoint import load_feedback, save_feedback, side_file, without_feedback
 from ..feedback import Feedback
 from ..frontend import FrontEnd
 
-__all__ = ["DDPStrategy", "CommMetrics", "side_file_name"]
+__all__ = ["DDPStrategy", "MixedPrecision", "CommMetrics", "side_file_name"]
 
 _MARK = "torchkit_feedback"  # checkpoint key: the feedback state is in per-rank side files
 
@@ -52,6 +55,34 @@ def side_file_name(checkpoint_path: str | os.PathLike) -> str:
     return os.path.splitext(path)[0]
 
 
+class MixedPrecision(_LightningMixedPrecision):
+    """Lightning's ``MixedPrecision`` that clips the gradients of torchkit's optimizers (``gradient_clip_val``).
+
+    :class:`torchkit.CompressedOptimizer` and :class:`torchkit.LocalSGD` unscale GradScaler's gradients themselves
+    (so that every rank skips a step alike), and Lightning refuses to clip for any such optimizer ("does not allow
+    for gradient clipping ... a 'fused' optimizer?"), even under ``bf16-mixed``, which has no scaler. This plugin
+    unscales first where there is a scaler (``scaler.unscale_(optimizer)``: the front ends take the unscaled
+    gradients and GradScaler's ``found_inf``), then clips as Lightning clips any other optimizer. Other optimizers
+    keep Lightning's behaviour. :class:`DDPStrategy` puts it in place of Lightning's own; one device::
+
+        trainer = L.Trainer(plugins=[MixedPrecision("bf16-mixed", "cpu")], gradient_clip_val=1.0)
+    """
+
+    def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
+        if clip_val > 0 and isinstance(getattr(optimizer, "_optimizer", optimizer), FrontEnd):
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            return Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
+        return super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+
+
+def _clipping(plugin):
+    """Lightning's own ``MixedPrecision`` as :class:`MixedPrecision` (the same precision, device and scaler)."""
+    if type(plugin) is _LightningMixedPrecision:
+        return MixedPrecision(plugin.precision, plugin.device, plugin.scaler)
+    return plugin
+
+
 class DDPStrategy(_LightningDDPStrategy):
     """Lightning's ``DDPStrategy`` that installs torchkit's hook on CPU and GPU and checkpoints per-rank feedback.
 
@@ -62,7 +93,11 @@ class DDPStrategy(_LightningDDPStrategy):
             ``wire_dtype``, ...).
         **kwargs: Lightning's ``DDPStrategy`` arguments (``ddp_comm_hook``, ``find_unused_parameters``, ...).
 
-    After setup, :attr:`compression_state` is the hook's :class:`torchkit.ddp.CompressionState`.
+    After setup, :attr:`compression_state` is the hook's :class:`torchkit.ddp.CompressionState`. Under
+    ``precision="16-mixed"`` the hook is given Lightning's GradScaler (``grad_scaler=``, unless ``hook_options`` sets
+    one): without it the error-feedback state would hold loss-scaled values, and an overflow would raise instead of
+    skipping the step. Lightning's ``MixedPrecision`` is replaced by :class:`MixedPrecision` (clipping works with
+    torchkit's optimizers).
     """
 
     def __init__(self, feedback: Feedback | None = None, *, hook_options: dict[str, Any] | None = None, **kwargs):
@@ -81,9 +116,21 @@ class DDPStrategy(_LightningDDPStrategy):
         self._pending_feedback: str | None = None
 
     # ------------------------------------------------------------------------------------------- the hook
+    @property
+    def precision_plugin(self):
+        return _LightningDDPStrategy.precision_plugin.fget(self)
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin) -> None:
+        _LightningDDPStrategy.precision_plugin.fset(self, _clipping(plugin))
+
     def _register_ddp_hooks(self) -> None:
         if self.feedback is not None:
-            self.compression_state = tk_ddp.register(self.model, self.feedback, **self.hook_options)
+            options = dict(self.hook_options)
+            scaler = getattr(self.precision_plugin, "scaler", None)
+            if "grad_scaler" not in options and scaler is not None:
+                options["grad_scaler"] = scaler  # Lightning's own (16-mixed): made inside fit, out of the user's reach
+            self.compression_state = tk_ddp.register(self.model, self.feedback, **options)
         elif self._ddp_comm_hook is not None:  # Lightning registers it on CUDA only
             _register_ddp_comm_hook(
                 model=self.model,

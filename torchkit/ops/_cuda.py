@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _select
-from ._triton import decode_module, segments_module
+from ._triton import segments_module
 
 __all__ = ["OPS", "available", "ensure_built", "error", "build", "open_library", "nvcc_command"]
 
@@ -40,6 +40,8 @@ _SIGNATURES = {
     "tk_scatter_add": [_P, _P, _P, _F, _I, _P],
     "tk_prepare": [_P, _P, _I, _L, _L, _I, _P],
     "tk_accumulate": [_P, _P, _L, _P, _L, _P, _I, _I, _P, _I, _L, _L, _I, _P],
+    "tk_accumulate_tiled": [_P, _P, _L, _P, _L, _P, _I, _I, _P, _I, _L, _L, _I, _P, _I, _I, _I, _P],
+    "tk_tiled_rows": [],
     "tk_block_elems": [],
     "tk_step_words": [_I, _I, _I, _I],
     "tk_sample_need": [_I, _I],
@@ -311,10 +313,23 @@ def _prepare(out: Tensor, zero: bool, checks: Tensor | None) -> None:
 
 
 def _accumulate(out: Tensor, values: Tensor, indices: Tensor, scales: list[float], zero: bool, checks) -> None:
-    """:func:`_prepare` and :func:`_scatter` in one host call (``tk_accumulate``: the same launches, from C++)."""
+    """:func:`_prepare` and :func:`_scatter` in one host call (``tk_accumulate``: the same launches, from C++); with
+    ``GPU_TILED_DECODE``, the tiled decode (``tk_accumulate_tiled``: two launches, the tile in shared memory) for at
+    most ``tk_tiled_rows()`` rows."""
     values, indices = _rows(values, indices)
     n, k = values.shape
     n_checks, check_stride = (0, 1) if checks is None else (checks.numel(), checks.stride(0))
+    if _select.GPU_TILED_DECODE and 0 < n <= _lib.tk_tiled_rows() and k > 0:
+        span = max(1024, 1 << max(0, -(-k // 64) - 1).bit_length())  # at most 64 blocks a row, 1024 pairs or more
+        spans = max(1, -(-(k - 1) // span))
+        table = _select.runs_table(out.device, n * spans * 4)
+        blocks = 4 * torch.cuda.get_device_properties(out.device).multi_processor_count
+        rc = _lib.tk_accumulate_tiled(
+            _ptr(out), _ptr(values), values.stride(0), _ptr(indices), indices.stride(0), (_F * n)(*scales), n, k,
+            _ptr(checks), n_checks, check_stride, out.numel(), int(zero), _ptr(table), span, spans, blocks,
+            _stream(out.device),
+        )  # fmt: skip
+        return _check(rc, "tk_accumulate_tiled")
     rc = _lib.tk_accumulate(
         _ptr(out), _ptr(values), values.stride(0), _ptr(indices), indices.stride(0), (_F * max(n, 1))(*scales), n, k,
         _ptr(checks), n_checks, check_stride, out.numel(), int(zero), _stream(out.device),
@@ -331,5 +346,5 @@ def _stream(device: torch.device) -> int:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
-# many small segments and the tiled decode: the Triton kernels
-OPS = _select.GpuOps(_run, _scatter, _prepare, _accumulate, segments_module, decode_module)
+# many small segments: the Triton kernel (the tiled decode is the CUDA one, in _accumulate)
+OPS = _select.GpuOps(_run, _scatter, _prepare, _accumulate, segments_module)

@@ -375,6 +375,18 @@ class _Passes(NamedTuple):
             self.launcher.threshold(hist, self.scal, self.k, self.cap, level)
 
 
+_RUNS_TABLES: dict[torch.device, Tensor] = {}
+
+
+def runs_table(device: torch.device, need: int) -> Tensor:
+    """The tiled decode's runs table (int32, ``rows x spans x 4``: both kernel sets' layout), kept per device and
+    grown when needed: no allocation per call, and never freed while a captured CUDA graph may read it."""
+    t = _RUNS_TABLES.get(device)
+    if t is None or t.numel() < need:
+        t = _RUNS_TABLES[device] = torch.empty(max(need, 1024), dtype=torch.int32, device=device)
+    return t
+
+
 class GpuOps:
     """The op set of one GPU implementation: ``run(mode, g, e, h, k, eta, approx)``,
     ``scatter(out, values [rows, k] fp32, indices, scales)`` and ``prepare(out, zero, checks)`` (one pass over
@@ -430,6 +442,8 @@ class GpuOps:
         of rows, bit for bit the same result."""
         if not kernel_takes(values, out):
             return _reference.accumulate_(out, values, indices, scale, zero, poison)
+        if indices.device.type == "cpu" and indices.numel():  # the interpreter's: before out changes, as on the CPU
+            _reference.check_indices(int(indices.min()), int(indices.max()), out.numel())
         checks = None if poison is None else poison.reshape(-1)  # float64; gathered checks: in place, strided
         v2 = _reference.as_rows(values)
         scales = _reference._scales(scale, v2.shape[0])

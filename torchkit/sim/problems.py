@@ -70,15 +70,11 @@ class LogisticRegression:
                 f"bounds must hold n_workers = {self.n_workers} (start, end) pairs, got {len(self.bounds)}"
             )
         self.bounds = [(check_int("bounds start", a, low=0), check_int("bounds end", b, low=0)) for a, b in self.bounds]
-        # each worker's rows a slice of the data, the slices apart (a bound past m cut the slice short while the
-        # mean still divided by b - a: a gradient 19x too small, silently)
+        # each worker's rows a slice of the data (a bound past m cut the slice short while the mean still divided by
+        # b - a: a gradient 19x too small, silently); workers may share rows
         for i, (a, b) in enumerate(self.bounds):
             if not a < b <= m:
                 raise ValueError(f"bounds[{i}] = ({a}, {b}) must be a non-empty slice of the {m} data rows")
-        spans = sorted(self.bounds)
-        for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
-            if a1 < b0:
-                raise ValueError(f"bounds ({a0}, {b0}) and ({a1}, {b1}) overlap: each data row belongs to one worker")
         self._counts = torch.tensor([b - a for a, b in self.bounds], dtype=self.A.dtype)
 
     @property

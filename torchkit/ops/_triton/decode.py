@@ -21,10 +21,14 @@ row once each, which is slower than the per-row decode; callers choose this deco
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .. import _select
 
 MAXR = 4  # runs per row the binary search takes (the exact GPU output has at most 3)
 MAXD: tl.constexpr = tl.constexpr(MAXR - 1)  # the descents a row may have
@@ -171,20 +175,9 @@ def _tiled_kernel(
             tl.debug_barrier()  # this row's adds are seen by the next row's loads
 
 
-_TABLES: dict[torch.device, Tensor] = {}
-
-
-def _table(device: torch.device, n: int, S: int) -> Tensor:
-    """The runs table, kept per device and grown when needed (no allocation per call)."""
-    need = n * S * MAXR
-    t = _TABLES.get(device)
-    if t is None or t.numel() < need:
-        t = _TABLES[device] = torch.empty(max(need, 1024), dtype=torch.int32, device=device)
-    return t
-
-
 def _scales(scales: list[float], device: torch.device) -> tuple[Tensor | None, float]:
-    if all(s == scales[0] for s in scales):
+    """One scalar when every row has the same scale (bit for bit: -0.0 is not 0.0), else a tensor of them."""
+    if len({struct.pack("<f", s) for s in scales}) == 1:
         return None, float(scales[0])
     return torch.tensor(scales, dtype=torch.float32, device=device), 0.0
 
@@ -206,7 +199,7 @@ def accumulate(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]
     d = out.numel()
     span, tile, programs = _layout(k, d, out.device)
     S = triton.cdiv(max(k - 1, 1), span)
-    table = _table(out.device, n, S)
+    table = _select.runs_table(out.device, n * S * MAXR)
     _runs_kernel[(n, S)](indices, indices.stride(0), k, span, table, S, BLOCK=RUN_BLOCK, num_warps=NUM_WARPS)
     tiles = triton.cdiv(d, tile)
     per = triton.cdiv(tiles, min(programs, tiles))
