@@ -347,3 +347,29 @@ def test_simulate_local_refuses_a_learning_rate_that_is_not_positive_and_finite(
                 tk.EF14(tk.TopK(2)), problem.grad_fn, torch.zeros(6, dtype=torch.float64), n_workers=2, rounds=1,
                 sync_every=2, inner_optimizer=lr,
             )  # fmt: skip
+
+
+def test_the_step_size_keeps_its_digits_for_tiny_alpha():
+    """``theta = 1 - sqrt(1 - alpha)`` cancelled: at alpha = 1e-12 the step was 9e-5 too large (the unsafe side),
+    at 1e-17 it divided by zero (found by an audit). Against 50-digit decimals."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 50
+    for alpha in (0.5, 1e-3, 1e-9, 1e-12, 1e-16, 1e-17, 1.0):
+        theta, beta = tk.theory.theta_beta(alpha)
+        a = Decimal(alpha)
+        exact_theta = 1 - (1 - a).sqrt()
+        assert abs(Decimal(theta) - exact_theta) <= Decimal("4e-16") * exact_theta, alpha
+        if alpha < 1:
+            exact_beta = (1 - a) / exact_theta
+            assert abs(Decimal(beta) - exact_beta) <= Decimal("4e-16") * exact_beta, alpha
+
+
+def test_the_counters_are_exact_past_two_to_the_24():
+    """The bits and bytes counters were float32 (torch's default for Python floats): each round of 1,000,033 bits
+    counted as 1,000,024 to 1,000,036 once the total passed 2**24 (found by an audit)."""
+    d = 1_000_001
+    res = simulate(tk.EF14(tk.ScaledSign()), lambda x: x.expand(2, -1).clone(), torch.ones(d, dtype=torch.float64),
+                   n_workers=2, steps=20, lr=0.1)  # fmt: skip
+    assert res.bits.dtype == torch.float64 and res.wire_bytes.dtype == torch.float64
+    assert torch.equal(res.bits.diff()[1:], torch.full((19,), float(d + 32), dtype=torch.float64))

@@ -30,7 +30,10 @@ def theta_beta(alpha: float) -> tuple[float, float]:
     """``(theta, beta)`` of EF21's analysis."""
     a = _check_alpha(alpha)
     r = math.sqrt(1.0 - a)
-    return 1.0 - r, (1.0 - a) / (1.0 - r)
+    # 1 - r = a / (1 + r), without the cancellation of 1 - r (at a = 1e-12 the step was 9e-5 too large, an unsafe
+    # step; below 1e-16, 1 - r was 0)
+    theta = a / (1.0 + r)
+    return theta, (1.0 - a) * (1.0 + r) / a
 
 
 def mean_smoothness(L_i: Sequence[float], *, weighted: bool) -> float:

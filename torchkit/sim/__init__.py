@@ -39,7 +39,8 @@ class SimResult:
     Attributes:
         x: final iterate.
         grad_norm_sq: ``||mean_i grad_i(x_t)||^2`` for t = 0..steps (steps + 1 values).
-        bits: values-only bits sent per worker before iterate t (the papers' x-axis), steps + 1 values.
+        bits: values-only bits sent per worker before iterate t (the papers' x-axis: 32 bits a value, whatever
+            ``wire_dtype``; ``wire_bytes`` counts the wire), steps + 1 values, float64 (exact integers to 2**53).
         wire_bytes: real payload bytes per worker before iterate t (values + indices), steps + 1 values.
     """
 
@@ -50,6 +51,11 @@ class SimResult:
 
 
 @torch.no_grad()
+def _counts(values) -> Tensor:
+    """Counters as float64 (float32, torch's default for Python floats, rounded them above 2**24)."""
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def simulate(
     feedback: Feedback,
     grad_fn: Callable[[Tensor], Tensor],
@@ -122,7 +128,7 @@ def simulate(
         )
     n = len(norms)
     _warn_if_diverged(norms, "simulate")
-    return SimResult(x, torch.tensor(norms, dtype=torch.float64), torch.tensor(bits[:n]), torch.tensor(wire[:n]))
+    return SimResult(x, torch.tensor(norms, dtype=torch.float64), _counts(bits[:n]), _counts(wire[:n]))
 
 
 @dataclass
@@ -207,7 +213,7 @@ class LocalSimResult(SimResult):
         x: final anchor.
         grad_norm_sq: ``||mean_i grad_i(anchor_r)||^2`` (the first local step's gradients of round r, which all
             start at the anchor; one extra ``grad_fn`` call at the final anchor).
-        bits: values-only bits sent per worker before anchor r.
+        bits: values-only bits sent per worker before anchor r (32 bits a value, whatever ``wire_dtype``).
         wire_bytes: payload bytes per worker before anchor r (values in ``wire_dtype`` + indices).
         evals: ``eval_fn(anchor_r)`` when given, else ``None``.
     """
@@ -356,8 +362,8 @@ def simulate_local(
     return LocalSimResult(
         anchor,
         torch.tensor(norms, dtype=torch.float64),
-        torch.tensor(bits),
-        torch.tensor(wire),
+        _counts(bits),
+        _counts(wire),
         torch.tensor(evals, dtype=torch.float64) if eval_fn is not None else None,
     )
 
