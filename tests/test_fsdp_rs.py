@@ -307,9 +307,10 @@ def test_bad_arguments_are_named():
 
 
 def test_a_tampered_state_is_refused_whole_before_anything_changes():
-    """A NaN, a vector of another length or shape, a missing vector or a bad step raised only at the next step
-    (after the parameters were written with NaN on every rank, found by an audit), or not at all: each is refused
-    at the load now, and the reduce-scatter keeps its state."""
+    """A NaN, a vector of another length or shape, a missing vector or key, an EF21 state without its server
+    estimate, or a bad step raised only at the next step (after the parameters were written with NaN on every rank),
+    or half-way through the load, or not at all (found by two audits): each is refused at the load now, and the
+    reduce-scatter keeps its state."""
     fb = tk.EF21(tk.TopK(ratio=0.1))
     comm = tk.fsdp.CompressedReduceScatter(fb)
     good = {"method": fb.config(), "step": 3, "rank": 0, "world_size": 2, "numel": 8,
@@ -324,7 +325,9 @@ def test_a_tampered_state_is_refused_whole_before_anything_changes():
         "integer": ({"state": {"shift": torch.zeros(8, dtype=torch.long)}}, "floating-point"),
         "step": ({"step": -1}, "step must be an int >= 0"),
         "numel": ({"numel": 2.5}, "numel must be an int"),
-        "server": ({"server": torch.tensor([0.0, float("inf")])}, "server holds non-finite"),
+        "server": ({"server": torch.tensor([0.0, float("inf"), 0.0, 0.0])}, "server holds non-finite"),
+        "server length": ({"server": torch.zeros(5)}, "server has 5 entries, where 4 were saved"),
+        "no server": ({"server": None}, "no server estimate"),  # EF21 then ran without it for good, silently
         "other numel": ({"numel": 16, "state": {"shift": torch.zeros(16)}}, "feedback state for 16 entries"),
     }
     for label, (change, words) in cases.items():
@@ -332,5 +335,29 @@ def test_a_tampered_state_is_refused_whole_before_anything_changes():
             comm.load_state_dict({**good, **change})
         now = comm.state_dict()
         assert now["step"] == kept["step"] and torch.equal(now["state"]["shift"], kept["state"]["shift"]), label
+    for key in ("numel", "step", "state", "server"):  # a KeyError after the step and the saving rank were set
+        with pytest.raises(ValueError, match=rf"not a CompressedReduceScatter state_dict: no \['{key}'\]"):
+            comm.load_state_dict({k: v for k, v in good.items() if k != key})
+        assert comm.state_dict()["step"] == kept["step"]
     with pytest.raises(TypeError, match="state_dict must be a dict"):
         comm.load_state_dict([good])
+
+
+def test_one_rank_warns_that_nothing_is_compressed_and_refuses_another_worlds_state(tmp_path):
+    """Sharded over one rank, FSDP runs no reduce-scatter: torchkit compressed nothing without a word, and a
+    2-rank run's side file loaded (the check that compares the saving rank runs in the reduce-scatter that never
+    comes) and was saved again as a 2-rank state (found by an audit)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fb = tk.EF14(tk.TopK(ratio=0.3))
+        with pytest.warns(UserWarning, match="sharded over one rank, so FSDP runs no reduce-scatter"):
+            comms = tk.fsdp.compress_reduce_scatter(_sharded(_net()), fb)
+        comm = comms["0"]  # a layer's (the root holds no parameter of its own)
+        other = {"method": fb.config(), "step": 3, "rank": 0, "world_size": 2, "numel": 8,
+                 "state": {"error": torch.zeros(8)}, "server": None}  # fmt: skip
+        with pytest.raises(ValueError, match="saved by rank 0 of 2, this module is sharded over one rank"):
+            comm.load_state_dict(other)
+        assert comm.state_dict()["step"] == 0
+        comm.load_state_dict({**other, "world_size": 1})  # its own world's state loads
+    finally:
+        dist.destroy_process_group()

@@ -31,6 +31,7 @@ with NCCL's).
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -89,6 +90,7 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         self._fingerprint: float | None = None  # of this rank's configuration, compared at every call
         self._where: tuple[int, int] | None = None  # (rank, size) in the group it runs on, once it has run
         self._loaded_where: tuple[int, int] | None = None  # what a loaded state was saved on, checked at the next call
+        self._group_size: int | None = None  # the shard group's ranks, where compress_reduce_scatter installed it
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -232,20 +234,25 @@ class CompressedReduceScatter(_reduce_scatter_base()):
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        """This rank's state back, checked whole before anything changes (a NaN or a vector of another length
-        raises ``ValueError``; the configuration and the saving rank are compared at the next call, on every rank)."""
+        """This rank's state back, checked whole before anything changes (a missing key, a NaN, a vector of another
+        length, an EF21 state without its server estimate raise ``ValueError``; the configuration and the saving
+        rank are compared at the next call, on every rank)."""
         if not isinstance(sd, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
+        missing = [k for k in ("method", "step", "numel", "state", "server") if k not in sd]
+        if missing:
+            raise ValueError(f"not a CompressedReduceScatter state_dict: no {missing}")
         mine = self.feedback.config()
-        if sd.get("method") != mine:
-            raise ValueError(f"feedback state of {sd.get('method')!r}, this reduce-scatter runs {mine!r}")
-        numel = sd.get("numel")
+        if sd["method"] != mine:
+            raise ValueError(f"feedback state of {sd['method']!r}, this reduce-scatter runs {mine!r}")
+        numel = sd["numel"]
         if numel is not None and (isinstance(numel, bool) or not isinstance(numel, int) or numel < 1):
             raise ValueError(f"checkpoint numel must be an int >= 1 or None, got {numel!r}")
         if self._numel is not None and numel not in (None, self._numel):
             raise ValueError(f"feedback state for {numel} entries, this module's reduce-scatter has {self._numel}")
-        checkpoint_count("step", sd.get("step", 0))
-        state, server = sd.get("state"), sd.get("server")
+        step = checkpoint_count("step", sd["step"])
+        state, server = sd["state"], sd["server"]
+        saved = (sd.get("rank"), sd.get("world_size"))
         if numel is not None:
             want = set(self.feedback.state_names)
             if not isinstance(state, Mapping) or set(state) != want:
@@ -253,23 +260,31 @@ class CompressedReduceScatter(_reduce_scatter_base()):
                 raise ValueError(f"checkpoint state must hold {sorted(want)}, has {have}")
             for k, t in state.items():
                 _check_vector(f"state {k!r}", t, numel)
+            if self.feedback.server_state and server is None:  # it would run without its estimate for good
+                raise ValueError("checkpoint has no server estimate (the method keeps one): not this method's state")
         if server is not None:
-            _check_vector("server", server, None)
-        saved = (sd.get("rank"), sd.get("world_size"))
-        # checked at the next call, on every rank at once (its probe): a rank raising here alone would leave the
-        # others waiting in that collective. Checkpoints before 2026-12 did not record it.
+            n = saved[1]
+            shard = numel // n if numel is not None and isinstance(n, int) and n > 0 else None
+            _check_vector("server", server, shard)
+        if self._group_size == 1 and saved[1] not in (None, 1):  # no call will come to check it: one rank, no peer
+            raise ValueError(
+                f"feedback state saved by rank {saved[0]} of {saved[1]}, this module is sharded over one rank: "
+                "error-feedback state is per rank and cannot be re-sharded"
+            )
+        # the saving rank is checked at the next call, on every rank at once (its probe): a rank raising here alone
+        # would leave the others waiting in that collective. Checkpoints before 2026-12 did not record it.
         self._loaded_where = None if None in saved else saved
-        self.step = int(sd["step"])
-        self._numel = sd["numel"]
-        self.state = {k: v.clone() for k, v in sd["state"].items()} if sd["numel"] is not None else None
-        self.server = None if sd["server"] is None else sd["server"].clone()
+        self.step = step
+        self._numel = numel
+        self.state = {k: v.clone() for k, v in state.items()} if numel is not None else None
+        self.server = None if server is None else server.clone()
 
 
 def _check_vector(what: str, t: Any, numel: int | None) -> None:
     if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 1:
         raise ValueError(f"checkpoint {what} must be a 1-D floating-point tensor, got {_described(t)}")
     if numel is not None and t.numel() != numel:
-        raise ValueError(f"checkpoint {what} has {t.numel()} entries, the reduce-scatter's input {numel}")
+        raise ValueError(f"checkpoint {what} has {t.numel()} entries, where {numel} were saved")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"checkpoint {what} holds non-finite values")
 
@@ -299,10 +314,23 @@ def compress_reduce_scatter(
                     "tk.CompressedOptimizer over the replicate group instead (README 'FSDP2 and hybrid sharding')"
                 )
             comms[name] = CompressedReduceScatter(feedback, nonfinite=nonfinite, name=name or "<root>")
+            comms[name]._group_size = _shard_size(module)
             module.set_custom_reduce_scatter(comms[name])
     if not comms:
         raise ValueError("model has no fully_shard-ed module: call torch.distributed.fsdp.fully_shard on it first")
+    if {c._group_size for c in comms.values()} - {None} == {1}:  # (a module without parameters of its own: None)
+        warnings.warn(
+            "compress_reduce_scatter: the model is sharded over one rank, so FSDP runs no reduce-scatter and nothing "
+            "is compressed (metrics stay at 0)",
+            stacklevel=2,
+        )
     return comms
+
+
+def _shard_size(module) -> int | None:
+    """The ranks of the module's shard group (``None`` where FSDP does not say)."""
+    sizes = {getattr(pg.mesh_info, "shard_mesh_size", None) for pg in module._get_fsdp_state()._fsdp_param_groups}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _replicated(module) -> bool:
