@@ -709,9 +709,9 @@ def unique_params(param_group: dict[str, Any], index: int) -> dict[str, Any]:
 def options_payload(param_groups) -> list[float]:
     """What a MAX all-reduce over the ranks turns into a check of the groups' hyper-parameters
     (:func:`check_options`): each group's digest, then their negations (after MAX, ``max(d) == -max(-d)`` on every
-    rank iff all ranks agree). A group with a hyper-parameter that is not finite (NaN compares unequal even to
-    itself) sends +inf in both places, which no finite digest reaches in the second; an infinite one (``inf`` for
-    "no limit") is a value like any other."""
+    rank iff all ranks agree). A group with a NaN hyper-parameter (NaN compares unequal even to itself) sends +inf
+    in both places, which no finite digest reaches in the second; an infinite one (``inf`` for "no limit") is a
+    value like any other."""
     digest = [x if math.isfinite(x) else None for x in options_digest(param_groups)]
     return [math.inf if x is None else x for x in digest] + [math.inf if x is None else -x for x in digest]
 
@@ -719,8 +719,8 @@ def options_payload(param_groups) -> list[float]:
 def check_options(
     agreed: list[float], param_groups, step: int, what: str = "parameter group", unchanged: str = "nothing was changed"
 ) -> None:
-    """``ValueError`` on every rank where, after the MAX of every rank's :func:`options_payload`, a group has a
-    hyper-parameter that is not finite on some rank, or the ranks set a group's differently."""
+    """``ValueError`` on every rank where, after the MAX of every rank's :func:`options_payload`, a group has a NaN
+    hyper-parameter on some rank, or the ranks set a group's differently."""
     n = len(agreed) // 2
     hi, lo = agreed[:n], [-x for x in agreed[n:]]
     for g in range(n):
