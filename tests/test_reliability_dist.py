@@ -279,6 +279,41 @@ def _hook_raise(rank):
     return out
 
 
+def _hook_raise_in_warm_up_and_join(rank):
+    """The default policy where it did not hold (found by an audit): a NaN during the ``start_iter`` warm-up went
+    unflagged (NaN parameters for the rest of the warm-up, its checkpoints saved without a word), and inside
+    ``join()`` only the rank still training raised, in its forward, while the joined rank waited for it until the
+    process group's timeout. Both raise on every rank now."""
+    out = {}
+    model = DDP(_net(), bucket_cap_mb=0.0002)
+    tk.ddp.register(model, tk.EF14(tk.TopK(ratio=0.3)), start_iter=3, min_compression_rate=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for t in range(3):  # all warm-up: the NaN at iteration 0 raises at the forward of iteration 1
+        try:
+            opt.zero_grad()
+            loss = model(_grad_data(rank, t, (6, 5))).pow(2).mean()
+            (loss * float("nan") if t == 0 and rank == 1 else loss).backward()
+            opt.step()
+        except tk.NonFiniteGradientError:
+            out["warm_up_raised_at"] = t
+            break
+    model = DDP(_net(), bucket_cap_mb=0.0002)
+    tk.ddp.register(model, tk.EF14(tk.TopK(ratio=0.3)), min_compression_rate=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = 2 if rank == 0 else 5  # rank 0 joins after two; rank 1's fourth is NaN
+    try:
+        with model.join():
+            for t in range(batches):
+                opt.zero_grad()
+                loss = model(_grad_data(rank, t, (6, 5))).pow(2).mean()
+                (loss * float("nan") if t == 3 and rank == 1 else loss).backward()
+                opt.step()
+        out["join"] = "finished"
+    except tk.NonFiniteGradientError as exc:
+        out["join"] = str(exc)
+    return out
+
+
 # ------------------------------------------------------------------------------------ configured differently
 def _raises(fn) -> str:
     try:
@@ -392,6 +427,7 @@ def _worker(rank, world, path):
         "fp16": _fp16_wire(rank),
         "sched": _sched_resume(rank, path),
         "raise": _hook_raise(rank),
+        "raise_warm_up_join": _hook_raise_in_warm_up_and_join(rank),
         "misconfigured": _misconfigured(rank),
         "mixed_resume": _mixed_resume(rank, path),
     }
@@ -482,3 +518,10 @@ def test_a_mixed_resume_raises_on_every_rank_saying_what_to_do(results):
             msg = r["mixed_resume"][front_end]
             assert "ranks are configured differently" in msg and "feedback" in msg, msg
             assert "restore every rank's own state" in msg
+
+
+def test_a_nan_in_the_warm_up_or_inside_join_raises_on_every_rank(results):
+    for r in results:
+        out = r["raise_warm_up_join"]
+        assert out.get("warm_up_raised_at") == 1, out
+        assert "non-finite gradient" in out["join"], out  # every rank, the joined ones too, and none waits

@@ -449,13 +449,16 @@ def _hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Fut
     if bucket.index() == 0:  # DDP hands the buckets over in index order
         state._queue = []  # an iteration whose backward raised before its last bucket is not finished
         state._check_feedback()  # a state registered by hand has no forward check
+        if state._flags:  # a state registered by hand, or inside join(): its joined ranks run no forward
+            _raise_if_flagged(state)
     if not state._agreed and dist.get_world_size(state.process_group) > 1:
         params = bucket.parameters()
         _agree(state, tuple(state._key(p) for p in params), [p.numel() for p in params], [str(p.dtype) for p in params])
     last = bucket.is_last()
     if state.iter < state.start_iter:
         job = _Job(buf)
-        job.run = _allreduce_mean(state._everyone(), buf).wait
+        mean = _allreduce_mean(state._everyone(), buf)
+        job.run = mean.wait if state.nonfinite != "raise" else functools.partial(_flagged_mean, state, mean)
         state._queue.append(job)
         _account_warm_up(state, buf.numel() * buf.element_size(), last)
     else:
@@ -483,6 +486,15 @@ def _allreduce_mean(exchanger: DistExchanger, buf: Tensor):
     return exchanger.sum_(buf)
 
 
+def _flagged_mean(state: CompressionState, mean) -> Tensor:
+    """A warm-up bucket's mean, its non-finite flag kept as a compressed round's is (``nonfinite="raise"``): NaN on
+    every rank alike, so the next forward raises on every rank (the warm-up went on with NaN parameters for the rest
+    of its iterations, and the checkpoints taken then were saved without a word)."""
+    out = mean.wait()
+    _keep_flag(state, torch.where(nonfinite_flag(out), float("nan"), 0.0).to(torch.float64).reshape(1))
+    return out
+
+
 def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Job:
     fb = state.feedback
     params = bucket.parameters()
@@ -502,8 +514,6 @@ def _compressed(state: CompressionState, bucket, buf: Tensor, last: bool) -> _Jo
     if scale is not None:  # the method sees the unscaled gradient; exact for GradScaler's powers of two
         buf.mul_(scale.double().reciprocal().float().to(buf.device))
     acc = state._acc  # this iteration's counters; published when its last bucket's round has completed
-    if acc["calls"] == 0 and state._flags:
-        _raise_if_flagged(state)
     acc["calls"] += 1
     if last:
         acc["closed"] = True
@@ -814,9 +824,9 @@ class _ForwardCheck:
         if not self.checked_optimizer:
             self.checked_optimizer = True
             _warn_about_the_optimizer(state.feedback, module)
-        if state._flags:
-            _raise_if_flagged(state)
         joining = getattr(getattr(module, "_join_config", None), "enable", False)
+        if state._flags and not joining:  # inside join(), at the first bucket (a joined rank runs no forward)
+            _raise_if_flagged(state)
         if not state._agreed and module.training and torch.is_grad_enabled() and state.world_size > 1 and not joining:
             _agree(state)  # a difference raises here, before DDP prepares its backward
         # inside ``model.join()`` a rank out of inputs runs no forward, only DDP's shadow of each bucket's round,
