@@ -783,28 +783,32 @@ void accumulate(torch::Tensor out, torch::Tensor values, torch::Tensor indices, 
   TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(), "values and indices must be [rows, k]");
   const int64_t rows = values.size(0), k = values.size(1), d = out.numel();
   TORCH_CHECK(static_cast<int64_t>(scales.size()) == rows, "one scale per worker row");
-  // every index within out before anything changes (ValueError in Python; the loop below would stop half-way)
-  auto in_range = [&](const auto* ip, int64_t rs, int64_t cs) {
+  // rows may sit apart (the rows of gathered wire bytes, read in place); each row's entries are contiguous
+  auto rowwise = [](const torch::Tensor& t, torch::ScalarType type) {
+    return t.scalar_type() == type && t.stride(1) == 1 ? t : t.to(type).contiguous();
+  };
+  auto v = rowwise(values, torch::kFloat32);  // no copy for fp32 values and int32/int64 indices
+  auto ix = rowwise(indices, indices.scalar_type() == torch::kInt32 ? torch::kInt32 : torch::kInt64);
+  const float* vp = v.data_ptr<float>();
+  const int64_t vs = v.stride(0), is = ix.stride(0);
+  // every index within out before anything changes (ValueError in Python; the adds would stop half-way)
+  auto in_range = [&](const auto* ip) {
     std::atomic<bool> outside{false};
     for (int64_t w = 0; w < rows; ++w) {
       at::parallel_for(0, k, 1 << 16, [&](int64_t j0, int64_t j1) {
         bool any = false;  // no early exit: the loop vectorises
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t i = static_cast<int64_t>(ip[w * rs + j * cs]);
-          any |= (i < 0) | (i >= d);
-        }
+        for (int64_t j = j0; j < j1; ++j) any |= (ip[w * is + j] < 0) | (ip[w * is + j] >= d);
         if (any) outside.store(true, std::memory_order_relaxed);
       });
     }
-    if (!outside.load()) return;
-    for (int64_t w = 0; w < rows; ++w)  // the first one, for the message
+    for (int64_t w = 0; outside.load() && w < rows; ++w)  // the first one, for the message
       for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = static_cast<int64_t>(ip[w * rs + j * cs]);
+        const int64_t i = ip[w * is + j];
         TORCH_CHECK_VALUE(i >= 0 && i < d, "indices must be in [0, ", d, ") (the length of out), got ", i);
       }
   };
-  if (indices.scalar_type() == torch::kInt32) in_range(indices.data_ptr<int32_t>(), indices.stride(0), indices.stride(1));
-  else if (indices.scalar_type() == torch::kInt64) in_range(indices.data_ptr<int64_t>(), indices.stride(0), indices.stride(1));
+  if (ix.scalar_type() == torch::kInt32) in_range(ix.data_ptr<int32_t>());
+  else in_range(ix.data_ptr<int64_t>());
   float* o = out.data_ptr<float>();
   if (poison.has_value()) {
     auto checks = poison->to(torch::kFloat64).reshape({-1});  // the rows' checks in place: one stride apart
@@ -818,14 +822,6 @@ void accumulate(torch::Tensor out, torch::Tensor values, torch::Tensor indices, 
     }
   }
   if (zero) at::parallel_for(0, d, 1 << 16, [&](int64_t a, int64_t b) { std::fill(o + a, o + b, 0.0f); });
-  // rows may sit apart (the rows of gathered wire bytes, read in place); each row's entries are contiguous
-  auto rowwise = [](const torch::Tensor& t, torch::ScalarType type) {
-    return t.scalar_type() == type && t.stride(1) == 1 ? t : t.to(type).contiguous();
-  };
-  auto v = rowwise(values, torch::kFloat32);  // no copy for fp32 values and int32/int64 indices
-  auto ix = rowwise(indices, indices.scalar_type() == torch::kInt32 ? torch::kInt32 : torch::kInt64);
-  const float* vp = v.data_ptr<float>();
-  const int64_t vs = v.stride(0), is = ix.stride(0);
   auto add_rows = [&](const auto* ip) {
     for (int64_t w = 0; w < rows; ++w) {
       const float s = static_cast<float>(scales[w]);

@@ -52,6 +52,13 @@ def _rows(n, k, d, orders, g, dtype=torch.float32, apart=0):
     return values, wide[:, :k]
 
 
+def _gpu_like(k, d, device):
+    """The tiled decode's layout as on a GPU, at interpreter scale: spans of 1024 pairs, tiles of 4096 entries, three
+    programs (several tiles each, positions carried from tile to tile)."""
+    decode = _decode()
+    return decode.RUN_BLOCK, max(1, -(-(k - 1) // decode.RUN_BLOCK)), decode.TILE, 3
+
+
 def _equal(a, b):
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
@@ -74,7 +81,7 @@ def test_the_tiled_decode_equals_the_per_row_decode(monkeypatch, orders, gpu_lik
     one entry, a vector much longer than the entries (empty tiles)."""
     decode = _decode()
     if gpu_like:
-        monkeypatch.setattr(decode, "_layout", lambda k, d, device: (decode.RUN_BLOCK, decode.TILE, 3))
+        monkeypatch.setattr(decode, "_layout", _gpu_like)
     g = torch.Generator().manual_seed(len(orders))
     cases = [
         dict(n=3, k=50, d=4099, scales=[0.25, 0.5, -2.0]),
@@ -138,7 +145,7 @@ def test_a_row_in_few_runs_is_found_by_binary_search_not_scanned(monkeypatch):
     runs, and the early exit stops at the first entry past a tile), which a scan would not. With the true table it
     decodes all of them."""
     decode = _decode()
-    monkeypatch.setattr(decode, "_layout", lambda k, d, device: (decode.RUN_BLOCK, decode.TILE, 3))
+    monkeypatch.setattr(decode, "_layout", _gpu_like)
     d, k = 40_000, 400
     idx = torch.cat([torch.arange(20_000, 40_000, 100), torch.arange(0, 20_000, 100)]).int()[None]
     values = torch.ones(1, k)

@@ -479,12 +479,17 @@ class WorkCache:
         self._dtensors = False
         self._shards: int | None = None
 
-    def works(self, param_groups, like_of=None) -> list[Work]:
+    def works(self, param_groups, like_of=None, accept=None) -> list[Work]:
         """:func:`collect_works` (``param_groups``, ``like_of``): fresh :class:`Work` records (``flat`` unset) of the
-        layout (``like_of``'s tensors must change only with it: LocalSGD's anchors, one per parameter)."""
+        layout (``like_of``'s tensors must change only with it: LocalSGD's anchors, one per parameter). ``accept``:
+        a check of a new layout, run when the items are built; one that raises leaves the layout unaccepted, so the
+        next call checks it again."""
         key = self._key_of(param_groups, self._dtensors)
         if key != self._key:
             check_grads(param_groups)
+            self._key = None
+            if accept is not None:
+                accept()
             self._works = _works_of(param_groups, like_of)
             self._shapes = [tuple(p.shape for p in w.params) for w in self._works]
             self._dtensors = any(w.dtensors for w in self._works)

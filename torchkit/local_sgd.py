@@ -402,16 +402,7 @@ class LocalSGD(WrappedOptimizer):
         """One work item per (parameter group, dtype, device) of the parameters that train; the flat buffer is
         shaped as the anchors (fp32 for bf16/fp16 parameters). Built once per parameter layout (a local step built
         them, checking each parameter, every time: 19 us a tensor), which is when the anchors are checked too."""
-        layout = self._layout
-        built = layout._key
-        works = layout.works(self.param_groups, like_of=self._anchor.of)
-        if layout._key is not built:
-            try:
-                self._check_anchors()
-            except ValueError:
-                layout._key = None  # checked again at the next call: the layout was not accepted
-                raise
-        return works
+        return self._layout.works(self.param_groups, like_of=self._anchor.of, accept=self._check_anchors)
 
     def _check_anchors(self) -> None:
         """A parameter converted to another dtype since its anchor was taken (``model.double()`` after LocalSGD

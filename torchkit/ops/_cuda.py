@@ -320,9 +320,8 @@ def _accumulate(out: Tensor, values: Tensor, indices: Tensor, scales: list[float
     n, k = values.shape
     n_checks, check_stride = (0, 1) if checks is None else (checks.numel(), checks.stride(0))
     if _select.GPU_TILED_DECODE and 0 < n <= _lib.tk_tiled_rows() and k > 0:
-        span = max(1024, 1 << max(0, -(-k // 64) - 1).bit_length())  # at most 64 blocks a row, 1024 pairs or more
-        spans = max(1, -(-(k - 1) // span))
-        table = _select.runs_table(out.device, n * spans * 4)
+        span, spans = _select.runs_spans(k)
+        table = _select.runs_table(out.device, n, spans)
         blocks = 4 * torch.cuda.get_device_properties(out.device).multi_processor_count
         rc = _lib.tk_accumulate_tiled(
             _ptr(out), _ptr(values), values.stride(0), _ptr(indices), indices.stride(0), (_F * n)(*scales), n, k,

@@ -99,8 +99,7 @@ def accumulate_(
 ) -> Tensor:
     """out[indices[w]] += scale[w] * values[w], worker by worker in row order (deterministic); ``zero``: out starts
     from zeros; ``poison`` (non-finite checks, :func:`nonfinite_check`): every entry NaN when one is not finite."""
-    if indices.device.type == "cpu" and indices.numel():  # before out changes (on a GPU: a host read, not checked)
-        check_indices(int(indices.min()), int(indices.max()), out.numel())
+    check_indices(indices, out.numel())
     prepare_(out, zero, poison)
     values2, indices2 = as_rows(values), as_rows(indices).long()
     scales = _scales(scale, values2.shape[0])
@@ -109,8 +108,12 @@ def accumulate_(
     return out
 
 
-def check_indices(lo: int, hi: int, d: int) -> None:
-    """A decode's indices within ``out`` (of ``d`` entries): else ``ValueError`` before anything changes."""
+def check_indices(indices: Tensor, d: int) -> None:
+    """A decode's indices on CPU tensors within ``out`` (of ``d`` entries): else ``ValueError`` before anything
+    changes (on a GPU not checked: it would cost a host read)."""
+    if indices.device.type != "cpu" or not indices.numel():
+        return
+    lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= d:
         raise ValueError(f"indices must be in [0, {d}) (the length of out), got {lo if lo < 0 else hi}")
 

@@ -376,11 +376,20 @@ class _Passes(NamedTuple):
 
 
 _RUNS_TABLES: dict[torch.device, Tensor] = {}
+RUN_SLOTS = 4  # the tiled decode's runs table: a count and the first three descents per row and span
 
 
-def runs_table(device: torch.device, need: int) -> Tensor:
-    """The tiled decode's runs table (int32, ``rows x spans x 4``: both kernel sets' layout), kept per device and
-    grown when needed: no allocation per call, and never freed while a captured CUDA graph may read it."""
+def runs_spans(k: int, per_row: int = 64) -> tuple[int, int]:
+    """``(span, spans)``: the index pairs each program of the tiled decode's first launch compares (1024 or more, a
+    power of two) and the programs a row of ``k`` entries takes (at most ``per_row``); both kernel sets'."""
+    span = max(1024, 1 << max(0, -(-k // per_row) - 1).bit_length())
+    return span, max(1, -(-(k - 1) // span))
+
+
+def runs_table(device: torch.device, rows: int, spans: int) -> Tensor:
+    """The tiled decode's runs table (int32, ``rows x spans x RUN_SLOTS``: both kernel sets' layout), kept per
+    device and grown when needed: no allocation per call, and never freed while a captured CUDA graph may read it."""
+    need = rows * spans * RUN_SLOTS
     t = _RUNS_TABLES.get(device)
     if t is None or t.numel() < need:
         t = _RUNS_TABLES[device] = torch.empty(max(need, 1024), dtype=torch.int32, device=device)
@@ -442,8 +451,7 @@ class GpuOps:
         of rows, bit for bit the same result."""
         if not kernel_takes(values, out):
             return _reference.accumulate_(out, values, indices, scale, zero, poison)
-        if indices.device.type == "cpu" and indices.numel():  # the interpreter's: before out changes, as on the CPU
-            _reference.check_indices(int(indices.min()), int(indices.max()), out.numel())
+        _reference.check_indices(indices, out.numel())  # the interpreter's CPU tensors, as the CPU kernels do
         checks = None if poison is None else poison.reshape(-1)  # float64; gathered checks: in place, strided
         v2 = _reference.as_rows(values)
         scales = _reference._scales(scale, v2.shape[0])

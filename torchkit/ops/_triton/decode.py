@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import _select
 
-MAXR = 4  # runs per row the binary search takes (the exact GPU output has at most 3)
+MAXR = _select.RUN_SLOTS  # runs per row the binary search takes (the exact GPU output has at most 3)
 MAXD: tl.constexpr = tl.constexpr(MAXR - 1)  # the descents a row may have
 TILE = 4096  # entries of out a program owns at a time, on a GPU
 CHUNK = 128  # entries of a row read at a time
@@ -182,14 +182,14 @@ def _scales(scales: list[float], device: torch.device) -> tuple[Tensor | None, f
     return torch.tensor(scales, dtype=torch.float32, device=device), 0.0
 
 
-def _layout(k: int, d: int, device: torch.device) -> tuple[int, int, int]:
-    """``(span, tile, programs)``: the indices a program of ``_runs_kernel`` compares (at most 64 programs a row),
-    the entries of ``out`` a tile holds and the most programs of ``_tiled_kernel`` (each takes consecutive tiles).
-    The interpreter, where every program costs about a millisecond of Python, takes a few large ones."""
+def _layout(k: int, d: int, device: torch.device) -> tuple[int, int, int, int]:
+    """``(span, spans, tile, programs)``: :func:`torchkit.ops._select.runs_spans` for ``_runs_kernel``, the entries
+    of ``out`` a tile holds and the most programs of ``_tiled_kernel`` (each takes consecutive tiles). The
+    interpreter, where every program costs about a millisecond of Python, takes a few large ones."""
     if device.type != "cuda":
-        return max(RUN_BLOCK, k), max(TILE, triton.next_power_of_2(triton.cdiv(d, 8))), 8
+        return (*_select.runs_spans(k, per_row=1), max(TILE, triton.next_power_of_2(triton.cdiv(d, 8))), 8)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(RUN_BLOCK, triton.next_power_of_2(triton.cdiv(k, 64))), TILE, 4 * sms
+    return (*_select.runs_spans(k), TILE, 4 * sms)
 
 
 def accumulate(out: Tensor, values: Tensor, indices: Tensor, scales: list[float], zero: bool, checks) -> None:
@@ -197,9 +197,8 @@ def accumulate(out: Tensor, values: Tensor, indices: Tensor, scales: list[float]
     contiguous run in memory), in two launches."""
     n, k = values.shape
     d = out.numel()
-    span, tile, programs = _layout(k, d, out.device)
-    S = triton.cdiv(max(k - 1, 1), span)
-    table = _select.runs_table(out.device, n * S * MAXR)
+    span, S, tile, programs = _layout(k, d, out.device)
+    table = _select.runs_table(out.device, n, S)
     _runs_kernel[(n, S)](indices, indices.stride(0), k, span, table, S, BLOCK=RUN_BLOCK, num_warps=NUM_WARPS)
     tiles = triton.cdiv(d, tile)
     per = triton.cdiv(tiles, min(programs, tiles))
